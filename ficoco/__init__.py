@@ -1,0 +1,15 @@
+"""ficoco: training-free visual token reduction for multimodal LLMs (filter -> correlate -> compress)."""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+
+def apply(model, method: str, budget: int | None = None, **overrides):
+    """Install a token-reduction method on a HF LLaVA model; returns a handle with `.remove()`.
+
+    `budget` is the average number of visual tokens per LLM decoder layer (None = unreduced).
+    Extra keyword arguments override the method's hyperparameters (see `ficoco methods`).
+    """
+    from ficoco.models import apply as apply_to_model
+
+    return apply_to_model(model, method, budget, **overrides)
