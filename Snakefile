@@ -1,0 +1,29 @@
+# ficoco: filter -> correlate -> compress, measured the same way for every method.
+#   snakemake --cores 2                                                   # the toy world, offline
+#   snakemake --profile slurm --configfile config/paper.yaml              # the paper's grid on Slurm
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/fetch.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/measure.smk"
+include: "workflow/rules/report.smk"
+
+
+# Downloads and light bookkeeping run where Snakemake runs (a cluster's login node has internet).
+localrules: all, fetch_model, fetch_benchmark, score, aggregate, report
+
+
+rule all:
+    input:
+        REPORT_HTML,
+
+
+onsuccess:
+    print(f"\nficoco: report written to {os.path.abspath(REPORT_HTML)}")

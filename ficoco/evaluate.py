@@ -1,0 +1,320 @@
+"""One evaluate job: model + method + budget + benchmark (+ shard) -> journal -> predictions -> metrics.
+
+    fetched model dir -> HF model -> ficoco.apply(model, method, budget)
+    fetched benchmark rows (this shard) -> prompt -> greedy generate in batches
+    -> per-sample records appended and fsynced to journal.jsonl after every batch
+    -> predictions.jsonl written atomically once every sample of the shard is recorded
+    `score`: all shards' predictions -> benchmark metrics + mean costs -> metrics.json (atomic)
+
+A killed job (SIGKILL included) rerun with the same arguments skips the ids already journaled, so no
+sample is lost or counted twice and the final metrics equal those of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+from ficoco.journal import Journal, atomic_write_json, read_jsonl, write_jsonl_atomic
+
+FULL = "full"
+
+
+def _offline() -> None:
+    # evaluate jobs read only local copies; never reach for the hub by accident
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.setdefault(name, "1")
+
+
+def pick_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was requested but no CUDA device is available; valid here: cpu, auto")
+    return device
+
+
+def pad_to_square(image, background: tuple[int, int, int]):
+    """LLaVA-1.5's `image_aspect_ratio = pad`: centre the image on a square of the CLIP-mean colour."""
+    from PIL import Image
+
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), background)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def load_model(model_dir: str | Path, device: str, dtype: str):
+    """A fetched (or toy-built) model directory, local files only."""
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+    processor.tokenizer.padding_side = "left"       # batched generation appends on the right
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch_dtype, local_files_only=True)
+    return model.to(device).eval(), processor
+
+
+def _batches(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+class Generator:
+    """Turns benchmark rows into records with one model, one method and one benchmark."""
+
+    def __init__(self, model, processor, handle, benchmark, options: dict, template: str,
+                 image_preprocessing: str, dims):
+        self.model, self.processor, self.handle = model, processor, handle
+        self.benchmark, self.options, self.template = benchmark, options, template
+        self.image_preprocessing, self.dims = image_preprocessing, dims
+        mean = getattr(processor.image_processor, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073)
+        self.background = tuple(int(255 * m) for m in mean)
+
+    def _text(self, row: dict) -> str:
+        prompt = self.benchmark.prompt(row, self.options)
+        template = self.template if row["image"] is not None else self.template.replace("<image>\n", "")
+        return template.replace("{prompt}", prompt)
+
+    def _image(self, row: dict):
+        image = row["image"].convert("RGB")
+        return pad_to_square(image, self.background) if self.image_preprocessing == "pad" else image
+
+    def generate(self, rows: list[dict]) -> list[dict]:
+        """Records for rows that all have an image, or all have none (one processor call)."""
+        import torch
+
+        from ficoco.flops import sample_cost
+
+        texts = [self._text(row) for row in rows]
+        images = [self._image(row) for row in rows] if rows[0]["image"] is not None else None
+        inputs = self.processor(images=images, text=texts, return_tensors="pt", padding=True).to(self.model.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        tokenizer = self.processor.tokenizer
+        start = time.perf_counter()
+        with torch.inference_mode():
+            output = self.model.generate(**inputs, max_new_tokens=self.benchmark.max_new_tokens, do_sample=False,
+                                         num_beams=1, pad_token_id=tokenizer.pad_token_id)
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        counts = self.handle.last_counts()
+        new_tokens = output[:, inputs["input_ids"].shape[1]:]
+        records = []
+        for row, tokens, sample_counts in zip(rows, new_tokens, counts):
+            generated = int((tokens != tokenizer.pad_token_id).sum()) if tokenizer.pad_token_id is not None else len(tokens)
+            prediction = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            records.append(self._record(row, prediction, sample_counts, generated, seconds / len(rows),
+                                        sample_cost(self.dims, sample_counts, generated)))
+        return records
+
+    def _record(self, row, prediction, counts, generated, seconds, cost, error=None) -> dict:
+        scoring = self.benchmark.score_sample(prediction, row) if error is None else {"score": None}
+        return {
+            "id": str(row["id"]), "row": row["_row"], "prediction": prediction, "answers": list(row["answers"]),
+            "score": scoring.get("score"), "scoring": scoring, "counts": counts, "cost": cost,
+            "generated_tokens": generated, "latency_s": seconds, "error": error,
+        }
+
+    def failed(self, row: dict, error: str) -> dict:
+        return self._record(row, "", None, 0, 0.0, None, error=error)
+
+    def records_for(self, rows: list[dict]) -> list[dict]:
+        """Generate a batch; a row that cannot run (bad row, error) becomes a failure record, never a gap."""
+        runnable = []
+        records = []
+        for row in rows:
+            bad = json.loads(row.get("meta") or "{}").get("bad_row")
+            if bad:
+                records.append(self.failed(row, f"bad row: {bad}"))
+            else:
+                runnable.append(row)
+        # one processor call per kind: with images, and text-only (e.g. ScienceQA-FULL)
+        for group in ([r for r in runnable if r["image"] is not None], [r for r in runnable if r["image"] is None]):
+            if not group:
+                continue
+            try:
+                records.extend(self.generate(group))
+            except Exception as error:  # noqa: BLE001 - isolate the failing sample, keep the job going
+                if len(group) == 1:
+                    records.append(self.failed(group[0], f"{type(error).__name__}: {error}"))
+                else:
+                    for row in group:
+                        records.extend(self.records_for([row]))
+        return sorted(records, key=lambda record: record["row"])
+
+
+def evaluate_shard(*, model_dir, benchmark_dir, benchmark: str, method: str, budget: str, out: str | Path,
+                   shard: int = 0, shards: int = 1, batch_size: int = 1, device: str = "auto",
+                   dtype: str = "float32", overrides: dict | None = None, options: dict | None = None,
+                   limit: int | None = None, template: str = "USER: <image>\n{prompt} ASSISTANT:",
+                   image_preprocessing: str = "none", job: dict | None = None, progress: bool = True) -> Path:
+    """Run (or resume) one shard and write `out` (predictions.jsonl) when every sample is recorded."""
+    _offline()
+    import torch
+    from tqdm import tqdm
+
+    import ficoco
+    from ficoco import benchmarks as benchmark_registry
+    from ficoco.benchmarks.fetch import load_local, shard_rows
+    from ficoco.dims import ModelDims
+
+    out = Path(out)
+    journal = Journal(out.parent / "journal.jsonl")
+    bench = benchmark_registry.get(benchmark)
+    dataset, _ = load_local(benchmark_dir)
+    total = len(dataset) if limit is None else min(limit, len(dataset))
+    rows = list(shard_rows(total, shard, shards))
+    done = journal.read()
+    todo = [index for index in rows if str(dataset[index]["id"]) not in done]
+
+    run = _start_tracking(job, out, len(rows))
+    if todo:
+        torch.manual_seed(0)
+        model, processor = load_model(model_dir, pick_device(device), dtype)
+        handle = ficoco.apply(model, method, None if budget == FULL else int(budget), **(overrides or {}))
+        generator = Generator(model, processor, handle, bench, options or {}, template, image_preprocessing,
+                              ModelDims.from_config(model.config))
+        bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc=f"{benchmark}/{method}/b{budget}",
+                   unit="sample", disable=not progress)
+        for batch in _batches(todo, batch_size):
+            batch_rows = [dict(dataset[index], _row=index) for index in batch]
+            records = generator.records_for(batch_rows)
+            journal.append(records)           # durable before we move on: a kill loses at most this batch
+            bar.update(len(records))
+            if run is not None:
+                scored = [r["score"] for r in records if r["score"] is not None]
+                run.log({"progress/samples": bar.n, "batch/score": sum(scored) / max(len(scored), 1)})
+        bar.close()
+        handle.remove()
+
+    records = journal.read()
+    shard_records = sorted((records[str(dataset[index]["id"])] for index in rows), key=lambda r: r["row"])
+    write_jsonl_atomic(out, shard_records)
+    if run is not None:
+        from ficoco.tracking import finish, log_summary
+
+        log_summary(run, summarise(bench, shard_records))
+        finish(run)
+    return out
+
+
+def _start_tracking(job: dict | None, out: Path, samples: int):
+    if job is None:
+        return None
+    from ficoco.tracking import init_run
+
+    name = f"{job['method']}-b{job['budget']}-{job['benchmark']}" + (
+        f"-shard{job['shard']}of{job['shards']}" if job.get("shards", 1) > 1 else "")
+    return init_run(job_type="eval", name=name, group=f"{job['model']}/{job['benchmark']}",
+                    config={**job, "samples": samples}, run_dir=out.parent,
+                    tags=[job["method"], job["phase"], f"b{job['budget']}", job["benchmark"]])
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def summarise(bench, records: list[dict]) -> dict:
+    """Benchmark metrics plus mean costs, visual tokens and latency over the records."""
+    metrics = bench.aggregate(records)
+    ran = [r for r in records if r.get("counts")]
+    cost_keys = sorted({key for r in ran for key, value in (r.get("cost") or {}).items()
+                        if isinstance(value, (int, float))})
+    per_layer = [r["counts"]["llm_visual"] for r in ran]
+    layers = len(per_layer[0]) if per_layer else 0
+    return {
+        "metrics": metrics,
+        "headline": "score",
+        "samples": len(records),
+        "failures": sum(1 for r in records if r.get("error")),
+        "cost_mean": {key: _mean(r["cost"].get(key) for r in ran) for key in cost_keys},
+        "visual_tokens": {
+            "layer_average": _mean(sum(counts) / len(counts) for counts in per_layer),
+            "per_layer": [_mean(counts[layer] for counts in per_layer) for layer in range(layers)],
+            "delivered": _mean(r["counts"]["visual_delivered"] for r in ran),
+        },
+        "latency": {"mean_s_per_sample": _mean(r.get("latency_s") for r in ran),
+                    "total_s": sum(r.get("latency_s") or 0.0 for r in ran)},
+    }
+
+
+def score(prediction_files: list[str | Path], benchmark: str, out: str | Path, job: dict,
+          overrides: dict | None = None) -> dict:
+    """Merge every shard's predictions (in row order) and write metrics.json atomically."""
+    from ficoco import benchmarks as benchmark_registry
+
+    records = sorted((r for path in prediction_files for r in read_jsonl(path)), key=lambda r: r["row"])
+    ids = [r["id"] for r in records]
+    if len(ids) != len(set(ids)):
+        raise ValueError(f"{benchmark}: shards overlap: {len(ids) - len(set(ids))} duplicated sample ids")
+    summary = summarise(benchmark_registry.get(benchmark), records)
+    import torch
+    import transformers
+
+    summary.update(job=job, overrides=overrides or {}, versions={
+        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+    })
+    atomic_write_json(out, summary)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ficoco run", description="Run (or resume) one evaluate job shard.")
+    parser.add_argument("--model", required=True, help="model name (job key)")
+    parser.add_argument("--model-dir", required=True)
+    parser.add_argument("--benchmark", required=True)
+    parser.add_argument("--benchmark-dir", required=True)
+    parser.add_argument("--method", required=True)
+    parser.add_argument("--phase", default="")
+    parser.add_argument("--budget", required=True, help="'full' or average visual tokens per LLM layer")
+    parser.add_argument("--shard", type=int, default=0)
+    parser.add_argument("--shards", type=int, default=1)
+    parser.add_argument("--out", required=True, help="predictions.jsonl of this shard")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--overrides", default="{}", help="method hyperparameters as JSON")
+    parser.add_argument("--options", default="{}", help="benchmark options as JSON")
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--template", default=json.dumps("USER: <image>\n{prompt} ASSISTANT:"),
+                        help="the prompt template as a JSON string; {prompt} marks the benchmark prompt")
+    parser.add_argument("--image-preprocessing", default="none", choices=["none", "pad"])
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    if args.budget != FULL and not args.budget.isdigit():
+        parser.error(f"--budget {args.budget!r}: valid values are 'full' or a positive integer")
+    job = {"model": args.model, "method": args.method, "phase": args.phase, "budget": args.budget,
+           "benchmark": args.benchmark, "shard": args.shard, "shards": args.shards}
+    evaluate_shard(model_dir=args.model_dir, benchmark_dir=args.benchmark_dir, benchmark=args.benchmark,
+                   method=args.method, budget=args.budget, out=args.out, shard=args.shard, shards=args.shards,
+                   batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                   overrides=json.loads(args.overrides), options=json.loads(args.options), limit=args.limit,
+                   template=json.loads(args.template),
+                   image_preprocessing=args.image_preprocessing, job=job, progress=not args.no_progress)
+    return 0
+
+
+def main_score(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ficoco score", description="Merge shard predictions into metrics.json.")
+    parser.add_argument("predictions", nargs="+")
+    parser.add_argument("--benchmark", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--job", required=True, help="job keys as JSON")
+    parser.add_argument("--overrides", default="{}")
+    args = parser.parse_args(argv)
+    summary = score(args.predictions, args.benchmark, args.out, json.loads(args.job), json.loads(args.overrides))
+    print(f"{args.out}: score {summary['metrics'].get('score')} over {summary['samples']} samples", file=sys.stderr)
+    return 0

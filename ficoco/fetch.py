@@ -1,0 +1,112 @@
+"""Download models (HF hub snapshots at pinned revisions) and benchmarks into `resources/`.
+
+These run in Snakemake local rules: on a cluster that is the login node, which has internet.
+Evaluate jobs read only the local copies, with HF_HUB_OFFLINE=1 / HF_DATASETS_OFFLINE=1.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import re
+import shutil
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+from ficoco.journal import atomic_write_json
+
+COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
+# what an evaluate job needs; the original (non-HF) weights and other formats are skipped
+MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+def is_pinned(revision: str | None) -> bool:
+    return bool(revision) and bool(COMMIT_SHA.match(revision))
+
+
+def fetch_model(name: str, entry: dict, out_dir: str | Path, endpoint_dir: str | Path | None = None) -> dict:
+    """Snapshot a hub model at its pinned revision into `out_dir` and write `out_dir/manifest.json`.
+
+    `endpoint_dir` replaces the hub with a local directory (tests; mirrors). The manifest is
+    written last, so a directory without one is incomplete and is fetched again.
+    """
+    out_dir = Path(out_dir)
+    repo_id, revision = entry["id"], entry.get("revision", "main")
+    if not is_pinned(revision):
+        warnings.warn(f"model {name}: revision {revision!r} is not a 40-hex commit; the resolved commit is "
+                      f"recorded in the manifest, pin it in config/models.yaml", stacklevel=2)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent if out_dir.parent.exists() else None))
+    try:
+        if endpoint_dir is not None:
+            source = Path(endpoint_dir)
+            if not source.is_dir():
+                raise FileNotFoundError(f"model {name}: local source {source} is not a directory")
+            shutil.copytree(source, staging, dirs_exist_ok=True)
+            resolved = revision
+        else:
+            from huggingface_hub import HfApi, snapshot_download
+
+            resolved = HfApi().model_info(repo_id, revision=revision).sha or revision
+            snapshot_download(repo_id, revision=resolved, local_dir=staging, allow_patterns=MODEL_FILES)
+        shutil.rmtree(staging / ".cache", ignore_errors=True)
+        files = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
+        manifest = {
+            "name": name, "id": repo_id, "revision": revision, "resolved_revision": resolved,
+            "source": entry.get("source", "hub"), "files": files,
+            "fetched_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    atomic_write_json(out_dir / "manifest.json", manifest)
+    return manifest
+
+
+def _registry(path: str) -> dict:
+    import yaml
+
+    with open(path) as handle:
+        return yaml.safe_load(handle) or {}
+
+
+def main_model(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ficoco fetch-model", description=__doc__)
+    parser.add_argument("name", help="a model name from the model registry")
+    parser.add_argument("--out", help="output directory (default resources/models/<name>)")
+    parser.add_argument("--registry", default="config/models.yaml")
+    parser.add_argument("--source-dir", help="copy from this local directory instead of the hub")
+    args = parser.parse_args(argv)
+    models = _registry(args.registry)
+    if args.name not in models:
+        print(f"fetch-model: {args.name!r} is not in {args.registry}; valid: {', '.join(sorted(models))}", file=sys.stderr)
+        return 2
+    entry = models[args.name]
+    out = args.out or f"resources/models/{args.name}"
+    if entry.get("source") == "toy":
+        print(f"fetch-model: {args.name} is built locally: run `ficoco toy build-model --out {out}`", file=sys.stderr)
+        return 2
+    manifest = fetch_model(args.name, entry, out, endpoint_dir=args.source_dir)
+    print(f"{args.name}: {manifest['id']}@{manifest['resolved_revision']} -> {out} ({len(manifest['files'])} files)")
+    return 0
+
+
+def main_benchmark(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ficoco fetch-benchmark", description=__doc__)
+    parser.add_argument("name", help="a benchmark name from the benchmark registry")
+    parser.add_argument("--out", help="output directory (default resources/benchmarks/<name>)")
+    parser.add_argument("--revision", help="override the pinned revision")
+    parser.add_argument("--options", default="{}", help="benchmark options as JSON, e.g. '{\"subset_size\": 1000}'")
+    args = parser.parse_args(argv)
+    import json
+
+    from ficoco.benchmarks.fetch import fetch_benchmark
+
+    out = args.out or f"resources/benchmarks/{args.name}"
+    manifest = fetch_benchmark(args.name, out, revision=args.revision, options=json.loads(args.options))
+    print(f"{args.name}: {manifest.get('rows')} rows -> {out}")
+    return 0

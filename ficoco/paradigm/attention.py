@@ -1,0 +1,72 @@
+"""Attention quantities the filters and correlations read: head-averaged probabilities and key summaries.
+
+Everything is computed in float32 and per sample (a batch never mixes images).
+Shapes: B = batch, H = query heads, H_kv = key heads (H_kv divides H for grouped-query attention),
+Nq / Nk = query / key tokens, d = head dim.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _repeat_kv_heads(k: torch.Tensor, n_query_heads: int) -> torch.Tensor:
+    """(B, H_kv, Nk, d) -> (B, H, Nk, d): every key head serves H / H_kv query heads (GQA)."""
+    n_kv_heads = k.shape[1]
+    if n_query_heads % n_kv_heads:
+        raise ValueError(
+            f"key heads ({n_kv_heads}) must divide query heads ({n_query_heads}) for grouped-query attention"
+        )
+    return k.repeat_interleave(n_query_heads // n_kv_heads, dim=1)
+
+
+def head_mean_probs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    additive_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Softmax attention probabilities averaged over heads, in float32.
+
+    q: (B, H, Nq, d); k: (B, H_kv, Nk, d) with H_kv dividing H (repeated for GQA);
+    scale: logit scale, usually 1/sqrt(d); additive_mask: broadcastable to (B, H, Nq, Nk),
+    0 where allowed and a large negative number (or -inf) where masked.
+    Returns (B, Nq, Nk); row = query, column = key, every row sums to 1 except rows whose keys
+    are all masked with -inf, which are all zero (a padding query attends to nothing).
+    """
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"q and k must be (B, H, N, d); got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    k = _repeat_kv_heads(k, q.shape[1])
+    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # (B, H, Nq, Nk)
+    if additive_mask is not None:
+        logits = logits + additive_mask.float()
+    probs = logits.softmax(dim=-1)  # (B, H, Nq, Nk)
+    # softmax over an all -inf row is NaN; such a query sees no key, so it gives no attention
+    fully_masked = torch.isneginf(logits).all(dim=-1, keepdim=True)  # (B, H, Nq, 1)
+    probs = probs.masked_fill(fully_masked, 0.0)
+    return probs.mean(dim=1)  # (B, Nq, Nk)
+
+
+def head_mean_keys(k: torch.Tensor) -> torch.Tensor:
+    """Keys averaged over heads, the similarity metric of ToMe and VisionZip.
+
+    k: (B, H, N, d) -> (B, N, d) float32. Cosine-based correlations normalise it themselves.
+    """
+    return k.float().mean(dim=1)
+
+
+def key_l1_norm(k: torch.Tensor) -> torch.Tensor:
+    """L1 norm of every token's key over all heads and dims (DART's pivot score).
+
+    k: (B, H, N, d) -> (B, N) float32.
+    """
+    return k.float().abs().sum(dim=(1, 3))
+
+
+def pairwise_cosine(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of every row of x with every row of y, in float32.
+
+    x: (B, n, D), y: (B, m, D) -> (B, n, m). A zero vector has cosine 0 with everything.
+    """
+    x_unit = torch.nn.functional.normalize(x.float(), dim=-1)  # (B, n, D)
+    y_unit = torch.nn.functional.normalize(y.float(), dim=-1)  # (B, m, D)
+    return x_unit @ y_unit.transpose(-1, -2)  # (B, n, m)

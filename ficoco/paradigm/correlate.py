@@ -1,0 +1,103 @@
+"""Correlate: how strongly each source relates to each target, and which targets J_i it merges into.
+
+A correlation is a (B, S, T) matrix C (row = source, column = target). A weight function turns C
+into merge weights α of the same shape: zero outside J_i, every row summing to 1 (or all zero
+for pure pruning, K = 0).
+
+Shapes: B = batch, S = sources, T = targets, M = instruction tokens, N = tokens, D = width.
+Index tensors are int64 positions into the token axis they refer to.
+"""
+from __future__ import annotations
+
+import torch
+
+from ficoco.paradigm.attention import pairwise_cosine
+from ficoco.paradigm.filter import argmax_lowest, rank_descending
+
+
+def take(attn: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """The sub-matrix attn[b, rows[b]][:, cols[b]] of every sample.
+
+    attn: (B, R, C); rows: (B, r); cols: (B, c) -> (B, r, c).
+    """
+    batch, _, n_cols = attn.shape
+    picked_rows = attn.gather(1, rows.unsqueeze(-1).expand(batch, rows.shape[1], n_cols))  # (B, r, C)
+    return picked_rows.gather(2, cols.unsqueeze(1).expand(batch, rows.shape[1], cols.shape[1]))  # (B, r, c)
+
+
+def ficoco_l_correlation(
+    attn_vv: torch.Tensor,
+    attn_qv: torch.Tensor,
+    sources: torch.Tensor,
+    targets: torch.Tensor,
+    gamma: float,
+) -> torch.Tensor:
+    """FiCoCo-L correlation C_ij = γ·A[max(i,j), min(i,j)] + (1−γ)·(1/M)Σ_k A[k,i]·A[k,j] (methods.md §4).
+
+    attn_vv: (B, N, N) visual→visual causal attention, positions in sequence order;
+    attn_qv: (B, M, N) instruction→visual; sources: (B, S), targets: (B, T) positions into N.
+    Returns (B, S, T) float32.
+    """
+    if attn_qv.shape[1] == 0:
+        raise ValueError("FiCoCo-L needs at least one instruction token (M = 0 given)")
+    attn_vv = attn_vv.float()
+    # direct: the later token is the query, the only direction the causal mask leaves visible
+    source_queries = take(attn_vv, sources, targets)  # (B, S, T): A[i, j]
+    target_queries = take(attn_vv, targets, sources).transpose(1, 2)  # (B, S, T): A[j, i]
+    source_is_later = sources.unsqueeze(2) > targets.unsqueeze(1)  # (B, S, T)
+    direct = torch.where(source_is_later, source_queries, target_queries)
+    # indirect: both tokens are attended by the same instruction tokens
+    attn_qv = attn_qv.float()
+    n_instruction = attn_qv.shape[1]
+    qs = attn_qv.gather(2, sources.unsqueeze(1).expand(-1, n_instruction, -1))  # (B, M, S)
+    qt = attn_qv.gather(2, targets.unsqueeze(1).expand(-1, n_instruction, -1))  # (B, M, T)
+    indirect = qs.transpose(1, 2) @ qt / n_instruction  # (B, S, T)
+    return gamma * direct + (1.0 - gamma) * indirect
+
+
+def _normalise_over(corr: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """α_ij = C_ij / Σ_{j'∈J_i} C_ij' on the chosen entries, 1/|J_i| where that sum underflows to 0.
+
+    corr: (B, S, T) float; chosen: (B, S, T) bool, J_i per row -> (B, S, T) float32.
+    """
+    corr = corr.float()
+    chosen_corr = torch.where(chosen, corr, torch.zeros_like(corr))
+    row_sum = chosen_corr.sum(dim=-1, keepdim=True)  # (B, S, 1)
+    underflow = row_sum == 0
+    uniform = chosen.float() / chosen.sum(dim=-1, keepdim=True).clamp(min=1)
+    return torch.where(underflow, uniform, chosen_corr / row_sum.masked_fill(underflow, 1.0))
+
+
+def adaptive_quantile_weights(corr: torch.Tensor, eps: float) -> torch.Tensor:
+    """FiCoCo's token-adaptive targets: J_i = {j : C_ij ≥ quantile(C_i, ε)}, α normalised over J_i.
+
+    corr: (B, S, T) -> (B, S, T) float32; zero outside J_i, rows sum to 1. The quantile is
+    torch.quantile's linear interpolation over the T entries of each row. J_i always holds the
+    row maximum (the quantile never exceeds it), so no row is empty.
+    """
+    if not 0.0 <= eps <= 1.0:
+        raise ValueError(f"eps must be in [0, 1]; got {eps}")
+    batch, n_sources, n_targets = corr.shape
+    if n_sources == 0 or batch == 0:
+        return corr.new_zeros(corr.shape, dtype=torch.float32)
+    if n_targets == 0:
+        raise ValueError(f"sources need at least one target; got {n_sources} sources and 0 targets")
+    corr = corr.float()
+    threshold = torch.quantile(corr, eps, dim=-1, keepdim=True)  # (B, S, 1)
+    return _normalise_over(corr, corr >= threshold)
+
+
+def fixed_k_weights(corr: torch.Tensor, k: int) -> torch.Tensor:
+    """Every source merges into its k most correlated targets (ties to the lower target index).
+
+    corr: (B, S, T) -> (B, S, T) float32. k = 0 is pure pruning (all zeros); k ≥ 1 normalises
+    the k chosen correlations of each row to sum to 1.
+    """
+    n_targets = corr.shape[-1]
+    if not 0 <= k <= n_targets:
+        raise ValueError(f"k must be in [0, {n_targets}] (the number of targets); got {k}")
+    if k == 0:
+        return torch.zeros_like(corr, dtype=torch.float32)
+    top = rank_descending(corr)[..., :k]  # (B, S, k)
+    chosen = torch.zeros_like(corr, dtype=torch.bool).scatter_(-1, top, True)
+    return _normalise_over(corr, chosen)

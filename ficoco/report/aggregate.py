@@ -1,0 +1,337 @@
+"""Every metrics.json and measure JSON -> the tidy summary tables under results/summary/.
+
+Files written (each atomically), schema in docs/report.md:
+- results.csv / results.parquet: one row per job x metric (the tidy table);
+- schedules.csv: mean visual tokens per LLM layer, one row per job x layer;
+- measure.csv: latency / memory / throughput, one row per (model, method, budget).
+
+Job keys are required (a missing one is an error naming the file); everything else is optional
+and becomes NaN / NA when absent.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from ficoco.report import files
+
+JOB_KEYS = ("model", "method", "phase", "budget", "benchmark")
+FULL = "full"
+
+RESULTS_COLUMNS = {
+    "model": "string",
+    "method": "string",
+    "phase": "string",
+    "budget": "string",                  # "full" or the integer budget, as text
+    "budget_tokens": "Int64",            # the integer budget; NA for "full"
+    "benchmark": "string",
+    "metric": "string",                  # key in metrics.json "metrics"; nested keys joined with "/"
+    "headline": "boolean",               # metric is the job's headline (normally "score")
+    "value": "float64",
+    "samples": "Int64",
+    "failures": "Int64",
+    "tflops_exact": "float64",           # cost_mean.total_flops / 1e12 (mean per sample)
+    "tflops_prefill": "float64",         # cost_mean.prefill_flops / 1e12
+    "tflops_vision": "float64",          # cost_mean.vision_flops / 1e12
+    "tflops_decode": "float64",          # cost_mean.decode_flops / 1e12
+    "tflops_legacy": "float64",          # cost_mean.legacy_nominal_tflops (the paper-style label)
+    "visual_tokens_layer_avg": "float64",
+    "visual_tokens_delivered": "float64",
+    "eval_s_per_sample": "float64",      # latency.mean_s_per_sample of the evaluate job
+    "prefill_s": "float64",              # from the measure file of (model, method, budget)
+    "per_token_s": "float64",
+    "end_to_end_s": "float64",
+    "peak_memory_bytes": "float64",
+    "throughput": "float64",             # images per second
+    "source": "string",                  # the metrics.json the row came from
+}
+
+SCHEDULE_COLUMNS = {
+    "model": "string", "method": "string", "phase": "string", "budget": "string", "budget_tokens": "Int64",
+    "benchmark": "string", "layer": "int64", "visual_tokens": "float64",
+}
+
+MEASURE_COLUMNS = {
+    "model": "string", "method": "string", "budget": "string", "budget_tokens": "Int64",
+    "prefill_s": "float64", "per_token_s": "float64", "end_to_end_s": "float64", "decode_s": "float64",
+    "peak_memory_bytes": "float64", "throughput": "float64",
+    "tflops_exact": "float64", "tflops_prefill": "float64", "source": "string",
+}
+MEASURE_VALUES = ("prefill_s", "per_token_s", "end_to_end_s", "peak_memory_bytes", "throughput")
+
+RESULTS_CSV = "results.csv"
+RESULTS_PARQUET = "results.parquet"
+SCHEDULES_CSV = "schedules.csv"
+MEASURE_CSV = "measure.csv"
+
+
+@dataclass(frozen=True)
+class Summary:
+    results: pd.DataFrame
+    schedules: pd.DataFrame
+    measure: pd.DataFrame
+
+
+# ---------------------------------------------------------------------------------------------- finding
+
+
+def find_metrics_files(results_dir: str | Path) -> list[Path]:
+    return sorted(Path(results_dir).glob("runs/*/*/*/b*/metrics.json"))
+
+
+def find_measure_files(results_dir: str | Path) -> list[Path]:
+    return sorted(Path(results_dir).glob("measure/*/*/b*.json"))
+
+
+# ---------------------------------------------------------------------------------------------- values
+
+
+def number(value) -> float:
+    """A float for int/float values (bools excluded); NaN for anything else, None included."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return math.nan
+    return float(value)
+
+
+def nested(data: dict, *path):
+    for key in path:
+        if not isinstance(data, dict) or key not in data:
+            return None
+        data = data[key]
+    return data
+
+
+def scaled(value, factor: float) -> float:
+    return number(value) / factor
+
+
+def normalise_budget(value, where: str) -> str:
+    """'full' or the decimal text of a positive integer; anything else is an error naming `where`."""
+    if isinstance(value, bool):
+        raise ValueError(f"{where}: budget {value!r} is not valid; valid: 'full' or a positive integer")
+    if isinstance(value, int) and value > 0:
+        return str(value)
+    if isinstance(value, str) and (value == FULL or (value.isdigit() and int(value) > 0)):
+        return value if value == FULL else str(int(value))
+    raise ValueError(f"{where}: budget {value!r} is not valid; valid: 'full' or a positive integer")
+
+
+def budget_tokens(budget: str):
+    return pd.NA if budget == FULL else int(budget)
+
+
+def flatten_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a nested metrics dict, keys joined with '/'. None counts as NaN."""
+    flat = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_metrics(value, f"{name}/"))
+        elif value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+            flat[name] = number(value)
+    return flat
+
+
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+
+def read_job(data: dict, path: Path) -> dict:
+    job = data.get("job")
+    if not isinstance(job, dict):
+        raise ValueError(f"{path}: no 'job' object; metrics.json needs job keys {', '.join(JOB_KEYS)}")
+    missing = [key for key in JOB_KEYS if job.get(key) in (None, "")]
+    if missing:
+        raise ValueError(f"{path}: job is missing {', '.join(missing)}; required job keys: {', '.join(JOB_KEYS)}")
+    return {
+        "model": str(job["model"]), "method": str(job["method"]), "phase": str(job["phase"]),
+        "budget": normalise_budget(job["budget"], str(path)), "benchmark": str(job["benchmark"]),
+    }
+
+
+def run_rows(data: dict, path: Path) -> list[dict]:
+    """The tidy rows of one metrics.json (measure columns left NaN; `attach_measure` fills them)."""
+    job = read_job(data, path)
+    metrics = data.get("metrics")
+    if not isinstance(metrics, dict):
+        raise ValueError(f"{path}: no 'metrics' object")
+    headline = str(data.get("headline") or "score")
+    values = flatten_metrics(metrics)
+    values.setdefault(headline, math.nan)
+    cost = data.get("cost_mean") or {}
+    shared = {
+        **job,
+        "budget_tokens": budget_tokens(job["budget"]),
+        "samples": _count(data.get("samples")),
+        "failures": _count(data.get("failures")),
+        "tflops_exact": scaled(cost.get("total_flops"), 1e12),
+        "tflops_prefill": scaled(cost.get("prefill_flops"), 1e12),
+        "tflops_vision": scaled(cost.get("vision_flops"), 1e12),
+        "tflops_decode": scaled(cost.get("decode_flops"), 1e12),
+        "tflops_legacy": number(cost.get("legacy_nominal_tflops")),
+        "visual_tokens_layer_avg": number(nested(data, "visual_tokens", "layer_average")),
+        "visual_tokens_delivered": number(nested(data, "visual_tokens", "delivered")),
+        "eval_s_per_sample": number(nested(data, "latency", "mean_s_per_sample")),
+        "source": str(path),
+    }
+    return [{**shared, "metric": name, "headline": name == headline, "value": value}
+            for name, value in values.items()]
+
+
+def _count(value):
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else pd.NA
+
+
+def schedule_rows(data: dict, path: Path) -> list[dict]:
+    job = read_job(data, path)
+    per_layer = nested(data, "visual_tokens", "per_layer")
+    if not isinstance(per_layer, list):
+        return []
+    return [{**job, "budget_tokens": budget_tokens(job["budget"]), "layer": layer, "visual_tokens": number(tokens)}
+            for layer, tokens in enumerate(per_layer)]
+
+
+# ---------------------------------------------------------------------------------------------- measure
+
+
+def parse_measure_path(path: Path) -> tuple[str, str, str]:
+    """results/measure/{model}/{method}/b{budget}.json -> (model, method, budget)."""
+    path = Path(path)
+    if path.suffix != ".json" or not path.stem.startswith("b") or len(path.parts) < 3:
+        raise ValueError(f"{path}: a measure file must be named measure/{{model}}/{{method}}/b{{budget}}.json")
+    budget = normalise_budget(path.stem[1:], str(path))
+    return path.parent.parent.name, path.parent.name, budget
+
+
+def measure_value(data: dict, key: str) -> float:
+    """A measured number at the top level or under 'latency'; a dict value gives its 'median'."""
+    for value in (data.get(key), nested(data, "latency", key)):
+        if isinstance(value, dict):
+            value = value.get("median")
+        if number(value) == number(value):
+            return number(value)
+    return math.nan
+
+
+def measure_throughput(data: dict) -> float:
+    value = data.get("throughput")
+    if isinstance(value, dict):
+        value = value.get("images_per_s", value.get("samples_per_s"))
+    return number(value)
+
+
+def measure_row(data: dict, path: Path) -> dict:
+    model, method, budget = parse_measure_path(path)
+    job = data.get("job")
+    if isinstance(job, dict):
+        stated = {"model": job.get("model", model), "method": job.get("method", method),
+                  "budget": normalise_budget(job.get("budget", budget), str(path))}
+        if stated != {"model": model, "method": method, "budget": budget}:
+            raise ValueError(f"{path}: job {stated} disagrees with the file's path ({model}, {method}, {budget})")
+    row = {"model": model, "method": method, "budget": budget, "budget_tokens": budget_tokens(budget),
+           "source": str(path)}
+    row.update({key: measure_value(data, key) for key in MEASURE_VALUES if key != "throughput"})
+    row["throughput"] = measure_throughput(data)
+    row["decode_s"] = row["end_to_end_s"] - row["prefill_s"]
+    cost = data.get("cost") if isinstance(data.get("cost"), dict) else data
+    row["tflops_exact"] = scaled(cost.get("total_flops"), 1e12)
+    row["tflops_prefill"] = scaled(cost.get("prefill_flops"), 1e12)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------- tables
+
+
+def typed_frame(rows: list[dict], columns: dict[str, str]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows, columns=list(columns))
+    return frame.astype(columns)
+
+
+def check_unique_jobs(runs: list[tuple[Path, dict]]) -> None:
+    seen: dict[tuple, Path] = {}
+    for path, data in runs:
+        job = read_job(data, path)
+        key = (job["model"], job["method"], job["budget"], job["benchmark"])
+        if key in seen:
+            raise ValueError(f"two metrics.json files for the same job {key}: {seen[key]} and {path}")
+        seen[key] = path
+
+
+def attach_measure(results: pd.DataFrame, measure: pd.DataFrame) -> pd.DataFrame:
+    keys = ["model", "method", "budget"]
+    measured = measure[keys + list(MEASURE_VALUES)]
+    merged = results.drop(columns=list(MEASURE_VALUES)).merge(measured, on=keys, how="left", validate="many_to_one")
+    return merged[list(RESULTS_COLUMNS)].astype(RESULTS_COLUMNS)
+
+
+def build_summary(metrics_files: list[str | Path], measure_files: list[str | Path]) -> Summary:
+    if not metrics_files:
+        raise ValueError("no metrics.json files given; expected results/runs/{model}/{benchmark}/{method}/"
+                         "b{budget}/metrics.json")
+    runs = [(Path(path), read_json(Path(path))) for path in metrics_files]
+    check_unique_jobs(runs)
+    results = typed_frame([row for path, data in runs for row in run_rows(data, path)], RESULTS_COLUMNS)
+    schedules = typed_frame([row for path, data in runs for row in schedule_rows(data, path)], SCHEDULE_COLUMNS)
+    measure_rows = [measure_row(read_json(Path(path)), Path(path)) for path in measure_files]
+    measure = typed_frame(measure_rows, MEASURE_COLUMNS)
+    duplicated = measure.duplicated(subset=["model", "method", "budget"], keep=False)
+    if duplicated.any():
+        raise ValueError(f"several measure files for one (model, method, budget): "
+                         f"{', '.join(measure.loc[duplicated, 'source'])}")
+    return Summary(results=attach_measure(results, measure), schedules=schedules, measure=measure)
+
+
+def write_summary(summary: Summary, out_dir: str | Path) -> list[Path]:
+    out_dir = Path(out_dir)
+    paths = [out_dir / RESULTS_CSV, out_dir / RESULTS_PARQUET, out_dir / SCHEDULES_CSV, out_dir / MEASURE_CSV]
+    files.write_csv(summary.results, paths[0])
+    files.write_parquet(summary.results, paths[1])
+    files.write_csv(summary.schedules, paths[2])
+    files.write_csv(summary.measure, paths[3])
+    return paths
+
+
+def read_summary(summary_dir: str | Path) -> Summary:
+    """Read what `write_summary` wrote (parquet for the tidy table when present, else its CSV)."""
+    summary_dir = Path(summary_dir)
+    parquet, csv = summary_dir / RESULTS_PARQUET, summary_dir / RESULTS_CSV
+    if parquet.exists():
+        results = pd.read_parquet(parquet).astype(RESULTS_COLUMNS)
+    elif csv.exists():
+        results = read_typed_csv(csv, RESULTS_COLUMNS)
+    else:
+        raise ValueError(f"{summary_dir}: no {RESULTS_PARQUET} or {RESULTS_CSV}; run `ficoco aggregate` first")
+    return Summary(
+        results=results,
+        schedules=read_optional_csv(summary_dir / SCHEDULES_CSV, SCHEDULE_COLUMNS),
+        measure=read_optional_csv(summary_dir / MEASURE_CSV, MEASURE_COLUMNS),
+    )
+
+
+def read_typed_csv(path: Path, columns: dict[str, str]) -> pd.DataFrame:
+    frame = pd.read_csv(path, dtype={name: ("string" if kind == "string" else "object" if kind == "boolean" else None)
+                                     for name, kind in columns.items() if kind in ("string", "boolean")})
+    missing = [name for name in columns if name not in frame.columns]
+    if missing:
+        raise ValueError(f"{path}: missing columns {', '.join(missing)}")
+    for name, kind in columns.items():
+        if kind == "boolean":
+            frame[name] = frame[name].map({"True": True, "False": False, True: True, False: False})
+    return frame[list(columns)].astype(columns)
+
+
+def read_optional_csv(path: Path, columns: dict[str, str]) -> pd.DataFrame:
+    return read_typed_csv(path, columns) if path.exists() else typed_frame([], columns)

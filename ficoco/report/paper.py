@@ -1,0 +1,147 @@
+"""The FiCoCo paper's published numbers (spec/paper-results.md §9) and how our names map onto them.
+
+`ficoco/paper_results.csv` is the CSV block of the spec, verbatim. Only cells whose model, method,
+budget label and benchmark column all map from one of our runs are ever shown.
+"""
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+
+import pandas as pd
+
+# Our benchmark id -> the paper's column (benchmarks.md §4), in the paper's column order.
+PAPER_BENCHMARKS = {
+    "scienceqa": "SQA",
+    "textvqa": "VQAT",
+    "pope": "POPE",
+    "vizwiz": "VizWiz",
+    "mmvet": "MM-Vet",
+    "mmbench_cn": "MMB-CN",
+    "gqa": "GQA",
+    "llava_wild": "LLaVA-W",
+    "mmbench": "MMB",
+    "vqav2": "VQAv2",
+}
+# Columns the paper scored on an evaluation server's test-dev split; ours are local validation splits.
+SERVER_ONLY_COLUMNS = ("VizWiz", "VQAv2")
+
+PAPER_MODELS = {"llava-1.5-7b": "LLaVA-1.5-7B", "llava-1.5-13b": "LLaVA-1.5-13B"}
+
+# Our budget (average visual tokens per LLM layer) -> the paper's nominal TFLOPs label (issue #3).
+# The 13B rows share one unstated budget ("13B budget"), so reduced 13B runs find no paper cell.
+PAPER_BUDGET_LABELS = {"full": "vanilla", "192": "3.3T", "128": "2.4T", "64": "1.5T"}
+
+# Method names, compared after `name_key` (lower case, letters and digits only): ours -> paper's.
+PAPER_METHODS = {
+    "vanilla": "vanilla",
+    "ficocov": "FiCoCo-V",
+    "ficocol": "FiCoCo-L",
+    "ficocovl": "FiCoCo-VL",
+    "fastv": "FastV",
+    "sparsevlm": "SparseVLM",
+    "pdrop": "PDrop",
+    "pyramiddrop": "PDrop",
+    "tome": "ToMe",
+    "evit": "EViT",
+    "prumerge": "PruMerge",
+    "llavaprumerge": "PruMerge",
+    "fitprune": "FitPrune",
+    "random": "Random Sampling",
+    "randomsampling": "Random Sampling",
+    "topk": "TopK",
+    "topkcls": "TopK",
+    "pooling": "Spatial Pooling",
+    "spatialpool": "Spatial Pooling",
+    "spatialpooling": "Spatial Pooling",
+}
+# The paper's own spellings that differ between its versions.
+PAPER_METHOD_SPELLINGS = {"LLaVA-PruMerge": "PruMerge"}
+
+PAPER_VERSIONS = ("v4", "v1")
+
+
+def name_key(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", str(name).lower())
+
+
+def paper_benchmark(benchmark: str) -> str | None:
+    return PAPER_BENCHMARKS.get(str(benchmark).lower().replace("-", "_"))
+
+
+def paper_model(model: str) -> str | None:
+    return PAPER_MODELS.get(str(model).lower())
+
+
+def paper_method(method: str) -> str | None:
+    return PAPER_METHODS.get(name_key(method))
+
+
+def paper_budget_label(budget: str) -> str | None:
+    return PAPER_BUDGET_LABELS.get(str(budget))
+
+
+def load_paper_results(path: str | Path | None = None) -> pd.DataFrame:
+    """The CSV of paper-results.md §9: paper_version, model, method, budget_label, benchmark, value."""
+    if path is None:
+        with resources.files("ficoco").joinpath("paper_results.csv").open("r", encoding="utf-8") as stream:
+            frame = pd.read_csv(stream, dtype={"value": "float64"})
+    else:
+        frame = pd.read_csv(path, dtype={"value": "float64"})
+    expected = ["paper_version", "model", "method", "budget_label", "benchmark", "value"]
+    if list(frame.columns) != expected:
+        raise ValueError(f"paper results CSV {path or 'ficoco/paper_results.csv'}: columns {list(frame.columns)}, "
+                         f"expected {expected}")
+    frame["method"] = frame["method"].replace(PAPER_METHOD_SPELLINGS)
+    return frame
+
+
+def paper_reference(paper: pd.DataFrame, preferred_version: str = "v4") -> pd.DataFrame:
+    """One value per (model, method, budget_label, benchmark): the preferred version, else the other.
+
+    Result columns: model, method, budget_label, benchmark, value, paper_version.
+    """
+    if preferred_version not in PAPER_VERSIONS:
+        raise ValueError(f"paper version {preferred_version!r}: valid choices are {', '.join(PAPER_VERSIONS)}")
+    order = [preferred_version] + [v for v in PAPER_VERSIONS if v != preferred_version]
+    rank = paper["paper_version"].map({version: i for i, version in enumerate(order)})
+    cell = ["model", "method", "budget_label", "benchmark"]
+    ranked = paper.assign(_rank=rank).dropna(subset=["_rank"]).sort_values("_rank", kind="stable")
+    first = ranked.drop_duplicates(subset=cell, keep="first")
+    return first[cell + ["value", "paper_version"]].reset_index(drop=True)
+
+
+def attach_paper_keys(frame: pd.DataFrame) -> pd.DataFrame:
+    """Add paper_model, paper_method, paper_budget_label, paper_benchmark (NA where nothing maps)."""
+    return frame.assign(
+        paper_model=frame["model"].map(paper_model),
+        paper_method=frame["method"].map(paper_method),
+        paper_budget_label=frame["budget"].map(paper_budget_label),
+        paper_benchmark=frame["benchmark"].map(paper_benchmark),
+    )
+
+
+def with_paper_values(frame: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
+    """Left-join the paper's value for each row of `frame` (model, method, budget, benchmark columns).
+
+    Adds paper_benchmark, paper_value and paper_version; rows with no matching cell get NaN / NA.
+    """
+    keyed = attach_paper_keys(frame)
+    renamed = reference.rename(columns={
+        "model": "paper_model", "method": "paper_method", "budget_label": "paper_budget_label",
+        "benchmark": "paper_benchmark", "value": "paper_value",
+    })
+    keys = ["paper_model", "paper_method", "paper_budget_label", "paper_benchmark"]
+    merged = keyed.merge(renamed, on=keys, how="left", validate="many_to_one")
+    return merged.drop(columns=["paper_model", "paper_method", "paper_budget_label"])
+
+
+def printed_tflops(reference: pd.DataFrame, model: str, method: str, budget: str) -> float:
+    """The TFLOPs the paper printed for that row (7B rows only), or NaN."""
+    keys = (paper_model(model), paper_method(method), paper_budget_label(budget))
+    if None in keys:
+        return float("nan")
+    hit = reference[(reference["model"] == keys[0]) & (reference["method"] == keys[1])
+                    & (reference["budget_label"] == keys[2]) & (reference["benchmark"] == "TFLOPs_printed")]
+    return float(hit["value"].iloc[0]) if len(hit) else float("nan")

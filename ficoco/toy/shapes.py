@@ -1,0 +1,232 @@
+"""The toy world's images and questions: small coloured shapes on a plain grid.
+
+An image is IMAGE_SIZE x IMAGE_SIZE pixels, divided into GRID x GRID cells of CELL pixels. The
+cell size equals the toy model's patch size, so every object covers exactly one vision patch:
+dropping that one visual token removes the object from the model's view. Objects never touch
+(no two objects in neighbouring cells, diagonals included), so every object is one connected blob
+of colour on the background.
+
+Each sample is one image with one question whose answer is one vocabulary word:
+
+| kind     | question                                   | answer                   |
+|----------|--------------------------------------------|--------------------------|
+| color    | what color is the {shape} ?                | red, green, ... (6)      |
+| shape    | what shape is the {color} object ?         | square, circle, ... (4)  |
+| count    | how many {color} objects are there ?       | one, two, three, four    |
+| position | is the {shape} on the left or the right ?  | left, right              |
+
+The scene is drawn *for* its question (the asked-about object is unique, the count is exact), and
+the answer is sampled uniformly before the scene, so every answer word is equally likely within
+its kind. Everything is a function of (seed, split, index): `sample(seed, split, i)` is the same
+image bytes and question on every machine.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+IMAGE_SIZE = 96                     # pixels per side
+CELL = 8                            # pixels per grid cell (= the toy model's patch size)
+GRID = IMAGE_SIZE // CELL           # 12 cells per side -> 144 patches
+BACKGROUND = (24, 24, 24)           # RGB of empty space
+
+# name -> RGB; far apart from each other and from the background
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (230, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (50, 90, 250),
+    "yellow": (240, 220, 40),
+    "purple": (170, 60, 220),
+    "cyan": (40, 220, 230),
+}
+
+
+def _shape_masks() -> dict[str, np.ndarray]:
+    """name -> (CELL, CELL) bool mask; each shape fits rows/cols 1..6 and covers pixel (3, 3) and (4, 4).
+
+    The areas differ (square 36, circle 32, triangle 24, cross 20 pixels), which lets a test
+    recognise a shape from the rendered pixels alone.
+    """
+    rows, cols = np.mgrid[0:CELL, 0:CELL]                          # (CELL, CELL) each
+    inside = (rows >= 1) & (rows <= 6) & (cols >= 1) & (cols <= 6)
+    square = inside
+    circle = inside & ((rows - 3.5) ** 2 + (cols - 3.5) ** 2 <= 9.0)
+    half_width = np.array([0, 1, 1, 2, 2, 3, 3, 0])                # per row: columns 4-w .. 3+w
+    triangle = inside & (cols >= 4 - half_width[rows]) & (cols <= 3 + half_width[rows])
+    cross = inside & (((rows >= 3) & (rows <= 4)) | ((cols >= 3) & (cols <= 4)))
+    return {"square": square, "circle": circle, "triangle": triangle, "cross": cross}
+
+
+SHAPE_NAMES = ("square", "circle", "triangle", "cross")
+COLOR_NAMES = tuple(COLORS)
+NUMBER_WORDS = ("one", "two", "three", "four")
+SIDES = ("left", "right")
+KINDS = ("color", "shape", "count", "position")
+SPLITS = {"train": 1, "test": 2}    # split name -> code mixed into the random stream
+MAX_OBJECTS = 7
+
+QUESTION_TEMPLATES = {
+    "color": "what color is the {shape} ?",
+    "shape": "what shape is the {color} object ?",
+    "count": "how many {color} objects are there ?",
+    "position": "is the {shape} on the left or the right ?",
+}
+
+
+def vocabulary() -> list[str]:
+    """Every word a question or an answer can contain, in a fixed order."""
+    words: list[str] = []
+    for template in QUESTION_TEMPLATES.values():
+        for word in template.split():
+            if not word.startswith("{") and word not in words:
+                words.append(word)
+    for word in (*COLOR_NAMES, *SHAPE_NAMES, *NUMBER_WORDS, *SIDES):
+        if word not in words:
+            words.append(word)
+    return words
+
+
+@dataclass(frozen=True)
+class ToyObject:
+    shape: str
+    color: str
+    row: int                        # grid cell row, 0 = top
+    col: int                        # grid cell column, 0 = left
+
+    @property
+    def center_pixel(self) -> tuple[int, int]:
+        """(y, x) of a pixel inside the object's shape (every mask covers (4, 4) of its cell)."""
+        return self.row * CELL + 4, self.col * CELL + 4
+
+    @property
+    def patch_index(self) -> int:
+        """Raster index of the object's patch in the GRID x GRID patch grid."""
+        return self.row * GRID + self.col
+
+
+@dataclass(frozen=True)
+class ToySample:
+    id: str
+    kind: str
+    question: str
+    answer: str
+    objects: tuple[ToyObject, ...]
+    target: tuple[int, ...]         # indices into objects that the answer depends on
+
+    def image(self) -> Image.Image:
+        return render(self.objects)
+
+    def meta(self) -> dict:
+        """JSON-able description of the scene (benchmark `meta` column)."""
+        return {
+            "kind": self.kind,
+            "objects": [[o.shape, o.color, o.row, o.col] for o in self.objects],
+            "target": list(self.target),
+            "target_patches": [self.objects[i].patch_index for i in self.target],
+        }
+
+
+def render(objects) -> Image.Image:
+    """Draw the objects on the background; RGB, IMAGE_SIZE x IMAGE_SIZE."""
+    masks = _shape_masks()
+    pixels = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)   # (H, W, 3)
+    pixels[:] = BACKGROUND
+    for obj in objects:
+        cell = pixels[obj.row * CELL:(obj.row + 1) * CELL, obj.col * CELL:(obj.col + 1) * CELL]
+        cell[masks[obj.shape]] = COLORS[obj.color]
+    return Image.fromarray(pixels, mode="RGB")
+
+
+def _rng(seed: int, split: str, index: int) -> np.random.Generator:
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}: valid splits are {sorted(SPLITS)}")
+    return np.random.default_rng([int(seed), SPLITS[split], int(index)])
+
+
+def _free_cells(rng: np.random.Generator, count: int, placed: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """`placed` + more grid cells up to `count`, no two of them neighbours (Chebyshev distance >= 2)."""
+    cells = list(placed)
+    while len(cells) < count:
+        row, col = (int(v) for v in rng.integers(0, GRID, size=2))
+        if all(max(abs(row - r), abs(col - c)) >= 2 for r, c in cells):
+            cells.append((row, col))
+    return cells
+
+
+def _pick(rng: np.random.Generator, options) -> str:
+    options = list(options)
+    return options[int(rng.integers(len(options)))]
+
+
+def sample(seed: int, split: str, index: int, kind: str | None = None) -> ToySample:
+    """Sample `index` of a split. `kind=None` cycles through KINDS by index (balanced kinds)."""
+    rng = _rng(seed, split, index)
+    kind = KINDS[index % len(KINDS)] if kind is None else kind
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r}: valid kinds are {list(KINDS)}")
+    n_others = int(rng.integers(1, 4))                             # distractors: 1..3
+
+    if kind == "count":
+        color = _pick(rng, COLOR_NAMES)
+        count = int(rng.integers(1, len(NUMBER_WORDS) + 1))
+        specs = [(_pick(rng, SHAPE_NAMES), color) for _ in range(count)]
+        specs += [(_pick(rng, SHAPE_NAMES), _pick(rng, [c for c in COLOR_NAMES if c != color]))
+                  for _ in range(n_others)]
+        question = QUESTION_TEMPLATES["count"].format(color=color)
+        answer = NUMBER_WORDS[count - 1]
+        target = tuple(range(count))
+    elif kind == "shape":
+        color, shape = _pick(rng, COLOR_NAMES), _pick(rng, SHAPE_NAMES)
+        specs = [(shape, color)]
+        specs += [(_pick(rng, SHAPE_NAMES), _pick(rng, [c for c in COLOR_NAMES if c != color]))
+                  for _ in range(n_others)]
+        question = QUESTION_TEMPLATES["shape"].format(color=color)
+        answer, target = shape, (0,)
+    else:                                                           # color, position: a unique shape
+        color, shape = _pick(rng, COLOR_NAMES), _pick(rng, SHAPE_NAMES)
+        specs = [(shape, color)]
+        specs += [(_pick(rng, [s for s in SHAPE_NAMES if s != shape]), _pick(rng, COLOR_NAMES))
+                  for _ in range(n_others)]
+        question = QUESTION_TEMPLATES[kind].format(shape=shape)
+        answer, target = color, (0,)
+
+    placed: list[tuple[int, int]] = []
+    if kind == "position":
+        side = _pick(rng, SIDES)                                    # balanced answer: place the target
+        half = GRID // 2                                            # columns 0..5 left, 6..11 right
+        low = 0 if side == "left" else half
+        placed.append((int(rng.integers(0, GRID)), int(rng.integers(low, low + half))))
+        answer = side
+    cells = _free_cells(rng, len(specs), placed)
+    objects = [ToyObject(shape, color, r, c) for (shape, color), (r, c) in zip(specs, cells)]
+    order = rng.permutation(len(objects))                           # target not always first
+    objects_shuffled = tuple(objects[i] for i in order)
+    new_index = {int(old): new for new, old in enumerate(order)}
+    target = tuple(sorted(new_index[t] for t in target))
+    return ToySample(id=f"toy-{split}-{seed}-{index:06d}", kind=kind, question=question, answer=answer,
+                     objects=objects_shuffled, target=target)
+
+
+def samples(seed: int, split: str, rows: int) -> list[ToySample]:
+    return [sample(seed, split, i) for i in range(rows)]
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """Deterministic PNG encoding (no metadata, fixed compression)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=False, compress_level=6)
+    return buffer.getvalue()
+
+
+def checksum(rows: list[ToySample]) -> str:
+    """sha256 over every row's id, question, answer and image pixels."""
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(json.dumps([row.id, row.question, row.answer]).encode())
+        digest.update(np.asarray(row.image()).tobytes())
+    return digest.hexdigest()

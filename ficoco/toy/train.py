@@ -1,0 +1,165 @@
+"""Train the toy LLaVA on the toy world's train split, and measure it the way an evaluate job would.
+
+Training: next-token loss on the answer word and `</s>` only (the prompt and the image placeholders
+are masked out), AdamW with linear warm-up and cosine decay, a fresh stream of generated samples
+(index = step * batch_size + row, split "train"), deterministic for a seed and thread count.
+
+Measurement (`generation_accuracy`): the processor builds `PROMPT_TEMPLATE` with the question,
+`<image>` expands to 144 placeholders, `model.generate` decodes greedily, and the answer is scored
+by exact match after lower/strip. `keep_visual` drops image placeholders at random (the "random"
+baseline) by passing `inputs_embeds` with only the kept image rows.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, asdict
+
+import numpy as np
+import torch
+
+from ficoco.toy import model as toy_model
+from ficoco.toy import shapes
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    seed: int = 0
+    steps: int = 600
+    batch_size: int = 16
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 30
+    size: str = "default"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def pixel_values(images: list, processor) -> torch.Tensor:
+    """(B, 3, H, W) float32, exactly the CLIP processor's rescale + normalise (no resize: size matches)."""
+    ip = processor.image_processor
+    array = np.stack([np.asarray(image, dtype=np.float32) for image in images])     # (B, H, W, 3)
+    array = (array * np.float32(ip.rescale_factor) - np.asarray(ip.image_mean, np.float32)) \
+        / np.asarray(ip.image_std, np.float32)
+    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+
+
+def training_batch(rows: list[shapes.ToySample], processor) -> dict[str, torch.Tensor]:
+    """Right-padded batch: input_ids/labels/attention_mask (B, T), pixel_values (B, 3, H, W).
+
+    input_ids = processor(prompt) + answer word + </s>; labels are -100 except on the last two.
+    """
+    tokenizer = processor.tokenizer
+    sequences, label_rows = [], []
+    for row in rows:
+        prompt_ids = _prompt_ids(row.question, processor)
+        answer_ids = tokenizer(row.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        sequences.append(prompt_ids + answer_ids)
+        label_rows.append([-100] * len(prompt_ids) + answer_ids)
+    length = max(map(len, sequences))
+    input_ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), length), -100, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, (ids, lab) in enumerate(zip(sequences, label_rows)):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        labels[i, :len(lab)] = torch.tensor(lab)
+        attention_mask[i, :len(ids)] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+            "pixel_values": pixel_values([row.image() for row in rows], processor)}
+
+
+def _prompt_ids(question: str, processor) -> list[int]:
+    """Token ids of the full prompt with `<image>` expanded, as the processor makes them."""
+    n_image = shapes.GRID * shapes.GRID
+    text = toy_model.prompt_text(question).replace("<image>", "<image>" * n_image)
+    return processor.tokenizer(text)["input_ids"]
+
+
+def learning_rate(step: int, settings: TrainSettings) -> float:
+    if step < settings.warmup_steps:
+        return settings.lr * (step + 1) / settings.warmup_steps
+    progress = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
+    return settings.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train(model, processor, settings: TrainSettings, progress: bool = True) -> dict:
+    """Train `model` in place; returns {"losses": [...], "seconds": float, "settings": {...}}."""
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(settings.seed)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=settings.lr, betas=(0.9, 0.98))
+    losses: list[float] = []
+    start = time.perf_counter()
+    bar = tqdm(range(settings.steps), desc="train toy llava", disable=not progress, mininterval=2.0)
+    for step in bar:
+        first = step * settings.batch_size
+        rows = [shapes.sample(settings.seed, "train", first + i) for i in range(settings.batch_size)]
+        batch = training_batch(rows, processor)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, settings)
+        loss = model(**batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(float(loss))
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
+    model.eval()
+    return {"losses": losses, "seconds": time.perf_counter() - start, "settings": settings.to_dict()}
+
+
+@torch.no_grad()
+def generate_answers(model, processor, rows, keep_visual: int | None = None, seed: int = 0,
+                     max_new_tokens: int = 4) -> list[str]:
+    """Greedy answers, one sample at a time, as an evaluate job would produce them.
+
+    keep_visual: None = all 144 image placeholders; k = keep k of them chosen uniformly at random
+    (per sample, from a generator seeded with `seed`), in their original order.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    answers = []
+    for row in rows:
+        image = row["image"] if isinstance(row, dict) else row.image()
+        question = row["question"] if isinstance(row, dict) else row.question
+        inputs = processor(images=image, text=toy_model.prompt_text(question), return_tensors="pt")
+        if keep_visual is None:
+            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            new_tokens = output[0, inputs["input_ids"].shape[1]:]
+        else:
+            embeds = _embeds_keeping_random_visual(model, inputs, keep_visual, generator)   # (1, T', D)
+            output = model.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+                                    max_new_tokens=max_new_tokens, do_sample=False)
+            new_tokens = output[0]                                  # inputs_embeds: only new tokens
+        answers.append(processor.tokenizer.decode(new_tokens, skip_special_tokens=True).strip())
+    return answers
+
+
+def _embeds_keeping_random_visual(model, inputs, keep: int, generator: torch.Generator) -> torch.Tensor:
+    """LLM input embeddings with only `keep` randomly chosen image rows (original order kept)."""
+    input_ids = inputs["input_ids"]                                  # (1, T)
+    text_embeds = model.get_input_embeddings()(input_ids)            # (1, T, D)
+    features = model.get_image_features(pixel_values=inputs["pixel_values"])
+    features = features.pooler_output if hasattr(features, "pooler_output") else features
+    image_features = torch.cat(list(features), dim=0) if isinstance(features, (list, tuple)) else features[0]
+    image_positions = (input_ids[0] == model.config.image_token_id).nonzero().squeeze(1)   # (N,)
+    n_visual = image_positions.numel()
+    if not 1 <= keep <= n_visual:
+        raise ValueError(f"keep_visual={keep}: must be in 1..{n_visual}")
+    kept = torch.randperm(n_visual, generator=generator)[:keep].sort().values             # (keep,)
+    embeds = text_embeds[0].clone()
+    embeds[image_positions] = image_features.reshape(n_visual, -1).to(embeds.dtype)
+    keep_mask = torch.ones(embeds.shape[0], dtype=torch.bool)
+    keep_mask[image_positions] = False
+    keep_mask[image_positions[kept]] = True
+    return embeds[keep_mask].unsqueeze(0)
+
+
+def accuracy(predictions: list[str], answers: list[str]) -> float:
+    return float(np.mean([p.strip().lower() == a.strip().lower() for p, a in zip(predictions, answers)]))

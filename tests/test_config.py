@@ -1,0 +1,101 @@
+"""Bad config fails before any job starts, with one line naming the key, the value and the valid choices."""
+import subprocess
+import sys
+
+import pytest
+
+from ficoco.config import ConfigError, FULL, job_grid, validate
+
+
+def paper_like(**changes):
+    config = {"models": ["llava-1.5-7b"], "methods": ["vanilla", "ficoco-v"], "budgets": [192, 64],
+              "benchmarks": ["gqa"]}
+    config.update(changes)
+    return config
+
+
+def error_of(config) -> str:
+    with pytest.raises(ConfigError) as raised:
+        validate(config)
+    message = str(raised.value)
+    assert "\n" not in message, "the message must be one line"
+    return message
+
+
+def test_a_valid_config_gets_defaults_and_a_grid():
+    config = validate(paper_like())
+    assert config["batch_size"] == 1 and config["shards"] == 1 and config["wandb"]["project"] == "ficoco"
+    jobs = job_grid(config)
+    assert [(j.method, j.budget) for j in jobs] == [("vanilla", FULL), ("ficoco-v", "192"), ("ficoco-v", "64")]
+    assert {j.phase for j in jobs if j.method == "ficoco-v"} == {"vision"}
+
+
+def test_unknown_method():
+    message = error_of(paper_like(methods=["vanilla", "ficocoo-v"]))
+    assert "methods[1]" in message and "'ficocoo-v'" in message and "ficoco-v" in message.split("valid:")[1]
+
+
+def test_unknown_benchmark():
+    message = error_of(paper_like(benchmarks=["gqa", "imagenet"]))
+    assert "benchmarks[1]" in message and "'imagenet'" in message and "gqa" in message.split("valid:")[1]
+
+
+def test_unknown_model():
+    message = error_of(paper_like(models=["llava-1.6-7b"]))
+    assert "models[0]" in message and "'llava-1.6-7b'" in message and "llava-1.5-13b" in message
+
+
+@pytest.mark.parametrize("budget", [12.5, -3, 0, "64"])
+def test_non_integer_or_non_positive_budget(budget):
+    message = error_of(paper_like(budgets=[192, budget]))
+    assert message.startswith("config error: budgets[1]:")
+    assert "positive integer" in message and "reduction" in message
+
+
+def test_budget_above_the_visual_token_count():
+    message = error_of(paper_like(budgets=[600]))
+    assert "budgets[0]" in message and "600" in message and "576" in message and "1..576" in message
+
+
+def test_missing_key():
+    config = paper_like()
+    del config["benchmarks"]
+    message = error_of(config)
+    assert message.startswith("config error: benchmarks: missing required key")
+
+
+def test_wrong_type():
+    message = error_of(paper_like(batch_size="8"))
+    assert "batch_size" in message and '"8"' in message and "integer" in message
+
+
+def test_unknown_key():
+    message = error_of(paper_like(budget=[64]))
+    assert "budget" in message and "unknown key" in message and "budgets" in message.split("valid keys:")[1]
+
+
+def test_infeasible_budget_names_the_reachable_alternatives():
+    message = error_of(paper_like(methods=["ficoco-l"], budgets=[64]))
+    assert "budgets[0]" in message and "ficoco-l" in message and "64" in message
+    assert "72" in message          # layers 0..3 alone average 72 tokens (methods.md §2.1)
+
+
+def test_an_explicit_earlier_start_makes_it_feasible():
+    config = validate(paper_like(methods=["ficoco-l"], budgets=[64],
+                                 method_params={"ficoco-l": {"per_budget": {64: {"start": 2, "window": 2}}}}))
+    assert [j.budget for j in job_grid(config)] == ["64"]
+
+
+def test_a_budget_as_reduction_ratio():
+    config = validate(paper_like(budgets=[{"reduction": 2 / 3}, 128]))
+    assert [j.budget for j in job_grid(config) if j.method == "ficoco-v"] == ["192", "128"]
+
+
+def test_snakemake_stops_with_the_one_line_before_any_job(tmp_path, repo_copy):
+    (repo_copy / "bad.yaml").write_text("models: [toy-llava]\nmethods: [vanilla, fastv2]\nbudgets: [36]\n"
+                                        "benchmarks: [toy-shapes]\n")
+    result = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--configfile", "bad.yaml"],
+                            cwd=repo_copy, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("config error:")]
+    assert len(lines) == 1 and "methods[1]" in lines[0] and "'fastv2'" in lines[0]

@@ -1,0 +1,60 @@
+# The grid, from the validated config. All logic lives in ficoco.config; this file only wires it.
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+from ficoco.config import ConfigError, FULL, job_grid, load_registries, method_overrides, validate
+
+try:
+    _validated = validate(config, Path.cwd())  # registries and schema relative to the working directory
+except ConfigError as error:
+    # one line, before any job starts
+    sys.stderr.write(f"{error}\n")
+    sys.exit(1)
+config.clear()
+config.update(_validated)
+
+MODELS, BENCHMARKS = load_registries(config, Path.cwd())
+JOBS = job_grid(config, Path.cwd())
+PY = sys.executable  # the environment Snakemake runs in; on Slurm the same path on the compute node
+
+# W&B settings travel as environment variables, never as job parameters: changing them reruns nothing.
+os.environ.setdefault("WANDB_PROJECT", config["wandb"]["project"])
+if config["wandb"]["entity"]:
+    os.environ.setdefault("WANDB_ENTITY", config["wandb"]["entity"])
+
+
+def _names_regex(names):
+    return "|".join(map(re.escape, names)) if names else "(?!)"
+
+
+HUB_MODELS = [m for m in config["models"] if MODELS[m]["source"] == "hub"]
+TOY_MODELS = [m for m in config["models"] if MODELS[m]["source"] == "toy"]
+HUB_BENCHMARKS = [b for b in config["benchmarks"] if BENCHMARKS[b].get("source", "hub") == "hub"]
+TOY_BENCHMARKS = [b for b in config["benchmarks"] if BENCHMARKS[b].get("source", "hub") == "toy"]
+
+RUN_DIR = "results/runs/{model}/{benchmark}/{method}/b{budget}"
+RUNS = sorted({(j.model, j.benchmark, j.method, j.phase, j.budget, j.shards) for j in JOBS})
+METRICS = [RUN_DIR.format(model=m, benchmark=b, method=me, budget=bu) + "/metrics.json" for m, b, me, _, bu, _ in RUNS]
+MEASURES = sorted({f"results/measure/{j.model}/{j.method}/b{j.budget}.json" for j in JOBS}) if config["measure"]["enabled"] else []
+SUMMARY = "results/summary/results.csv"
+REPORT_HTML = config["report"]["html"]
+
+
+def phase_of(method):
+    from ficoco import methods
+
+    return methods.get(method).phase
+
+
+def overrides_json(wildcards):
+    return json.dumps(method_overrides(config, MODELS, wildcards.model, wildcards.method, wildcards.budget),
+                      sort_keys=True)
+
+
+wildcard_constraints:
+    budget=r"full|\d+",
+    shard=r"\d+",
+    shards=r"\d+",

@@ -1,0 +1,52 @@
+# One evaluate job per model x method x budget x benchmark x shard; `score` merges the shards.
+
+
+rule evaluate:
+    input:
+        model="resources/models/{model}/manifest.json",
+        benchmark="resources/benchmarks/{benchmark}/manifest.json",
+    output:
+        RUN_DIR + "/shard{shard}of{shards}/predictions.jsonl",
+    log:
+        "logs/evaluate/{model}/{benchmark}/{method}/b{budget}/shard{shard}of{shards}.log",
+    params:
+        phase=lambda wc: phase_of(wc.method),
+        overrides=overrides_json,
+        options=lambda wc: json.dumps(config["benchmark_options"].get(wc.benchmark, {}), sort_keys=True),
+        template=lambda wc: json.dumps(MODELS[wc.model]["prompt_template"]),
+        dtype=lambda wc: MODELS[wc.model].get("dtype", "float32"),
+        preprocessing=lambda wc: MODELS[wc.model].get("image_preprocessing", "none"),
+        batch_size=config["batch_size"],
+        limit=f"--limit {config['limit']}" if config["limit"] else "",
+        device=config["device"],
+    shell:
+        "{PY} -m ficoco.cli run --model {wildcards.model} --model-dir resources/models/{wildcards.model}"
+        " --benchmark {wildcards.benchmark} --benchmark-dir resources/benchmarks/{wildcards.benchmark}"
+        " --method {wildcards.method} --phase {params.phase} --budget {wildcards.budget}"
+        " --shard {wildcards.shard} --shards {wildcards.shards} --out {output}"
+        " --batch-size {params.batch_size} --device {params.device} --dtype {params.dtype}"
+        " --overrides {params.overrides:q} --options {params.options:q} --template {params.template:q}"
+        " --image-preprocessing {params.preprocessing} {params.limit} --no-progress > {log} 2>&1"
+
+
+def _shard_predictions(wildcards):
+    shards = next(r[5] for r in RUNS if r[:3] == (wildcards.model, wildcards.benchmark, wildcards.method)
+                  and r[4] == wildcards.budget)
+    run_dir = RUN_DIR.format(**wildcards)
+    return [f"{run_dir}/shard{index}of{shards}/predictions.jsonl" for index in range(shards)]
+
+
+rule score:
+    input:
+        _shard_predictions,
+    output:
+        RUN_DIR + "/metrics.json",
+    params:
+        job=lambda wc: json.dumps({"model": wc.model, "method": wc.method, "phase": phase_of(wc.method),
+                                   "budget": wc.budget, "benchmark": wc.benchmark}),
+        overrides=overrides_json,
+    log:
+        "logs/score/{model}/{benchmark}/{method}/b{budget}.log",
+    shell:
+        "{PY} -m ficoco.cli score {input} --benchmark {wildcards.benchmark} --out {output}"
+        " --job {params.job:q} --overrides {params.overrides:q} > {log} 2>&1"

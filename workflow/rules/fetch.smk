@@ -1,0 +1,56 @@
+# Models and benchmarks into resources/: downloaded at pinned revisions, or built for the toy world.
+# Each output is a manifest written last, so an interrupted fetch is redone.
+
+
+rule fetch_model:
+    output:
+        "resources/models/{model}/manifest.json",
+    wildcard_constraints:
+        model=_names_regex(HUB_MODELS),
+    log:
+        "logs/fetch_model/{model}.log",
+    shell:
+        "{PY} -m ficoco.cli fetch-model {wildcards.model} --out resources/models/{wildcards.model}"
+        " --registry {config[registries][models]} > {log} 2>&1"
+
+
+rule build_toy_model:
+    output:
+        "resources/models/{model}/manifest.json",
+    wildcard_constraints:
+        model=_names_regex(TOY_MODELS),
+    params:
+        seed=config["seed"],
+    log:
+        "logs/build_toy_model/{model}.log",
+    threads: 2
+    shell:
+        "{PY} -m ficoco.cli toy build-model --out resources/models/{wildcards.model} --seed {params.seed} > {log} 2>&1"
+
+
+rule fetch_benchmark:
+    output:
+        "resources/benchmarks/{benchmark}/manifest.json",
+    wildcard_constraints:
+        benchmark=_names_regex(HUB_BENCHMARKS),
+    params:
+        options=lambda wc: json.dumps(config["benchmark_options"].get(wc.benchmark, {}), sort_keys=True),
+    log:
+        "logs/fetch_benchmark/{benchmark}.log",
+    shell:
+        "{PY} -m ficoco.cli fetch-benchmark {wildcards.benchmark} --out resources/benchmarks/{wildcards.benchmark}"
+        " --options {params.options:q} > {log} 2>&1"
+
+
+rule build_toy_benchmark:
+    output:
+        "resources/benchmarks/{benchmark}/manifest.json",
+    wildcard_constraints:
+        benchmark=_names_regex(TOY_BENCHMARKS),
+    params:
+        seed=config["seed"],
+    log:
+        "logs/build_toy_benchmark/{benchmark}.log",
+    shell:
+        "{PY} -m ficoco.cli toy build-benchmark --out resources/benchmarks/{wildcards.benchmark}"
+        " --seed {params.seed} > {log} 2>&1"

@@ -1,0 +1,21 @@
+# Latency, peak memory and throughput per (model, method, budget). Speed does not depend on the
+# weights, so the model is built from its config.json with random weights.
+
+
+rule measure:
+    input:
+        model="resources/models/{model}/manifest.json",
+    output:
+        "results/measure/{model}/{method}/b{budget}.json",
+    params:
+        overrides=overrides_json,
+        dtype=lambda wc: MODELS[wc.model].get("dtype", "float32"),
+        settings=lambda wc: " ".join(f"--{k.replace('_', '-')} {v}" for k, v in sorted(config["measure"].items())
+                                     if k != "enabled"),
+        device=config["device"],
+    log:
+        "logs/measure/{model}/{method}/b{budget}.log",
+    shell:
+        "{PY} -m ficoco.cli measure --model-config resources/models/{wildcards.model}/config.json"
+        " --method {wildcards.method} --budget {wildcards.budget} --overrides {params.overrides:q}"
+        " --device {params.device} --dtype {params.dtype} {params.settings} --out {output} > {log} 2>&1"
