@@ -242,9 +242,7 @@ def evit_stage_counts(n0: int, budget: int, n_stages: int = 3) -> list[int]:
     if not 1 <= budget <= n0:
         raise ValueError(f"budget must be in [1, {n0}]; got {budget}")
     ratio = (budget / n0) ** (1.0 / n_stages)
-    counts = [round_half_up(n0 * ratio**stage) for stage in range(1, n_stages + 1)]
-    counts[-1] = budget  # ρ^n·n0 = B exactly; guard against float rounding
-    return counts
+    return [round_half_up(n0 * ratio**stage) for stage in range(1, n_stages + 1)]
 
 
 def tome_merges(n_patches: int, budget: int, layers: Iterable[int]) -> dict[int, int]:

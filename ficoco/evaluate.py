@@ -159,8 +159,12 @@ def evaluate_shard(*, model_dir, benchmark_dir, benchmark: str, method: str, bud
                    shard: int = 0, shards: int = 1, batch_size: int = 1, device: str = "auto",
                    dtype: str = "float32", overrides: dict | None = None, options: dict | None = None,
                    limit: int | None = None, template: str = "USER: <image>\n{prompt} ASSISTANT:",
-                   image_preprocessing: str = "none", job: dict | None = None, progress: bool = True) -> Path:
-    """Run (or resume) one shard and write `out` (predictions.jsonl) when every sample is recorded."""
+                   image_preprocessing: str = "none", job: dict | None = None, progress: bool = True,
+                   benchmark_module: str | None = None) -> Path:
+    """Run (or resume) one shard and write `out` (predictions.jsonl) when every sample is recorded.
+
+    `benchmark` names the job; `benchmark_module` the registered prompt/scoring module (default: the same).
+    """
     _offline()
     import torch
     from tqdm import tqdm
@@ -172,7 +176,7 @@ def evaluate_shard(*, model_dir, benchmark_dir, benchmark: str, method: str, bud
 
     out = Path(out)
     journal = Journal(out.parent / "journal.jsonl")
-    bench = benchmark_registry.get(benchmark)
+    bench = benchmark_registry.get(benchmark_module or benchmark)
     dataset, _ = load_local(benchmark_dir)
     total = len(dataset) if limit is None else min(limit, len(dataset))
     rows = list(shard_rows(total, shard, shards))
@@ -275,7 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ficoco run", description="Run (or resume) one evaluate job shard.")
     parser.add_argument("--model", required=True, help="model name (job key)")
     parser.add_argument("--model-dir", required=True)
-    parser.add_argument("--benchmark", required=True)
+    parser.add_argument("--benchmark", required=True, help="benchmark name (job key)")
+    parser.add_argument("--benchmark-module", help="registered benchmark module for prompts and scoring "
+                                                   "(default: --benchmark)")
     parser.add_argument("--benchmark-dir", required=True)
     parser.add_argument("--method", required=True)
     parser.add_argument("--phase", default="")
@@ -303,14 +309,15 @@ def main(argv: list[str] | None = None) -> int:
                    batch_size=args.batch_size, device=args.device, dtype=args.dtype,
                    overrides=json.loads(args.overrides), options=json.loads(args.options), limit=args.limit,
                    template=json.loads(args.template),
-                   image_preprocessing=args.image_preprocessing, job=job, progress=not args.no_progress)
+                   image_preprocessing=args.image_preprocessing, job=job, progress=not args.no_progress,
+                   benchmark_module=args.benchmark_module)
     return 0
 
 
 def main_score(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ficoco score", description="Merge shard predictions into metrics.json.")
     parser.add_argument("predictions", nargs="+")
-    parser.add_argument("--benchmark", required=True)
+    parser.add_argument("--benchmark", required=True, help="registered benchmark module that scores the records")
     parser.add_argument("--out", required=True)
     parser.add_argument("--job", required=True, help="job keys as JSON")
     parser.add_argument("--overrides", default="{}")

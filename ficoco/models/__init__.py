@@ -1,0 +1,21 @@
+"""Model adapters: attach a method (ficoco.methods) to a model family through hooks.
+
+All knowledge of HF internals lives here. Supported: transformers' `LlavaForConditionalGeneration`
+(LLaVA-1.5: CLIP vision tower + Llama decoder).
+"""
+from __future__ import annotations
+
+
+def apply(model, method, budget: int | None = None, **overrides):
+    """Install `method` (a name from `ficoco methods` or a Method) at `budget` on `model`; returns the handle."""
+    from transformers import LlavaForConditionalGeneration
+
+    if isinstance(model, LlavaForConditionalGeneration):
+        from ficoco.models.llava import apply_llava
+
+        return apply_llava(model, method, budget, **overrides)
+    raise TypeError(f"ficoco.apply: unsupported model class {type(model).__name__}; supported: "
+                    f"LlavaForConditionalGeneration")
+
+
+__all__ = ["apply"]

@@ -1,4 +1,5 @@
-"""Attention quantities the filters and correlations read: head-averaged probabilities and key summaries.
+"""Token metrics the filters and correlations read: head-averaged attention probabilities, key
+summaries, cosine similarity, and the key bias of proportional attention.
 
 Everything is computed in float32 and per sample (a batch never mixes images).
 Shapes: B = batch, H = query heads, H_kv = key heads (H_kv divides H for grouped-query attention),
@@ -70,3 +71,12 @@ def pairwise_cosine(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     x_unit = torch.nn.functional.normalize(x.float(), dim=-1)  # (B, n, D)
     y_unit = torch.nn.functional.normalize(y.float(), dim=-1)  # (B, m, D)
     return x_unit @ y_unit.transpose(-1, -2)  # (B, n, m)
+
+
+def proportional_attention_bias(sizes: torch.Tensor) -> torch.Tensor:
+    """ToMe's proportional attention: log(size of the key) added to every attention logit.
+
+    sizes: (B, N) tokens merged into each key (1 for an unmerged token) -> (B, 1, 1, N) float32,
+    an additive mask that broadcasts over heads and queries (usable with SDPA's float mask).
+    """
+    return sizes.float().log()[:, None, None, :]

@@ -101,3 +101,64 @@ def fixed_k_weights(corr: torch.Tensor, k: int) -> torch.Tensor:
     top = rank_descending(corr)[..., :k]  # (B, S, k)
     chosen = torch.zeros_like(corr, dtype=torch.bool).scatter_(-1, top, True)
     return _normalise_over(corr, chosen)
+
+
+# ------------------------------------------------------------------------------------------------
+# Baseline correlations (methods.md §8)
+
+def cosine_argmax(x_from: torch.Tensor, x_to: torch.Tensor) -> torch.Tensor:
+    """K = 1 by cosine: the index of the most similar row of x_to for every row of x_from.
+
+    ToMe's partner choice and VisionZip's nearest-anchor assignment. Ties to the lower index.
+    x_from: (B, n, D); x_to: (B, m, D) -> (B, n) int64 indices into x_to.
+    """
+    return argmax_lowest(pairwise_cosine(x_from, x_to))
+
+
+def knn_positions(metric: torch.Tensor, queries: torch.Tensor, k: int) -> torch.Tensor:
+    """The k most cosine-similar other tokens of every query token (PruMerge's kNN, §8.6).
+
+    metric: (B, N, D), e.g. keys; queries: (B, q) positions into N -> (B, q, k) int64 positions,
+    most similar first, ties to the lower position; a token is never its own neighbour.
+    """
+    n = metric.shape[1]
+    if not 0 <= k <= n - 1:
+        raise ValueError(f"k must be in [0, {n - 1}] (the other tokens); got {k}")
+    query_metric = metric.gather(1, queries.unsqueeze(-1).expand(-1, -1, metric.shape[-1]))  # (B, q, D)
+    similarity = pairwise_cosine(query_metric, metric)  # (B, q, N)
+    similarity = similarity.scatter(2, queries.unsqueeze(-1), float("-inf"))  # exclude the token itself
+    return rank_descending(similarity)[..., :k]
+
+
+def dpc_knn_clusters(
+    x: torch.Tensor, n_clusters: int, k: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Density-peak clustering with kNN density (SparseVLM's recycling, §8.4).
+
+    density_i = exp(−mean of the squared distances to i's k nearest other tokens), plus a jitter
+    in [0, 1e-6) from `generator` that breaks density ties (none without a generator);
+    δ_i = distance to the nearest denser token (the largest distance of the row for the densest);
+    centres = the n_clusters largest density·δ (ties to the lower position); every token joins its
+    nearest centre (ties to the lower centre), a centre its own cluster. Distances are Euclidean
+    divided by √D.
+    x: (B, N, D) -> (B, N) int64 cluster index in [0, n_clusters), centres numbered by position.
+    """
+    batch, n, width = x.shape
+    if not 1 <= n_clusters <= n:
+        raise ValueError(f"n_clusters must be in [1, {n}]; got {n_clusters}")
+    if not 1 <= k <= n - 1:
+        raise ValueError(f"k must be in [1, {n - 1}] (the other tokens); got {k}")
+    x = x.float()
+    distance = torch.cdist(x, x) / width**0.5  # (B, N, N)
+    eye = torch.eye(n, dtype=torch.bool, device=x.device)
+    nearest = distance.masked_fill(eye, float("inf")).sort(dim=-1).values[..., :k]  # (B, N, k)
+    density = torch.exp(-(nearest**2).mean(dim=-1))  # (B, N)
+    if generator is not None:
+        density = density + torch.rand(density.shape, generator=generator, device=generator.device).to(x.device) * 1e-6
+    denser = density.unsqueeze(1) > density.unsqueeze(2)  # (B, N, N): [i, j] = j denser than i
+    row_max = distance.amax(dim=-1, keepdim=True)  # (B, N, 1)
+    delta = torch.where(denser, distance, row_max).amin(dim=-1)  # (B, N)
+    centres = rank_descending(density * delta)[:, :n_clusters].sort(dim=-1).values  # (B, C)
+    to_centres = distance.gather(2, centres.unsqueeze(1).expand(batch, n, n_clusters))  # (B, N, C)
+    assignment = argmax_lowest(-to_centres)  # (B, N)
+    return assignment.scatter(1, centres, torch.arange(n_clusters, device=x.device).expand(batch, n_clusters))

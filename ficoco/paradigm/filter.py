@@ -14,6 +14,7 @@ import hashlib
 
 import torch
 
+from ficoco.budget import spread
 from ficoco.paradigm.attention import pairwise_cosine
 
 
@@ -155,3 +156,172 @@ def local_penalty(
     first_max = first_max.scatter_reduce(1, window_id, candidate_position, reduce="amin")  # (B, n_windows)
     is_penalised = is_max & (grid_positions == first_max.gather(1, window_id))
     return torch.where(is_penalised, scores * coef, scores)
+
+
+# ------------------------------------------------------------------------------------------------
+# Baseline filters (methods.md §8)
+
+def bipartite_max_similarity(metric: torch.Tensor, protect_first: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """ToMe's bipartite scores: A = even positions, B = odd; each a ∈ A scores max_b cos(m_a, m_b).
+
+    metric: (B, N, D), e.g. head-mean keys. Returns
+    - scores (B, N): the A-tokens' best cosine; -inf for B-tokens and (with protect_first) for
+      the token at position 0 (CLS), so they are never sources;
+    - partners (B, N) int64: the full-axis position of every A-token's most similar B-token
+      (ties to the lower position), the K = 1 correlation; B-tokens are their own partner.
+    Sources are `top_k_positions(scores, r)` with r ≤ ⌊(N − 1)/2⌋ (see budget.tome_merges).
+    """
+    batch, n = metric.shape[:2]
+    scores = torch.full((batch, n), float("-inf"), device=metric.device)
+    partners = torch.arange(n, device=metric.device).repeat(batch, 1)  # (B, N)
+    if n < 2:
+        return scores, partners  # no B-token to merge into
+    a_positions = torch.arange(0, n, 2, device=metric.device)  # (Na,)
+    b_positions = torch.arange(1, n, 2, device=metric.device)  # (Nb,)
+    similarity = pairwise_cosine(metric[:, a_positions], metric[:, b_positions])  # (B, Na, Nb)
+    best_b = argmax_lowest(similarity)  # (B, Na)
+    best_score = similarity.gather(2, best_b.unsqueeze(-1)).squeeze(-1)  # (B, Na)
+    if protect_first:
+        best_score[:, 0] = float("-inf")
+    scores[:, a_positions] = best_score
+    partners[:, a_positions] = b_positions[best_b]
+    return scores, partners
+
+
+def divprune_select(x: torch.Tensor, k: int) -> torch.Tensor:
+    """DivPrune's greedy max–min diversity selection under the distance 1 − cosine (§8.9).
+
+    First the token whose nearest other token is farthest, then repeatedly the token whose
+    minimum distance to the chosen set is largest; ties to the lower position.
+    x: (B, N, D) -> (B, k) int64, sorted ascending.
+    """
+    batch, n, _ = x.shape
+    _check_count("k", k, n)
+    if k == 0:
+        return torch.zeros(batch, 0, dtype=torch.int64, device=x.device)
+    distance = 1.0 - pairwise_cosine(x, x)  # (B, N, N)
+    eye = torch.eye(n, dtype=torch.bool, device=x.device)
+    nearest = distance.masked_fill(eye, float("inf")).amin(dim=-1)  # (B, N)
+    chosen = [argmax_lowest(nearest)]  # each (B,)
+    min_to_chosen = distance.gather(1, chosen[0][:, None, None].expand(batch, 1, n)).squeeze(1)  # (B, N)
+    taken = torch.zeros(batch, n, dtype=torch.bool, device=x.device)
+    for _ in range(k - 1):
+        taken.scatter_(1, chosen[-1][:, None], True)
+        pick = argmax_lowest(min_to_chosen.masked_fill(taken, float("-inf")))  # (B,)
+        chosen.append(pick)
+        pick_distance = distance.gather(1, pick[:, None, None].expand(batch, 1, n)).squeeze(1)
+        min_to_chosen = torch.minimum(min_to_chosen, pick_distance)
+    return torch.stack(chosen, dim=1).sort(dim=-1).values
+
+
+def dart_select(
+    hidden_image: torch.Tensor,
+    hidden_text: torch.Tensor,
+    key_norm_image: torch.Tensor,
+    key_norm_text: torch.Tensor,
+    k: int,
+    n_pivots: int = 4,
+) -> torch.Tensor:
+    """DART's duplication-aware selection of k image tokens (§8.8).
+
+    Pivots are the n_pivots image and n_pivots text tokens with the largest key L1 norm
+    (`attention.key_l1_norm`). In turn (image pivots, then text pivots, each by descending norm)
+    every pivot takes its quota of the not yet taken image tokens least cosine-similar to it.
+    Quotas are spread(k − image pivots, pivots): ⌊(k − 4)/8⌋ each, the first pivots take the
+    remainder. Retained = image pivots ∪ taken, exactly k tokens.
+    hidden_image: (B, Nv, D); hidden_text: (B, Nt, D); key_norm_image: (B, Nv);
+    key_norm_text: (B, Nt) -> (B, k) int64 positions into the image tokens, sorted ascending.
+    """
+    batch, n_image, _ = hidden_image.shape
+    _check_count("k", k, n_image)
+    n_image_pivots = min(n_pivots, k)
+    n_text_pivots = min(n_pivots, hidden_text.shape[1])
+    image_pivots = rank_descending(key_norm_image)[:, :n_image_pivots]  # (B, Pi) by descending norm
+    text_pivots = rank_descending(key_norm_text)[:, :n_text_pivots]  # (B, Pt)
+    pivot_states = torch.cat(
+        [
+            hidden_image.gather(1, image_pivots.unsqueeze(-1).expand(-1, -1, hidden_image.shape[-1])),
+            hidden_text.gather(1, text_pivots.unsqueeze(-1).expand(-1, -1, hidden_text.shape[-1])),
+        ],
+        dim=1,
+    )  # (B, P, D)
+    similarity = pairwise_cosine(pivot_states, hidden_image)  # (B, P, Nv)
+    n_all_pivots = n_image_pivots + n_text_pivots
+    quotas = spread(k - n_image_pivots, n_all_pivots) if n_all_pivots else []
+
+    taken = torch.zeros(batch, n_image, dtype=torch.bool, device=hidden_image.device)
+    taken.scatter_(1, image_pivots, True)
+    for pivot, quota in enumerate(quotas):
+        # least similar first: rank the negated similarity, already-taken tokens last
+        dissimilarity = (-similarity[:, pivot]).masked_fill(taken, float("-inf"))  # (B, Nv)
+        taken.scatter_(1, rank_descending(dissimilarity)[:, :quota], True)
+    return taken.nonzero()[:, 1].reshape(batch, k)
+
+
+def sample_seed(global_seed: int, sample_id: str) -> int:
+    """A reproducible 63-bit seed from (global seed, sample id); stable across processes,
+    unlike Python's salted hash()."""
+    digest = hashlib.sha256(f"{global_seed}:{sample_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+
+
+def random_positions(n: int, k: int, generator: torch.Generator, batch: int = 1) -> torch.Tensor:
+    """k of n positions drawn uniformly without replacement per row (§8.10), sorted ascending.
+
+    The generator decides the draw, so a seeded generator (see `sample_seed`) reproduces it.
+    Returns (batch, k) int64 on the generator's device.
+    """
+    _check_count("k", k, n)
+    rows = [torch.randperm(n, generator=generator, device=generator.device)[:k] for _ in range(batch)]
+    return torch.stack(rows).sort(dim=-1).values
+
+
+def strided_positions(n: int, count: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Every ⌊n/count⌋-th position starting at 0, the first `count` of them (VisionZip anchors, §8.7).
+
+    Returns (count,) int64 positions into a run of n tokens.
+    """
+    _check_count("count", count, n)
+    return torch.arange(count, device=device) * (n // max(count, 1))
+
+
+def evenly_spaced_positions(n: int, count: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """`count` positions spread over the whole run of n tokens: ⌊i·n/count⌋ (PruMerge+ raster sample, §8.6).
+
+    Returns (count,) int64, strictly increasing.
+    """
+    _check_count("count", count, n)
+    return torch.arange(count, device=device) * n // max(count, 1)
+
+
+def iqr_outlier_mask(scores: torch.Tensor) -> torch.Tensor:
+    """PruMerge's adaptive selection: scores above Q3 + 1.5·IQR (linear-interpolation quartiles).
+
+    scores: (B, N) -> (B, N) bool. The count differs per sample, hence a mask, not positions.
+    """
+    quartiles = torch.quantile(scores.float(), torch.tensor([0.25, 0.75], device=scores.device), dim=-1)  # (2, B)
+    upper_fence = quartiles[1] + 1.5 * (quartiles[1] - quartiles[0])  # (B,)
+    return scores.float() > upper_fence.unsqueeze(-1)
+
+
+def rater_mask(visual_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+    """SparseVLM's text raters (§8.4): relevance_t = mean over visual v of softmax_t(v·t); raters
+    are the text tokens with above-mean relevance. Where no token is above the mean (all equal,
+    e.g. a single text token) every text token rates.
+
+    visual_embeds: (B, Nv, D); text_embeds: (B, Nt, D) LLM input embeddings -> (B, Nt) bool.
+    """
+    logits = visual_embeds.float() @ text_embeds.float().transpose(1, 2)  # (B, Nv, Nt)
+    relevance = logits.softmax(dim=-1).mean(dim=1)  # (B, Nt)
+    raters = relevance > relevance.mean(dim=-1, keepdim=True)
+    return raters | ~raters.any(dim=-1, keepdim=True)
+
+
+def rater_scores(attn_tv: torch.Tensor, raters: torch.Tensor) -> torch.Tensor:
+    """SparseVLM's visual-token importance: mean over raters t of A[t, v].
+
+    attn_tv: (B, Nt, Nv) text→visual head-mean attention; raters: (B, Nt) bool -> (B, Nv) float32.
+    """
+    weights = raters.float()  # (B, Nt)
+    total = (weights.unsqueeze(-1) * attn_tv.float()).sum(dim=1)  # (B, Nv)
+    return total / weights.sum(dim=-1, keepdim=True).clamp(min=1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -217,11 +218,15 @@ def parse_measure_path(path: Path) -> tuple[str, str, str]:
 
 
 def measure_value(data: dict, key: str) -> float:
-    """A measured number at the top level or under 'latency'; a dict value gives its 'median'."""
+    """A measured median at the top level, else under 'latency' (a number, a dict with 'median', or the
+    list of repeats, whose median is taken)."""
     for value in (data.get(key), nested(data, "latency", key)):
         if isinstance(value, dict):
             value = value.get("median")
-        if number(value) == number(value):
+        if isinstance(value, list):
+            repeats = [number(v) for v in value if not math.isnan(number(v))]
+            value = statistics.median(repeats) if repeats else None
+        if not math.isnan(number(value)):
             return number(value)
     return math.nan
 
@@ -322,14 +327,15 @@ def read_summary(summary_dir: str | Path) -> Summary:
 
 
 def read_typed_csv(path: Path, columns: dict[str, str]) -> pd.DataFrame:
-    frame = pd.read_csv(path, dtype={name: ("string" if kind == "string" else "object" if kind == "boolean" else None)
-                                     for name, kind in columns.items() if kind in ("string", "boolean")})
+    """A CSV written by `write_summary`, with the schema's dtypes (text columns stay text: "64", not 64)."""
+    text_columns = {name: "string" for name, kind in columns.items() if kind in ("string", "boolean")}
+    frame = pd.read_csv(path, dtype=text_columns)
     missing = [name for name in columns if name not in frame.columns]
     if missing:
         raise ValueError(f"{path}: missing columns {', '.join(missing)}")
     for name, kind in columns.items():
         if kind == "boolean":
-            frame[name] = frame[name].map({"True": True, "False": False, True: True, False: False})
+            frame[name] = frame[name].map({"True": True, "False": False}, na_action="ignore")
     return frame[list(columns)].astype(columns)
 
 

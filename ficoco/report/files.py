@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Iterator
 
@@ -15,8 +15,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(handle)
+    # A fresh name, created by the writer itself, so the file gets the usual umask permissions.
+    temporary = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp{path.suffix}"
     try:
         yield Path(temporary)
         os.replace(temporary, path)

@@ -6,14 +6,16 @@ budget label and benchmark column all map from one of our runs are ever shown.
 from __future__ import annotations
 
 import re
-from importlib import resources
 from pathlib import Path
 
 import pandas as pd
 
 # Our benchmark id -> the paper's column (benchmarks.md §4), in the paper's column order.
+# The paper's SQA is overall accuracy (4,241 questions): scienceqa_full compares with it; the IMG
+# subset (scienceqa_img, the project's primary SQA number) does not, so it maps to nothing.
 PAPER_BENCHMARKS = {
     "scienceqa": "SQA",
+    "scienceqa_full": "SQA",
     "textvqa": "VQAT",
     "pope": "POPE",
     "vizwiz": "VizWiz",
@@ -60,6 +62,7 @@ PAPER_METHODS = {
 PAPER_METHOD_SPELLINGS = {"LLaVA-PruMerge": "PruMerge"}
 
 PAPER_VERSIONS = ("v4", "v1")
+PACKAGE_CSV = Path(__file__).resolve().parents[1] / "paper_results.csv"
 
 
 def name_key(name: str) -> str:
@@ -84,14 +87,11 @@ def paper_budget_label(budget: str) -> str | None:
 
 def load_paper_results(path: str | Path | None = None) -> pd.DataFrame:
     """The CSV of paper-results.md §9: paper_version, model, method, budget_label, benchmark, value."""
-    if path is None:
-        with resources.files("ficoco").joinpath("paper_results.csv").open("r", encoding="utf-8") as stream:
-            frame = pd.read_csv(stream, dtype={"value": "float64"})
-    else:
-        frame = pd.read_csv(path, dtype={"value": "float64"})
+    path = Path(path) if path is not None else PACKAGE_CSV
+    frame = pd.read_csv(path, dtype={"value": "float64"})
     expected = ["paper_version", "model", "method", "budget_label", "benchmark", "value"]
     if list(frame.columns) != expected:
-        raise ValueError(f"paper results CSV {path or 'ficoco/paper_results.csv'}: columns {list(frame.columns)}, "
+        raise ValueError(f"paper results CSV {path}: columns {list(frame.columns)}, "
                          f"expected {expected}")
     frame["method"] = frame["method"].replace(PAPER_METHOD_SPELLINGS)
     return frame

@@ -11,6 +11,7 @@ rule evaluate:
         "logs/evaluate/{model}/{benchmark}/{method}/b{budget}/shard{shard}of{shards}.log",
     params:
         phase=lambda wc: phase_of(wc.method),
+        module=lambda wc: BENCHMARKS[wc.benchmark].get("module", wc.benchmark),
         overrides=overrides_json,
         options=lambda wc: json.dumps(config["benchmark_options"].get(wc.benchmark, {}), sort_keys=True),
         template=lambda wc: json.dumps(MODELS[wc.model]["prompt_template"]),
@@ -21,7 +22,7 @@ rule evaluate:
         device=config["device"],
     shell:
         "{PY} -m ficoco.cli run --model {wildcards.model} --model-dir resources/models/{wildcards.model}"
-        " --benchmark {wildcards.benchmark} --benchmark-dir resources/benchmarks/{wildcards.benchmark}"
+        " --benchmark {wildcards.benchmark} --benchmark-module {params.module} --benchmark-dir resources/benchmarks/{wildcards.benchmark}"
         " --method {wildcards.method} --phase {params.phase} --budget {wildcards.budget}"
         " --shard {wildcards.shard} --shards {wildcards.shards} --out {output}"
         " --batch-size {params.batch_size} --device {params.device} --dtype {params.dtype}"
@@ -42,11 +43,12 @@ rule score:
     output:
         RUN_DIR + "/metrics.json",
     params:
+        module=lambda wc: BENCHMARKS[wc.benchmark].get("module", wc.benchmark),
         job=lambda wc: json.dumps({"model": wc.model, "method": wc.method, "phase": phase_of(wc.method),
                                    "budget": wc.budget, "benchmark": wc.benchmark}),
         overrides=overrides_json,
     log:
         "logs/score/{model}/{benchmark}/{method}/b{budget}.log",
     shell:
-        "{PY} -m ficoco.cli score {input} --benchmark {wildcards.benchmark} --out {output}"
+        "{PY} -m ficoco.cli score {input} --benchmark {params.module} --out {output}"
         " --job {params.job:q} --overrides {params.overrides:q} > {log} 2>&1"

@@ -21,11 +21,14 @@ rule build_toy_model:
         model=_names_regex(TOY_MODELS),
     params:
         seed=config["seed"],
+        train=lambda wc: "--train" if MODELS[wc.model].get("train", True) else "--no-train",
+        size=lambda wc: MODELS[wc.model].get("size", "default"),
     log:
         "logs/build_toy_model/{model}.log",
     threads: 2
     shell:
-        "{PY} -m ficoco.cli toy build-model --out resources/models/{wildcards.model} --seed {params.seed} > {log} 2>&1"
+        "{PY} -m ficoco.cli toy build-model --out resources/models/{wildcards.model} --seed {params.seed}"
+        " {params.train} --size {params.size} > {log} 2>&1"
 
 
 rule fetch_benchmark:
@@ -48,9 +51,10 @@ rule build_toy_benchmark:
     wildcard_constraints:
         benchmark=_names_regex(TOY_BENCHMARKS),
     params:
-        seed=config["seed"],
+        seed=lambda wc: BENCHMARKS[wc.benchmark].get("seed", config["seed"]),
+        rows=lambda wc: BENCHMARKS[wc.benchmark]["rows"],
     log:
         "logs/build_toy_benchmark/{benchmark}.log",
     shell:
         "{PY} -m ficoco.cli toy build-benchmark --out resources/benchmarks/{wildcards.benchmark}"
-        " --seed {params.seed} > {log} 2>&1"
+        " --seed {params.seed} --rows {params.rows} > {log} 2>&1"

@@ -1,4 +1,7 @@
 # Every run -> the tidy results table (+ the W&B aggregate run) -> one self-contained HTML page.
+# Outputs tagged with report(...) also feed `snakemake --report report/snakemake-report.html`.
+REPORT_FIGURES = ["accuracy_vs_tflops", "avg_percent_vs_budget", "speedup_vs_flops_reduction",
+                  "visual_tokens_per_layer", "latency_breakdown"]
 
 
 rule aggregate:
@@ -6,8 +9,10 @@ rule aggregate:
         metrics=METRICS,
         measures=MEASURES,
     output:
-        csv=SUMMARY,
+        csv=report(SUMMARY, category="Data", caption="../../report/captions/results.rst"),
         parquet=SUMMARY.replace(".csv", ".parquet"),
+        schedules="results/summary/schedules.csv",
+        measure="results/summary/measure.csv",
     log:
         "logs/aggregate.log",
     shell:
@@ -17,10 +22,15 @@ rule aggregate:
 
 rule report:
     input:
-        SUMMARY,
+        rules.aggregate.output,
     output:
-        REPORT_HTML,
+        html=REPORT_HTML,
+        figures=[report(f"results/report/{name}.png", category="Figures", caption=f"../../report/captions/{name}.rst")
+                 for name in REPORT_FIGURES],
+        tables=report("results/report/paper_tables.csv", category="Tables",
+                      caption="../../report/captions/paper_tables.rst"),
     log:
         "logs/report.log",
     shell:
-        "{PY} -m ficoco.cli report --summary results/summary --out {output} > {log} 2>&1"
+        "{PY} -m ficoco.cli report --summary results/summary --figures results/report --out {output.html}"
+        " > {log} 2>&1"

@@ -1,0 +1,86 @@
+"""MME (benchmarks.md §2, §3.3).
+
+Data: `lmms-lab/MME`, default config, split `test` (2,374 questions: two per image, 14 subtasks
+in the `category` column; `question_id` names the image).
+Prompt: the question with " Please answer yes or no." replaced by the short-answer suffix (the
+suffix is appended when the phrase is absent). Metric: per subtask acc (% questions) + acc+ (%
+images with both questions right); Perception = sum of 10 subtasks (max 2000), Cognition = sum of
+4 (max 800); headline = P + C.
+"""
+from __future__ import annotations
+
+from ficoco.benchmarks.base import Benchmark, percent
+from ficoco.benchmarks.scoring import SHORT_ANSWER_SUFFIX, parse_mme_answer
+
+PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
+              "artwork", "ocr")
+COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
+YES_NO_PHRASE = " Please answer yes or no."
+
+
+def _image_key(subtask: str, question_id: str) -> str:
+    """The image a question is about: its question_id ("<subtask>/<file>" in lmms-lab/MME)."""
+    question_id = str(question_id)
+    return question_id if question_id.startswith(f"{subtask}/") else f"{subtask}/{question_id}"
+
+
+class MMEBenchmark(Benchmark):
+    name = "mme"
+    max_new_tokens = 128
+    metric = "Perception + Cognition (sum of per-subtask acc + acc+)"
+
+    def to_row(self, raw, index, context):
+        answer = str(raw.get("answer") or "").strip().lower()
+        return {
+            "id": f"{raw['question_id']}#{index}",
+            "image": raw.get("image"),
+            "question": raw["question"],
+            "answers": [answer] if answer else [],
+            "choices": [],
+            "meta": {"subtask": raw["category"], "image_key": _image_key(raw["category"], raw["question_id"])},
+        }
+
+    def bad_row_reasons(self, row, meta):
+        reasons = super().bad_row_reasons(row, meta)
+        if row["answers"] and row["answers"][0] not in ("yes", "no"):
+            reasons.append("answer_not_yes_no")
+        return reasons
+
+    def prompt(self, row, options=None):
+        self.resolve_options(options)
+        question = row["question"]
+        if YES_NO_PHRASE in question:
+            return question.replace(YES_NO_PHRASE, SHORT_ANSWER_SUFFIX)
+        return question + SHORT_ANSWER_SUFFIX
+
+    def _score(self, prediction, row, meta):
+        parsed = parse_mme_answer(prediction)
+        return {"score": float(parsed == row["answers"][0]), "parsed": parsed, "failed": parsed == "other",
+                "subtask": meta["subtask"], "image_key": meta["image_key"]}
+
+    def _aggregate(self, scorings):
+        subtasks = {}
+        for name in sorted({s["subtask"] for s in scorings}):
+            rows = [s for s in scorings if s["subtask"] == name]
+            images: dict[str, list[float]] = {}
+            for s in rows:
+                images.setdefault(s["image_key"], []).append(s["score"])
+            acc = percent([s["score"] for s in rows])
+            acc_plus = percent([float(all(v == 1.0 for v in scores)) for scores in images.values()])
+            subtasks[name] = {"acc": acc, "acc_plus": acc_plus, "score": acc + acc_plus,
+                              "questions": len(rows), "images": len(images)}
+        by_lower = {name.lower(): value for name, value in subtasks.items()}
+        perception = sum(by_lower[n]["score"] for n in PERCEPTION if n in by_lower)
+        cognition = sum(by_lower[n]["score"] for n in COGNITION if n in by_lower)
+        known = set(PERCEPTION) | set(COGNITION)
+        return {
+            "score": perception + cognition if subtasks else None,
+            "perception": perception,
+            "cognition": cognition,
+            "subtasks": subtasks,
+            "missing_subtasks": sorted(known - set(by_lower)),
+            "unknown_subtasks": sorted(name for name in subtasks if name.lower() not in known),
+        }
+
+
+MME = MMEBenchmark()

@@ -1,0 +1,59 @@
+"""TextVQA validation (benchmarks.md §2, §3.1).
+
+Data: `lmms-lab/textvqa`, default config, split `validation` (5,000 questions, 10 answers each).
+Prompt: question (`str.capitalize`) + [`\\nReference OCR token: t1, t2, ...` in OCR mode] +
+short-answer suffix. Option `ocr: true|false` (default true: LLaVA-1.5's protocol, needed for the
+paper's 58.2; in OCR mode the line is emitted even when the token list is empty).
+Metric: VQA accuracy with the EvalAI normaliser.
+"""
+from __future__ import annotations
+
+from types import MappingProxyType
+
+from ficoco.benchmarks.base import Benchmark, percent, row_meta
+from ficoco.benchmarks.scoring import SHORT_ANSWER_SUFFIX, capitalize_question, vqa_accuracy
+
+
+def answer_strings(answers) -> list[str]:
+    """Ground truths as strings: a list of strings, or of dicts with an "answer" field (VQAv2)."""
+    out = []
+    for answer in answers or []:
+        out.append(str(answer["answer"]) if isinstance(answer, dict) else str(answer))
+    return out
+
+
+class TextVQABenchmark(Benchmark):
+    name = "textvqa"
+    max_new_tokens = 128
+    metric = "VQA accuracy % (EvalAI normalisation)"
+    option_defaults = MappingProxyType({"ocr": True})
+
+    def to_row(self, raw, index, context):
+        return {
+            "id": str(raw["question_id"]),
+            "image": raw.get("image"),
+            "question": raw["question"],
+            "answers": answer_strings(raw.get("answers")),
+            "choices": [],
+            "meta": {"question_id": raw["question_id"], "image_id": raw.get("image_id"),
+                     "ocr_tokens": [str(t) for t in (raw.get("ocr_tokens") or [])],
+                     "set_name": raw.get("set_name")},
+        }
+
+    def prompt(self, row, options=None):
+        ocr = self.resolve_options(options)["ocr"]
+        if not isinstance(ocr, bool):
+            raise ValueError(f"textvqa option ocr must be true or false, got {ocr!r}")
+        text = capitalize_question(row["question"])
+        if ocr:
+            text += "\nReference OCR token: " + ", ".join(row_meta(row).get("ocr_tokens") or [])
+        return text + SHORT_ANSWER_SUFFIX
+
+    def _score(self, prediction, row, meta):
+        return {"score": vqa_accuracy(prediction, row["answers"]), "parsed": prediction, "failed": False}
+
+    def _aggregate(self, scorings):
+        return {"score": percent([s["score"] for s in scorings])}
+
+
+TEXTVQA = TextVQABenchmark()

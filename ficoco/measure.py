@@ -1,0 +1,336 @@
+"""Measured speed of one (model, method, budget): latency, peak memory, throughput.
+
+Speed does not depend on the weights, so the model is built from its config.json alone with random
+weights; this runs wherever the config is, weights or not. The prompt is synthetic: BOS and
+`prompt_tokens` text tokens around one image's placeholders, and a random image.
+
+Timing. One `generate` call per repeat, greedy, exactly `new_tokens` new tokens. A logits
+processor marks the end of every forward pass: the first mark is the time to first token
+(prefill: vision tower, projector, LLM prefill, LM head), the later marks are the decode steps.
+On GPU the marks are CUDA events on the current stream (read after one synchronize at the end);
+on CPU they are `time.perf_counter()` readings (CPU kernels run synchronously). Warm-up runs
+are not timed. Every latency is reported as the median over the repeats, with the raw values.
+
+Peak memory. GPU: `torch.cuda.max_memory_allocated` over the timed repeats (weights included;
+statistics reset after warm-up). CPU: the process's peak resident set size from
+`resource.getrusage(RUSAGE_SELF).ru_maxrss` — a lifetime high-water mark of the whole process
+(Python, libraries, model build and the runs), so it only bounds the run's own peak from above.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+FULL = "full"
+DTYPES = ("float32", "float16", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_config_path(model_dir_or_config: str | os.PathLike) -> Path:
+    """A model directory (its config.json) or a config.json path."""
+    path = Path(model_dir_or_config)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no model config at {path}: give a model directory or its config.json")
+    return path
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device not in DEVICES:
+        raise ValueError(f"device={device!r}: valid choices are {list(DEVICES)}")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but torch sees no CUDA device; use 'cpu' or 'auto'")
+    return device
+
+
+def build_random_model(config_path: Path, dtype: str, device: str, attn_implementation: str, seed: int):
+    """LlavaForConditionalGeneration with random weights from config.json, in eval mode on `device`."""
+    import torch
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: valid choices are {list(DTYPES)}")
+    config = LlavaConfig.from_json_file(str(config_path))
+    torch.manual_seed(seed)
+    with torch.device(device):  # initialise on the device: a 7B model never passes through host memory
+        model = LlavaForConditionalGeneration._from_config(
+            config, dtype=getattr(torch, dtype), attn_implementation=attn_implementation)
+    return model.eval()
+
+
+def synthetic_inputs(model, batch_size: int, prompt_tokens: int, seed: int) -> dict:
+    """input_ids = BOS + text + image placeholders + text (prompt_tokens text tokens incl. BOS;
+    at least one after the image, as an instruction), attention mask and random pixel values."""
+    import torch
+
+    from ficoco.dims import ModelDims
+
+    if prompt_tokens < 2:
+        raise ValueError(f"prompt_tokens={prompt_tokens}: need >= 2 (BOS and one instruction token after the image)")
+    config = model.config
+    dims = ModelDims.from_config(config)
+    text_config = config.text_config
+    generator = torch.Generator().manual_seed(seed)
+    reserved = {config.image_token_id, text_config.pad_token_id, text_config.bos_token_id, text_config.eos_token_id}
+    allowed = torch.tensor([i for i in range(text_config.vocab_size) if i not in reserved])
+    before = prompt_tokens // 2 - 1          # text between BOS and the image
+    after = prompt_tokens - 1 - before       # instruction after the image (>= 1)
+    bos = text_config.bos_token_id if text_config.bos_token_id is not None else int(allowed[0])
+
+    def text(n: int) -> torch.Tensor:
+        return allowed[torch.randint(len(allowed), (batch_size, n), generator=generator)]
+
+    input_ids = torch.cat([
+        torch.full((batch_size, 1), bos),
+        text(before),
+        torch.full((batch_size, dims.visual_tokens), config.image_token_id),
+        text(after),
+    ], dim=1)
+    pixel_values = torch.randn(batch_size, 3, dims.image_size, dims.image_size, generator=generator)
+    return {
+        "input_ids": input_ids.to(model.device),
+        "attention_mask": torch.ones_like(input_ids).to(model.device),
+        "pixel_values": pixel_values.to(model.device, model.dtype),
+    }
+
+
+class _StepClock:
+    """Marks the end of every forward pass of `generate` (called as a logits processor)."""
+
+    def __init__(self, cuda: bool):
+        import torch
+
+        self.cuda = cuda
+        self._event = (lambda: torch.cuda.Event(enable_timing=True)) if cuda else None
+        self.marks: list = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = self._event()
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def __call__(self, input_ids, scores):
+        self.mark()
+        return scores
+
+    def seconds(self) -> list[float]:
+        """Seconds from the first mark (the start) to every later mark."""
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            return [self.marks[0].elapsed_time(mark) / 1000.0 for mark in self.marks[1:]]
+        return [mark - self.marks[0] for mark in self.marks[1:]]
+
+
+def _timed_generate(model, inputs: dict, new_tokens: int, cuda: bool) -> dict:
+    """One generate call: prefill (time to first token), per decode token and end-to-end seconds."""
+    import torch
+    from transformers import LogitsProcessorList
+
+    clock = _StepClock(cuda)
+    clock.mark()                                                   # start
+    with torch.inference_mode():
+        output = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                do_sample=False, num_beams=1, logits_processor=LogitsProcessorList([clock]))
+    clock.mark()                                                   # end
+    marks = clock.seconds()                                        # [step 1, ..., step G, end]
+    generated = output.shape[1] - inputs["input_ids"].shape[1]
+    if generated != new_tokens or len(marks) != new_tokens + 1:
+        raise RuntimeError(f"generate produced {generated} tokens in {len(marks) - 1} steps; expected {new_tokens}")
+    prefill, end = marks[0], marks[-1]
+    per_token = (marks[new_tokens - 1] - prefill) / (new_tokens - 1) if new_tokens > 1 else None  # no decode step
+    return {"prefill_s": prefill, "per_token_s": per_token, "end_to_end_s": end}
+
+
+def _peak_rss_bytes() -> int:
+    """Peak resident set size of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def _apply_method(model, method: str, budget, overrides: dict):
+    """(handle or None, adapter note). Vanilla runs unhooked only where the adapter is missing."""
+    try:
+        from ficoco.models import apply as apply_to_model
+    except ImportError as error:
+        if method == "vanilla" and budget is None:
+            return None, f"none: ficoco.models.apply unavailable ({error}); plain HF model"
+        raise
+    return apply_to_model(model, method, budget, **overrides), "ficoco.apply"
+
+
+def measure(
+    model_dir_or_config,
+    method: str = "vanilla",
+    budget: int | None = None,
+    overrides: dict | None = None,
+    device: str = "auto",
+    dtype: str = "float32",
+    batch_size: int = 1,
+    warmup: int = 2,
+    repeats: int = 5,
+    prompt_tokens: int = 60,
+    new_tokens: int = 16,
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+    model_name: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Latency (prefill, per decode token, end-to-end; medians), peak memory and throughput.
+
+    budget None = unreduced (method "vanilla"). Returns a JSON-able dict (see docs/flops.md).
+    """
+    import torch
+    import transformers
+    from tqdm import tqdm
+
+    import ficoco
+    from ficoco.dims import ModelDims
+    from ficoco.flops import counts_from_schedule, sample_cost
+
+    if repeats < 1 or warmup < 0 or batch_size < 1 or new_tokens < 1:
+        raise ValueError(f"need repeats >= 1, warmup >= 0, batch_size >= 1, new_tokens >= 1; got "
+                         f"repeats={repeats}, warmup={warmup}, batch_size={batch_size}, new_tokens={new_tokens}")
+    overrides = dict(overrides or {})
+    config_path = resolve_config_path(model_dir_or_config)
+    device = resolve_device(device)
+    cuda = device == "cuda"
+    model = build_random_model(config_path, dtype, device, attn_implementation, seed)
+    handle, adapter = _apply_method(model, method, budget, overrides)
+    inputs = synthetic_inputs(model, batch_size, prompt_tokens, seed)
+    dims = ModelDims.from_config(model.config)
+
+    for _ in range(warmup):
+        _timed_generate(model, inputs, new_tokens, cuda)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    runs = [_timed_generate(model, inputs, new_tokens, cuda)
+            for _ in tqdm(range(repeats), desc=f"measure {method} b{budget or FULL}", disable=not progress)]
+    if cuda:
+        peak_memory, peak_source = torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
+    else:
+        peak_memory, peak_source = _peak_rss_bytes(), "resource.getrusage(RUSAGE_SELF).ru_maxrss (process lifetime)"
+
+    if handle is not None:
+        counts = handle.last_counts()[0]
+    else:  # unhooked vanilla: HF runs every vision layer on CLS + patches and the LLM on the full prompt
+        counts = counts_from_schedule(dims, prompt_tokens, [dims.visual_tokens] * dims.llm_layers,
+                                      vision=[[dims.vision_tokens, dims.vision_tokens]] * dims.vision_layers)
+    medians = {key: None if runs[0][key] is None else statistics.median(run[key] for run in runs)
+               for key in ("prefill_s", "per_token_s", "end_to_end_s")}
+    return {
+        "job": {"model": model_name or config_path.parent.name, "method": method,
+                "budget": FULL if budget is None else int(budget)},
+        **medians,
+        "throughput": batch_size / medians["end_to_end_s"],
+        "throughput_unit": "samples/s (one image per sample)",
+        "latency": {key: [run[key] for run in runs] for key in medians},
+        "peak_memory_bytes": int(peak_memory),
+        "peak_memory_source": peak_source,
+        "timer": "cuda events" if cuda else "time.perf_counter",
+        "model_config": str(config_path),
+        "overrides": overrides,
+        "device": device,
+        "device_name": torch.cuda.get_device_name() if cuda else "cpu",
+        "dtype": dtype,
+        "attn_implementation": attn_implementation,
+        "batch_size": batch_size,
+        "warmup": warmup,
+        "repeats": repeats,
+        "prompt_tokens": prompt_tokens,
+        "visual_tokens": dims.visual_tokens,
+        "input_tokens": int(inputs["input_ids"].shape[1]),
+        "new_tokens": new_tokens,
+        "adapter": adapter,
+        "plan": getattr(handle, "plan", None),
+        "counts": counts,
+        "cost": sample_cost(dims, counts, new_tokens),
+        "versions": {"ficoco": ficoco.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
+    }
+
+
+def write_json_atomic(data: dict, path: str | os.PathLike) -> None:
+    """Write JSON to a temporary file beside `path`, then rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "w") as handle:
+            json.dump(data, handle, indent=2)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _budget(text: str) -> int | None:
+    if text in (FULL, "none"):
+        return None
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"budget {text!r}: valid values are 'full' or a positive integer")
+
+
+def _overrides(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"overrides {text!r} is not JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"overrides {text!r}: expected a JSON object")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="ficoco measure",
+        description="Latency (prefill, per decode token, end-to-end), peak memory and throughput of one "
+                    "(model, method, budget), with random weights built from the model's config.json.")
+    parser.add_argument("--model-config", required=True, help="a model directory or its config.json")
+    parser.add_argument("--model-name", default=None, help="name recorded in the JSON (default: the config's folder)")
+    parser.add_argument("--method", default="vanilla")
+    parser.add_argument("--budget", type=_budget, default=None, help="visual-token budget, or 'full' (unreduced)")
+    parser.add_argument("--overrides", type=_overrides, default={}, help="method overrides as a JSON object")
+    parser.add_argument("--device", default="auto", choices=DEVICES)
+    parser.add_argument("--dtype", default="float32", choices=DTYPES)
+    parser.add_argument("--attn-implementation", default="sdpa", help="the same kernel for every method (sdpa)")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--prompt-tokens", type=int, default=60, help="text tokens around the image, BOS included")
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="results/measure/{model}/{method}/b{budget}.json")
+    args = parser.parse_args(argv)
+    if args.method == "vanilla" and args.budget is not None:
+        parser.error(f"--method vanilla takes --budget full; got {args.budget}")
+    result = measure(args.model_config, args.method, args.budget, args.overrides, args.device, args.dtype,
+                     args.batch_size, args.warmup, args.repeats, args.prompt_tokens, args.new_tokens,
+                     args.attn_implementation, args.seed, args.model_name)
+    write_json_atomic(result, args.out)
+    per_token = "n/a" if result["per_token_s"] is None else f"{result['per_token_s'] * 1e3:.2f} ms"
+    print(f"{args.out}: prefill {result['prefill_s'] * 1e3:.2f} ms, per decode token {per_token}, "
+          f"end-to-end {result['end_to_end_s'] * 1e3:.2f} ms, peak {result['peak_memory_bytes'] / 2**20:.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""What a token-reduction method is, independent of any model family.
+
+A `Method` says *what* happens and *where*; a model adapter (ficoco/models) says *how* to get the
+hidden states and attention at that place. The boundary between the two is a small set of
+**reduction steps**, one class per site a method can act on:
+
+| step                | site                                                                  | the adapter hands it          |
+|---------------------|-----------------------------------------------------------------------|-------------------------------|
+| `VisionLayerStep`   | inside vision encoder layers, after the attention residual, before the MLP | `VisionTokens`, `VisionScores` |
+| `LLMLayerStep`      | at the input of LLM decoder layers, during prefill                    | `LLMTokens`, `LLMScores`      |
+
+A step's `reduce` is a plain function of tensors (built from ficoco.paradigm); it never sees a
+module. Attention is offered through a *scores* object whose methods compute only what is asked
+for (the full head-mean matrix, a few rows, or the keys), so a method that needs one row never
+pays for the matrix, and the layer's own output keeps its fused attention kernel.
+
+Sites still to come (methods.md §8) slot in as further step classes without touching the
+existing ones: the vision-tower output (selected features with CLS, for VisionZip / PruMerge /
+TopK-CLS), the projector output (DivPrune, pooling), and LLM layers whose scores come from the
+previous layer (FastV). `VisionTokens.key_bias` already carries ToMe's proportional attention.
+
+Shapes: B = batch (images for vision steps, prompts for LLM steps), N = current tokens,
+D = width, H = heads, d = head dim, L = current sequence length.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, Protocol
+
+import torch
+
+from ficoco.paradigm.compress import gather_tokens, self_preserving_merge
+from ficoco.paradigm.correlate import adaptive_quantile_weights, fixed_k_weights
+
+PHASES = ("none", "vision", "projector", "llm", "both")
+SITES = ("vision", "projector", "llm")
+
+
+# ------------------------------------------------------------------------------------------------
+# What flows between the adapter and a step
+
+@dataclass(frozen=True)
+class VisionTokens:
+    """The token matrix of one vision-encoder layer, CLS first, patches in original order."""
+
+    hidden: torch.Tensor                    # (B, 1+N, D)
+    positions: torch.Tensor                 # (B, N) int64 raster position (row·W + col) of each patch
+    key_bias: torch.Tensor | None = None    # (B, 1+N) additive logit bias per key (ToMe sizes); None = 0
+
+
+class VisionScores(Protocol):
+    """Attention of the current vision layer, computed on demand (float32, averaged over heads)."""
+
+    def probs(self) -> torch.Tensor:
+        """(B, 1+N, 1+N) softmax probabilities, row = query, column = key, CLS at 0."""
+
+    def rows(self, queries: torch.Tensor) -> torch.Tensor:
+        """(B, R, 1+N) probabilities of the query rows `queries` (B, R)."""
+
+    def keys(self) -> torch.Tensor:
+        """(B, H, 1+N, d) keys of the layer."""
+
+
+@dataclass(frozen=True)
+class LLMTokens:
+    """The residual stream entering one LLM decoder layer during prefill (one image span per row)."""
+
+    hidden: torch.Tensor                    # (B, L, D)
+    visual: torch.Tensor                    # (B, N) int64 sequence positions of the current visual tokens
+    instruction: torch.Tensor               # (B, M) int64 positions of the prompt tokens after the last image token
+
+
+@dataclass(frozen=True)
+class LLMKept:
+    """What an LLM step returns: the updated residual stream and the visual positions it keeps."""
+
+    hidden: torch.Tensor                    # (B, L, D) merged values written at the kept positions
+    visual: torch.Tensor                    # (B, N') int64 kept visual positions, sorted ascending
+
+
+class LLMScores(Protocol):
+    """Causal attention of the current LLM layer on its own input, computed on demand."""
+
+    def rows(self, queries: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, R, K) float32 head-mean probabilities of query rows `queries` (B, R), softmax over every
+        key the row may see (causal + padding mask), returned for the key columns `keys` (B, K)
+        (all columns when None)."""
+
+
+@dataclass(frozen=True)
+class VisionLayerStep:
+    """Reduce inside vision encoder layers, between the attention residual add and the MLP."""
+
+    layers: tuple[int, ...]                 # 0-based encoder layers that reduce
+    reduce: Callable[[int, VisionTokens, VisionScores], VisionTokens]
+    tokens_out: Mapping[int, int]           # layer -> patches left after it (CLS not counted)
+    site: str = field(default="vision", init=False)
+
+
+@dataclass(frozen=True)
+class LLMLayerStep:
+    """Reduce the visual tokens at the input of LLM decoder layers during prefill.
+
+    Kept tokens keep their original RoPE positions; the adapter drops the removed positions from
+    the hidden states, rotary tables, mask and (from that layer on) the KV cache.
+    """
+
+    layers: tuple[int, ...]                 # 0-based decoder layers that reduce
+    reduce: Callable[[int, LLMTokens, LLMScores], LLMKept]
+    tokens_out: Mapping[int, int]           # layer -> visual tokens left after it
+    needs_instruction: bool = True          # rows without instruction tokens are left unreduced
+    site: str = field(default="llm", init=False)
+
+
+Step = VisionLayerStep | LLMLayerStep
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared correlate -> compress tail (FiCoCo-V and FiCoCo-L use the same one)
+
+def merge_weights(corr: torch.Tensor, eps: float, k: int | None) -> torch.Tensor:
+    """α (B, S, T): the ε-quantile token-adaptive targets when k is None, else the k best targets (0 = prune)."""
+    return adaptive_quantile_weights(corr, eps) if k is None else fixed_k_weights(corr, k)
+
+
+def fold_sources(x: torch.Tensor, sources: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
+                 k: int | None) -> torch.Tensor:
+    """The targets after the self-preserving merge of the sources into them.
+
+    x: (B, N, D) candidates; sources (B, S), targets (B, T) positions into N; weights (B, S, T).
+    Returns (B, T, D) in target order. With k == 0 (pruning) the targets are returned untouched.
+    """
+    x_targets = gather_tokens(x, targets)                                   # (B, T, D)
+    if k == 0 or sources.shape[1] == 0:
+        return x_targets
+    return self_preserving_merge(x_targets, gather_tokens(x, sources), weights)
+
+
+# ------------------------------------------------------------------------------------------------
+# Parameters
+
+@dataclass(frozen=True)
+class Param:
+    """One hyperparameter: default, a one-line description, and a check returning an error or None."""
+
+    default: Any
+    doc: str
+    check: Callable[[Any], str | None]
+
+
+def unit_interval(value) -> str | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= float(value) <= 1.0
+    return None if ok else "must be a number in [0, 1]"
+
+
+def positive_number(value) -> str | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and float(value) > 0 and math.isfinite(value)
+    return None if ok else "must be a finite number > 0"
+
+
+def positive_int(value) -> str | None:
+    return None if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else "must be an integer >= 1"
+
+
+def non_negative_int(value) -> str | None:
+    return None if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else "must be an integer >= 0"
+
+
+def optional_non_negative_int(value) -> str | None:
+    return None if value is None else non_negative_int(value)
+
+
+# ------------------------------------------------------------------------------------------------
+# Method
+
+@dataclass(frozen=True)
+class Method:
+    """A named token-reduction method: where it acts, what it needs, its stages and parameters.
+
+    `schedule(dims, budget, params) -> plan` turns a budget into per-layer counts without a model;
+    `build(plan) -> tuple[Step, ...]` turns a plan into the reduction steps an adapter installs.
+    """
+
+    name: str
+    summary: str
+    phase: str                                  # "none" | "vision" | "projector" | "llm" | "both"
+    acts_on: tuple[str, ...]                    # subset of SITES
+    needs_attention: str                        # which attention probabilities, in words
+    stages: Mapping[str, str]                   # filter / correlate / compress -> one line each
+    params: Mapping[str, Param]
+    schedule: Callable[[Any, int | None, dict], dict]
+    build: Callable[[dict], tuple[Step, ...]]
+
+    def __post_init__(self):
+        if self.phase not in PHASES:
+            raise ValueError(f"{self.name}: phase={self.phase!r}; valid phases are {list(PHASES)}")
+        bad_sites = [site for site in self.acts_on if site not in SITES]
+        if bad_sites:
+            raise ValueError(f"{self.name}: acts_on {bad_sites} invalid; valid sites are {list(SITES)}")
+        object.__setattr__(self, "stages", MappingProxyType(dict(self.stages)))
+        object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
+
+    @property
+    def defaults(self) -> dict:
+        return {name: param.default for name, param in self.params.items()}
+
+    def resolve(self, overrides: Mapping[str, Any]) -> dict:
+        """Defaults updated by `overrides`; ValueError for an unknown key or a bad value."""
+        unknown = sorted(set(overrides) - set(self.params))
+        if unknown:
+            valid = ", ".join(self.params) or "none (this method has no parameters)"
+            raise ValueError(f"{self.name}: unknown parameter(s) {unknown}; valid parameters: {valid}")
+        params = self.defaults
+        params.update(overrides)
+        for name, value in params.items():
+            error = self.params[name].check(value)
+            if error:
+                raise ValueError(f"{self.name}: {name}={value!r} {error} ({self.params[name].doc})")
+        return params
+
+    def plan(self, dims, budget: int | None, **overrides) -> dict:
+        """The JSON-able schedule for `budget` on a model of shape `dims` (ficoco.dims.ModelDims).
+
+        Raises ficoco.budget.InfeasibleBudget (a ValueError) when the budget cannot be reached, and
+        ValueError for unknown or bad overrides or an out-of-range budget.
+        """
+        if budget is not None:
+            if isinstance(budget, bool) or not isinstance(budget, int):
+                raise ValueError(f"{self.name}: budget must be an integer number of visual tokens or None; got {budget!r}")
+            if not 1 <= budget <= dims.visual_tokens:
+                raise ValueError(f"{self.name}: budget {budget} must be in [1, {dims.visual_tokens}] "
+                                 f"(the model's visual tokens), or None for unreduced")
+        params = self.resolve(overrides)
+        plan = self.schedule(dims, budget, params)
+        return {"method": self.name, "phase": self.phase, "budget": budget, "params": params, **plan}
+
+    def check_budget(self, dims, budget: int | None, **overrides) -> dict:
+        """Validate a (budget, overrides) pair without a model; returns the planned schedule."""
+        return self.plan(dims, budget, **overrides)
+
+    def steps(self, plan: dict) -> tuple[Step, ...]:
+        """The reduction steps that realise `plan` (a dict returned by `plan`)."""
+        return self.build(plan)
+
+
+# ------------------------------------------------------------------------------------------------
+# Plan pieces shared by the schedules
+
+def vision_layer_counts(dims, discards: Mapping[int, int]) -> list[list[int]]:
+    """Planned [n_attn, n_mlp] per executed vision layer, CLS included, for one image."""
+    tokens = dims.vision_tokens
+    counts = []
+    for layer in range(dims.vision_layers_run):
+        after = tokens - discards.get(layer, 0)
+        counts.append([tokens, after])
+        tokens = after
+    return counts
+
+
+def unreduced_llm(dims, delivered: int) -> list[int]:
+    return [delivered] * dims.llm_layers
+
+
+def check_layer_range(method: str, name_first: str, first: int, name_last: str, last: int, n_layers: int,
+                      what: str) -> None:
+    """first..last (inclusive) must be a non-empty range inside [0, n_layers)."""
+    if not 0 <= first <= last < n_layers:
+        raise ValueError(f"{method}: {name_first}={first}, {name_last}={last}: need 0 <= {name_first} <= "
+                         f"{name_last} <= {n_layers - 1} ({what})")

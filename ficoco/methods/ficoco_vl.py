@@ -1,0 +1,59 @@
+"""FiCoCo-VL (methods.md §5): FiCoCo-V in the encoder, then FiCoCo-L in the LLM.
+
+Budget split: FiCoCo-V reduces the patches to F_V = min(vision_factor·B, 576); FiCoCo-L then starts
+from those tokens and brings the LLM layer average to B.
+"""
+from __future__ import annotations
+
+from ficoco.budget import encoder_discards, round_half_up
+from ficoco.methods.base import Method, Param, non_negative_int, optional_non_negative_int, positive_int, positive_number
+from ficoco.methods.ficoco_l import LANGUAGE_PARAMS, language_step, llm_plan
+from ficoco.methods.ficoco_v import VISION_PARAMS, patches_for, vision_layers, vision_plan, vision_step
+
+
+def schedule(dims, budget, params) -> dict:
+    layers = vision_layers("ficoco-vl", dims, params["v_start"], params["v_end"], "v_start", "v_end")
+    if budget is None:
+        discards = {}
+    else:
+        delivered = min(round_half_up(params["vision_factor"] * budget), dims.visual_tokens)
+        discards = encoder_discards(dims.num_patches, patches_for(dims, delivered), layers)
+    plan = vision_plan(dims, discards)
+    return {**plan, **llm_plan("ficoco-vl", dims, plan["delivered"], budget, params["l_start"], params["l_window"])}
+
+
+def build(plan: dict) -> tuple:
+    steps = []
+    if plan["vision"] and plan["vision"]["layers"]:
+        steps.append(vision_step(plan["vision"], plan["params"]))
+    language = language_step(plan["llm"], plan["params"]) if plan["llm"] else None
+    if language is not None:
+        steps.append(language)
+    return tuple(steps)
+
+
+METHOD = Method(
+    name="ficoco-vl",
+    summary="FiCoCo-VL: FiCoCo-V to min(2·B, 576) tokens in CLIP, then FiCoCo-L to layer average B in the LLM",
+    phase="both",
+    acts_on=("vision", "llm"),
+    needs_attention="those of FiCoCo-V (full matrix per reducing vision layer) and FiCoCo-L (visual and "
+                    "instruction rows per reducing LLM layer)",
+    stages={
+        "filter": "FiCoCo-V's filter in CLIP, then FiCoCo-L's filter in the LLM",
+        "correlate": "FiCoCo-V's then FiCoCo-L's correlation; ε-quantile targets in both",
+        "compress": "self-preserving weighted merge in both places",
+    },
+    params={
+        "vision_factor": Param(2, "FiCoCo-V delivers min(vision_factor·B, visual tokens) to the LLM", positive_number),
+        **VISION_PARAMS,
+        "v_start": Param(12, "first reducing vision encoder layer (0-based)", non_negative_int),
+        "v_end": Param(None, "last reducing vision layer, inclusive; None = the last layer LLaVA reads (22)",
+                       optional_non_negative_int),
+        **{name: param for name, param in LANGUAGE_PARAMS.items() if name not in VISION_PARAMS},
+        "l_start": Param(4, "first reducing LLM decoder layer s (0-based)", non_negative_int),
+        "l_window": Param(4, "number of consecutive reducing LLM layers w", positive_int),
+    },
+    schedule=schedule,
+    build=build,
+)

@@ -1,0 +1,30 @@
+"""vanilla: the unreduced model. Installs no reduction; the adapter still records token counts."""
+from __future__ import annotations
+
+from ficoco.methods.base import Method, unreduced_llm, vision_layer_counts
+
+
+def schedule(dims, budget, params) -> dict:
+    # any budget label is accepted and ignored: vanilla is the unreduced reference (contracts §3)
+    delivered = dims.visual_tokens
+    return {
+        "vision": None,
+        "vision_counts": vision_layer_counts(dims, {}),
+        "delivered": delivered,
+        "llm": None,
+        "llm_visual": unreduced_llm(dims, delivered),
+        "layer_average": float(delivered),
+    }
+
+
+METHOD = Method(
+    name="vanilla",
+    summary="the unreduced model (token counts are still recorded)",
+    phase="none",
+    acts_on=(),
+    needs_attention="none",
+    stages={"filter": "none", "correlate": "none", "compress": "none"},
+    params={},
+    schedule=schedule,
+    build=lambda plan: (),
+)

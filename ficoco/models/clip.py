@@ -1,0 +1,182 @@
+"""The CLIP vision tower side of the LLaVA adapter (transformers 5.23 `CLIPVisionModel`, flattened).
+
+What it does to the tower, all undone by `remove()`:
+- every executed encoder layer gets a forward pre-hook that records its token count (and adds a
+  key bias to the attention mask when a step asked for one);
+- layers after the one whose output LLaVA reads (layer 23 for LLaVA-1.5) get an identity
+  `forward`, so they cost nothing and the selected features are unchanged;
+- each reducing layer gets a replacement `forward` that runs the layer's own attention, applies
+  the method's step between the attention residual and the MLP, then runs the MLP on the reduced
+  tokens. q/k for the scores are captured by forward hooks on `q_proj`/`k_proj` during that
+  attention call, so nothing is projected twice and the output keeps the configured kernel.
+
+State lives in a `VisionPass` per tower call (one batch of images); nothing is module-level.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+
+from ficoco.methods.base import VisionLayerStep, VisionTokens
+from ficoco.paradigm.attention import head_mean_probs
+
+
+class VisionPass:
+    """One call of the vision tower: the current patch positions and the executed token counts."""
+
+    def __init__(self, n_images: int, n_patches: int, device: torch.device):
+        self.n_images = n_images
+        self.positions = torch.arange(n_patches, device=device).expand(n_images, n_patches)   # (B, N)
+        self.key_bias: torch.Tensor | None = None                                             # (B, 1+N)
+        self.layer_counts: list[list[int]] = []       # [n_attn, n_mlp] per executed layer, one image
+        self.trace: dict[int, torch.Tensor] = {}      # reducing layer -> kept patch positions (B, N_l)
+        self.captured: dict[str, torch.Tensor] = {}   # q/k projections of the layer being run
+
+
+class ClipScores:
+    """`VisionScores` of one layer from its captured q/k projections; each quantity on demand."""
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, n_heads: int, scale: float,
+                 key_bias: torch.Tensor | None):
+        batch, tokens, width = q.shape                                                  # (B, 1+N, D)
+        head_dim = width // n_heads
+        self._q = q.view(batch, tokens, n_heads, head_dim).transpose(1, 2)              # (B, H, 1+N, d)
+        self._k = k.view(batch, tokens, n_heads, head_dim).transpose(1, 2)              # (B, H, 1+N, d)
+        self._scale = scale
+        self._bias = None if key_bias is None else key_bias[:, None, None, :]          # (B, 1, 1, 1+N)
+        self._probs: torch.Tensor | None = None
+
+    def probs(self) -> torch.Tensor:
+        if self._probs is None:
+            self._probs = head_mean_probs(self._q, self._k, self._scale, self._bias)    # (B, 1+N, 1+N)
+        return self._probs
+
+    def rows(self, queries: torch.Tensor) -> torch.Tensor:
+        index = queries[:, None, :, None].expand(-1, self._q.shape[1], -1, self._q.shape[-1])
+        return head_mean_probs(self._q.gather(2, index), self._k, self._scale, self._bias)   # (B, R, 1+N)
+
+    def keys(self) -> torch.Tensor:
+        return self._k
+
+
+class ClipPatch:
+    """Installs the hooks and replacement forwards on a `CLIPVisionModel`; `remove()` undoes them."""
+
+    def __init__(self, tower, last_layer: int, step: VisionLayerStep | None, on_pass_start):
+        self.tower = tower
+        self.layers = tower.encoder.layers
+        self.last_layer = last_layer
+        self.step = step
+        self.on_pass_start = on_pass_start              # callback(VisionPass) -> None
+        self.current: VisionPass | None = None
+        self._handles = []
+        self._replaced = []
+        reducing = set(step.layers) if step else set()
+        bad = sorted(layer for layer in reducing if not 0 <= layer <= last_layer)
+        if bad:
+            raise ValueError(f"vision reduction layers {bad} are outside the executed layers 0..{last_layer}")
+        self._install(reducing)
+
+    # -- installation ---------------------------------------------------------------------------
+    def _install(self, reducing: set[int]) -> None:
+        self._handles.append(self.tower.register_forward_pre_hook(self._start_pass, with_kwargs=True))
+        self._handles.append(self.tower.register_forward_hook(self._end_pass, always_call=True))
+        for index, layer in enumerate(self.layers):
+            if index > self.last_layer:
+                self._replace_forward(layer, _identity_forward)
+            elif index in reducing:
+                self._replace_forward(layer, self._reducing_forward(index, layer))
+                for name in ("q", "k"):
+                    projection = getattr(layer.self_attn, f"{name}_proj")
+                    self._handles.append(projection.register_forward_hook(self._capture(name)))
+            else:
+                self._handles.append(layer.register_forward_pre_hook(self._plain_layer, with_kwargs=True))
+
+    def _replace_forward(self, layer, forward) -> None:
+        if "forward" in layer.__dict__:
+            raise RuntimeError(f"{type(layer).__name__} already has an instance forward; is another patch installed?")
+        layer.forward = types.MethodType(forward, layer) if forward is _identity_forward else forward
+        self._replaced.append(layer)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        for layer in self._replaced:
+            del layer.forward
+        self._handles, self._replaced, self.current = [], [], None
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def _start_pass(self, tower, args, kwargs):
+        pixel_values = args[0] if args else kwargs.get("pixel_values")
+        n_images = pixel_values.shape[0]
+        n_patches = tower.embeddings.num_patches
+        self.current = VisionPass(n_images, n_patches, pixel_values.device)
+        self.on_pass_start(self.current)
+
+    def _end_pass(self, tower, args, output):
+        self.current = None
+
+    def _plain_layer(self, layer, args, kwargs):
+        vision_pass = self.current
+        if vision_pass is None:
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        vision_pass.layer_counts.append([hidden.shape[1], hidden.shape[1]])
+        if vision_pass.key_bias is None:
+            return None
+        return _with_key_bias(args, kwargs, vision_pass.key_bias, hidden.dtype)
+
+    def _capture(self, name: str):
+        def hook(module, args, output):
+            if self.current is not None:
+                self.current.captured[name] = output                       # (B, 1+N, D)
+        return hook
+
+    def _reducing_forward(self, index: int, layer):
+        """CLIPEncoderLayer.forward with the step between the attention residual and the MLP."""
+        step = self.step
+        original = type(layer).forward
+
+        def forward(hidden_states, attention_mask=None, **kwargs):
+            vision_pass = self.current
+            if vision_pass is None:                                        # the layer used outside the tower
+                return original(layer, hidden_states, attention_mask, **kwargs)
+            n_in = hidden_states.shape[1]
+            if vision_pass.key_bias is not None:
+                attention_mask = _bias_mask(attention_mask, vision_pass.key_bias, hidden_states.dtype)
+            residual = hidden_states                                       # (B, 1+N, D)
+            hidden, _ = layer.self_attn(hidden_states=layer.layer_norm1(hidden_states),
+                                        attention_mask=attention_mask, **kwargs)
+            hidden = residual + hidden
+            attn = layer.self_attn
+            scores = ClipScores(vision_pass.captured.pop("q"), vision_pass.captured.pop("k"), attn.num_heads,
+                                attn.scale, vision_pass.key_bias)
+            tokens = step.reduce(index, VisionTokens(hidden, vision_pass.positions, vision_pass.key_bias), scores)
+            vision_pass.positions, vision_pass.key_bias = tokens.positions, tokens.key_bias
+            vision_pass.trace[index] = tokens.positions
+            hidden = tokens.hidden                                         # (B, 1+N', D)
+            vision_pass.layer_counts.append([n_in, hidden.shape[1]])
+            return hidden + layer.mlp(layer.layer_norm2(hidden))
+
+        return forward
+
+
+def _identity_forward(self, hidden_states, attention_mask=None, **kwargs):
+    """A layer whose output nobody reads: pass the hidden states through untouched."""
+    return hidden_states
+
+
+def _bias_mask(attention_mask, key_bias: torch.Tensor, dtype) -> torch.Tensor:
+    """An additive (B, 1, 1, 1+N) mask from a per-key bias, added to an existing mask if any."""
+    bias = key_bias[:, None, None, :].to(dtype)
+    return bias if attention_mask is None else attention_mask + bias
+
+
+def _with_key_bias(args, kwargs, key_bias, dtype):
+    """Pre-hook result that passes the key bias as the layer's attention mask."""
+    if len(args) > 1:
+        args = (args[0], _bias_mask(args[1], key_bias, dtype), *args[2:])
+    else:
+        kwargs = {**kwargs, "attention_mask": _bias_mask(kwargs.get("attention_mask"), key_bias, dtype)}
+    return args, kwargs

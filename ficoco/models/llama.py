@@ -1,0 +1,242 @@
+"""The Llama decoder side of the LLaVA adapter (transformers 5.23 `LlamaModel`).
+
+Forward pre-hooks on every decoder layer (platform-notes §4.2):
+- prefill: count the tokens each layer processes; at a reducing layer, compute the score rows
+  from the layer's own q/k, apply the method's step, and drop the removed positions from the
+  hidden states; from then on slice the rotary tables, position ids and 4-D mask (query and key
+  axes) by the kept positions. Kept tokens keep their original RoPE positions, and the KV cache
+  of the reducing layer and every later layer holds only the kept positions.
+- decode: slice the key axis of a 4-D mask to the kept prefill positions plus the new tokens.
+
+`LLMPass` holds the state of one forward call; the prefill pass is remembered per KV cache object
+by the adapter, so decode steps find the positions their cache holds.
+"""
+from __future__ import annotations
+
+import torch
+from transformers.models.llama.modeling_llama import rotate_half
+
+from ficoco.methods.base import LLMKept, LLMLayerStep, LLMTokens
+from ficoco.paradigm.attention import head_mean_probs
+
+
+class LLMPass:
+    """The LLM part of one forward call.
+
+    Prefill: `visual` (B, N) and `instruction` (list of (M_r,) per row) are positions in the
+    current (possibly reduced) sequence; `keep` (B, L') maps current positions to input positions
+    (None while nothing was dropped); `valid` (B, L') marks non-padding.
+    Decode: `keep_at` (per reducing layer) and `full_len` come from the prefill that filled the cache.
+    """
+
+    def __init__(self, prefill: bool, full_len: int, valid: torch.Tensor | None, visual: torch.Tensor | None,
+                 instruction: list[torch.Tensor] | None, reduce: bool):
+        self.prefill = prefill
+        self.full_len = full_len
+        self.valid = valid
+        self.visual = visual
+        self.instruction = instruction
+        self.reduce = reduce
+        self.keep: torch.Tensor | None = None
+        self.keep_at: dict[int, torch.Tensor] = {}    # reducing layer -> keep after it (what its cache holds)
+        self.layer_lengths: list[int] = []            # sequence length each layer processed (padding included)
+        self.layer_dropped: list[int] = []            # visual tokens dropped before each layer ran (cumulative)
+        self.dropped = 0
+        self.trace: dict[int, torch.Tensor] = {}      # reducing layer -> kept visual input positions (B, N_l)
+        self._sliced: dict[str, object] = {}          # kwargs sliced for the current keep
+        self._decode_index: dict[tuple[int, int], torch.Tensor] = {}
+
+    def decode_view(self) -> "LLMPass":
+        """The state a decode step needs from this prefill."""
+        decode = LLMPass(False, self.full_len, None, None, None, False)
+        decode.keep, decode.keep_at = self.keep, self.keep_at
+        return decode
+
+    def decode_key_index(self, layer: int, mask_length: int) -> torch.Tensor | None:
+        """Key columns of a decode step's 4-D mask that layer `layer`'s cache holds (None: all of them).
+
+        The mask is laid out like layer 0's cache: the full prompt, or layer 0's kept positions when
+        layer 0 reduces. Each layer's cache holds the positions kept by the last reduction at or
+        before it, then the generated tokens.
+        """
+        reductions = [reduced for reduced in self.keep_at if reduced <= layer]
+        if not reductions or max(reductions) == 0:
+            return None
+        last = max(reductions)
+        key = (last, mask_length)
+        if key not in self._decode_index:
+            keep, base = self.keep_at[last], self.keep_at.get(0)
+            if base is not None:
+                keep, base_length = torch.searchsorted(base, keep), base.shape[1]
+            else:
+                base_length = self.full_len
+            new = torch.arange(base_length, mask_length, device=keep.device).expand(keep.shape[0], -1)
+            self._decode_index = {key: torch.cat([keep, new], dim=1)}
+        return self._decode_index[key]
+
+
+class LlamaScores:
+    """`LLMScores` of one decoder layer, computed from its own input layer norm, q/k and RoPE."""
+
+    def __init__(self, layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 valid: torch.Tensor | None):
+        self.layer, self.hidden, self.valid = layer, hidden, valid          # hidden (B, L, D)
+        batch = hidden.shape[0]
+        self.cos, self.sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)   # (B, L, d)
+
+    def rows(self, queries: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
+        attn = self.layer.self_attn
+        batch, length, _ = self.hidden.shape
+        n_rows, head_dim = queries.shape[1], attn.head_dim
+        normed = self.layer.input_layernorm(self.hidden)                                     # (B, L, D)
+        query_in = normed.gather(1, queries[..., None].expand(-1, -1, normed.shape[-1]))    # (B, R, D)
+        q = attn.q_proj(query_in).view(batch, n_rows, -1, head_dim).transpose(1, 2)         # (B, H, R, d)
+        k = attn.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)           # (B, H_kv, L, d)
+        rows_index = queries[..., None].expand(-1, -1, head_dim)
+        q = _rope(q, self.cos.gather(1, rows_index), self.sin.gather(1, rows_index))
+        k = _rope(k, self.cos, self.sin)
+        key_pos = torch.arange(length, device=queries.device)
+        allowed = key_pos[None, None, :] <= queries[:, :, None]                             # (B, R, L) causal
+        if self.valid is not None:
+            allowed = allowed & self.valid[:, None, :]                                      # padding keys
+        additive = torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device)
+        additive = additive.masked_fill(~allowed, float("-inf"))[:, None]                  # (B, 1, R, L)
+        probs = head_mean_probs(q, k, attn.scaling, additive)                               # (B, R, L)
+        if keys is None:
+            return probs
+        return probs.gather(2, keys[:, None, :].expand(-1, n_rows, -1))                     # (B, R, K)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x (B, H, N, d) with cos/sin (B, N, d), as the Llama attention applies it."""
+    cos, sin = cos[:, None], sin[:, None]
+    return x * cos + rotate_half(x) * sin
+
+
+class LlamaPatch:
+    """Pre-hooks on every decoder layer of a `LlamaModel`; `remove()` undoes them."""
+
+    def __init__(self, language_model, step: LLMLayerStep | None, current_pass):
+        self.layers = language_model.layers
+        self.step = step
+        self.current_pass = current_pass                  # () -> LLMPass | None
+        reducing = tuple(step.layers) if step else ()
+        bad = [layer for layer in reducing if not 0 <= layer < len(self.layers)]
+        if bad:
+            raise ValueError(f"LLM reduction layers {bad} are outside the {len(self.layers)} decoder layers")
+        self.reducing = frozenset(reducing)
+        self.first_reducing = min(reducing) if reducing else None
+        self._handles = [layer.register_forward_pre_hook(self._hook(index), with_kwargs=True)
+                         for index, layer in enumerate(self.layers)]
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _hook(self, index: int):
+        def pre_hook(layer, args, kwargs):
+            llm_pass = self.current_pass()
+            if llm_pass is None:
+                return None
+            if llm_pass.prefill:
+                return self._prefill(index, layer, args, kwargs, llm_pass)
+            mask = kwargs.get("attention_mask")
+            if not (isinstance(mask, torch.Tensor) and mask.dim() == 4):       # no mask: SDPA is_causal
+                return None
+            key_index = llm_pass.decode_key_index(index, mask.shape[-1])
+            if key_index is None:
+                return None
+            return args, {**kwargs, "attention_mask": _gather_seq(mask, key_index, 3)}
+        return pre_hook
+
+    # -- prefill --------------------------------------------------------------------------------
+    def _prefill(self, index, layer, args, kwargs, llm_pass: LLMPass):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if llm_pass.reduce and index in self.reducing:
+            cos, sin = _sliced_kwargs(kwargs, llm_pass)["position_embeddings"]
+            hidden = self._reduce(index, layer, hidden, cos, sin, llm_pass)
+        llm_pass.layer_lengths.append(hidden.shape[1])
+        llm_pass.layer_dropped.append(llm_pass.dropped)
+        if llm_pass.keep is None:                          # nothing dropped yet: the layer runs as is
+            return None
+        kwargs = {**kwargs, **_sliced_kwargs(kwargs, llm_pass)}
+        if args:
+            args = (hidden, *args[1:])
+        else:
+            kwargs["hidden_states"] = hidden
+        return args, kwargs
+
+    def _reduce(self, index, layer, hidden, cos, sin, llm_pass: LLMPass) -> torch.Tensor:
+        """Apply the step at layer `index`, then drop the removed positions; returns (B, L', D)."""
+        batch, length, width = hidden.shape
+        kept_hidden = torch.empty_like(hidden)
+        kept_visual = llm_pass.visual.new_empty(batch, self.step.tokens_out[index])
+        for rows in _rows_by_instruction_length(llm_pass.instruction):
+            tokens = LLMTokens(hidden=hidden[rows], visual=llm_pass.visual[rows],
+                               instruction=torch.stack([llm_pass.instruction[r] for r in rows.tolist()]))
+            valid = None if llm_pass.valid is None else llm_pass.valid[rows]
+            kept: LLMKept = self.step.reduce(index, tokens, LlamaScores(layer, tokens.hidden, _rows_of(cos, rows),
+                                                                         _rows_of(sin, rows), valid))
+            kept_hidden[rows], kept_visual[rows] = kept.hidden, kept.visual
+        dropped = torch.zeros(batch, length, dtype=torch.bool, device=hidden.device)
+        dropped.scatter_(1, llm_pass.visual, True).scatter_(1, kept_visual, False)
+        keep_local = (~dropped).nonzero()[:, 1].view(batch, -1)                  # (B, L'), ascending per row
+        hidden = kept_hidden.gather(1, keep_local[..., None].expand(-1, -1, width))
+        # re-index the pass state to the shorter sequence
+        llm_pass.visual = torch.searchsorted(keep_local, kept_visual)
+        llm_pass.instruction = [torch.searchsorted(keep_local[r], positions)
+                                for r, positions in enumerate(llm_pass.instruction)]
+        if llm_pass.valid is not None:
+            llm_pass.valid = llm_pass.valid.gather(1, keep_local)
+        llm_pass.keep = keep_local if llm_pass.keep is None else llm_pass.keep.gather(1, keep_local)
+        llm_pass.keep_at[index] = llm_pass.keep
+        llm_pass.dropped += int(dropped[0].sum())                              # the same in every row
+        llm_pass.trace[index] = llm_pass.keep.gather(1, llm_pass.visual)
+        llm_pass._sliced = {}
+        return hidden
+
+
+def _rows_of(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows of a (B or 1, L, d) rotary table."""
+    return table if table.shape[0] == 1 else table[rows]
+
+
+def _rows_by_instruction_length(instruction: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Batch rows grouped by instruction length M, so each group is a rectangular sub-batch."""
+    groups: dict[int, list[int]] = {}
+    for row, positions in enumerate(instruction):
+        groups.setdefault(positions.shape[0], []).append(row)
+    device = instruction[0].device
+    return [torch.tensor(rows, device=device) for rows in groups.values()]
+
+
+def _gather_seq(tensor: torch.Tensor, keep: torch.Tensor, dim: int) -> torch.Tensor:
+    """tensor[b, ..., keep[b], ...] along `dim` (batch first; a batch of 1 is broadcast)."""
+    batch, kept = keep.shape
+    tensor = tensor.expand(batch, *tensor.shape[1:])
+    view = [batch] + [1] * (tensor.dim() - 1)
+    view[dim] = kept
+    size = list(tensor.shape)
+    size[dim] = kept
+    return tensor.gather(dim, keep.view(view).expand(size))
+
+
+def _sliced_kwargs(kwargs: dict, llm_pass: LLMPass) -> dict:
+    """position_embeddings, position_ids and attention_mask restricted to the kept positions.
+
+    The decoder passes the same full-length tensors to every layer; they are sliced once per keep.
+    """
+    if llm_pass.keep is None:
+        return {"position_embeddings": kwargs["position_embeddings"]}
+    if not llm_pass._sliced:
+        keep = llm_pass.keep
+        cos, sin = kwargs["position_embeddings"]                                   # (B|1, L, d) each
+        sliced = {"position_embeddings": (_gather_seq(cos, keep, 1), _gather_seq(sin, keep, 1))}
+        if kwargs.get("position_ids") is not None:
+            sliced["position_ids"] = _gather_seq(kwargs["position_ids"], keep, 1)  # (B, L')
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 4:                     # (B, 1, L, L)
+            sliced["attention_mask"] = _gather_seq(_gather_seq(mask, keep, 2), keep, 3)
+        llm_pass._sliced = sliced
+    return llm_pass._sliced

@@ -1,0 +1,341 @@
+"""Attach a method to a transformers 5.23 `LlavaForConditionalGeneration` (LLaVA-1.5).
+
+`apply_llava(model, method, budget, **overrides)` plans the schedule, turns it into the method's
+steps and installs them through three small patches, all reverted by `handle.remove()`:
+
+| part           | how                                                                                 |
+|----------------|-------------------------------------------------------------------------------------|
+| vision tower   | `ClipPatch` (ficoco/models/clip.py): counts, skipped unused layers, reducing layers  |
+| LLaVA forward  | pre-/post-hooks on `model.model`: locate the image span from `input_ids`, collapse   |
+|                | each image's placeholder run to the delivered count, open/close the per-call state  |
+| language model | `LlamaPatch` (ficoco/models/llama.py): counts, reduction, RoPE/mask/cache slicing     |
+| generate       | an instance `generate` that collapses the placeholders *before* generation, so the  |
+|                | cache, masks and positions are built for the reduced prompt, and that puts the      |
+|                | caller's original prompt back in front of the returned sequences                    |
+
+A vision reduction delivers fewer image features than the processor inserted placeholders; the
+LLM then sees exactly that many placeholders per image, at contiguous positions. An LLM reduction
+keeps the original positions (platform-notes §4). No state is module-level: every call's state
+lives in the handle, and decode steps find their prefill through the KV cache object.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import types
+import weakref
+
+import torch
+
+from ficoco import methods as method_registry
+from ficoco.dims import ModelDims
+from ficoco.methods.base import LLMLayerStep, Method, VisionLayerStep
+from ficoco.models.clip import ClipPatch, VisionPass
+from ficoco.models.llama import LlamaPatch, LLMPass
+
+log = logging.getLogger(__name__)
+
+_INSTALLED = "_ficoco_handle"        # attribute on the patched model naming the active handle
+
+
+def apply_llava(model, method: str | Method, budget: int | None = None, **overrides) -> "LlavaHandle":
+    """Install `method` at `budget` on a `LlavaForConditionalGeneration`; returns the handle."""
+    method = method_registry.get(method)
+    if getattr(model, _INSTALLED, None) is not None:
+        raise RuntimeError("a ficoco method is already installed on this model; call its handle.remove() first")
+    dims = ModelDims.from_config(model.config)
+    plan = method.plan(dims, budget, **overrides)
+    return LlavaHandle(model, method, dims, plan)
+
+
+class _Call:
+    """State of one `LlavaModel.forward` call."""
+
+    def __init__(self, prefill: bool):
+        self.prefill = prefill
+        self.vision: list[VisionPass] = []
+        self.llm: LLMPass | None = None
+        self.images_per_row: list[int] = []
+        self.placeholders_per_row: list[int] = []
+        self.pads_per_row: list[int] = []
+
+
+class LlavaHandle:
+    """The installed method. `remove()`, `last_counts()`, `last_trace()`, `plan`; also a context manager."""
+
+    def __init__(self, model, method: Method, dims: ModelDims, plan: dict):
+        self.model, self.method, self.dims, self.plan = model, method, dims, plan
+        steps = method.steps(plan)
+        vision_steps = [step for step in steps if isinstance(step, VisionLayerStep)]
+        llm_steps = [step for step in steps if isinstance(step, LLMLayerStep)]
+        unknown = [type(step).__name__ for step in steps if not isinstance(step, (VisionLayerStep, LLMLayerStep))]
+        if unknown or len(vision_steps) > 1 or len(llm_steps) > 1:
+            raise ValueError(f"{method.name}: the LLaVA adapter supports at most one VisionLayerStep and one "
+                             f"LLMLayerStep; got {[type(step).__name__ for step in steps]}")
+        self.vision_step = vision_steps[0] if vision_steps else None
+        self.llm_step = llm_steps[0] if llm_steps else None
+        self.image_token_id = model.config.image_token_id
+        self.full_per_image = dims.visual_tokens
+        self.delivered_per_image = plan["delivered"]
+        self.llm_n0 = plan["llm"]["n0"] if plan.get("llm") else None
+
+        self._call: _Call | None = None
+        self._last_prefill: _Call | None = None
+        self._vision_outside_call: VisionPass | None = None   # generate encodes images before the prefill
+        self._prefill_by_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._parameter_names = list(inspect.signature(type(model.model).forward).parameters)[1:]
+
+        inner = model.model
+        self._clip = ClipPatch(inner.vision_tower, dims.last_vision_layer, self.vision_step, self._on_vision_pass)
+        self._llama = LlamaPatch(inner.language_model, self.llm_step, self._current_llm_pass)
+        self._hooks = [inner.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+                       inner.register_forward_hook(self._after_forward, always_call=True)]
+        self._generate_patched = self.delivered_per_image != self.full_per_image
+        if self._generate_patched:
+            model.generate = types.MethodType(_collapsing_generate(self, type(model).generate), model)
+        setattr(model, _INSTALLED, self)
+
+    # -- public ---------------------------------------------------------------------------------
+    def remove(self) -> None:
+        """Restore the model exactly: every hook, replacement forward and the generate override."""
+        if getattr(self.model, _INSTALLED, None) is not self:
+            return
+        self._clip.remove()
+        self._llama.remove()
+        for hook in self._hooks:
+            hook.remove()
+        if self._generate_patched:
+            del self.model.generate
+        delattr(self.model, _INSTALLED)
+        self._call = None
+
+    def __enter__(self) -> "LlavaHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def last_counts(self) -> list[dict]:
+        """Per batch row of the most recent prefill: the contracts §2 token counts (padding excluded)."""
+        call = self._last_prefill
+        if call is None:
+            return []
+        per_image_vision = call.vision[0].layer_counts if call.vision else []
+        counts = []
+        for row, (images, placeholders, pads) in enumerate(
+                zip(call.images_per_row, call.placeholders_per_row, call.pads_per_row)):
+            llm_pass = call.llm
+            lengths = llm_pass.layer_lengths if llm_pass else []
+            dropped = llm_pass.layer_dropped if llm_pass else []
+            counts.append({
+                "vision": [[n_attn * images, n_mlp * images] for n_attn, n_mlp in per_image_vision] if images else [],
+                "visual_delivered": placeholders,
+                "llm": [length - pads for length in lengths],
+                "llm_visual": [placeholders - n for n in dropped] if placeholders else [0] * len(lengths),
+            })
+        return counts
+
+    def last_trace(self) -> dict:
+        """Kept positions of the most recent prefill, per reducing layer (for analysis and tests).
+
+        "vision": layer -> (images, N_l) original patch raster positions;
+        "llm": layer -> (B, N_l) kept visual positions in the LLM input sequence.
+        """
+        call = self._last_prefill
+        if call is None:
+            return {"vision": {}, "llm": {}}
+        vision = {}
+        for vision_pass in call.vision:
+            for layer, positions in vision_pass.trace.items():
+                vision.setdefault(layer, []).append(positions)
+        return {"vision": {layer: torch.cat(parts) for layer, parts in vision.items()},
+                "llm": dict(call.llm.trace) if call.llm else {}}
+
+    # -- hooks on LlavaModel ----------------------------------------------------------------------
+    def _current_llm_pass(self) -> LLMPass | None:
+        return self._call.llm if self._call is not None else None
+
+    def _on_vision_pass(self, vision_pass: VisionPass) -> None:
+        if self._call is not None:
+            self._call.vision.append(vision_pass)
+        else:
+            self._vision_outside_call = vision_pass
+
+    def _before_forward(self, module, args, kwargs):
+        kwargs = {**dict(zip(self._parameter_names, args)), **kwargs}
+        cache = kwargs.get("past_key_values")
+        prefill = cache is None or cache.get_seq_length() == 0
+        if not prefill:
+            self._call = _Call(prefill=False)
+            prefill_call = self._prefill_by_cache.get(cache)
+            if prefill_call is not None and prefill_call.llm is not None and prefill_call.llm.keep_at:
+                self._call.llm = prefill_call.llm.decode_view()
+                kwargs = self._decode_inputs(kwargs, cache, self._call.llm)
+            return (), kwargs
+        kwargs = self._collapse_inputs(kwargs)
+        self._call = call = _Call(prefill=True)
+        if kwargs.get("pixel_values") is None and _image_features(kwargs) is not None \
+                and self._vision_outside_call is not None:
+            call.vision.append(self._vision_outside_call)        # the features generate encoded beforehand
+        input_ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+        reference = input_ids if input_ids is not None else kwargs["inputs_embeds"][..., 0]
+        batch, length = reference.shape
+        is_image = (input_ids == self.image_token_id) if input_ids is not None else torch.zeros_like(reference,
+                                                                                                        dtype=torch.bool)
+        if input_ids is None and (kwargs.get("pixel_values") is not None or self.llm_step is not None):
+            raise ValueError(f"{self.method.name}: pass input_ids (not inputs_embeds) so the image span can be "
+                             f"located from config.image_token_id={self.image_token_id}")
+        valid = None if mask is None or mask.dim() != 2 else mask.bool()
+        call.placeholders_per_row = is_image.sum(1).tolist()
+        call.images_per_row = [n // self.delivered_per_image for n in call.placeholders_per_row]
+        call.pads_per_row = [0] * batch if valid is None else (~valid).sum(1).tolist()
+        call.llm = self._prefill_pass(is_image, valid, length)
+        if cache is not None:
+            self._prefill_by_cache[cache] = call
+        return (), kwargs
+
+    def _after_forward(self, module, args, output):
+        if self._call is not None and self._call.prefill:
+            self._last_prefill = self._call
+        self._call = None
+
+    # -- input preparation ---------------------------------------------------------------------
+    def _collapse_inputs(self, kwargs: dict) -> dict:
+        """Collapse each image's placeholder run to the delivered count (vision reductions only)."""
+        input_ids, n_images = kwargs.get("input_ids"), _n_images(kwargs)
+        if self.delivered_per_image == self.full_per_image or input_ids is None or not n_images:
+            return kwargs
+        collapsed = collapse_placeholders(input_ids, n_images, self.image_token_id,
+                                          self.full_per_image, self.delivered_per_image,
+                                          attention_mask=kwargs.get("attention_mask"),
+                                          position_ids=kwargs.get("position_ids"))
+        return {**kwargs, **collapsed}
+
+    def _prefill_pass(self, is_image: torch.Tensor, valid: torch.Tensor | None, length: int) -> LLMPass:
+        """The LLM state of a prefill: visual and instruction positions when this call reduces."""
+        counts = is_image.sum(1)
+        reduce = self.llm_step is not None and bool(counts.any())
+        if self.llm_step is not None and not reduce:
+            log.info("%s: no image tokens in this prefill; the LLM reduction is skipped", self.method.name)
+        if not reduce:
+            return LLMPass(True, length, valid, None, None, reduce=False)
+        if not bool((counts == self.llm_n0).all()):
+            raise ValueError(f"{self.method.name}: the LLM reduction is planned for {self.llm_n0} visual tokens "
+                             f"per prompt; this batch has {counts.tolist()} image tokens per row (one image per "
+                             f"prompt is supported, in every row of the batch)")
+        batch = is_image.shape[0]
+        visual = is_image.nonzero()[:, 1].view(batch, -1)                              # (B, N)
+        positions = torch.arange(length, device=is_image.device)
+        after_image = positions[None, :] > visual[:, -1:]                                # (B, L)
+        if valid is not None:
+            after_image = after_image & valid
+        instruction = [positions[after_image[row]] for row in range(batch)]
+        empty = [row for row, index in enumerate(instruction) if index.numel() == 0]
+        if empty:
+            if batch == 1:
+                log.info("%s: no instruction tokens after the image; the LLM reduction is skipped",
+                         self.method.name)
+                return LLMPass(True, length, valid, None, None, reduce=False)
+            raise ValueError(f"{self.method.name}: rows {empty} have no prompt tokens after the image, so FiCoCo-L "
+                             f"cannot score them; run them alone (they are then left unreduced)")
+        return LLMPass(True, length, valid, visual, instruction, reduce=True)
+
+    def _decode_inputs(self, kwargs: dict, cache, decode: LLMPass) -> dict:
+        """A decode step whose cache was reduced from layer 0: the 2-D mask and positions to match it."""
+        layer0_keep = decode.keep_at.get(0)
+        if layer0_keep is None:
+            return kwargs
+        kept = layer0_keep.shape[1]
+        past_full = decode.full_len + cache.get_seq_length() - kept                     # positions seen so far
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 2:
+            new = torch.arange(decode.full_len, mask.shape[1], device=mask.device).expand(mask.shape[0], -1)
+            kwargs = {**kwargs, "attention_mask": mask.gather(1, torch.cat([layer0_keep, new], dim=1))}
+        if kwargs.get("position_ids") is None:
+            reference = kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"][..., 0]
+            kwargs = {**kwargs, "position_ids": (torch.arange(reference.shape[1], device=reference.device)
+                                                 + past_full)[None]}
+        return kwargs
+
+
+def _image_features(kwargs: dict):
+    """The pre-encoded image features of a forward call (`mm_encoder_outputs["image"]`), if any."""
+    encoded = kwargs.get("mm_encoder_outputs") or {}
+    return encoded.get("image")
+
+
+def _n_images(kwargs: dict) -> int:
+    """Images in a forward call: from pixel_values, or from the pre-encoded features (one entry per image)."""
+    if kwargs.get("pixel_values") is not None:
+        return kwargs["pixel_values"].shape[0]
+    features = _image_features(kwargs)
+    return 0 if features is None else len(features.pooler_output)
+
+
+def collapse_placeholders(input_ids: torch.Tensor, n_images: int, image_token_id: int, full: int, kept: int,
+                          attention_mask: torch.Tensor | None = None,
+                          position_ids: torch.Tensor | None = None) -> dict:
+    """Keep the first `kept` of every image's `full` placeholders (input_ids (B, L) -> (B, L')).
+
+    Returns the new input_ids and, when given, attention_mask and position_ids (renumbered so the
+    positions stay contiguous). Input that already holds `kept` placeholders per image is returned
+    unchanged; any other count raises ValueError.
+    """
+    is_image = input_ids == image_token_id                                        # (B, L)
+    total = int(is_image.sum())
+    if total == n_images * kept:
+        return {}
+    if total != n_images * full:
+        raise ValueError(f"input_ids hold {total} image tokens (id {image_token_id}) for {n_images} image(s); "
+                         f"expected {full} per image (as the processor inserts) or {kept} (already reduced)")
+    rank_in_image = (is_image.cumsum(1) - 1) % full                                # placeholder index within its image
+    drop = is_image & (rank_in_image >= kept)                                      # (B, L)
+    per_row = drop.sum(1)
+    if not bool((per_row == per_row[0]).all()):
+        raise ValueError(f"every row of a batch must hold the same number of images; image tokens per row: "
+                         f"{is_image.sum(1).tolist()}")
+    batch = input_ids.shape[0]
+    keep = (~drop).nonzero()[:, 1].view(batch, -1)                                 # (B, L'), ascending
+    out = {"input_ids": input_ids.gather(1, keep)}
+    if attention_mask is not None and attention_mask.dim() == 2:
+        out["attention_mask"] = attention_mask.gather(1, keep)
+    if position_ids is not None:
+        shift = drop.cumsum(1)
+        out["position_ids"] = (position_ids - shift).gather(1, keep)
+    return out
+
+
+def _collapsing_generate(handle: LlavaHandle, generate):
+    """`model.generate` that runs on the collapsed prompt and returns the caller's prompt in front."""
+
+    def collapsing_generate(model, inputs=None, *args, **kwargs):
+        input_ids = kwargs.pop("input_ids", None) if inputs is None else inputs
+        pixel_values = kwargs.get("pixel_values")
+        if input_ids is None or pixel_values is None or inputs_are_embeds(input_ids):
+            return generate(model, input_ids, *args, **kwargs)
+        collapsed = collapse_placeholders(input_ids, pixel_values.shape[0], handle.image_token_id,
+                                          handle.full_per_image, handle.delivered_per_image,
+                                          attention_mask=kwargs.get("attention_mask"),
+                                          position_ids=kwargs.get("position_ids"))
+        short_ids = collapsed.pop("input_ids", input_ids)
+        output = generate(model, short_ids, *args, **{**kwargs, **collapsed})
+        return _restore_prompt(output, input_ids, short_ids.shape[1])
+
+    return collapsing_generate
+
+
+def inputs_are_embeds(inputs) -> bool:
+    return isinstance(inputs, torch.Tensor) and inputs.dim() == 3
+
+
+def _restore_prompt(output, input_ids: torch.Tensor, short_length: int):
+    """Replace the collapsed prompt at the front of the generated sequences by the original one."""
+    def restore(sequences: torch.Tensor) -> torch.Tensor:
+        return torch.cat([input_ids.to(sequences.device), sequences[:, short_length:]], dim=1)
+
+    if isinstance(output, torch.Tensor):
+        return restore(output)
+    output = copy.copy(output)
+    output.sequences = restore(output.sequences)
+    return output

@@ -1,0 +1,108 @@
+"""Aggregate every run into the tidy results table, then render paper-style tables, seaborn figures
+and one self-contained HTML page; the W&B aggregate run logs the table and the figures.
+
+CLI entry points (see docs/report.md):
+    ficoco aggregate --results results/ --out results/summary/
+    ficoco aggregate --metrics <metrics.json ...> --measures <measure json ...> --out results/summary/
+    ficoco report --summary results/summary/ --out report/report.html
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ficoco.report.aggregate import (Summary, build_summary, find_measure_files, find_metrics_files, read_summary,
+                                     write_summary)
+
+__all__ = ["main_aggregate", "main_report", "aggregate_results", "render_report",
+           "Summary", "build_summary", "read_summary"]
+
+
+def aggregate_results(metrics_files, measure_files, out_dir: str | Path) -> Summary:
+    summary = build_summary(list(metrics_files), list(measure_files))
+    write_summary(summary, out_dir)
+    return summary
+
+
+def main_aggregate(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ficoco aggregate",
+                                     description="Collect every metrics.json (and measure JSON) into the tidy table.")
+    parser.add_argument("--results", help="results directory to search (runs/*/*/*/b*/metrics.json, "
+                                          "measure/*/*/b*.json); default results/ unless --metrics is given")
+    parser.add_argument("--metrics", nargs="*", default=None, help="metrics.json files (instead of searching)")
+    parser.add_argument("--measures", nargs="*", default=None, help="measure JSON files (instead of searching)")
+    parser.add_argument("--out", default="results/summary", help="output directory (default results/summary)")
+    args = parser.parse_args(argv)
+    results_dir = args.results or ("results" if args.metrics is None else None)
+    metrics = args.metrics if args.metrics is not None else find_metrics_files(results_dir)
+    if args.measures is not None:
+        measures = args.measures
+    else:
+        measures = find_measure_files(results_dir) if results_dir else []
+    try:
+        summary = aggregate_results(metrics, measures, args.out)
+    except ValueError as error:
+        print(f"ficoco aggregate: {error}", file=sys.stderr)
+        return 1
+    jobs = int(summary.results["headline"].sum())
+    print(f"aggregate: {jobs} jobs, {len(summary.results)} rows, {len(summary.measure)} measure files -> {args.out}")
+    return 0
+
+
+def render_report(summary_dir: str | Path, out: str | Path, figures_dir: str | Path | None = None,
+                  template: str | Path | None = None, paper_version: str = "v4", title: str = "ficoco report",
+                  wandb_dir: str | Path | None = None) -> Path:
+    """Write the page `out`, the PNGs and paper_tables.csv (in `figures_dir`), log them to W&B; return `out`."""
+    from ficoco.report import files, page, paper, plots, tables, wandb_log
+
+    out = Path(out)
+    figures_dir = Path(figures_dir) if figures_dir else Path(summary_dir).parent / "report"
+    template = Path(template) if template else page.default_template()
+    if not template.is_file():
+        raise ValueError(f"report template {template} not found; pass --template PATH")
+    summary = read_summary(summary_dir)
+    reference = paper.paper_reference(paper.load_paper_results(), paper_version)
+    paper_tables = tables.paper_tables(summary.results, reference)
+    files.write_csv(paper_tables, figures_dir / "paper_tables.csv")
+    headline = tables.headline_scores(summary.results)
+    figures = plots.make_figures(headline, tables.avg_percent_by_budget(paper_tables), summary.schedules,
+                                 summary.measure, figures_dir)
+    sections = [
+        ("overview", "Overview", page.overview_section(summary.results, summary.measure)),
+        ("tables", "Accuracy tables (paper style)", page.paper_tables_section(paper_tables)),
+        ("figures", "Figures", page.figures_section(figures)),
+        ("costs", "Costs, latency and memory", page.costs_section(summary.results, summary.measure)),
+        ("failures", "Failures", page.failures_section(summary.results)),
+        ("data", "Data", page.data_section(summary.results)),
+    ]
+    generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    files.write_text(out, page.render(template.read_text(encoding="utf-8"), title, generated, sections))
+    run_dir = Path(wandb_dir) if wandb_dir else Path(summary_dir).parent / "wandb" / "aggregate"
+    wandb_log.log_report(summary.results, paper_tables, figures, run_dir=run_dir,
+                         config={"summary_dir": str(summary_dir), "paper_version": paper_version})
+    return out
+
+
+def main_report(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ficoco report", description="Render the HTML report from the summary.")
+    parser.add_argument("--summary", default="results/summary", help="directory written by `ficoco aggregate`")
+    parser.add_argument("--out", default="report/report.html", help="the HTML page (default report/report.html)")
+    parser.add_argument("--figures", default=None, help="directory for the PNGs and paper_tables.csv "
+                                                        "(default: <summary>/../report, i.e. results/report)")
+    parser.add_argument("--template", default=None, help="HTML template (default: report/template.html)")
+    parser.add_argument("--paper-version", default="v4", choices=["v4", "v1"],
+                        help="which paper version's numbers to show where both have the cell (default v4)")
+    parser.add_argument("--title", default="ficoco report")
+    parser.add_argument("--wandb-dir", default=None,
+                        help="where the W&B aggregate run writes (default: <summary>/../wandb/aggregate)")
+    args = parser.parse_args(argv)
+    try:
+        out = render_report(args.summary, args.out, args.figures, args.template, args.paper_version, args.title,
+                            args.wandb_dir)
+    except ValueError as error:
+        print(f"ficoco report: {error}", file=sys.stderr)
+        return 1
+    print(f"report: {out.resolve()}")
+    return 0

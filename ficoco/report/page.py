@@ -1,0 +1,197 @@
+"""The one self-contained HTML page: tables inline, figures as base64 data URIs, in-page links only."""
+from __future__ import annotations
+
+import base64
+import html
+import string
+from pathlib import Path
+
+import pandas as pd
+
+from ficoco.report.paper import SERVER_ONLY_COLUMNS, paper_benchmark
+from ficoco.report.plots import Figure
+from ficoco.report.tables import AVG, AVG_PCT, COST_COLUMNS, DISPLAY_DECIMALS, is_vanilla, ordered_budgets
+
+TEMPLATE_FIELDS = ("title", "generated", "toc", "body")
+
+
+def default_template() -> Path:
+    """report/template.html of the source tree this package belongs to."""
+    return Path(__file__).resolve().parents[2] / "report" / "template.html"
+
+
+def render(template_text: str, title: str, generated: str, sections: list[tuple[str, str, str]]) -> str:
+    """Fill the template; `sections` are (anchor id, heading, inner HTML)."""
+    missing = [field for field in TEMPLATE_FIELDS if f"${field}" not in template_text]
+    if missing:
+        raise ValueError(f"report template lacks the placeholders {', '.join('$' + f for f in missing)}; "
+                         f"required: {', '.join('$' + f for f in TEMPLATE_FIELDS)}")
+    toc = "\n".join(f'<li><a href="#{anchor}">{html.escape(heading)}</a></li>' for anchor, heading, _ in sections)
+    body = "\n".join(f'<section id="{anchor}">\n<h2>{html.escape(heading)}</h2>\n{inner}\n</section>'
+                     for anchor, heading, inner in sections)
+    return string.Template(template_text).substitute(
+        title=html.escape(title), generated=html.escape(generated), toc=toc, body=body)
+
+
+def anchor(*parts) -> str:
+    text = "-".join(str(part) for part in parts).lower()
+    return "".join(c if c.isalnum() else "-" for c in text)
+
+
+def fmt(value, decimals: int = DISPLAY_DECIMALS) -> str:
+    return "–" if value is None or pd.isna(value) else f"{value:.{decimals}f}"
+
+
+def signed(value, decimals: int = DISPLAY_DECIMALS) -> str:
+    return "" if value is None or pd.isna(value) else f"{value:+.{decimals}f}"
+
+
+# ---------------------------------------------------------------------------------------------- tables
+
+
+def benchmark_header(benchmark: str) -> str:
+    column = paper_benchmark(benchmark)
+    if column is None:
+        return html.escape(benchmark)
+    mark = '<sup>†</sup>' if column in SERVER_ONLY_COLUMNS else ""
+    return f'{html.escape(benchmark)}<br><span class="paper-col">{html.escape(column)}{mark}</span>'
+
+
+def table_cell(cell: pd.Series) -> str:
+    decimals = 2 if cell["column"] in ("TFLOPs exact", "TFLOPs legacy") else DISPLAY_DECIMALS
+    ours = fmt(cell["ours"], decimals)
+    if cell["best"]:
+        ours = f"<b>{ours}</b>"
+    parts = [f'<span class="ours">{ours}</span>']
+    if pd.notna(cell["paper"]):
+        version = f' title="paper {html.escape(str(cell["paper_version"]))}"' if pd.notna(cell["paper_version"]) else ""
+        parts.append(f'<span class="paper"{version}>paper {fmt(cell["paper"], decimals)} '
+                     f'<span class="delta">{signed(cell["delta"], decimals)}</span></span>')
+    return f'<td class="{"best" if cell["best"] else ""}">{"<br>".join(parts)}</td>'
+
+
+def paper_table_html(table: pd.DataFrame) -> str:
+    """One model x budget table: rows = methods, columns = costs, benchmarks, Avg, Avg%."""
+    columns = list(COST_COLUMNS) + [c for c in dict.fromkeys(table["column"]) if c not in COST_COLUMNS]
+    headers = "".join(f"<th>{benchmark_header(c) if c not in (AVG, AVG_PCT, *COST_COLUMNS) else html.escape(c)}</th>"
+                      for c in columns)
+    rows = []
+    for (method, budget), cells in table.groupby(["method", "budget"], sort=False):
+        by_column = cells.set_index("column", drop=False)
+        row_class = ' class="reference"' if bool(cells["reference"].iloc[0]) else ""
+        label = html.escape(method) + ("" if budget == table["table_budget"].iloc[0] else f" ({html.escape(budget)})")
+        tds = "".join(table_cell(by_column.loc[c]) if c in by_column.index else "<td>–</td>" for c in columns)
+        rows.append(f"<tr{row_class}><th>{label}</th>{tds}</tr>")
+    return (f'<table class="results"><thead><tr><th>method</th>{headers}</tr></thead>'
+            f'<tbody>{"".join(rows)}</tbody></table>')
+
+
+def paper_tables_section(tables: pd.DataFrame) -> str:
+    if tables.empty:
+        return '<p class="note">No headline scores to tabulate.</p>'
+    parts = [
+        '<p>Headline score per benchmark. <b>Bold</b>: best reduced method in the column. '
+        'Under a cell: the paper\'s published number and our difference (ours − paper), where the '
+        'model, method, budget and benchmark map onto the paper (budgets 192 / 128 / 64 ↔ its 3.3 / 2.4 / '
+        '1.5 TFLOPs labels; vanilla ↔ its vanilla row; v4 numbers unless only v1 has the cell; hover for the '
+        'version). Avg is over the row\'s benchmarks; Avg% divides it by vanilla\'s average over the same '
+        'benchmarks; the paper\'s Avg and Avg% are recomputed over the same benchmarks. '
+        '"TFLOPs legacy" is the paper-style nominal label; the paper number beside it is the TFLOPs it printed.</p>',
+        '<p class="note"><sup>†</sup> The paper scored VizWiz and VQAv2 on the servers\' test-dev splits; '
+        'the project scores local validation splits, so these differences are not like for like. '
+        'The paper\'s baseline rows were copied from other papers, and its 13B rows share one unstated '
+        'budget, so reduced 13B runs have no paper numbers beside them.</p>',
+    ]
+    for model in sorted(tables["model"].unique()):
+        model_tables = tables[tables["model"] == model]
+        for budget in ordered_budgets(model_tables["table_budget"].unique()):
+            table = model_tables[model_tables["table_budget"] == budget]
+            parts.append(f'<h3 id="{anchor("table", model, budget)}">{html.escape(model)}, budget '
+                         f'{html.escape(budget)}</h3>')
+            parts.append(paper_table_html(table))
+    return "\n".join(parts)
+
+
+def frame_html(frame: pd.DataFrame, float_decimals: int = 3) -> str:
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+    body = []
+    for row in frame.itertuples(index=False):
+        cells = []
+        for value in row:
+            if isinstance(value, float):
+                cells.append(f"<td>{fmt(value, float_decimals)}</td>")
+            else:
+                cells.append(f"<td>{'–' if pd.isna(value) else html.escape(str(value))}</td>")
+        body.append(f"<tr>{''.join(cells)}</tr>")
+    return f'<table class="plain"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+
+
+def costs_section(results: pd.DataFrame, measure: pd.DataFrame) -> str:
+    headline = results[results["headline"].fillna(False).astype(bool)]
+    if headline.empty:
+        return '<p class="note">No runs.</p>'
+    costs = (headline.groupby(["model", "method", "budget"], as_index=False)
+             .agg(benchmarks=("benchmark", "nunique"), visual_tokens=("visual_tokens_layer_avg", "mean"),
+                  tflops_exact=("tflops_exact", "mean"), tflops_prefill=("tflops_prefill", "mean"),
+                  tflops_vision=("tflops_vision", "mean"), tflops_decode=("tflops_decode", "mean"),
+                  tflops_legacy=("tflops_legacy", "mean"), eval_s_per_sample=("eval_s_per_sample", "mean")))
+    if len(measure):
+        measured = measure[["model", "method", "budget", "prefill_s", "per_token_s", "end_to_end_s",
+                            "peak_memory_bytes", "throughput"]]
+        costs = costs.merge(measured, on=["model", "method", "budget"], how="outer")
+        costs["peak_memory_gib"] = costs.pop("peak_memory_bytes") / 2**30
+    costs = costs.assign(_vanilla=~costs["method"].map(is_vanilla)).sort_values(["model", "_vanilla", "method"])
+    costs = costs.drop(columns="_vanilla").astype({"model": object, "method": object, "budget": object})
+    note = ("" if len(measure) else
+            '<p class="note">No measure files: latency, memory and throughput columns are absent.</p>')
+    return ("<p>Means over each job's benchmarks of the exact per-sample TFLOPs (vision + projector + LLM prefill "
+            "+ decode; contracts §2, flops.md §7), the paper-style nominal label, and the realised layer-averaged "
+            "visual tokens; measured medians from the measure jobs.</p>" + note + frame_html(costs))
+
+
+def failures_section(results: pd.DataFrame) -> str:
+    headline = results[results["headline"].fillna(False).astype(bool)]
+    failed = headline[(headline["failures"].fillna(0) > 0) | headline["value"].isna()]
+    if failed.empty:
+        return "<p>Every job scored every sample.</p>"
+    columns = ["model", "method", "budget", "benchmark", "samples", "failures", "value", "source"]
+    return ("<p>Jobs with failed samples or no headline score.</p>"
+            + frame_html(failed[columns].astype({c: object for c in columns if c != "value"})))
+
+
+def figures_section(figures: list[Figure]) -> str:
+    parts = []
+    for figure in figures:
+        parts.append(f'<figure id="{anchor("figure", figure.key)}"><figcaption><b>{html.escape(figure.title)}.</b> '
+                     f'{html.escape(figure.caption)}</figcaption>')
+        if figure.note:
+            parts.append(f'<p class="note">Not drawn: {html.escape(figure.note)}.</p>')
+        else:
+            data = base64.b64encode(Path(figure.path).read_bytes()).decode("ascii")
+            parts.append(f'<img alt="{html.escape(figure.title)}" src="data:image/png;base64,{data}">')
+        parts.append("</figure>")
+    return "\n".join(parts)
+
+
+def data_section(results: pd.DataFrame) -> str:
+    headline = results[results["headline"].fillna(False).astype(bool)]
+    columns = ["model", "method", "phase", "budget", "benchmark", "metric", "value", "samples", "failures",
+               "tflops_exact", "tflops_legacy", "visual_tokens_layer_avg"]
+    frame = headline[columns].astype({c: object for c in columns if c not in ("value", "tflops_exact",
+                                                                            "tflops_legacy",
+                                                                            "visual_tokens_layer_avg")})
+    return (f"<p>{len(results)} rows in the tidy table (results.csv / results.parquet), {len(headline)} jobs. "
+            "The headline rows:</p><details><summary>show the table</summary>" + frame_html(frame) + "</details>")
+
+
+def overview_section(results: pd.DataFrame, measure: pd.DataFrame) -> str:
+    headline = results[results["headline"].fillna(False).astype(bool)]
+
+    def names(column: str) -> str:
+        return ", ".join(html.escape(str(v)) for v in sorted(headline[column].unique())) or "–"
+
+    return (f"<ul><li>models: {names('model')}</li><li>methods: {names('method')}</li>"
+            f"<li>budgets: {', '.join(ordered_budgets(headline['budget'].unique())) or '–'}</li>"
+            f"<li>benchmarks: {names('benchmark')}</li><li>jobs: {len(headline)}; measure files: {len(measure)}</li>"
+            "</ul><p>Budgets are average visual tokens per LLM decoder layer; \"full\" is unreduced. "
+            "Costs are computed from the token counts each run executed, never from a label.</p>")

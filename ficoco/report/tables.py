@@ -1,0 +1,173 @@
+"""Paper-style tables: per model and budget, methods x benchmarks (headline score), Avg and Avg%.
+
+Everything is returned as one long frame (one row per table cell), which the page renders and
+which is also written as paper_tables.csv:
+
+    model, table_budget, method, budget, reference, column, kind, ours, paper, paper_version, delta, best
+
+- `table_budget`: the budget of the table; `budget`: the row's own budget (the vanilla reference
+  row of every table has budget "full").
+- `column`: a benchmark id, "Avg", "Avg%", or a cost column ("visual tokens", "TFLOPs exact",
+  "TFLOPs legacy"); `kind` is "score", "average" or "cost".
+- Avg = mean of the row's scores over the benchmarks it has. Avg% = 100 x Avg / (vanilla's mean
+  over those same benchmarks), NaN without a vanilla run of that model. The paper's Avg and Avg%
+  are computed over the same benchmarks from its per-benchmark numbers (NaN if it lacks one).
+- `best`: the highest displayed value of a score / average column among the reduced rows.
+"""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from ficoco.report.aggregate import FULL
+from ficoco.report.paper import PAPER_BENCHMARKS, name_key, printed_tflops, with_paper_values
+
+VANILLA = "vanilla"
+AVG, AVG_PCT = "Avg", "Avg%"
+COST_COLUMNS = {  # table column -> tidy column (mean over the row's benchmarks)
+    "visual tokens": "visual_tokens_layer_avg",
+    "TFLOPs exact": "tflops_exact",
+    "TFLOPs legacy": "tflops_legacy",
+}
+DISPLAY_DECIMALS = 1
+TABLE_COLUMNS = ["model", "table_budget", "method", "budget", "reference", "column", "kind",
+                 "ours", "paper", "paper_version", "delta", "best"]
+
+
+def is_vanilla(method: str) -> bool:
+    return name_key(method) == VANILLA
+
+
+def headline_scores(results: pd.DataFrame) -> pd.DataFrame:
+    """One row per job (its headline metric), with every tidy column."""
+    return results[results["headline"].fillna(False).astype(bool)].reset_index(drop=True)
+
+
+def ordered_benchmarks(benchmarks) -> list[str]:
+    """The paper's column order first, then any other benchmark alphabetically."""
+    paper_order = list(PAPER_BENCHMARKS)
+    known = sorted((b for b in benchmarks if b.lower().replace("-", "_") in paper_order),
+                   key=lambda b: paper_order.index(b.lower().replace("-", "_")))
+    return known + sorted(b for b in benchmarks if b not in known)
+
+
+def ordered_methods(methods) -> list[str]:
+    """Vanilla first, baselines alphabetically, then the FiCoCo family (as the paper prints them)."""
+    def rank(method: str) -> tuple:
+        return (0 if is_vanilla(method) else 2 if name_key(method).startswith("ficoco") else 1, method)
+
+    return sorted(set(methods), key=rank)
+
+
+def ordered_budgets(budgets) -> list[str]:
+    """Largest integer budget first, "full" last."""
+    return sorted(set(budgets), key=lambda b: (b == FULL, -int(b) if b != FULL else 0))
+
+
+def table_budgets(model_rows: pd.DataFrame) -> list[str]:
+    """The budgets of the reduced runs ("full" only when a method other than vanilla ran unreduced);
+    a model with vanilla runs only gets one "full" table."""
+    reduced = model_rows.loc[~model_rows["method"].map(is_vanilla), "budget"]
+    return ordered_budgets(reduced.unique()) if len(reduced) else [FULL]
+
+
+def paper_tables(results: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
+    headline = headline_scores(results)
+    frames = [model_tables(headline[headline["model"] == model], reference)
+              for model in sorted(headline["model"].unique())]
+    frames = [frame for frame in frames if len(frame)]
+    if not frames:
+        return pd.DataFrame(columns=TABLE_COLUMNS)
+    return pd.concat(frames, ignore_index=True)[TABLE_COLUMNS]
+
+
+def model_tables(model_rows: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
+    benchmarks = ordered_benchmarks(model_rows["benchmark"].unique())
+    has_vanilla = bool(((model_rows["budget"] == FULL) & model_rows["method"].map(is_vanilla)).any())
+    vanilla_name = model_rows.loc[model_rows["method"].map(is_vanilla), "method"].iloc[0] if has_vanilla else None
+    frames = []
+    for budget in table_budgets(model_rows):
+        methods = [m for m in ordered_methods(model_rows.loc[model_rows["budget"] == budget, "method"])
+                   if not is_vanilla(m)]
+        entries = ([(vanilla_name, FULL, True)] if has_vanilla else []) + [(m, budget, False) for m in methods]
+        frames.append(one_table(model_rows, reference, budget, entries, benchmarks))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=TABLE_COLUMNS)
+
+
+def one_table(model_rows: pd.DataFrame, reference: pd.DataFrame, table_budget: str,
+              entries: list[tuple[str, str, bool]], benchmarks: list[str]) -> pd.DataFrame:
+    model = model_rows["model"].iloc[0]
+    cells = pd.DataFrame([
+        {"model": model, "table_budget": table_budget, "method": method, "budget": budget,
+         "reference": reference_row, "benchmark": benchmark}
+        for method, budget, reference_row in entries for benchmark in benchmarks
+    ])
+    scores = model_rows[["method", "budget", "benchmark", "value"]].rename(columns={"value": "ours"})
+    cells = cells.merge(scores, on=["method", "budget", "benchmark"], how="left", validate="many_to_one")
+    cells = with_paper_values(cells, reference).rename(columns={"paper_value": "paper"})
+    score_cells = cells.assign(column=cells["benchmark"], kind="score")
+    averages = average_cells(cells)
+    costs = cost_cells(model_rows, reference, table_budget, entries)
+    table = pd.concat([score_cells, averages, costs], ignore_index=True)
+    table["delta"] = table["ours"] - table["paper"]
+    table["best"] = best_marks(table)
+    return table[TABLE_COLUMNS]
+
+
+def average_cells(cells: pd.DataFrame) -> pd.DataFrame:
+    vanilla = cells[cells["reference"]].set_index("benchmark")
+    rows = []
+    for (method, budget), row in cells.groupby(["method", "budget"], sort=False):
+        first = row.iloc[0]
+        scored = row[row["ours"].notna()].set_index("benchmark")
+        ours_avg = scored["ours"].mean() if len(scored) else math.nan
+        paper_avg = complete_mean(scored["paper"])
+        ours_base = complete_mean(vanilla["ours"].reindex(scored.index)) if len(vanilla) else math.nan
+        paper_base = complete_mean(vanilla["paper"].reindex(scored.index)) if len(vanilla) else math.nan
+        shared = {"model": first["model"], "table_budget": first["table_budget"], "method": method,
+                  "budget": budget, "reference": first["reference"], "kind": "average"}
+        versions = ",".join(sorted(set(scored["paper_version"].dropna()))) or pd.NA
+        rows.append({**shared, "column": AVG, "ours": ours_avg, "paper": paper_avg, "paper_version": versions})
+        rows.append({**shared, "column": AVG_PCT, "ours": percent(ours_avg, ours_base),
+                     "paper": percent(paper_avg, paper_base), "paper_version": versions})
+    return pd.DataFrame(rows)
+
+
+def complete_mean(values: pd.Series) -> float:
+    """The mean when every value is present (and there is at least one), else NaN."""
+    return float(values.mean()) if len(values) and values.notna().all() else math.nan
+
+
+def percent(value: float, base: float) -> float:
+    return 100.0 * value / base if base == base and base != 0 and value == value else math.nan
+
+
+def cost_cells(model_rows: pd.DataFrame, reference: pd.DataFrame, table_budget: str,
+               entries: list[tuple[str, str, bool]]) -> pd.DataFrame:
+    rows = []
+    for method, budget, reference_row in entries:
+        job_rows = model_rows[(model_rows["method"] == method) & (model_rows["budget"] == budget)]
+        model = model_rows["model"].iloc[0]
+        for column, tidy_column in COST_COLUMNS.items():
+            paper = printed_tflops(reference, model, method, budget) if column == "TFLOPs legacy" else math.nan
+            rows.append({"model": model, "table_budget": table_budget, "method": method, "budget": budget,
+                         "reference": reference_row, "column": column, "kind": "cost",
+                         "ours": float(job_rows[tidy_column].mean()) if len(job_rows) else math.nan,
+                         "paper": paper, "paper_version": pd.NA})
+    return pd.DataFrame(rows)
+
+
+def best_marks(table: pd.DataFrame) -> pd.Series:
+    """True where a reduced row has the highest displayed value of its score / average column."""
+    shown = table["ours"].round(DISPLAY_DECIMALS)
+    candidates = table["kind"].isin(["score", "average"]) & ~table["reference"].astype(bool) & shown.notna()
+    column_max = shown.where(candidates).groupby(table["column"]).transform("max")
+    return (candidates & (shown == column_max)).astype(bool)
+
+
+def avg_percent_by_budget(tables: pd.DataFrame) -> pd.DataFrame:
+    """Avg% of every reduced row: model, method, budget, budget_tokens, avg_pct (for the Avg% plot)."""
+    rows = tables[(tables["column"] == AVG_PCT) & ~tables["reference"].astype(bool) & (tables["budget"] != FULL)]
+    frame = rows[["model", "method", "budget", "ours"]].rename(columns={"ours": "avg_pct"})
+    return frame.assign(budget_tokens=frame["budget"].astype(int)).reset_index(drop=True)

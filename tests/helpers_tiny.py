@@ -1,0 +1,76 @@
+"""Tiny random-weight LLaVA models and prompts for CPU tests (platform-notes §5).
+
+`tiny_llava()` is a 28 px / patch 7 model (16 patches + CLS); `llava_shaped()` has LLaVA-1.5's
+token geometry (336 px / patch 14 -> 577 vision tokens, 576 image placeholders) with small
+layers. Both use transformers' real classes, so the adapter is exercised on the code paths it
+patches. Weights are random but seeded, and `initializer_range` is raised so attention is peaked
+enough for scores to differ.
+"""
+from __future__ import annotations
+
+import torch
+
+PAD, BOS, EOS, IMAGE = 0, 1, 2, 5
+
+
+def tiny_llava(*, image_size: int = 28, patch_size: int = 7, vision_layers: int = 4, vision_hidden: int = 32,
+               vision_heads: int = 4, vision_mlp: int = 64, llm_layers: int = 4, llm_hidden: int = 32,
+               llm_heads: int = 4, llm_kv_heads: int | None = None, llm_mlp: int = 64, vocab_size: int = 64,
+               feature_layer: int = -2, seed: int = 0, initializer_range: float = 0.1,
+               attn_implementation: str = "sdpa"):
+    """A random LlavaForConditionalGeneration in eval mode (float32)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    n_patches = (image_size // patch_size) ** 2
+    vision = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=vision_mlp,
+                              num_hidden_layers=vision_layers, num_attention_heads=vision_heads,
+                              image_size=image_size, patch_size=patch_size, projection_dim=vision_hidden,
+                              initializer_range=initializer_range)
+    text = LlamaConfig(vocab_size=vocab_size, hidden_size=llm_hidden, intermediate_size=llm_mlp,
+                       num_hidden_layers=llm_layers, num_attention_heads=llm_heads,
+                       num_key_value_heads=llm_kv_heads or llm_heads, max_position_embeddings=4096,
+                       pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS, initializer_range=initializer_range)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE, image_seq_length=n_patches,
+                         vision_feature_layer=feature_layer, vision_feature_select_strategy="default")
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.set_attn_implementation(attn_implementation)
+    model.generation_config.pad_token_id = PAD
+    return model
+
+
+def llava_shaped(**overrides):
+    """LLaVA-1.5 token geometry (577 vision tokens, 576 placeholders) with small, few layers."""
+    shape = dict(image_size=336, patch_size=14, vision_layers=4, vision_hidden=64, vision_heads=4, vision_mlp=128,
+                 llm_layers=4, llm_hidden=64, llm_heads=4, llm_mlp=128)
+    shape.update(overrides)
+    return tiny_llava(**shape)
+
+
+def prompt(n_image_tokens: int, before: list[int], after: list[int]) -> list[int]:
+    """BOS, text before the image, the image placeholders, the instruction after it."""
+    return [BOS, *before, *([IMAGE] * n_image_tokens), *after]
+
+
+def left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and attention_mask (B, L) of prompts left-padded to the longest."""
+    length = max(map(len, prompts))
+    ids = torch.full((len(prompts), length), PAD, dtype=torch.long)
+    mask = torch.zeros((len(prompts), length), dtype=torch.long)
+    for row, tokens in enumerate(prompts):
+        ids[row, length - len(tokens):] = torch.tensor(tokens)
+        mask[row, length - len(tokens):] = 1
+    return ids, mask
+
+
+def images(n: int, image_size: int, seed: int = 1) -> torch.Tensor:
+    """(n, 3, size, size) random pixel values."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, image_size, image_size, generator=generator)
+
+
+def n_placeholders(model) -> int:
+    """Image placeholders the processor would insert per image ("default" strategy drops CLS)."""
+    vision = model.config.vision_config
+    return (vision.image_size // vision.patch_size) ** 2

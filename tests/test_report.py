@@ -1,0 +1,457 @@
+"""Aggregate -> tidy table -> paper-style tables, figures, the HTML page and the W&B aggregate run."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from report_fixtures import SCORES, metrics_json, write_measure, write_results_tree, write_run
+
+from ficoco import cli
+from ficoco.report import aggregate, files, page, paper, plots, tables, wandb_log
+from ficoco.report.aggregate import RESULTS_COLUMNS, build_summary, find_measure_files, find_metrics_files
+
+MODEL = "llava-1.5-7b"
+FIGURE_KEYS = ["accuracy_vs_tflops", "avg_percent_vs_budget", "speedup_vs_flops_reduction",
+               "visual_tokens_per_layer", "latency_breakdown"]
+
+
+def fixture_jobs():
+    return [(model, method, str(budget), benchmark, score)
+            for model, methods in SCORES.items() for method, budgets in methods.items()
+            for budget, scores in budgets.items() for benchmark, score in scores.items()]
+
+
+def summary_of(root: Path):
+    return build_summary(find_metrics_files(root), find_measure_files(root))
+
+
+def headline_of(results: pd.DataFrame, method: str, budget: str, benchmark: str) -> pd.Series:
+    rows = results[(results["method"] == method) & (results["budget"] == budget)
+                   & (results["benchmark"] == benchmark) & results["headline"]]
+    assert len(rows) == 1
+    return rows.iloc[0]
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    """One full run of both commands on the fixture tree (W&B off): (results dir, page path)."""
+    root = tmp_path_factory.mktemp("report")
+    results = write_results_tree(root / "results")
+    assert cli.main(["aggregate", "--results", str(results), "--out", str(results / "summary")]) == 0
+    out = root / "report" / "report.html"
+    assert cli.main(["report", "--summary", str(results / "summary"), "--out", str(out)]) == 0
+    return results, out
+
+
+# ---------------------------------------------------------------------------------------------- aggregate
+
+
+def test_aggregate_writes_one_row_per_job_and_numeric_metric(rendered):
+    results_dir, _ = rendered
+    table = pd.read_parquet(results_dir / "summary" / "results.parquet")
+    assert list(table.columns) == list(RESULTS_COLUMNS)
+    jobs = fixture_jobs()
+    assert int(table["headline"].sum()) == len(jobs)
+    # every fixture job has score, accuracy and one nested numeric metric; the string leaf is dropped
+    assert len(table) == 3 * len(jobs)
+    one = table[(table["method"] == "ficoco-v") & (table["budget"] == "64") & (table["benchmark"] == "pope")]
+    assert sorted(one["metric"]) == ["accuracy", "per_category/adversarial/f1", "score"]
+    assert one.set_index("metric").loc["score", "headline"]
+    assert one.set_index("metric").loc["score", "value"] == SCORES[MODEL]["ficoco-v"][64]["pope"]
+
+
+def test_aggregate_csv_and_parquet_hold_the_same_table(rendered):
+    results_dir, _ = rendered
+    summary = aggregate.read_summary(results_dir / "summary")
+    from_csv = aggregate.read_typed_csv(results_dir / "summary" / "results.csv", RESULTS_COLUMNS)
+    pd.testing.assert_frame_equal(summary.results, from_csv, check_exact=False)
+    assert set(from_csv["budget"]) == {"full", "192", "128", "64"}
+
+
+def test_aggregate_takes_costs_tokens_and_measured_latency_from_the_inputs(rendered):
+    results_dir, _ = rendered
+    table = aggregate.read_summary(results_dir / "summary").results
+    row = headline_of(table, "ficoco-l", "128", "textvqa")
+    written = json.loads(Path(row["source"]).read_text())
+    assert row["tflops_exact"] == pytest.approx(written["cost_mean"]["total_flops"] / 1e12)
+    assert row["tflops_legacy"] == pytest.approx(written["cost_mean"]["legacy_nominal_tflops"])
+    assert row["visual_tokens_layer_avg"] == pytest.approx(written["visual_tokens"]["layer_average"])
+    assert row["samples"] == written["samples"]
+    measured = json.loads((results_dir / "measure" / MODEL / "ficoco-l" / "b128.json").read_text())
+    assert row["prefill_s"] == pytest.approx(measured["prefill_s"])
+    assert row["end_to_end_s"] == pytest.approx(measured["end_to_end_s"])
+    assert row["peak_memory_bytes"] == pytest.approx(measured["peak_memory_bytes"])
+    schedules = aggregate.read_summary(results_dir / "summary").schedules
+    layers = schedules[(schedules["method"] == "ficoco-l") & (schedules["budget"] == "128")
+                       & (schedules["benchmark"] == "textvqa")]
+    assert layers.sort_values("layer")["visual_tokens"].tolist() == written["visual_tokens"]["per_layer"]
+
+
+def test_aggregate_from_explicit_file_lists(tmp_path):
+    root = write_results_tree(tmp_path / "results")
+    metrics = [p for p in find_metrics_files(root) if "/vanilla/" in str(p) or "/fastv/" in str(p)]
+    assert cli.main(["aggregate", "--metrics", *map(str, metrics), "--measures", "--out", str(tmp_path / "s")]) == 0
+    table = pd.read_csv(tmp_path / "s" / "results.csv")
+    assert set(table["method"]) == {"vanilla", "fastv"}
+    assert table["prefill_s"].isna().all()
+    assert pd.read_csv(tmp_path / "s" / "measure.csv").empty
+
+
+def test_missing_optional_keys_become_nan(tmp_path):
+    path = write_run(tmp_path, {"job": {"model": "m", "method": "vanilla", "phase": "none", "budget": "full",
+                                        "benchmark": "gqa"}, "metrics": {"score": None}})
+    summary = build_summary([path], [])
+    row = summary.results.iloc[0]
+    assert row["metric"] == "score" and bool(row["headline"])
+    assert math.isnan(row["value"]) and math.isnan(row["tflops_exact"]) and pd.isna(row["samples"])
+    assert summary.schedules.empty and summary.measure.empty
+
+
+def test_missing_headline_metric_gives_a_nan_headline_row(tmp_path):
+    data = metrics_json(MODEL, "gqa", "fastv", 64, 50.0)
+    data["metrics"] = {"accuracy": 50.0}
+    summary = build_summary([write_run(tmp_path, data)], [])
+    headline = summary.results[summary.results["headline"]]
+    assert list(headline["metric"]) == ["score"] and headline["value"].isna().all()
+
+
+@pytest.mark.parametrize("key", ["model", "method", "phase", "budget", "benchmark"])
+def test_missing_job_key_is_an_error_naming_the_file_and_the_key(tmp_path, capsys, key):
+    data = metrics_json(MODEL, "gqa", "fastv", 64, 50.0)
+    path = write_run(tmp_path, data)
+    del data["job"][key]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=re.escape(str(path)) + f".*{key}"):
+        build_summary([path], [])
+    assert cli.main(["aggregate", "--metrics", str(path), "--out", str(tmp_path / "s")]) == 1
+    error = capsys.readouterr().err
+    assert str(path) in error and key in error
+    assert not (tmp_path / "s" / "results.csv").exists()
+
+
+def test_bad_budget_names_the_value_and_the_valid_choices(tmp_path):
+    data = metrics_json(MODEL, "gqa", "fastv", 64, 50.0)
+    data["job"]["budget"] = "half"
+    path = write_run(tmp_path, data)
+    with pytest.raises(ValueError, match=r"'half'.*valid: 'full' or a positive integer"):
+        build_summary([path], [])
+
+
+def test_two_files_for_one_job_are_rejected(tmp_path):
+    first = write_run(tmp_path / "a", metrics_json(MODEL, "gqa", "fastv", 64, 50.0))
+    second = write_run(tmp_path / "b", metrics_json(MODEL, "gqa", "fastv", 64, 51.0))
+    with pytest.raises(ValueError, match=re.escape(str(second))):
+        build_summary([first, second], [])
+
+
+def test_measure_medians_may_sit_under_latency_as_repeats_or_dicts(tmp_path):
+    run = write_run(tmp_path, metrics_json(MODEL, "gqa", "fastv", 64, 50.0))
+    measure = tmp_path / "measure" / MODEL / "fastv" / "b64.json"
+    measure.parent.mkdir(parents=True)
+    measure.write_text(json.dumps({"latency": {"prefill_s": [0.3, 0.1, 0.2], "end_to_end_s": {"median": 0.9}},
+                                   "cost": {"total_flops": 2.5e12}, "throughput": {"images_per_s": 4.0}}))
+    row = build_summary([run], [measure]).measure.iloc[0]
+    assert (row["prefill_s"], row["end_to_end_s"], row["throughput"]) == (0.2, 0.9, 4.0)
+    assert row["decode_s"] == pytest.approx(0.7) and row["tflops_exact"] == 2.5
+    assert math.isnan(row["per_token_s"]) and math.isnan(row["peak_memory_bytes"])
+
+
+def test_measure_file_whose_job_disagrees_with_its_path_is_rejected(tmp_path):
+    run = write_run(tmp_path, metrics_json(MODEL, "gqa", "fastv", 64, 50.0))
+    measure = write_measure(tmp_path, MODEL, "fastv", 64, 0.02, 0.3)
+    data = json.loads(measure.read_text())
+    data["job"]["budget"] = "128"
+    measure.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=re.escape(str(measure))):
+        build_summary([run], [measure])
+
+
+def test_no_metrics_files_is_an_error(tmp_path, capsys):
+    assert cli.main(["aggregate", "--results", str(tmp_path), "--out", str(tmp_path / "s")]) == 1
+    assert "no metrics.json" in capsys.readouterr().err
+
+
+def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
+    target = tmp_path / "results.csv"
+    target.write_text("old\n")
+
+    with pytest.raises(RuntimeError):
+        with files.atomic_path(target) as temporary:
+            temporary.write_text("half a tab")
+            raise RuntimeError("killed")
+    assert target.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["results.csv"]
+    files.write_text(target, "new\n")
+    assert target.read_text() == "new\n" and len(list(tmp_path.iterdir())) == 1
+
+
+# ---------------------------------------------------------------------------------------------- paper
+
+
+def test_paper_reference_prefers_the_chosen_version_and_falls_back():
+    published = paper.load_paper_results()
+    v4 = paper.paper_reference(published, "v4").set_index(["model", "method", "budget_label", "benchmark"])
+    v1 = paper.paper_reference(published, "v1").set_index(["model", "method", "budget_label", "benchmark"])
+    # paper-results.md §1.3: FiCoCo-V at 1.5T GQA is 57.4 in v1 and 54.9 in v4
+    assert v4.loc[("LLaVA-1.5-7B", "FiCoCo-V", "1.5T", "GQA"), "value"] == 54.9
+    assert v1.loc[("LLaVA-1.5-7B", "FiCoCo-V", "1.5T", "GQA"), "value"] == 57.4
+    # VizWiz of FiCoCo-V at 1.5T is only in v1 (52.4)
+    cell = v4.loc[("LLaVA-1.5-7B", "FiCoCo-V", "1.5T", "VizWiz")]
+    assert (cell["value"], cell["paper_version"]) == (52.4, "v1")
+    # v1 spells PruMerge "LLaVA-PruMerge": SQA at 1.5T is 67.9 in v1 and 68.1 in v4
+    assert v1.loc[("LLaVA-1.5-7B", "PruMerge", "1.5T", "SQA"), "value"] == 67.9
+    assert v4.loc[("LLaVA-1.5-7B", "PruMerge", "1.5T", "SQA"), "value"] == 68.1
+    with pytest.raises(ValueError, match="v3.*v4, v1"):
+        paper.paper_reference(published, "v3")
+
+
+def test_paper_csv_has_no_conflicting_benchmark_cells():
+    published = paper.load_paper_results()
+    cells = published[~published["benchmark"].isin(["Avg", "Avg%"])]
+    counts = cells.groupby(["paper_version", "model", "method", "budget_label", "benchmark"])["value"].nunique()
+    assert (counts == 1).all(), counts[counts > 1]
+
+
+def test_names_map_onto_the_paper():
+    assert paper.paper_method("ficoco-v") == "FiCoCo-V" and paper.paper_method("FiCoCo_L") == "FiCoCo-L"
+    assert paper.paper_method("my-new-method") is None
+    assert paper.paper_benchmark("mmbench-cn") == "MMB-CN" and paper.paper_benchmark("mme") is None
+    # the paper's SQA is overall accuracy: the full set compares, the IMG subset does not
+    assert paper.paper_benchmark("scienceqa_full") == "SQA" and paper.paper_benchmark("scienceqa_img") is None
+    assert paper.paper_model("llava-1.5-13b") == "LLaVA-1.5-13B" and paper.paper_model("toy-llava") is None
+    assert [paper.paper_budget_label(b) for b in ("full", "192", "128", "64", "100")] == [
+        "vanilla", "3.3T", "2.4T", "1.5T", None]
+
+
+# ---------------------------------------------------------------------------------------------- tables
+
+
+@pytest.fixture(scope="module")
+def paper_tables(rendered):
+    results_dir, _ = rendered
+    results = aggregate.read_summary(results_dir / "summary").results
+    return tables.paper_tables(results, paper.paper_reference(paper.load_paper_results()))
+
+
+def cell(frame, budget, method, column):
+    rows = frame[(frame["table_budget"] == budget) & (frame["method"] == method) & (frame["column"] == column)]
+    assert len(rows) == 1, (budget, method, column)
+    return rows.iloc[0]
+
+
+def test_tables_exist_per_budget_with_vanilla_as_reference(paper_tables):
+    assert set(paper_tables["table_budget"]) == {"192", "128", "64"}
+    for budget in ("192", "128", "64"):
+        reference = paper_tables[(paper_tables["table_budget"] == budget) & paper_tables["reference"]]
+        assert set(reference["method"]) == {"vanilla"} and set(reference["budget"]) == {"full"}
+    methods_192 = paper_tables.loc[paper_tables["table_budget"] == "192", "method"].unique().tolist()
+    assert methods_192 == ["vanilla", "fastv", "ficoco-l", "ficoco-v"]
+
+
+def test_avg_and_avg_percent_follow_the_definition(paper_tables):
+    scores, vanilla = SCORES[MODEL], SCORES[MODEL]["vanilla"]["full"]
+    for method, budget in (("ficoco-v", 64), ("fastv", 192), ("ficoco-l", 128)):
+        mine = scores[method][budget]
+        expected_avg = sum(mine.values()) / len(mine)
+        base = sum(vanilla[b] for b in mine) / len(mine)   # ficoco-l at 128 has no mme: vanilla without it too
+        assert cell(paper_tables, str(budget), method, "Avg")["ours"] == pytest.approx(expected_avg)
+        assert cell(paper_tables, str(budget), method, "Avg%")["ours"] == pytest.approx(100 * expected_avg / base)
+    assert cell(paper_tables, "64", "vanilla", "Avg%")["ours"] == pytest.approx(100.0)
+
+
+def test_best_reduced_method_is_marked_per_column(paper_tables):
+    at_192 = {m: SCORES[MODEL][m][192] for m in ("fastv", "ficoco-l", "ficoco-v")}
+    for benchmark in ("scienceqa", "textvqa", "pope", "mme"):
+        winner = max(at_192, key=lambda m: at_192[m][benchmark])
+        best = paper_tables[(paper_tables["table_budget"] == "192") & (paper_tables["column"] == benchmark)
+                            & paper_tables["best"]]
+        assert best["method"].tolist() == [winner]
+    assert not paper_tables.loc[paper_tables["reference"], "best"].any()
+    assert not paper_tables.loc[paper_tables["kind"] == "cost", "best"].any()
+
+
+def test_paper_numbers_sit_beside_ours_with_the_difference(paper_tables):
+    # paper-results.md §2/§3: FastV 3.3T SQA 67.3, POPE 64.8; vanilla SQA 69.5; FiCoCo-V 1.5T (v4) POPE 79.8
+    fastv = cell(paper_tables, "192", "fastv", "scienceqa")
+    assert fastv["paper"] == 67.3 and fastv["delta"] == pytest.approx(SCORES[MODEL]["fastv"][192]["scienceqa"] - 67.3)
+    assert cell(paper_tables, "192", "fastv", "pope")["paper"] == 64.8
+    assert cell(paper_tables, "64", "vanilla", "scienceqa")["paper"] == 69.5
+    assert cell(paper_tables, "64", "ficoco-v", "pope")["paper"] == 79.8
+    assert math.isnan(cell(paper_tables, "192", "fastv", "mme")["paper"])
+    # the paper's Avg over the same benchmarks: ficoco-l at 128 ran SQA, VQAT, POPE (2.4T: 69.4, 56.3, 84.4)
+    avg = cell(paper_tables, "128", "ficoco-l", "Avg")
+    assert avg["paper"] == pytest.approx((69.4 + 56.3 + 84.4) / 3)
+    assert cell(paper_tables, "128", "ficoco-l", "Avg%")["paper"] == pytest.approx(
+        100 * (69.4 + 56.3 + 84.4) / (69.5 + 58.2 + 86.4))
+    # an Avg over a benchmark the paper lacks (mme) has no paper value
+    assert math.isnan(cell(paper_tables, "192", "fastv", "Avg")["paper"])
+    assert cell(paper_tables, "192", "ficoco-v", "TFLOPs legacy")["paper"] == 3.3
+
+
+def test_unmapped_models_and_13b_reduced_runs_get_no_paper_numbers(tmp_path):
+    runs = [write_run(tmp_path, metrics_json("llava-1.5-13b", "scienceqa", "vanilla", "full", 71.0)),
+            write_run(tmp_path, metrics_json("llava-1.5-13b", "scienceqa", "ficoco-v", 64, 70.0)),
+            write_run(tmp_path, metrics_json("toy-llava", "scienceqa", "vanilla", "full", 40.0)),
+            write_run(tmp_path, metrics_json("toy-llava", "scienceqa", "ficoco-v", 64, 30.0))]
+    summary = build_summary(runs, [])
+    frame = tables.paper_tables(summary.results, paper.paper_reference(paper.load_paper_results()))
+    scores = frame[frame["column"] == "scienceqa"].set_index(["model", "method"])["paper"]
+    assert scores[("llava-1.5-13b", "vanilla")] == 71.4
+    assert math.isnan(scores[("llava-1.5-13b", "ficoco-v")])
+    assert scores.loc["toy-llava"].isna().all()
+
+
+def test_without_vanilla_avg_percent_is_nan(tmp_path):
+    runs = [write_run(tmp_path, metrics_json(MODEL, "gqa", "fastv", 64, 50.0))]
+    frame = tables.paper_tables(build_summary(runs, []).results, paper.paper_reference(paper.load_paper_results()))
+    assert not frame["reference"].any()
+    assert math.isnan(cell(frame, "64", "fastv", "Avg%")["ours"])
+    assert cell(frame, "64", "fastv", "Avg")["ours"] == 50.0
+
+
+# ---------------------------------------------------------------------------------------------- page and figures
+
+
+class PageParser(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.ids, self.hrefs, self.sources = set(), [], []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if "id" in attrs:
+            self.ids.add(attrs["id"])
+        if "href" in attrs:
+            self.hrefs.append(attrs["href"])
+        if "src" in attrs:
+            self.sources.append(attrs["src"])
+
+
+def test_page_is_self_contained_with_every_figure_embedded(rendered):
+    results_dir, out = rendered
+    parser = PageParser()
+    parser.feed(out.read_text(encoding="utf-8"))
+    assert len(parser.sources) == len(FIGURE_KEYS)
+    for source in parser.sources:
+        prefix = "data:image/png;base64,"
+        assert source.startswith(prefix)
+        image = Image.open(io.BytesIO(base64.b64decode(source[len(prefix):])))
+        assert image.format == "PNG" and image.width > 100 and image.height > 50
+    assert parser.hrefs and all(h.startswith("#") and h[1:] in parser.ids for h in parser.hrefs)
+    figures = results_dir / "report"
+    assert sorted(p.name for p in figures.iterdir()) == sorted([f"{k}.png" for k in FIGURE_KEYS]
+                                                               + ["paper_tables.csv"])
+
+
+def test_page_shows_the_tables_with_paper_numbers_and_best_marks(rendered):
+    _, out = rendered
+    text = out.read_text(encoding="utf-8")
+    for budget in ("192", "128", "64"):
+        assert f'id="table-llava-1-5-7b-{budget}"' in text
+    assert "paper 67.3" in text                                   # FastV 3.3T SQA beside ours
+    assert f"<b>{SCORES[MODEL]['ficoco-l'][192]['pope']:.1f}</b>" in text
+    assert "Not drawn" not in text
+
+
+def test_figures_without_inputs_become_placeholders_with_a_note(tmp_path):
+    empty_measure = aggregate.typed_frame([], aggregate.MEASURE_COLUMNS)
+    empty_schedules = aggregate.typed_frame([], aggregate.SCHEDULE_COLUMNS)
+    run = write_run(tmp_path, metrics_json(MODEL, "gqa", "fastv", 64, 50.0))
+    headline = tables.headline_scores(build_summary([run], []).results)
+    figures = plots.make_figures(headline, pd.DataFrame(columns=["model", "method", "budget", "budget_tokens",
+                                                                 "avg_pct"]),
+                                 empty_schedules, empty_measure, tmp_path / "figures")
+    notes = {f.key: f.note for f in figures}
+    assert notes["accuracy_vs_tflops"] is None
+    assert "no measure files" in notes["speedup_vs_flops_reduction"]
+    assert "prefill_s" in notes["latency_breakdown"]
+    assert "vanilla" in notes["avg_percent_vs_budget"]
+    assert "per_layer" in notes["visual_tokens_per_layer"]
+    assert all(Image.open(f.path).format == "PNG" for f in figures)
+    section = page.figures_section(figures)
+    assert section.count("<img") == 1 and section.count("Not drawn") == 4
+
+
+def test_speedup_is_vanilla_latency_over_method_latency(tmp_path):
+    root = write_results_tree(tmp_path / "results")
+    summary = summary_of(root)
+    frame = plots.speedup_frame(summary.measure, tables.headline_scores(summary.results))
+    measured = summary.measure.set_index(["method", "budget"])
+    row = frame[(frame["method"] == "ficoco-v") & (frame["budget"] == "64") & (frame["part"] == "end to end")]
+    expected = measured.loc[("vanilla", "full"), "end_to_end_s"] / measured.loc[("ficoco-v", "64"), "end_to_end_s"]
+    assert row["speedup"].item() == pytest.approx(expected)
+    flops = summary.results[summary.results["headline"]].set_index(["method", "budget", "benchmark"])["tflops_exact"]
+    ratios = [flops[("vanilla", "full", b)] / flops[("ficoco-v", "64", b)] for b in SCORES[MODEL]["ficoco-v"][64]]
+    assert row["flops_reduction"].item() == pytest.approx(sum(ratios) / len(ratios))
+
+
+def test_speedup_uses_the_measure_files_own_flops_when_present(tmp_path):
+    run = write_run(tmp_path, metrics_json(MODEL, "gqa", "fastv", 64, 50.0))
+    measures = [write_measure(tmp_path, MODEL, "vanilla", "full", 0.10, 0.50, cost={"total_flops": 10e12}),
+                write_measure(tmp_path, MODEL, "fastv", 64, 0.04, 0.40, cost={"total_flops": 4e12})]
+    summary = build_summary([run], measures)
+    frame = plots.speedup_frame(summary.measure, tables.headline_scores(summary.results))
+    row = frame[frame["part"] == "end to end"].iloc[0]
+    assert row["flops_reduction"] == pytest.approx(2.5) and row["speedup"] == pytest.approx(0.50 / 0.40)
+
+
+def test_report_without_a_summary_is_an_error(tmp_path, capsys):
+    assert cli.main(["report", "--summary", str(tmp_path), "--out", str(tmp_path / "r.html")]) == 1
+    assert "ficoco aggregate" in capsys.readouterr().err
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_template_without_placeholders_is_rejected():
+    with pytest.raises(ValueError, match=r"\$body"):
+        page.render("<html>$title $generated $toc</html>", "t", "now", [])
+
+
+def test_caption_files_exist_and_are_valid_rst():
+    from docutils.core import publish_string
+
+    captions = Path(__file__).resolve().parents[1] / "report" / "captions"
+    for key in FIGURE_KEYS + ["paper_tables", "results"]:
+        text = (captions / f"{key}.rst").read_text(encoding="utf-8")
+        publish_string(text, writer="html", settings_overrides={"halt_level": 2, "report_level": 5})
+
+
+# ---------------------------------------------------------------------------------------------- W&B
+
+
+def figures_of(results_dir: Path) -> list[plots.Figure]:
+    return [plots.Figure(key=k, title=k, caption="", path=results_dir / "report" / f"{k}.png", note=None)
+            for k in FIGURE_KEYS]
+
+
+def test_wandb_offline_run_logs_the_tidy_table_and_the_figures(rendered, tmp_path, monkeypatch):
+    results_dir, _ = rendered
+    for name in ("CONFIG", "CACHE", "DATA"):
+        monkeypatch.setenv(f"WANDB_{name}_DIR", str(tmp_path / name.lower()))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    results = aggregate.read_summary(results_dir / "summary").results
+    frame = pd.read_csv(results_dir / "report" / "paper_tables.csv")
+    assert wandb_log.log_report(results, frame, figures_of(results_dir), tmp_path / "run", config={"test": True})
+    run_dirs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(run_dirs) == 1
+    media = run_dirs[0] / "files" / "media"
+    table_files = {p.name.split("_")[0]: p for p in (media / "table").glob("*.table.json")}
+    logged = json.loads(table_files["results"].read_text())
+    assert logged["columns"] == list(RESULTS_COLUMNS) and len(logged["data"]) == len(results)
+    assert sorted(p.name.rsplit("_", 2)[0] for p in (media / "images" / "figures").glob("*.png")) == sorted(FIGURE_KEYS)
+
+
+def test_wandb_disabled_writes_nothing(rendered, tmp_path, monkeypatch):
+    results_dir, _ = rendered
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    results = aggregate.read_summary(results_dir / "summary").results
+    assert not wandb_log.log_report(results, pd.DataFrame(), figures_of(results_dir), tmp_path / "run", config={})
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,140 @@
+"""The Snakemake DAG, driven as a user would: dry runs of the paper grid and real runs of a tiny toy grid."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ficoco.config import job_grid, load_and_validate
+
+
+def snakemake(cwd, *args, env=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The 'Job stats' table of a dry run: rule -> number of jobs."""
+    counts = {}
+    in_table = False
+    for line in output.splitlines():
+        if line.startswith("job ") and "count" in line:
+            in_table = True
+            continue
+        if in_table:
+            parts = line.split()
+            if not parts or parts[0] == "total":
+                break
+            if len(parts) == 2 and parts[1].isdigit():
+                counts[parts[0]] = int(parts[1])
+    return counts
+
+
+def job_blocks(output: str) -> list[tuple[str, str]]:
+    """(rule name, printed block) for every job of a dry run."""
+    starts = list(re.finditer(r"^(?:local)?rule (\w+):$", output, flags=re.MULTILINE))
+    return [(match.group(1), output[match.end(): starts[i + 1].start() if i + 1 < len(starts) else len(output)])
+            for i, match in enumerate(starts)]
+
+
+def test_paper_dry_run_lists_every_job(repo_copy):
+    result = snakemake(repo_copy, "-n", "--cores", "1", "--configfile", "config/paper.yaml")
+    assert result.returncode == 0, result.stderr[-2000:]
+    config = load_and_validate(repo_copy / "config/paper.yaml", root=repo_copy)
+    grid = job_grid(config, repo_copy)
+    counts = job_counts(result.stdout)
+    assert counts["evaluate"] == len(grid)
+    assert counts["score"] == len({(j.model, j.benchmark, j.method, j.budget) for j in grid})
+    assert counts["fetch_model"] == len(config["models"])
+    assert counts["fetch_benchmark"] == len(config["benchmarks"])
+    assert counts["measure"] == len({(j.model, j.method, j.budget) for j in grid})
+    assert counts["aggregate"] == counts["report"] == 1
+
+
+def test_slurm_profile_gives_gpus_to_gpu_jobs_only(repo_copy):
+    env = {**os.environ, "FICOCO_SLURM_ACCOUNT": "acct42", "FICOCO_GPU_PARTITION": "gpupart",
+           "FICOCO_CPU_PARTITION": "cpupart"}
+    result = snakemake(repo_copy, "--profile", "slurm", "-n", "--configfile", "config/paper.yaml", env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    blocks = job_blocks(result.stdout)
+    seen = {rule for rule, _ in blocks}
+    assert {"evaluate", "measure", "fetch_model", "fetch_benchmark", "score", "aggregate", "report"} <= seen
+    for rule, block in blocks:
+        resources = next((line for line in block.splitlines() if line.strip().startswith("resources:")), "")
+        if rule in ("evaluate", "measure"):
+            assert "gpu=1" in resources and "slurm_partition=gpupart" in resources, (rule, resources)
+            assert "slurm_account=acct42" in resources and "mem_mb=64000" in resources, (rule, resources)
+        else:
+            assert "gpu=" not in resources, (rule, resources)
+    evaluate = next(block for rule, block in blocks if rule == "evaluate")
+    assert "runtime=240" in evaluate
+
+
+# ---------------------------------------------------------------------------------------------
+# a real, tiny toy grid: what reruns when the config changes
+
+
+def write_tiny_config(repo: Path, benchmarks, project="ficoco-test"):
+    models = yaml.safe_load((repo / "config/models.yaml").read_text())
+    models["toy-llava"].update(train=False, size="small")
+    (repo / "config/test_models.yaml").write_text(yaml.safe_dump(models))
+    config = {"models": ["toy-llava"], "methods": ["vanilla", "ficoco-v"], "budgets": [36],
+              "benchmarks": benchmarks, "limit": 8, "batch_size": 4, "device": "cpu",
+              "registries": {"models": "config/test_models.yaml"}, "measure": {"enabled": False},
+              "wandb": {"project": project}}
+    (repo / "config/test.yaml").write_text(yaml.safe_dump(config))
+
+
+@pytest.fixture(scope="module")
+def finished_tiny_run(tmp_path_factory):
+    import shutil
+
+    REPO_ROOT = Path(__file__).resolve().parents[1]
+    repo = tmp_path_factory.mktemp("tiny") / "repo"
+    repo.mkdir()
+    shutil.copy(REPO_ROOT / "Snakefile", repo)
+    for name in ("workflow", "config", "slurm", "report"):
+        shutil.copytree(REPO_ROOT / name, repo / name, ignore=shutil.ignore_patterns("*.html", "__pycache__"))
+    write_tiny_config(repo, ["toy-shapes-mini"])
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    result = snakemake(repo, "--cores", "2", "--configfile", "config/test.yaml", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return repo, env
+
+
+def dry_run_counts(repo, env, *extra):
+    result = snakemake(repo, "-n", "--cores", "2", "--configfile", "config/test.yaml", *extra, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return job_counts(result.stdout), result.stdout
+
+
+def test_tiny_run_produces_the_report_and_nothing_is_left_to_do(finished_tiny_run):
+    repo, env = finished_tiny_run
+    assert (repo / "report/report.html").stat().st_size > 1000
+    counts, output = dry_run_counts(repo, env)
+    assert counts == {} and "Nothing to be done" in output
+
+
+def test_changing_wandb_settings_reruns_nothing(finished_tiny_run):
+    repo, env = finished_tiny_run
+    counts, _ = dry_run_counts(repo, {**env, "WANDB_MODE": "offline"}, "--config", "wandb={'project': 'renamed'}")
+    assert counts == {}
+
+
+def test_adding_a_benchmark_runs_only_its_new_jobs(finished_tiny_run):
+    repo, env = finished_tiny_run
+    counts, _ = dry_run_counts(repo, env, "--config", "benchmarks=['toy-shapes-mini','toy-shapes-mini2']")
+    # the new benchmark: its build, vanilla + ficoco-v@36 evaluations and scores; then aggregate and report
+    assert counts == {"build_toy_benchmark": 1, "evaluate": 2, "score": 2, "aggregate": 1, "report": 1}
+
+
+def test_forcing_one_benchmark_reruns_only_its_jobs(finished_tiny_run):
+    repo, env = finished_tiny_run
+    targets = sorted(str(p.relative_to(repo))
+                     for p in (repo / "results/runs").glob("*/toy-shapes-mini/*/*/shard*/predictions.jsonl"))
+    assert len(targets) == 2
+    counts, _ = dry_run_counts(repo, env, "-R", *targets)
+    assert counts == {"evaluate": 2, "score": 2, "aggregate": 1, "report": 1}
