@@ -13,7 +13,7 @@ COMMANDS = {
     "run": ("ficoco.evaluate:main", "run one evaluate job (model + method + budget + benchmark [+ shard])"),
     "score": ("ficoco.evaluate:main_score", "merge the shards of one run into metrics.json"),
     "fetch-model": ("ficoco.fetch:main_model", "download a model snapshot at a pinned revision"),
-    "fetch-benchmark": ("ficoco.fetch:main_benchmark", "download and normalise a benchmark at a pinned revision"),
+    "fetch-benchmark": ("ficoco.benchmarks.fetch:main", "download and normalise a benchmark at a pinned revision"),
     "toy": ("ficoco.toy.cli:main", "build the embedded toy world (synthetic benchmark, tiny LLaVA)"),
     "methods": ("ficoco.methods.cli:main", "list every token-reduction method: where it acts, stages, parameters"),
     "flops": ("ficoco.flops:main", "FLOPs / memory tables for a model, method and budget (--paper: the paper's labels)"),

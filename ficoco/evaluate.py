@@ -74,8 +74,8 @@ class Generator:
     """Turns benchmark rows into records with one model, one method and one benchmark."""
 
     def __init__(self, model, processor, handle, benchmark, options: dict, template: str,
-                 image_preprocessing: str, dims):
-        self.model, self.processor, self.handle = model, processor, handle
+                 image_preprocessing: str, dims, judge=None):
+        self.model, self.processor, self.handle, self.judge = model, processor, handle, judge
         self.benchmark, self.options, self.template = benchmark, options, template
         self.image_preprocessing, self.dims = image_preprocessing, dims
         mean = getattr(processor.image_processor, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073)
@@ -120,7 +120,12 @@ class Generator:
         return records
 
     def _record(self, row, prediction, counts, generated, seconds, cost, error=None) -> dict:
-        scoring = self.benchmark.score_sample(prediction, row) if error is None else {"score": None}
+        if error is not None:
+            scoring = {"score": None}
+        elif self.judge is not None:          # GPT-judged benchmarks (MM-Vet, LLaVA-W)
+            scoring = self.benchmark.score_sample(prediction, row, judge=self.judge)
+        else:
+            scoring = self.benchmark.score_sample(prediction, row)
         return {
             "id": str(row["id"]), "row": row["_row"], "prediction": prediction, "answers": list(row["answers"]),
             "score": scoring.get("score"), "scoring": scoring, "counts": counts, "cost": cost,
@@ -177,7 +182,9 @@ def evaluate_shard(*, model_dir, benchmark_dir, benchmark: str, method: str, bud
     out = Path(out)
     journal = Journal(out.parent / "journal.jsonl")
     bench = benchmark_registry.get(benchmark_module or benchmark)
-    dataset, _ = load_local(benchmark_dir)
+    # a judged benchmark without an API key fails here, before the model is loaded
+    judge = bench.make_judge(options) if getattr(bench, "needs_judge", False) else None
+    dataset, _ = load_local(benchmark_dir, expected_options=options or None)
     total = len(dataset) if limit is None else min(limit, len(dataset))
     rows = list(shard_rows(total, shard, shards))
     done = journal.read()
@@ -189,7 +196,7 @@ def evaluate_shard(*, model_dir, benchmark_dir, benchmark: str, method: str, bud
         model, processor = load_model(model_dir, pick_device(device), dtype)
         handle = ficoco.apply(model, method, None if budget == FULL else int(budget), **(overrides or {}))
         generator = Generator(model, processor, handle, bench, options or {}, template, image_preprocessing,
-                              ModelDims.from_config(model.config))
+                              ModelDims.from_config(model.config), judge=judge)
         bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc=f"{benchmark}/{method}/b{budget}",
                    unit="sample", disable=not progress)
         for batch in _batches(todo, batch_size):
@@ -256,8 +263,12 @@ def summarise(bench, records: list[dict]) -> dict:
 
 
 def score(prediction_files: list[str | Path], benchmark: str, out: str | Path, job: dict,
-          overrides: dict | None = None) -> dict:
-    """Merge every shard's predictions (in row order) and write metrics.json atomically."""
+          overrides: dict | None = None, benchmark_manifest: str | Path | None = None) -> dict:
+    """Merge every shard's predictions (in row order) and write metrics.json atomically.
+
+    With the benchmark's manifest, its revision and any subset (VQAv2 `subset_size`) are recorded,
+    so a score on a subset is labelled as such.
+    """
     from ficoco import benchmarks as benchmark_registry
 
     records = sorted((r for path in prediction_files for r in read_jsonl(path)), key=lambda r: r["row"])
@@ -268,6 +279,10 @@ def score(prediction_files: list[str | Path], benchmark: str, out: str | Path, j
     import torch
     import transformers
 
+    if benchmark_manifest is not None:
+        manifest = json.loads(Path(benchmark_manifest).read_text())
+        summary["benchmark_data"] = {key: manifest.get(key) for key in
+                                     ("id", "config", "split", "resolved_revision", "rows", "checksum", "subset")}
     summary.update(job=job, overrides=overrides or {}, versions={
         "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
     })
@@ -321,7 +336,9 @@ def main_score(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--job", required=True, help="job keys as JSON")
     parser.add_argument("--overrides", default="{}")
+    parser.add_argument("--manifest", help="the benchmark's manifest.json (revision, subset) to record")
     args = parser.parse_args(argv)
-    summary = score(args.predictions, args.benchmark, args.out, json.loads(args.job), json.loads(args.overrides))
+    summary = score(args.predictions, args.benchmark, args.out, json.loads(args.job), json.loads(args.overrides),
+                    benchmark_manifest=args.manifest)
     print(f"{args.out}: score {summary['metrics'].get('score')} over {summary['samples']} samples", file=sys.stderr)
     return 0

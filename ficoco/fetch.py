@@ -93,20 +93,3 @@ def main_model(argv: list[str] | None = None) -> int:
     manifest = fetch_model(args.name, entry, out, endpoint_dir=args.source_dir)
     print(f"{args.name}: {manifest['id']}@{manifest['resolved_revision']} -> {out} ({len(manifest['files'])} files)")
     return 0
-
-
-def main_benchmark(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ficoco fetch-benchmark", description=__doc__)
-    parser.add_argument("name", help="a benchmark name from the benchmark registry")
-    parser.add_argument("--out", help="output directory (default resources/benchmarks/<name>)")
-    parser.add_argument("--revision", help="override the pinned revision")
-    parser.add_argument("--options", default="{}", help="benchmark options as JSON, e.g. '{\"subset_size\": 1000}'")
-    args = parser.parse_args(argv)
-    import json
-
-    from ficoco.benchmarks.fetch import fetch_benchmark
-
-    out = args.out or f"resources/benchmarks/{args.name}"
-    manifest = fetch_benchmark(args.name, out, revision=args.revision, options=json.loads(args.options))
-    print(f"{args.name}: {manifest.get('rows')} rows -> {out}")
-    return 0

@@ -230,6 +230,7 @@ def measure(
 
     if handle is not None:
         counts = handle.last_counts()[0]
+        handle.remove()
     else:  # unhooked vanilla: HF runs every vision layer on CLS + patches and the LLM on the full prompt
         counts = counts_from_schedule(dims, prompt_tokens, [dims.visual_tokens] * dims.llm_layers,
                                       vision=[[dims.vision_tokens, dims.vision_tokens]] * dims.vision_layers)

@@ -248,6 +248,10 @@ OPTIONS = {"A": "cat", "B": "dog"}
     # "A" present and more than 3 pieces: step 1 skipped; no punctuated form; step 3: only "cat" occurs
     ("A cat is sitting on the mat", OPTIONS, "A"),
     ("A cat is sitting on the mat", {"A": "mouse", "B": "dog"}, None),
+    # the guard matters: without it step 1 would take the article "A"; step 3 finds "dog" -> B
+    ("A dog is sitting on the mat", OPTIONS, "B"),
+    # 3 pieces only: step 1 runs and the bare "A" decides
+    ("A is right", OPTIONS, "A"),
     ("The answer is B.", OPTIONS, "B"),                     # step 2, form "X."
     ("(C) a cow", {"A": "cat", "B": "dog", "C": "cow"}, "C"),   # form "(X)"
     ("option :B", OPTIONS, "B"),                            # form ":X"

@@ -379,3 +379,27 @@ def test_ficoco_l_merging_changes_only_what_it_should():
     assert merged.shape == pruned.shape == (ids.shape[1] - (16 - final), vanilla.shape[1])
     torch.testing.assert_close(merged[:4], vanilla[:4], rtol=0, atol=1e-6)      # BOS + text before the image
     assert not torch.allclose(merged[-1], pruned[-1])                           # merging moved information
+
+
+def test_bench_reports_every_configuration_with_predictions(tmp_path, capsys):
+    """`ficoco bench` end to end on a small LLaVA-shaped model (no timing assertions)."""
+    import json
+
+    from ficoco.bench import main
+
+    out = tmp_path / "bench.json"
+    assert main(["--repeats", "5", "--warmup", "0", "--step-repeats", "1", "--vision-layers", "4",
+                 "--vision-hidden", "64", "--llm-layers", "8", "--llm-hidden", "64", "--llm-mlp", "128",
+                 "--threads", "1", "--no-llava-scale", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    rows = {(row["method"], row["budget"]): row for row in result["rows"]}
+    assert len(rows) == 10 and rows[("vanilla", None)]["predicted_speedup"] == 1.0
+    for (method, budget), row in rows.items():
+        assert len(row["prefill_ms"]) == 5
+        if method != "vanilla":
+            assert row["visual_average"] <= budget and row["predicted_speedup"] > 1.0
+            assert row["step_share"] and f"| {method} | {budget} |" in table
+    assert rows[("ficoco-v", 64)]["overrides"] == {"start": 2}             # 12/24 of 4 vision layers
+    assert rows[("ficoco-l", 192)]["overrides"] == {"start": 1, "window": 1}
+    assert rows[("ficoco-l", 64)]["overrides"] == {"start": 0, "window": 1}  # start 1 cannot reach 64

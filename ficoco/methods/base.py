@@ -36,6 +36,7 @@ from ficoco.paradigm.correlate import adaptive_quantile_weights, fixed_k_weights
 
 PHASES = ("none", "vision", "projector", "llm", "both")
 SITES = ("vision", "projector", "llm")
+VISION_ATTENTION = ("probs", "rows", "keys", "none")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -96,7 +97,14 @@ class VisionLayerStep:
     layers: tuple[int, ...]                 # 0-based encoder layers that reduce
     reduce: Callable[[int, VisionTokens, VisionScores], VisionTokens]
     tokens_out: Mapping[int, int]           # layer -> patches left after it (CLS not counted)
+    attention: str = "probs"                # what reduce reads: "probs" (the full matrix, computed once
+                                            # together with the layer output) or "rows" / "keys" / "none"
+                                            # (on demand; the output keeps the fused kernel)
     site: str = field(default="vision", init=False)
+
+    def __post_init__(self):
+        if self.attention not in VISION_ATTENTION:
+            raise ValueError(f"attention={self.attention!r}; valid choices are {list(VISION_ATTENTION)}")
 
 
 @dataclass(frozen=True)
@@ -110,7 +118,8 @@ class LLMLayerStep:
     layers: tuple[int, ...]                 # 0-based decoder layers that reduce
     reduce: Callable[[int, LLMTokens, LLMScores], LLMKept]
     tokens_out: Mapping[int, int]           # layer -> visual tokens left after it
-    needs_instruction: bool = True          # rows without instruction tokens are left unreduced
+    needs_instruction: bool = True          # a prompt with no tokens after the image cannot be scored:
+                                            # alone it is left unreduced, in a batch it is an error
     site: str = field(default="llm", init=False)
 
 

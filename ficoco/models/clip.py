@@ -5,10 +5,11 @@ What it does to the tower, all undone by `remove()`:
   key bias to the attention mask when a step asked for one);
 - layers after the one whose output LLaVA reads (layer 23 for LLaVA-1.5) get an identity
   `forward`, so they cost nothing and the selected features are unchanged;
-- each reducing layer gets a replacement `forward` that runs the layer's own attention, applies
-  the method's step between the attention residual and the MLP, then runs the MLP on the reduced
-  tokens. q/k for the scores are captured by forward hooks on `q_proj`/`k_proj` during that
-  attention call, so nothing is projected twice and the output keeps the configured kernel.
+- each reducing layer gets a replacement `forward` that runs the layer's attention with its own
+  weights, applies the method's step between the attention residual and the MLP, then runs the
+  MLP on the reduced tokens. q/k are projected once; a step that reads the full probability
+  matrix gets the ones the output was computed from, any other step rows/keys on demand next
+  to PyTorch's fused SDPA.
 
 State lives in a `VisionPass` per tower call (one batch of images); nothing is module-level.
 """
@@ -31,33 +32,56 @@ class VisionPass:
         self.key_bias: torch.Tensor | None = None                                             # (B, 1+N)
         self.layer_counts: list[list[int]] = []       # [n_attn, n_mlp] per executed layer, one image
         self.trace: dict[int, torch.Tensor] = {}      # reducing layer -> kept patch positions (B, N_l)
-        self.captured: dict[str, torch.Tensor] = {}   # q/k projections of the layer being run
 
 
 class ClipScores:
-    """`VisionScores` of one layer from its captured q/k projections; each quantity on demand."""
+    """`VisionScores` of one layer. `head_mean` is given when the layer already computed its full
+    probabilities (the step asked for them); rows and keys come from q/k on demand."""
 
-    def __init__(self, q: torch.Tensor, k: torch.Tensor, n_heads: int, scale: float,
-                 key_bias: torch.Tensor | None):
-        batch, tokens, width = q.shape                                                  # (B, 1+N, D)
-        head_dim = width // n_heads
-        self._q = q.view(batch, tokens, n_heads, head_dim).transpose(1, 2)              # (B, H, 1+N, d)
-        self._k = k.view(batch, tokens, n_heads, head_dim).transpose(1, 2)              # (B, H, 1+N, d)
-        self._scale = scale
-        self._bias = None if key_bias is None else key_bias[:, None, None, :]          # (B, 1, 1, 1+N)
-        self._probs: torch.Tensor | None = None
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, scale: float, key_bias: torch.Tensor | None,
+                 head_mean: torch.Tensor | None = None):
+        self._q, self._k, self._scale = q, k, scale                                 # (B, H, 1+N, d) each
+        self._bias = None if key_bias is None else key_bias[:, None, None, :]      # (B, 1, 1, 1+N)
+        self._probs = head_mean                                                     # (B, 1+N, 1+N) or None
 
     def probs(self) -> torch.Tensor:
         if self._probs is None:
-            self._probs = head_mean_probs(self._q, self._k, self._scale, self._bias)    # (B, 1+N, 1+N)
+            self._probs = head_mean_probs(self._q, self._k, self._scale, self._bias)
         return self._probs
 
     def rows(self, queries: torch.Tensor) -> torch.Tensor:
+        if self._probs is not None:
+            return self._probs.gather(1, queries[..., None].expand(-1, -1, self._probs.shape[-1]))
         index = queries[:, None, :, None].expand(-1, self._q.shape[1], -1, self._q.shape[-1])
         return head_mean_probs(self._q.gather(2, index), self._k, self._scale, self._bias)   # (B, R, 1+N)
 
     def keys(self) -> torch.Tensor:
         return self._k
+
+
+def clip_attention(attn, x: torch.Tensor, mask: torch.Tensor | None, with_probs: bool):
+    """CLIPAttention on x (B, N, D): the output (B, N, D), q/k (B, H, N, d), and, if `with_probs`,
+    the head-mean probabilities (B, N, N) in float32.
+
+    With probabilities the attention is computed once in explicit form (float32 softmax) and the
+    same probabilities give both the output and the scores, which is cheaper than a fused kernel
+    plus a second score pass. Without, the output uses PyTorch's fused SDPA.
+    """
+    batch, tokens, width = x.shape
+    heads = (batch, tokens, attn.num_heads, attn.head_dim)
+    q, k, v = (projection(x).view(heads).transpose(1, 2) for projection in (attn.q_proj, attn.k_proj, attn.v_proj))
+    head_mean = None
+    if with_probs:
+        logits = torch.matmul(q, k.transpose(-1, -2)).mul_(attn.scale)            # (B, H, N, N)
+        if mask is not None:
+            logits = logits.add_(mask)
+        probs = logits.softmax(dim=-1, dtype=torch.float32)
+        out = torch.matmul(probs.to(v.dtype), v)                                    # (B, H, N, d)
+        head_mean = probs.mean(dim=1)                                               # (B, N, N)
+    else:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
+    out = attn.out_proj(out.transpose(1, 2).reshape(batch, tokens, width))
+    return out, q, k, head_mean
 
 
 class ClipPatch:
@@ -87,9 +111,6 @@ class ClipPatch:
                 self._replace_forward(layer, _identity_forward)
             elif index in reducing:
                 self._replace_forward(layer, self._reducing_forward(index, layer))
-                for name in ("q", "k"):
-                    projection = getattr(layer.self_attn, f"{name}_proj")
-                    self._handles.append(projection.register_forward_hook(self._capture(name)))
             else:
                 self._handles.append(layer.register_forward_pre_hook(self._plain_layer, with_kwargs=True))
 
@@ -111,6 +132,10 @@ class ClipPatch:
         pixel_values = args[0] if args else kwargs.get("pixel_values")
         n_images = pixel_values.shape[0]
         n_patches = tower.embeddings.num_patches
+        size = tower.config.image_size
+        if self.step is not None and tuple(pixel_values.shape[-2:]) != (size, size):
+            raise ValueError(f"vision reduction is planned on the {size}x{size} patch grid of the config; got "
+                             f"pixel_values of size {tuple(pixel_values.shape[-2:])}")
         self.current = VisionPass(n_images, n_patches, pixel_values.device)
         self.on_pass_start(self.current)
 
@@ -127,12 +152,6 @@ class ClipPatch:
             return None
         return _with_key_bias(args, kwargs, vision_pass.key_bias, hidden.dtype)
 
-    def _capture(self, name: str):
-        def hook(module, args, output):
-            if self.current is not None:
-                self.current.captured[name] = output                       # (B, 1+N, D)
-        return hook
-
     def _reducing_forward(self, index: int, layer):
         """CLIPEncoderLayer.forward with the step between the attention residual and the MLP."""
         step = self.step
@@ -145,13 +164,10 @@ class ClipPatch:
             n_in = hidden_states.shape[1]
             if vision_pass.key_bias is not None:
                 attention_mask = _bias_mask(attention_mask, vision_pass.key_bias, hidden_states.dtype)
-            residual = hidden_states                                       # (B, 1+N, D)
-            hidden, _ = layer.self_attn(hidden_states=layer.layer_norm1(hidden_states),
-                                        attention_mask=attention_mask, **kwargs)
-            hidden = residual + hidden
-            attn = layer.self_attn
-            scores = ClipScores(vision_pass.captured.pop("q"), vision_pass.captured.pop("k"), attn.num_heads,
-                                attn.scale, vision_pass.key_bias)
+            attn_out, q, k, head_mean = clip_attention(layer.self_attn, layer.layer_norm1(hidden_states),
+                                                       attention_mask, with_probs=step.attention == "probs")
+            hidden = hidden_states + attn_out                              # (B, 1+N, D) attention residual
+            scores = ClipScores(q, k, layer.self_attn.scale, vision_pass.key_bias, head_mean)
             tokens = step.reduce(index, VisionTokens(hidden, vision_pass.positions, vision_pass.key_bias), scores)
             vision_pass.positions, vision_pass.key_bias = tokens.positions, tokens.key_bias
             vision_pass.trace[index] = tokens.positions

@@ -125,7 +125,6 @@ class LlamaPatch:
         if bad:
             raise ValueError(f"LLM reduction layers {bad} are outside the {len(self.layers)} decoder layers")
         self.reducing = frozenset(reducing)
-        self.first_reducing = min(reducing) if reducing else None
         self._handles = [layer.register_forward_pre_hook(self._hook(index), with_kwargs=True)
                          for index, layer in enumerate(self.layers)]
 

@@ -88,7 +88,11 @@ class LlavaHandle:
 
         inner = model.model
         self._clip = ClipPatch(inner.vision_tower, dims.last_vision_layer, self.vision_step, self._on_vision_pass)
-        self._llama = LlamaPatch(inner.language_model, self.llm_step, self._current_llm_pass)
+        try:
+            self._llama = LlamaPatch(inner.language_model, self.llm_step, self._current_llm_pass)
+        except Exception:
+            self._clip.remove()                                   # leave the model as it was
+            raise
         self._hooks = [inner.register_forward_pre_hook(self._before_forward, with_kwargs=True),
                        inner.register_forward_hook(self._after_forward, always_call=True)]
         self._generate_patched = self.delivered_per_image != self.full_per_image
@@ -123,8 +127,7 @@ class LlavaHandle:
             return []
         per_image_vision = call.vision[0].layer_counts if call.vision else []
         counts = []
-        for row, (images, placeholders, pads) in enumerate(
-                zip(call.images_per_row, call.placeholders_per_row, call.pads_per_row)):
+        for images, placeholders, pads in zip(call.images_per_row, call.placeholders_per_row, call.pads_per_row):
             llm_pass = call.llm
             lengths = llm_pass.layer_lengths if llm_pass else []
             dropped = llm_pass.layer_dropped if llm_pass else []
@@ -232,7 +235,7 @@ class LlavaHandle:
             after_image = after_image & valid
         instruction = [positions[after_image[row]] for row in range(batch)]
         empty = [row for row, index in enumerate(instruction) if index.numel() == 0]
-        if empty:
+        if empty and self.llm_step.needs_instruction:
             if batch == 1:
                 log.info("%s: no instruction tokens after the image; the LLM reduction is skipped",
                          self.method.name)

@@ -67,7 +67,7 @@ COLOR_NAMES = tuple(COLORS)
 NUMBER_WORDS = ("one", "two", "three", "four")
 SIDES = ("left", "right")
 KINDS = ("color", "shape", "count", "position")
-SPLITS = {"train": 1, "test": 2}    # split name -> code mixed into the random stream
+SPLITS = {"train": 1, "test": 2, "val": 3}    # split name -> code mixed into the random stream
 MAX_OBJECTS = 7
 
 QUESTION_TEMPLATES = {
@@ -121,6 +121,10 @@ class ToySample:
     def image(self) -> Image.Image:
         return render(self.objects)
 
+    def all_questions(self) -> list[tuple[str, str, str]]:
+        """Every unambiguous (kind, question, answer) about this scene; used for multi-turn training."""
+        return scene_questions(self.objects)
+
     def meta(self) -> dict:
         """JSON-able description of the scene (benchmark `meta` column)."""
         return {
@@ -129,6 +133,24 @@ class ToySample:
             "target": list(self.target),
             "target_patches": [self.objects[i].patch_index for i in self.target],
         }
+
+
+def scene_questions(objects) -> list[tuple[str, str, str]]:
+    """(kind, question, answer) for every question the scene answers unambiguously, in a fixed order."""
+    shape_counts = {s: sum(o.shape == s for o in objects) for s in SHAPE_NAMES}
+    color_counts = {c: sum(o.color == c for o in objects) for c in COLOR_NAMES}
+    questions = []
+    for obj in objects:
+        if shape_counts[obj.shape] == 1:
+            questions.append(("color", QUESTION_TEMPLATES["color"].format(shape=obj.shape), obj.color))
+            side = SIDES[0] if obj.col < GRID // 2 else SIDES[1]
+            questions.append(("position", QUESTION_TEMPLATES["position"].format(shape=obj.shape), side))
+        if color_counts[obj.color] == 1:
+            questions.append(("shape", QUESTION_TEMPLATES["shape"].format(color=obj.color), obj.shape))
+    for color, count in color_counts.items():
+        if 1 <= count <= len(NUMBER_WORDS):
+            questions.append(("count", QUESTION_TEMPLATES["count"].format(color=color), NUMBER_WORDS[count - 1]))
+    return questions
 
 
 def render(objects) -> Image.Image:

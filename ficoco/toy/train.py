@@ -21,6 +21,8 @@ import torch
 from ficoco.toy import model as toy_model
 from ficoco.toy import shapes
 
+TURN_TEMPLATE = "USER: {prompt} ASSISTANT:"      # a later turn of a training conversation
+
 
 @dataclass(frozen=True)
 class TrainSettings:
@@ -31,6 +33,7 @@ class TrainSettings:
     weight_decay: float = 0.01
     warmup_steps: int = 30
     size: str = "default"
+    turns: int = 4                  # questions per image in one training conversation
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -45,18 +48,35 @@ def pixel_values(images: list, processor) -> torch.Tensor:
     return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
 
 
-def training_batch(rows: list[shapes.ToySample], processor) -> dict[str, torch.Tensor]:
+def training_batch(rows: list[shapes.ToySample], processor, turns: int = 1,
+                   rng: np.random.Generator | None = None) -> dict[str, torch.Tensor]:
     """Right-padded batch: input_ids/labels/attention_mask (B, T), pixel_values (B, 3, H, W).
 
-    input_ids = processor(prompt) + answer word + </s>; labels are -100 except on the last two.
+    One conversation per image, in the evaluate job's format for its first turn:
+    processor(PROMPT_TEMPLATE with the row's question) + answer + </s>, then up to `turns - 1`
+    more questions about the same image (drawn by `rng` from `row.all_questions()`), each as
+    "USER: {question} ASSISTANT:" + answer + </s>. Labels are -100 except on answers and </s>.
     """
     tokenizer = processor.tokenizer
     sequences, label_rows = [], []
     for row in rows:
-        prompt_ids = _prompt_ids(row.question, processor)
-        answer_ids = tokenizer(row.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        sequences.append(prompt_ids + answer_ids)
-        label_rows.append([-100] * len(prompt_ids) + answer_ids)
+        conversation = [(row.question, row.answer)]
+        if turns > 1:
+            others = [(q, a) for _, q, a in row.all_questions() if q != row.question]
+            if rng is None:
+                raise ValueError("turns > 1 needs an rng to draw the extra questions")
+            picked = rng.permutation(len(others))[:turns - 1]
+            conversation += [others[int(i)] for i in picked]
+        ids = _prompt_ids(row.question, processor)
+        labels = [-100] * len(ids)
+        for turn, (question, answer) in enumerate(conversation):
+            if turn > 0:
+                turn_ids = tokenizer(TURN_TEMPLATE.format(prompt=question), add_special_tokens=False)["input_ids"]
+                ids, labels = ids + turn_ids, labels + [-100] * len(turn_ids)
+            answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            ids, labels = ids + answer_ids, labels + answer_ids
+        sequences.append(ids)
+        label_rows.append(labels)
     length = max(map(len, sequences))
     input_ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
     labels = torch.full((len(rows), length), -100, dtype=torch.long)
@@ -100,7 +120,7 @@ def train(model, processor, settings: TrainSettings, progress: bool = True) -> d
     for step in bar:
         first = step * settings.batch_size
         rows = [shapes.sample(settings.seed, "train", first + i) for i in range(settings.batch_size)]
-        batch = training_batch(rows, processor)
+        batch = training_batch(rows, processor, settings.turns, np.random.default_rng([settings.seed, step]))
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, settings)
         loss = model(**batch).loss

@@ -49,6 +49,14 @@ def phase_of(method):
     return methods.get(method).phase
 
 
+def benchmark_options(benchmark):
+    """The config's options for a benchmark; a subset draw is seeded from the config seed."""
+    options = dict(config["benchmark_options"].get(benchmark, {}))
+    if "subset_size" in options:
+        options.setdefault("seed", config["seed"])
+    return options
+
+
 def overrides_json(wildcards):
     return json.dumps(method_overrides(config, MODELS, wildcards.model, wildcards.method, wildcards.budget),
                       sort_keys=True)

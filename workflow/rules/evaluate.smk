@@ -13,7 +13,7 @@ rule evaluate:
         phase=lambda wc: phase_of(wc.method),
         module=lambda wc: BENCHMARKS[wc.benchmark].get("module", wc.benchmark),
         overrides=overrides_json,
-        options=lambda wc: json.dumps(config["benchmark_options"].get(wc.benchmark, {}), sort_keys=True),
+        options=lambda wc: json.dumps(benchmark_options(wc.benchmark), sort_keys=True),
         template=lambda wc: json.dumps(MODELS[wc.model]["prompt_template"]),
         dtype=lambda wc: MODELS[wc.model].get("dtype", "float32"),
         preprocessing=lambda wc: MODELS[wc.model].get("image_preprocessing", "none"),
@@ -39,7 +39,8 @@ def _shard_predictions(wildcards):
 
 rule score:
     input:
-        _shard_predictions,
+        predictions=_shard_predictions,
+        benchmark="resources/benchmarks/{benchmark}/manifest.json",
     output:
         RUN_DIR + "/metrics.json",
     params:
@@ -50,5 +51,6 @@ rule score:
     log:
         "logs/score/{model}/{benchmark}/{method}/b{budget}.log",
     shell:
-        "{PY} -m ficoco.cli score {input} --benchmark {params.module} --out {output}"
+        "{PY} -m ficoco.cli score {input.predictions} --benchmark {params.module} --manifest {input.benchmark}"
+        " --out {output}"
         " --job {params.job:q} --overrides {params.overrides:q} > {log} 2>&1"

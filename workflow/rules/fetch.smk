@@ -37,12 +37,12 @@ rule fetch_benchmark:
     wildcard_constraints:
         benchmark=_names_regex(HUB_BENCHMARKS),
     params:
-        options=lambda wc: json.dumps(config["benchmark_options"].get(wc.benchmark, {}), sort_keys=True),
+        options=lambda wc: json.dumps(benchmark_options(wc.benchmark), sort_keys=True),
     log:
         "logs/fetch_benchmark/{benchmark}.log",
     shell:
         "{PY} -m ficoco.cli fetch-benchmark {wildcards.benchmark} --out resources/benchmarks/{wildcards.benchmark}"
-        " --options {params.options:q} > {log} 2>&1"
+        " --registry {config[registries][benchmarks]} --options {params.options:q} > {log} 2>&1"
 
 
 rule build_toy_benchmark:

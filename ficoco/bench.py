@@ -1,0 +1,385 @@
+"""`ficoco bench`: prefill speed of vanilla vs FiCoCo-V / -L / -VL at several budgets, beside the
+speedup the FLOPs formulas predict from the token counts each run actually executed.
+
+The model is LLaVA-shaped (336 px / patch 14: 577 vision tokens, 576 image placeholders) with
+random weights and moderate widths, so one prefill takes a fraction of a second on a CPU; speed
+does not depend on the weights. The methods' layer ranges are scaled to the model's depth (see
+`scaled_overrides`); a budget the scaled FiCoCo-L start cannot reach uses the largest feasible
+start, which the table shows.
+
+Timing: one prefill = one forward with `logits_to_keep=1` and a fresh KV cache (what `generate`
+runs before the first token). Warm-up rounds are not timed. Every configuration is timed once per
+round, rounds interleave all configurations (so drift and background load hit them alike), and
+the table reports medians over the rounds. Separate instrumented rounds time each reduction step
+(`reduce`: scores, filter, correlate, compress; means over a method's reducing layers) against
+the layer it runs in, as run (reduced) and as the same layer runs unreduced in vanilla. For
+FiCoCo-V the head-mean probabilities come with the layer's own attention (computed explicitly,
+see ficoco/models/clip.py), so that cost sits in the layer, not the step; the end-to-end
+measured speedup includes everything.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+
+VISION_FRACTION_START = 12 / 24        # FiCoCo-V starts halfway through LLaVA-1.5's 24 CLIP layers
+LLM_FRACTION_START = 4 / 32            # FiCoCo-L starts at layer 4 of 32, window 4
+LLM_FRACTION_WINDOW = 4 / 32
+
+
+def bench_config(args):
+    """The LlavaConfig of the benchmark model."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(hidden_size=args.vision_hidden, intermediate_size=4 * args.vision_hidden,
+                              num_hidden_layers=args.vision_layers, num_attention_heads=args.vision_hidden // 64,
+                              image_size=336, patch_size=14, projection_dim=args.vision_hidden)
+    text = LlamaConfig(vocab_size=32000, hidden_size=args.llm_hidden, intermediate_size=args.llm_mlp,
+                       num_hidden_layers=args.llm_layers, num_attention_heads=args.llm_hidden // 64,
+                       num_key_value_heads=args.llm_hidden // 64, max_position_embeddings=4096,
+                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=32000 - 1, image_seq_length=576,
+                         vision_feature_layer=-2, vision_feature_select_strategy="default")
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def scaled_overrides(method: str, dims, budget: int) -> dict:
+    """FiCoCo layer ranges scaled from LLaVA-1.5 (V 12..22 of 24, L 4..7 of 32) to this model's depth.
+
+    If the scaled LLM start cannot reach `budget` (§2.1), the largest feasible start is used.
+    """
+    from ficoco import methods
+    from ficoco.budget import InfeasibleBudget
+
+    v_start = round(VISION_FRACTION_START * dims.vision_layers)
+    l_start = round(LLM_FRACTION_START * dims.llm_layers)
+    l_window = max(1, round(LLM_FRACTION_WINDOW * dims.llm_layers))
+    if method == "ficoco-v":
+        return {"start": v_start}
+    names = {"ficoco-l": ("start", "window"), "ficoco-vl": ("l_start", "l_window")}[method]
+    base = {} if method == "ficoco-l" else {"v_start": v_start}
+    for start in range(l_start, -1, -1):
+        overrides = {**base, names[0]: start, names[1]: l_window}
+        try:
+            methods.get(method).check_budget(dims, budget, **overrides)
+            return overrides
+        except InfeasibleBudget:
+            continue
+    raise InfeasibleBudget(f"{method}: budget {budget} is unreachable on this {dims.llm_layers}-layer LLM even from "
+                           f"layer 0 with window {l_window}")
+
+
+def bench_inputs(model, text_before: int, text_after: int, seed: int = 0):
+    """BOS + text + 576 image placeholders + instruction, and one random image."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    image_token = model.config.image_token_id
+    before = torch.randint(3, 1000, (text_before,), generator=generator).tolist()
+    after = torch.randint(3, 1000, (text_after,), generator=generator).tolist()
+    ids = torch.tensor([[1, *before, *([image_token] * 576), *after]])
+    pixels = torch.randn(1, 3, 336, 336, generator=generator)
+    return ids, torch.ones_like(ids), pixels
+
+
+class StepTimer:
+    """Wraps a step's `reduce` and records its wall time per layer."""
+
+    def __init__(self, reduce, seconds: dict, synchronize):
+        self.reduce, self.seconds, self.synchronize = reduce, seconds, synchronize
+
+    def __call__(self, layer, tokens, scores):
+        self.synchronize()
+        start = time.perf_counter()
+        result = self.reduce(layer, tokens, scores)
+        self.synchronize()
+        self.seconds.setdefault(layer, []).append(time.perf_counter() - start)
+        return result
+
+
+def timed_method(method, seconds: dict, synchronize):
+    """The same method whose steps time their `reduce` into `seconds` (keyed by (site, layer))."""
+    def build(plan):
+        steps = []
+        for step in method.steps(plan):
+            per_site = seconds.setdefault(step.site, {})
+            steps.append(dataclasses.replace(step, reduce=StepTimer(step.reduce, per_site, synchronize)))
+        return tuple(steps)
+
+    return dataclasses.replace(method, build=build)
+
+
+def layer_timers(modules: dict, seconds: dict, synchronize):
+    """Hooks timing whole layers (registered before `apply`, so an LLM layer's time includes the
+    reduction pre-hook). modules: (site, layer) -> module."""
+    handles = []
+    for key, module in modules.items():
+        started = {}
+
+        def pre(module, args, key=key, started=started):
+            synchronize()
+            started["t"] = time.perf_counter()
+
+        def post(module, args, output, key=key, started=started):
+            synchronize()
+            seconds.setdefault(key, []).append(time.perf_counter() - started["t"])
+
+        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    return handles
+
+
+def run(args) -> dict:
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    import ficoco
+    from ficoco import methods
+    from ficoco.dims import ModelDims
+    from ficoco.flops import sample_cost
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(bench_config(args)).eval().to(device)
+    dims = ModelDims.from_config(model.config)
+    ids, mask, pixels = (t.to(device) for t in bench_inputs(model, args.text_before, args.text_after))
+
+    configs = [("vanilla", None, {})]
+    for method in args.methods:
+        for budget in args.budgets:
+            configs.append((method, budget, scaled_overrides(method, dims, budget)))
+
+    def prefill():
+        synchronize()
+        start = time.perf_counter()
+        model(input_ids=ids, attention_mask=mask, pixel_values=pixels, logits_to_keep=1, use_cache=True)
+        synchronize()
+        return time.perf_counter() - start
+
+    times = {index: [] for index in range(len(configs))}
+    counts = {}
+    with torch.inference_mode():
+        for round_index in range(args.warmup + args.repeats):
+            for index, (method, budget, overrides) in enumerate(configs):
+                with ficoco.apply(model, method, budget, **overrides) as handle:
+                    seconds = prefill()
+                    counts[index] = handle.last_counts()[0]
+                if round_index >= args.warmup:
+                    times[index].append(seconds)
+
+        # instrumented rounds: each reduction step vs the layer it runs in (as run, and unreduced)
+        all_layers = {("vision", index): layer for index, layer in enumerate(model.model.vision_tower.encoder.layers)}
+        all_layers.update({("llm", index): layer for index, layer in enumerate(model.model.language_model.layers)})
+        unreduced_seconds: dict = {}
+        handles = layer_timers(all_layers, unreduced_seconds, synchronize)
+        try:
+            for _ in range(args.step_repeats):
+                with ficoco.apply(model, "vanilla"):
+                    model(input_ids=ids, attention_mask=mask, pixel_values=pixels, logits_to_keep=1, use_cache=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+        step_share = {}
+        for index, (method, budget, overrides) in enumerate(configs):
+            if method == "vanilla":
+                continue
+            plan = methods.get(method).check_budget(dims, budget, **overrides)
+            reducing = [("vision", layer) for layer in (plan["vision"] or {}).get("layers", [])]
+            reducing += [("llm", layer) for layer in (plan["llm"] or {}).get("layers", [])]
+            step_seconds, layer_seconds = {}, {}
+            handles = layer_timers({key: all_layers[key] for key in reducing}, layer_seconds, synchronize)
+            try:
+                timed = timed_method(methods.get(method), step_seconds, synchronize)
+                for _ in range(args.step_repeats):
+                    with ficoco.apply(model, timed, budget, **overrides):
+                        model(input_ids=ids, attention_mask=mask, pixel_values=pixels, logits_to_keep=1,
+                              use_cache=True)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            shares = {}
+            for site, layer in reducing:
+                step = statistics.median(step_seconds[site][layer])
+                shares.setdefault(site, []).append(
+                    (step * 1e3, step / statistics.median(layer_seconds[(site, layer)]),
+                     step / statistics.median(unreduced_seconds[(site, layer)])))
+            step_share[index] = {site: [statistics.mean(column) for column in zip(*values)]
+                                 for site, values in shares.items()}
+
+    def prefill_macs(sample_counts):
+        cost = sample_cost(dims, sample_counts, generated_tokens=1)
+        return cost["vision_macs"] + cost["projector_macs"] + cost["prefill_macs"]
+
+    vanilla_ms = statistics.median(times[0]) * 1e3
+    vanilla_macs = prefill_macs(counts[0])
+    rows = []
+    for index, (method, budget, overrides) in enumerate(configs):
+        median_ms = statistics.median(times[index]) * 1e3
+        macs = prefill_macs(counts[index])
+        measured, predicted = vanilla_ms / median_ms, vanilla_macs / macs
+        llm_visual = counts[index]["llm_visual"]
+        rows.append({
+            "method": method, "budget": budget, "overrides": overrides,
+            "visual_average": sum(llm_visual) / len(llm_visual),
+            "prefill_ms_median": median_ms, "prefill_ms": [t * 1e3 for t in times[index]],
+            "prefill_gmacs": macs / 1e9, "measured_speedup": measured, "predicted_speedup": predicted,
+            "measured_over_predicted": measured / predicted,
+            "step_share": step_share.get(index, {}),
+        })
+    llava_scale = llava_scale_steps(args.repeats, synchronize) if args.llava_scale else []
+    return {
+        "llava_scale": llava_scale,
+        "device": str(device), "threads": args.threads, "repeats": args.repeats, "warmup": args.warmup,
+        "torch": torch.__version__, "dims": dims.to_dict(), "prompt_tokens": ids.shape[1], "rows": rows,
+    }
+
+
+def llava_scale_steps(repeats: int, synchronize=lambda: None) -> list[dict]:
+    """The reduction steps timed against one layer of LLaVA-1.5-7B's real size (random weights).
+
+    FiCoCo-V: a CLIP ViT-L/14-336 layer (577 tokens, d=1024, 16 heads, MLP 4096) and the first
+    discard count of B=64 (47); FiCoCo-L: a Vicuna-7B decoder layer (636-token prompt, d=4096,
+    MLP 11008) and the first discard count of B=192 (116). Each step gets exactly the inputs the
+    adapter gives it; the layer is timed as it runs unreduced.
+    """
+    import torch
+    from transformers import CLIPVisionConfig, LlamaConfig
+    from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    from ficoco import methods
+    from ficoco.dims import llava_1_5_dims
+    from ficoco.methods.base import LLMTokens, VisionTokens
+    from ficoco.models.clip import ClipScores, clip_attention
+    from ficoco.models.llama import LlamaScores
+
+    def median_ms(fn):
+        fn()
+        times = []
+        for _ in range(repeats):
+            synchronize()
+            start = time.perf_counter()
+            fn()
+            synchronize()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times) * 1e3
+
+    dims = llava_1_5_dims("7b")
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    with torch.inference_mode():
+        # FiCoCo-V in CLIP layer 12 at B = 64
+        vision_config = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
+                                         image_size=336, patch_size=14)
+        vision_config._attn_implementation = "sdpa"
+        clip_layer = CLIPEncoderLayer(vision_config).eval()
+        hidden = torch.randn(1, 577, 1024, generator=generator)
+        (vision_step,) = methods.get("ficoco-v").steps(methods.get("ficoco-v").plan(dims, 64))
+        layer = vision_step.layers[0]
+        out, q, k, head_mean = clip_attention(clip_layer.self_attn, clip_layer.layer_norm1(hidden), None, True)
+        tokens = VisionTokens(hidden + out, torch.arange(576)[None])
+        layer_ms = median_ms(lambda: clip_layer(hidden, None))
+        step_ms = median_ms(lambda: vision_step.reduce(layer, tokens, ClipScores(q, k, clip_layer.self_attn.scale,
+                                                                                 None, head_mean)))
+        sdpa_ms = median_ms(lambda: clip_attention(clip_layer.self_attn, hidden, None, False))
+        probs_ms = median_ms(lambda: clip_attention(clip_layer.self_attn, hidden, None, True))
+        rows.append({"method": "ficoco-v", "layer": f"CLIP-L layer {layer}, 577 tokens", "budget": 64,
+                     "discards": vision_step.reduce.discards[layer], "layer_ms": layer_ms, "step_ms": step_ms,
+                     "probs_extra_ms": probs_ms - sdpa_ms})
+        del clip_layer
+
+        # FiCoCo-L in Vicuna-7B layer 4 at B = 192
+        text_config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+                                  num_key_value_heads=32, num_hidden_layers=32, vocab_size=32000)
+        text_config._attn_implementation = "sdpa"
+        llama_layer = LlamaDecoderLayer(text_config, layer_idx=4).eval()
+        length, image_start = 636, 35
+        hidden = torch.randn(1, length, 4096, generator=generator)
+        positions = torch.arange(length)[None]
+        cos, sin = LlamaRotaryEmbedding(text_config)(hidden, positions)
+        (llm_step,) = methods.get("ficoco-l").steps(methods.get("ficoco-l").plan(dims, 192))
+        layer = llm_step.layers[0]
+        tokens = LLMTokens(hidden, torch.arange(image_start, image_start + 576)[None],
+                           torch.arange(image_start + 576, length)[None])
+        layer_ms = median_ms(lambda: llama_layer(hidden, attention_mask=None, position_ids=positions,
+                                                 position_embeddings=(cos, sin)))
+        step_ms = median_ms(lambda: llm_step.reduce(layer, tokens, LlamaScores(llama_layer, hidden, cos, sin, None)))
+        rows.append({"method": "ficoco-l", "layer": f"Vicuna-7B layer {layer}, {length} tokens", "budget": 192,
+                     "discards": llm_step.reduce.discards[layer], "layer_ms": layer_ms, "step_ms": step_ms,
+                     "probs_extra_ms": None})
+    return rows
+
+
+def format_table(result: dict) -> str:
+    dims = result["dims"]
+    lines = [
+        f"model: CLIP {dims['vision_layers']} layers (runs {dims['vision_layers'] + 1 + dims['feature_layer']}) "
+        f"d={dims['vision_hidden']} mlp={dims['vision_mlp']}, 577 tokens; LLM {dims['llm_layers']} layers "
+        f"d={dims['llm_hidden']} mlp={dims['llm_mlp']}; prompt {result['prompt_tokens']} tokens "
+        f"(576 image); {result['device']}, {result['threads']} threads, torch {result['torch']}; "
+        f"median of {result['repeats']} interleaved rounds after {result['warmup']} warm-up",
+        "",
+        "| method | B | overrides | realised avg | prefill ms | GMAC | measured × | predicted × | measured / "
+        "predicted | reduction step: ms, % of its layer as run, % of that layer unreduced |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in result["rows"]:
+        overrides = ", ".join(f"{k}={v}" for k, v in row["overrides"].items()) or "–"
+        share = "; ".join(f"{site} {ms:.1f} ms, {as_run * 100:.1f} %, {unreduced * 100:.1f} %"
+                          for site, (ms, as_run, unreduced) in row["step_share"].items()) or "–"
+        lines.append(
+            f"| {row['method']} | {row['budget'] or 'full'} | {overrides} | {row['visual_average']:.2f} | "
+            f"{row['prefill_ms_median']:.1f} | {row['prefill_gmacs']:.2f} | {row['measured_speedup']:.2f} | "
+            f"{row['predicted_speedup']:.2f} | {row['measured_over_predicted']:.2f} | {share} |")
+    if result.get("llava_scale"):
+        lines += ["", "Reduction step against one unreduced layer of LLaVA-1.5-7B's size (random weights):", "",
+                  "| method | layer | B | discards | layer ms | step ms | step % of layer | extra ms for probabilities "
+                  "(explicit attention − SDPA) |", "|---|---|---|---|---|---|---|---|"]
+        for row in result["llava_scale"]:
+            extra = "–" if row["probs_extra_ms"] is None else f"{row['probs_extra_ms']:.1f}"
+            lines.append(f"| {row['method']} | {row['layer']} | {row['budget']} | {row['discards']} | "
+                         f"{row['layer_ms']:.1f} | {row['step_ms']:.1f} | {100 * row['step_ms'] / row['layer_ms']:.1f} | "
+                         f"{extra} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ficoco bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", nargs="+", default=["ficoco-v", "ficoco-l", "ficoco-vl"],
+                        choices=["ficoco-v", "ficoco-l", "ficoco-vl"])
+    parser.add_argument("--budgets", nargs="+", type=int, default=[192, 128, 64])
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds (median reported); >= 5")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--step-repeats", type=int, default=3, help="instrumented rounds per configuration")
+    parser.add_argument("--vision-layers", type=int, default=8)
+    parser.add_argument("--vision-hidden", type=int, default=512, help="CLIP width (heads = width / 64, MLP 4x)")
+    parser.add_argument("--llm-layers", type=int, default=8)
+    parser.add_argument("--llm-hidden", type=int, default=768, help="LLM width (heads = width / 64)")
+    parser.add_argument("--llm-mlp", type=int, default=2048)
+    parser.add_argument("--text-before", type=int, default=35, help="text tokens before the image (incl. system)")
+    parser.add_argument("--text-after", type=int, default=24, help="instruction tokens after the image")
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--no-llava-scale", dest="llava_scale", action="store_false",
+                        help="skip timing the steps against one LLaVA-1.5-7B-sized CLIP and LLM layer")
+    parser.add_argument("--json", help="also write the full result (raw times included) to this file")
+    args = parser.parse_args(argv)
+    if args.repeats < 5:
+        parser.error(f"--repeats must be >= 5 for a stable median; got {args.repeats}")
+    result = run(args)
+    print(format_table(result))
+    if args.json:
+        with open(args.json, "w") as stream:
+            json.dump(result, stream, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
