@@ -173,13 +173,13 @@ def weight_memory_bytes(dims: ModelDims, dtype: str = "float16") -> float:
     return parameter_counts(dims)["total"] * bytes_per_value(dtype)
 
 
-def kv_cache_bytes(dims: ModelDims, tokens: int | Sequence[int], bytes_per_value: float) -> float:
+def kv_cache_bytes(dims: ModelDims, tokens: float | Sequence[float], bytes_per_value: float) -> float:
     """KV cache: 2 (K and V) · kv_width · bytes per cached token per layer.
 
     `tokens` is one length for every layer or a list with one length per LLM layer.
     LLaVA-1.5-7B FP16: 524,288 B per token; 636 tokens → 333 MB.
     """
-    if isinstance(tokens, int):
+    if isinstance(tokens, (int, float)):
         total_tokens = tokens * dims.llm_layers
     else:
         if len(tokens) != dims.llm_layers:
@@ -202,6 +202,98 @@ def llm_viewer_prefill_memory_bytes(dims: ModelDims, tokens: int, bytes_per_valu
     one_layer_activations = 9 * n * d + 2 * n * m + 2 * dims.llm_heads * n * n
     values = linear_weights + one_layer_activations
     return values * bytes_per_value + kv_cache_bytes(dims, tokens, bytes_per_value)
+
+
+MEMORY_ACCESS_CONVENTIONS = ("llm-viewer", "exact")
+
+
+def llm_viewer_memory_access_parts(
+    dims: ModelDims,
+    tokens: float | Sequence[float],
+    bytes_per_value: float,
+    activation_bytes: float | None = None,
+    kv_bytes: float | None = None,
+    *,
+    logits_positions: int = 1,
+    convention: str = "llm-viewer",
+) -> dict:
+    """Bytes moved by one LLM prefill, operator by operator, as a roofline tool counts them.
+
+    Every operator loads its inputs and its weights and stores its outputs; nothing is assumed to
+    stay on chip between operators (no fusion, no FlashAttention), and the sum runs over every
+    operator of every decoder layer plus the LM head. This is LLM-Viewer's prefill "memory access",
+    the number the FiCoCo paper prints as memory (flops.md §6.3; docs/flops.md §4).
+
+    bytes_per_value: weight width (2 fp16, 1 int8, 0.5 int4). activation_bytes: width of activations
+    (default = weights). kv_bytes: width of K/V written to and read from the cache (default =
+    activations, as LLM-Viewer does when no KV width is given). `tokens`: one length n for every
+    layer or one length per LLM layer (floats allowed). Per layer with n tokens, d, m, h heads,
+    w = kv_width:
+
+      weights               (2d² + 2dw + 3dm)                    weight bytes, read once
+      linear I/O            loads 6nd + nm, stores 3nd + 2nm     q, k, v, o, gate, up, down
+                                                                 (k/v outputs go to the cache:)
+      KV store              2nw                                  kv bytes
+      attention I/O         Q load nd, A·V store nd              activation bytes
+                            K and V loads 2nw                    kv bytes
+      attention scores      h·n² stored by QKᵀ, loaded and stored by softmax, loaded by A·V: 4hn²
+      element-wise          two RMSNorms 4nd, two residual adds, the SwiGLU product
+
+    Element-wise, `convention`: "llm-viewer" counts what LLM-Viewer counts: an add loads one input
+    and stores one output (2nd each), the activation loads 2nd and stores nd (d wide although it runs
+    on m = FFN width), 11nd in all. "exact" counts an add's two inputs (3nd each) and the activation
+    m wide (3nm), 10nd + 3nm. LM head on `logits_positions` positions: weights dV, loads pd, stores
+    pV. Not counted: token embeddings (a gather of n rows), the vision tower and the projector — as
+    the TFLOPs label, LLM prefill only.
+    """
+    if convention not in MEMORY_ACCESS_CONVENTIONS:
+        raise ValueError(f"convention={convention!r}: valid choices are {list(MEMORY_ACCESS_CONVENTIONS)}")
+    act = bytes_per_value if activation_bytes is None else activation_bytes
+    kv = act if kv_bytes is None else kv_bytes
+    d, m, h, w, L = dims.llm_hidden, dims.llm_mlp, dims.llm_heads, kv_width(dims), dims.llm_layers
+    if isinstance(tokens, (int, float)):
+        per_layer = [tokens] * L
+    else:
+        per_layer = list(tokens)
+        if len(per_layer) != L:
+            raise ValueError(f"tokens lists {len(per_layer)} layers; the model has {L} LLM layers")
+    n_sum = sum(per_layer)
+    n2_sum = sum(n * n for n in per_layer)
+
+    if convention == "llm-viewer":
+        elementwise_per_token = 4 * d + 2 * (2 * d) + 3 * d          # norms, adds (one input), act d wide
+    else:
+        elementwise_per_token = 4 * d + 2 * (3 * d) + 3 * m          # norms, adds (two inputs), act m wide
+    parts = {
+        "weights": L * (2 * d * d + 2 * d * w + 3 * d * m) * bytes_per_value,
+        "lm_head": dims.vocab_size * d * bytes_per_value + logits_positions * (d + dims.vocab_size) * act,
+        "linear_io": n_sum * (9 * d + 3 * m) * act,
+        "kv_store": n_sum * 2 * w * kv,
+        "attention_io": n_sum * (2 * d * act + 2 * w * kv),
+        "attention_scores": 4 * h * n2_sum * act,
+        "elementwise": n_sum * elementwise_per_token * act,
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def llm_viewer_memory_access_bytes(
+    dims: ModelDims,
+    tokens: float | Sequence[float],
+    bytes_per_value: float,
+    activation_bytes: float | None = None,
+    kv_bytes: float | None = None,
+    *,
+    logits_positions: int = 1,
+    convention: str = "llm-viewer",
+) -> float:
+    """Total prefill memory access in bytes (`llm_viewer_memory_access_parts(...)["total"]`).
+
+    LLaVA-1.5-7B, 636 tokens: FP16 22.21 GB (paper 22.4), all-INT8 11.10 GB (paper 11.2);
+    124 tokens FP16 14.45 GB (paper 14.4).
+    """
+    return llm_viewer_memory_access_parts(dims, tokens, bytes_per_value, activation_bytes, kv_bytes,
+                                          logits_positions=logits_positions, convention=convention)["total"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -369,10 +461,15 @@ def sample_cost(dims: ModelDims, counts: dict, generated_tokens: int, logits_pos
 # The `ficoco flops` command
 
 # FiCoCo v4 Tables 10/11 (flops.md §6.3), LLaVA-1.5-7B: TFLOPs label, total memory GB, KV cache MB
-PAPER_MEMORY_FP16 = MappingProxyType({
-    "vanilla": (8.5, 22.4, 333.0, 576),
-    "FiCoCo-V (64)": (1.5, 14.4, 65.0, 64),
-})
+# FiCoCo memory column (flops.md §6.3; v4 Tables 10/11, FiCoCo-VL from v1), LLaVA-1.5-7B:
+# (row, precision, total memory GB, KV cache MB). LLM-Viewer theoretical values, not measured.
+PAPER_MEMORY = (
+    ("vanilla", "FP16", 22.4, 333.0), ("vanilla", "INT8", 11.2, 167.0), ("vanilla", "INT4", 6.2, 83.4),
+    ("FiCoCo-V", "FP16", 14.4, 65.0), ("FiCoCo-V", "INT8", 7.8, 32.5), ("FiCoCo-V", "INT4", 4.4, 16.3),
+    ("FiCoCo-L", "FP16", 14.3, 64.2), ("FiCoCo-L", "INT8", 7.2, 32.1), ("FiCoCo-L", "INT4", 3.3, 16.1),
+    ("FiCoCo-VL", "FP16", 13.0, 60.8), ("FiCoCo-VL", "INT8", 6.5, 30.4), ("FiCoCo-VL", "INT4", 3.3, 15.2),
+)
+PRECISION_BYTES = MappingProxyType({"FP16": 2.0, "INT8": 1.0, "INT4": 0.5})
 PAPER_LABELS = ((8.5, 576), (3.3, 192), (2.4, 128), (1.5, 64))
 
 
@@ -507,48 +604,97 @@ def paper_report(methods_to_try: Sequence[str] = ("ficoco-v", "ficoco-l")) -> st
     out.append(" those papers' MAC-style counts, printed by them as 'FLOPs'.)")
     out.append("")
 
-    out.append("Memory, LLaVA-1.5-7B FP16 (paper v4 Table 10: 22.4 GB / 333 MB vanilla, 14.4 GB / 65.0 MB at 64 tokens)")
-    params = parameter_counts(dims)
-    fp16 = bytes_per_value("fp16")
+    out.append(paper_memory_report(dims))
+    return "\n".join(out)
+
+
+def paper_memory_tokens(dims: ModelDims, row: str) -> float:
+    """Prefill length n of a paper memory row: 576 + 60 (vanilla) and 64 + 60 (FiCoCo-V), the text
+    length of App. Table 10. FiCoCo-L / -VL change the count inside the LLM and the paper gives no
+    schedule, so their n is the one implied by the paper's own FP16 KV column (KV MB / KV per token)."""
+    if row == "vanilla":
+        return dims.visual_tokens + NOMINAL_TEXT_TOKENS
+    if row == "FiCoCo-V":
+        return 64 + NOMINAL_TEXT_TOKENS
+    fp16_kv_mb = {(name, precision): kv for name, precision, _, kv in PAPER_MEMORY}[(row, "FP16")]
+    return fp16_kv_mb * 1e6 / kv_cache_bytes(dims, 1, 2.0)
+
+
+def paper_memory_rows(dims: ModelDims, convention: str = "llm-viewer") -> list[dict]:
+    """Every paper memory row with our prefill memory access (decimal GB) two ways:
+    `ours_gb` with weights, activations and KV cache all at the row's width (W=A=KV), and
+    `ours_a16_gb` with weights and KV cache at the row's width and activations FP16."""
     rows = []
-    for name, (_, paper_gb, paper_kv_mb, visual) in PAPER_MEMORY_FP16.items():
-        tokens = visual + 60
-        kv = kv_cache_bytes(dims, tokens, fp16)
-        weights = params["total"] * fp16
-        rows.append([name, tokens, f"{kv / 1e6:.1f}", f"{paper_kv_mb:.1f}", _percent(kv / 1e6, paper_kv_mb),
-                     f"{weights / 1e9:.2f}", f"{(weights + kv) / 1e9:.2f}", f"{paper_gb:.1f}",
-                     _percent((weights + kv) / 1e9, paper_gb)])
-    out.append(_table(("row", "tokens", "KV MB", "paper KV", "KV diff", "weights GB", "weights+KV GB",
-                       "paper GB", "diff"), rows))
+    for row, precision, paper_gb, paper_kv_mb in PAPER_MEMORY:
+        width = PRECISION_BYTES[precision]
+        n = paper_memory_tokens(dims, row)
+        ours = llm_viewer_memory_access_bytes(dims, n, width, width, width, convention=convention) / 1e9
+        ours_a16 = llm_viewer_memory_access_bytes(dims, n, width, 2.0, width, convention=convention) / 1e9
+        rows.append({"row": row, "precision": precision, "tokens": n, "paper_gb": paper_gb,
+                     "paper_kv_mb": paper_kv_mb, "kv_mb": kv_cache_bytes(dims, n, width) / 1e6,
+                     "ours_gb": ours, "ours_a16_gb": ours_a16,
+                     "diff_pct": _pct(ours, paper_gb), "diff_a16_pct": _pct(ours_a16, paper_gb)})
+    return rows
+
+
+def paper_memory_report(dims: ModelDims) -> str:
+    """The memory part of `ficoco flops --paper`: the paper's figure, ours and the difference, every row."""
+    out = []
+    out.append("Memory, LLaVA-1.5-7B (paper v4 Tables 10/11, FiCoCo-VL v1; LLM-Viewer theoretical values, flops.md §6.3).")
+    out.append("Read as LLM-Viewer's prefill MEMORY ACCESS: bytes loaded and stored by every operator (weights read once,")
+    out.append("activations in and out, KV written and read, the h x n x n score matrices), summed over the 32 decoder layers")
+    out.append("plus the LM head on 1 position; decimal GB (the KV column matches 1e6-byte MB). No vision tower, projector or")
+    out.append("embedding table, as for the TFLOPs label. n = visual + 60 text tokens; FiCoCo-L / -VL: n implied by the paper's")
+    out.append("FP16 KV column. 'W=A=KV': weights, activations and KV at the row's width; 'A16': activations kept FP16.")
+    table = paper_memory_rows(dims)
+    rows = []
+    for r in table:
+        tokens = f"{r['tokens']:.0f}" if float(r["tokens"]).is_integer() else f"{r['tokens']:.1f}"
+        rows.append([r["row"], r["precision"], tokens, f"{r['paper_kv_mb']:.1f}", f"{r['kv_mb']:.1f}",
+                     f"{r['paper_gb']:.1f}", f"{r['ours_gb']:.2f}", f"{r['diff_pct']:+.1f}%",
+                     "yes" if abs(r["diff_pct"]) <= 5 else "NO", f"{r['ours_a16_gb']:.2f}",
+                     f"{r['diff_a16_pct']:+.1f}%", "yes" if abs(r["diff_a16_pct"]) <= 5 else "NO"])
+    out.append(_table(("row", "prec", "tokens", "paper KV MB", "KV MB", "paper GB", "W=A=KV GB", "diff", "<=5%",
+                       "A16 GB", "diff", "<=5%"), rows))
     out.append(f"KV cache per token: 2 x {dims.llm_layers} layers x {kv_width(dims)} x 2 B = "
-               f"{kv_cache_bytes(dims, 1, fp16):,.0f} B. INT8 / INT4 at 636 tokens: "
-               f"{kv_cache_bytes(dims, 636, 1.0) / 1e6:.1f} / {kv_cache_bytes(dims, 636, 0.5) / 1e6:.1f} MB "
-               f"(paper 167 / 83.4).")
-    out.append(f"Weights (FP16): vision tower {params['vision'] * fp16 / 1e9:.3f} GB ({params['vision'] / 1e6:.1f} M params, "
-               f"24 layers) + projector {params['projector'] * fp16 / 1e9:.3f} GB + LLM {params['llm'] * fp16 / 1e9:.2f} GB "
-               f"({params['llm'] / 1e9:.3f} B params incl. embeddings and LM head) = {params['total'] * fp16 / 1e9:.2f} GB.")
-    vanilla_tokens, reduced_tokens = 576 + 60, 64 + 60
-    weights = params["total"] * fp16
-    vanilla_total = weights + kv_cache_bytes(dims, vanilla_tokens, fp16)
-    reduced_total = weights + kv_cache_bytes(dims, reduced_tokens, fp16)
-    paper_vanilla, paper_reduced = PAPER_MEMORY_FP16["vanilla"][1], PAPER_MEMORY_FP16["FiCoCo-V (64)"][1]
-    per_token = (paper_vanilla - paper_reduced) * 1e9 / (vanilla_tokens - reduced_tokens)
-    viewer = llm_viewer_prefill_memory_bytes(dims, vanilla_tokens, fp16)
-    out.append("The KV figures are reproduced. The 22.4 GB total is NOT: weights + KV cache give "
-               f"{vanilla_total / 1e9:.2f} GB, and the remaining")
-    out.append(f"{paper_vanilla - vanilla_total / 1e9:.1f} GB is not explained by any decomposition we can derive. "
-               "Prefill activations are small beside it")
-    out.append(f"(one layer's attention probabilities at {vanilla_tokens} tokens: {dims.llm_heads} heads x "
-               f"{vanilla_tokens}^2 x 2 B = {dims.llm_heads * vanilla_tokens ** 2 * 2 / 1e6:.1f} MB; fp32 logits of all "
-               f"{vanilla_tokens} positions: {vanilla_tokens * dims.vocab_size * 4 / 1e6:.0f} MB),")
-    out.append("and LLM-Viewer's own prefill memory (its linear-layer weights + KV + one layer's stored activations) "
-               f"is {viewer / 1e9:.2f} GB.")
-    out.append(f"The paper's two rows imply {per_token / 1e6:.1f} MB per extra token between {reduced_tokens} and "
-               f"{vanilla_tokens} tokens, {per_token / kv_cache_bytes(dims, 1, fp16):.0f}x the KV")
-    out.append(f"cost of a token, while its {paper_reduced} GB row at {reduced_tokens} tokens is weights + KV "
-               f"({reduced_total / 1e9:.2f} GB) within {abs(_pct(reduced_total / 1e9, paper_reduced)):.1f}%. "
-               "We report weights + KV and leave")
-    out.append("22.4 GB as an unexplained published figure rather than fit a term to it.")
+               f"{kv_cache_bytes(dims, 1, 2.0):,.0f} B (FP16); the vanilla and FiCoCo-V KV rows match the "
+               "paper's at every width (FiCoCo-L / -VL by construction).")
+    n_vanilla, n_reduced = paper_memory_tokens(dims, "vanilla"), paper_memory_tokens(dims, "FiCoCo-V")
+    parts = llm_viewer_memory_access_parts(dims, n_vanilla, 2.0)
+    names = (("weights", "decoder weights"), ("lm_head", "LM head"), ("linear_io", "linear-layer activations"),
+             ("kv_store", "KV store"), ("attention_io", "Q/K/V loads and A.V out"),
+             ("attention_scores", "score matrices 4hn^2"), ("elementwise", "norms, adds, activation"))
+    terms = [f"{label} {parts[key] / 1e9:.2f}" for key, label in names]
+    out.append(f"Vanilla FP16 at {n_vanilla} tokens, GB: " + " + ".join(terms[:4]) + " +")
+    out.append("  " + " + ".join(terms[4:]) + f" = {parts['total'] / 1e9:.2f} GB ({_percent(parts['total'] / 1e9, 22.4)} vs 22.4).")
+    exact = [llm_viewer_memory_access_bytes(dims, n, 2.0, convention="exact") / 1e9 for n in (n_vanilla, n_reduced)]
+    out.append(f"Counting an add's two inputs and the SwiGLU product m wide (convention 'exact', not LLM-Viewer's): "
+               f"{exact[0]:.2f} GB ({_percent(exact[0], 22.4)}) and {exact[1]:.2f} GB ({_percent(exact[1], 14.4)}).")
+    t40, t64 = (llm_viewer_memory_access_bytes(dims, dims.visual_tokens + t, 2.0) / 1e9 for t in (40, 64))
+    out.append(f"Text length: 576 + 40 gives {t40:.2f} GB, 576 + 64 gives {t64:.2f} GB.")
+    params = parameter_counts(dims)
+    out.append(f"Resident weights (FP16): vision tower {params['vision'] * 2 / 1e9:.3f} GB + projector "
+               f"{params['projector'] * 2 / 1e9:.3f} GB + LLM {params['llm'] * 2 / 1e9:.2f} GB (incl. embeddings and LM head) "
+               f"= {params['total'] * 2 / 1e9:.2f} GB.")
+    out.append(f"Resident memory instead (all weights {weight_memory_bytes(dims, 'fp16') / 1e9:.2f} GB + KV) gives "
+               f"{(weight_memory_bytes(dims, 'fp16') + kv_cache_bytes(dims, n_vanilla, 2.0)) / 1e9:.2f} GB, and "
+               f"LLM-Viewer's memory_consumption {llm_viewer_prefill_memory_bytes(dims, n_vanilla, 2.0) / 1e9:.2f} GB: "
+               "neither is the paper's 22.4.")
+    weights_only = (parts["weights"] + parts["lm_head"]) / 1e9
+    both = [f"{r['row']} {r['precision']}" for r in table if abs(r["diff_pct"]) <= 5 and abs(r["diff_a16_pct"]) <= 5]
+    uniform = [f"{r['row']} {r['precision']}" for r in table if abs(r["diff_pct"]) <= 5 and abs(r["diff_a16_pct"]) > 5]
+    a16 = [f"{r['row']} {r['precision']}" for r in table if abs(r["diff_pct"]) > 5 and abs(r["diff_a16_pct"]) <= 5]
+    missed = [f"{r['row']} {r['precision']}" for r in table if abs(r["diff_pct"]) > 5 and abs(r["diff_a16_pct"]) > 5]
+    out.append(f"Within 5%: {', '.join(both)}; with W=A=KV only: {', '.join(uniform)}; with A16 only: {', '.join(a16)}.")
+    out.append(f"Missed by both: {', '.join(missed)}.")
+    out.append("NOT reproduced: the paper's quantised rows follow no single bit setting (vanilla INT8 = 22.4 / 2 needs "
+               "8-bit activations, FiCoCo-V INT8 / INT4 need 16-bit ones);")
+    out.append(f"vanilla INT4 6.2 lies between W4A4 and W4A8 "
+               f"({llm_viewer_memory_access_bytes(dims, n_vanilla, 0.5) / 1e9:.2f} / "
+               f"{llm_viewer_memory_access_bytes(dims, n_vanilla, 0.5, 1.0, 0.5) / 1e9:.2f} GB); FiCoCo-VL 13.0 GB is "
+               f"below the {weights_only:.2f} GB read for the weights alone, so no token count gives it, and")
+    out.append(f"FiCoCo-L INT4 3.3 GB equals the INT4 weights alone ({weights_only / 4:.2f} GB). We do not fit terms "
+               "to these rows.")
     return "\n".join(out)
 
 

@@ -128,7 +128,7 @@ def test_adding_a_benchmark_runs_only_its_new_jobs(finished_tiny_run):
     repo, env = finished_tiny_run
     counts, _ = dry_run_counts(repo, env, "--config", "benchmarks=['toy-shapes-mini','toy-shapes-mini2']")
     # the new benchmark: its build, vanilla + ficoco-v@36 evaluations and scores; then aggregate and report
-    assert counts == {"build_toy_benchmark": 1, "evaluate": 2, "score": 2, "aggregate": 1, "report": 1}
+    assert counts == {"build_toy_benchmark": 1, "evaluate": 2, "score": 2, "aggregate": 1, "report": 1, "all": 1}
 
 
 def test_forcing_one_benchmark_reruns_only_its_jobs(finished_tiny_run):
@@ -137,4 +137,4 @@ def test_forcing_one_benchmark_reruns_only_its_jobs(finished_tiny_run):
                      for p in (repo / "results/runs").glob("*/toy-shapes-mini/*/*/shard*/predictions.jsonl"))
     assert len(targets) == 2
     counts, _ = dry_run_counts(repo, env, "-R", *targets)
-    assert counts == {"evaluate": 2, "score": 2, "aggregate": 1, "report": 1}
+    assert counts == {"evaluate": 2, "score": 2, "aggregate": 1, "report": 1, "all": 1}

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
-from ficoco.methods import ficoco_l, ficoco_v, ficoco_vl, vanilla
+from ficoco.methods import downsample, evit, ficoco_l, ficoco_v, ficoco_vl, tome, vanilla
+from ficoco.methods import dart, fastv, pdrop
 from ficoco.methods.base import LLMKept, LLMLayerStep, LLMTokens, Method, Param, VisionLayerStep, VisionTokens
 
 _REGISTRY = MappingProxyType({
     method.name: method
-    for method in (vanilla.METHOD, ficoco_v.METHOD, ficoco_l.METHOD, ficoco_vl.METHOD, ficoco_v.OFFICIAL)
+    for method in (vanilla.METHOD, ficoco_v.METHOD, ficoco_l.METHOD, ficoco_vl.METHOD, ficoco_v.OFFICIAL,
+                   tome.METHOD, evit.METHOD, downsample.METHOD,
+                   fastv.METHOD, fastv.KEEP_BUDGET, pdrop.METHOD, pdrop.OFFICIAL, dart.METHOD)
 })
 
 

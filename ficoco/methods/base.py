@@ -7,7 +7,10 @@ hidden states and attention at that place. The boundary between the two is a sma
 | step                | site                                                                  | the adapter hands it          |
 |---------------------|-----------------------------------------------------------------------|-------------------------------|
 | `VisionLayerStep`   | inside vision encoder layers, after the attention residual, before the MLP | `VisionTokens`, `VisionScores` |
+| `VisionInputStep`   | the vision tower's input: the image is resized to fewer patches       | the pixel values              |
 | `LLMLayerStep`      | at the input of LLM decoder layers, during prefill                    | `LLMTokens`, `LLMScores`      |
+| `VisionOutputStep`  | the output of the vision layer LLaVA reads (CLS first), before the projector | `VisionTokens`, `VisionOutputScores` |
+| `ProjectorStep`     | the projected visual tokens of each image, before the LLM             | `ImageTokens`                 |
 
 A step's `reduce` is a plain function of tensors (built from ficoco.paradigm); it never sees a
 module. Attention is offered through a *scores* object whose methods compute only what is asked
@@ -15,9 +18,10 @@ for (the full head-mean matrix, a few rows, or the keys), so a method that needs
 pays for the matrix, and the layer's own output keeps its fused attention kernel.
 
 Sites still to come (methods.md §8) slot in as further step classes without touching the
-existing ones: the vision-tower output (selected features with CLS, for VisionZip / PruMerge /
-TopK-CLS), the projector output (DivPrune, pooling), and LLM layers whose scores come from the
-previous layer (FastV). `VisionTokens.key_bias` already carries ToMe's proportional attention.
+existing ones, as `VisionOutputStep` (VisionZip, PruMerge, TopK-CLS, Random, pooling) and
+`ProjectorStep` (DivPrune) did. `LLMLayerStep.scores_from="previous"`
+hands a step the attention and keys of the layer before the reducing one (FastV, DART,
+SparseVLM). `VisionTokens.key_bias` already carries ToMe's proportional attention.
 
 Shapes: B = batch (images for vision steps, prompts for LLM steps), N = current tokens,
 D = width, H = heads, d = head dim, L = current sequence length.
@@ -31,12 +35,14 @@ from typing import Any, Callable, Mapping, Protocol
 
 import torch
 
+from ficoco.budget import layer_average, step_counts
 from ficoco.paradigm.compress import gather_tokens, self_preserving_merge
 from ficoco.paradigm.correlate import adaptive_quantile_weights, fixed_k_weights
 
 PHASES = ("none", "vision", "projector", "llm", "both")
 SITES = ("vision", "projector", "llm")
 VISION_ATTENTION = ("probs", "rows", "keys", "none")
+LLM_SCORES_FROM = ("self", "previous")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -82,12 +88,22 @@ class LLMKept:
 
 
 class LLMScores(Protocol):
-    """Causal attention of the current LLM layer on its own input, computed on demand."""
+    """Causal attention of one LLM layer on its own input, computed on demand.
+
+    The layer is the reducing layer itself, or the layer before it when the step says
+    `scores_from="previous"`; either way positions are those of the reducing layer's input.
+    """
 
     def rows(self, queries: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
         """(B, R, K) float32 head-mean probabilities of query rows `queries` (B, R), softmax over every
         key the row may see (causal + padding mask), returned for the key columns `keys` (B, K)
         (all columns when None)."""
+
+    def keys(self) -> torch.Tensor:
+        """(B, H_kv, L, d) the layer's keys after RoPE (what its KV cache holds)."""
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) -> (B, N, D): the LLM's final norm (the one before the LM head) applied to `hidden`."""
 
 
 @dataclass(frozen=True)
@@ -108,6 +124,24 @@ class VisionLayerStep:
 
 
 @dataclass(frozen=True)
+class VisionInputStep:
+    """Change the image the vision tower encodes: fewer patches from the start (image downsampling).
+
+    `prepare` maps the pixel values the caller passed (B, C, H, W) to (B, C, image_side, image_side);
+    the adapter runs it (unless the input already has that size), interpolates the position
+    embeddings to the new patch grid and sends the LLM one feature per patch.
+    """
+
+    image_side: int                         # pixels per side of the square image the tower encodes
+    prepare: Callable[[torch.Tensor], torch.Tensor]
+    site: str = field(default="vision", init=False)
+
+    def __post_init__(self):
+        if isinstance(self.image_side, bool) or not isinstance(self.image_side, int) or self.image_side < 1:
+            raise ValueError(f"image_side={self.image_side!r} must be an integer number of pixels >= 1")
+
+
+@dataclass(frozen=True)
 class LLMLayerStep:
     """Reduce the visual tokens at the input of LLM decoder layers during prefill.
 
@@ -120,10 +154,75 @@ class LLMLayerStep:
     tokens_out: Mapping[int, int]           # layer -> visual tokens left after it
     needs_instruction: bool = True          # a prompt with no tokens after the image cannot be scored:
                                             # alone it is left unreduced, in a batch it is an error
+    scores_from: str = "self"               # "self": the reducing layer's attention on its input;
+                                            # "previous": layer l−1's (FastV: A_{K−1}), same positions
     site: str = field(default="llm", init=False)
 
+    def __post_init__(self):
+        if self.scores_from not in LLM_SCORES_FROM:
+            raise ValueError(f"scores_from={self.scores_from!r}; valid choices are {list(LLM_SCORES_FROM)}")
+        if self.scores_from == "previous" and any(layer < 1 for layer in self.layers):
+            raise ValueError(f"scores_from='previous' needs every reducing layer >= 1 (layer 0 has no previous "
+                             f"layer); got layers {list(self.layers)}")
 
-Step = VisionLayerStep | LLMLayerStep
+
+@dataclass(frozen=True)
+class ImageTokens:
+    """The tokens of each image on their way to the LLM (what a vision-output or projector step returns)."""
+
+    hidden: torch.Tensor                    # (B, K, D) exactly what the next part receives, in delivery order
+    positions: torch.Tensor | None          # (B, P) raster positions of the original patches kept or merged into
+                                            # (sorted; for analysis); None when every token is new (pooling)
+
+
+class VisionOutputScores(Protocol):
+    """What a vision-output step may read about the features, each computed on demand."""
+
+    def cls_row(self) -> torch.Tensor:
+        """(B, 1+N) float32 head-mean attention probabilities of the CLS query in the feature layer."""
+
+    def keys(self) -> torch.Tensor:
+        """(B, H, 1+N, d) the feature layer's keys."""
+
+    def next_cls_row(self) -> torch.Tensor:
+        """(B, 1+N) float32 CLS row of the *next* layer's q/k projections applied to the features (its
+        layer norm first), all heads concatenated, scale 1/sqrt(width), softmax over all keys (PruMerge)."""
+
+    def next_keys(self) -> torch.Tensor:
+        """(B, 1+N, D) the next layer's keys of the features, full width (PruMerge's kNN metric)."""
+
+    def image_digests(self) -> list[str]:
+        """One sha256 hex digest of the pixel values per image: a content identity for seeded methods."""
+
+
+@dataclass(frozen=True)
+class VisionOutputStep:
+    """Reduce the output of the vision layer LLaVA reads (CLS first, all patches), before the projector.
+
+    `reduce(layer, tokens, scores)` gets the feature layer's index, its output as `VisionTokens` and a
+    `VisionOutputScores`; its `ImageTokens.hidden` (B, tokens_out, D) replaces the projector input
+    (CLS only if the method keeps it), so the LLM sees `tokens_out` tokens per image.
+    """
+
+    reduce: Callable[[int, VisionTokens, VisionOutputScores], ImageTokens]
+    tokens_out: int                         # tokens per image the projector (and then the LLM) receives
+    site: str = field(default="vision", init=False)
+
+
+@dataclass(frozen=True)
+class ProjectorStep:
+    """Reduce the projected visual tokens of each image before they enter the LLM (contiguous positions).
+
+    `reduce(0, tokens, None)` gets `ImageTokens(hidden (B, N, D_llm), positions (B, N))` and returns
+    (B, tokens_out, D_llm). (A variant keeping the original RoPE positions is an `LLMLayerStep` at layer 0.)
+    """
+
+    reduce: Callable[[int, ImageTokens, None], ImageTokens]
+    tokens_out: int                         # tokens per image the LLM receives
+    site: str = field(default="projector", init=False)
+
+
+Step = VisionLayerStep | VisionInputStep | LLMLayerStep | VisionOutputStep | ProjectorStep
 
 
 # ------------------------------------------------------------------------------------------------
@@ -272,9 +371,31 @@ def unreduced_llm(dims, delivered: int) -> list[int]:
     return [delivered] * dims.llm_layers
 
 
+def delivered_plan(dims, delivered: int) -> dict:
+    """Plan entries of a method that reduces once between the vision layers and the LLM (vision-output
+    and projector steps): every executed vision layer and the projector input unreduced, `delivered`
+    visual tokens in every LLM layer."""
+    return {"vision": None, "vision_counts": vision_layer_counts(dims, {}), "delivered": delivered, "llm": None,
+            "llm_visual": unreduced_llm(dims, delivered), "layer_average": float(delivered)}
+
+
 def check_layer_range(method: str, name_first: str, first: int, name_last: str, last: int, n_layers: int,
                       what: str) -> None:
     """first..last (inclusive) must be a non-empty range inside [0, n_layers)."""
     if not 0 <= first <= last < n_layers:
         raise ValueError(f"{method}: {name_first}={first}, {name_last}={last}: need 0 <= {name_first} <= "
                          f"{name_last} <= {n_layers - 1} ({what})")
+
+
+def staged_llm_plan(dims, visual_after: Mapping[int, int]) -> dict:
+    """Plan entries of pruning inside the LLM: from layer l on (l a key of `visual_after`) the
+    sequence holds visual_after[l] visual tokens; earlier layers hold all of them (FastV, DART,
+    PDrop, SparseVLM). An empty mapping is the unreduced model."""
+    n0 = dims.visual_tokens
+    counts = step_counts(n0, dims.llm_layers, dict(visual_after))
+    layers = sorted(visual_after)
+    before = [n0] + [visual_after[layer] for layer in layers[:-1]]
+    llm = {"layers": layers, "discards": [n - visual_after[layer] for n, layer in zip(before, layers)], "n0": n0,
+           "final": visual_after[layers[-1]], "visual_out": [visual_after[layer] for layer in layers]} if layers else None
+    return {"vision": None, "vision_counts": vision_layer_counts(dims, {}), "delivered": n0, "llm": llm,
+            "llm_visual": counts, "layer_average": layer_average(counts)}

@@ -9,7 +9,10 @@ What it does to the tower, all undone by `remove()`:
   weights, applies the method's step between the attention residual and the MLP, then runs the
   MLP on the reduced tokens. q/k are projected once; a step that reads the full probability
   matrix gets the ones the output was computed from, any other step rows/keys on demand next
-  to PyTorch's fused SDPA.
+  to PyTorch's fused SDPA;
+- with a `VisionInputStep` (image downsampling) the tower's pre-hook replaces the pixel values by
+  the step's resized ones and asks the embeddings to interpolate the position embeddings
+  (`interpolate_pos_encoding=True`), so every layer runs on the smaller patch grid.
 
 State lives in a `VisionPass` per tower call (one batch of images); nothing is module-level.
 """
@@ -19,7 +22,7 @@ import types
 
 import torch
 
-from ficoco.methods.base import VisionLayerStep, VisionTokens
+from ficoco.methods.base import VisionInputStep, VisionLayerStep, VisionTokens
 from ficoco.paradigm.attention import head_mean_probs
 
 
@@ -87,11 +90,13 @@ def clip_attention(attn, x: torch.Tensor, mask: torch.Tensor | None, with_probs:
 class ClipPatch:
     """Installs the hooks and replacement forwards on a `CLIPVisionModel`; `remove()` undoes them."""
 
-    def __init__(self, tower, last_layer: int, step: VisionLayerStep | None, on_pass_start):
+    def __init__(self, tower, last_layer: int, step: VisionLayerStep | None, on_pass_start,
+                 input_step: VisionInputStep | None = None):
         self.tower = tower
         self.layers = tower.encoder.layers
         self.last_layer = last_layer
         self.step = step
+        self.input_step = input_step                    # resizes the image before the embeddings
         self.on_pass_start = on_pass_start              # callback(VisionPass) -> None
         self.current: VisionPass | None = None
         self._handles = []
@@ -131,13 +136,26 @@ class ClipPatch:
     def _start_pass(self, tower, args, kwargs):
         pixel_values = args[0] if args else kwargs.get("pixel_values")
         n_images = pixel_values.shape[0]
-        n_patches = tower.embeddings.num_patches
         size = tower.config.image_size
+        changed = None
+        if self.input_step is not None:                 # image downsampling: fewer patches from the start
+            size = self.input_step.image_side
+            if tuple(pixel_values.shape[-2:]) != (size, size):
+                pixel_values = self.input_step.prepare(pixel_values)
+            if tuple(pixel_values.shape[-2:]) != (size, size):
+                raise ValueError(f"the vision input step must give {size}x{size} pixel values; its prepare "
+                                 f"returned {tuple(pixel_values.shape[-2:])}")
+            args = (pixel_values, *args[1:]) if args else args
+            kwargs = {**kwargs, "interpolate_pos_encoding": True} if args else \
+                {**kwargs, "pixel_values": pixel_values, "interpolate_pos_encoding": True}
+            changed = (args, kwargs)
+        n_patches = (size // tower.config.patch_size) ** 2
         if self.step is not None and tuple(pixel_values.shape[-2:]) != (size, size):
             raise ValueError(f"vision reduction is planned on the {size}x{size} patch grid of the config; got "
                              f"pixel_values of size {tuple(pixel_values.shape[-2:])}")
         self.current = VisionPass(n_images, n_patches, pixel_values.device)
         self.on_pass_start(self.current)
+        return changed
 
     def _end_pass(self, tower, args, output):
         self.current = None

@@ -7,6 +7,8 @@ Forward pre-hooks on every decoder layer (platform-notes §4.2):
   axes) by the kept positions. Kept tokens keep their original RoPE positions, and the KV cache
   of the reducing layer and every later layer holds only the kept positions.
 - decode: slice the key axis of a 4-D mask to the kept prefill positions plus the new tokens.
+- a step with `scores_from="previous"` scores from the layer before the reducing one: that
+  layer's input (as it ran, after any reduction of its own) is kept for the reducing layer.
 
 `LLMPass` holds the state of one forward call; the prefill pass is remembered per KV cache object
 by the adapter, so decode steps find the positions their cache holds.
@@ -43,6 +45,7 @@ class LLMPass:
         self.layer_dropped: list[int] = []            # visual tokens dropped before each layer ran (cumulative)
         self.dropped = 0
         self.trace: dict[int, torch.Tensor] = {}      # reducing layer -> kept visual input positions (B, N_l)
+        self.previous_input: tuple | None = None      # (layer, hidden, cos, sin, valid) for scores_from="previous"
         self._sliced: dict[str, object] = {}          # kwargs sliced for the current keep
         self._decode_index: dict[tuple[int, int], torch.Tensor] = {}
 
@@ -79,10 +82,23 @@ class LlamaScores:
     """`LLMScores` of one decoder layer, computed from its own input layer norm, q/k and RoPE."""
 
     def __init__(self, layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 valid: torch.Tensor | None):
-        self.layer, self.hidden, self.valid = layer, hidden, valid          # hidden (B, L, D)
+                 valid: torch.Tensor | None, norm=None):
+        self.layer, self.hidden, self.valid, self.norm = layer, hidden, valid, norm   # hidden (B, L, D)
         batch = hidden.shape[0]
         self.cos, self.sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)   # (B, L, d)
+
+    def keys(self) -> torch.Tensor:
+        """(B, H_kv, L, d) post-RoPE keys of the layer's input, as its KV cache holds them."""
+        attn = self.layer.self_attn
+        batch, length, _ = self.hidden.shape
+        k = attn.k_proj(self.layer.input_layernorm(self.hidden)).view(batch, length, -1, attn.head_dim)
+        return _rope(k.transpose(1, 2), self.cos, self.sin)
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The language model's final norm applied to `hidden` (B, N, D)."""
+        if self.norm is None:
+            raise ValueError("final_norm is unavailable: these scores were built without the model's final norm")
+        return self.norm(hidden)
 
     def rows(self, queries: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
         attn = self.layer.self_attn
@@ -118,6 +134,7 @@ class LlamaPatch:
 
     def __init__(self, language_model, step: LLMLayerStep | None, current_pass):
         self.layers = language_model.layers
+        self.norm = language_model.norm
         self.step = step
         self.current_pass = current_pass                  # () -> LLMPass | None
         reducing = tuple(step.layers) if step else ()
@@ -155,6 +172,9 @@ class LlamaPatch:
         if llm_pass.reduce and index in self.reducing:
             cos, sin = _sliced_kwargs(kwargs, llm_pass)["position_embeddings"]
             hidden = self._reduce(index, layer, hidden, cos, sin, llm_pass)
+        if llm_pass.reduce and self.step.scores_from == "previous" and index + 1 in self.reducing:
+            cos, sin = _sliced_kwargs(kwargs, llm_pass)["position_embeddings"]
+            llm_pass.previous_input = (layer, hidden, cos, sin, llm_pass.valid)
         llm_pass.layer_lengths.append(hidden.shape[1])
         llm_pass.layer_dropped.append(llm_pass.dropped)
         if llm_pass.keep is None:                          # nothing dropped yet: the layer runs as is
@@ -171,12 +191,17 @@ class LlamaPatch:
         batch, length, width = hidden.shape
         kept_hidden = torch.empty_like(hidden)
         kept_visual = llm_pass.visual.new_empty(batch, self.step.tokens_out[index])
+        score_layer, score_hidden, score_valid = layer, hidden, llm_pass.valid
+        if self.step.scores_from == "previous":         # layer index−1's input, in the same positions
+            score_layer, score_hidden, cos, sin, score_valid = llm_pass.previous_input
+            llm_pass.previous_input = None
         for rows in _rows_by_instruction_length(llm_pass.instruction):
             tokens = LLMTokens(hidden=hidden[rows], visual=llm_pass.visual[rows],
                                instruction=torch.stack([llm_pass.instruction[r] for r in rows.tolist()]))
-            valid = None if llm_pass.valid is None else llm_pass.valid[rows]
-            kept: LLMKept = self.step.reduce(index, tokens, LlamaScores(layer, tokens.hidden, _rows_of(cos, rows),
-                                                                         _rows_of(sin, rows), valid))
+            valid = None if score_valid is None else score_valid[rows]
+            scores = LlamaScores(score_layer, score_hidden[rows], _rows_of(cos, rows), _rows_of(sin, rows), valid,
+                                 norm=self.norm)
+            kept: LLMKept = self.step.reduce(index, tokens, scores)
             kept_hidden[rows], kept_visual[rows] = kept.hidden, kept.visual
         dropped = torch.zeros(batch, length, dtype=torch.bool, device=hidden.device)
         dropped.scatter_(1, llm_pass.visual, True).scatter_(1, kept_visual, False)

@@ -30,9 +30,10 @@ import torch
 
 from ficoco import methods as method_registry
 from ficoco.dims import ModelDims
-from ficoco.methods.base import LLMLayerStep, Method, VisionLayerStep
+from ficoco.methods.base import LLMLayerStep, Method, VisionInputStep, VisionLayerStep
 from ficoco.models.clip import ClipPatch, VisionPass
 from ficoco.models.llama import LlamaPatch, LLMPass
+from ficoco.models.features import FEATURE_STEPS, FeaturePatch
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +70,12 @@ class LlavaHandle:
         steps = method.steps(plan)
         vision_steps = [step for step in steps if isinstance(step, VisionLayerStep)]
         llm_steps = [step for step in steps if isinstance(step, LLMLayerStep)]
-        unknown = [type(step).__name__ for step in steps if not isinstance(step, (VisionLayerStep, LLMLayerStep))]
-        if unknown or len(vision_steps) > 1 or len(llm_steps) > 1:
-            raise ValueError(f"{method.name}: the LLaVA adapter supports at most one VisionLayerStep and one "
-                             f"LLMLayerStep; got {[type(step).__name__ for step in steps]}")
+        input_steps = [step for step in steps if isinstance(step, VisionInputStep)]
+        unknown = [type(step).__name__ for step in steps
+                   if not isinstance(step, (VisionLayerStep, LLMLayerStep, VisionInputStep, *FEATURE_STEPS))]
+        if unknown or len(vision_steps) > 1 or len(llm_steps) > 1 or len(input_steps) > 1:
+            raise ValueError(f"{method.name}: the LLaVA adapter supports at most one VisionInputStep, one "
+                             f"VisionLayerStep and one LLMLayerStep; got {[type(step).__name__ for step in steps]}")
         self.vision_step = vision_steps[0] if vision_steps else None
         self.llm_step = llm_steps[0] if llm_steps else None
         self.image_token_id = model.config.image_token_id
@@ -87,11 +90,20 @@ class LlavaHandle:
         self._parameter_names = list(inspect.signature(type(model.model).forward).parameters)[1:]
 
         inner = model.model
-        self._clip = ClipPatch(inner.vision_tower, dims.last_vision_layer, self.vision_step, self._on_vision_pass)
+        self._clip = ClipPatch(inner.vision_tower, dims.last_vision_layer, self.vision_step, self._on_vision_pass,
+                               input_step=input_steps[0] if input_steps else None)
         try:
             self._llama = LlamaPatch(inner.language_model, self.llm_step, self._current_llm_pass)
         except Exception:
             self._clip.remove()                                   # leave the model as it was
+            raise
+        try:                                                      # vision-output / projector steps
+            self._features = FeaturePatch(inner, dims.last_vision_layer,
+                                          [step for step in steps if isinstance(step, FEATURE_STEPS)],
+                                          lambda: self._clip.current)
+        except Exception:
+            self._clip.remove()
+            self._llama.remove()
             raise
         self._hooks = [inner.register_forward_pre_hook(self._before_forward, with_kwargs=True),
                        inner.register_forward_hook(self._after_forward, always_call=True)]
@@ -107,6 +119,7 @@ class LlavaHandle:
             return
         self._clip.remove()
         self._llama.remove()
+        self._features.remove()
         for hook in self._hooks:
             hook.remove()
         if self._generate_patched:

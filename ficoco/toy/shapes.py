@@ -185,13 +185,19 @@ def _pick(rng: np.random.Generator, options) -> str:
     return options[int(rng.integers(len(options)))]
 
 
-def sample(seed: int, split: str, index: int, kind: str | None = None) -> ToySample:
-    """Sample `index` of a split. `kind=None` cycles through KINDS by index (balanced kinds)."""
+def sample(seed: int, split: str, index: int, kind: str | None = None, max_others: int = 3) -> ToySample:
+    """Sample `index` of a split. `kind=None` cycles through KINDS by index (balanced kinds).
+
+    max_others: most distractors besides the asked-about object(s) (1..max_others; 0 = none).
+    Evaluation data uses the default 3; training starts lower (a curriculum).
+    """
     rng = _rng(seed, split, index)
     kind = KINDS[index % len(KINDS)] if kind is None else kind
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r}: valid kinds are {list(KINDS)}")
-    n_others = int(rng.integers(1, 4))                             # distractors: 1..3
+    if not 0 <= max_others <= 3:
+        raise ValueError(f"max_others={max_others}: must be in 0..3")
+    n_others = int(rng.integers(min(1, max_others), max_others + 1))   # distractors
 
     if kind == "count":
         color = _pick(rng, COLOR_NAMES)

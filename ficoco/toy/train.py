@@ -34,6 +34,8 @@ class TrainSettings:
     warmup_steps: int = 30
     size: str = "default"
     turns: int = 4                  # questions per image in one training conversation
+    curriculum: float = 0.3         # fraction of steps over which distractors grow from 0 to 3
+    aux_weight: float = 0.0         # weight of a per-patch colour/shape probe loss (probe discarded)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -103,14 +105,45 @@ def learning_rate(step: int, settings: TrainSettings) -> float:
     return settings.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def distractor_cap(step: int, settings: TrainSettings) -> int:
+    """Most distractors per image at `step`: 0 at the start, 3 from `curriculum * steps` on."""
+    ramp = settings.curriculum * settings.steps
+    if ramp <= 0:
+        return 3
+    return min(3, int(4 * step / ramp))
+
+
+def probe_loss(probe, hidden, batch, rows, image_token_id: int) -> torch.Tensor:
+    """Cross-entropy of a linear probe predicting each image position's colour and shape (or none)."""
+    n_colors = len(shapes.COLOR_NAMES) + 1
+    n_patches = shapes.GRID * shapes.GRID
+    image = batch["input_ids"] == image_token_id                              # (B, T)
+    logits = probe(hidden[image].view(len(rows), n_patches, -1))              # (B, N, C)
+    colors = torch.zeros(len(rows), n_patches, dtype=torch.long)
+    kinds = torch.zeros(len(rows), n_patches, dtype=torch.long)
+    for i, row in enumerate(rows):
+        for obj in row.objects:
+            colors[i, obj.patch_index] = 1 + shapes.COLOR_NAMES.index(obj.color)
+            kinds[i, obj.patch_index] = 1 + shapes.SHAPE_NAMES.index(obj.shape)
+    cross_entropy = torch.nn.functional.cross_entropy
+    return (cross_entropy(logits[..., :n_colors].reshape(-1, n_colors), colors.view(-1))
+            + cross_entropy(logits[..., n_colors:].reshape(-1, logits.shape[-1] - n_colors), kinds.view(-1)))
+
+
 def train(model, processor, settings: TrainSettings, progress: bool = True) -> dict:
     """Train `model` in place; returns {"losses": [...], "seconds": float, "settings": {...}}."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(settings.seed)
     model.train()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    probe = None
+    named = list(model.named_parameters())
+    if settings.aux_weight > 0:
+        n_classes = (len(shapes.COLOR_NAMES) + 1) + (len(shapes.SHAPE_NAMES) + 1)
+        probe = torch.nn.Linear(model.config.text_config.hidden_size, n_classes)
+        named += [("probe." + n, p) for n, p in probe.named_parameters()]
+    decay = [p for n, p in named if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in named if not (p.ndim >= 2 and "embed" not in n)]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=settings.lr, betas=(0.9, 0.98))
@@ -119,16 +152,23 @@ def train(model, processor, settings: TrainSettings, progress: bool = True) -> d
     bar = tqdm(range(settings.steps), desc="train toy llava", disable=not progress, mininterval=2.0)
     for step in bar:
         first = step * settings.batch_size
-        rows = [shapes.sample(settings.seed, "train", first + i) for i in range(settings.batch_size)]
+        max_others = distractor_cap(step, settings)
+        rows = [shapes.sample(settings.seed, "train", first + i, max_others=max_others)
+                for i in range(settings.batch_size)]
         batch = training_batch(rows, processor, settings.turns, np.random.default_rng([settings.seed, step]))
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, settings)
-        loss = model(**batch).loss
+        if probe is None:
+            loss = model(**batch).loss
+        else:
+            output = model(**batch, output_hidden_states=True)
+            loss = output.loss + settings.aux_weight * probe_loss(probe, output.hidden_states[-1], batch, rows,
+                                                                   model.config.image_token_id)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if step % 10 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
     model.eval()
