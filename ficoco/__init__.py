@@ -4,9 +4,10 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 
-def apply(model, method: str, budget: int | None = None, **overrides):
+def apply(model, method, budget: int | None = None, **overrides):
     """Install a token-reduction method on a HF LLaVA model; returns a handle with `.remove()`.
 
+    `method` is a registered name (`ficoco methods`) or a `ficoco.methods.base.Method`.
     `budget` is the average number of visual tokens per LLM decoder layer (None = unreduced).
     Extra keyword arguments override the method's hyperparameters (see `ficoco methods`).
     """

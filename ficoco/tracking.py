@@ -17,12 +17,16 @@ from pathlib import Path
 
 
 def _has_api_key() -> bool:
+    """A key in the environment, or a `wandb login` entry for the configured host in ~/.netrc."""
     if os.environ.get("WANDB_API_KEY"):
         return True
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    import netrc
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
     try:
-        return "api.wandb.ai" in netrc.read_text() or "wandb" in netrc.read_text()
-    except OSError:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
         return False
 
 
