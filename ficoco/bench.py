@@ -12,7 +12,10 @@ runs before the first token). Warm-up rounds are not timed. Every configuration 
 round, rounds interleave all configurations (so drift and background load hit them alike), and
 the table reports medians over the rounds. Separate instrumented rounds time each reduction step
 (`reduce`: scores, filter, correlate, compress; means over a method's reducing layers) against
-the layer it runs in, as run (reduced) and as the same layer runs unreduced in vanilla. For
+the layer it runs in, as run (reduced) and as the same layer runs unreduced in vanilla. On a CPU
+with one thread those step and layer times are the thread's CPU time (`time.thread_time`): a
+step of about a millisecond that another job preempts would otherwise read as several; the
+prefill times stay wall-clock. For
 FiCoCo-V the head-mean probabilities come with the layer's own attention (computed explicitly,
 see ficoco/models/clip.py), so that cost sits in the layer, not the step; the end-to-end
 measured speedup includes everything.
@@ -88,34 +91,43 @@ def bench_inputs(model, text_before: int, text_after: int, seed: int = 0):
     return ids, torch.ones_like(ids), pixels
 
 
-class StepTimer:
-    """Wraps a step's `reduce` and records its wall time per layer."""
+def step_clock(device: str, threads: int):
+    """(clock, name) for timing reduction steps against their layers: the calling thread's CPU time
+    on a CPU with one thread (immune to preemption by other jobs, and with one thread it is all the
+    work), wall-clock otherwise (several threads, or a GPU, where the caller synchronises)."""
+    if device == "cpu" and threads == 1:
+        return time.thread_time, "thread CPU time"
+    return time.perf_counter, "wall clock"
 
-    def __init__(self, reduce, seconds: dict, synchronize):
-        self.reduce, self.seconds, self.synchronize = reduce, seconds, synchronize
+
+class StepTimer:
+    """Wraps a step's `reduce` and records its time per layer (wall clock unless `clock` is given)."""
+
+    def __init__(self, reduce, seconds: dict, synchronize, clock=time.perf_counter):
+        self.reduce, self.seconds, self.synchronize, self.clock = reduce, seconds, synchronize, clock
 
     def __call__(self, layer, tokens, scores):
         self.synchronize()
-        start = time.perf_counter()
+        start = self.clock()
         result = self.reduce(layer, tokens, scores)
         self.synchronize()
-        self.seconds.setdefault(layer, []).append(time.perf_counter() - start)
+        self.seconds.setdefault(layer, []).append(self.clock() - start)
         return result
 
 
-def timed_method(method, seconds: dict, synchronize):
+def timed_method(method, seconds: dict, synchronize, clock=time.perf_counter):
     """The same method whose steps time their `reduce` into `seconds` (keyed by (site, layer))."""
     def build(plan):
         steps = []
         for step in method.steps(plan):
             per_site = seconds.setdefault(step.site, {})
-            steps.append(dataclasses.replace(step, reduce=StepTimer(step.reduce, per_site, synchronize)))
+            steps.append(dataclasses.replace(step, reduce=StepTimer(step.reduce, per_site, synchronize, clock)))
         return tuple(steps)
 
     return dataclasses.replace(method, build=build)
 
 
-def layer_timers(modules: dict, seconds: dict, synchronize):
+def layer_timers(modules: dict, seconds: dict, synchronize, clock=time.perf_counter):
     """Hooks timing whole layers (registered before `apply`, so an LLM layer's time includes the
     reduction pre-hook). modules: (site, layer) -> module."""
     handles = []
@@ -124,11 +136,11 @@ def layer_timers(modules: dict, seconds: dict, synchronize):
 
         def pre(module, args, key=key, started=started):
             synchronize()
-            started["t"] = time.perf_counter()
+            started["t"] = clock()
 
         def post(module, args, output, key=key, started=started):
             synchronize()
-            seconds.setdefault(key, []).append(time.perf_counter() - started["t"])
+            seconds.setdefault(key, []).append(clock() - started["t"])
 
         handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
     return handles
@@ -146,6 +158,7 @@ def run(args) -> dict:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    clock, clock_name = step_clock(device.type, args.threads)
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(bench_config(args)).eval().to(device)
     dims = ModelDims.from_config(model.config)
@@ -178,7 +191,7 @@ def run(args) -> dict:
         all_layers = {("vision", index): layer for index, layer in enumerate(model.model.vision_tower.encoder.layers)}
         all_layers.update({("llm", index): layer for index, layer in enumerate(model.model.language_model.layers)})
         unreduced_seconds: dict = {}
-        handles = layer_timers(all_layers, unreduced_seconds, synchronize)
+        handles = layer_timers(all_layers, unreduced_seconds, synchronize, clock)
         try:
             for _ in range(args.step_repeats):
                 with ficoco.apply(model, "vanilla"):
@@ -194,9 +207,9 @@ def run(args) -> dict:
             reducing = [("vision", layer) for layer in (plan["vision"] or {}).get("layers", [])]
             reducing += [("llm", layer) for layer in (plan["llm"] or {}).get("layers", [])]
             step_seconds, layer_seconds = {}, {}
-            handles = layer_timers({key: all_layers[key] for key in reducing}, layer_seconds, synchronize)
+            handles = layer_timers({key: all_layers[key] for key in reducing}, layer_seconds, synchronize, clock)
             try:
-                timed = timed_method(methods.get(method), step_seconds, synchronize)
+                timed = timed_method(methods.get(method), step_seconds, synchronize, clock)
                 for _ in range(args.step_repeats):
                     with ficoco.apply(model, timed, budget, **overrides):
                         model(input_ids=ids, attention_mask=mask, pixel_values=pixels, logits_to_keep=1,
@@ -233,15 +246,16 @@ def run(args) -> dict:
             "measured_over_predicted": measured / predicted,
             "step_share": step_share.get(index, {}),
         })
-    llava_scale = llava_scale_steps(args.repeats, synchronize) if args.llava_scale else []
+    llava_scale = llava_scale_steps(args.repeats, synchronize, clock) if args.llava_scale else []
     return {
         "llava_scale": llava_scale,
         "device": str(device), "threads": args.threads, "repeats": args.repeats, "warmup": args.warmup,
+        "step_repeats": args.step_repeats, "step_clock": clock_name,
         "torch": torch.__version__, "dims": dims.to_dict(), "prompt_tokens": ids.shape[1], "rows": rows,
     }
 
 
-def llava_scale_steps(repeats: int, synchronize=lambda: None) -> list[dict]:
+def llava_scale_steps(repeats: int, synchronize=lambda: None, clock=time.perf_counter) -> list[dict]:
     """The reduction steps timed against one layer of LLaVA-1.5-7B's real size (random weights).
 
     FiCoCo-V: a CLIP ViT-L/14-336 layer (577 tokens, d=1024, 16 heads, MLP 4096) and the first
@@ -265,10 +279,10 @@ def llava_scale_steps(repeats: int, synchronize=lambda: None) -> list[dict]:
         times = []
         for _ in range(repeats):
             synchronize()
-            start = time.perf_counter()
+            start = clock()
             fn()
             synchronize()
-            times.append(time.perf_counter() - start)
+            times.append(clock() - start)
         return statistics.median(times) * 1e3
 
     dims = llava_1_5_dims("7b")
@@ -324,7 +338,8 @@ def format_table(result: dict) -> str:
         f"d={dims['vision_hidden']} mlp={dims['vision_mlp']}, 577 tokens; LLM {dims['llm_layers']} layers "
         f"d={dims['llm_hidden']} mlp={dims['llm_mlp']}; prompt {result['prompt_tokens']} tokens "
         f"(576 image); {result['device']}, {result['threads']} threads, torch {result['torch']}; "
-        f"median of {result['repeats']} interleaved rounds after {result['warmup']} warm-up",
+        f"median of {result['repeats']} interleaved rounds after {result['warmup']} warm-up; steps and their "
+        f"layers: median of {result.get('step_repeats', '?')} instrumented rounds, {result.get('step_clock', 'wall clock')}",
         "",
         "| method | B | overrides | realised avg | prefill ms | GMAC | measured × | predicted × | measured / "
         "predicted | reduction step: ms, % of its layer as run, % of that layer unreduced |",

@@ -115,22 +115,22 @@ def test_budget_errors_name_the_problem(shaped_dims):
 def test_delivers_budget_records_plan_and_removes_exactly(shaped, name):
     budget, overrides = SETTINGS[name]
     ids, mask, pixels = _inputs(shaped)
-    seen = {}
-    probe = shaped.model.language_model.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True)
-    try:
-        with torch.no_grad():
-            before = shaped(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+    seen = []
+    with torch.no_grad():
+        before = shaped(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        probe = shaped.model.language_model.register_forward_pre_hook(
+            lambda module, args, kwargs: seen.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True)
+        try:
             with ficoco.apply(shaped, name, budget, **overrides) as handle:
                 out = shaped.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=2,
                                       do_sample=False)
                 counts, plan = handle.last_counts()[0], handle.plan
-            after = shaped(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
-    finally:
-        probe.remove()
+        finally:
+            probe.remove()
+        after = shaped(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
     delivered = 8 * 8 if name == "downsample" else budget               # downsampling: g = 8, g² <= 64
     assert plan["delivered"] == delivered
-    assert seen["embeds"].shape[1] == ids.shape[1] - N_PATCHES + delivered   # exactly that many reach the LLM
+    assert seen[0] == ids.shape[1] - N_PATCHES + delivered               # the prefill: exactly that many reach the LLM
     assert counts["visual_delivered"] == delivered and counts["llm_visual"] == [delivered] * 2
     assert counts["vision"] == plan["vision_counts"] and len(counts["vision"]) == 4
     assert counts["vision"][-1][1] == 1 + delivered                     # CLS + the delivered tokens
@@ -165,13 +165,18 @@ def test_batch_of_two_equals_each_alone(shaped, name):
 def _capture(model):
     """Pre-hooks recording each vision layer's input and the projector's input (the LLM features)."""
     captured: dict = {}
+
+    def layer_input(index):
+        def hook(module, args, kwargs):
+            captured.setdefault(index, args[0] if args else kwargs["hidden_states"])
+        return hook
+
+    def features(module, args):
+        captured.setdefault("features", args[0])
+
     layers = model.model.vision_tower.encoder.layers
-    hooks = [layer.register_forward_pre_hook(
-        lambda module, args, kwargs, index=index: captured.setdefault(index, args[0] if args
-                                                                      else kwargs["hidden_states"]),
-        with_kwargs=True) for index, layer in enumerate(layers)]
-    hooks.append(model.model.multi_modal_projector.register_forward_pre_hook(
-        lambda module, args: captured.setdefault("features", args[0])))
+    hooks = [layer.register_forward_pre_hook(layer_input(index), with_kwargs=True) for index, layer in enumerate(layers)]
+    hooks.append(model.model.multi_modal_projector.register_forward_pre_hook(features))
     return captured, hooks
 
 

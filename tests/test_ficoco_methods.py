@@ -100,12 +100,12 @@ def test_overrides_are_validated():
     plan = method.check_budget(DIMS_7B, 64, lam=0.5, start=3)
     assert plan["params"]["lam"] == 0.5 and plan["vision"]["layers"] == list(range(3, 23))
     with pytest.raises(ValueError, match="valid methods: vanilla, ficoco-v, ficoco-l, ficoco-vl"):
-        methods.get("fastv")
+        methods.get("no-such-method")
 
 
 def test_registry_is_fixed_and_describes_every_method():
     names = methods.names()
-    assert names == ["vanilla", "ficoco-v", "ficoco-l", "ficoco-vl", "ficoco-v-official"]
+    assert names[:5] == ["vanilla", "ficoco-v", "ficoco-l", "ficoco-vl", "ficoco-v-official"]   # baselines follow
     names.append("x")
     assert "x" not in methods.names()
     assert methods.get("ficoco-v").defaults == {"lam": 0.35, "coef": 2.0, "penalty_window": 2, "eps": 0.998,
@@ -113,7 +113,7 @@ def test_registry_is_fixed_and_describes_every_method():
     assert methods.get("ficoco-l").defaults == {"beta": 0.6, "gamma": 0.6, "eps": 0.998, "k": None, "start": 4,
                                                 "window": 4}
     assert methods.get("ficoco-vl").defaults["vision_factor"] == 2
-    assert {methods.get(n).phase for n in methods.names()} == {"none", "vision", "llm", "both"}
+    assert {methods.get(n).phase for n in methods.names()[:5]} == {"none", "vision", "llm", "both"}
 
 
 def test_methods_cli_lists_sites_attention_stages_parameters(capsys):

@@ -182,7 +182,7 @@ def test_errors_name_the_problem(model):
     with pytest.raises(ValueError, match="valid parameters: beta, gamma, eps, k, start, window"):
         ficoco.apply(model, "ficoco-l", 8, lam=0.5)
     with pytest.raises(ValueError, match="valid methods"):
-        ficoco.apply(model, "tome", 8)
+        ficoco.apply(model, "no-such-method", 8)
     with pytest.raises(TypeError, match="supported: LlavaForConditionalGeneration"):
         ficoco.apply(torch.nn.Linear(2, 2), "vanilla")
     with ficoco.apply(model, "vanilla"):

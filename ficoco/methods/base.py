@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, ClassVar, Mapping, Protocol
 
 import torch
 
@@ -77,6 +77,9 @@ class LLMTokens:
     hidden: torch.Tensor                    # (B, L, D)
     visual: torch.Tensor                    # (B, N) int64 sequence positions of the current visual tokens
     instruction: torch.Tensor               # (B, M) int64 positions of the prompt tokens after the last image token
+    input_visual: torch.Tensor | None = None       # (B, N0, D) LLM input embeddings of every image token (before
+                                                   # any reduction); only for a step with needs_inputs
+    input_instruction: torch.Tensor | None = None  # (B, M, D) LLM input embeddings of the instruction tokens
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,8 @@ class LLMScores(Protocol):
 class VisionLayerStep:
     """Reduce inside vision encoder layers, between the attention residual add and the MLP."""
 
+    WHERE: ClassVar[str] = "vision encoder layers (between attention and MLP)"   # for `ficoco methods`
+
     layers: tuple[int, ...]                 # 0-based encoder layers that reduce
     reduce: Callable[[int, VisionTokens, VisionScores], VisionTokens]
     tokens_out: Mapping[int, int]           # layer -> patches left after it (CLS not counted)
@@ -132,6 +137,8 @@ class VisionInputStep:
     embeddings to the new patch grid and sends the LLM one feature per patch.
     """
 
+    WHERE: ClassVar[str] = "vision encoder input (fewer patches are encoded)"   # for `ficoco methods`
+
     image_side: int                         # pixels per side of the square image the tower encodes
     prepare: Callable[[torch.Tensor], torch.Tensor]
     site: str = field(default="vision", init=False)
@@ -149,6 +156,8 @@ class LLMLayerStep:
     the hidden states, rotary tables, mask and (from that layer on) the KV cache.
     """
 
+    WHERE: ClassVar[str] = "LLM layers (layer input, prefill)"   # for `ficoco methods`
+
     layers: tuple[int, ...]                 # 0-based decoder layers that reduce
     reduce: Callable[[int, LLMTokens, LLMScores], LLMKept]
     tokens_out: Mapping[int, int]           # layer -> visual tokens left after it
@@ -156,6 +165,7 @@ class LLMLayerStep:
                                             # alone it is left unreduced, in a batch it is an error
     scores_from: str = "self"               # "self": the reducing layer's attention on its input;
                                             # "previous": layer l−1's (FastV: A_{K−1}), same positions
+    needs_inputs: bool = False              # reduce reads LLMTokens.input_visual / input_instruction (SparseVLM)
     site: str = field(default="llm", init=False)
 
     def __post_init__(self):
@@ -204,6 +214,8 @@ class VisionOutputStep:
     (CLS only if the method keeps it), so the LLM sees `tokens_out` tokens per image.
     """
 
+    WHERE: ClassVar[str] = "vision tower output (the features LLaVA reads, before the projector)"   # for `ficoco methods`
+
     reduce: Callable[[int, VisionTokens, VisionOutputScores], ImageTokens]
     tokens_out: int                         # tokens per image the projector (and then the LLM) receives
     site: str = field(default="vision", init=False)
@@ -216,6 +228,8 @@ class ProjectorStep:
     `reduce(0, tokens, None)` gets `ImageTokens(hidden (B, N, D_llm), positions (B, N))` and returns
     (B, tokens_out, D_llm). (A variant keeping the original RoPE positions is an `LLMLayerStep` at layer 0.)
     """
+
+    WHERE: ClassVar[str] = "projector output (before the LLM)"   # for `ficoco methods`
 
     reduce: Callable[[int, ImageTokens, None], ImageTokens]
     tokens_out: int                         # tokens per image the LLM receives

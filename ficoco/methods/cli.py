@@ -6,16 +6,23 @@ import json
 
 from ficoco import methods
 
-SITE_NAMES = {
-    "vision": "vision encoder layers (between attention and MLP)",
-    "projector": "projector output",
-    "llm": "LLM layers (layer input, prefill)",
-}
+def sites(method) -> list[str]:
+    """Where the method acts, from the reduction steps it builds for LLaVA-1.5-7B at its default settings."""
+    from ficoco.dims import llava_1_5_dims
+
+    dims = llava_1_5_dims("7b")
+    for budget in (128, 192, 64, dims.visual_tokens, None):
+        try:
+            steps = method.steps(method.plan(dims, budget))
+        except ValueError:
+            continue
+        return list(dict.fromkeys(step.WHERE for step in steps))
+    return list(method.acts_on)
 
 
 def describe(method) -> str:
     """A plain-text block for one method."""
-    where = "; ".join(SITE_NAMES[site] for site in method.acts_on) or "nowhere (unreduced)"
+    where = "; ".join(sites(method)) or "nowhere (unreduced)"
     lines = [
         f"{method.name}  [phase: {method.phase}]",
         f"  {method.summary}",
@@ -32,16 +39,29 @@ def describe(method) -> str:
     return "\n".join(lines)
 
 
+def markdown_table(chosen) -> str:
+    """The paradigm view of the whole family: method x where x filter / correlate / compress."""
+    rows = ["| method | where | attention | filter | correlate | compress |", "|---|---|---|---|---|---|"]
+    for method in chosen:
+        cells = [f"`{method.name}`", "; ".join(sites(method)) or "–", method.needs_attention]
+        cells += [method.stages.get(stage, "–") for stage in ("filter", "correlate", "compress")]
+        rows.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ficoco methods", description="List every token-reduction method.")
     parser.add_argument("names", nargs="*", help="only these methods (default: all)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--markdown", action="store_true", help="one table: method x where x stages")
     args = parser.parse_args(argv)
     chosen = [methods.get(name) for name in (args.names or methods.names())]
     if args.json:
-        print(json.dumps([{"name": m.name, "phase": m.phase, "acts_on": list(m.acts_on),
+        print(json.dumps([{"name": m.name, "phase": m.phase, "acts_on": list(m.acts_on), "where": sites(m),
                            "needs_attention": m.needs_attention, "stages": dict(m.stages),
                            "defaults": m.defaults, "summary": m.summary} for m in chosen], indent=2))
+    elif args.markdown:
+        print(markdown_table(chosen))
     else:
         print("\n\n".join(describe(method) for method in chosen))
     return 0

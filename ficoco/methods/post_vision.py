@@ -17,13 +17,13 @@ from ficoco.paradigm.compress import gather_tokens
 def feature_plan(dims, budget: int | None, site: str, **details) -> dict:
     """The plan of a one-shot reduction to `budget` tokens per image (None = unreduced).
 
-    `post_vision` records where it acts ("vision_output": the features of layer `layer`;
+    `post_vision` records where it acts ("vision_output": the output of vision layer `layer`;
     "projector": the projected tokens) and the method's own split of the B tokens (`details`).
     """
     if budget is None:
         return {**delivered_plan(dims, dims.visual_tokens), "post_vision": None}
-    return {**delivered_plan(dims, budget),
-            "post_vision": {"site": site, "layer": dims.last_vision_layer, "tokens_out": budget, **details}}
+    where = {"layer": dims.last_vision_layer} if site == "vision_output" else {}
+    return {**delivered_plan(dims, budget), "post_vision": {"site": site, **where, "tokens_out": budget, **details}}
 
 
 def check_patch_count(method: str, dims, count: int, what: str) -> None:

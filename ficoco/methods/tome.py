@@ -19,8 +19,15 @@ from dataclasses import dataclass
 import torch
 
 from ficoco.budget import InfeasibleBudget, tome_merges
-from ficoco.methods.base import Method, Param, VisionLayerStep, VisionScores, VisionTokens, non_negative_int, \
-    optional_non_negative_int
+from ficoco.methods.base import (
+    Method,
+    Param,
+    VisionLayerStep,
+    VisionScores,
+    VisionTokens,
+    non_negative_int,
+    optional_non_negative_int,
+)
 from ficoco.methods.ficoco_v import patches_for, vision_layers, vision_plan
 from ficoco.paradigm.attention import head_mean_keys, proportional_attention_bias
 from ficoco.paradigm.compress import size_weighted_merge
@@ -74,12 +81,13 @@ def schedule(dims, budget, params) -> dict:
         merges = tome_merges(dims.num_patches, patches, layers)
         if sum(merges.values()) != dims.num_patches - patches:
             smallest = _smallest_reachable(dims.num_patches, layers)
+            hint = ("an earlier start adds merging layers, which reach lower budgets" if layers[0] > 0 else
+                    "every executed vision layer already merges")
             raise InfeasibleBudget(
                 f"tome: budget B={budget} is infeasible with {len(layers)} merging layers "
                 f"({layers[0]}..{layers[-1]}): spreading {dims.num_patches - patches} merges evenly, the cap "
                 f"r_l <= floor((#tokens - 1)/2) leaves {dims.num_patches - sum(merges.values())} patches. The "
-                f"smallest reachable budget is {smallest - (dims.num_patches - dims.visual_tokens)}; "
-                f"more merging layers (an earlier start) reach lower budgets")
+                f"smallest reachable budget is {smallest - (dims.num_patches - dims.visual_tokens)}; {hint}")
     plan = vision_plan(dims, merges)
     return {**plan, "llm": None, "llm_visual": [plan["delivered"]] * dims.llm_layers,
             "layer_average": float(plan["delivered"])}

@@ -38,6 +38,8 @@ class LLMPass:
         self.valid = valid
         self.visual = visual
         self.instruction = instruction
+        self.input_positions = (visual, instruction)  # image / instruction positions in the LLM input
+        self.inputs: torch.Tensor | None = None       # (B, L, D) LLM input embeddings, for steps with needs_inputs
         self.reduce = reduce
         self.keep: torch.Tensor | None = None
         self.keep_at: dict[int, torch.Tensor] = {}    # reducing layer -> keep after it (what its cache holds)
@@ -169,6 +171,8 @@ class LlamaPatch:
     # -- prefill --------------------------------------------------------------------------------
     def _prefill(self, index, layer, args, kwargs, llm_pass: LLMPass):
         hidden = args[0] if args else kwargs["hidden_states"]
+        if index == 0 and llm_pass.reduce and self.step.needs_inputs:
+            llm_pass.inputs = hidden                       # the embeddings, before any reduction
         if llm_pass.reduce and index in self.reducing:
             cos, sin = _sliced_kwargs(kwargs, llm_pass)["position_embeddings"]
             hidden = self._reduce(index, layer, hidden, cos, sin, llm_pass)
@@ -197,7 +201,8 @@ class LlamaPatch:
             llm_pass.previous_input = None
         for rows in _rows_by_instruction_length(llm_pass.instruction):
             tokens = LLMTokens(hidden=hidden[rows], visual=llm_pass.visual[rows],
-                               instruction=torch.stack([llm_pass.instruction[r] for r in rows.tolist()]))
+                               instruction=torch.stack([llm_pass.instruction[r] for r in rows.tolist()]),
+                               **(_input_embeddings(llm_pass, rows) if self.step.needs_inputs else {}))
             valid = None if score_valid is None else score_valid[rows]
             scores = LlamaScores(score_layer, score_hidden[rows], _rows_of(cos, rows), _rows_of(sin, rows), valid,
                                  norm=self.norm)
@@ -219,6 +224,15 @@ class LlamaPatch:
         llm_pass.trace[index] = llm_pass.keep.gather(1, llm_pass.visual)
         llm_pass._sliced = {}
         return hidden
+
+
+def _input_embeddings(llm_pass: LLMPass, rows: torch.Tensor) -> dict:
+    """LLMTokens.input_visual / input_instruction of batch rows `rows`, from the LLM input embeddings."""
+    inputs, (visual, instruction) = llm_pass.inputs[rows], llm_pass.input_positions
+    instruction = torch.stack([instruction[r] for r in rows.tolist()])
+    width = inputs.shape[-1]
+    return {"input_visual": inputs.gather(1, visual[rows, :, None].expand(-1, -1, width)),
+            "input_instruction": inputs.gather(1, instruction[..., None].expand(-1, -1, width))}
 
 
 def _rows_of(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

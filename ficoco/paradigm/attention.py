@@ -17,6 +17,8 @@ def _repeat_kv_heads(k: torch.Tensor, n_query_heads: int) -> torch.Tensor:
         raise ValueError(
             f"key heads ({n_kv_heads}) must divide query heads ({n_query_heads}) for grouped-query attention"
         )
+    if n_kv_heads == n_query_heads:
+        return k  # no grouping: repeat_interleave(1) would only copy
     return k.repeat_interleave(n_query_heads // n_kv_heads, dim=1)
 
 
@@ -37,13 +39,19 @@ def head_mean_probs(
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(f"q and k must be (B, H, N, d); got q {tuple(q.shape)}, k {tuple(k.shape)}")
     k = _repeat_kv_heads(k, q.shape[1])
-    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # (B, H, Nq, Nk)
+    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)).mul_(scale)  # (B, H, Nq, Nk), a fresh tensor
     if additive_mask is not None:
-        logits = logits + additive_mask.float()
+        mask = additive_mask.float()
+        if torch.broadcast_shapes(logits.shape, mask.shape) == logits.shape:
+            logits = logits.add_(mask)
+        else:
+            logits = logits + mask
     probs = logits.softmax(dim=-1)  # (B, H, Nq, Nk)
-    # softmax over an all -inf row is NaN; such a query sees no key, so it gives no attention
-    fully_masked = torch.isneginf(logits).all(dim=-1, keepdim=True)  # (B, H, Nq, 1)
-    probs = probs.masked_fill(fully_masked, 0.0)
+    if logits.shape[-1]:
+        # softmax over an all -inf row is NaN; such a query sees no key, so it gives no attention.
+        # A row is all -inf exactly when its maximum is -inf (a NaN maximum compares False).
+        fully_masked = logits.amax(dim=-1, keepdim=True) == float("-inf")  # (B, H, Nq, 1)
+        probs = probs.masked_fill(fully_masked, 0.0)  # not in place: softmax's backward reads its output
     return probs.mean(dim=1)  # (B, Nq, Nk)
 
 

@@ -68,9 +68,11 @@ def _normalise_over(corr: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
     corr: (B, S, T) float; chosen: (B, S, T) bool, J_i per row -> (B, S, T) float32.
     """
     corr = corr.float()
-    chosen_corr = torch.where(chosen, corr, torch.zeros_like(corr))
+    chosen_corr = torch.where(chosen, corr, 0.0)
     row_sum = chosen_corr.sum(dim=-1, keepdim=True)  # (B, S, 1)
     underflow = row_sum == 0
+    if corr.device.type == "cpu" and not bool(underflow.any()):
+        return chosen_corr.div_(row_sum)  # the usual case; the same values as below without the uniform rows
     uniform = chosen.float() / chosen.sum(dim=-1, keepdim=True).clamp(min=1)
     return torch.where(underflow, uniform, chosen_corr / row_sum.masked_fill(underflow, 1.0))
 
@@ -117,7 +119,7 @@ def row_quantile(values: torch.Tensor, q: float) -> torch.Tensor:
     value_above = top[..., n - 1 - above:n - above]  # ascending rank ⌈r⌉
     quantile = torch.lerp(value_below, value_above, fraction)
     # torch.quantile sorts NaN last and then reads the last rank of such a row, i.e. NaN
-    return quantile.masked_fill(values.isnan().any(dim=-1, keepdim=True), float("nan"))
+    return quantile.masked_fill(values.amax(dim=-1, keepdim=True).isnan(), float("nan"))  # amax propagates NaN
 
 
 def fixed_k_weights(corr: torch.Tensor, k: int) -> torch.Tensor:

@@ -113,21 +113,35 @@ def distractor_cap(step: int, settings: TrainSettings) -> int:
     return min(3, int(4 * step / ramp))
 
 
-def probe_loss(probe, hidden, batch, rows, image_token_id: int) -> torch.Tensor:
-    """Cross-entropy of a linear probe predicting each image position's colour and shape (or none)."""
-    n_colors = len(shapes.COLOR_NAMES) + 1
+def probe_targets(rows: list[shapes.ToySample]) -> torch.Tensor:
+    """(B, N, 3) per-patch class ids: colour (0 = none), shape (0 = none), side (0 = none, 1 left, 2 right)."""
     n_patches = shapes.GRID * shapes.GRID
-    image = batch["input_ids"] == image_token_id                              # (B, T)
-    logits = probe(hidden[image].view(len(rows), n_patches, -1))              # (B, N, C)
-    colors = torch.zeros(len(rows), n_patches, dtype=torch.long)
-    kinds = torch.zeros(len(rows), n_patches, dtype=torch.long)
+    targets = torch.zeros(len(rows), n_patches, 3, dtype=torch.long)
     for i, row in enumerate(rows):
         for obj in row.objects:
-            colors[i, obj.patch_index] = 1 + shapes.COLOR_NAMES.index(obj.color)
-            kinds[i, obj.patch_index] = 1 + shapes.SHAPE_NAMES.index(obj.shape)
-    cross_entropy = torch.nn.functional.cross_entropy
-    return (cross_entropy(logits[..., :n_colors].reshape(-1, n_colors), colors.view(-1))
-            + cross_entropy(logits[..., n_colors:].reshape(-1, logits.shape[-1] - n_colors), kinds.view(-1)))
+            targets[i, obj.patch_index] = torch.tensor([
+                1 + shapes.COLOR_NAMES.index(obj.color),
+                1 + shapes.SHAPE_NAMES.index(obj.shape),
+                1 if obj.col < shapes.GRID // 2 else 2,
+            ])
+    return targets
+
+
+PROBE_CLASSES = (len(shapes.COLOR_NAMES) + 1, len(shapes.SHAPE_NAMES) + 1, 3)
+
+
+def probe_loss(probe, hidden, batch, rows, image_token_id: int) -> torch.Tensor:
+    """Summed cross-entropy of a linear probe reading each image position's colour, shape and side."""
+    n_patches = shapes.GRID * shapes.GRID
+    image = batch["input_ids"] == image_token_id                              # (B, T)
+    logits = probe(hidden[image].view(len(rows), n_patches, -1))              # (B, N, sum(PROBE_CLASSES))
+    targets = probe_targets(rows)                                             # (B, N, 3)
+    loss, start = 0.0, 0
+    for j, n_classes in enumerate(PROBE_CLASSES):
+        part = logits[..., start:start + n_classes].reshape(-1, n_classes)
+        loss = loss + torch.nn.functional.cross_entropy(part, targets[..., j].reshape(-1))
+        start += n_classes
+    return loss
 
 
 def train(model, processor, settings: TrainSettings, progress: bool = True) -> dict:
@@ -139,8 +153,7 @@ def train(model, processor, settings: TrainSettings, progress: bool = True) -> d
     probe = None
     named = list(model.named_parameters())
     if settings.aux_weight > 0:
-        n_classes = (len(shapes.COLOR_NAMES) + 1) + (len(shapes.SHAPE_NAMES) + 1)
-        probe = torch.nn.Linear(model.config.text_config.hidden_size, n_classes)
+        probe = torch.nn.Linear(model.config.text_config.hidden_size, sum(PROBE_CLASSES))
         named += [("probe." + n, p) for n, p in probe.named_parameters()]
     decay = [p for n, p in named if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in named if not (p.ndim >= 2 and "embed" not in n)]

@@ -1,0 +1,25 @@
+"""`ficoco methods`: every method with the site it really acts on (from the steps it builds)."""
+from ficoco import methods
+from ficoco.methods.cli import main, sites
+
+
+def test_sites_come_from_the_steps_each_method_builds():
+    assert sites(methods.get("vanilla")) == []
+    assert sites(methods.get("ficoco-v")) == ["vision encoder layers (between attention and MLP)"]
+    assert sites(methods.get("ficoco-vl")) == ["vision encoder layers (between attention and MLP)",
+                                               "LLM layers (layer input, prefill)"]
+    assert sites(methods.get("visionzip"))[0].startswith("vision tower output")
+    assert sites(methods.get("divprune"))[0].startswith("projector output")
+    assert sites(methods.get("downsample"))[0].startswith("vision encoder input")
+    assert sites(methods.get("fastv")) == ["LLM layers (layer input, prefill)"]
+
+
+def test_listing_and_markdown_table_cover_every_method(capsys):
+    assert main([]) == 0
+    listing = capsys.readouterr().out
+    assert main(["--markdown"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    for name in methods.names():
+        assert f"{name}  [phase:" in listing
+    assert len(table) == 2 + len(methods.names())
+    assert all(line.count(" | ") == 5 for line in table[2:])
