@@ -209,6 +209,9 @@ def validate(config: dict, root: Path = REPO_ROOT) -> dict:
     for index, name in enumerate(config["methods"]):
         if name not in valid_methods:
             raise _unknown(f"methods[{index}]", name, valid_methods)
+    for index, name in enumerate(config["measure"]["methods"] or []):
+        if name not in config["methods"]:
+            raise _unknown(f"measure.methods[{index}]", name, config["methods"])
     for name in config["method_params"]:
         if name not in valid_methods:
             raise _unknown(f"method_params.{name}", name, valid_methods)

@@ -1,4 +1,4 @@
-"""In-LLM baselines (methods.md §8.3 FastV, §8.5 PDrop, §8.8 DART): schedules and behaviour.
+"""In-LLM baselines (methods.md §8.3 FastV, §8.4 SparseVLM, §8.5 PDrop, §8.8 DART): schedules, behaviour.
 
 Schedules are checked against the spec's tables. Behaviour is checked on a LLaVA-shaped tiny
 model (576 image placeholders, 4 small LLM layers) against independent computations:
@@ -7,6 +7,8 @@ model (576 image placeholders, 4 small LLM layers) against independent computati
 - PDrop: a float64 softmax of q_last·Kᵀ from each boundary layer's own input, on a model that
   keeps every token and hides the dropped ones as keys (platform-notes §4.2);
 - DART: a Python loop over the unreduced model's cached layer-(K−1) keys and layer-K input;
+- SparseVLM: raters from the input embeddings, eager attention of the pruning layer, and the
+  mean of the recycled tokens (one cluster);
 - generation: every decoding step against a full recompute without cache on the unmodified model
   with the dropped tokens hidden as keys from their layer on; a batch of 2 against each row alone.
 """
@@ -22,7 +24,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 import ficoco
 from ficoco import methods
 from ficoco.budget import InfeasibleBudget
-from ficoco.dims import ModelDims, llava_1_5_dims
+from ficoco.dims import llava_1_5_dims
 
 DIMS_7B = llava_1_5_dims("7b")
 N_IMAGE = 576
@@ -399,7 +401,8 @@ def _generate(model, name, budget, ids, pixels, mask=None, inputs=None, **overri
             return probe
 
         # registered after the method's hooks, so they see each layer's reduced input
-        probes = [] if inputs is None else [layer.register_forward_pre_hook(record(i)) for i, layer in enumerate(layers)]
+        probes = [] if inputs is None else [layer.register_forward_pre_hook(record(i))
+                                            for i, layer in enumerate(layers)]
         try:
             out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=3,
                                  do_sample=False, output_logits=True, return_dict_in_generate=True)
@@ -470,4 +473,3 @@ def test_removal_restores_the_model_exactly(model):
         after = model(input_ids=ids, pixel_values=pixels).logits
     assert torch.equal(before, after)
     assert all(not layer._forward_pre_hooks for layer in model.model.language_model.layers)
-    assert ModelDims.from_config(model.config).llm_layers == 4

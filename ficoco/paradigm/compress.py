@@ -59,7 +59,9 @@ def _sparse_incoming(weights: torch.Tensor, x_sources: torch.Tensor) -> torch.Te
     flat_weights = weights.reshape(-1)
     nonzero = flat_weights.nonzero().squeeze(1)  # ascending: by sample, then source, then target
     sample_source = nonzero // n_targets  # b·S + i
-    target = nonzero % n_targets + sample_source // n_sources * n_targets  # b·T + j
+    target = nonzero % n_targets  # j
+    if batch > 1:
+        target = target + sample_source // n_sources * n_targets  # b·T + j
     contributions = x_sources.reshape(batch * n_sources, width).index_select(0, sample_source)  # (nnz, D)
     contributions = contributions * flat_weights.index_select(0, nonzero).unsqueeze(-1)  # α_ij x_i
     incoming = x_sources.new_zeros(batch * n_targets, width)

@@ -9,6 +9,8 @@ Index tensors are int64 positions into the token axis they refer to.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ficoco.paradigm.attention import pairwise_cosine
@@ -111,15 +113,23 @@ def row_quantile(values: torch.Tensor, q: float) -> torch.Tensor:
     n = values.shape[-1]
     if n == 0:
         raise ValueError("quantile of an empty row")
-    rank = torch.tensor(q, dtype=values.dtype) * (n - 1)  # 0-d, on the CPU: no device sync
-    below, above = int(rank), int(torch.ceil(rank))
-    fraction = (rank - below).to(values.device)
+    below, above, fraction = _quantile_rank(q, n, values.dtype)
     top = values.topk(n - below, dim=-1, largest=True, sorted=True).values  # (..., n − ⌊r⌋), descending
     value_below = top[..., n - 1 - below:n - below]  # ascending rank ⌊r⌋
     value_above = top[..., n - 1 - above:n - above]  # ascending rank ⌈r⌉
     quantile = torch.lerp(value_below, value_above, fraction)
-    # torch.quantile sorts NaN last and then reads the last rank of such a row, i.e. NaN
-    return quantile.masked_fill(values.amax(dim=-1, keepdim=True).isnan(), float("nan"))  # amax propagates NaN
+    # torch.quantile sorts NaN last and then reads the last rank of such a row, i.e. NaN. topk, like
+    # sort, ranks NaN above every number, so a row holds NaN exactly when its top value is NaN.
+    return quantile.masked_fill(top[..., :1].isnan(), float("nan"))
+
+
+@functools.lru_cache(maxsize=256)
+def _quantile_rank(q: float, n: int, dtype: torch.dtype) -> tuple[int, int, float]:
+    """⌊r⌋, ⌈r⌉ and r − ⌊r⌋ for r = q·(n−1) computed as torch.quantile does: q converted to `dtype`,
+    the product and the fraction in `dtype` (the fraction is returned as the exact Python float)."""
+    rank = torch.tensor(q, dtype=dtype) * (n - 1)  # 0-d, on the CPU
+    below = int(rank)
+    return below, int(torch.ceil(rank)), float(rank - below)
 
 
 def fixed_k_weights(corr: torch.Tensor, k: int) -> torch.Tensor:

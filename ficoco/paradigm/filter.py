@@ -10,6 +10,7 @@ positions into the candidate axis, sorted ascending unless a docstring says othe
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 
 import torch
@@ -137,25 +138,34 @@ def local_penalty(
     if window < 1:
         raise ValueError(f"window must be >= 1; got {window}")
     n_cells = height * width
-    if grid_positions.numel() and not (0 <= int(grid_positions.min()) and int(grid_positions.max()) < n_cells):
-        raise ValueError(
-            f"grid_positions must lie in [0, {n_cells}) for grid {height}x{width}; "
-            f"got min {int(grid_positions.min())}, max {int(grid_positions.max())}"
-        )
+    if grid_positions.numel():
+        low, high = (int(value) for value in torch.aminmax(grid_positions))
+        if not (0 <= low and high < n_cells):
+            raise ValueError(
+                f"grid_positions must lie in [0, {n_cells}) for grid {height}x{width}; got min {low}, max {high}"
+            )
     batch = scores.shape[0]
-    windows_per_row = -(-width // window)
-    n_windows = -(-height // window) * windows_per_row
-    window_id = (grid_positions // width // window) * windows_per_row + (grid_positions % width) // window  # (B, N)
+    window_of_cell, n_windows = _grid_windows(height, width, window, grid_positions.device)
+    window_id = window_of_cell.take(grid_positions)  # (B, N)
 
     window_max = scores.new_full((batch, n_windows), float("-inf"))
-    window_max = window_max.scatter_reduce(1, window_id, scores, reduce="amax")  # (B, n_windows)
+    window_max = window_max.scatter_reduce_(1, window_id, scores, reduce="amax")  # (B, n_windows)
     is_max = scores == window_max.gather(1, window_id)  # (B, N)
     # among a window's maxima, the one with the lowest original position is penalised
     candidate_position = torch.where(is_max, grid_positions, n_cells)
     first_max = grid_positions.new_full((batch, n_windows), n_cells)
-    first_max = first_max.scatter_reduce(1, window_id, candidate_position, reduce="amin")  # (B, n_windows)
+    first_max = first_max.scatter_reduce_(1, window_id, candidate_position, reduce="amin")  # (B, n_windows)
     is_penalised = is_max & (grid_positions == first_max.gather(1, window_id))
     return torch.where(is_penalised, scores * coef, scores)
+
+
+@functools.lru_cache(maxsize=32)
+def _grid_windows(height: int, width: int, window: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    """The window of every grid cell, (row // window)·(windows per row) + col // window, as a (H·W,)
+    int64 table (read-only, cached per grid), and the number of windows."""
+    windows_per_row = -(-width // window)
+    cells = torch.arange(height * width, device=device)
+    return (cells // width // window) * windows_per_row + (cells % width) // window, -(-height // window) * windows_per_row
 
 
 # ------------------------------------------------------------------------------------------------

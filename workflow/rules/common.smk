@@ -38,7 +38,9 @@ TOY_BENCHMARKS = [b for b in config["benchmarks"] if BENCHMARKS[b].get("source",
 RUN_DIR = "results/runs/{model}/{benchmark}/{method}/b{budget}"
 RUNS = sorted({(j.model, j.benchmark, j.method, j.phase, j.budget, j.shards) for j in JOBS})
 METRICS = [RUN_DIR.format(model=m, benchmark=b, method=me, budget=bu) + "/metrics.json" for m, b, me, _, bu, _ in RUNS]
-MEASURES = sorted({f"results/measure/{j.model}/{j.method}/b{j.budget}.json" for j in JOBS}) if config["measure"]["enabled"] else []
+MEASURED_METHODS = config["measure"]["methods"] or config["methods"]
+MEASURES = sorted({f"results/measure/{j.model}/{j.method}/b{j.budget}.json" for j in JOBS
+                   if j.method in MEASURED_METHODS}) if config["measure"]["enabled"] else []
 SUMMARY = "results/summary/results.csv"
 REPORT_HTML = config["report"]["html"]
 

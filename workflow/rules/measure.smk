@@ -11,7 +11,7 @@ rule measure:
         overrides=overrides_json,
         dtype=lambda wc: MODELS[wc.model].get("dtype", "float32"),
         settings=lambda wc: " ".join(f"--{k.replace('_', '-')} {v}" for k, v in sorted(config["measure"].items())
-                                     if k != "enabled"),
+                                     if k not in ("enabled", "methods")),
         device=config["device"],
     log:
         "logs/measure/{model}/{method}/b{budget}.log",
