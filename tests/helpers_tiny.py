@@ -8,6 +8,8 @@ enough for scores to differ.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 PAD, BOS, EOS, IMAGE = 0, 1, 2, 5
@@ -38,6 +40,16 @@ def tiny_llava(*, image_size: int = 28, patch_size: int = 7, vision_layers: int 
     model.set_attn_implementation(attn_implementation)
     model.generation_config.pad_token_id = PAD
     return model
+
+
+@contextmanager
+def eager_attention(module):
+    """Run `module` (a vision tower or language model) with eager attention, then back to SDPA."""
+    module.set_attn_implementation("eager")
+    try:
+        yield module
+    finally:
+        module.set_attn_implementation("sdpa")
 
 
 def llava_shaped(**overrides):

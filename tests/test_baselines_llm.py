@@ -18,7 +18,7 @@ import math
 
 import pytest
 import torch
-from helpers_tiny import IMAGE, images, left_padded, llava_shaped, prompt
+from helpers_tiny import IMAGE, eager_attention, images, left_padded, llava_shaped, prompt
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import ficoco
@@ -206,13 +206,8 @@ def test_recorded_counts_reach_the_method_rule(model, name, budget, overrides):
 
 def test_fastv_keeps_top_k_of_layer_k_minus_1_last_row_eager_attention(model):
     ids, pixels = _inputs()
-    language = model.model.language_model
-    language.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            reference = model(input_ids=ids, pixel_values=pixels, output_attentions=True)
-    finally:
-        language.set_attn_implementation("sdpa")
+    with eager_attention(model.model.language_model), torch.no_grad():
+        reference = model(input_ids=ids, pixel_values=pixels, output_attentions=True)
     image = [p for p in range(ids.shape[1]) if ids[0, p] == IMAGE]
     for layer, budget in ((2, 300), (1, 200)):
         row = reference.attentions[layer - 1][0].double().mean(0)[-1]           # last prompt token, head mean
@@ -344,13 +339,10 @@ def test_sparsevlm_keeps_rater_top_k_and_recycles_into_a_mean_token(model):
     captured = {}
     probes = [layers[i].register_forward_pre_hook(lambda module, args, i=i: captured.__setitem__(i, args[0]))
               for i in (0, 2)]
-    language = model.model.language_model
-    language.set_attn_implementation("eager")
     try:
-        with torch.no_grad():
+        with eager_attention(model.model.language_model), torch.no_grad():
             reference = model(input_ids=ids, pixel_values=pixels, output_attentions=True)
     finally:
-        language.set_attn_implementation("sdpa")
         for probe in probes:
             probe.remove()
     length = ids.shape[1]

@@ -12,7 +12,7 @@ import dataclasses
 
 import pytest
 import torch
-from helpers_tiny import IMAGE, images, left_padded, llava_shaped, n_placeholders, prompt
+from helpers_tiny import IMAGE, eager_attention, images, left_padded, llava_shaped, n_placeholders, prompt
 
 import ficoco
 from ficoco import methods
@@ -135,11 +135,8 @@ def reference(model, inputs):
     """The untouched tower with eager attention, and the feature layer's keys from its weights."""
     tower = model.model.vision_tower
     with torch.no_grad():
-        tower.set_attn_implementation("eager")
-        try:
+        with eager_attention(tower):
             out = tower(inputs[2], output_hidden_states=True, output_attentions=True)
-        finally:
-            tower.set_attn_implementation("sdpa")
         layer = tower.encoder.layers[FEATURE_LAYER]
         attn = layer.self_attn
         keys = attn.k_proj(layer.layer_norm1(out.hidden_states[FEATURE_LAYER][0]))              # (577, D)

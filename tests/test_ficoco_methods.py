@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from helpers_tiny import IMAGE, images, left_padded, llava_shaped, n_placeholders, prompt, tiny_llava
+from helpers_tiny import IMAGE, eager_attention, images, left_padded, llava_shaped, n_placeholders, prompt, tiny_llava
 
 import ficoco
 from ficoco import methods
@@ -232,10 +232,8 @@ def test_ficoco_v_pruning_keeps_vanilla_features_at_reference_positions(shaped):
     positions an independent float64 scoring of that layer's eager attention selects."""
     ids, mask, pixels = _shaped_inputs(shaped)
     tower = shaped.model.vision_tower
-    with torch.no_grad():
-        tower.set_attn_implementation("eager")
+    with eager_attention(tower), torch.no_grad():
         reference = tower(pixels, output_hidden_states=True, output_attentions=True)
-        tower.set_attn_implementation("sdpa")
     attn = reference.attentions[3][0].double().mean(0)             # layer 3, head mean, (577, 577)
     features = reference.hidden_states[4][0, 1:]                    # layer-3 output patches (576, D)
     n = 576

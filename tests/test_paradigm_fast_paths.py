@@ -1,6 +1,6 @@
 """The cheap code paths of the FiCoCo step against the plain definitions they replace.
 
-- `correlate.row_quantile` (a partial top-k) must be bit-identical to torch.quantile's linear
+- `correlate._row_quantile` (a partial top-k) must be bit-identical to torch.quantile's linear
   interpolation, ties, tiny rows, ±inf and NaN included;
 - `adaptive_quantile_weights` must give bit-identical α to the sort-based formulation;
 - the CPU merge sums only the nonzero α, each target adding its sources in ascending order;
@@ -46,16 +46,16 @@ def test_row_quantile_is_bit_identical_to_torch_quantile(kind):
         rows = _rows(kind, 2, 6, n, generator)
         for q in QUANTILES:
             want = torch.quantile(rows, q, dim=-1, keepdim=True)
-            got = correlate.row_quantile(rows, q)
+            got = correlate._row_quantile(rows, q)
             assert got.shape == want.shape and got.dtype == want.dtype
             assert _same(got, want), (kind, n, q)
 
 
 def test_row_quantile_rejects_bad_input():
     with pytest.raises(ValueError, match="q must be in"):
-        correlate.row_quantile(torch.zeros(1, 3), 1.5)
+        correlate._row_quantile(torch.zeros(1, 3), 1.5)
     with pytest.raises(ValueError, match="empty row"):
-        correlate.row_quantile(torch.zeros(2, 0), 0.5)
+        correlate._row_quantile(torch.zeros(2, 0), 0.5)
 
 
 def _adaptive_by_sort(corr: torch.Tensor, eps: float) -> torch.Tensor:

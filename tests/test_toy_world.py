@@ -26,10 +26,15 @@ NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four"}
 
 
 def blobs_from_pixels(image) -> list[dict]:
-    """Connected (4-neighbour) regions of non-background pixels: colour name, area, centre (y, x)."""
+    """Connected (4-neighbour) regions of non-background pixels: colour name, area, centre (y, x).
+
+    The floor is two-tone (left and right halves); the top corners are always floor.
+    """
     pixels = np.asarray(image.convert("RGB")).astype(int)                     # (H, W, 3)
-    background = pixels[0, 0]
-    foreground = np.any(pixels != background, axis=-1)                         # (H, W)
+    half = pixels.shape[1] // 2
+    floor = np.empty_like(pixels)
+    floor[:, :half], floor[:, half:] = pixels[0, 0], pixels[0, -1]
+    foreground = np.any(pixels != floor, axis=-1)                              # (H, W)
     seen = np.zeros_like(foreground)
     found = []
     height, width = foreground.shape
@@ -129,7 +134,8 @@ def test_each_object_covers_exactly_one_patch():
             assert tuple(pixels[y, x]) == shapes.COLORS[obj.color]
             cell = pixels[obj.row * shapes.CELL:(obj.row + 1) * shapes.CELL,
                           obj.col * shapes.CELL:(obj.col + 1) * shapes.CELL]
-            painted = np.any(cell != shapes.BACKGROUND, axis=-1).sum()
+            floor = shapes.BACKGROUND_LEFT if obj.col < shapes.GRID // 2 else shapes.BACKGROUND_RIGHT
+            painted = np.any(cell != floor, axis=-1).sum()
             assert painted == sum(b["area"] for b in blobs_from_pixels(row.image())
                                   if int(b["center"][0]) // shapes.CELL == obj.row
                                   and int(b["center"][1]) // shapes.CELL == obj.col)

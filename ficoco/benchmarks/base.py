@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from ficoco.benchmarks.scoring import vqa_accuracy
+
 # --------------------------------------------------------------------------------------------
 # Normalised rows
 
@@ -80,6 +82,29 @@ def scoring_of(record: Mapping) -> Mapping:
 def percent(values: Sequence[float]) -> float | None:
     """Mean of 0..1 values as a percentage; None for an empty list."""
     return 100.0 * sum(values) / len(values) if values else None
+
+
+def grouped_percent(scorings: Iterable[Mapping], key: str) -> dict:
+    """`{group: percent of its scores}` (sorted by group) over the scorings whose `key` is set."""
+    groups: dict[str, list[float]] = {}
+    for s in scorings:
+        if s.get(key):
+            groups.setdefault(s[key], []).append(s["score"])
+    return {k: percent(v) for k, v in sorted(groups.items())}
+
+
+def answer_strings(answers) -> list[str]:
+    """Ground truths as strings: a list of strings, or of dicts with an "answer" field (VQAv2)."""
+    out = []
+    for answer in answers or []:
+        out.append(str(answer["answer"]) if isinstance(answer, dict) else str(answer))
+    return out
+
+
+def yes_no_answers(raw: Mapping) -> list[str]:
+    """The raw `answer` cell lower-cased and stripped, as a one-element answer list ([] when empty)."""
+    answer = str(raw.get("answer") or "").strip().lower()
+    return [answer] if answer else []
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,6 +253,50 @@ class Benchmark:
         from ficoco.benchmarks.fetch import fetch_benchmark
 
         return fetch_benchmark(self.name, out_dir, revision=revision, options=options)
+
+
+class VQAAccuracyBenchmark(Benchmark):
+    """Open-answer benchmarks scored with VQA accuracy (EvalAI normalisation; TextVQA, VQAv2,
+    VizWiz). With `group_key` set, each scoring carries that meta field and the aggregate adds
+    the per-group accuracy under `group_label`."""
+
+    #: Meta field to break the accuracy down by (None: headline only).
+    group_key: str | None = None
+    #: Aggregate key of the per-group breakdown.
+    group_label: str = ""
+
+    def vqa_row(self, raw: Mapping, meta: Mapping) -> dict:
+        """A normalised row from a raw VQA row (`question_id`, `image`, `question`, `answers`)."""
+        return {
+            "id": str(raw["question_id"]),
+            "image": raw.get("image"),
+            "question": raw["question"],
+            "answers": answer_strings(raw.get("answers")),
+            "choices": [],
+            "meta": meta,
+        }
+
+    def _score(self, prediction, row, meta):
+        scoring = {"score": vqa_accuracy(prediction, row["answers"]), "parsed": prediction, "failed": False}
+        if self.group_key:
+            scoring[self.group_key] = meta.get(self.group_key)
+        return scoring
+
+    def _aggregate(self, scorings):
+        metrics = {"score": percent([s["score"] for s in scorings])}
+        if self.group_key:
+            metrics[self.group_label] = grouped_percent(scorings, self.group_key)
+        return metrics
+
+
+class YesNoBenchmark(Benchmark):
+    """Benchmarks whose ground truth is "yes" or "no" (MME, POPE): any other answer is a bad row."""
+
+    def bad_row_reasons(self, row, meta):
+        reasons = super().bad_row_reasons(row, meta)
+        if row["answers"] and row["answers"][0] not in ("yes", "no"):
+            reasons.append("answer_not_yes_no")
+        return reasons
 
 
 # --------------------------------------------------------------------------------------------

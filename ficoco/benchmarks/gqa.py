@@ -8,7 +8,7 @@ lower-case, compare with the answer), reported overall and per structural questi
 """
 from __future__ import annotations
 
-from ficoco.benchmarks.base import Benchmark, image_table, percent
+from ficoco.benchmarks.base import Benchmark, grouped_percent, image_table, percent
 from ficoco.benchmarks.scoring import SHORT_ANSWER_SUFFIX, gqa_normalize
 
 
@@ -49,12 +49,8 @@ class GQABenchmark(Benchmark):
                 "structural": meta.get("structural")}
 
     def _aggregate(self, scorings):
-        by_type: dict[str, list[float]] = {}
-        for s in scorings:
-            if s.get("structural"):
-                by_type.setdefault(s["structural"], []).append(s["score"])
         return {"score": percent([s["score"] for s in scorings]),
-                "per_structural_type": {k: percent(v) for k, v in sorted(by_type.items())}}
+                "per_structural_type": grouped_percent(scorings, "structural")}
 
 
 GQA = GQABenchmark()

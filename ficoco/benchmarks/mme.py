@@ -9,7 +9,7 @@ images with both questions right); Perception = sum of 10 subtasks (max 2000), C
 """
 from __future__ import annotations
 
-from ficoco.benchmarks.base import Benchmark, percent
+from ficoco.benchmarks.base import YesNoBenchmark, percent, yes_no_answers
 from ficoco.benchmarks.scoring import SHORT_ANSWER_SUFFIX, parse_mme_answer
 
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
@@ -24,27 +24,20 @@ def _image_key(subtask: str, question_id: str) -> str:
     return question_id if question_id.startswith(f"{subtask}/") else f"{subtask}/{question_id}"
 
 
-class MMEBenchmark(Benchmark):
+class MMEBenchmark(YesNoBenchmark):
     name = "mme"
     max_new_tokens = 128
     metric = "Perception + Cognition (sum of per-subtask acc + acc+)"
 
     def to_row(self, raw, index, context):
-        answer = str(raw.get("answer") or "").strip().lower()
         return {
             "id": f"{raw['question_id']}#{index}",
             "image": raw.get("image"),
             "question": raw["question"],
-            "answers": [answer] if answer else [],
+            "answers": yes_no_answers(raw),
             "choices": [],
             "meta": {"subtask": raw["category"], "image_key": _image_key(raw["category"], raw["question_id"])},
         }
-
-    def bad_row_reasons(self, row, meta):
-        reasons = super().bad_row_reasons(row, meta)
-        if row["answers"] and row["answers"][0] not in ("yes", "no"):
-            reasons.append("answer_not_yes_no")
-        return reasons
 
     def prompt(self, row, options=None):
         self.resolve_options(options)

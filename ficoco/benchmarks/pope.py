@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
-from ficoco.benchmarks.base import Benchmark
+from ficoco.benchmarks.base import YesNoBenchmark, yes_no_answers
 from ficoco.benchmarks.scoring import SHORT_ANSWER_SUFFIX, binary_metrics, parse_pope_answer
 
 POPE_CATEGORIES = ("adversarial", "popular", "random")
 
 
-class POPEBenchmark(Benchmark):
+class POPEBenchmark(YesNoBenchmark):
     name = "pope"
     max_new_tokens = 128
     metric = "mean F1 % over adversarial/popular/random (LLaVA parse); accuracy, precision, recall, yes-ratio"
@@ -39,22 +39,15 @@ class POPEBenchmark(Benchmark):
         return raw.filter(lambda category: category in wanted, input_columns=["category"]), {}
 
     def to_row(self, raw, index, context):
-        answer = str(raw.get("answer") or "").strip().lower()
         return {
             "id": f"{raw['category']}/{raw['question_id']}",
             "image": raw.get("image"),
             "question": raw["question"],
-            "answers": [answer] if answer else [],
+            "answers": yes_no_answers(raw),
             "choices": [],
             "meta": {"category": raw["category"], "question_id": raw["question_id"],
                      "image_source": raw.get("image_source")},
         }
-
-    def bad_row_reasons(self, row, meta):
-        reasons = super().bad_row_reasons(row, meta)
-        if row["answers"] and row["answers"][0] not in ("yes", "no"):
-            reasons.append("answer_not_yes_no")
-        return reasons
 
     def prompt(self, row, options=None):
         self.resolve_options(options)

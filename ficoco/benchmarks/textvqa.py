@@ -10,35 +10,20 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
-from ficoco.benchmarks.base import Benchmark, percent, row_meta
-from ficoco.benchmarks.scoring import SHORT_ANSWER_SUFFIX, capitalize_question, vqa_accuracy
+from ficoco.benchmarks.base import VQAAccuracyBenchmark, row_meta
+from ficoco.benchmarks.scoring import SHORT_ANSWER_SUFFIX, capitalize_question
 
 
-def answer_strings(answers) -> list[str]:
-    """Ground truths as strings: a list of strings, or of dicts with an "answer" field (VQAv2)."""
-    out = []
-    for answer in answers or []:
-        out.append(str(answer["answer"]) if isinstance(answer, dict) else str(answer))
-    return out
-
-
-class TextVQABenchmark(Benchmark):
+class TextVQABenchmark(VQAAccuracyBenchmark):
     name = "textvqa"
     max_new_tokens = 128
     metric = "VQA accuracy % (EvalAI normalisation)"
     option_defaults = MappingProxyType({"ocr": True})
 
     def to_row(self, raw, index, context):
-        return {
-            "id": str(raw["question_id"]),
-            "image": raw.get("image"),
-            "question": raw["question"],
-            "answers": answer_strings(raw.get("answers")),
-            "choices": [],
-            "meta": {"question_id": raw["question_id"], "image_id": raw.get("image_id"),
-                     "ocr_tokens": [str(t) for t in (raw.get("ocr_tokens") or [])],
-                     "set_name": raw.get("set_name")},
-        }
+        return self.vqa_row(raw, {"question_id": raw["question_id"], "image_id": raw.get("image_id"),
+                                  "ocr_tokens": [str(t) for t in (raw.get("ocr_tokens") or [])],
+                                  "set_name": raw.get("set_name")})
 
     def prompt(self, row, options=None):
         ocr = self.resolve_options(options)["ocr"]
@@ -48,12 +33,6 @@ class TextVQABenchmark(Benchmark):
         if ocr:
             text += "\nReference OCR token: " + ", ".join(row_meta(row).get("ocr_tokens") or [])
         return text + SHORT_ANSWER_SUFFIX
-
-    def _score(self, prediction, row, meta):
-        return {"score": vqa_accuracy(prediction, row["answers"]), "parsed": prediction, "failed": False}
-
-    def _aggregate(self, scorings):
-        return {"score": percent([s["score"] for s in scorings])}
 
 
 TEXTVQA = TextVQABenchmark()

@@ -14,9 +14,8 @@ import hashlib
 import random
 from types import MappingProxyType
 
-from ficoco.benchmarks.base import Benchmark, percent
-from ficoco.benchmarks.scoring import SHORT_ANSWER_SUFFIX, vqa_accuracy
-from ficoco.benchmarks.textvqa import answer_strings
+from ficoco.benchmarks.base import VQAAccuracyBenchmark
+from ficoco.benchmarks.scoring import SHORT_ANSWER_SUFFIX
 
 
 def choose_subset(question_ids, size: int, seed: int) -> list:
@@ -32,12 +31,14 @@ def ids_hash(question_ids) -> str:
     return "sha256:" + hashlib.sha256(",".join(str(q) for q in question_ids).encode()).hexdigest()
 
 
-class VQAv2Benchmark(Benchmark):
+class VQAv2Benchmark(VQAAccuracyBenchmark):
     name = "vqav2"
     max_new_tokens = 128
     metric = "VQA accuracy % (EvalAI normalisation), validation split (or a labelled subset)"
     option_defaults = MappingProxyType({"subset_size": None, "seed": 0})
     fetch_options = ("subset_size", "seed")
+    group_key = "answer_type"
+    group_label = "per_answer_type"
 
     def select_rows(self, raw, options):
         size = options["subset_size"]
@@ -54,32 +55,13 @@ class VQAv2Benchmark(Benchmark):
         return raw.select(indices), {"subset": subset}
 
     def to_row(self, raw, index, context):
-        return {
-            "id": str(raw["question_id"]),
-            "image": raw.get("image"),
-            "question": raw["question"],
-            "answers": answer_strings(raw.get("answers")),
-            "choices": [],
-            "meta": {"question_id": raw["question_id"], "image_id": raw.get("image_id"),
-                     "answer_type": raw.get("answer_type"), "question_type": raw.get("question_type"),
-                     "multiple_choice_answer": raw.get("multiple_choice_answer")},
-        }
+        return self.vqa_row(raw, {"question_id": raw["question_id"], "image_id": raw.get("image_id"),
+                                  "answer_type": raw.get("answer_type"), "question_type": raw.get("question_type"),
+                                  "multiple_choice_answer": raw.get("multiple_choice_answer")})
 
     def prompt(self, row, options=None):
         self.resolve_options(options)
         return row["question"] + SHORT_ANSWER_SUFFIX
-
-    def _score(self, prediction, row, meta):
-        return {"score": vqa_accuracy(prediction, row["answers"]), "parsed": prediction, "failed": False,
-                "answer_type": meta.get("answer_type")}
-
-    def _aggregate(self, scorings):
-        by_type: dict[str, list[float]] = {}
-        for s in scorings:
-            if s.get("answer_type"):
-                by_type.setdefault(s["answer_type"], []).append(s["score"])
-        return {"score": percent([s["score"] for s in scorings]),
-                "per_answer_type": {k: percent(v) for k, v in sorted(by_type.items())}}
 
 
 VQAV2 = VQAv2Benchmark()

@@ -385,12 +385,25 @@ def unreduced_llm(dims, delivered: int) -> list[int]:
     return [delivered] * dims.llm_layers
 
 
+def unreduced_llm_plan(dims, plan: Mapping) -> dict:
+    """`plan` (its vision entries, "delivered" included) completed for a method that does not reduce
+    inside the LLM: `plan["delivered"]` visual tokens in every LLM layer."""
+    delivered = plan["delivered"]
+    return {**plan, "llm": None, "llm_visual": unreduced_llm(dims, delivered), "layer_average": float(delivered)}
+
+
+def planned_vision_layers(plan: Mapping) -> tuple:
+    """The reducing vision layers of a plan's "vision" entry; () when it has none."""
+    vision = plan["vision"]
+    return tuple(vision["layers"]) if vision and vision["layers"] else ()
+
+
 def delivered_plan(dims, delivered: int) -> dict:
     """Plan entries of a method that reduces once between the vision layers and the LLM (vision-output
     and projector steps): every executed vision layer and the projector input unreduced, `delivered`
     visual tokens in every LLM layer."""
-    return {"vision": None, "vision_counts": vision_layer_counts(dims, {}), "delivered": delivered, "llm": None,
-            "llm_visual": unreduced_llm(dims, delivered), "layer_average": float(delivered)}
+    return unreduced_llm_plan(dims, {"vision": None, "vision_counts": vision_layer_counts(dims, {}),
+                                     "delivered": delivered})
 
 
 def check_layer_range(method: str, name_first: str, first: int, name_last: str, last: int, n_layers: int,

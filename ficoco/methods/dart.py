@@ -18,9 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ficoco.budget import keep_for_budget
-from ficoco.methods.base import LLMKept, LLMScores, LLMTokens, Method, Param, positive_int, staged_llm_plan
-from ficoco.methods.fastv import check_prune_layer, one_shot_step
+from ficoco.methods.base import LLMKept, LLMScores, LLMTokens, Method, Param, positive_int
+from ficoco.methods.fastv import one_shot_schedule, one_shot_step
 from ficoco.paradigm.attention import key_l1_norm
 from ficoco.paradigm.compress import gather_tokens
 from ficoco.paradigm.filter import dart_select
@@ -43,12 +42,7 @@ class DartReduce:
         return LLMKept(hidden=tokens.hidden, visual=visual.gather(1, chosen))
 
 
-def schedule(dims, budget, params) -> dict:
-    check_prune_layer("dart", params["layer"], dims)
-    if budget is None:
-        return staged_llm_plan(dims, {})
-    keep = keep_for_budget(budget, params["layer"], dims.llm_layers, dims.visual_tokens, method="dart")
-    return staged_llm_plan(dims, {params["layer"]: keep})
+schedule = one_shot_schedule("dart")
 
 
 def build(plan: dict) -> tuple:

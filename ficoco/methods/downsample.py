@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ficoco.budget import downsample_side
-from ficoco.methods.base import Method, VisionInputStep
+from ficoco.methods.base import Method, VisionInputStep, unreduced_llm_plan
 from ficoco.methods.ficoco_v import patches_for
 
 
@@ -52,14 +52,11 @@ def schedule(dims, budget, params) -> dict:
     side = dims.grid_side if budget is None else downsample_side(patches_for(dims, budget))
     patches = side * side
     delivered = patches + (dims.visual_tokens - dims.num_patches)       # "full" also delivers CLS
-    return {
+    return unreduced_llm_plan(dims, {
         "vision": {"layers": [], "image_side": side * dims.patch_size, "grid_hw": [side, side], "patches": patches},
         "vision_counts": [[1 + patches, 1 + patches]] * dims.vision_layers_run,
         "delivered": delivered,
-        "llm": None,
-        "llm_visual": [delivered] * dims.llm_layers,
-        "layer_average": float(delivered),
-    }
+    })
 
 
 def build(plan: dict) -> tuple:

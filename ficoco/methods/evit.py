@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from ficoco.budget import evit_stage_counts
-from ficoco.methods.base import Method, Param, VisionLayerStep, VisionScores, VisionTokens
+from ficoco.methods.base import (Method, Param, VisionLayerStep, VisionScores, VisionTokens, planned_vision_layers,
+                                 unreduced_llm_plan)
 from ficoco.methods.ficoco_v import patches_for, vision_plan
 from ficoco.paradigm.compress import fused_token, gather_tokens
 from ficoco.paradigm.filter import complement_positions, top_k_positions
@@ -67,15 +68,14 @@ def schedule(dims, budget, params) -> dict:
         before = [dims.num_patches, *totals[:-1]]
         discards = {layer: start - end for layer, start, end in zip(layers, before, totals)}
     plan = vision_plan(dims, discards)
-    return {**plan, "llm": None, "llm_visual": [plan["delivered"]] * dims.llm_layers,
-            "layer_average": float(plan["delivered"])}
+    return unreduced_llm_plan(dims, plan)
 
 
 def build(plan: dict) -> tuple:
-    vision = plan["vision"]
-    if not vision["layers"]:
+    layers = planned_vision_layers(plan)
+    if not layers:
         return ()
-    layers = tuple(vision["layers"])
+    vision = plan["vision"]
     keep = {layer: total - 1 for layer, total in zip(layers, vision["patches_out"])}
     return (VisionLayerStep(layers=layers, reduce=EvitReduce(keep), tokens_out=dict(zip(layers, vision["patches_out"])),
                             attention="rows"),)

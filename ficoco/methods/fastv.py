@@ -56,12 +56,19 @@ def one_shot_step(plan: dict, reduce_for, needs_instruction: bool = True) -> tup
                          scores_from="previous", needs_instruction=needs_instruction),)
 
 
-def schedule(dims, budget, params) -> dict:
-    check_prune_layer("fastv", params["layer"], dims)
-    if budget is None:
-        return staged_llm_plan(dims, {})
-    keep = keep_for_budget(budget, params["layer"], dims.llm_layers, dims.visual_tokens, method="fastv")
-    return staged_llm_plan(dims, {params["layer"]: keep})
+def one_shot_schedule(method: str):
+    """The schedule of a method that prunes once at the input of LLM layer `params["layer"]`, keeping
+    k(B) image tokens so that the layer average is <= B (FastV, DART)."""
+    def schedule(dims, budget, params) -> dict:
+        check_prune_layer(method, params["layer"], dims)
+        if budget is None:
+            return staged_llm_plan(dims, {})
+        keep = keep_for_budget(budget, params["layer"], dims.llm_layers, dims.visual_tokens, method=method)
+        return staged_llm_plan(dims, {params["layer"]: keep})
+    return schedule
+
+
+schedule = one_shot_schedule("fastv")
 
 
 def schedule_keep_budget(dims, budget, params) -> dict:

@@ -27,9 +27,11 @@ from ficoco.methods.base import (
     merge_weights,
     non_negative_int,
     optional_non_negative_int,
+    planned_vision_layers,
     positive_int,
     positive_number,
     unit_interval,
+    unreduced_llm_plan,
     vision_layer_counts,
 )
 from ficoco.paradigm.correlate import take
@@ -113,8 +115,7 @@ def schedule(dims, budget, params) -> dict:
     layers = vision_layers("ficoco-v", dims, params["start"], params["end"])
     discards = {} if budget is None else encoder_discards(dims.num_patches, patches_for(dims, budget), layers)
     plan = vision_plan(dims, discards)
-    return {**plan, "llm": None, "llm_visual": [plan["delivered"]] * dims.llm_layers,
-            "layer_average": float(plan["delivered"])}
+    return unreduced_llm_plan(dims, plan)
 
 
 def schedule_official(dims, budget, params) -> dict:
@@ -128,8 +129,7 @@ def schedule_official(dims, budget, params) -> dict:
         raise ValueError(f"ficoco-v-official has a fixed schedule (r={params['r']} per layer over layers "
                          f"{layers[0]}..{layers[-1]}) that delivers {plan['delivered']} tokens: run it with "
                          f"budget None or {plan['delivered']}; got {budget}")
-    return {**plan, "llm": None, "llm_visual": [plan["delivered"]] * dims.llm_layers,
-            "layer_average": float(plan["delivered"])}
+    return unreduced_llm_plan(dims, plan)
 
 
 def vision_step(vision_plan_entry: dict, params: dict) -> VisionLayerStep:
@@ -144,8 +144,7 @@ def vision_step(vision_plan_entry: dict, params: dict) -> VisionLayerStep:
 
 
 def build(plan: dict) -> tuple:
-    vision = plan["vision"]
-    return (vision_step(vision, plan["params"]),) if vision and vision["layers"] else ()
+    return (vision_step(plan["vision"], plan["params"]),) if planned_vision_layers(plan) else ()
 
 
 STAGES = {

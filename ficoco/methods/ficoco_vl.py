@@ -6,7 +6,8 @@ from those tokens and brings the LLM layer average to B.
 from __future__ import annotations
 
 from ficoco.budget import encoder_discards, round_half_up
-from ficoco.methods.base import Method, Param, non_negative_int, optional_non_negative_int, positive_int, positive_number
+from ficoco.methods.base import (Method, Param, non_negative_int, optional_non_negative_int, planned_vision_layers,
+                                 positive_int, positive_number)
 from ficoco.methods.ficoco_l import LANGUAGE_PARAMS, language_step, llm_plan
 from ficoco.methods.ficoco_v import VISION_PARAMS, patches_for, vision_layers, vision_plan, vision_step
 
@@ -24,7 +25,7 @@ def schedule(dims, budget, params) -> dict:
 
 def build(plan: dict) -> tuple:
     steps = []
-    if plan["vision"] and plan["vision"]["layers"]:
+    if planned_vision_layers(plan):
         steps.append(vision_step(plan["vision"], plan["params"]))
     language = language_step(plan["llm"], plan["params"]) if plan["llm"] else None
     if language is not None:

@@ -27,6 +27,8 @@ from ficoco.methods.base import (
     VisionTokens,
     non_negative_int,
     optional_non_negative_int,
+    planned_vision_layers,
+    unreduced_llm_plan,
 )
 from ficoco.methods.ficoco_v import patches_for, vision_layers, vision_plan
 from ficoco.paradigm.attention import head_mean_keys, proportional_attention_bias
@@ -89,15 +91,14 @@ def schedule(dims, budget, params) -> dict:
                 f"r_l <= floor((#tokens - 1)/2) leaves {dims.num_patches - sum(merges.values())} patches. The "
                 f"smallest reachable budget is {smallest - (dims.num_patches - dims.visual_tokens)}; {hint}")
     plan = vision_plan(dims, merges)
-    return {**plan, "llm": None, "llm_visual": [plan["delivered"]] * dims.llm_layers,
-            "layer_average": float(plan["delivered"])}
+    return unreduced_llm_plan(dims, plan)
 
 
 def build(plan: dict) -> tuple:
-    vision = plan["vision"]
-    if not vision["layers"]:
+    layers = planned_vision_layers(plan)
+    if not layers:
         return ()
-    layers = tuple(vision["layers"])
+    vision = plan["vision"]
     return (VisionLayerStep(layers=layers, reduce=TomeReduce(dict(zip(layers, vision["discards"]))),
                             tokens_out=dict(zip(layers, vision["patches_out"])), attention="keys"),)
 

@@ -1,20 +1,13 @@
 """vanilla: the unreduced model. Installs no reduction; the adapter still records token counts."""
 from __future__ import annotations
 
-from ficoco.methods.base import Method, unreduced_llm, vision_layer_counts
+from ficoco.methods.base import Method, delivered_plan
 
 
 def schedule(dims, budget, params) -> dict:
     # any budget label is accepted and ignored: vanilla is the unreduced reference (contracts §3)
     delivered = dims.visual_tokens
-    return {
-        "vision": None,
-        "vision_counts": vision_layer_counts(dims, {}),
-        "delivered": delivered,
-        "llm": None,
-        "llm_visual": unreduced_llm(dims, delivered),
-        "layer_average": float(delivered),
-    }
+    return delivered_plan(dims, delivered)
 
 
 METHOD = Method(

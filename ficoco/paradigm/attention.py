@@ -10,6 +10,11 @@ from __future__ import annotations
 import torch
 
 
+def _float32(x: torch.Tensor) -> torch.Tensor:
+    """x as float32; x itself when it already is (skips a dispatch that would return it anyway)."""
+    return x if x.dtype == torch.float32 else x.float()
+
+
 def _repeat_kv_heads(k: torch.Tensor, n_query_heads: int) -> torch.Tensor:
     """(B, H_kv, Nk, d) -> (B, H, Nk, d): every key head serves H / H_kv query heads (GQA)."""
     n_kv_heads = k.shape[1]

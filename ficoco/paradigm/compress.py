@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ficoco.paradigm.attention import _float32
 from ficoco.paradigm.filter import complement_positions
 
 
@@ -41,14 +42,14 @@ def self_preserving_merge(x_targets: torch.Tensor, x_sources: torch.Tensor, weig
     ascending source order. Elsewhere the dense product, which a GPU does in a few microseconds
     and without atomics.
     """
-    weights = weights.float()
+    weights = _float32(weights)
     if weights.device.type == "cpu":
-        incoming = _sparse_incoming(weights, x_sources.float())  # (B, T, D): Σ_i α_ij x_i
+        incoming = _sparse_incoming(weights, _float32(x_sources))  # (B, T, D): Σ_i α_ij x_i
     else:
         incoming = weights.transpose(1, 2) @ x_sources.float()  # (B, T, D): Σ_i α_ij x_i
     incoming_weight = weights.sum(dim=1).unsqueeze(-1)  # (B, T, 1): Σ_i α_ij
-    merged = (x_targets.float() + incoming) / (1.0 + incoming_weight)
-    return merged.to(x_targets.dtype)
+    merged = (_float32(x_targets) + incoming) / (1.0 + incoming_weight)
+    return merged if merged.dtype == x_targets.dtype else merged.to(x_targets.dtype)
 
 
 def _sparse_incoming(weights: torch.Tensor, x_sources: torch.Tensor) -> torch.Tensor:

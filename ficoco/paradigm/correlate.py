@@ -13,7 +13,7 @@ import functools
 
 import torch
 
-from ficoco.paradigm.attention import pairwise_cosine
+from ficoco.paradigm.attention import _float32, pairwise_cosine
 from ficoco.paradigm.filter import argmax_lowest, rank_descending
 
 
@@ -69,7 +69,7 @@ def _normalise_over(corr: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
 
     corr: (B, S, T) float; chosen: (B, S, T) bool, J_i per row -> (B, S, T) float32.
     """
-    corr = corr.float()
+    corr = _float32(corr)
     chosen_corr = torch.where(chosen, corr, 0.0)
     row_sum = chosen_corr.sum(dim=-1, keepdim=True)  # (B, S, 1)
     underflow = row_sum == 0
@@ -93,12 +93,12 @@ def adaptive_quantile_weights(corr: torch.Tensor, eps: float) -> torch.Tensor:
         return corr.new_zeros(corr.shape, dtype=torch.float32)
     if n_targets == 0:
         raise ValueError(f"sources need at least one target; got {n_sources} sources and 0 targets")
-    corr = corr.float()
-    threshold = row_quantile(corr, eps)  # (B, S, 1), bit-identical to torch.quantile
+    corr = _float32(corr)
+    threshold = _row_quantile(corr, eps)  # (B, S, 1), bit-identical to torch.quantile
     return _normalise_over(corr, corr >= threshold)
 
 
-def row_quantile(values: torch.Tensor, q: float) -> torch.Tensor:
+def _row_quantile(values: torch.Tensor, q: float) -> torch.Tensor:
     """torch.quantile(values, q, dim=-1, keepdim=True) with linear interpolation, from a partial top-k
     instead of a full sort of every row; bit-identical to torch.quantile.
 

@@ -16,7 +16,7 @@ import hashlib
 import torch
 
 from ficoco.budget import spread
-from ficoco.paradigm.attention import pairwise_cosine
+from ficoco.paradigm.attention import _float32, pairwise_cosine
 
 
 # ------------------------------------------------------------------------------------------------
@@ -90,7 +90,7 @@ def received_attention(attn: torch.Tensor) -> torch.Tensor:
     stay in the mean. With N = 1 there is no other query and the result is 0.
     """
     n = attn.shape[-1]
-    attn = attn.float()
+    attn = _float32(attn)
     if n < 2:
         return attn.new_zeros(attn.shape[:-1])
     column_sums = attn.sum(dim=-2)  # (B, N): Σ_j attn[j, i]
@@ -104,7 +104,7 @@ def ficoco_v_scores(attn: torch.Tensor, lam: float) -> torch.Tensor:
     attn: (B, 1+N, 1+N) head-mean probabilities with CLS at position 0 -> (B, N) float32.
     """
     patch_attn = attn[:, 1:, 1:]  # (B, N, N)
-    cls_attn = attn[:, 0, 1:].float()  # (B, N): how much CLS attends to each patch
+    cls_attn = _float32(attn[:, 0, 1:])  # (B, N): how much CLS attends to each patch
     return lam * received_attention(patch_attn) - (1.0 - lam) * cls_attn
 
 
@@ -146,7 +146,7 @@ def local_penalty(
             )
     batch = scores.shape[0]
     window_of_cell, n_windows = _grid_windows(height, width, window, grid_positions.device)
-    window_id = window_of_cell.take(grid_positions)  # (B, N)
+    window_id = window_of_cell.index_select(0, grid_positions.reshape(-1)).view(grid_positions.shape)  # (B, N)
 
     window_max = scores.new_full((batch, n_windows), float("-inf"))
     window_max = window_max.scatter_reduce_(1, window_id, scores, reduce="amax")  # (B, n_windows)

@@ -33,7 +33,9 @@ from PIL import Image
 IMAGE_SIZE = 96                     # pixels per side
 CELL = 8                            # pixels per grid cell (= the toy model's patch size)
 GRID = IMAGE_SIZE // CELL           # 12 cells per side -> 144 patches
-BACKGROUND = (24, 24, 24)           # RGB of empty space
+# The floor: a dark left half and a lighter right half, so an object's side is visible in its own patch.
+BACKGROUND_LEFT = (24, 24, 24)
+BACKGROUND_RIGHT = (72, 72, 72)
 
 # name -> RGB; far apart from each other and from the background
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -157,7 +159,8 @@ def render(objects) -> Image.Image:
     """Draw the objects on the background; RGB, IMAGE_SIZE x IMAGE_SIZE."""
     masks = _shape_masks()
     pixels = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)   # (H, W, 3)
-    pixels[:] = BACKGROUND
+    pixels[:, :IMAGE_SIZE // 2] = BACKGROUND_LEFT
+    pixels[:, IMAGE_SIZE // 2:] = BACKGROUND_RIGHT
     for obj in objects:
         cell = pixels[obj.row * CELL:(obj.row + 1) * CELL, obj.col * CELL:(obj.col + 1) * CELL]
         cell[masks[obj.shape]] = COLORS[obj.color]

@@ -114,24 +114,21 @@ def distractor_cap(step: int, settings: TrainSettings) -> int:
 
 
 def probe_targets(rows: list[shapes.ToySample]) -> torch.Tensor:
-    """(B, N, 3) per-patch class ids: colour (0 = none), shape (0 = none), side (0 = none, 1 left, 2 right)."""
+    """(B, N, 2) per-patch class ids: colour (0 = none), shape (0 = none)."""
     n_patches = shapes.GRID * shapes.GRID
-    targets = torch.zeros(len(rows), n_patches, 3, dtype=torch.long)
+    targets = torch.zeros(len(rows), n_patches, 2, dtype=torch.long)
     for i, row in enumerate(rows):
         for obj in row.objects:
-            targets[i, obj.patch_index] = torch.tensor([
-                1 + shapes.COLOR_NAMES.index(obj.color),
-                1 + shapes.SHAPE_NAMES.index(obj.shape),
-                1 if obj.col < shapes.GRID // 2 else 2,
-            ])
+            targets[i, obj.patch_index, 0] = 1 + shapes.COLOR_NAMES.index(obj.color)
+            targets[i, obj.patch_index, 1] = 1 + shapes.SHAPE_NAMES.index(obj.shape)
     return targets
 
 
-PROBE_CLASSES = (len(shapes.COLOR_NAMES) + 1, len(shapes.SHAPE_NAMES) + 1, 3)
+PROBE_CLASSES = (len(shapes.COLOR_NAMES) + 1, len(shapes.SHAPE_NAMES) + 1)
 
 
 def probe_loss(probe, hidden, batch, rows, image_token_id: int) -> torch.Tensor:
-    """Summed cross-entropy of a linear probe reading each image position's colour, shape and side."""
+    """Summed cross-entropy of a linear probe reading each image position's colour and shape."""
     n_patches = shapes.GRID * shapes.GRID
     image = batch["input_ids"] == image_token_id                              # (B, T)
     logits = probe(hidden[image].view(len(rows), n_patches, -1))              # (B, N, sum(PROBE_CLASSES))
