@@ -9,6 +9,7 @@ each prompt alone, and `remove()` restores the model.
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -162,8 +163,10 @@ def test_batch_of_two_equals_each_alone(shaped, name):
 # ------------------------------------------------------------------------------------------------
 # Independent float64 references, layer by layer, from the layers' own weights
 
+@contextmanager
 def _capture(model):
-    """Pre-hooks recording each vision layer's input and the projector's input (the LLM features)."""
+    """Pre-hooks recording each vision layer's input and the projector's input (the LLM features);
+    yields the dict they fill and removes them on exit."""
     captured: dict = {}
 
     def layer_input(index):
@@ -177,7 +180,11 @@ def _capture(model):
     layers = model.model.vision_tower.encoder.layers
     hooks = [layer.register_forward_pre_hook(layer_input(index), with_kwargs=True) for index, layer in enumerate(layers)]
     hooks.append(model.model.multi_modal_projector.register_forward_pre_hook(features))
-    return captured, hooks
+    try:
+        yield captured
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def _attention(layer, x, key_bias=None):
@@ -225,15 +232,10 @@ def test_tome_matches_brute_force_bipartite_reference_in_a_real_forward(shaped):
     budget, _ = SETTINGS["tome"]
     reference_layers = [copy.deepcopy(layer).double() for layer in shaped.model.vision_tower.encoder.layers[:4]]
     ids, mask, pixels = _inputs(shaped, seed=3)
-    captured, hooks = _capture(shaped)
-    try:
-        with ficoco.apply(shaped, "tome", budget) as handle, torch.no_grad():
-            shaped(input_ids=ids, attention_mask=mask, pixel_values=pixels)
-            merges = dict(zip(handle.plan["vision"]["layers"], handle.plan["vision"]["discards"]))
-            trace = handle.last_trace()["vision"]
-    finally:
-        for hook in hooks:
-            hook.remove()
+    with _capture(shaped) as captured, ficoco.apply(shaped, "tome", budget) as handle, torch.no_grad():
+        shaped(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+        merges = dict(zip(handle.plan["vision"]["layers"], handle.plan["vision"]["discards"]))
+        trace = handle.last_trace()["vision"]
     x, sizes, positions = captured[0][0].double(), [1.0] * 577, list(range(N_PATCHES))
     with torch.no_grad():
         for index, layer in enumerate(reference_layers):
@@ -264,15 +266,10 @@ def test_evit_fused_token_is_the_cls_attention_weighted_sum_in_a_real_forward(sh
     budget, overrides = SETTINGS["evit"]
     reference_layers = [copy.deepcopy(layer).double() for layer in shaped.model.vision_tower.encoder.layers[:4]]
     ids, mask, pixels = _inputs(shaped, seed=4)
-    captured, hooks = _capture(shaped)
-    try:
-        with ficoco.apply(shaped, "evit", budget, **overrides) as handle, torch.no_grad():
-            shaped(input_ids=ids, attention_mask=mask, pixel_values=pixels)
-            totals = dict(zip(handle.plan["vision"]["layers"], handle.plan["vision"]["patches_out"]))
-            trace = handle.last_trace()["vision"]
-    finally:
-        for hook in hooks:
-            hook.remove()
+    with _capture(shaped) as captured, ficoco.apply(shaped, "evit", budget, **overrides) as handle, torch.no_grad():
+        shaped(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+        totals = dict(zip(handle.plan["vision"]["layers"], handle.plan["vision"]["patches_out"]))
+        trace = handle.last_trace()["vision"]
     assert totals == {1: 277, 2: 133, 3: 64}
     x, positions = captured[1][0].double(), list(range(N_PATCHES))        # layer 0 does not reduce
     with torch.no_grad():
@@ -333,18 +330,13 @@ def test_downsample_resize_matches_pil_and_pads_to_a_centred_square():
 def test_downsample_features_equal_the_tower_on_the_resized_image(shaped):
     budget, _ = SETTINGS["downsample"]
     ids, mask, pixels = _inputs(shaped, seed=5)
-    captured, hooks = _capture(shaped)
-    try:
-        with ficoco.apply(shaped, "downsample", budget) as handle, torch.no_grad():
-            logits = shaped(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
-            small = SquareResize(112)(pixels)
-            # a processor that already emits 112 px and 64 placeholders gives the same result
-            short_ids = torch.tensor([prompt(64, [10, 11], [12, 13, 14])])
-            direct = shaped(input_ids=short_ids, pixel_values=small).logits
-            assert handle.last_counts()[0]["vision"] == [[65, 65]] * 4
-    finally:
-        for hook in hooks:
-            hook.remove()
+    with _capture(shaped) as captured, ficoco.apply(shaped, "downsample", budget) as handle, torch.no_grad():
+        logits = shaped(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        small = SquareResize(112)(pixels)
+        # a processor that already emits 112 px and 64 placeholders gives the same result
+        short_ids = torch.tensor([prompt(64, [10, 11], [12, 13, 14])])
+        direct = shaped(input_ids=short_ids, pixel_values=small).logits
+        assert handle.last_counts()[0]["vision"] == [[65, 65]] * 4
     resized = _pil_resize(pixels[0], 112)[None]
     with torch.no_grad():
         tower = shaped.model.vision_tower(resized, interpolate_pos_encoding=True, output_hidden_states=True)

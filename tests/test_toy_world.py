@@ -65,17 +65,17 @@ def answer_from_pixels(question: str, image) -> str:
     blobs = blobs_from_pixels(image)
     for blob in blobs:
         blob["shape"] = SHAPE_BY_AREA[blob["area"]]
-    words = question.split()
+    asked = question.split()[-2]                                               # the word before "?"
     if question.startswith("what color is the"):
-        (match,) = [b for b in blobs if b["shape"] == words[4]]               # exactly one such shape
+        (match,) = [b for b in blobs if b["shape"] == asked]                  # exactly one such shape
         return match["color"]
-    if question.startswith("what shape is the"):
-        (match,) = [b for b in blobs if b["color"] == words[4]]
+    if question.startswith("which shape is"):
+        (match,) = [b for b in blobs if b["color"] == asked]
         return match["shape"]
-    if question.startswith("how many"):
-        return NUMBERS[sum(b["color"] == words[2] for b in blobs)]
-    if question.startswith("is the"):
-        (match,) = [b for b in blobs if b["shape"] == words[2]]
+    if question.startswith("how many objects are"):
+        return NUMBERS[sum(b["color"] == asked for b in blobs)]
+    if question.startswith("on which side is the"):
+        (match,) = [b for b in blobs if b["shape"] == asked]
         return "left" if match["center"][1] < image.width / 2 else "right"
     raise AssertionError(f"unknown question form: {question!r}")
 

@@ -17,9 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from ficoco.budget import evit_stage_counts
-from ficoco.methods.base import (Method, Param, VisionLayerStep, VisionScores, VisionTokens, planned_vision_layers,
-                                 unreduced_llm_plan)
-from ficoco.methods.ficoco_v import patches_for, vision_plan
+from ficoco.methods.base import Method, Param, VisionLayerStep, VisionScores, VisionTokens, planned_vision_layers
+from ficoco.methods.ficoco_v import encoder_plan, patches_for
 from ficoco.paradigm.compress import fused_token, gather_tokens
 from ficoco.paradigm.filter import complement_positions, top_k_positions
 
@@ -67,8 +66,7 @@ def schedule(dims, budget, params) -> dict:
         totals = evit_stage_counts(dims.num_patches, patches_for(dims, budget), len(layers))
         before = [dims.num_patches, *totals[:-1]]
         discards = {layer: start - end for layer, start, end in zip(layers, before, totals)}
-    plan = vision_plan(dims, discards)
-    return unreduced_llm_plan(dims, plan)
+    return encoder_plan(dims, discards)
 
 
 def build(plan: dict) -> tuple:

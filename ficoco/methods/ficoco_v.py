@@ -106,6 +106,12 @@ def vision_plan(dims, discards: dict[int, int]) -> dict:
     }
 
 
+def encoder_plan(dims, discards: dict[int, int]) -> dict:
+    """The whole plan of a method that reduces only inside the vision encoder (`vision_plan`, then
+    the delivered tokens in every LLM layer)."""
+    return unreduced_llm_plan(dims, vision_plan(dims, discards))
+
+
 def patches_for(dims, delivered: int) -> int:
     """Patches that must remain for `delivered` tokens to reach the LLM (CLS is delivered under "full")."""
     return delivered - (dims.visual_tokens - dims.num_patches)
@@ -114,8 +120,7 @@ def patches_for(dims, delivered: int) -> int:
 def schedule(dims, budget, params) -> dict:
     layers = vision_layers("ficoco-v", dims, params["start"], params["end"])
     discards = {} if budget is None else encoder_discards(dims.num_patches, patches_for(dims, budget), layers)
-    plan = vision_plan(dims, discards)
-    return unreduced_llm_plan(dims, plan)
+    return encoder_plan(dims, discards)
 
 
 def schedule_official(dims, budget, params) -> dict:
@@ -124,12 +129,12 @@ def schedule_official(dims, budget, params) -> dict:
     if total >= dims.num_patches:
         raise ValueError(f"ficoco-v-official: r={params['r']} over {len(layers)} layers discards {total} of "
                          f"{dims.num_patches} patches; at most {(dims.num_patches - 1) // len(layers)} per layer")
-    plan = vision_plan(dims, {layer: params["r"] for layer in layers})
+    plan = encoder_plan(dims, {layer: params["r"] for layer in layers})
     if budget is not None and budget != plan["delivered"]:
         raise ValueError(f"ficoco-v-official has a fixed schedule (r={params['r']} per layer over layers "
                          f"{layers[0]}..{layers[-1]}) that delivers {plan['delivered']} tokens: run it with "
                          f"budget None or {plan['delivered']}; got {budget}")
-    return unreduced_llm_plan(dims, plan)
+    return plan
 
 
 def vision_step(vision_plan_entry: dict, params: dict) -> VisionLayerStep:

@@ -28,9 +28,8 @@ from ficoco.methods.base import (
     non_negative_int,
     optional_non_negative_int,
     planned_vision_layers,
-    unreduced_llm_plan,
 )
-from ficoco.methods.ficoco_v import patches_for, vision_layers, vision_plan
+from ficoco.methods.ficoco_v import encoder_plan, patches_for, vision_layers
 from ficoco.paradigm.attention import head_mean_keys, proportional_attention_bias
 from ficoco.paradigm.compress import size_weighted_merge
 from ficoco.paradigm.filter import bipartite_max_similarity, top_k_positions
@@ -90,8 +89,7 @@ def schedule(dims, budget, params) -> dict:
                 f"({layers[0]}..{layers[-1]}): spreading {dims.num_patches - patches} merges evenly, the cap "
                 f"r_l <= floor((#tokens - 1)/2) leaves {dims.num_patches - sum(merges.values())} patches. The "
                 f"smallest reachable budget is {smallest - (dims.num_patches - dims.visual_tokens)}; {hint}")
-    plan = vision_plan(dims, merges)
-    return unreduced_llm_plan(dims, plan)
+    return encoder_plan(dims, merges)
 
 
 def build(plan: dict) -> tuple:

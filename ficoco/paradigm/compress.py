@@ -20,8 +20,10 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
     x: (B, N, D); index: (B, K) -> (B, K, D).
     """
-    if x.device.type == "cpu" or index.shape[0] == 1:
-        # whole-row copies per sample (index_select) are several times cheaper than an element-wise gather
+    if x.shape[0] == 1 and index.shape[0] == 1:
+        # whole-row copies (index_select) are several times cheaper than an element-wise gather
+        return x.index_select(1, index[0])
+    if x.device.type == "cpu":
         rows = [x[b].index_select(0, index[b]) for b in range(index.shape[0])]
         if len(rows) == 1:
             return rows[0].unsqueeze(0)
@@ -57,14 +59,14 @@ def _sparse_incoming(weights: torch.Tensor, x_sources: torch.Tensor) -> torch.Te
     -> (B, T, D) float32; a target that no source chose gets exact zeros."""
     batch, n_sources, n_targets = weights.shape
     width = x_sources.shape[-1]
-    flat_weights = weights.reshape(-1)
-    nonzero = flat_weights.nonzero().squeeze(1)  # ascending: by sample, then source, then target
-    sample_source = nonzero // n_targets  # b·S + i
-    target = nonzero % n_targets  # j
+    rows = weights.reshape(batch * n_sources, n_targets)
+    # (nnz, 2) [b·S + i, j], ascending: by sample, then source, then target
+    sample_source, target = rows.nonzero().t().contiguous()
+    flat = sample_source * n_targets + target  # position in weights.reshape(-1)
     if batch > 1:
         target = target + sample_source // n_sources * n_targets  # b·T + j
     contributions = x_sources.reshape(batch * n_sources, width).index_select(0, sample_source)  # (nnz, D)
-    contributions = contributions * flat_weights.index_select(0, nonzero).unsqueeze(-1)  # α_ij x_i
+    contributions = contributions * rows.reshape(-1).index_select(0, flat).unsqueeze(-1)  # α_ij x_i
     incoming = x_sources.new_zeros(batch * n_targets, width)
     return incoming.index_add_(0, target, contributions).view(batch, n_targets, width)
 

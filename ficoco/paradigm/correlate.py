@@ -119,8 +119,10 @@ def _row_quantile(values: torch.Tensor, q: float) -> torch.Tensor:
     value_above = top[..., n - 1 - above:n - above]  # ascending rank ⌈r⌉
     quantile = torch.lerp(value_below, value_above, fraction)
     # torch.quantile sorts NaN last and then reads the last rank of such a row, i.e. NaN. topk, like
-    # sort, ranks NaN above every number, so a row holds NaN exactly when its top value is NaN.
-    return quantile.masked_fill(top[..., :1].isnan(), float("nan"))
+    # sort, ranks NaN above every number, so a row holds NaN exactly when its top value is NaN
+    # (the only value not equal to itself).
+    largest = top[..., :1]
+    return torch.where(largest == largest, quantile, largest)
 
 
 @functools.lru_cache(maxsize=256)

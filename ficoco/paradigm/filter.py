@@ -138,15 +138,15 @@ def local_penalty(
     if window < 1:
         raise ValueError(f"window must be >= 1; got {window}")
     n_cells = height * width
-    if grid_positions.numel():
-        low, high = (int(value) for value in torch.aminmax(grid_positions))
-        if not (0 <= low and high < n_cells):
-            raise ValueError(
-                f"grid_positions must lie in [0, {n_cells}) for grid {height}x{width}; got min {low}, max {high}"
-            )
+    if grid_positions.device.type != "cpu":  # an out-of-range index would be a device-side assert
+        _check_on_grid(grid_positions, height, width)
     batch = scores.shape[0]
     window_of_cell, n_windows = _grid_windows(height, width, window, grid_positions.device)
-    window_id = window_of_cell.index_select(0, grid_positions.reshape(-1)).view(grid_positions.shape)  # (B, N)
+    try:
+        window_id = window_of_cell.index_select(0, grid_positions.reshape(-1)).view(grid_positions.shape)  # (B, N)
+    except IndexError:  # on the CPU index_select checks the range itself; say which positions
+        _check_on_grid(grid_positions, height, width)
+        raise
 
     window_max = scores.new_full((batch, n_windows), float("-inf"))
     window_max = window_max.scatter_reduce_(1, window_id, scores, reduce="amax")  # (B, n_windows)
@@ -157,6 +157,16 @@ def local_penalty(
     first_max = first_max.scatter_reduce_(1, window_id, candidate_position, reduce="amin")  # (B, n_windows)
     is_penalised = is_max & (grid_positions == first_max.gather(1, window_id))
     return torch.where(is_penalised, scores * coef, scores)
+
+
+def _check_on_grid(grid_positions: torch.Tensor, height: int, width: int) -> None:
+    n_cells = height * width
+    if grid_positions.numel():
+        low, high = (int(value) for value in torch.aminmax(grid_positions))
+        if not (0 <= low and high < n_cells):
+            raise ValueError(
+                f"grid_positions must lie in [0, {n_cells}) for grid {height}x{width}; got min {low}, max {high}"
+            )
 
 
 @functools.lru_cache(maxsize=32)
