@@ -11,7 +11,7 @@ import pytest
 from ficoco.evaluate import score
 from ficoco.journal import read_jsonl
 
-ROWS = 96
+ROWS = 64
 BATCH = 4
 
 
