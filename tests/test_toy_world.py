@@ -113,7 +113,7 @@ def test_answers_are_correct_by_an_independent_pixel_reading():
 def test_every_extra_training_question_is_correct_by_pixels():
     for row in shapes.samples(5, "train", 40):
         image = row.image()
-        for _, question, answer in row.all_questions():
+        for _, question, answer, _ in row.all_questions():
             assert answer_from_pixels(question, image) == answer
 
 
@@ -226,7 +226,7 @@ def test_built_model_and_processor_load_offline_and_generate(tmp_path, capsys):
 def test_tokenizer_covers_every_question_and_answer_word():
     tokenizer = toy_model.build_tokenizer()
     for row in shapes.samples(0, "test", 40):
-        for _, question, answer in row.all_questions():
+        for _, question, answer, _ in row.all_questions():
             ids = tokenizer(toy_model.prompt_text(question) + " " + answer)["input_ids"]
             assert tokenizer.unk_token_id not in ids
             assert tokenizer.decode(tokenizer(answer, add_special_tokens=False)["input_ids"]) == answer

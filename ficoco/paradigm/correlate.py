@@ -74,7 +74,7 @@ def _normalise_over(corr: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
     row_sum = chosen_corr.sum(dim=-1, keepdim=True)  # (B, S, 1)
     underflow = row_sum == 0
     if corr.device.type == "cpu" and not bool(underflow.any()):
-        return chosen_corr.div_(row_sum)  # the usual case; the same values as below without the uniform rows
+        return chosen_corr / row_sum  # the usual case; the same values as below without the uniform rows
     uniform = chosen.float() / chosen.sum(dim=-1, keepdim=True).clamp(min=1)
     return torch.where(underflow, uniform, chosen_corr / row_sum.masked_fill(underflow, 1.0))
 

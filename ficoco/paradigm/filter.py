@@ -149,12 +149,12 @@ def local_penalty(
         raise
 
     window_max = scores.new_full((batch, n_windows), float("-inf"))
-    window_max = window_max.scatter_reduce_(1, window_id, scores, reduce="amax")  # (B, n_windows)
+    window_max = window_max.scatter_reduce(1, window_id, scores, reduce="amax")  # (B, n_windows)
     is_max = scores == window_max.gather(1, window_id)  # (B, N)
     # among a window's maxima, the one with the lowest original position is penalised
     candidate_position = torch.where(is_max, grid_positions, n_cells)
     first_max = grid_positions.new_full((batch, n_windows), n_cells)
-    first_max = first_max.scatter_reduce_(1, window_id, candidate_position, reduce="amin")  # (B, n_windows)
+    first_max = first_max.scatter_reduce(1, window_id, candidate_position, reduce="amin")  # (B, n_windows)
     is_penalised = is_max & (grid_positions == first_max.gather(1, window_id))
     return torch.where(is_penalised, scores * coef, scores)
 

@@ -125,8 +125,8 @@ class ToySample:
     def image(self) -> Image.Image:
         return render(self.objects)
 
-    def all_questions(self) -> list[tuple[str, str, str]]:
-        """Every unambiguous (kind, question, answer) about this scene; used for multi-turn training."""
+    def all_questions(self) -> list[tuple[str, str, str, tuple[int, ...]]]:
+        """Every unambiguous (kind, question, answer, target) about this scene (multi-turn training)."""
         return scene_questions(self.objects)
 
     def meta(self) -> dict:
@@ -139,21 +139,23 @@ class ToySample:
         }
 
 
-def scene_questions(objects) -> list[tuple[str, str, str]]:
-    """(kind, question, answer) for every question the scene answers unambiguously, in a fixed order."""
+def scene_questions(objects) -> list[tuple[str, str, str, tuple[int, ...]]]:
+    """(kind, question, answer, target object indices) for every question the scene answers
+    unambiguously, in a fixed order."""
     shape_counts = {s: sum(o.shape == s for o in objects) for s in SHAPE_NAMES}
     color_counts = {c: sum(o.color == c for o in objects) for c in COLOR_NAMES}
     questions = []
-    for obj in objects:
+    for index, obj in enumerate(objects):
         if shape_counts[obj.shape] == 1:
-            questions.append(("color", QUESTION_TEMPLATES["color"].format(shape=obj.shape), obj.color))
+            questions.append(("color", QUESTION_TEMPLATES["color"].format(shape=obj.shape), obj.color, (index,)))
             side = SIDES[0] if obj.col < GRID // 2 else SIDES[1]
-            questions.append(("position", QUESTION_TEMPLATES["position"].format(shape=obj.shape), side))
+            questions.append(("position", QUESTION_TEMPLATES["position"].format(shape=obj.shape), side, (index,)))
         if color_counts[obj.color] == 1:
-            questions.append(("shape", QUESTION_TEMPLATES["shape"].format(color=obj.color), obj.shape))
+            questions.append(("shape", QUESTION_TEMPLATES["shape"].format(color=obj.color), obj.shape, (index,)))
     for color, count in color_counts.items():
         if 1 <= count <= len(NUMBER_WORDS):
-            questions.append(("count", QUESTION_TEMPLATES["count"].format(color=color), NUMBER_WORDS[count - 1]))
+            target = tuple(i for i, o in enumerate(objects) if o.color == color)
+            questions.append(("count", QUESTION_TEMPLATES["count"].format(color=color), NUMBER_WORDS[count - 1], target))
     return questions
 
 

@@ -1,13 +1,24 @@
 """Train the toy LLaVA on the toy world's train split, and measure it the way an evaluate job would.
 
-Training: next-token loss on the answer word and `</s>` only (the prompt and the image placeholders
-are masked out), AdamW with linear warm-up and cosine decay, a fresh stream of generated samples
-(index = step * batch_size + row, split "train"), deterministic for a seed and thread count.
+Training (`train`):
+- data: a fresh stream of generated samples (index = step * batch_size + row, split "train");
+  each image becomes one conversation of `turns` questions about it, whose first turn is exactly
+  the evaluate job's prompt (processor + PROMPT_TEMPLATE), later turns "USER: {q} ASSISTANT:";
+- loss: next-token cross-entropy on the answer words and their `</s>` (everything else masked),
+  plus two training-only grounding aids that make a from-scratch tiny model learn in minutes:
+  * probe loss: a linear probe (discarded afterwards) reads every image position's colour and
+    shape (or "none") from the LLM's last hidden state;
+  * attention loss: at every answer position, head 0 of LLM layer `grounding_layer` is trained to
+    put its attention on the image positions of the object(s) the question is about.
+  Without them the answer signal of one object patch is diluted over 144 image tokens and the
+  loss sits at the answer prior for thousands of steps (see docs/toy.md);
+- AdamW, linear warm-up, cosine decay, gradient clipping 1.0; a curriculum grows the distractors
+  per image from 0 to 3 over the first `curriculum` fraction of the steps;
+- deterministic for a seed and a thread count (torch.manual_seed, no data-loader workers).
 
-Measurement (`generation_accuracy`): the processor builds `PROMPT_TEMPLATE` with the question,
-`<image>` expands to 144 placeholders, `model.generate` decodes greedily, and the answer is scored
-by exact match after lower/strip. `keep_visual` drops image placeholders at random (the "random"
-baseline) by passing `inputs_embeds` with only the kept image rows.
+Measurement (`generate_answers`): the processor builds PROMPT_TEMPLATE with the question, `<image>`
+expands to 144 placeholders, `model.generate` decodes greedily. `keep_visual=k` keeps k image rows
+chosen at random (the "random" baseline) by passing `inputs_embeds` without the dropped rows.
 """
 from __future__ import annotations
 
@@ -22,12 +33,13 @@ from ficoco.toy import model as toy_model
 from ficoco.toy import shapes
 
 TURN_TEMPLATE = "USER: {prompt} ASSISTANT:"      # a later turn of a training conversation
+GROUNDED_KINDS = ("color", "shape", "position")  # questions about one object: attention is supervised
 
 
 @dataclass(frozen=True)
 class TrainSettings:
     seed: int = 0
-    steps: int = 600
+    steps: int = 1500
     batch_size: int = 16
     lr: float = 2e-3
     weight_decay: float = 0.01
@@ -35,7 +47,9 @@ class TrainSettings:
     size: str = "default"
     turns: int = 4                  # questions per image in one training conversation
     curriculum: float = 0.3         # fraction of steps over which distractors grow from 0 to 3
-    aux_weight: float = 0.0         # weight of a per-patch colour/shape probe loss (probe discarded)
+    probe_weight: float = 1.0       # per-patch colour/shape probe loss (0 = off)
+    attention_weight: float = 1.0   # answer-position attention loss (0 = off)
+    grounding_layer: int | None = None   # LLM layer whose head 0 is supervised; None = layers // 2
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -50,33 +64,44 @@ def pixel_values(images: list, processor) -> torch.Tensor:
     return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
 
 
-def training_batch(rows: list[shapes.ToySample], processor, turns: int = 1,
-                   rng: np.random.Generator | None = None) -> dict[str, torch.Tensor]:
-    """Right-padded batch: input_ids/labels/attention_mask (B, T), pixel_values (B, 3, H, W).
+def _prompt_ids(question: str, processor) -> list[int]:
+    """Token ids of the full first-turn prompt with `<image>` expanded, as the processor makes them."""
+    n_image = shapes.GRID * shapes.GRID
+    text = toy_model.prompt_text(question).replace("<image>", "<image>" * n_image)
+    return processor.tokenizer(text)["input_ids"]
 
-    One conversation per image, in the evaluate job's format for its first turn:
-    processor(PROMPT_TEMPLATE with the row's question) + answer + </s>, then up to `turns - 1`
-    more questions about the same image (drawn by `rng` from `row.all_questions()`), each as
-    "USER: {question} ASSISTANT:" + answer + </s>. Labels are -100 except on answers and </s>.
+
+def training_batch(rows: list[shapes.ToySample], processor, turns: int = 1,
+                   rng: np.random.Generator | None = None) -> dict:
+    """Right-padded batch for one training step.
+
+    Returns input_ids / labels / attention_mask (B, T) and pixel_values (B, 3, H, W) for the model,
+    and "grounding": a list of (batch row, answer-predicting position, [image positions of the
+    target objects]) for the questions about a single object.
     """
     tokenizer = processor.tokenizer
-    sequences, label_rows = [], []
-    for row in rows:
-        conversation = [(row.question, row.answer)]
+    n_patches = shapes.GRID * shapes.GRID
+    sequences, label_rows, grounding = [], [], []
+    for b, row in enumerate(rows):
+        conversation = [(row.kind, row.question, row.answer, row.target)]
         if turns > 1:
-            others = [(q, a) for _, q, a in row.all_questions() if q != row.question]
             if rng is None:
                 raise ValueError("turns > 1 needs an rng to draw the extra questions")
-            picked = rng.permutation(len(others))[:turns - 1]
-            conversation += [others[int(i)] for i in picked]
+            others = [q for q in row.all_questions() if q[1] != row.question]
+            conversation += [others[int(i)] for i in rng.permutation(len(others))[:turns - 1]]
         ids = _prompt_ids(row.question, processor)
+        image_start = ids.index(toy_model.image_token_id())
         labels = [-100] * len(ids)
-        for turn, (question, answer) in enumerate(conversation):
+        for turn, (kind, question, answer, target) in enumerate(conversation):
             if turn > 0:
                 turn_ids = tokenizer(TURN_TEMPLATE.format(prompt=question), add_special_tokens=False)["input_ids"]
                 ids, labels = ids + turn_ids, labels + [-100] * len(turn_ids)
+            if kind in GROUNDED_KINDS:
+                patches = [image_start + row.objects[i].patch_index for i in target]
+                grounding.append((b, len(ids) - 1, patches))
             answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
             ids, labels = ids + answer_ids, labels + answer_ids
+        assert ids[image_start:image_start + n_patches] == [toy_model.image_token_id()] * n_patches
         sequences.append(ids)
         label_rows.append(labels)
     length = max(map(len, sequences))
@@ -88,14 +113,7 @@ def training_batch(rows: list[shapes.ToySample], processor, turns: int = 1,
         labels[i, :len(lab)] = torch.tensor(lab)
         attention_mask[i, :len(ids)] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-            "pixel_values": pixel_values([row.image() for row in rows], processor)}
-
-
-def _prompt_ids(question: str, processor) -> list[int]:
-    """Token ids of the full prompt with `<image>` expanded, as the processor makes them."""
-    n_image = shapes.GRID * shapes.GRID
-    text = toy_model.prompt_text(question).replace("<image>", "<image>" * n_image)
-    return processor.tokenizer(text)["input_ids"]
+            "pixel_values": pixel_values([row.image() for row in rows], processor), "grounding": grounding}
 
 
 def learning_rate(step: int, settings: TrainSettings) -> float:
@@ -113,6 +131,9 @@ def distractor_cap(step: int, settings: TrainSettings) -> int:
     return min(3, int(4 * step / ramp))
 
 
+PROBE_CLASSES = (len(shapes.COLOR_NAMES) + 1, len(shapes.SHAPE_NAMES) + 1)   # colour / shape, 0 = none
+
+
 def probe_targets(rows: list[shapes.ToySample]) -> torch.Tensor:
     """(B, N, 2) per-patch class ids: colour (0 = none), shape (0 = none)."""
     n_patches = shapes.GRID * shapes.GRID
@@ -124,15 +145,12 @@ def probe_targets(rows: list[shapes.ToySample]) -> torch.Tensor:
     return targets
 
 
-PROBE_CLASSES = (len(shapes.COLOR_NAMES) + 1, len(shapes.SHAPE_NAMES) + 1)
-
-
-def probe_loss(probe, hidden, batch, rows, image_token_id: int) -> torch.Tensor:
+def probe_loss(probe, hidden, input_ids, rows, image_token_id: int) -> torch.Tensor:
     """Summed cross-entropy of a linear probe reading each image position's colour and shape."""
     n_patches = shapes.GRID * shapes.GRID
-    image = batch["input_ids"] == image_token_id                              # (B, T)
-    logits = probe(hidden[image].view(len(rows), n_patches, -1))              # (B, N, sum(PROBE_CLASSES))
-    targets = probe_targets(rows)                                             # (B, N, 3)
+    image = input_ids == image_token_id                                        # (B, T)
+    logits = probe(hidden[image].view(len(rows), n_patches, -1))               # (B, N, sum(PROBE_CLASSES))
+    targets = probe_targets(rows)                                              # (B, N, 2)
     loss, start = 0.0, 0
     for j, n_classes in enumerate(PROBE_CLASSES):
         part = logits[..., start:start + n_classes].reshape(-1, n_classes)
@@ -141,15 +159,40 @@ def probe_loss(probe, hidden, batch, rows, image_token_id: int) -> torch.Tensor:
     return loss
 
 
+def attention_loss(layer, captured: dict, grounding: list) -> torch.Tensor:
+    """-log(attention mass of head 0 on the target image positions), averaged over answer positions.
+
+    `captured` holds the layer's input hidden states (B, T, D) and RoPE (cos, sin) from a pre-hook.
+    The probabilities are computed for the answer rows only, with the causal mask, as the layer's
+    own attention computes them (padding sits after every answer, so it is never a key here).
+    """
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    attention = layer.self_attn
+    x = layer.input_layernorm(captured["hidden"])                               # (B, T, D)
+    batch, length, _ = x.shape
+    head_dim = attention.head_dim
+    q = attention.q_proj(x).view(batch, length, -1, head_dim).transpose(1, 2)   # (B, H, T, d)
+    k = attention.k_proj(x).view(batch, length, -1, head_dim).transpose(1, 2)   # (B, Hkv, T, d)
+    cos, sin = captured["position_embeddings"]
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    losses = []
+    for b, query, keys in grounding:
+        scores = (k[b, 0, :query + 1] @ q[b, 0, query]) * attention.scaling    # (query + 1,)
+        log_probs = torch.log_softmax(scores.float(), dim=-1)
+        losses.append(-torch.logsumexp(log_probs[keys], dim=-1))
+    return torch.stack(losses).mean()
+
+
 def train(model, processor, settings: TrainSettings, progress: bool = True) -> dict:
-    """Train `model` in place; returns {"losses": [...], "seconds": float, "settings": {...}}."""
+    """Train `model` in place; returns {"losses": [...], "answer_losses": [...], "seconds", "settings"}."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(settings.seed)
     model.train()
-    probe = None
     named = list(model.named_parameters())
-    if settings.aux_weight > 0:
+    probe = None
+    if settings.probe_weight > 0:
         probe = torch.nn.Linear(model.config.text_config.hidden_size, sum(PROBE_CLASSES))
         named += [("probe." + n, p) for n, p in probe.named_parameters()]
     decay = [p for n, p in named if p.ndim >= 2 and "embed" not in n]
@@ -157,32 +200,56 @@ def train(model, processor, settings: TrainSettings, progress: bool = True) -> d
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=settings.lr, betas=(0.9, 0.98))
+
+    layers = model.model.language_model.layers
+    grounding_layer = len(layers) // 2 if settings.grounding_layer is None else settings.grounding_layer
+    if not 0 <= grounding_layer < len(layers):
+        raise ValueError(f"grounding_layer={grounding_layer}: valid layers are 0..{len(layers) - 1}")
+    captured: dict = {}
+
+    def capture(module, args, kwargs):
+        captured["hidden"] = args[0] if args else kwargs["hidden_states"]
+        captured["position_embeddings"] = kwargs["position_embeddings"]
+
+    hook = layers[grounding_layer].register_forward_pre_hook(capture, with_kwargs=True) \
+        if settings.attention_weight > 0 else None
+
     losses: list[float] = []
+    answer_losses: list[float] = []
     start = time.perf_counter()
     bar = tqdm(range(settings.steps), desc="train toy llava", disable=not progress, mininterval=2.0)
-    for step in bar:
-        first = step * settings.batch_size
-        max_others = distractor_cap(step, settings)
-        rows = [shapes.sample(settings.seed, "train", first + i, max_others=max_others)
-                for i in range(settings.batch_size)]
-        batch = training_batch(rows, processor, settings.turns, np.random.default_rng([settings.seed, step]))
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, settings)
-        if probe is None:
-            loss = model(**batch).loss
-        else:
-            output = model(**batch, output_hidden_states=True)
-            loss = output.loss + settings.aux_weight * probe_loss(probe, output.hidden_states[-1], batch, rows,
-                                                                   model.config.image_token_id)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
+    try:
+        for step in bar:
+            first = step * settings.batch_size
+            max_others = distractor_cap(step, settings)
+            rows = [shapes.sample(settings.seed, "train", first + i, max_others=max_others)
+                    for i in range(settings.batch_size)]
+            batch = training_batch(rows, processor, settings.turns, np.random.default_rng([settings.seed, step]))
+            grounding = batch.pop("grounding")
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, settings)
+            output = model(**batch, output_hidden_states=probe is not None)
+            loss = output.loss
+            answer_losses.append(float(output.loss.detach()))
+            if probe is not None:
+                loss = loss + settings.probe_weight * probe_loss(
+                    probe, output.hidden_states[-1], batch["input_ids"], rows, model.config.image_token_id)
+            if hook is not None and grounding:
+                loss = loss + settings.attention_weight * attention_loss(layers[grounding_layer], captured, grounding)
+            captured.clear()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            if step % 10 == 0:
+                bar.set_postfix(answer_loss=f"{np.mean(answer_losses[-10:]):.3f}", loss=f"{np.mean(losses[-10:]):.3f}")
+    finally:
+        if hook is not None:
+            hook.remove()
     model.eval()
-    return {"losses": losses, "seconds": time.perf_counter() - start, "settings": settings.to_dict()}
+    return {"losses": losses, "answer_losses": answer_losses, "seconds": time.perf_counter() - start,
+            "settings": settings.to_dict(), "grounding_layer": grounding_layer}
 
 
 @torch.no_grad()
@@ -190,7 +257,8 @@ def generate_answers(model, processor, rows, keep_visual: int | None = None, see
                      max_new_tokens: int = 4) -> list[str]:
     """Greedy answers, one sample at a time, as an evaluate job would produce them.
 
-    keep_visual: None = all 144 image placeholders; k = keep k of them chosen uniformly at random
+    rows: ToySample objects or benchmark rows (dicts with "image" and "question").
+    keep_visual: None = all image placeholders; k = keep k of them chosen uniformly at random
     (per sample, from a generator seeded with `seed`), in their original order.
     """
     generator = torch.Generator().manual_seed(seed)
@@ -204,25 +272,26 @@ def generate_answers(model, processor, rows, keep_visual: int | None = None, see
             new_tokens = output[0, inputs["input_ids"].shape[1]:]
         else:
             embeds = _embeds_keeping_random_visual(model, inputs, keep_visual, generator)   # (1, T', D)
-            output = model.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+            mask = torch.ones(embeds.shape[:2], dtype=torch.long)
+            output = model.generate(inputs_embeds=embeds, attention_mask=mask,
                                     max_new_tokens=max_new_tokens, do_sample=False)
-            new_tokens = output[0]                                  # inputs_embeds: only new tokens
+            new_tokens = output[0]                                  # with inputs_embeds: only new tokens
         answers.append(processor.tokenizer.decode(new_tokens, skip_special_tokens=True).strip())
     return answers
 
 
 def _embeds_keeping_random_visual(model, inputs, keep: int, generator: torch.Generator) -> torch.Tensor:
-    """LLM input embeddings with only `keep` randomly chosen image rows (original order kept)."""
-    input_ids = inputs["input_ids"]                                  # (1, T)
-    text_embeds = model.get_input_embeddings()(input_ids)            # (1, T, D)
+    """(1, T - N + keep, D) LLM input embeddings keeping `keep` random image rows in original order."""
+    input_ids = inputs["input_ids"]                                             # (1, T)
+    text_embeds = model.get_input_embeddings()(input_ids)                       # (1, T, D)
     features = model.get_image_features(pixel_values=inputs["pixel_values"])
     features = features.pooler_output if hasattr(features, "pooler_output") else features
-    image_features = torch.cat(list(features), dim=0) if isinstance(features, (list, tuple)) else features[0]
+    image_features = torch.cat(list(features), dim=0)                           # (N, D)
     image_positions = (input_ids[0] == model.config.image_token_id).nonzero().squeeze(1)   # (N,)
     n_visual = image_positions.numel()
     if not 1 <= keep <= n_visual:
         raise ValueError(f"keep_visual={keep}: must be in 1..{n_visual}")
-    kept = torch.randperm(n_visual, generator=generator)[:keep].sort().values             # (keep,)
+    kept = torch.randperm(n_visual, generator=generator)[:keep].sort().values  # (keep,)
     embeds = text_embeds[0].clone()
     embeds[image_positions] = image_features.reshape(n_visual, -1).to(embeds.dtype)
     keep_mask = torch.ones(embeds.shape[0], dtype=torch.bool)
@@ -232,4 +301,5 @@ def _embeds_keeping_random_visual(model, inputs, keep: int, generator: torch.Gen
 
 
 def accuracy(predictions: list[str], answers: list[str]) -> float:
+    """Fraction of exact matches after lower/strip."""
     return float(np.mean([p.strip().lower() == a.strip().lower() for p, a in zip(predictions, answers)]))
