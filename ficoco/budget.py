@@ -336,17 +336,21 @@ def sparsevlm_counts(
 
 
 def sparsevlm_matched_schedule(
-    budget: float, schedule: Sequence[int], pruning_layers: Sequence[int], n_layers: int, n0: int, method: str = ""
+    budget: float, schedule: Sequence[int], pruning_layers: Sequence[int], n_layers: int, n0: int, method: str = "",
+    recycle: bool = True,
 ) -> list[int]:
     """`sparsevlm_matched`: the schedule scaled by the largest common factor (1e-4 grid, ≤ 1) whose
-    realised average, cluster tokens included, is ≤ B (§8.4)."""
+    realised average, cluster tokens included (with `recycle`), is ≤ B (§8.4)."""
 
     def scaled(factor: float) -> list[int]:
         return [round_half_up(factor * keep) for keep in schedule]
 
-    factor = _largest_on_grid(lambda x: layer_average(sparsevlm_counts(scaled(x), pruning_layers, n_layers, n0)), budget)
+    def average(factor: float) -> float:
+        return layer_average(sparsevlm_counts(scaled(factor), pruning_layers, n_layers, n0, recycle=recycle))
+
+    factor = _largest_on_grid(average, budget)
     if factor is None:
-        min_average = layer_average(sparsevlm_counts(scaled(0.0), pruning_layers, n_layers, n0))
+        min_average = average(0.0)
         raise InfeasibleBudget(
             f"{method or 'sparsevlm_matched'}: budget B={budget:g} is infeasible with pruning layers "
             f"{list(pruning_layers)}: the minimum achievable average is {min_average:.2f} visual tokens per layer."

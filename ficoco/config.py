@@ -17,6 +17,7 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
 FULL = "full"  # the budget label of the unreduced model
+ADAPTIVE = "adaptive"  # the budget label of an adaptive method's one run (no budget: a count per image)
 
 
 class ConfigError(ValueError):
@@ -30,7 +31,7 @@ class Job:
     model: str
     method: str
     phase: str
-    budget: str          # "full" or a positive integer written as a string (it is a path part)
+    budget: str          # "full", "adaptive" or a positive integer written as a string (it is a path part)
     benchmark: str
     shard: int           # 0-based
     shards: int
@@ -180,7 +181,7 @@ def method_overrides(config: dict, models: dict, model: str, method: str, budget
     for source in (models[model].get("method_params", {}).get(method, {}),
                    config.get("method_params", {}).get(method, {})):
         merged.update({k: v for k, v in source.items() if k != "per_budget"})
-        if budget != FULL:
+        if str(budget).isdigit():                  # "full" and "adaptive" take no per-budget overrides
             merged.update(source.get("per_budget", {}).get(int(budget), {}))
     return merged
 
@@ -218,13 +219,22 @@ def validate(config: dict, root: Path = REPO_ROOT) -> dict:
 
     for model in config["models"]:
         dims = model_dims(model, models[model])
+        for method in config["methods"]:                  # adaptive methods run once, without a budget
+            if method_registry.get(method).budgeted:
+                continue
+            overrides = method_overrides(config, models, model, method, ADAPTIVE)
+            try:
+                method_registry.get(method).check_budget(dims, None, **overrides)
+            except ValueError as error:
+                raise ConfigError(f"config error: methods: {method} (adaptive, budget label {ADAPTIVE}) on model "
+                                  f"{model}: {' '.join(str(error).split())}") from None
         for index, raw in enumerate(config["budgets"]):
             budget = resolve_budget(raw, dims.visual_tokens)
             if budget > dims.visual_tokens:
                 raise ConfigError(f"config error: budgets[{index}]: {budget} is above the {dims.visual_tokens} visual "
                                   f"tokens of model {model}; valid: 1..{dims.visual_tokens}")
             for method in config["methods"]:
-                if method == "vanilla":
+                if method == "vanilla" or not method_registry.get(method).budgeted:
                     continue
                 overrides = method_overrides(config, models, model, method, str(budget))
                 try:
@@ -265,8 +275,11 @@ def job_grid(config: dict, root: Path = REPO_ROOT) -> list[Job]:
         for benchmark in config["benchmarks"]:
             shards = shards_for(config, benchmark)
             for method in config["methods"]:
-                phase = method_registry.get(method).phase
-                budgets = [FULL] if method == "vanilla" else budgets_for(config, dims)
+                registered = method_registry.get(method)
+                phase = registered.phase
+                # vanilla runs once unreduced ("full"), an adaptive method once with its own counts ("adaptive")
+                budgets = [FULL] if method == "vanilla" else [ADAPTIVE] if not registered.budgeted \
+                    else budgets_for(config, dims)
                 for budget in budgets:
                     for shard in range(shards):
                         jobs.append(Job(model, method, phase, budget, benchmark, shard, shards))

@@ -300,6 +300,10 @@ def llm_viewer_memory_access_bytes(
 # Counts records (contracts §2) without a model
 
 
+ADAPTIVE_NOTE = ("an adaptive method chooses its token count per image, so it has no planned counts; its FLOPs come "
+                 "from the realised per-sample counts of a run (handle.last_counts(), the evaluate job's records)")
+
+
 def counts_from_schedule(
     dims: ModelDims,
     text_tokens: int,
@@ -341,15 +345,21 @@ def counts_from_plan(dims: ModelDims, plan: dict, text_tokens: int = NOMINAL_TEX
             f"the schedule summary has keys {sorted(plan)}; it needs 'llm_visual' (visual tokens per LLM layer) "
             f"and may give 'vision_counts' and 'delivered'"
         )
+    if plan["llm_visual"] is None:
+        raise ValueError(f"{plan.get('method', 'this method')}: {ADAPTIVE_NOTE}")
     return counts_from_schedule(dims, text_tokens, plan["llm_visual"], plan.get("vision_counts"), plan.get("delivered"))
 
 
 def planned_counts(dims: ModelDims, method: str, budget, text_tokens: int = NOMINAL_TEXT_TOKENS, **overrides) -> dict:
-    """The §2 record a method plans for a budget, from `ficoco.methods.get(method).check_budget`."""
-    if method == "vanilla" or budget is None:
-        return vanilla_counts(dims, text_tokens)
+    """The §2 record a method plans for a budget, from `ficoco.methods.get(method).check_budget`.
+
+    An adaptive method (`Method.budgeted` False) has no planned record: ValueError."""
     from ficoco import methods
 
+    if method != "vanilla" and not methods.get(method).budgeted:
+        raise ValueError(f"{methods.get(method).name}: {ADAPTIVE_NOTE}")
+    if method == "vanilla" or budget is None:
+        return vanilla_counts(dims, text_tokens)
     plan = methods.get(method).check_budget(dims, budget, **overrides)
     return counts_from_plan(dims, plan, text_tokens)
 

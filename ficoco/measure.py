@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 FULL = "full"
+ADAPTIVE = "adaptive"
 DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -194,7 +195,8 @@ def measure(
 ) -> dict:
     """Latency (prefill, per decode token, end-to-end; medians), peak memory and throughput.
 
-    budget None = unreduced (method "vanilla"). Returns a JSON-able dict (see docs/flops.md).
+    budget None = unreduced (method "vanilla"), or the adaptive reduction of an adaptive method (job
+    budget "adaptive"; its costs come from the realised counts). Returns a JSON-able dict (see docs/flops.md).
     """
     import torch
     import transformers
@@ -203,6 +205,7 @@ def measure(
     import ficoco
     from ficoco.dims import ModelDims
     from ficoco.flops import counts_from_schedule, sample_cost
+    from ficoco.methods import budget_label
 
     if repeats < 1 or warmup < 0 or batch_size < 1 or new_tokens < 1:
         raise ValueError(f"need repeats >= 1, warmup >= 0, batch_size >= 1, new_tokens >= 1; got "
@@ -222,7 +225,8 @@ def measure(
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     runs = [_timed_generate(model, inputs, new_tokens, cuda)
-            for _ in tqdm(range(repeats), desc=f"measure {method} b{budget or FULL}", disable=not progress)]
+            for _ in tqdm(range(repeats), desc=f"measure {method} b{budget_label(method, budget)}",
+                          disable=not progress)]
     if cuda:
         peak_memory, peak_source = torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
     else:
@@ -238,7 +242,7 @@ def measure(
                for key in ("prefill_s", "per_token_s", "end_to_end_s")}
     return {
         "job": {"model": model_name or config_path.parent.name, "method": method,
-                "budget": FULL if budget is None else int(budget)},
+                "budget": int(budget) if budget is not None else budget_label(method, None)},
         **medians,
         "throughput": batch_size / medians["end_to_end_s"],
         "throughput_unit": "samples/s (one image per sample)",
@@ -282,12 +286,14 @@ def write_json_atomic(data: dict, path: str | os.PathLike) -> None:
         raise
 
 
-def _budget(text: str) -> int | None:
-    if text in (FULL, "none"):
-        return None
-    if text.isdigit() and int(text) > 0:
-        return int(text)
-    raise argparse.ArgumentTypeError(f"budget {text!r}: valid values are 'full' or a positive integer")
+def _budget(text: str) -> str:
+    """The budget label as given: 'full' ('none'), 'adaptive' or a positive integer (checked against the
+    method in `main`)."""
+    if text == "none":
+        return FULL
+    if text in (FULL, ADAPTIVE) or (text.isdigit() and int(text) > 0):
+        return text
+    raise argparse.ArgumentTypeError(f"budget {text!r}: valid values are 'full', 'adaptive' or a positive integer")
 
 
 def _overrides(text: str) -> dict:
@@ -308,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-config", required=True, help="a model directory or its config.json")
     parser.add_argument("--model-name", default=None, help="name recorded in the JSON (default: the config's folder)")
     parser.add_argument("--method", default="vanilla")
-    parser.add_argument("--budget", type=_budget, default=None, help="visual-token budget, or 'full' (unreduced)")
+    parser.add_argument("--budget", type=_budget, default=FULL,
+                        help="visual-token budget, 'full' (unreduced) or 'adaptive' (an adaptive method's own counts)")
     parser.add_argument("--overrides", type=_overrides, default={}, help="method overrides as a JSON object")
     parser.add_argument("--device", default="auto", choices=DEVICES)
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
@@ -321,9 +328,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="results/measure/{model}/{method}/b{budget}.json")
     args = parser.parse_args(argv)
-    if args.method == "vanilla" and args.budget is not None:
+    if args.method == "vanilla" and args.budget != FULL:
         parser.error(f"--method vanilla takes --budget full; got {args.budget}")
-    result = measure(args.model_config, args.method, args.budget, args.overrides, args.device, args.dtype,
+    from ficoco.methods import budget_from_label
+
+    try:
+        budget = budget_from_label(args.method, args.budget)
+    except ValueError as error:
+        parser.error(str(error))
+    result = measure(args.model_config, args.method, budget, args.overrides, args.device, args.dtype,
                      args.batch_size, args.warmup, args.repeats, args.prompt_tokens, args.new_tokens,
                      args.attn_implementation, args.seed, args.model_name)
     write_json_atomic(result, args.out)

@@ -455,3 +455,41 @@ def test_wandb_disabled_writes_nothing(rendered, tmp_path, monkeypatch):
     results = aggregate.read_summary(results_dir / "summary").results
     assert not wandb_log.log_report(results, pd.DataFrame(), figures_of(results_dir), tmp_path / "run", config={})
     assert not (tmp_path / "run").exists()
+
+
+def test_an_adaptive_run_is_tabulated_and_plotted_at_its_realised_visual_tokens(tmp_path):
+    """Budget label "adaptive" (an adaptive method's one run): no integer budget (budget_tokens NA), its
+    own table, x = its realised mean visual tokens in the Avg% plot, ordered after the integer budgets."""
+    root = write_results_tree(tmp_path / "results")
+    realised = {"scienceqa": 33.0, "textvqa": 35.0, "pope": 31.0, "mme": 37.0}        # per-benchmark layer average
+    for benchmark, tokens in realised.items():
+        data = metrics_json(MODEL, benchmark, "ficoco-v", tokens, 60.0)              # shaped like a vision method
+        data["job"].update(method="prumerge-adaptive", budget="adaptive")
+        write_run(root, data)
+    measure = write_measure(root, MODEL, "ficoco-v", 64, 0.03, 0.4)                   # then moved to badaptive
+    data = json.loads(measure.read_text())
+    data["job"].update(method="prumerge-adaptive", budget="adaptive")
+    target = root / "measure" / MODEL / "prumerge-adaptive" / "badaptive.json"
+    target.parent.mkdir(parents=True)
+    target.write_text(json.dumps(data))
+    measure.unlink()
+    assert cli.main(["aggregate", "--results", str(root), "--out", str(root / "summary")]) == 0
+    summary = aggregate.read_summary(root / "summary")
+    row = headline_of(summary.results, "prumerge-adaptive", "adaptive", "pope")
+    assert pd.isna(row["budget_tokens"]) and row["visual_tokens_layer_avg"] == 31.0
+    assert summary.measure.set_index("method").loc["prumerge-adaptive", "budget"] == "adaptive"
+    assert tables.ordered_budgets(["full", "64", "adaptive", "192"]) == ["192", "64", "adaptive", "full"]
+    frame = tables.paper_tables(summary.results, paper.paper_reference(paper.load_paper_results()))
+    assert tables.ordered_budgets(frame["table_budget"].unique()) == ["192", "128", "64", "adaptive"]
+    assert cell(frame, "adaptive", "vanilla", "Avg%")["ours"] == pytest.approx(100.0)
+    assert cell(frame, "adaptive", "prumerge-adaptive", "visual tokens")["ours"] == pytest.approx(34.0)
+    avg_pct = tables.avg_percent_by_budget(frame)
+    points = avg_pct.set_index(["method", "budget"])["budget_tokens"]
+    assert points[("prumerge-adaptive", "adaptive")] == pytest.approx(34.0)           # realised mean, not a label
+    assert points[("ficoco-v", "64")] == 64.0
+    figures = plots.make_figures(tables.headline_scores(summary.results), avg_pct, summary.schedules,
+                                 summary.measure, tmp_path / "figures")
+    assert all(figure.note is None for figure in figures)
+    out = tmp_path / "report.html"
+    assert cli.main(["report", "--summary", str(root / "summary"), "--out", str(out)]) == 0
+    assert "budget adaptive" in out.read_text()

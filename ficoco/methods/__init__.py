@@ -18,9 +18,48 @@ _REGISTRY = MappingProxyType({
     for method in (vanilla.METHOD, ficoco_v.METHOD, ficoco_l.METHOD, ficoco_vl.METHOD, ficoco_v.OFFICIAL,
                    tome.METHOD, evit.METHOD, downsample.METHOD,
                    fastv.METHOD, fastv.KEEP_BUDGET, pdrop.METHOD, pdrop.OFFICIAL, dart.METHOD, sparsevlm.METHOD,
-                   visionzip.METHOD, prumerge.METHOD, prumerge.PLUS, topk_cls.METHOD, random_keep.METHOD,
+                   sparsevlm.MATCHED,
+                   visionzip.METHOD, prumerge.METHOD, prumerge.PLUS, prumerge.ADAPTIVE, prumerge.PLUS_ADAPTIVE,
+                   topk_cls.METHOD, random_keep.METHOD,
                    pooling.METHOD, divprune.METHOD)
 })
+
+
+FULL = "full"              # budget label of an unreduced run (vanilla)
+ADAPTIVE = "adaptive"      # budget label of an adaptive method's one run (`Method.budgeted` False)
+
+
+def budget_labels_valid(text: str) -> bool:
+    """True for a grid budget label: "full", "adaptive" or a positive integer written out."""
+    return text in (FULL, ADAPTIVE) or (text.isdigit() and int(text) > 0)
+
+
+def budget_from_label(method, label) -> int | None:
+    """A grid budget label as `ficoco.apply`'s budget, checked against the method.
+
+    "full" -> None (unreduced); "adaptive" -> None (the adaptive reduction of a method with
+    `budgeted=False`); a positive integer -> that budget. ValueError when the label does not fit
+    the method: an adaptive method runs only as "adaptive", a budgeted one never does.
+    """
+    method, label = get(method), str(label)
+    if not budget_labels_valid(label):
+        raise ValueError(f"budget {label!r}: valid values are '{FULL}', '{ADAPTIVE}' or a positive integer")
+    if not method.budgeted and label != ADAPTIVE:
+        raise ValueError(f"{method.name}: an adaptive method takes no budget; its budget label is '{ADAPTIVE}', "
+                         f"got {label!r}")
+    if method.budgeted and label == ADAPTIVE:
+        raise ValueError(f"{method.name}: budget label '{ADAPTIVE}' is only for adaptive methods "
+                         f"({', '.join(name for name in _REGISTRY if not _REGISTRY[name].budgeted)}); use "
+                         f"'{FULL}' or a positive integer")
+    return None if label in (FULL, ADAPTIVE) else int(label)
+
+
+def budget_label(method, budget: int | None) -> str:
+    """The grid label of an API budget: the integer as text; None -> "adaptive" for an adaptive
+    method, else "full"."""
+    if budget is not None:
+        return str(int(budget))
+    return FULL if get(method).budgeted else ADAPTIVE
 
 
 def names() -> list[str]:
@@ -38,5 +77,5 @@ def get(name: str) -> Method:
     return _REGISTRY[key]
 
 
-__all__ = ["get", "names", "Method", "Param", "VisionLayerStep", "LLMLayerStep", "VisionTokens", "LLMTokens",
-           "LLMKept"]
+__all__ = ["get", "names", "budget_from_label", "budget_label", "FULL", "ADAPTIVE", "Method", "Param",
+           "VisionLayerStep", "LLMLayerStep", "VisionTokens", "LLMTokens", "LLMKept"]

@@ -183,6 +183,10 @@ class ImageTokens:
     hidden: torch.Tensor                    # (B, K, D) exactly what the next part receives, in delivery order
     positions: torch.Tensor | None          # (B, P) raster positions of the original patches kept or merged into
                                             # (sorted; for analysis); None when every token is new (pooling)
+    counts: torch.Tensor | None = None      # (B,) int64 tokens of each image when they differ (an adaptive
+                                            # step): row b's first counts[b] tokens are real, the rest of the
+                                            # K = max(counts) rows are padding; `positions` rows are padded
+                                            # with -1 after their image's own entries. None = K for every image
 
 
 class VisionOutputScores(Protocol):
@@ -212,12 +216,18 @@ class VisionOutputStep:
     `reduce(layer, tokens, scores)` gets the feature layer's index, its output as `VisionTokens` and a
     `VisionOutputScores`; its `ImageTokens.hidden` (B, tokens_out, D) replaces the projector input
     (CLS only if the method keeps it), so the LLM sees `tokens_out` tokens per image.
+
+    An *adaptive* step (`tokens_out=None`, PruMerge's IQR rule) chooses a count per image: its reduce
+    returns `hidden` padded to the batch's largest count (B, max(counts), D) and `counts` (B,); the
+    adapter trims each image's projected tokens to its own count and gives every image a placeholder
+    run of that length.
     """
 
     WHERE: ClassVar[str] = "vision tower output (the features LLaVA reads, before the projector)"   # for `ficoco methods`
 
     reduce: Callable[[int, VisionTokens, VisionOutputScores], ImageTokens]
-    tokens_out: int                         # tokens per image the projector (and then the LLM) receives
+    tokens_out: int | None                  # tokens per image the projector (and then the LLM) receives;
+                                            # None = adaptive (a count per image, `ImageTokens.counts`)
     site: str = field(default="vision", init=False)
 
 
@@ -303,6 +313,12 @@ class Method:
 
     `schedule(dims, budget, params) -> plan` turns a budget into per-layer counts without a model;
     `build(plan) -> tuple[Step, ...]` turns a plan into the reduction steps an adapter installs.
+
+    `budgeted=False` marks an *adaptive* method (PruMerge's IQR originals): it chooses its token count
+    per image, so it takes no budget. `plan(dims, None)` plans its adaptive reduction (the plan's
+    "delivered", "llm_visual" and "layer_average" are None: the counts exist only once a run has
+    realised them, `handle.last_counts()`), and any other budget is a ValueError naming the method.
+    The grid runs such a method once, under the budget label "adaptive".
     """
 
     name: str
@@ -314,6 +330,7 @@ class Method:
     params: Mapping[str, Param]
     schedule: Callable[[Any, int | None, dict], dict]
     build: Callable[[dict], tuple[Step, ...]]
+    budgeted: bool = True                       # False: adaptive, a count per image and no budget
 
     def __post_init__(self):
         if self.phase not in PHASES:
@@ -348,6 +365,10 @@ class Method:
         Raises ficoco.budget.InfeasibleBudget (a ValueError) when the budget cannot be reached, and
         ValueError for unknown or bad overrides or an out-of-range budget.
         """
+        if budget is not None and not self.budgeted:
+            raise ValueError(f"{self.name}: an adaptive method takes no budget (it chooses its token count per "
+                             f"image and logs the realised count); got budget {budget!r}. Use budget None (the "
+                             f"grid's budget label 'adaptive')")
         if budget is not None:
             if isinstance(budget, bool) or not isinstance(budget, int):
                 raise ValueError(f"{self.name}: budget must be an integer number of visual tokens or None; got {budget!r}")

@@ -29,6 +29,9 @@ def describe(method) -> str:
         f"  acts on:   {where}",
         f"  attention: {method.needs_attention}",
     ]
+    if not method.budgeted:
+        lines.append("  budget:    none (adaptive: a token count per image, realised counts logged; grid label "
+                     "'adaptive')")
     lines += [f"  {stage:<10} {text}" for stage, text in method.stages.items()]
     if method.params:
         lines.append("  parameters (override with ficoco.apply(..., name=value)):")
@@ -58,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [methods.get(name) for name in (args.names or methods.names())]
     if args.json:
         print(json.dumps([{"name": m.name, "phase": m.phase, "acts_on": list(m.acts_on), "where": sites(m),
-                           "needs_attention": m.needs_attention, "stages": dict(m.stages),
+                           "needs_attention": m.needs_attention, "budgeted": m.budgeted, "stages": dict(m.stages),
                            "defaults": m.defaults, "summary": m.summary} for m in chosen], indent=2))
     elif args.markdown:
         print(markdown_table(chosen))

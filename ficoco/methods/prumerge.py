@@ -10,21 +10,31 @@ correlate for every kept patch i, its `knn` (32) most similar other patches by c
           layer's keys (full width), kept or not
 compress  x_i ← x_i + Σ_{j ∈ kNN(i)} a_j·x_j (pre-merge values), then one extra token Σ_{j pruned} a_j·x_j
 Output: the kept patches in positional order, then the extra token (B in all).
-The adaptive originals (`prumerge_adaptive`, IQR outliers) give a different count per image and are
-not provided yet (the adapter delivers one count per batch).
+
+The adaptive originals, `prumerge-adaptive` and `prumerge-plus-adaptive` (no budget, `budgeted=False`):
+filter    PruMerge: the patches whose attention a is above Q3 + 1.5·IQR of that image's patch
+          attentions (`paradigm.filter.iqr_outlier_mask`, linear-interpolation quartiles; an image
+          with no patch above its fence keeps its top-1). PruMerge+ also keeps the raster positions
+          0, s, 2s, … (raster order over the N patches) not already kept, s = ⌊⌊1/ratio⌋/3⌋.
+correlate, compress as above. Every image gets its own count, kept + 1, which the adapter realises
+(placeholder runs of that length) and logs per sample (`handle.last_counts()`).
+The spec gives no `ratio` for PruMerge+: the default 1/16 (stride ⌊16/3⌋ = 5, 116 raster positions
+on 24×24) is chosen to match its "≈ 144 tokens in total on average".
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from ficoco.budget import prumerge_plus_split
 from ficoco.methods.base import ImageTokens, Method, Param, VisionOutputScores, VisionTokens, positive_int
-from ficoco.methods.post_vision import check_patch_count, feature_plan, output_build
+from ficoco.methods.post_vision import adaptive_feature_plan, check_patch_count, feature_plan, output_build
 from ficoco.paradigm.compress import prumerge_merge
 from ficoco.paradigm.correlate import knn_positions
-from ficoco.paradigm.filter import complement_positions, evenly_spaced_positions, top_k_positions
+from ficoco.paradigm.filter import complement_positions, evenly_spaced_positions, iqr_outlier_mask, raster_positions, \
+    top_k_positions
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,49 @@ class PruMergeReduce:
         neighbours = knn_positions(scores.next_keys()[:, 1:], kept, self.knn)  # (B, K, knn)
         return ImageTokens(hidden=prumerge_merge(patches, attention, kept, neighbours),
                            positions=tokens.positions.gather(1, kept))
+
+
+@dataclass(frozen=True)
+class PruMergeAdaptiveReduce:
+    """Keep the IQR outliers of the CLS attention (plus every `stride`-th raster position); merge by kNN.
+
+    A count per image: `ImageTokens.hidden` is padded to the batch's largest count and `counts` gives
+    each image's own (kept + 1). Every image is reduced on its own, so a batch equals its images alone.
+    """
+
+    stride: int          # raster stride of PruMerge+; 0 = PruMerge (outliers only)
+    knn: int
+
+    def __call__(self, layer: int, tokens: VisionTokens, scores: VisionOutputScores) -> ImageTokens:
+        patches = tokens.hidden[:, 1:]                                           # (B, N, D)
+        batch, n = tokens.positions.shape
+        attention = scores.next_cls_row()[:, 1:]                                 # (B, N), not renormalised
+        keys = scores.next_keys()[:, 1:]                                         # (B, N, D)
+        keep = iqr_outlier_mask(attention)                                       # (B, N) bool, >= 1 per row
+        if self.stride:
+            keep[:, raster_positions(n, self.stride, keep.device)] = True
+        merged, positions = [], []
+        for row in range(batch):
+            kept = keep[row].nonzero()[:, 0][None]                               # (1, K_b) ascending
+            neighbours = knn_positions(keys[row:row + 1], kept, self.knn)        # (1, K_b, knn)
+            merged.append(prumerge_merge(patches[row:row + 1], attention[row:row + 1], kept, neighbours)[0])
+            positions.append(tokens.positions[row].gather(0, kept[0]))
+        counts = torch.tensor([tokens_b.shape[0] for tokens_b in merged], device=patches.device)
+        return ImageTokens(hidden=torch.nn.utils.rnn.pad_sequence(merged, batch_first=True),
+                           positions=torch.nn.utils.rnn.pad_sequence(positions, batch_first=True, padding_value=-1),
+                           counts=counts)
+
+
+def raster_stride(ratio: float) -> int:
+    """PruMerge+'s raster stride ⌊⌊1/ratio⌋/3⌋ (§8.6)."""
+    return math.floor(math.floor(1 / ratio) / 3)
+
+
+def most_kept(n: int, stride: int) -> int:
+    """The most patches an adaptive PruMerge(+) can keep of n: the outliers strictly above Q3 (at most
+    n − 1 − ⌊0.75·(n − 1)⌋, at least the top-1) together with the ⌈n/s⌉ raster positions."""
+    outliers = max(1, n - 1 - math.floor(0.75 * (n - 1)))
+    return min(n, outliers + (math.ceil(n / stride) if stride else 0))
 
 
 def check_model(name: str, dims, knn: int) -> None:
@@ -79,6 +132,33 @@ def schedule_plus(dims, budget, params) -> dict:
     check_patch_count("prumerge-plus", dims, important + raster, "kept patches (B - 1)")
     return feature_plan(dims, budget, "vision_output", important=important, raster=raster, extra=1,
                         knn=params["knn"])
+
+
+def schedule_adaptive(name: str, dims, params) -> dict:
+    """The adaptive plan (no budget: `Method.plan` refuses one): the rule and its raster stride."""
+    check_model(name, dims, params["knn"])
+    ratio = params.get("ratio")
+    stride = raster_stride(ratio) if ratio is not None else 0
+    most = most_kept(dims.num_patches, stride) + 1
+    if most > dims.visual_tokens:
+        smallest = next(s for s in range(1, dims.num_patches + 1)
+                        if most_kept(dims.num_patches, s) + 1 <= dims.visual_tokens)
+        raise ValueError(f"{name}: ratio={ratio!r} gives raster stride {stride}: up to {most - 1} of the "
+                         f"{dims.num_patches} patches plus the extra token could be kept, more than the "
+                         f"{dims.visual_tokens} tokens of an image; use ratio <= 1/{3 * smallest} "
+                         f"(stride >= {smallest})")
+    raster = {"ratio": ratio, "raster_stride": stride, "raster": math.ceil(dims.num_patches / stride)} if stride else {}
+    return adaptive_feature_plan(dims, "vision_output", rule="iqr", **raster, extra=1, knn=params["knn"])
+
+
+def make_adaptive_reduce(plan: dict) -> PruMergeAdaptiveReduce:
+    post = plan["post_vision"]
+    return PruMergeAdaptiveReduce(stride=post.get("raster_stride", 0), knn=post["knn"])
+
+
+def raster_ratio(value) -> str | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < float(value) <= 1 / 3
+    return None if ok else "must be a number in (0, 1/3] (so the raster stride ⌊⌊1/ratio⌋/3⌋ is >= 1)"
 
 
 def make_reduce(plan: dict) -> PruMergeReduce:
@@ -119,4 +199,40 @@ PLUS = Method(
     params=PARAMS,
     schedule=schedule_plus,
     build=output_build(make_reduce),
+)
+
+ADAPTIVE_FILTER = "CLS attention from the next layer's q/k; the patches above Q3 + 1.5·IQR of the image's patch " \
+                  "attentions are kept (at least the top-1): a count per image"
+
+ADAPTIVE = Method(
+    name="prumerge-adaptive",
+    summary="LLaVA-PruMerge as published: the IQR outliers of (layer-23) CLS attention, kNN merge, plus one extra "
+            "token; a count per image (≈ 32 on LLaVA-1.5), no budget, realised counts logged (after CLIP)",
+    phase="vision",
+    acts_on=("vision",),
+    needs_attention=NEEDS,
+    stages={"filter": ADAPTIVE_FILTER, "correlate": CORRELATE, "compress": COMPRESS},
+    params=PARAMS,
+    schedule=lambda dims, budget, params: schedule_adaptive("prumerge-adaptive", dims, params),
+    build=output_build(make_adaptive_reduce),
+    budgeted=False,
+)
+
+PLUS_ADAPTIVE = Method(
+    name="prumerge-plus-adaptive",
+    summary="PruMerge+ as published: the IQR outliers of (layer-23) CLS attention plus every s-th raster "
+            "patch (s = ⌊⌊1/ratio⌋/3⌋), kNN merge, plus one extra token; a count per image (≈ 144 on "
+            "LLaVA-1.5), no budget, realised counts logged (after CLIP)",
+    phase="vision",
+    acts_on=("vision",),
+    needs_attention=NEEDS,
+    stages={"filter": ADAPTIVE_FILTER + "; plus the raster positions 0, s, 2s, … not already kept, "
+                                        "s = ⌊⌊1/ratio⌋/3⌋",
+            "correlate": CORRELATE, "compress": COMPRESS},
+    params={**PARAMS,
+            "ratio": Param(1 / 16, "raster ratio: stride ⌊⌊1/ratio⌋/3⌋ (1/16 -> 5; the spec gives no ratio, "
+                                   "1/16 matches its ≈ 144 tokens in total on average)", raster_ratio)},
+    schedule=lambda dims, budget, params: schedule_adaptive("prumerge-plus-adaptive", dims, params),
+    build=output_build(make_adaptive_reduce),
+    budgeted=False,
 )

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ficoco.budget import sparsevlm_recycled_clusters
+from ficoco.budget import InfeasibleBudget, sparsevlm_matched_schedule, sparsevlm_recycled_clusters
 from ficoco.methods.base import LLMKept, LLMLayerStep, LLMScores, LLMTokens, Method, Param, non_negative_int, \
     staged_llm_plan
 from ficoco.methods.pdrop import increasing_layers
@@ -84,30 +84,65 @@ class SparseVLMReduce:
         return torch.cat(rows)
 
 
-def schedule(dims, budget, params) -> dict:
-    layers, n_layers, n0 = list(params["layers"]), dims.llm_layers, dims.visual_tokens
+def check_layers(name: str, dims, layers) -> list[int]:
+    """Every pruning layer must leave a next layer for its pruned output."""
+    layers, n_layers = list(layers), dims.llm_layers
     if layers[-1] >= n_layers - 1:
-        raise ValueError(f"sparsevlm: layers={layers}: every pruning layer must be in [0, {n_layers - 2}] (pruning "
+        raise ValueError(f"{name}: layers={layers}: every pruning layer must be in [0, {n_layers - 2}] (pruning "
                          f"applies to its output, the input of the next of the {n_layers} LLM layers)")
-    if budget is None:
-        return staged_llm_plan(dims, {})
+    return layers
+
+
+def requested_schedule(name: str, budget: int, params) -> tuple:
+    """The keep counts asked for: `keeps` when given, else the official v1.5 schedule of B."""
     wanted = params["keeps"]
     if wanted is None:
         if budget not in OFFICIAL_SCHEDULES:
-            raise ValueError(f"sparsevlm: budget {budget} has no official v1.5 schedule; valid budgets: "
+            raise ValueError(f"{name}: budget {budget} has no official v1.5 schedule; valid budgets: "
                              f"{sorted(OFFICIAL_SCHEDULES)}, or pass keeps=[k_1, ...] (one per pruning layer)")
         wanted = OFFICIAL_SCHEDULES[budget]
-    if len(wanted) != len(layers):
-        raise ValueError(f"sparsevlm: keeps={list(wanted)} must give one count per pruning layer {layers}")
-    after, keeps, clusters, n_visual = {}, [], [], n0
+    if len(wanted) != len(params["layers"]):
+        raise ValueError(f"{name}: keeps={list(wanted)} must give one count per pruning layer {list(params['layers'])}")
+    return tuple(wanted)
+
+
+def schedule_plan(dims, layers: list[int], wanted, recycle: bool) -> dict:
+    """The plan of pruning at `layers`, keeping min(wanted_l, n_vis − 1) each, plus the recycled cluster
+    tokens (shared by `sparsevlm` and `sparsevlm-matched`)."""
+    after, keeps, clusters, n_visual = {}, [], [], dims.visual_tokens
     for layer, count in zip(layers, wanted):
         keep = min(count, n_visual - 1)
-        added = sparsevlm_recycled_clusters(n_visual - keep) if params["recycle"] else 0
+        added = sparsevlm_recycled_clusters(n_visual - keep) if recycle else 0
         keeps.append(keep)
         clusters.append(added)
         n_visual = after[layer + 1] = keep + added
     plan = staged_llm_plan(dims, after)
     plan["llm"].update(pruning_layers=layers, keep=keeps, clusters=clusters, schedule=list(wanted))
+    return plan
+
+
+def schedule(dims, budget, params) -> dict:
+    layers = check_layers("sparsevlm", dims, params["layers"])
+    if budget is None:
+        return staged_llm_plan(dims, {})
+    return schedule_plan(dims, layers, requested_schedule("sparsevlm", budget, params), params["recycle"])
+
+
+def schedule_matched(dims, budget, params) -> dict:
+    """`sparsevlm-matched` (§8.4): the requested schedule scaled by the largest common factor (1e-4 grid,
+    ≤ 1) whose realised layer average, cluster tokens included, is ≤ B (`budget.sparsevlm_matched_schedule`)."""
+    name = "sparsevlm-matched"
+    layers = check_layers(name, dims, params["layers"])
+    if budget is None:
+        return staged_llm_plan(dims, {})
+    wanted = requested_schedule(name, budget, params)
+    matched = sparsevlm_matched_schedule(budget, wanted, layers, dims.llm_layers, dims.visual_tokens, method=name,
+                                         recycle=params["recycle"])
+    if min(matched) < 1:
+        raise InfeasibleBudget(f"{name}: budget B={budget} scales the schedule {list(wanted)} to {matched}, which "
+                               f"keeps no image token at some pruning layer; use a larger budget or other keeps")
+    plan = schedule_plan(dims, layers, matched, params["recycle"])
+    plan["llm"]["base_schedule"] = list(wanted)
     return plan
 
 
@@ -134,30 +169,53 @@ def boolean(value) -> str | None:
     return None if isinstance(value, bool) else "must be true or false"
 
 
+PARAMS = {
+    "layers": Param((2, 6, 15), "pruning layers (0-based); each runs on its full input and prunes its output",
+                    increasing_layers),
+    "keeps": Param(None, "image tokens kept at each pruning layer; None = the official v1.5 schedule of B "
+                         "(192, 128, 64)", positive_counts_or_none),
+    "recycle": Param(True, "recycle part of the dropped tokens into cluster tokens", boolean),
+    "seed": Param(0, "seed of the DPC density jitter (drawn per prompt)", non_negative_int),
+}
+NEEDS = ("the raters' attention rows (instruction tokens) on the image tokens at each pruning layer, recomputed from "
+         "that layer's q/k (the layer keeps SDPA)")
+CORRELATE = ("the ⌊0.3·d⌋ + 1 most important dropped tokens: DPC-kNN clusters (K = 1 into new tokens); the other "
+             "dropped tokens K = 0")
+COMPRESS = ("cluster means take the slot of their first member; the rest leave the sequence and the KV cache of later "
+            "layers (original RoPE positions)")
+
 METHOD = Method(
     name="sparsevlm",
     summary="SparseVLM v1.5: text raters score image tokens at LLM layers 2/6/15, the official keep schedule of B, "
             "dropped tokens partly recycled into cluster tokens; realised average reported (≈ 206.5/145.4/82.3)",
     phase="llm",
     acts_on=("llm",),
-    needs_attention="the raters' attention rows (instruction tokens) on the image tokens at each pruning layer, "
-                    "recomputed from that layer's q/k (the layer keeps SDPA)",
+    needs_attention=NEEDS,
     stages={
         "filter": "raters = instruction tokens of above-mean relevance to the image (input embeddings); importance = "
                   "mean rater attention at the pruning layer; keep the top min(schedule, n − 1)",
-        "correlate": "the ⌊0.3·d⌋ + 1 most important dropped tokens: DPC-kNN clusters (K = 1 into new tokens); the "
-                     "other dropped tokens K = 0",
-        "compress": "cluster means take the slot of their first member; the rest leave the sequence and the KV cache "
-                    "of later layers (original RoPE positions)",
+        "correlate": CORRELATE,
+        "compress": COMPRESS,
     },
-    params={
-        "layers": Param((2, 6, 15), "pruning layers (0-based); each runs on its full input and prunes its output",
-                        increasing_layers),
-        "keeps": Param(None, "image tokens kept at each pruning layer; None = the official v1.5 schedule of B "
-                             "(192, 128, 64)", positive_counts_or_none),
-        "recycle": Param(True, "recycle part of the dropped tokens into cluster tokens", boolean),
-        "seed": Param(0, "seed of the DPC density jitter (drawn per prompt)", non_negative_int),
-    },
+    params=PARAMS,
     schedule=schedule,
+    build=build,
+)
+
+MATCHED = Method(
+    name="sparsevlm-matched",
+    summary="SparseVLM v1.5, budget-matched: the official v1.5 schedule of B (or keeps) scaled by one common factor, "
+            "the largest on a 1e-4 grid whose realised layer average (cluster tokens included) is <= B",
+    phase="llm",
+    acts_on=("llm",),
+    needs_attention=NEEDS,
+    stages={
+        "filter": "SparseVLM's raters and importance; keep the top min(factor·schedule, n − 1), one common factor "
+                  "solved so the realised layer average is <= B",
+        "correlate": CORRELATE,
+        "compress": COMPRESS,
+    },
+    params=PARAMS,
+    schedule=schedule_matched,
     build=build,
 )

@@ -12,7 +12,10 @@ strategy and runs the projector. `FeaturePatch` installs, all undone by `remove(
 | projector forward hook                  | `ProjectorStep`: its tokens replace the projected tokens          |
 
 So the projector (and then the LLM) receives exactly `tokens_out` tokens per image; the adapter
-collapses each image's placeholder run to that count, as it does for FiCoCo-V. What a
+collapses each image's placeholder run to that count, as it does for FiCoCo-V. An adaptive step
+(`tokens_out=None`) returns its tokens padded to the batch's largest count with `counts` (B,); the
+projector runs on the padded tokens and `take_realised()` hands the counts to the adapter, which
+trims each image's projected tokens to its own count (ficoco/models/llava.py). What a
 vision-output step reads is computed on demand by `FeatureScores`: the CLS attention row of the
 feature layer from the recorded q/k (the layer itself keeps SDPA), and for PruMerge the next
 layer's layer norm + q/k projections applied to the features (the next layer does not run).
@@ -110,6 +113,7 @@ class FeaturePatch:
         self.feature_index = feature_layer
         self.current_vision_pass = current_vision_pass          # () -> VisionPass | None
         self.current: FeaturePass | None = None
+        self.realised: list[int] | None = None                  # per-image counts of the last adaptive reduction
         self._handles = []
         if self.output_step is None and self.projector_step is None:
             return
@@ -132,7 +136,17 @@ class FeaturePatch:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
-        self._handles, self.current = [], None
+        self._handles, self.current, self.realised = [], None, None
+
+    @property
+    def adaptive(self) -> bool:
+        """True for a vision-output step that chooses a count per image (`tokens_out` None)."""
+        return self.output_step is not None and self.output_step.tokens_out is None
+
+    def take_realised(self) -> list[int] | None:
+        """The per-image counts of the most recent adaptive reduction, once (None when none is pending)."""
+        realised, self.realised = self.realised, None
+        return realised
 
     # -- hooks ----------------------------------------------------------------------------------
     def _start_pass(self, tower, args, kwargs):
@@ -163,7 +177,10 @@ class FeaturePatch:
             else torch.arange(tokens - 1, device=hidden.device).expand(batch, -1)
         scores = FeatureScores(self.feature_layer, self.next_layer, feature_pass)
         out = self.output_step.reduce(self.feature_index, VisionTokens(hidden, positions), scores)
-        _check_tokens(out.hidden, batch, self.output_step.tokens_out, "vision-output")
+        if self.adaptive:
+            self.realised = _check_adaptive(out, batch)
+        else:
+            _check_tokens(out.hidden, batch, self.output_step.tokens_out, "vision-output")
         if vision_pass is not None and out.positions is not None:
             vision_pass.trace[self.feature_index] = out.positions
         return (out.hidden.to(features.dtype), *args[1:])
@@ -184,6 +201,19 @@ def _check_tokens(hidden: torch.Tensor, batch: int, tokens_out: int, site: str) 
     if hidden.dim() != 3 or hidden.shape[:2] != (batch, tokens_out):
         raise ValueError(f"the {site} step returned tokens of shape {tuple(hidden.shape)}; expected "
                          f"({batch}, {tokens_out}, width)")
+
+
+def _check_adaptive(out: ImageTokens, batch: int) -> list[int]:
+    """The per-image counts of an adaptive step's output, checked against its padded tokens."""
+    if out.counts is None:
+        raise ValueError("an adaptive vision-output step (tokens_out=None) must return ImageTokens.counts, the "
+                         "number of tokens of each image")
+    counts = [int(count) for count in out.counts.tolist()]
+    if out.hidden.dim() != 3 or len(counts) != batch or out.hidden.shape[:2] != (batch, max(counts, default=0)) \
+            or min(counts, default=1) < 1:
+        raise ValueError(f"the adaptive vision-output step returned tokens of shape {tuple(out.hidden.shape)} with "
+                         f"counts {counts}; expected ({batch}, max(counts), width) and every count >= 1")
+    return counts
 
 
 FEATURE_STEPS = (VisionOutputStep, ProjectorStep)     # the step classes `FeaturePatch` installs

@@ -14,23 +14,34 @@ steps and installs them through three small patches, all reverted by `handle.rem
 |                | caller's original prompt back in front of the returned sequences                    |
 
 A vision reduction delivers fewer image features than the processor inserted placeholders; the
-LLM then sees exactly that many placeholders per image, at contiguous positions. An LLM reduction
+LLM then sees exactly that many placeholders per image, at contiguous positions.
+
+An adaptive vision-output step (PruMerge's IQR originals, `VisionOutputStep.tokens_out=None`)
+chooses a count per image while it runs, so the images are encoded *before* the placeholders are
+collapsed: an instance `model.model.get_image_features` trims each image's projected tokens to its
+realised count; the forward pre-hook (when pixel_values are given) and `generate` encode first,
+collapse every image's placeholder run to its own count, re-pad the rows to one length (on the
+left when any row's attention mask starts with 0, and always in `generate`; an attention mask is
+built when there was none and the rows now differ), and pass `mm_encoder_outputs` instead of the
+pixel values. `last_counts()` reports each row's realised count. An LLM reduction
 keeps the original positions (platform-notes §4). No state is module-level: every call's state
 lives in the handle, and decode steps find their prefill through the KV cache object.
 """
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import logging
 import types
 import weakref
+from typing import Sequence
 
 import torch
 
 from ficoco import methods as method_registry
 from ficoco.dims import ModelDims
-from ficoco.methods.base import LLMLayerStep, Method, VisionInputStep, VisionLayerStep
+from ficoco.methods.base import LLMLayerStep, Method, VisionInputStep, VisionLayerStep, VisionOutputStep
 from ficoco.models.clip import ClipPatch, VisionPass
 from ficoco.models.llama import LlamaPatch, LLMPass
 from ficoco.models.features import FEATURE_STEPS, FeaturePatch
@@ -80,7 +91,12 @@ class LlavaHandle:
         self.llm_step = llm_steps[0] if llm_steps else None
         self.image_token_id = model.config.image_token_id
         self.full_per_image = dims.visual_tokens
-        self.delivered_per_image = plan["delivered"]
+        self.delivered_per_image = plan["delivered"]              # None: adaptive, a count per image
+        self.adaptive = any(isinstance(step, VisionOutputStep) and step.tokens_out is None for step in steps)
+        if self.adaptive and self.llm_step is not None:
+            raise ValueError(f"{method.name}: an adaptive vision-output step (a count per image) cannot be combined "
+                             f"with an LLM reduction, which is planned for one count per prompt")
+        self.pad_token_id = _pad_token_id(model, self.image_token_id)
         self.llm_n0 = plan["llm"]["n0"] if plan.get("llm") else None
 
         self._call: _Call | None = None
@@ -107,7 +123,10 @@ class LlavaHandle:
             raise
         self._hooks = [inner.register_forward_pre_hook(self._before_forward, with_kwargs=True),
                        inner.register_forward_hook(self._after_forward, always_call=True)]
-        self._generate_patched = self.delivered_per_image != self.full_per_image
+        self._features_patched = self.adaptive
+        if self.adaptive:                                         # trim each image to its realised count
+            inner.get_image_features = _trimming_image_features(inner.get_image_features, self._features)
+        self._generate_patched = self.adaptive or self.delivered_per_image != self.full_per_image
         if self._generate_patched:
             model.generate = types.MethodType(_collapsing_generate(self, type(model).generate), model)
         setattr(model, _INSTALLED, self)
@@ -122,6 +141,8 @@ class LlavaHandle:
         self._features.remove()
         for hook in self._hooks:
             hook.remove()
+        if self._features_patched:
+            del self.model.model.get_image_features
         if self._generate_patched:
             del self.model.generate
         delattr(self.model, _INSTALLED)
@@ -189,7 +210,7 @@ class LlavaHandle:
                 self._call.llm = prefill_call.llm.decode_view()
                 kwargs = self._decode_inputs(kwargs, cache, self._call.llm)
             return (), kwargs
-        kwargs = self._collapse_inputs(kwargs)
+        kwargs = self._collapse_inputs(kwargs, module)
         self._call = call = _Call(prefill=True)
         if kwargs.get("pixel_values") is None and _image_features(kwargs) is not None \
                 and self._vision_outside_call is not None:
@@ -204,7 +225,12 @@ class LlavaHandle:
                              f"located from config.image_token_id={self.image_token_id}")
         valid = None if mask is None or mask.dim() != 2 else mask.bool()
         call.placeholders_per_row = is_image.sum(1).tolist()
-        call.images_per_row = [n // self.delivered_per_image for n in call.placeholders_per_row]
+        if self.adaptive:
+            features = _image_features(kwargs)
+            realised = [int(image.shape[0]) for image in features.pooler_output] if features is not None else []
+            call.images_per_row = _images_per_row(call.placeholders_per_row, realised)
+        else:
+            call.images_per_row = [n // self.delivered_per_image for n in call.placeholders_per_row]
         call.pads_per_row = [0] * batch if valid is None else (~valid).sum(1).tolist()
         call.llm = self._prefill_pass(is_image, valid, length)
         if cache is not None:
@@ -217,15 +243,30 @@ class LlavaHandle:
         self._call = None
 
     # -- input preparation ---------------------------------------------------------------------
-    def _collapse_inputs(self, kwargs: dict) -> dict:
-        """Collapse each image's placeholder run to the delivered count (vision reductions only)."""
+    def _collapse_inputs(self, kwargs: dict, inner, pad_side: str | None = None) -> dict:
+        """Collapse each image's placeholder run to the delivered count (vision reductions only).
+
+        Adaptive: images given as pixel values are encoded first (through the hooks) and passed on as
+        `mm_encoder_outputs`; every image's run is collapsed to its own realised count. Rows whose
+        lengths now differ are re-padded on `pad_side` (default: "left" when any row's attention mask
+        starts with 0, else "right").
+        """
         input_ids, n_images = kwargs.get("input_ids"), _n_images(kwargs)
         if self.delivered_per_image == self.full_per_image or input_ids is None or not n_images:
             return kwargs
-        collapsed = collapse_placeholders(input_ids, n_images, self.image_token_id,
-                                          self.full_per_image, self.delivered_per_image,
-                                          attention_mask=kwargs.get("attention_mask"),
-                                          position_ids=kwargs.get("position_ids"))
+        kept = self.delivered_per_image
+        if self.adaptive:
+            if kwargs.get("pixel_values") is not None:
+                encoded = _encode_images(inner, kwargs)
+                encoders = {**(kwargs.get("mm_encoder_outputs") or {}), "image": encoded}
+                kwargs = {**{k: v for k, v in kwargs.items() if k != "pixel_values"}, "mm_encoder_outputs": encoders}
+            kept = [int(image.shape[0]) for image in _image_features(kwargs).pooler_output]
+        mask = kwargs.get("attention_mask")
+        if pad_side is None:
+            pad_side = "left" if mask is not None and mask.dim() == 2 and bool((mask[:, 0] == 0).any()) else "right"
+        collapsed = collapse_placeholders(input_ids, n_images, self.image_token_id, self.full_per_image, kept,
+                                          attention_mask=mask, position_ids=kwargs.get("position_ids"),
+                                          pad_side=pad_side, pad_token_id=self.pad_token_id)
         return {**kwargs, **collapsed}
 
     def _prefill_pass(self, is_image: torch.Tensor, valid: torch.Tensor | None, length: int) -> LLMPass:
@@ -289,37 +330,113 @@ def _n_images(kwargs: dict) -> int:
     return 0 if features is None else len(features.pooler_output)
 
 
-def collapse_placeholders(input_ids: torch.Tensor, n_images: int, image_token_id: int, full: int, kept: int,
-                          attention_mask: torch.Tensor | None = None,
-                          position_ids: torch.Tensor | None = None) -> dict:
+def collapse_placeholders(input_ids: torch.Tensor, n_images: int, image_token_id: int, full: int,
+                          kept: int | Sequence[int], attention_mask: torch.Tensor | None = None,
+                          position_ids: torch.Tensor | None = None, *, pad_side: str = "left",
+                          pad_token_id: int = 0) -> dict:
     """Keep the first `kept` of every image's `full` placeholders (input_ids (B, L) -> (B, L')).
 
-    Returns the new input_ids and, when given, attention_mask and position_ids (renumbered so the
-    positions stay contiguous). Input that already holds `kept` placeholders per image is returned
-    unchanged; any other count raises ValueError.
+    `kept` is one count for every image, or one count per image (images in reading order: row by
+    row, left to right). Returns the new input_ids and, when given, attention_mask and position_ids
+    (renumbered so the positions stay contiguous). Rows left with different lengths are padded to
+    the longest on `pad_side` ("left" or "right") with `pad_token_id`, attention mask 0 (a mask is
+    built when none was given) and position 0. Input that already holds the kept counts is returned
+    unchanged ({}); any other count raises ValueError.
     """
+    if pad_side not in ("left", "right"):
+        raise ValueError(f"pad_side={pad_side!r}; valid choices are 'left' and 'right'")
+    per_image = [int(kept)] * n_images if isinstance(kept, int) else [int(count) for count in kept]
+    if len(per_image) != n_images or not all(0 <= count <= full for count in per_image):
+        raise ValueError(f"kept={per_image}: need one count in [0, {full}] for each of the {n_images} image(s)")
     is_image = input_ids == image_token_id                                        # (B, L)
     total = int(is_image.sum())
-    if total == n_images * kept:
+    if total == sum(per_image):
         return {}
-    if total != n_images * full:
+    reduced = f"{kept} per image" if isinstance(kept, int) else f"{sum(per_image)} in all ({per_image})"
+    per_row = is_image.sum(1)
+    if total != n_images * full or bool((per_row % full != 0).any()):
         raise ValueError(f"input_ids hold {total} image tokens (id {image_token_id}) for {n_images} image(s); "
-                         f"expected {full} per image (as the processor inserts) or {kept} (already reduced)")
-    rank_in_image = (is_image.cumsum(1) - 1) % full                                # placeholder index within its image
-    drop = is_image & (rank_in_image >= kept)                                      # (B, L)
-    per_row = drop.sum(1)
-    if not bool((per_row == per_row[0]).all()):
-        raise ValueError(f"every row of a batch must hold the same number of images; image tokens per row: "
-                         f"{is_image.sum(1).tolist()}")
-    batch = input_ids.shape[0]
-    keep = (~drop).nonzero()[:, 1].view(batch, -1)                                 # (B, L'), ascending
-    out = {"input_ids": input_ids.gather(1, keep)}
+                         f"expected {full} per image (as the processor inserts) or {reduced} (already reduced); "
+                         f"image tokens per row: {per_row.tolist()}")
+    batch, length = input_ids.shape
+    order = is_image.reshape(-1).cumsum(0).view(batch, length) - 1                 # placeholder index, reading order
+    limit = torch.tensor(per_image, device=input_ids.device)[(order // full).clamp(min=0, max=n_images - 1)]
+    drop = is_image & (order % full >= limit)                                      # (B, L)
+    keep = ~drop
+    lengths = keep.sum(1)                                                          # (B,)
+    new_length = int(lengths.max())
+    offset = new_length - lengths if pad_side == "left" else torch.zeros_like(lengths)
+    slot = keep.cumsum(1) - 1 + offset[:, None]                                    # (B, L) destination of a kept token
+    rows = torch.arange(batch, device=input_ids.device)[:, None].expand(batch, length)
+    where = (rows[keep], slot[keep])
+
+    def placed(values: torch.Tensor, fill) -> torch.Tensor:
+        out = torch.full((batch, new_length), fill, dtype=values.dtype, device=values.device)
+        out[where] = values[keep]
+        return out
+
+    out = {"input_ids": placed(input_ids, pad_token_id)}
+    uneven = bool((lengths != new_length).any())
     if attention_mask is not None and attention_mask.dim() == 2:
-        out["attention_mask"] = attention_mask.gather(1, keep)
+        out["attention_mask"] = placed(attention_mask, 0)
+    elif attention_mask is None and uneven:
+        out["attention_mask"] = placed(torch.ones_like(input_ids), 0)
     if position_ids is not None:
-        shift = drop.cumsum(1)
-        out["position_ids"] = (position_ids - shift).gather(1, keep)
+        if position_ids.dim() != 2:
+            raise ValueError(f"position_ids of shape {tuple(position_ids.shape)}: expected (batch, length)")
+        out["position_ids"] = placed((position_ids - drop.cumsum(1)).expand(batch, length), 0)
     return out
+
+
+def _images_per_row(placeholders_per_row: list[int], counts: list[int]) -> list[int]:
+    """How many images each row holds, given every image's placeholder count (images in reading order)."""
+    images, index = [], 0
+    for placeholders in placeholders_per_row:
+        taken, total = 0, 0
+        while total < placeholders and index < len(counts):
+            total, taken, index = total + counts[index], taken + 1, index + 1
+        if total != placeholders:
+            raise ValueError(f"image tokens per row {placeholders_per_row} do not split into the images' realised "
+                             f"counts {counts}")
+        images.append(taken)
+    if index != len(counts):
+        raise ValueError(f"{len(counts)} image(s) for image tokens per row {placeholders_per_row}")
+    return images
+
+
+def _pad_token_id(model, image_token_id: int) -> int:
+    """The id that re-pads collapsed rows: the text pad token, else the generation pad token, else 0."""
+    for candidate in (getattr(model.config.get_text_config(), "pad_token_id", None),
+                      getattr(getattr(model, "generation_config", None), "pad_token_id", None), 0):
+        if isinstance(candidate, int) and candidate != image_token_id:
+            return candidate
+    return 0 if image_token_id != 0 else 1
+
+
+def _encode_images(inner, kwargs: dict):
+    """`LlavaModel.get_image_features` (trimmed to the realised counts) of the call's pixel values."""
+    return inner.get_image_features(pixel_values=kwargs["pixel_values"],
+                                    vision_feature_layer=kwargs.get("vision_feature_layer"),
+                                    vision_feature_select_strategy=kwargs.get("vision_feature_select_strategy"),
+                                    image_sizes=kwargs.get("image_sizes"), return_dict=True)
+
+
+def _trimming_image_features(get_image_features, feature_patch: FeaturePatch):
+    """An instance `get_image_features` whose `pooler_output` holds each image's realised tokens only."""
+
+    @functools.wraps(get_image_features)
+    def trimming(*args, **kwargs):
+        return_dict = kwargs.pop("return_dict", None)
+        output = get_image_features(*args, **kwargs, return_dict=True)
+        realised = feature_patch.take_realised()
+        if realised is not None:
+            features = output.pooler_output
+            if len(features) != len(realised):
+                raise RuntimeError(f"{len(features)} image(s) of features for {len(realised)} realised counts")
+            output.pooler_output = [image[:count] for image, count in zip(features, realised)]
+        return output if return_dict is not False else output.to_tuple()
+
+    return trimming
 
 
 def _collapsing_generate(handle: LlavaHandle, generate):
@@ -330,12 +447,10 @@ def _collapsing_generate(handle: LlavaHandle, generate):
         pixel_values = kwargs.get("pixel_values")
         if input_ids is None or pixel_values is None or inputs_are_embeds(input_ids):
             return generate(model, input_ids, *args, **kwargs)
-        collapsed = collapse_placeholders(input_ids, pixel_values.shape[0], handle.image_token_id,
-                                          handle.full_per_image, handle.delivered_per_image,
-                                          attention_mask=kwargs.get("attention_mask"),
-                                          position_ids=kwargs.get("position_ids"))
-        short_ids = collapsed.pop("input_ids", input_ids)
-        output = generate(model, short_ids, *args, **{**kwargs, **collapsed})
+        with torch.no_grad():                                     # adaptive: the images are encoded here
+            collapsed = handle._collapse_inputs({**kwargs, "input_ids": input_ids}, model.model, pad_side="left")
+        short_ids = collapsed.pop("input_ids")
+        output = generate(model, short_ids, *args, **collapsed)
         return _restore_prompt(output, input_ids, short_ids.shape[1])
 
     return collapsing_generate

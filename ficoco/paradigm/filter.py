@@ -315,13 +315,32 @@ def evenly_spaced_positions(n: int, count: int, device: torch.device | str | Non
 
 
 def iqr_outlier_mask(scores: torch.Tensor) -> torch.Tensor:
-    """PruMerge's adaptive selection: scores above Q3 + 1.5·IQR (linear-interpolation quartiles).
+    """PruMerge's adaptive selection (§8.6): the scores above Q3 + 1.5·IQR of their own row.
 
-    scores: (B, N) -> (B, N) bool. The count differs per sample, hence a mask, not positions.
+    Quartiles are `torch.quantile`'s "linear" interpolation (numpy's default percentile), computed in
+    float64; a score must be strictly above the fence. At least one position is always kept: a row
+    with no score above its fence (e.g. all equal) keeps its top-1 (ties to the lower position), so
+    an image never delivers only PruMerge's extra token.
+
+    scores: (B, N) -> (B, N) bool. The count differs per row, hence a mask, not positions.
     """
-    quartiles = torch.quantile(scores.float(), torch.tensor([0.25, 0.75], device=scores.device), dim=-1)  # (2, B)
-    upper_fence = quartiles[1] + 1.5 * (quartiles[1] - quartiles[0])  # (B,)
-    return scores.float() > upper_fence.unsqueeze(-1)
+    values = scores.double()
+    probabilities = torch.tensor([0.25, 0.75], dtype=values.dtype, device=values.device)
+    q1, q3 = torch.quantile(values, probabilities, dim=-1, interpolation="linear")  # (B,) each
+    mask = values > (q3 + 1.5 * (q3 - q1)).unsqueeze(-1)
+    empty = ~mask.any(dim=-1)                                                          # (B,)
+    if bool(empty.any()):
+        top = torch.zeros_like(mask).scatter_(1, argmax_lowest(values)[:, None], True)
+        mask = mask | (top & empty[:, None])
+    return mask
+
+
+def raster_positions(n: int, stride: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Every `stride`-th position of a raster-ordered run of n tokens: 0, s, 2s, … < n (PruMerge+'s
+    adaptive raster sample, §8.6). Returns (⌈n/s⌉,) int64."""
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+        raise ValueError(f"stride must be an integer >= 1; got {stride!r}")
+    return torch.arange(0, n, stride, device=device)
 
 
 def rater_mask(visual_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:

@@ -22,13 +22,15 @@ from ficoco.report import files
 
 JOB_KEYS = ("model", "method", "phase", "budget", "benchmark")
 FULL = "full"
+ADAPTIVE = "adaptive"        # an adaptive method's one run: no budget, realised counts per sample
 
 RESULTS_COLUMNS = {
     "model": "string",
     "method": "string",
     "phase": "string",
-    "budget": "string",                  # "full" or the integer budget, as text
-    "budget_tokens": "Int64",            # the integer budget; NA for "full"
+    "budget": "string",                  # "full", "adaptive" or the integer budget, as text
+    "budget_tokens": "Int64",            # the integer budget; NA for "full" and "adaptive" (an adaptive run's
+                                         # realised tokens are visual_tokens_layer_avg)
     "benchmark": "string",
     "metric": "string",                  # key in metrics.json "metrics"; nested keys joined with "/"
     "headline": "boolean",               # metric is the job's headline (normally "score")
@@ -110,19 +112,27 @@ def scaled(value, factor: float) -> float:
     return number(value) / factor
 
 
+BUDGET_CHOICES = "valid: 'full' or a positive integer (or 'adaptive', an adaptive method's one run)"
+
+
 def normalise_budget(value, where: str) -> str:
-    """'full' or the decimal text of a positive integer; anything else is an error naming `where`."""
+    """'full', 'adaptive' or the decimal text of a positive integer; anything else is an error naming `where`."""
     if isinstance(value, bool):
-        raise ValueError(f"{where}: budget {value!r} is not valid; valid: 'full' or a positive integer")
+        raise ValueError(f"{where}: budget {value!r} is not valid; {BUDGET_CHOICES}")
     if isinstance(value, int) and value > 0:
         return str(value)
-    if isinstance(value, str) and (value == FULL or (value.isdigit() and int(value) > 0)):
-        return value if value == FULL else str(int(value))
-    raise ValueError(f"{where}: budget {value!r} is not valid; valid: 'full' or a positive integer")
+    if isinstance(value, str) and (value in (FULL, ADAPTIVE) or (value.isdigit() and int(value) > 0)):
+        return value if value in (FULL, ADAPTIVE) else str(int(value))
+    raise ValueError(f"{where}: budget {value!r} is not valid; {BUDGET_CHOICES}")
+
+
+def is_numeric_budget(budget: str) -> bool:
+    return budget not in (FULL, ADAPTIVE)
 
 
 def budget_tokens(budget: str):
-    return pd.NA if budget == FULL else int(budget)
+    """The integer budget; NA for "full" and "adaptive", which have none."""
+    return int(budget) if is_numeric_budget(budget) else pd.NA
 
 
 def flatten_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:

@@ -193,5 +193,6 @@ def overview_section(results: pd.DataFrame, measure: pd.DataFrame) -> str:
     return (f"<ul><li>models: {names('model')}</li><li>methods: {names('method')}</li>"
             f"<li>budgets: {', '.join(ordered_budgets(headline['budget'].unique())) or '–'}</li>"
             f"<li>benchmarks: {names('benchmark')}</li><li>jobs: {len(headline)}; measure files: {len(measure)}</li>"
-            "</ul><p>Budgets are average visual tokens per LLM decoder layer; \"full\" is unreduced. "
+            "</ul><p>Budgets are average visual tokens per LLM decoder layer; \"full\" is unreduced; "
+            "\"adaptive\" is an adaptive method's one run (a count per image; see its realised visual tokens). "
             "Costs are computed from the token counts each run executed, never from a label.</p>")

@@ -40,7 +40,8 @@ FIGURE_TITLES = {
                            "(vision + projector + LLM prefill + decode), one line per method over its budgets."),
     "avg_percent_vs_budget": ("Avg% of vanilla against budget",
                               "Average headline score as a percentage of the same model's vanilla run over the "
-                              "same benchmarks, against the budget (average visual tokens per LLM layer)."),
+                              "same benchmarks, against the budget (average visual tokens per LLM layer); an "
+                              "adaptive method (no budget) sits at its realised mean visual tokens per layer."),
     "speedup_vs_flops_reduction": ("Measured speedup against FLOPs reduction",
                                    "Measured speedup over vanilla (median latency) against the FLOPs reduction over "
                                    "vanilla, for the prefill and end to end. The dashed line is speedup = reduction."),

@@ -20,7 +20,7 @@ import math
 
 import pandas as pd
 
-from ficoco.report.aggregate import FULL
+from ficoco.report.aggregate import ADAPTIVE, FULL, is_numeric_budget
 from ficoco.report.paper import PAPER_BENCHMARKS, name_key, printed_tflops, with_paper_values
 
 VANILLA = "vanilla"
@@ -61,8 +61,8 @@ def ordered_methods(methods) -> list[str]:
 
 
 def ordered_budgets(budgets) -> list[str]:
-    """Largest integer budget first, "full" last."""
-    return sorted(set(budgets), key=lambda b: (b == FULL, -int(b) if b != FULL else 0))
+    """Largest integer budget first, then "adaptive", "full" last."""
+    return sorted(set(budgets), key=lambda b: (b == FULL, b == ADAPTIVE, -int(b) if is_numeric_budget(b) else 0))
 
 
 def table_budgets(model_rows: pd.DataFrame) -> list[str]:
@@ -167,7 +167,18 @@ def best_marks(table: pd.DataFrame) -> pd.Series:
 
 
 def avg_percent_by_budget(tables: pd.DataFrame) -> pd.DataFrame:
-    """Avg% of every reduced row: model, method, budget, budget_tokens, avg_pct (for the Avg% plot)."""
-    rows = tables[(tables["column"] == AVG_PCT) & ~tables["reference"].astype(bool) & (tables["budget"] != FULL)]
-    frame = rows[["model", "method", "budget", "ours"]].rename(columns={"ours": "avg_pct"})
-    return frame.assign(budget_tokens=frame["budget"].astype(int)).reset_index(drop=True)
+    """Avg% of every reduced row: model, method, budget, budget_tokens, avg_pct (for the Avg% plot).
+
+    `budget_tokens` is the x of the plot (float): the integer budget, or for an "adaptive" run (no
+    budget) its realised mean visual tokens per LLM layer, the row's "visual tokens" cost cell.
+    """
+    reduced = ~tables["reference"].astype(bool) & (tables["budget"] != FULL)
+    keys = ["model", "table_budget", "method", "budget"]
+    rows = tables[(tables["column"] == AVG_PCT) & reduced]
+    realised = tables[(tables["column"] == "visual tokens") & reduced][keys + ["ours"]]
+    frame = rows[keys + ["ours"]].rename(columns={"ours": "avg_pct"}).merge(
+        realised.rename(columns={"ours": "realised_tokens"}), on=keys, how="left")
+    numeric = frame["budget"].map(is_numeric_budget).astype(bool)
+    x = frame["realised_tokens"].astype(float).where(~numeric, pd.to_numeric(frame["budget"].where(numeric)))
+    frame = frame.assign(budget_tokens=x.astype(float))[["model", "method", "budget", "budget_tokens", "avg_pct"]]
+    return frame.reset_index(drop=True)

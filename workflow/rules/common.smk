@@ -65,6 +65,6 @@ def overrides_json(wildcards):
 
 
 wildcard_constraints:
-    budget=r"full|\d+",
+    budget=r"full|adaptive|\d+",
     shard=r"\d+",
     shards=r"\d+",
