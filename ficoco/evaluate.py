@@ -22,6 +22,7 @@ from pathlib import Path
 from ficoco.journal import Journal, atomic_write_json, read_jsonl, write_jsonl_atomic
 
 FULL = "full"
+ADAPTIVE = "adaptive"      # an adaptive method's one run: its realised per-sample counts are the record
 
 
 def _offline() -> None:
@@ -178,6 +179,9 @@ def evaluate_shard(*, model_dir, benchmark_dir, benchmark: str, method: str, bud
     from ficoco import benchmarks as benchmark_registry
     from ficoco.benchmarks.fetch import load_local, shard_rows
     from ficoco.dims import ModelDims
+    from ficoco.methods import budget_from_label
+
+    budget_from_label(method, budget)       # a label that does not fit the method fails before any work
 
     out = Path(out)
     journal = Journal(out.parent / "journal.jsonl")
@@ -194,7 +198,7 @@ def evaluate_shard(*, model_dir, benchmark_dir, benchmark: str, method: str, bud
     if todo:
         torch.manual_seed(0)
         model, processor = load_model(model_dir, pick_device(device), dtype)
-        handle = ficoco.apply(model, method, None if budget == FULL else int(budget), **(overrides or {}))
+        handle = ficoco.apply(model, method, budget_from_label(method, budget), **(overrides or {}))
         generator = Generator(model, processor, handle, bench, options or {}, template, image_preprocessing,
                               ModelDims.from_config(model.config), judge=judge)
         bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc=f"{benchmark}/{method}/b{budget}",
@@ -276,15 +280,14 @@ def score(prediction_files: list[str | Path], benchmark: str, out: str | Path, j
     if len(ids) != len(set(ids)):
         raise ValueError(f"{benchmark}: shards overlap: {len(ids) - len(set(ids))} duplicated sample ids")
     summary = summarise(benchmark_registry.get(benchmark), records)
-    import torch
-    import transformers
+    from importlib.metadata import version      # not `import torch`: a score job stays light
 
     if benchmark_manifest is not None:
         manifest = json.loads(Path(benchmark_manifest).read_text())
         summary["benchmark_data"] = {key: manifest.get(key) for key in
                                      ("id", "config", "split", "resolved_revision", "rows", "checksum", "subset")}
     summary.update(job=job, overrides=overrides or {}, versions={
-        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "python": platform.python_version(), "torch": version("torch"), "transformers": version("transformers"),
     })
     atomic_write_json(out, summary)
     return summary
@@ -300,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--benchmark-dir", required=True)
     parser.add_argument("--method", required=True)
     parser.add_argument("--phase", default="")
-    parser.add_argument("--budget", required=True, help="'full' or average visual tokens per LLM layer")
+    parser.add_argument("--budget", required=True, help="'full', 'adaptive' (an adaptive method's one run) or "
+                                                        "average visual tokens per LLM layer")
     parser.add_argument("--shard", type=int, default=0)
     parser.add_argument("--shards", type=int, default=1)
     parser.add_argument("--out", required=True, help="predictions.jsonl of this shard")
@@ -315,8 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-preprocessing", default="none", choices=["none", "pad"])
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    if args.budget != FULL and not args.budget.isdigit():
-        parser.error(f"--budget {args.budget!r}: valid values are 'full' or a positive integer")
+    if args.budget not in (FULL, ADAPTIVE) and not args.budget.isdigit():
+        parser.error(f"--budget {args.budget!r}: valid values are 'full', 'adaptive' or a positive integer")
     job = {"model": args.model, "method": args.method, "phase": args.phase, "budget": args.budget,
            "benchmark": args.benchmark, "shard": args.shard, "shards": args.shards}
     evaluate_shard(model_dir=args.model_dir, benchmark_dir=args.benchmark_dir, benchmark=args.benchmark,

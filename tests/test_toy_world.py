@@ -22,7 +22,7 @@ from ficoco.toy import train as toy_train
 # from blob areas worked out by hand from the drawing rules in docs/toy.md:
 # square 6x6 = 36, circle 6x6 minus 4 corners = 32, triangle rows 2+2+4+4+6+6 = 24, plus sign 12+12-4 = 20.
 SHAPE_BY_AREA = {36: "square", 32: "circle", 24: "triangle", 20: "cross"}
-NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four"}
+NUMBERS = {1: "one", 2: "two", 3: "three"}
 
 
 def blobs_from_pixels(image) -> list[dict]:
@@ -243,6 +243,41 @@ def test_training_pixels_and_tokens_match_the_processor():
     answer = processor.tokenizer(row.answer, add_special_tokens=False)["input_ids"]
     assert batch["labels"][0, n_prompt:].tolist() == answer + [processor.tokenizer.eos_token_id]
     assert (batch["labels"][0, :n_prompt] == -100).all()
+
+
+def test_attention_targets_point_at_the_asked_word_and_the_target_patches():
+    """The training-only attention losses' targets, checked from the decoded tokens and the pixels."""
+    processor = toy_model.build_processor()
+    tokenizer = processor.tokenizer
+    rows = [shapes.sample(0, "train", i) for i in range(8)]                   # every kind twice
+    batch = toy_train.training_batch(rows, processor, turns=3, rng=np.random.default_rng(0))
+    tokens = [tokenizer.convert_ids_to_tokens(ids) for ids in batch["input_ids"].tolist()]
+    asked = batch["asked"]
+    assert len(asked) == 3 * len(rows)                                        # one per question
+    for b, query, (word,) in asked:
+        assert tokens[b][query - 1:query + 1] == ["assistant", ":"]
+        assert tokens[b][word + 1] == "?" and "?" not in tokens[b][word + 2:query + 1]
+        assert batch["labels"][b, query] == -100 and batch["labels"][b, query + 1] != -100   # next token: the answer
+    first_turn = {b: min(q for row, q, _ in asked if row == b) for b in range(len(rows))}
+    grounded = [(b, keys) for b, query, keys in batch["grounding"] if query == first_turn[b]]
+    assert sorted(b for b, _ in grounded) == [b for b, row in enumerate(rows) if row.kind != "count"]
+    for b, keys in grounded:
+        row = rows[b]
+        image_start = tokens[b].index("<image>")
+        # the patch under each key must hold the blob of the object the answer is about (by pixels)
+        pixels = np.asarray(row.image()).astype(int)
+        for key in keys:
+            patch = key - image_start
+            cell = pixels[(patch // shapes.GRID) * shapes.CELL:(patch // shapes.GRID + 1) * shapes.CELL,
+                          (patch % shapes.GRID) * shapes.CELL:(patch % shapes.GRID + 1) * shapes.CELL]
+            colours = {tuple(c) for c in cell.reshape(-1, 3)} - {shapes.BACKGROUND_LEFT, shapes.BACKGROUND_RIGHT}
+            assert len(colours) == 1
+            if row.kind == "color":
+                assert shapes.COLORS[row.answer] in colours
+            elif row.kind == "shape":
+                assert shapes.COLORS[row.question.split()[-2]] in colours
+            else:                                                             # side of the patch = the answer
+                assert ("left" if patch % shapes.GRID < shapes.GRID // 2 else "right") == row.answer
 
 
 # ---------------------------------------------------------------------------------- training

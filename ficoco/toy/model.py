@@ -37,8 +37,8 @@ TEMPLATE_WORDS = ["user", ":", "assistant"]                         # template, 
 
 # name -> architecture; "default" is the toy world's model, "small" a fast variant for tests
 SIZES: dict[str, dict] = {
-    "default": dict(vision_hidden=64, vision_mlp=256, vision_layers=6, vision_heads=4,
-                    llm_hidden=128, llm_mlp=384, llm_layers=8, llm_heads=4),
+    "default": dict(vision_hidden=32, vision_mlp=64, vision_layers=6, vision_heads=2,
+                    llm_hidden=64, llm_mlp=128, llm_layers=6, llm_heads=4),
     "small": dict(vision_hidden=32, vision_mlp=64, vision_layers=4, vision_heads=2,
                   llm_hidden=64, llm_mlp=128, llm_layers=4, llm_heads=2),
 }

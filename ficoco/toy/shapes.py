@@ -1,10 +1,11 @@
-"""The toy world's images and questions: small coloured shapes on a plain grid.
+"""The toy world's images and questions: small coloured shapes on a two-tone floor.
 
 An image is IMAGE_SIZE x IMAGE_SIZE pixels, divided into GRID x GRID cells of CELL pixels. The
 cell size equals the toy model's patch size, so every object covers exactly one vision patch:
 dropping that one visual token removes the object from the model's view. Objects never touch
 (no two objects in neighbouring cells, diagonals included), so every object is one connected blob
-of colour on the background.
+of colour. The floor is dark on the left half and lighter on the right half, so an object's side
+is visible inside its own patch. A scene has 1-6 objects (asked-about object(s) + 0-3 distractors).
 
 Each sample is one image with one question whose answer is one vocabulary word:
 
@@ -12,7 +13,7 @@ Each sample is one image with one question whose answer is one vocabulary word:
 |----------|--------------------------------------------|--------------------------|
 | color    | what color is the {shape} ?                | red, green, ... (6)      |
 | shape    | which shape is {color} ?                   | square, circle, ... (4)  |
-| count    | how many objects are {color} ?             | one, two, three, four    |
+| count    | how many objects are {color} ?             | one, two, three          |
 | position | on which side is the {shape} ?             | left, right              |
 
 The scene is drawn *for* its question (the asked-about object is unique, the count is exact), and
@@ -66,11 +67,10 @@ def _shape_masks() -> dict[str, np.ndarray]:
 
 SHAPE_NAMES = ("square", "circle", "triangle", "cross")
 COLOR_NAMES = tuple(COLORS)
-NUMBER_WORDS = ("one", "two", "three", "four")
+NUMBER_WORDS = ("one", "two", "three")
 SIDES = ("left", "right")
 KINDS = ("color", "shape", "count", "position")
 SPLITS = {"train": 1, "test": 2, "val": 3}    # split name -> code mixed into the random stream
-MAX_OBJECTS = 7
 
 # The asked-about word is always the last one before "?", so it sits at the same distance from
 # the answer position in every kind (a tiny model learns a fixed offset far faster than many).

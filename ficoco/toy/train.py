@@ -6,10 +6,12 @@ Training (`train`):
   the evaluate job's prompt (processor + PROMPT_TEMPLATE), later turns "USER: {q} ASSISTANT:";
 - loss: next-token cross-entropy on the answer words and their `</s>` (everything else masked),
   plus two training-only grounding aids that make a from-scratch tiny model learn in minutes:
-  * probe loss: a linear probe (discarded afterwards) reads every image position's colour and
-    shape (or "none") from the LLM's last hidden state;
-  * attention loss: at every answer position, head 0 of LLM layer `grounding_layer` is trained to
-    put its attention on the image positions of the object(s) the question is about.
+  * probe loss: a linear probe (discarded afterwards) reads every image position's colour,
+    shape and side (or "none") from the LLM's last hidden state;
+  * attention losses: at every answer position, head 0 of LLM layer `copy_layer` is trained to
+    attend to the asked-about word (the last before "?"), and head 0 of LLM layer
+    `grounding_layer` to put its attention on the image positions of the object(s) the question
+    is about: the two hops of "find the object named in the question, read it".
   Without them the answer signal of one object patch is diluted over 144 image tokens and the
   loss sits at the answer prior for thousands of steps (see docs/toy.md);
 - AdamW, linear warm-up, cosine decay, gradient clipping 1.0; a curriculum grows the distractors
@@ -33,13 +35,14 @@ from ficoco.toy import model as toy_model
 from ficoco.toy import shapes
 
 TURN_TEMPLATE = "USER: {prompt} ASSISTANT:"      # a later turn of a training conversation
-GROUNDED_KINDS = ("color", "shape", "position")  # questions about one object: attention is supervised
+GROUNDED_KINDS = ("color", "shape", "position")  # one target object: its attention is supervised
+# (not count: pulling all attention onto the counted objects would erase how many there are)
 
 
 @dataclass(frozen=True)
 class TrainSettings:
     seed: int = 0
-    steps: int = 1500
+    steps: int = 1000
     batch_size: int = 16
     lr: float = 2e-3
     weight_decay: float = 0.01
@@ -48,8 +51,9 @@ class TrainSettings:
     turns: int = 4                  # questions per image in one training conversation
     curriculum: float = 0.3         # fraction of steps over which distractors grow from 0 to 3
     probe_weight: float = 1.0       # per-patch colour/shape probe loss (0 = off)
-    attention_weight: float = 1.0   # answer-position attention loss (0 = off)
-    grounding_layer: int | None = None   # LLM layer whose head 0 is supervised; None = layers // 2
+    attention_weight: float = 1.0   # answer-position attention losses (0 = off)
+    copy_layer: int = 1             # LLM layer whose head 0 is taught to read the asked-about word
+    grounding_layer: int | None = None   # LLM layer whose head 0 is taught to find the target; None = layers // 2
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,12 +80,14 @@ def training_batch(rows: list[shapes.ToySample], processor, turns: int = 1,
     """Right-padded batch for one training step.
 
     Returns input_ids / labels / attention_mask (B, T) and pixel_values (B, 3, H, W) for the model,
-    and "grounding": a list of (batch row, answer-predicting position, [image positions of the
-    target objects]) for the questions about a single object.
+    "grounding": a list of (batch row, answer-predicting position, [image positions of the target
+    objects]), and "asked": a list of (batch row, answer-predicting position, [position of the
+    asked-about word, the last one before "?"]), one entry per question.
     """
     tokenizer = processor.tokenizer
     n_patches = shapes.GRID * shapes.GRID
-    sequences, label_rows, grounding = [], [], []
+    question_mark = tokenizer.convert_tokens_to_ids("?")
+    sequences, label_rows, grounding, asked = [], [], [], []
     for b, row in enumerate(rows):
         conversation = [(row.kind, row.question, row.answer, row.target)]
         if turns > 1:
@@ -96,9 +102,11 @@ def training_batch(rows: list[shapes.ToySample], processor, turns: int = 1,
             if turn > 0:
                 turn_ids = tokenizer(TURN_TEMPLATE.format(prompt=question), add_special_tokens=False)["input_ids"]
                 ids, labels = ids + turn_ids, labels + [-100] * len(turn_ids)
+            answer_position = len(ids) - 1
+            asked.append((b, answer_position, [answer_position - ids[::-1].index(question_mark) - 1]))
             if kind in GROUNDED_KINDS:
                 patches = [image_start + row.objects[i].patch_index for i in target]
-                grounding.append((b, len(ids) - 1, patches))
+                grounding.append((b, answer_position, patches))
             answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
             ids, labels = ids + answer_ids, labels + answer_ids
         assert ids[image_start:image_start + n_patches] == [toy_model.image_token_id()] * n_patches
@@ -113,7 +121,8 @@ def training_batch(rows: list[shapes.ToySample], processor, turns: int = 1,
         labels[i, :len(lab)] = torch.tensor(lab)
         attention_mask[i, :len(ids)] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-            "pixel_values": pixel_values([row.image() for row in rows], processor), "grounding": grounding}
+            "pixel_values": pixel_values([row.image() for row in rows], processor), "grounding": grounding,
+            "asked": asked}
 
 
 def learning_rate(step: int, settings: TrainSettings) -> float:
@@ -131,17 +140,19 @@ def distractor_cap(step: int, settings: TrainSettings) -> int:
     return min(3, int(4 * step / ramp))
 
 
-PROBE_CLASSES = (len(shapes.COLOR_NAMES) + 1, len(shapes.SHAPE_NAMES) + 1)   # colour / shape, 0 = none
+# colour / shape / side of the object in a patch, class 0 = no object there
+PROBE_CLASSES = (len(shapes.COLOR_NAMES) + 1, len(shapes.SHAPE_NAMES) + 1, len(shapes.SIDES) + 1)
 
 
 def probe_targets(rows: list[shapes.ToySample]) -> torch.Tensor:
-    """(B, N, 2) per-patch class ids: colour (0 = none), shape (0 = none)."""
+    """(B, N, 3) per-patch class ids: colour, shape, side (0 = no object in the patch)."""
     n_patches = shapes.GRID * shapes.GRID
-    targets = torch.zeros(len(rows), n_patches, 2, dtype=torch.long)
+    targets = torch.zeros(len(rows), n_patches, len(PROBE_CLASSES), dtype=torch.long)
     for i, row in enumerate(rows):
         for obj in row.objects:
             targets[i, obj.patch_index, 0] = 1 + shapes.COLOR_NAMES.index(obj.color)
             targets[i, obj.patch_index, 1] = 1 + shapes.SHAPE_NAMES.index(obj.shape)
+            targets[i, obj.patch_index, 2] = 1 + int(obj.col >= shapes.GRID // 2)
     return targets
 
 
@@ -150,7 +161,7 @@ def probe_loss(probe, hidden, input_ids, rows, image_token_id: int) -> torch.Ten
     n_patches = shapes.GRID * shapes.GRID
     image = input_ids == image_token_id                                        # (B, T)
     logits = probe(hidden[image].view(len(rows), n_patches, -1))               # (B, N, sum(PROBE_CLASSES))
-    targets = probe_targets(rows)                                              # (B, N, 2)
+    targets = probe_targets(rows)                                              # (B, N, 3)
     loss, start = 0.0, 0
     for j, n_classes in enumerate(PROBE_CLASSES):
         part = logits[..., start:start + n_classes].reshape(-1, n_classes)
@@ -203,19 +214,26 @@ def train(model, processor, settings: TrainSettings, progress: bool = True) -> d
 
     layers = model.model.language_model.layers
     grounding_layer = len(layers) // 2 if settings.grounding_layer is None else settings.grounding_layer
-    if not 0 <= grounding_layer < len(layers):
-        raise ValueError(f"grounding_layer={grounding_layer}: valid layers are 0..{len(layers) - 1}")
-    captured: dict = {}
+    for name, index in (("grounding_layer", grounding_layer), ("copy_layer", settings.copy_layer)):
+        if not 0 <= index < len(layers):
+            raise ValueError(f"{name}={index}: valid layers are 0..{len(layers) - 1}")
+    # supervised layer -> (batch key of its (row, query, keys) list, what its pre-hook captured)
+    supervised = {settings.copy_layer: ("asked", {}), grounding_layer: ("grounding", {})} \
+        if settings.attention_weight > 0 else {}
+    if len(supervised) == 1:
+        raise ValueError(f"copy_layer and grounding_layer must differ; both are {grounding_layer}")
 
-    def capture(module, args, kwargs):
-        captured["hidden"] = args[0] if args else kwargs["hidden_states"]
-        captured["position_embeddings"] = kwargs["position_embeddings"]
+    def capture(store: dict):
+        def hook(module, args, kwargs):
+            store["hidden"] = args[0] if args else kwargs["hidden_states"]
+            store["position_embeddings"] = kwargs["position_embeddings"]
+        return hook
 
-    hook = layers[grounding_layer].register_forward_pre_hook(capture, with_kwargs=True) \
-        if settings.attention_weight > 0 else None
+    hooks = [layers[index].register_forward_pre_hook(capture(store), with_kwargs=True)
+             for index, (_, store) in supervised.items()]
 
     losses: list[float] = []
-    answer_losses: list[float] = []
+    parts: dict[str, list[float]] = {"answer": [], "probe": [], "asked": [], "grounding": []}   # per step
     start = time.perf_counter()
     bar = tqdm(range(settings.steps), desc="train toy llava", disable=not progress, mininterval=2.0)
     try:
@@ -225,31 +243,36 @@ def train(model, processor, settings: TrainSettings, progress: bool = True) -> d
             rows = [shapes.sample(settings.seed, "train", first + i, max_others=max_others)
                     for i in range(settings.batch_size)]
             batch = training_batch(rows, processor, settings.turns, np.random.default_rng([settings.seed, step]))
-            grounding = batch.pop("grounding")
+            targets = {key: batch.pop(key) for key in ("grounding", "asked")}
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, settings)
             output = model(**batch, output_hidden_states=probe is not None)
-            loss = output.loss
-            answer_losses.append(float(output.loss.detach()))
-            if probe is not None:
-                loss = loss + settings.probe_weight * probe_loss(
-                    probe, output.hidden_states[-1], batch["input_ids"], rows, model.config.image_token_id)
-            if hook is not None and grounding:
-                loss = loss + settings.attention_weight * attention_loss(layers[grounding_layer], captured, grounding)
-            captured.clear()
+            terms = {"answer": output.loss}
+            if probe is not None:     # read where the grounding layer reads: its input
+                terms["probe"] = settings.probe_weight * probe_loss(
+                    probe, output.hidden_states[grounding_layer], batch["input_ids"], rows,
+                    model.config.image_token_id)
+            for index, (key, store) in supervised.items():
+                if targets[key]:
+                    terms[key] = settings.attention_weight * attention_loss(layers[index], store, targets[key])
+                store.clear()
+            loss = sum(terms.values())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             losses.append(float(loss.detach()))
+            for key in parts:
+                parts[key].append(float(terms[key].detach()) if key in terms else float("nan"))
             if step % 10 == 0:
-                bar.set_postfix(answer_loss=f"{np.mean(answer_losses[-10:]):.3f}", loss=f"{np.mean(losses[-10:]):.3f}")
+                bar.set_postfix({key: f"{np.mean(values[-10:]):.3f}" for key, values in parts.items()})
     finally:
-        if hook is not None:
+        for hook in hooks:
             hook.remove()
     model.eval()
-    return {"losses": losses, "answer_losses": answer_losses, "seconds": time.perf_counter() - start,
-            "settings": settings.to_dict(), "grounding_layer": grounding_layer}
+    return {"losses": losses, "answer_losses": parts["answer"], "loss_parts": parts,
+            "seconds": time.perf_counter() - start, "settings": settings.to_dict(),
+            "grounding_layer": grounding_layer}
 
 
 @torch.no_grad()

@@ -20,8 +20,11 @@ rule evaluate:
         batch_size=config["batch_size"],
         limit=f"--limit {config['limit']}" if config["limit"] else "",
         device=config["device"],
+    # torch uses OMP_NUM_THREADS threads: two jobs of 2 threads each on 2 cores spin-wait on each
+    # other and run tens of times slower than one thread each
+    threads: 1
     shell:
-        "{PY} -m ficoco.cli run --model {wildcards.model} --model-dir resources/models/{wildcards.model}"
+        "OMP_NUM_THREADS={threads} {PY} -m ficoco.cli run --model {wildcards.model} --model-dir resources/models/{wildcards.model}"
         " --benchmark {wildcards.benchmark} --benchmark-module {params.module} --benchmark-dir resources/benchmarks/{wildcards.benchmark}"
         " --method {wildcards.method} --phase {params.phase} --budget {wildcards.budget}"
         " --shard {wildcards.shard} --shards {wildcards.shards} --out {output}"

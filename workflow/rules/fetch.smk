@@ -27,7 +27,7 @@ rule build_toy_model:
         "logs/build_toy_model/{model}.log",
     threads: 2
     shell:
-        "{PY} -m ficoco.cli toy build-model --out resources/models/{wildcards.model} --seed {params.seed}"
+        "OMP_NUM_THREADS={threads} {PY} -m ficoco.cli toy build-model --out resources/models/{wildcards.model} --seed {params.seed}"
         " {params.train} --size {params.size} > {log} 2>&1"
 
 

@@ -15,7 +15,8 @@ rule measure:
         device=config["device"],
     log:
         "logs/measure/{model}/{method}/b{budget}.log",
+    threads: 1      # see rule evaluate
     shell:
-        "{PY} -m ficoco.cli measure --model-config resources/models/{wildcards.model}/config.json"
+        "OMP_NUM_THREADS={threads} {PY} -m ficoco.cli measure --model-config resources/models/{wildcards.model}/config.json"
         " --method {wildcards.method} --budget {wildcards.budget} --overrides {params.overrides:q}"
         " --device {params.device} --dtype {params.dtype} {params.settings} --out {output} > {log} 2>&1"
