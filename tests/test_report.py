@@ -493,3 +493,20 @@ def test_an_adaptive_run_is_tabulated_and_plotted_at_its_realised_visual_tokens(
     out = tmp_path / "report.html"
     assert cli.main(["report", "--summary", str(root / "summary"), "--out", str(out)]) == 0
     assert "budget adaptive" in out.read_text()
+
+
+@pytest.mark.parametrize("largest, unit, shown", [(8.45, "TFLOPs", 8.45), (0.05, "GFLOPs", 50.0),
+                                                  (6e-5, "MFLOPs", 60.0), (2e-11, "kFLOPs", 0.02)])
+def test_flops_axis_unit_follows_the_magnitude(largest, unit, shown):
+    factor, name = plots.flops_unit(largest)
+    assert name == unit and math.isclose(largest * factor, shown)
+
+
+def test_accuracy_figure_of_a_toy_sized_model_is_labelled_in_mflops():
+    headline = pd.DataFrame({"model": ["toy"] * 2, "method": ["vanilla", "fastv"], "benchmark": ["toy-shapes"] * 2,
+                             "value": [94.0, 60.0], "tflops_exact": [1.2e-4, 6e-5]})
+    figure = plots.accuracy_vs_tflops(headline, plots.method_palette(["vanilla", "fastv"]))
+    axis = figure.axes[0]
+    assert axis.get_xlabel() == "exact MFLOPs per sample"
+    xs = sorted(x for line in axis.get_lines() for x in line.get_xdata())
+    assert math.isclose(xs[0], 60.0) and math.isclose(xs[-1], 120.0)

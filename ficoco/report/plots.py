@@ -37,7 +37,8 @@ class Figure:
 FIGURE_TITLES = {
     "accuracy_vs_tflops": ("Accuracy against exact TFLOPs",
                            "Headline score of each benchmark against the exact mean TFLOPs per sample "
-                           "(vision + projector + LLM prefill + decode), one line per method over its budgets."),
+                           "(vision + projector + LLM prefill + decode), one line per method over its budgets. The axis "
+                           "unit follows the magnitude (TFLOPs for LLaVA-1.5, MFLOPs for the toy model)."),
     "avg_percent_vs_budget": ("Avg% of vanilla against budget",
                               "Average headline score as a percentage of the same model's vanilla run over the "
                               "same benchmarks, against the budget (average visual tokens per LLM layer); an "
@@ -116,14 +117,26 @@ def accuracy_vs_tflops(headline: pd.DataFrame, palette: dict):
     benchmarks = ordered_benchmarks(data["benchmark"].unique())
     data = data.assign(panel=panel_names(data, "benchmark"))
     order = panel_order(data, "benchmark", benchmarks)
+    scale, unit = flops_unit(float(data["tflops_exact"].max()))
+    data = data.assign(flops=data["tflops_exact"] * scale)
+    single = len(order) == 1                                  # one panel: give it the room of a page
     with style():
-        grid = sns.relplot(data=data, x="tflops_exact", y="value", kind="line", marker="o",
+        grid = sns.relplot(data=data, x="flops", y="value", kind="line", marker="o",
                            **hue(palette, data["method"]), col="panel", col_order=order,
-                           col_wrap=min(4, len(order)), height=2.6, aspect=1.25,
-                           facet_kws={"sharex": False, "sharey": False})
-        grid.set_axis_labels("exact TFLOPs per sample", "score")
+                           col_wrap=min(4, len(order)), height=4.5 if single else 2.6,
+                           aspect=1.5 if single else 1.25, facet_kws={"sharex": False, "sharey": False})
+        grid.set_axis_labels(f"exact {unit} per sample", "score")
         grid.set_titles(col_template="{col_name}")
     return grid.figure
+
+
+def flops_unit(largest_tflops: float) -> tuple[float, str]:
+    """(factor from TFLOPs, unit name) so the largest value reads at least 1: the paper's models
+    are plotted in TFLOPs, the toy model in MFLOPs."""
+    for factor, unit in ((1.0, "TFLOPs"), (1e3, "GFLOPs"), (1e6, "MFLOPs")):
+        if largest_tflops * factor >= 1.0:
+            return factor, unit
+    return 1e9, "kFLOPs"
 
 
 def panel_names(data: pd.DataFrame, column: str, prefix: str = "") -> pd.Series:
