@@ -73,6 +73,19 @@ def test_slurm_profile_gives_gpus_to_gpu_jobs_only(repo_copy):
     assert "runtime=240" in evaluate
 
 
+def test_jobs_pin_torch_threads_to_their_snakemake_threads(repo_copy):
+    """OMP_NUM_THREADS = the job's threads: 1 per evaluate job locally (two 2-thread torch jobs on 2
+    cores spin-wait on each other), the profile's set-threads (8) where it applies."""
+    local = snakemake(repo_copy, "-n", "-p", "--cores", "16", "--configfile", "config/paper.yaml")
+    profile = snakemake(repo_copy, "--profile", "slurm", "--executor", "local", "--cores", "16", "-n", "-p",
+                        "--configfile", "config/paper.yaml")
+    for result, threads in ((local, 1), (profile, 8)):
+        assert result.returncode == 0, result.stderr[-2000:]
+        commands = [line for line in result.stdout.splitlines() if " -m ficoco.cli run " in line]
+        assert commands and all(line.split("Shell command: ")[-1].startswith(f"OMP_NUM_THREADS={threads} ")
+                                for line in commands), commands[:2]
+
+
 # ---------------------------------------------------------------------------------------------
 # a real, tiny toy grid: what reruns when the config changes
 
