@@ -181,7 +181,7 @@ def evaluate_shard(*, model_dir, benchmark_dir, benchmark: str, method: str, bud
     from ficoco.dims import ModelDims
     from ficoco.methods import budget_from_label
 
-    budget_from_label(method, budget)       # a label that does not fit the method fails before any work
+    budget_value = budget_from_label(method, budget)    # a label that does not fit fails before any work
 
     out = Path(out)
     journal = Journal(out.parent / "journal.jsonl")
@@ -198,7 +198,7 @@ def evaluate_shard(*, model_dir, benchmark_dir, benchmark: str, method: str, bud
     if todo:
         torch.manual_seed(0)
         model, processor = load_model(model_dir, pick_device(device), dtype)
-        handle = ficoco.apply(model, method, budget_from_label(method, budget), **(overrides or {}))
+        handle = ficoco.apply(model, method, budget_value, **(overrides or {}))
         generator = Generator(model, processor, handle, bench, options or {}, template, image_preprocessing,
                               ModelDims.from_config(model.config), judge=judge)
         bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc=f"{benchmark}/{method}/b{budget}",

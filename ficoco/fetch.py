@@ -10,11 +10,10 @@ import datetime
 import re
 import shutil
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
-from ficoco.journal import atomic_write_json
+from ficoco.journal import atomic_write_json, staged_directory
 
 COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
 # what an evaluate job needs; the original (non-HF) weights and other formats are skipped
@@ -36,8 +35,7 @@ def fetch_model(name: str, entry: dict, out_dir: str | Path, endpoint_dir: str |
     if not is_pinned(revision):
         warnings.warn(f"model {name}: revision {revision!r} is not a 40-hex commit; the resolved commit is "
                       f"recorded in the manifest, pin it in config/models.yaml", stacklevel=2)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent if out_dir.parent.exists() else None))
-    try:
+    with staged_directory(out_dir) as staging:   # the manifest is written last, inside the staged copy
         if endpoint_dir is not None:
             source = Path(endpoint_dir)
             if not source.is_dir():
@@ -56,14 +54,7 @@ def fetch_model(name: str, entry: dict, out_dir: str | Path, endpoint_dir: str |
             "source": entry.get("source", "hub"), "files": files,
             "fetched_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    atomic_write_json(out_dir / "manifest.json", manifest)
+        atomic_write_json(staging / "manifest.json", manifest)
     return manifest
 
 

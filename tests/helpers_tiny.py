@@ -86,3 +86,31 @@ def n_placeholders(model) -> int:
     """Image placeholders the processor would insert per image ("default" strategy drops CLS)."""
     vision = model.config.vision_config
     return (vision.image_size // vision.patch_size) ** 2
+
+
+def generate_batch_and_alone(model, handle, prompts: list[list[int]], pixels: torch.Tensor,
+                             max_new_tokens: int = 3):
+    """Greedy `generate` of the prompts as one left-padded batch, then each prompt alone, under the
+    installed `handle`. Asserts what every method must give: each row's new tokens, logits and token
+    counts equal those of the prompt run alone. Returns (ids, batched output, batched counts, the
+    output and the counts of each prompt alone) for the method-specific checks."""
+    def generate(ids, mask, pixel_values):
+        with torch.no_grad():
+            return model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixel_values,
+                                  max_new_tokens=max_new_tokens, do_sample=False, output_logits=True,
+                                  return_dict_in_generate=True)
+
+    ids, mask = left_padded(prompts)
+    batched = generate(ids, mask, pixels)
+    batched_counts = handle.last_counts()
+    singles, alone_counts = [], []
+    for row, tokens in enumerate(prompts):
+        single_ids = torch.tensor([tokens])
+        single = generate(single_ids, torch.ones_like(single_ids), pixels[row:row + 1])
+        singles.append(single)
+        assert torch.equal(batched.sequences[row, ids.shape[1]:], single.sequences[0, len(tokens):])
+        torch.testing.assert_close(torch.stack(batched.logits, 1)[row], torch.stack(single.logits, 1)[0],
+                                   rtol=1e-4, atol=1e-5)
+        alone_counts.append(handle.last_counts()[0])
+        assert batched_counts[row] == alone_counts[-1]              # padding excluded from the counts
+    return ids, batched, batched_counts, singles, alone_counts

@@ -12,7 +12,8 @@ import dataclasses
 
 import pytest
 import torch
-from helpers_tiny import IMAGE, eager_attention, images, left_padded, llava_shaped, n_placeholders, prompt
+from helpers_tiny import IMAGE, eager_attention, generate_batch_and_alone, images, llava_shaped, n_placeholders, \
+    prompt
 
 import ficoco
 from ficoco import methods
@@ -310,26 +311,12 @@ def test_batch_of_two_left_padded_equals_each_alone_under_generate(model, config
     n = n_placeholders(model)
     prompts = [prompt(n, [10, 11, 12, 13], [14, 15, 16]), prompt(n, [17], [18, 19, 20, 21, 22])]
     pixels = images(2, 336, seed=5)
-    ids, mask = left_padded(prompts)
-
-    def generate(ids, mask, pixels):
-        with torch.no_grad():
-            return model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=3,
-                                  do_sample=False, output_logits=True, return_dict_in_generate=True)
-
     with ficoco.apply(model, name, BUDGET, **overrides) as handle:
-        batched = generate(ids, mask, pixels)
-        batched_counts = handle.last_counts()
-        for row, tokens in enumerate(prompts):
-            single_ids = torch.tensor([tokens])
-            single = generate(single_ids, torch.ones_like(single_ids), pixels[row:row + 1])
-            assert torch.equal(batched.sequences[row, :ids.shape[1]], ids[row])       # the caller's prompt
-            assert torch.equal(batched.sequences[row, ids.shape[1]:], single.sequences[0, len(tokens):])
-            torch.testing.assert_close(torch.stack(batched.logits, 1)[row], torch.stack(single.logits, 1)[0],
-                                       rtol=1e-4, atol=1e-5)
-            assert batched_counts[row] == handle.last_counts()[0]                     # padding excluded
-            assert batched_counts[row]["llm_visual"] == [BUDGET]
-            assert batched_counts[row]["llm"] == [len(tokens) - n + BUDGET]
+        ids, batched, batched_counts, _, _ = generate_batch_and_alone(model, handle, prompts, pixels)
+    for row, tokens in enumerate(prompts):
+        assert torch.equal(batched.sequences[row, :ids.shape[1]], ids[row])           # the caller's prompt
+        assert batched_counts[row]["llm_visual"] == [BUDGET]
+        assert batched_counts[row]["llm"] == [len(tokens) - n + BUDGET]
 
 
 def test_remove_restores_the_model(model):

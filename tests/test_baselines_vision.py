@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 import torch
-from helpers_tiny import images, left_padded, llava_shaped, prompt
+from helpers_tiny import generate_batch_and_alone, images, llava_shaped, prompt
 
 import ficoco
 from ficoco import methods
@@ -144,20 +144,8 @@ def test_batch_of_two_equals_each_alone(shaped, name):
     budget, overrides = SETTINGS[name]
     prompts = [prompt(N_PATCHES, [10, 11, 12], [14, 15]), prompt(N_PATCHES, [17], [18, 19, 20, 21])]
     pixels = images(2, 336, seed=7)
-    ids, mask = left_padded(prompts)
-    with ficoco.apply(shaped, name, budget, **overrides) as handle, torch.no_grad():
-        batched = shaped.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=3,
-                                  do_sample=False, output_logits=True, return_dict_in_generate=True)
-        batched_counts = handle.last_counts()
-        for row, tokens in enumerate(prompts):
-            single_ids = torch.tensor([tokens])
-            single = shaped.generate(input_ids=single_ids, attention_mask=torch.ones_like(single_ids),
-                                     pixel_values=pixels[row:row + 1], max_new_tokens=3, do_sample=False,
-                                     output_logits=True, return_dict_in_generate=True)
-            assert torch.equal(batched.sequences[row, ids.shape[1]:], single.sequences[0, len(tokens):])
-            torch.testing.assert_close(torch.stack(batched.logits, 1)[row], torch.stack(single.logits, 1)[0],
-                                       rtol=1e-4, atol=1e-5)
-            assert batched_counts[row] == handle.last_counts()[0]
+    with ficoco.apply(shaped, name, budget, **overrides) as handle:
+        generate_batch_and_alone(shaped, handle, prompts, pixels)
 
 
 # ------------------------------------------------------------------------------------------------

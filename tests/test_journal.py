@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from ficoco.journal import Journal, atomic_write_json, atomic_write_text
+from ficoco.journal import Journal, atomic_write_json, atomic_write_text, staged_directory
 
 
 def test_torn_last_line_is_dropped_and_cut(tmp_path):
@@ -43,3 +43,19 @@ def test_atomic_write_creates_parent_directories(tmp_path):
     path = tmp_path / "a" / "b" / "c.txt"
     atomic_write_text(path, "done")
     assert path.read_text() == "done"
+
+
+def test_staged_directory_replaces_the_old_copy_only_when_complete(tmp_path):
+    out = tmp_path / "models" / "toy"
+    out.mkdir(parents=True)
+    (out / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with staged_directory(out) as staging:
+            (staging / "half.txt").write_text("half")
+            raise RuntimeError("killed mid-write")
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]                 # the old copy is untouched
+    with staged_directory(out) as staging:
+        (staging / "new.txt").write_text("new")
+        assert not (out / "new.txt").exists()                                    # nothing visible before the end
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["toy"]              # no staging or old copy left

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers_tiny import BOS, IMAGE, PAD, images, left_padded, n_placeholders, prompt, tiny_llava
+from helpers_tiny import BOS, IMAGE, PAD, generate_batch_and_alone, images, n_placeholders, prompt, tiny_llava
 
 import ficoco
 from ficoco.methods.base import Method, VisionLayerStep, VisionTokens
@@ -104,21 +104,7 @@ def test_batch_of_two_left_padded_equals_each_alone(name):
     prompts = [prompt(n, [10, 11, 12, 13], [14, 15, 16]), prompt(n, [17], [18, 19, 20, 21, 22])]
     pixels = images(2, 28, seed=5)
     with ficoco.apply(model, name, budget, **overrides) as handle:
-        ids, mask = left_padded(prompts)
-        with torch.no_grad():
-            batched = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=5,
-                                     do_sample=False, output_logits=True, return_dict_in_generate=True)
-        batched_counts = handle.last_counts()
-        for row, tokens in enumerate(prompts):
-            single_ids = torch.tensor([tokens])
-            with torch.no_grad():
-                single = model.generate(input_ids=single_ids, attention_mask=torch.ones_like(single_ids),
-                                        pixel_values=pixels[row:row + 1], max_new_tokens=5, do_sample=False,
-                                        output_logits=True, return_dict_in_generate=True)
-            assert torch.equal(batched.sequences[row, ids.shape[1]:], single.sequences[0, len(tokens):])
-            torch.testing.assert_close(torch.stack(batched.logits, 1)[row], torch.stack(single.logits, 1)[0],
-                                       rtol=1e-4, atol=1e-5)
-            assert batched_counts[row] == handle.last_counts()[0]          # padding excluded from the counts
+        _, _, batched_counts, _, _ = generate_batch_and_alone(model, handle, prompts, pixels, max_new_tokens=5)
     assert batched_counts[0]["llm"][0] == len(prompts[0]) - (n - handle.plan["delivered"])
 
 

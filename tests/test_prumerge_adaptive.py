@@ -14,7 +14,8 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
-from helpers_tiny import BOS, IMAGE, eager_attention, images, left_padded, llava_shaped, n_placeholders, prompt
+from helpers_tiny import BOS, IMAGE, eager_attention, generate_batch_and_alone, images, llava_shaped, n_placeholders, \
+    prompt
 from test_baselines_postvision import FEATURE_LAYER, SHAPE
 
 import ficoco
@@ -170,12 +171,6 @@ def _stride(ratio: Fraction) -> int:
     return math.floor(math.floor(1 / ratio) / 3)
 
 
-def _generate(model, ids, mask, pixels):
-    with torch.no_grad():
-        return model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=3,
-                              do_sample=False, output_logits=True, return_dict_in_generate=True)
-
-
 @pytest.mark.parametrize("name, overrides, stride", [
     ("prumerge-adaptive", {}, 0),
     ("prumerge-plus-adaptive", {}, _stride(Fraction(1, 16))),
@@ -232,22 +227,13 @@ def test_raster_positions_against_a_brute_force_loop(model, pixels, reference):
 def test_batch_of_two_left_padded_equals_each_alone_under_generate(model, pixels, name):
     n = n_placeholders(model)
     prompts = [prompt(n, *PROMPTS[0]), prompt(n, *PROMPTS[1])]
-    ids, mask = left_padded(prompts)
     with ficoco.apply(model, name) as handle:
-        batched = _generate(model, ids, mask, pixels)
-        batched_counts = handle.last_counts()
-        assert batched_counts[0]["visual_delivered"] != batched_counts[1]["visual_delivered"]
-        assert torch.equal(batched.sequences[:, :ids.shape[1]], ids)              # the caller's prompt in front
-        for row, tokens in enumerate(prompts):
-            single_ids = torch.tensor([tokens])
-            single = _generate(model, single_ids, torch.ones_like(single_ids), pixels[row:row + 1])
-            assert torch.equal(single.sequences[0, :len(tokens)], single_ids[0])
-            assert torch.equal(batched.sequences[row, ids.shape[1]:], single.sequences[0, len(tokens):])
-            torch.testing.assert_close(torch.stack(batched.logits, 1)[row], torch.stack(single.logits, 1)[0],
-                                       rtol=1e-4, atol=1e-5)
-            alone = handle.last_counts()[0]
-            assert batched_counts[row] == alone                                      # each row's realised count
-            assert alone["llm"] == [len(tokens) - n + alone["visual_delivered"]]
+        ids, batched, batched_counts, singles, alone_counts = generate_batch_and_alone(model, handle, prompts, pixels)
+    assert batched_counts[0]["visual_delivered"] != batched_counts[1]["visual_delivered"]
+    assert torch.equal(batched.sequences[:, :ids.shape[1]], ids)                      # the caller's prompt in front
+    for tokens, single, alone in zip(prompts, singles, alone_counts):
+        assert torch.equal(single.sequences[0, :len(tokens)], torch.tensor(tokens))
+        assert alone["llm"] == [len(tokens) - n + alone["visual_delivered"]]      # each row's realised count
 
 
 def test_forward_without_mask_builds_one_and_pads_on_the_right(model, pixels):

@@ -21,16 +21,14 @@ import datetime
 import hashlib
 import json
 import logging
-import os
 import re
-import shutil
 import sys
-import uuid
 import warnings
 from pathlib import Path
 from typing import Mapping
 
 from ficoco.benchmarks.base import merge_records, shard_rows  # noqa: F401  (re-exported for evaluate)
+from ficoco.journal import staged_directory
 
 log = logging.getLogger(__name__)
 
@@ -229,10 +227,7 @@ def fetch_benchmark(name: str, out_dir: str | Path, revision: str | None = None,
 
     import datasets
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
+    with staged_directory(out_dir) as staging:
         raw, context, used, used_revision, fallback = _load_with_fallback(
             bench, entry, revision, None if source is None else str(source),
             None if cache_dir is None else str(cache_dir))
@@ -274,10 +269,6 @@ def fetch_benchmark(name: str, out_dir: str | Path, revision: str | None = None,
         with open(staging / "manifest.json", "w") as handle:
             json.dump(manifest, handle, indent=2, sort_keys=True, ensure_ascii=False)
             handle.write("\n")
-        _swap_into_place(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     if manifest["bad_rows"]["count"]:
         log.warning("benchmark %s: %d bad rows kept and flagged: %s", name, manifest["bad_rows"]["count"],
                     manifest["bad_rows"]["by_reason"])
@@ -304,17 +295,6 @@ def normalise(bench, raw, context, cache_file: Path, fingerprint: str):
         convert, batched=True, batch_size=64, writer_batch_size=256, with_indices=True,
         remove_columns=raw.column_names, features=normalised_features(), cache_file_name=str(cache_file),
         load_from_cache_file=False, new_fingerprint=fingerprint, desc=f"normalise {bench.name}").with_format(None)
-
-
-def _swap_into_place(staging: Path, out_dir: Path) -> None:
-    """Rename the finished staging directory to `out_dir` (replacing an older copy)."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-        out_dir.rename(old)
-    staging.rename(out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------

@@ -419,6 +419,21 @@ def planned_vision_layers(plan: Mapping) -> tuple:
     return tuple(vision["layers"]) if vision and vision["layers"] else ()
 
 
+def vision_layer_build(make_reduce: Callable[[tuple, dict], Callable], attention: str = "probs"
+                       ) -> Callable[[dict], tuple]:
+    """`build(plan)` of an in-encoder method: one `VisionLayerStep` over the plan's reducing vision
+    layers, with `make_reduce(layers, plan["vision"])`; none when the plan reduces no vision layer."""
+    def build(plan: dict) -> tuple:
+        layers = planned_vision_layers(plan)
+        if not layers:
+            return ()
+        vision = plan["vision"]
+        return (VisionLayerStep(layers=layers, reduce=make_reduce(layers, vision),
+                                tokens_out=dict(zip(layers, vision["patches_out"])), attention=attention),)
+
+    return build
+
+
 def delivered_plan(dims, delivered: int) -> dict:
     """Plan entries of a method that reduces once between the vision layers and the LLM (vision-output
     and projector steps): every executed vision layer and the projector input unreduced, `delivered`

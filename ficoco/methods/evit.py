@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ficoco.budget import evit_stage_counts
-from ficoco.methods.base import Method, Param, VisionLayerStep, VisionScores, VisionTokens, planned_vision_layers
+from ficoco.methods.base import Method, Param, VisionScores, VisionTokens, vision_layer_build
 from ficoco.methods.ficoco_v import encoder_plan, patches_for
 from ficoco.paradigm.compress import fused_token, gather_tokens
 from ficoco.paradigm.filter import complement_positions, top_k_positions
@@ -69,14 +69,9 @@ def schedule(dims, budget, params) -> dict:
     return encoder_plan(dims, discards)
 
 
-def build(plan: dict) -> tuple:
-    layers = planned_vision_layers(plan)
-    if not layers:
-        return ()
-    vision = plan["vision"]
-    keep = {layer: total - 1 for layer, total in zip(layers, vision["patches_out"])}
-    return (VisionLayerStep(layers=layers, reduce=EvitReduce(keep), tokens_out=dict(zip(layers, vision["patches_out"])),
-                            attention="rows"),)
+# EViT keeps n − 1 attentive patches plus the fused token at each stage
+build = vision_layer_build(lambda layers, vision: EvitReduce(
+    {layer: total - 1 for layer, total in zip(layers, vision["patches_out"])}), attention="rows")
 
 
 METHOD = Method(

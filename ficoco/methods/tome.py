@@ -22,12 +22,11 @@ from ficoco.budget import InfeasibleBudget, tome_merges
 from ficoco.methods.base import (
     Method,
     Param,
-    VisionLayerStep,
     VisionScores,
     VisionTokens,
     non_negative_int,
     optional_non_negative_int,
-    planned_vision_layers,
+    vision_layer_build,
 )
 from ficoco.methods.ficoco_v import encoder_plan, patches_for, vision_layers
 from ficoco.paradigm.attention import head_mean_keys, proportional_attention_bias
@@ -92,13 +91,8 @@ def schedule(dims, budget, params) -> dict:
     return encoder_plan(dims, merges)
 
 
-def build(plan: dict) -> tuple:
-    layers = planned_vision_layers(plan)
-    if not layers:
-        return ()
-    vision = plan["vision"]
-    return (VisionLayerStep(layers=layers, reduce=TomeReduce(dict(zip(layers, vision["discards"]))),
-                            tokens_out=dict(zip(layers, vision["patches_out"])), attention="keys"),)
+build = vision_layer_build(lambda layers, vision: TomeReduce(dict(zip(layers, vision["discards"]))),
+                           attention="keys")
 
 
 METHOD = Method(

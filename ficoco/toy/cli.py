@@ -15,9 +15,10 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
+
+from ficoco.journal import staged_directory
 
 GENERATOR_VERSION = 1           # bump when shapes.py changes what a (seed, index) renders
 
@@ -34,25 +35,6 @@ def _read_manifest(directory: Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-
-
-def _temporary_sibling(out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if temporary.exists():
-        shutil.rmtree(temporary)
-    temporary.mkdir()
-    return temporary
-
-
-def _move_into_place(temporary: Path, out: Path) -> None:
-    """Replace `out` by `temporary` with renames, so `out` is never half-written."""
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        out.rename(old)
-    temporary.rename(out)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -96,14 +78,9 @@ def build_benchmark(out, seed: int = 1234, rows: int = 500) -> dict:
         "revision": checksum[:16], "resolved_revision": checksum[:16], "rows": len(samples),
         "checksum": checksum, "bad_rows": 0, "fetched_at": _now(), "source": "toy",
     }
-    temporary = _temporary_sibling(out)
-    try:
-        dataset.save_to_disk(str(temporary / "data"))
-        _write_json(temporary / "manifest.json", manifest)
-        _move_into_place(temporary, out)
-    finally:
-        if temporary.exists():
-            shutil.rmtree(temporary)
+    with staged_directory(out) as staging:
+        dataset.save_to_disk(str(staging / "data"))
+        _write_json(staging / "manifest.json", manifest)
     print(f"toy benchmark: {rows} rows (seed {seed}) -> {out}")
     return manifest
 
@@ -158,23 +135,18 @@ def build_model(out, seed: int = 0, train: bool = True, steps: int | None = None
             training["val_accuracy"] = round(100 * toy_train.accuracy(predictions, [r.answer for r in rows]), 2)
             training["val_rows"] = eval_rows
 
-    temporary = _temporary_sibling(out)
-    try:
-        model.save_pretrained(str(temporary))
-        processor.save_pretrained(str(temporary))
-        files = sorted(p.name for p in temporary.iterdir() if p.is_file())
-        revision = _files_hash(temporary, files)[:16]
+    with staged_directory(out) as staging:
+        model.save_pretrained(str(staging))
+        processor.save_pretrained(str(staging))
+        files = sorted(p.name for p in staging.iterdir() if p.is_file())
+        revision = _files_hash(staging, files)[:16]
         manifest = {
             "id": toy_model.MODEL_ID, "revision": revision, "resolved_revision": revision, "source": "toy",
             "files": files, "fetched_at": _now(), "request": request, "training_result": training,
             "prompt_template": toy_model.PROMPT_TEMPLATE,
             "visual_tokens": config.image_seq_length,
         }
-        _write_json(temporary / "manifest.json", manifest)
-        _move_into_place(temporary, out)
-    finally:
-        if temporary.exists():
-            shutil.rmtree(temporary)
+        _write_json(staging / "manifest.json", manifest)
     print(f"toy model ({'trained' if train else 'random weights'}, seed {seed}, revision {revision}) -> {out}")
     return manifest
 
