@@ -1,30 +1,40 @@
 # The two commands a newcomer needs (Python 3.11, no GPU, no internet but the package registries):
 #   make demo   set up, then run the whole pipeline on the embedded toy world and print the report path
-#   make test   set up, then run the test suite
+#   make test   set up, then run the test suite (installs headless Chromium for the browser tests if missing)
+# Maintainers:
+#   make lock          regenerate requirements/lock.txt and environment.yml from pyproject.toml (uv, PyPI)
+#   make check-latest  try the newest versions pyproject.toml allows (no lock) on the adapter and end-to-end tests
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CORES  ?= 2
+UV_VERSION := 0.13.9
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test lock check-latest clean
 
 setup: $(STAMP)
 
-# torch first, pinned: on CPU machines 2.13.0 resolves to the CPU build, and the project's range
-# (torch>=2.4,<2.14) then keeps it. An unpinned torch (or any torchvision) pulls the CUDA stack.
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test]"
+# A fresh venv whenever the lock changes: nothing installed by hand survives into a run.
+$(STAMP): pyproject.toml requirements/lock.txt requirements/torch.txt tools/install.sh
+	$(PYTHON) -m venv --clear $(VENV)
+	tools/install.sh $(BIN)/python
 	touch $(STAMP)
 
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --cores $(CORES)
 
 test: $(STAMP)
+	tools/ensure-chromium.sh
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
+
+lock:
+	$(PYTHON) -m venv --clear .venv-tools
+	.venv-tools/bin/pip install -q uv==$(UV_VERSION)
+	PATH="$(CURDIR)/.venv-tools/bin:$$PATH" .venv-tools/bin/python tools/lock.py
+
+check-latest:
+	tools/check-latest.sh $(PYTHON)
 
 clean:
 	rm -rf results logs report/report.html .snakemake

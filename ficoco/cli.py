@@ -22,6 +22,7 @@ COMMANDS = {
     "aggregate": ("ficoco.report:main_aggregate", "collect every metrics.json into the tidy results table"),
     "report": ("ficoco.report:main_report", "render the HTML report from the results table"),
     "grid": ("ficoco.config:main", "validate a config and print its job grid"),
+    "doctor": ("ficoco.doctor:main", "check the environment: versions, CUDA, adapter self-check, W&B mode, HF caches"),
 }
 
 

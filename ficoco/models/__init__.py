@@ -1,7 +1,9 @@
 """Model adapters: attach a method (ficoco.methods) to a model family through hooks.
 
 All knowledge of HF internals lives here. Supported: transformers' `LlavaForConditionalGeneration`
-(LLaVA-1.5: CLIP vision tower + Llama decoder).
+(LLaVA-1.5: CLIP vision tower + Llama decoder), on the transformers versions in
+`guard.TESTED_TRANSFORMERS`; any other version is refused, or self-checked (selfcheck.py) when
+FICOCO_ALLOW_UNTESTED_TRANSFORMERS=1 (docs/contracts.md §7).
 """
 from __future__ import annotations
 

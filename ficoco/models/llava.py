@@ -1,4 +1,4 @@
-"""Attach a method to a transformers 5.23 `LlavaForConditionalGeneration` (LLaVA-1.5).
+"""Attach a method to a transformers 5.x `LlavaForConditionalGeneration` (LLaVA-1.5; tested versions: guard.py).
 
 `apply_llava(model, method, budget, **overrides)` plans the schedule, turns it into the method's
 steps and installs them through three small patches, all reverted by `handle.remove()`:
@@ -38,6 +38,7 @@ import weakref
 from typing import Sequence
 
 import torch
+from transformers.cache_utils import Cache
 
 from ficoco import methods as method_registry
 from ficoco.dims import ModelDims
@@ -45,6 +46,7 @@ from ficoco.methods.base import LLMLayerStep, Method, VisionInputStep, VisionLay
 from ficoco.models.clip import ClipPatch, VisionPass
 from ficoco.models.llama import LlamaPatch, LLMPass
 from ficoco.models.features import FEATURE_STEPS, FeaturePatch
+from ficoco.models.guard import require_tested_transformers
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,16 @@ _INSTALLED = "_ficoco_handle"        # attribute on the patched model naming the
 
 
 def apply_llava(model, method: str | Method, budget: int | None = None, **overrides) -> "LlavaHandle":
-    """Install `method` at `budget` on a `LlavaForConditionalGeneration`; returns the handle."""
+    """Install `method` at `budget` on a `LlavaForConditionalGeneration`; returns the handle.
+
+    Refuses an untested transformers version first (ficoco/models/guard.py).
+    """
+    require_tested_transformers()
+    return install_llava(model, method, budget, **overrides)
+
+
+def install_llava(model, method: str | Method, budget: int | None = None, **overrides) -> "LlavaHandle":
+    """`apply_llava` without the version guard: for the self-check, which is what the guard runs."""
     method = method_registry.get(method)
     if getattr(model, _INSTALLED, None) is not None:
         raise RuntimeError("a ficoco method is already installed on this model; call its handle.remove() first")
@@ -201,7 +212,7 @@ class LlavaHandle:
 
     def _before_forward(self, module, args, kwargs):
         kwargs = {**dict(zip(self._parameter_names, args)), **kwargs}
-        cache = kwargs.get("past_key_values")
+        cache = _cache_of(kwargs)
         prefill = cache is None or cache.get_seq_length() == 0
         if not prefill:
             self._call = _Call(prefill=False)
@@ -314,6 +325,18 @@ class LlavaHandle:
             kwargs = {**kwargs, "position_ids": (torch.arange(reference.shape[1], device=reference.device)
                                                  + past_full)[None]}
         return kwargs
+
+
+def _cache_of(kwargs: dict) -> Cache | None:
+    """The KV cache of a forward call, found by its type rather than its keyword.
+
+    transformers 5.23 passes it as `past_key_values`, 5.24 as `cache`; a lookup by name took every
+    decode step for a prefill under 5.24 and recorded the last decode step's counts.
+    """
+    caches = [value for value in kwargs.values() if isinstance(value, Cache)]
+    if len(caches) > 1:
+        raise RuntimeError(f"{len(caches)} KV cache objects in one LlavaModel.forward call; expected at most one")
+    return caches[0] if caches else None
 
 
 def _image_features(kwargs: dict):

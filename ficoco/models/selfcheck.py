@@ -1,0 +1,221 @@
+"""The adapter self-check: does the LLaVA adapter still count, cache and batch correctly here?
+
+The adapter hooks transformers internals (platform-notes §3, §4) that change between releases
+without notice (5.24 renamed `LlavaModel.forward`'s cache keyword, and decode steps were silently
+taken for prefills). `run_selfcheck()` exercises every path a job relies on, on a tiny seeded random
+LLaVA built in memory (no download, CPU, about a second), with FiCoCo-VL reducing in the vision tower
+*and* in the LLM:
+
+| check                   | what must hold                                                                 |
+|-------------------------|--------------------------------------------------------------------------------|
+| `prefill_counts`        | a prefill's `last_counts()` equal the method's planned schedule                 |
+| `decode_keeps_counts`   | `generate` (3 new tokens) leaves the prefill's counts in place                  |
+| `kv_cache_lengths`      | per layer, KV length = reduced prompt length + decode steps (contracts §2)      |
+| `batch_equals_alone`    | a left-padded batch of 2 prompts gives each prompt's tokens and counts alone    |
+| `remove_restores_model` | after `remove()` the logits and tokens are bit-identical to before `apply`      |
+
+An exception in any step is a failed check (named after the step), never a crash, so the guard can
+refuse with one line. `selfcheck_once(version)` caches the result per transformers version for
+the life of the process (the guard and `ficoco doctor` share it).
+"""
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+
+import torch
+
+# the tiny model's geometry: 28 px / patch 7 -> 16 patches + CLS, 4 CLIP layers (0..2 run), 4 LLM layers
+_IMAGE_SIZE, _PATCH = 28, 7
+_PLACEHOLDERS = (_IMAGE_SIZE // _PATCH) ** 2
+_PAD, _BOS, _EOS, _IMAGE = 0, 1, 2, 5
+# FiCoCo-VL reduces inside CLIP layers 1..2 (16 -> 12 patches) and in LLM layers 1..2 (to average 6)
+METHOD, BUDGET, OVERRIDES = "ficoco-vl", 6, {"v_start": 1, "l_start": 1, "l_window": 2}
+NEW_TOKENS = 3
+PROMPTS = ((_BOS, 10, 11, *[_IMAGE] * _PLACEHOLDERS, 12, 13, 14),
+           (_BOS, 17, *[_IMAGE] * _PLACEHOLDERS, 18, 19, 20, 21, 22))
+CHECK_NAMES = ("prefill_counts", "decode_keeps_counts", "kv_cache_lengths", "batch_equals_alone",
+               "remove_restores_model")
+
+
+@dataclass(frozen=True)
+class Check:
+    """One named check: `expected` and `found` are short one-line descriptions."""
+
+    name: str
+    passed: bool
+    expected: str
+    found: str
+
+    def line(self) -> str:
+        if self.passed:
+            return f"{self.name}: passed"
+        return f"{self.name}: FAILED (expected {self.expected}; found {self.found})"
+
+
+@dataclass(frozen=True)
+class SelfCheckResult:
+    transformers_version: str
+    method: str
+    checks: tuple[Check, ...]
+    seconds: float
+
+    @property
+    def passed(self) -> bool:
+        return len(self.checks) == len(CHECK_NAMES) and all(check.passed for check in self.checks)
+
+    @property
+    def first_failure(self) -> Check | None:
+        return next((check for check in self.checks if not check.passed), None)
+
+
+@functools.lru_cache(maxsize=None)
+def selfcheck_once(transformers_version: str) -> SelfCheckResult:
+    """`run_selfcheck()`, once per process per transformers version (the argument is the cache key)."""
+    return run_selfcheck()
+
+
+def run_selfcheck() -> SelfCheckResult:
+    """Run every check on a fresh tiny model; stops at the first step that raises (a failed check)."""
+    import ficoco.models.llava  # noqa: F401 - imported before the clock starts; `seconds` times the checks
+
+    start = time.perf_counter()
+    checks: list[Check] = []
+    # fork_rng: building the seeded model must not move the caller's global RNG. One thread: on
+    # matrices this small, thread start-up dominates (0.2 s on 1 thread, seconds on 2 busy cores).
+    # torch.device("cpu"): on the CPU even where the caller set another default device.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), torch.device("cpu"):
+            _run_checks(checks)
+    except Exception as error:  # noqa: BLE001 - any failure of the adapter is a failed check
+        step = CHECK_NAMES[len(checks)] if len(checks) < len(CHECK_NAMES) else "cleanup"
+        checks.append(Check(step, False, "runs without an exception", _one_line(f"{type(error).__name__}: {error}")))
+    finally:
+        torch.set_num_threads(threads)
+    import transformers  # here: importing a model class may replace the module object in sys.modules
+
+    return SelfCheckResult(transformers.__version__, METHOD, tuple(checks), time.perf_counter() - start)
+
+
+def _run_checks(checks: list[Check]) -> None:
+    """Append one Check per entry of CHECK_NAMES, in that order."""
+    from ficoco.models.llava import install_llava
+
+    model = tiny_llava()
+    pixels = torch.randn(2, 3, _IMAGE_SIZE, _IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
+    first = torch.tensor([PROMPTS[0]])
+    reference_logits = model(input_ids=first, pixel_values=pixels[:1]).logits
+    reference_tokens = _generate(model, first, torch.ones_like(first), pixels[:1]).sequences
+
+    handle = install_llava(model, METHOD, BUDGET, **OVERRIDES)
+    try:
+        plan = handle.plan
+        # (1) a prefill records exactly the planned schedule
+        model(input_ids=first, attention_mask=torch.ones_like(first), pixel_values=pixels[:1])
+        prefill = handle.last_counts()
+        text = first.shape[1] - _PLACEHOLDERS
+        expected = [{"vision": plan["vision_counts"], "visual_delivered": plan["delivered"],
+                     "llm": [text + visual for visual in plan["llm_visual"]], "llm_visual": plan["llm_visual"]}]
+        found = [{key: counts.get(key) for key in expected[0]} for counts in prefill]
+        checks.append(_compare("prefill_counts", expected, found))
+
+        # (2) decode steps must not be taken for prefills (the 5.24 keyword rename did exactly that)
+        out = _generate(model, first, torch.ones_like(first), pixels[:1])
+        checks.append(_compare("decode_keeps_counts", prefill, handle.last_counts()))
+
+        # (3) the cache holds each layer's reduced prompt plus one entry per decode step
+        decode_steps = out.sequences.shape[1] - first.shape[1] - 1       # the last token is never fed back
+        cache = _cache_in(out)
+        lengths = [cache.get_seq_length(layer) for layer in range(len(prefill[0]["llm"]))]
+        checks.append(_compare("kv_cache_lengths", [n + decode_steps for n in prefill[0]["llm"]], lengths))
+
+        # (4) left padding changes nothing: each row's tokens and counts equal the prompt alone
+        ids, mask = _left_padded(PROMPTS)
+        batched = _generate(model, ids, mask, pixels)
+        batched_counts = handle.last_counts()
+        alone_tokens, alone_counts = [], []
+        for row, tokens in enumerate(PROMPTS):
+            single = torch.tensor([tokens])
+            alone_tokens.append(_generate(model, single, torch.ones_like(single), pixels[row:row + 1])
+                                .sequences[0, len(tokens):].tolist())
+            alone_counts.append(handle.last_counts()[0])
+        checks.append(_compare("batch_equals_alone", {"tokens": alone_tokens, "counts": alone_counts},
+                               {"tokens": batched.sequences[:, ids.shape[1]:].tolist(), "counts": batched_counts}))
+    finally:
+        handle.remove()
+
+    # (5) removal restores the model exactly
+    logits = model(input_ids=first, pixel_values=pixels[:1]).logits
+    tokens = _generate(model, first, torch.ones_like(first), pixels[:1]).sequences
+    same = (logits.shape == reference_logits.shape and bool(torch.equal(logits, reference_logits))
+            and torch.equal(tokens, reference_tokens))
+    found = "bit-identical" if same else (f"logits {tuple(logits.shape)} max |diff| "
+                                          f"{_max_diff(logits, reference_logits)}, tokens {tokens.tolist()} vs "
+                                          f"{reference_tokens.tolist()}")
+    checks.append(Check("remove_restores_model", same, "bit-identical logits and tokens", found))
+
+
+def tiny_llava():
+    """A seeded random LlavaForConditionalGeneration (CLIP 4 x 32, Llama 4 x 32, vocab 64), float32, eval.
+
+    The same geometry as the test suite's tiny model; `initializer_range` is raised so attention is
+    peaked enough for the methods' scores to differ.
+    """
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                              image_size=_IMAGE_SIZE, patch_size=_PATCH, projection_dim=32, initializer_range=0.1)
+    text = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                       pad_token_id=_PAD, bos_token_id=_BOS, eos_token_id=_EOS, initializer_range=0.1)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=_IMAGE,
+                         image_seq_length=_PLACEHOLDERS, vision_feature_layer=-2,
+                         vision_feature_select_strategy="default")
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config).to(torch.float32).eval()
+    model.set_attn_implementation("sdpa")
+    model.generation_config.pad_token_id = _PAD
+    return model
+
+
+def _generate(model, ids, mask, pixels):
+    return model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=NEW_TOKENS,
+                          min_new_tokens=NEW_TOKENS, do_sample=False, return_dict_in_generate=True)
+
+
+def _cache_in(output):
+    """The KV cache of a generate output, found by type (its attribute was renamed in 5.24, too)."""
+    from transformers.cache_utils import Cache
+
+    caches = [value for value in output.values() if isinstance(value, Cache)]
+    if len(caches) != 1:
+        raise RuntimeError(f"{len(caches)} KV cache objects in the generate output (fields {list(output.keys())}); "
+                           f"expected exactly one")
+    return caches[0]
+
+
+def _left_padded(prompts) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(map(len, prompts))
+    ids = torch.full((len(prompts), length), _PAD, dtype=torch.long)
+    mask = torch.zeros((len(prompts), length), dtype=torch.long)
+    for row, tokens in enumerate(prompts):
+        ids[row, length - len(tokens):] = torch.tensor(tokens)
+        mask[row, length - len(tokens):] = 1
+    return ids, mask
+
+
+def _compare(name: str, expected, found) -> Check:
+    return Check(name, expected == found, _one_line(repr(expected)), _one_line(repr(found)))
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> str:
+    return f"{(a - b).abs().max().item():.3g}" if a.shape == b.shape else "n/a (shapes differ)"
+
+
+def _one_line(text: str, limit: int = 400) -> str:
+    """Messages built from these go on one line; long reprs are cut."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
