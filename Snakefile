@@ -6,6 +6,24 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
+# The config is read strictly and validated by ficoco.config before any rule: Snakemake's own reading
+# keeps the last of two equal keys, so every problem (file, line, key, bad value, what would be
+# valid) stops the run here, in one line, before any job; `--config KEY=VALUE` overrides are checked
+# as Snakemake parsed them. (A file given with --configfile that is not YAML at all is refused by
+# Snakemake before this runs, without a line number; `ficoco grid --configfile FILE` names it.)
+import sys
+from pathlib import Path
+
+from ficoco.config import DEFAULT_CONFIG, ConfigError, load_config
+
+try:
+    VALIDATED_CONFIG = load_config([str(path) for path in workflow.overwrite_configfiles] or [DEFAULT_CONFIG],
+                                   workflow.config_settings.config, Path.cwd())
+except ConfigError as error:
+    sys.stderr.write(f"{error}\n")
+    sys.exit(1)
+
+
 # The default config (the toy world) applies only when no --configfile is given: Snakemake would
 # otherwise merge it under the given file, and keys it sets (e.g. measure.methods) would leak in.
 if not workflow.overwrite_configfiles:

@@ -1,27 +1,59 @@
-"""Pipeline configuration: schema validation, registries, budget checks and the job grid.
+"""Pipeline configuration: strict reading, schema validation, registries, budget checks, the job grid.
 
 Everything here runs when Snakemake parses the workflow, before any job starts, so a bad config
-fails at once with one line naming the key, the bad value and what would be valid.
+fails at once with one line naming the file (and the line, for YAML errors), the key, the bad value
+and what would be valid:
+
+    config error: bad.yaml:5:1: budgets: 'budgets' is given twice in the same mapping (first at line 3); ...
+    config error: my.yaml: shards.vqav2: 300 shards for benchmark vqav2, which has at most 8 rows to evaluate
+                  (limit 8); valid: 1..8 (a shard needs at least one row)          [one line in reality]
+    config error: --config: budgets[0]: '36' is not valid; valid: an integer >= 1 ...; hint: ...
+
+`load_config(files, overrides)` reads the config files the way Snakemake merges them (later files
+and `--config` overrides win, mappings merge key by key), but strictly: a YAML syntax error, an empty
+file or a key given twice is refused instead of guessed at. `validate` then checks the merged config
+against the schema, the registries and every method's budget rules.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import difflib
 import json
+import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
 
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
+DEFAULT_CONFIG = "config/config.yaml"
 FULL = "full"  # the budget label of the unreduced model
 ADAPTIVE = "adaptive"  # the budget label of an adaptive method's one run (no budget: a count per image)
+CONFIG_OPTION = "--config"  # the source label of Snakemake's --config KEY=VALUE overrides
+REQUIRED_KEYS = "models, methods, budgets, benchmarks"
 
 
 class ConfigError(ValueError):
-    """A config problem, described in one line."""
+    """A config problem, in one line: where (file, line, key), the bad value and what would be valid."""
+
+    def __init__(self, text: str, key: Sequence = (), source: str = ""):
+        text = " ".join(str(text).split())              # one line, whatever the parts contained
+        self.text = text[len("config error: "):] if text.startswith("config error: ") else text
+        self.key = tuple(key)
+        self.source = source
+        super().__init__(self.line)
+
+    @property
+    def line(self) -> str:
+        where = [part for part in (self.source, _key_path(self.key) if self.key else "") if part]
+        return ": ".join(["config error", *where, self.text])
+
+    def __str__(self) -> str:
+        return self.line
 
 
 @dataclass(frozen=True)
@@ -48,20 +80,232 @@ class Job:
         return asdict(self)
 
 
-# ---------------------------------------------------------------------------------------------
-# schema validation with one-line messages
-
-
-def _load_yaml(path: Path) -> dict:
-    with open(path) as handle:
-        return yaml.safe_load(handle) or {}
-
-
-def _key_path(parts) -> str:
+def _key_path(parts: Iterable) -> str:
     text = ""
     for part in parts:
         text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
     return text or "<config>"
+
+
+def _show(value: Any) -> str:
+    """A value as the user would write it in YAML (flow style, one line)."""
+    if isinstance(value, str):
+        return repr(value)
+    try:
+        return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("\n...").strip()
+    except yaml.YAMLError:
+        return repr(value)
+
+
+def _did_you_mean(value: Any, valid: Iterable[str]) -> str:
+    close = difflib.get_close_matches(str(value), [str(v) for v in valid], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def display_path(path: str | Path) -> str:
+    """A file path as messages show it: relative to the working directory when it lies below it."""
+    text = os.path.relpath(Path(path).absolute())
+    return text if not text.startswith("..") else str(Path(path).absolute())
+
+
+# ---------------------------------------------------------------------------------------------
+# strict reading of YAML files
+
+
+def _check_duplicate_keys(node: yaml.Node, path: str, prefix: tuple, seen_nodes: set[int]) -> None:
+    """Refuse a mapping that gives one key twice (PyYAML would silently keep the last value)."""
+    if id(node) in seen_nodes:          # anchors and aliases share nodes; each is checked once
+        return
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first_seen: dict[tuple[str, str], tuple[int, int]] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":      # `<<: *base` may be overridden: not a duplicate
+                continue
+            if isinstance(key_node, yaml.ScalarNode):
+                identity = (key_node.tag, key_node.value)
+                line, column = key_node.start_mark.line + 1, key_node.start_mark.column + 1
+                if identity in first_seen:
+                    first_line, first_column = first_seen[identity]
+                    first = f"line {first_line}" if first_line != line else f"column {first_column} of this line"
+                    raise ConfigError(
+                        f"{key_node.value!r} is given twice in the same mapping (first at {first}); YAML would "
+                        f"silently keep only the last value; valid: each key once (delete or merge one of them)",
+                        prefix + (key_node.value,), f"{path}:{line}:{column}")
+                first_seen[identity] = (line, column)
+                _check_duplicate_keys(value_node, path, prefix + (key_node.value,), seen_nodes)
+            else:
+                _check_duplicate_keys(value_node, path, prefix, seen_nodes)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _check_duplicate_keys(item, path, prefix + (index,), seen_nodes)
+
+
+def _json_object(pairs: list[tuple[str, Any]], path: str) -> dict:
+    """A JSON object, refusing a key given twice (json.loads would silently keep the last value)."""
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ConfigError(f"{key!r} is given twice in the same JSON object (values {_show(seen[key])} and "
+                              f"{_show(value)}); valid: each key once (delete or merge one of them)", (key,), path)
+        seen[key] = value
+    return seen
+
+
+def _yaml_syntax_error(error: yaml.MarkedYAMLError, path: str) -> ConfigError:
+    mark = error.problem_mark or error.context_mark
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+    problem = " ".join(part for part in (error.context, error.problem) if part)
+    if "'\\t'" in problem or "\t" in problem:
+        valid = "indentation with spaces (YAML does not allow tab characters for indentation)"
+    else:
+        valid = ("YAML syntax, e.g. `budgets: [72, 48]` or one `- item` per line; check brackets, quotes, colons "
+                 "and indentation on this line and the one before")
+    return ConfigError(f"YAML syntax error: {problem}; valid: {valid}", (), where)
+
+
+def read_yaml_file(path: str | Path, what: str = "config file") -> Any:
+    """The parsed contents of a YAML (or JSON) file; ConfigError (one line, with file and line) on
+    a missing file, a syntax error or a key given twice."""
+    shown = display_path(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{what} not found; valid: an existing file (paths are relative to the working "
+                          f"directory {Path.cwd()})", (), shown) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{what} cannot be read ({error}); valid: a readable UTF-8 text file", (), shown) from None
+    if text.lstrip().startswith("{"):       # JSON first, as Snakemake reads it (YAML refuses JSON's tab indentation)
+        try:
+            return json.loads(text, object_pairs_hook=lambda pairs: _json_object(pairs, shown))
+        except json.JSONDecodeError:
+            pass
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_duplicate_keys(node, shown, (), set())
+        return loader.construct_document(node)
+    except yaml.MarkedYAMLError as error:
+        raise _yaml_syntax_error(error, shown) from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"YAML error: {error}; valid: a YAML mapping", (), shown) from None
+    finally:
+        loader.dispose()
+
+
+def read_config_file(path: str | Path) -> dict:
+    """One config file, strictly: a non-empty YAML mapping with each key once."""
+    data = read_yaml_file(path)
+    shown = display_path(path)
+    if data is None:
+        raise ConfigError(f"the file is empty (or only comments); valid: a YAML mapping with at least "
+                          f"{REQUIRED_KEYS}, as in config/config.yaml", (), shown)
+    if not isinstance(data, dict):
+        raise ConfigError(f"the top level is {type(data).__name__} {_show(data)[:60]}; valid: a YAML mapping of "
+                          f"keys ({REQUIRED_KEYS}, ...), as in config/config.yaml", (), shown)
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# merging files and --config overrides, remembering where each key came from
+
+
+@dataclass(frozen=True)
+class Sources:
+    """Which file (or `--config`) set each key of a merged config, so that messages can name it."""
+
+    files: tuple[str, ...]
+    by_key: Mapping[tuple, str]      # key path (mapping keys only) -> source label
+
+    def of(self, key: Sequence) -> str:
+        key = tuple(key)
+        for depth in range(len(key), 0, -1):
+            if key[:depth] in self.by_key:
+                return self.by_key[key[:depth]]
+        return " + ".join(self.files) or "<config>"
+
+
+def _plain(value: Any) -> Any:
+    """Mappings and sequences (Snakemake hands over immutable maps) as plain dicts and lists."""
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
+def _record(by_key: dict, prefix: tuple, value: Any, label: str) -> None:
+    by_key[prefix] = label
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            _record(by_key, prefix + (key,), item, label)
+
+
+def _merge(base: dict, update: Mapping, label: str, by_key: dict, prefix: tuple = ()) -> None:
+    """Snakemake's update_config (mappings merge key by key, anything else is replaced), recording sources."""
+    for key, value in update.items():
+        path = prefix + (key,)
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            by_key[path] = label
+            _merge(base[key], value, label, by_key, path)
+        else:
+            base[key] = _plain(value)
+            _record(by_key, path, value, label)
+
+
+def merge_sources(files: Sequence[str | Path], overrides: Mapping | None = None) -> tuple[dict, Sources]:
+    """Read every file strictly and merge them, then the `--config` overrides, as Snakemake does."""
+    merged: dict = {}
+    by_key: dict = {}
+    shown = []
+    for path in files:
+        data = read_config_file(path)
+        shown.append(display_path(path))
+        _merge(merged, data, shown[-1], by_key)
+    if overrides:
+        _merge(merged, overrides, CONFIG_OPTION, by_key)
+    return merged, Sources(tuple(shown), by_key)
+
+
+def _reparse(value: Any) -> Any:
+    """What a --config value meant: YAML's BaseLoader (Snakemake's --config parser) keeps nested
+    scalars as text, so '36' inside [36] is a string; read each text with the safe loader again."""
+    if isinstance(value, Mapping):
+        return {key: _reparse(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_reparse(item) for item in value]
+    if isinstance(value, str):
+        try:
+            return yaml.safe_load(value) if value.strip() else value
+        except yaml.YAMLError:
+            return value
+    return value
+
+
+def _config_option_hint(key: str, value: Any, schema: dict) -> str:
+    """How to write a key that came from `--config` and failed validation."""
+    meant = _reparse(value)
+    if schema.get("properties", {}).get(key, {}).get("type") == "array" and not isinstance(meant, list):
+        meant = [meant]
+    if meant == value:                                   # not a --config parsing problem
+        return ""
+    return (f"hint: Snakemake reads `--config {key}=...` with YAML's BaseLoader, which keeps null and every value "
+            f"inside a list or mapping as text ({key} arrived as {_show(value)}); write `{key}: {_show(meant)}` in a "
+            f"YAML file and pass it with --configfile FILE (--config keeps only a top-level number, true/false or word "
+            f"as itself, e.g. --config batch_size=8)")
+
+
+# ---------------------------------------------------------------------------------------------
+# schema validation with one-line messages
+
+
+def _load_schema(schema_path: Path) -> dict:
+    if not schema_path.exists():
+        raise ConfigError(f"schema file {schema_path} not found; valid: run from a checkout of the repository")
+    with open(schema_path) as handle:
+        return yaml.safe_load(handle)
 
 
 def _schema_at(schema: dict, parts) -> dict:
@@ -70,6 +314,8 @@ def _schema_at(schema: dict, parts) -> dict:
     for part in parts:
         if isinstance(part, int) and "items" in node:
             node = node["items"]
+        elif "oneOf" in node and any(part in branch.get("properties", {}) for branch in node["oneOf"]):
+            node = next(branch for branch in node["oneOf"] if part in branch.get("properties", {}))["properties"][part]
         elif isinstance(node.get("properties"), dict) and part in node["properties"]:
             node = node["properties"][part]
         elif isinstance(node.get("additionalProperties"), dict):
@@ -79,35 +325,72 @@ def _schema_at(schema: dict, parts) -> dict:
     return node
 
 
-def _hint(schema: dict, parts) -> str:
-    """A short statement of what is valid at `parts`, from the schema."""
-    node = _schema_at(schema, parts)
+def _describe(node: dict) -> str:
+    """What a sub-schema accepts, in words (e.g. "an integer >= 1", "a list of strings")."""
     if "enum" in node:
         return "one of " + ", ".join(map(str, node["enum"]))
-    for depth in range(len(parts), -1, -1):
+    if "oneOf" in node:
+        return " or ".join(_describe(branch) for branch in node["oneOf"])
+    types = node.get("type")
+    types = types if isinstance(types, list) else [types] if types else []
+    words = []
+    for kind in types:
+        if kind in ("integer", "number"):
+            bounds = []
+            if "minimum" in node:
+                bounds.append(f">= {node['minimum']}")
+            if "exclusiveMaximum" in node:
+                bounds.append(f"< {node['exclusiveMaximum']}")
+            words.append(("an integer" if kind == "integer" else "a number") + (" " + " and ".join(bounds)
+                                                                              if bounds else ""))
+        elif kind == "string":
+            words.append("a non-empty string" if node.get("minLength") else "a string")
+        elif kind == "boolean":
+            words.append("true or false")
+        elif kind == "null":
+            words.append("null")
+        elif kind == "array":
+            item = _describe(node.get("items", {})) or "values"
+            words.append(("a non-empty list" if node.get("minItems") else "a list") + f" (items: {item})")
+        elif kind == "object":
+            if node.get("properties"):
+                words.append("a mapping with keys " + ", ".join(node["properties"]))
+            elif isinstance(node.get("additionalProperties"), dict):
+                words.append(f"a mapping of names to {_describe(node['additionalProperties']) or 'values'}")
+            else:
+                words.append("a mapping")
+    return " or ".join(words)
+
+
+def _hint(schema: dict, parts) -> str:
+    """What is valid at `parts`: the constraint in words plus the nearest description below the top."""
+    parts = list(parts)
+    said = [_describe(_schema_at(schema, parts))]
+    for depth in range(len(parts), 0, -1):           # never the top-level description: it describes everything
         description = _schema_at(schema, parts[:depth]).get("description")
         if description:
-            return " ".join(description.split())
-    if "type" in node:
-        return f"a value of type {node['type']}"
-    return "see workflow/schemas/config.schema.yaml"
+            said.append(" ".join(description.split()))
+            break
+    said = [text for text in said if text]
+    return " — ".join(said) if said else "see workflow/schemas/config.schema.yaml"
 
 
-def _format_schema_error(error, schema: dict) -> str:
+def _schema_error(error, schema: dict) -> ConfigError:
     parts = list(error.absolute_path)
     if error.validator == "required":
         missing = error.message.split("'")[1]
-        return f"config error: {_key_path(parts + [missing])}: missing required key; valid: {_hint(schema, parts + [missing])}"
+        return ConfigError(f"missing required key; valid: {_hint(schema, parts + [missing])}", parts + [missing])
     if error.validator == "additionalProperties":
         allowed = sorted(_schema_at(schema, parts).get("properties", {}))
-        unexpected = sorted(set(error.instance) - set(allowed))
-        return (f"config error: {_key_path(parts + [unexpected[0]])}: unknown key; "
-                f"valid keys: {', '.join(allowed)}")
-    value = json.dumps(error.instance, default=str)
+        unexpected = sorted((name for name in error.instance if name not in allowed), key=str)
+        return ConfigError(f"unknown key {unexpected[0]!r}{_did_you_mean(unexpected[0], allowed)}; "
+                           f"valid keys: {', '.join(allowed)}", parts + [unexpected[0]])
+    value = _show(error.instance)
     if error.validator == "type":
-        expected = error.validator_value
-        return f"config error: {_key_path(parts)}: {value} has the wrong type; valid: {expected}"
-    return f"config error: {_key_path(parts)}: {value} is not valid; valid: {_hint(schema, parts)}"
+        return ConfigError(f"{value} has the wrong type; valid: {_hint(schema, parts)}", parts)
+    if error.validator == "minItems" and not error.instance:
+        return ConfigError(f"{value} is empty; valid: {_hint(schema, parts)}", parts)
+    return ConfigError(f"{value} is not valid; valid: {_hint(schema, parts)}", parts)
 
 
 def _fill_defaults(schema: dict, instance: dict) -> dict:
@@ -124,30 +407,66 @@ def check_schema(config: dict, schema_path: Path = SCHEMA_PATH) -> dict:
     """Validate against the JSON schema; return a copy with defaults filled in."""
     import jsonschema
 
-    if not schema_path.exists():
-        raise ConfigError(f"config error: schema file {schema_path} not found; run from a checkout of the repository")
-    schema = _load_yaml(schema_path)
+    schema = _load_schema(schema_path)
+    if not isinstance(config, dict):
+        raise ConfigError(f"the config is {type(config).__name__} {_show(config)[:60]}; valid: a mapping of keys "
+                          f"({REQUIRED_KEYS}, ...)")
+    for name in config:
+        if not isinstance(name, str):
+            raise ConfigError(f"unknown key {name!r} (a {type(name).__name__}); valid keys: "
+                              f"{', '.join(sorted(schema['properties']))}", [str(name)])
     validator = jsonschema.Draft202012Validator(schema)
-    errors = sorted(validator.iter_errors(config), key=lambda e: (list(e.absolute_path), e.validator))
+    errors = list(validator.iter_errors(config))
     if errors:
         # the deepest, most specific error first: oneOf branches report their own paths
-        error = jsonschema.exceptions.best_match(errors)
-        raise ConfigError(_format_schema_error(error, schema))
+        raise _schema_error(jsonschema.exceptions.best_match(errors), schema)
     return _fill_defaults(schema, copy.deepcopy(config))
 
 
 # ---------------------------------------------------------------------------------------------
-# registries and semantic checks
+# registries
+
+
+MODEL_SOURCES = ("hub", "toy")
+MODEL_SHAPES = ("llava-1.5-7b", "llava-1.5-13b", "toy")
+BENCHMARK_SOURCES = ("hub", "toy")
+
+
+def _registry_paths(config: dict, root: Path) -> dict[str, tuple[tuple, Path, str]]:
+    registries = config.get("registries", {})
+    paths = {}
+    for kind, default in (("models", "config/models.yaml"), ("benchmarks", "config/benchmarks.yaml")):
+        relative = registries.get(kind, default)
+        paths[kind] = (("registries", kind) if relative != default else (), Path(root) / relative, relative)
+    return paths
+
+
+def _read_registry(key: tuple, path: Path, relative: str, kind: str) -> dict:
+    if not path.exists():
+        if key:
+            raise ConfigError(f"{relative!r}: the {kind} registry file {display_path(path)} does not exist; "
+                              f"valid: a registry file path relative to the working directory, e.g. "
+                              f"config/{kind}.yaml", key)
+        raise ConfigError(f"the {kind} registry {relative} does not exist (looked in {Path(path).parent.parent}); "
+                          f"valid: run from the repository root, or set registries.{kind}", (), display_path(path))
+    data = read_yaml_file(path, f"{kind} registry")
+    if not isinstance(data, dict) or not data:
+        raise ConfigError(f"the {kind} registry holds {_show(data)[:60]}; valid: a mapping of names to entries, "
+                          f"as in config/{kind}.yaml", (), display_path(path))
+    for name, entry in data.items():
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{_show(entry)[:60]} is not an entry; valid: a mapping (source, id, ...)",
+                              [str(name)], display_path(path))
+    return data
 
 
 def load_registries(config: dict, root: Path = REPO_ROOT) -> tuple[dict, dict]:
-    registries = config.get("registries", {})
-    models = _load_yaml(root / registries.get("models", "config/models.yaml"))
-    benchmarks = _load_yaml(root / registries.get("benchmarks", "config/benchmarks.yaml"))
-    return models, benchmarks
+    """(model registry, benchmark registry), read strictly; ConfigError names a missing or bad file."""
+    paths = _registry_paths(config, Path(root))
+    return (_read_registry(*paths["models"], "models"), _read_registry(*paths["benchmarks"], "benchmarks"))
 
 
-def model_dims(name: str, entry: dict):
+def model_dims(name: str, entry: dict, registry: str = "config/models.yaml"):
     """Model dimensions from the registry entry, without downloading anything."""
     from ficoco.dims import ModelDims, llava_1_5_dims
 
@@ -158,12 +477,73 @@ def model_dims(name: str, entry: dict):
         from ficoco.toy.model import toy_llava_config
 
         return ModelDims.from_config(toy_llava_config())
-    raise ConfigError(f"config error: models registry: {name}.shape: {shape!r} is not valid; "
-                      f"valid: llava-1.5-7b, llava-1.5-13b, toy")
+    raise ConfigError(f"{shape!r} is not a known model shape; valid: {', '.join(MODEL_SHAPES)}",
+                      [name, "shape"], registry)
 
 
-def _unknown(key: str, value, valid) -> ConfigError:
-    return ConfigError(f"config error: {key}: {value!r} is not known; valid: {', '.join(sorted(valid))}")
+def _check_model_entry(name: str, entry: dict, registry: str) -> None:
+    if entry.get("source") not in MODEL_SOURCES:
+        raise ConfigError(f"{entry.get('source')!r} is not a model source; valid: {', '.join(MODEL_SOURCES)}",
+                          [name, "source"], registry)
+    if entry.get("shape") not in MODEL_SHAPES:
+        raise ConfigError(f"{entry.get('shape')!r} is not a known model shape; valid: {', '.join(MODEL_SHAPES)}",
+                          [name, "shape"], registry)
+    template = entry.get("prompt_template")
+    if not isinstance(template, str) or "<image>" not in template or "{prompt}" not in template:
+        raise ConfigError(f"{template!r} is not a prompt template; valid: a string with <image> and {{prompt}}, "
+                          f"e.g. \"USER: <image>\\n{{prompt}} ASSISTANT:\"", [name, "prompt_template"], registry)
+    if entry["source"] == "hub" and not entry.get("id"):
+        raise ConfigError(f"{entry.get('id')!r} is not a model id; valid: a Hugging Face id such as "
+                          f"llava-hf/llava-1.5-7b-hf", [name, "id"], registry)
+
+
+def _benchmark_object(name: str, entry: dict, registry: str):
+    """The registered prompt/scoring object of a benchmark registry entry."""
+    from ficoco import benchmarks as benchmark_modules
+
+    module = entry.get("module", name)
+    if module not in benchmark_modules.names():
+        key = [name, "module"] if "module" in entry else [name]
+        raise ConfigError(f"{module!r} is not a registered benchmark module; valid: "
+                          f"{', '.join(benchmark_modules.names())}", key, registry)
+    return benchmark_modules.get(module)
+
+
+def _check_benchmark_entry(name: str, entry: dict, registry: str) -> None:
+    source = entry.get("source", "hub")
+    if source not in BENCHMARK_SOURCES:
+        raise ConfigError(f"{source!r} is not a benchmark source; valid: {', '.join(BENCHMARK_SOURCES)}",
+                          [name, "source"], registry)
+    rows = entry.get("rows")
+    if source == "toy" and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
+        raise ConfigError(f"{rows!r} is not a row count; valid: an integer >= 1 (the toy benchmark's size)",
+                          [name, "rows"], registry)
+    if source == "hub":
+        for field in ("id", "split"):
+            if not entry.get(field):
+                raise ConfigError(f"{entry.get(field)!r} is missing; valid: the dataset's {field}, as in "
+                                  f"config/benchmarks.yaml", [name, field], registry)
+
+
+# ---------------------------------------------------------------------------------------------
+# semantic checks
+
+
+def _unknown(key: Sequence, value, valid) -> ConfigError:
+    valid = sorted(map(str, valid))
+    return ConfigError(f"{value!r} is not known{_did_you_mean(value, valid)}; valid: {', '.join(valid)}", key)
+
+
+def _check_names(config: dict, key: str, valid: Iterable[str]) -> None:
+    valid = list(valid)
+    first: dict[str, int] = {}
+    for index, name in enumerate(config[key]):
+        if name not in valid:
+            raise _unknown([key, index], name, valid)
+        if name in first:
+            raise ConfigError(f"{name!r} is listed twice (also {key}[{first[name]}]); valid: each name once",
+                              [key, index])
+        first[name] = index
 
 
 def resolve_budget(budget, visual_tokens: int) -> int:
@@ -173,6 +553,11 @@ def resolve_budget(budget, visual_tokens: int) -> int:
 
         return budget_from_ratio(budget["reduction"], visual_tokens)
     return int(budget)
+
+
+def _max_reduction(visual_tokens: int) -> float:
+    """The largest reduction (4 decimals) that still leaves one token: round_half_up(n (1 - r)) >= 1."""
+    return int((1 - 0.5 / visual_tokens) * 10**4) / 10**4
 
 
 def method_overrides(config: dict, models: dict, model: str, method: str, budget: str) -> dict:
@@ -186,39 +571,168 @@ def method_overrides(config: dict, models: dict, model: str, method: str, budget
     return merged
 
 
-def validate(config: dict, root: Path = REPO_ROOT) -> dict:
-    """Full validation: schema, registry names, budgets against every model and method.
-
-    Returns the config with defaults filled in. Raises ConfigError (one line) on the first problem.
-    """
-    config = check_schema(config, Path(root) / "workflow" / "schemas" / "config.schema.yaml")
-    models, benchmarks = load_registries(config, root)
-    for index, name in enumerate(config["models"]):
-        if name not in models:
-            raise _unknown(f"models[{index}]", name, models)
-    for index, name in enumerate(config["benchmarks"]):
-        if name not in benchmarks:
-            raise _unknown(f"benchmarks[{index}]", name, benchmarks)
-    if isinstance(config["shards"], dict):
-        for name in config["shards"]:
-            if name not in config["benchmarks"]:
-                raise _unknown(f"shards.{name}", name, config["benchmarks"])
-
-    from ficoco import methods as method_registry
-
+def _check_method_params(config: dict, method_registry) -> None:
+    """method_params only for methods in the grid, only with parameters the method has."""
     valid_methods = method_registry.names()
-    for index, name in enumerate(config["methods"]):
+    for name, params in config["method_params"].items():
+        key = ["method_params", name]
         if name not in valid_methods:
-            raise _unknown(f"methods[{index}]", name, valid_methods)
-    for index, name in enumerate(config["measure"]["methods"] or []):
+            raise _unknown(key, name, valid_methods)
         if name not in config["methods"]:
-            raise _unknown(f"measure.methods[{index}]", name, config["methods"])
-    for name in config["method_params"]:
-        if name not in valid_methods:
-            raise _unknown(f"method_params.{name}", name, valid_methods)
+            raise ConfigError(f"parameters {_show(params)} for method {name!r}, which is not in methods; valid: "
+                              f"parameters for methods in the grid ({', '.join(config['methods'])}), or add "
+                              f"{name} to methods", key)
+        method = method_registry.get(name)
+        if not method.params:
+            raise ConfigError(f"{_show(params)}: method {name} has no parameters; valid: no method_params entry "
+                              f"for {name}", key)
+        for param, value in params.items():
+            if param == "per_budget":
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{_show(value)} is not a mapping; valid: budget -> parameters, e.g. "
+                                      f"{{64: {{{next(iter(method.params))}: ...}}}}", key + ["per_budget"])
+                for budget, overrides in value.items():
+                    if not isinstance(overrides, dict):
+                        raise ConfigError(f"{_show(overrides)} is not a mapping; valid: parameters of {name} "
+                                          f"({', '.join(method.params)})", key + ["per_budget", str(budget)])
+                    for inner, inner_value in overrides.items():
+                        if inner not in method.params:
+                            raise ConfigError(f"{inner!r} is not a parameter of {name}"
+                                              f"{_did_you_mean(inner, method.params)}; valid: "
+                                              f"{', '.join(method.params)}", key + ["per_budget", str(budget), inner])
+                        _check_param_value(method, inner, inner_value, key + ["per_budget", str(budget), inner])
+            elif param not in method.params:
+                raise ConfigError(f"{param!r} is not a parameter of {name}{_did_you_mean(param, method.params)}; "
+                                  f"valid: {', '.join(method.params)}, per_budget", key + [param])
+            else:
+                _check_param_value(method, param, value, key + [param])
 
-    for model in config["models"]:
-        dims = model_dims(model, models[model])
+
+def _check_param_value(method, param: str, value: Any, key: list) -> None:
+    """One parameter value against the method's own check (ranges that involve the model or the
+    budget are checked later, by `check_budget`)."""
+    problem = method.params[param].check(value)
+    if problem:
+        note = "" if method.budgeted else f" (adaptive, budget label {ADAPTIVE})"
+        raise ConfigError(f"method {method.name}{note}: {param}={_show(value)} {problem} "
+                          f"({method.params[param].doc}); valid: {problem.removeprefix('must be ')}", key)
+
+
+def _check_per_budget_keys(config: dict, labels: list[int]) -> None:
+    """A per_budget block only for budgets of the grid (as resolved on the configured models)."""
+    valid = ", ".join(map(str, sorted(set(labels), reverse=True)))
+    for name, params in config["method_params"].items():
+        for budget in params.get("per_budget", {}):
+            if isinstance(budget, bool) or not isinstance(budget, int) or budget not in labels:
+                raise ConfigError(f"{budget!r} is not a budget of the grid; valid: one of the grid's budgets "
+                                  f"(integers): {valid}", ["method_params", name, "per_budget", str(budget)])
+
+
+def _option_problem(value: Any, default: Any) -> str | None:
+    """Why a benchmark option value does not fit its default's kind (None when it fits)."""
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "true or false"
+    if isinstance(default, int):
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if isinstance(default, float):
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+    if isinstance(default, str):
+        return None if isinstance(value, str) and value else "a non-empty string"
+    if isinstance(default, (list, tuple)):
+        choices = list(default)
+        if not isinstance(value, list) or not value:
+            return f"a non-empty list drawn from {', '.join(map(str, choices))}"
+        if all(isinstance(choice, str) for choice in choices) and any(item not in choices for item in value):
+            return f"a non-empty list drawn from {', '.join(choices)}"
+    return None
+
+
+def _check_benchmark_options(config: dict, benchmarks: dict, registry: str) -> None:
+    for name, options in config["benchmark_options"].items():
+        key = ["benchmark_options", name]
+        if name not in benchmarks:
+            raise _unknown(key, name, benchmarks)
+        if name not in config["benchmarks"]:
+            raise ConfigError(f"options {_show(options)} for benchmark {name!r}, which is not in benchmarks; valid: "
+                              f"options for benchmarks in the grid ({', '.join(config['benchmarks'])}), or add "
+                              f"{name} to benchmarks", key)
+        entry = benchmarks[name]
+        defaults = dict(getattr(_benchmark_object(name, entry, registry), "option_defaults", {}) or {})
+        if not defaults:
+            where = (" (its rows and seed are set in its benchmark registry entry)"
+                     if entry.get("source") == "toy" else "")
+            raise ConfigError(f"{_show(options)}: benchmark {name} takes no options{where}; valid: no "
+                              f"benchmark_options entry for {name}", key)
+        for option, value in options.items():
+            if option not in defaults:
+                raise ConfigError(f"{option!r} is not an option of benchmark {name}"
+                                  f"{_did_you_mean(option, defaults)}; valid: {', '.join(sorted(defaults))}",
+                                  key + [option])
+            if option == "subset_size" and value is not None:
+                rows = entry.get("rows")
+                top = rows if isinstance(rows, int) and not isinstance(rows, bool) else None
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (top and value > top):
+                    span = f"1..{top}" if top else "an integer >= 1"
+                    raise ConfigError(f"{_show(value)} is not a subset size; valid: {span} (the benchmark has "
+                                      f"{top or 'an unknown number of'} rows), or null for all rows", key + [option])
+                continue
+            problem = _option_problem(value, defaults[option])
+            if problem:
+                raise ConfigError(f"{_show(value)} does not fit option {option} of {name}; valid: {problem} "
+                                  f"(default: {_show(defaults[option])})", key + [option])
+
+
+def rows_of(config: dict, benchmarks: dict, name: str) -> tuple[int | None, str]:
+    """The most rows an evaluate job of `name` can see (registry rows, subset_size, limit) and why."""
+    candidates = []
+    rows = benchmarks[name].get("rows")
+    if isinstance(rows, int) and not isinstance(rows, bool):
+        candidates.append((rows, f"{rows} rows in the benchmark registry"))
+    subset = config["benchmark_options"].get(name, {}).get("subset_size")
+    if isinstance(subset, int) and not isinstance(subset, bool):
+        candidates.append((subset, f"benchmark_options.{name}.subset_size {subset}"))
+    if config["limit"] is not None:
+        candidates.append((config["limit"], f"limit {config['limit']}"))
+    if not candidates:
+        return None, ""
+    return min(candidates, key=lambda pair: pair[0])
+
+
+def _check_shards(config: dict, benchmarks: dict) -> None:
+    shards = config["shards"]
+    if isinstance(shards, dict):
+        for name in shards:
+            if name not in config["benchmarks"]:
+                raise ConfigError(f"{shards[name]} shards for benchmark {name!r}, which is not in benchmarks; "
+                                  f"valid: shards for benchmarks in the grid ({', '.join(config['benchmarks'])})",
+                                  ["shards", name])
+    for name in config["benchmarks"]:
+        count = shards_for(config, name)
+        rows, why = rows_of(config, benchmarks, name)
+        if rows is not None and count > rows:
+            key = ["shards", name] if isinstance(shards, dict) else ["shards"]
+            raise ConfigError(f"{count} shards for benchmark {name}, which has at most {rows} rows to evaluate "
+                              f"({why}); valid: 1..{rows} (a shard needs at least one row)", key)
+
+
+def _check_budgets(config: dict, models: dict, model_registry: str, method_registry) -> None:
+    dims_of = {name: model_dims(name, models[name], model_registry) for name in config["models"]}
+    labels: list[int] = []
+    for model, dims in dims_of.items():
+        for index, raw in enumerate(config["budgets"]):
+            try:
+                budget = resolve_budget(raw, dims.visual_tokens)
+            except ValueError:
+                raise ConfigError(f"{_show(raw)} leaves no visual token of the {dims.visual_tokens} of model {model}; "
+                                  f"valid: a reduction <= {_max_reduction(dims.visual_tokens)} (at least one token), "
+                                  f"or an integer budget >= 1", ["budgets", index]) from None
+            if budget > dims.visual_tokens:
+                raise ConfigError(f"{budget} is above the {dims.visual_tokens} visual tokens of model {model}; "
+                                  f"valid: 1..{dims.visual_tokens}", ["budgets", index])
+            labels.append(budget)
+    _check_per_budget_keys(config, labels)
+
+    for model, dims in dims_of.items():
         for method in config["methods"]:                  # adaptive methods run once, without a budget
             if method_registry.get(method).budgeted:
                 continue
@@ -226,13 +740,10 @@ def validate(config: dict, root: Path = REPO_ROOT) -> dict:
             try:
                 method_registry.get(method).check_budget(dims, None, **overrides)
             except ValueError as error:
-                raise ConfigError(f"config error: methods: {method} (adaptive, budget label {ADAPTIVE}) on model "
-                                  f"{model}: {' '.join(str(error).split())}") from None
+                raise ConfigError(f"{method} (adaptive, budget label {ADAPTIVE}) on model {model}: {error}",
+                                  ["methods"]) from None
         for index, raw in enumerate(config["budgets"]):
             budget = resolve_budget(raw, dims.visual_tokens)
-            if budget > dims.visual_tokens:
-                raise ConfigError(f"config error: budgets[{index}]: {budget} is above the {dims.visual_tokens} visual "
-                                  f"tokens of model {model}; valid: 1..{dims.visual_tokens}")
             for method in config["methods"]:
                 if method == "vanilla" or not method_registry.get(method).budgeted:
                     continue
@@ -240,9 +751,96 @@ def validate(config: dict, root: Path = REPO_ROOT) -> dict:
                 try:
                     method_registry.get(method).check_budget(dims, budget, **overrides)
                 except ValueError as error:  # InfeasibleBudget and bad overrides are ValueErrors
-                    raise ConfigError(f"config error: budgets[{index}]: {budget} for method {method} on model "
-                                      f"{model}: {' '.join(str(error).split())}") from None
+                    valid = _reachable(config, models, model, dims, method, budget, error)
+                    raise ConfigError(f"{budget} for method {method} on model {model}: {str(error).rstrip('.')}; "
+                                      f"valid: {valid}", ["budgets", index]) from None
+
+
+def _reachable(config: dict, models: dict, model: str, dims, method: str, budget: int, error: ValueError) -> str:
+    """What would be valid instead of an unreachable budget: the smallest budget the method reaches
+    with the same settings (feasibility grows with the budget), or settings that satisfy the rule."""
+    from ficoco import methods as method_registry
+    from ficoco.budget import InfeasibleBudget
+
+    if not isinstance(error, InfeasibleBudget):
+        return f"method_params for {method} that satisfy the rule above"
+
+    def feasible(candidate: int) -> bool:
+        overrides = method_overrides(config, models, model, method, str(candidate))
+        try:
+            method_registry.get(method).check_budget(dims, candidate, **overrides)
+        except ValueError:
+            return False
+        return True
+
+    low, high = budget, dims.visual_tokens          # infeasible at low; find the smallest feasible above it
+    if not feasible(high):
+        return f"method_params for {method} that reach a budget on {model} (none does with these settings)"
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if feasible(middle) else (middle, high)
+    return (f"a budget of at least {high} for {method} on {model} with these settings, or method_params that "
+            f"reach {budget} (see above)")
+
+
+def _validate(config: dict, root: Path) -> dict:
+    """The checks, cheapest first (torch is imported only once the structure is right)."""
+    config = check_schema(config, root / "workflow" / "schemas" / "config.schema.yaml")
+    paths = _registry_paths(config, root)
+    models, benchmarks = load_registries(config, root)
+    model_registry, benchmark_registry = display_path(paths["models"][1]), display_path(paths["benchmarks"][1])
+    _check_names(config, "models", models)
+    _check_names(config, "benchmarks", benchmarks)
+    for name in config["models"]:
+        _check_model_entry(name, models[name], model_registry)
+    for name in config["benchmarks"]:
+        _check_benchmark_entry(name, benchmarks[name], benchmark_registry)
+        _benchmark_object(name, benchmarks[name], benchmark_registry)
+    _check_benchmark_options(config, benchmarks, benchmark_registry)
+    _check_shards(config, benchmarks)
+
+    from ficoco import methods as method_registry
+
+    _check_names(config, "methods", method_registry.names())
+    for index, name in enumerate(config["measure"]["methods"] or []):
+        if name not in config["methods"]:
+            raise ConfigError(f"{name!r} is not in methods{_did_you_mean(name, config['methods'])}; valid: "
+                              f"methods of the grid ({', '.join(config['methods'])}), or null for all",
+                              ["measure", "methods", index])
+    _check_method_params(config, method_registry)
+    _check_budgets(config, models, model_registry, method_registry)
     return config
+
+
+def validate(config: dict, root: Path = REPO_ROOT, sources: Sources | None = None) -> dict:
+    """Full validation: schema, registries, names, options, shards, budgets against every model and method.
+
+    Returns the config with defaults filled in. Raises ConfigError (one line) on the first problem;
+    with `sources` (from `merge_sources`) the message names the file (or `--config`) that set the key.
+    """
+    try:
+        return _validate(config, Path(root))
+    except ConfigError as error:
+        if sources is None or error.source:
+            raise
+        source = sources.of(error.key)
+        text = error.text
+        if source == CONFIG_OPTION and error.key:
+            hint = _config_option_hint(str(error.key[0]), config.get(error.key[0]),
+                                       _load_schema(Path(root) / "workflow" / "schemas" / "config.schema.yaml"))
+            text = f"{text}; {hint}" if hint else text
+        raise ConfigError(text, error.key, source) from None
+
+
+def load_config(files: Sequence[str | Path], overrides: Mapping | None = None, root: Path | None = None) -> dict:
+    """Read config files strictly, merge them and the `--config` overrides as Snakemake does, validate.
+
+    `files` are read in order (later ones win); `overrides` is Snakemake's parsed `--config`
+    (`workflow.config_settings.config`). Registries and schema are read relative to `root`
+    (default: the working directory). Raises ConfigError (one line) on the first problem.
+    """
+    merged, sources = merge_sources(files, overrides)
+    return validate(merged, Path.cwd() if root is None else Path(root), sources)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,15 +886,16 @@ def job_grid(config: dict, root: Path = REPO_ROOT) -> list[Job]:
 
 def load_and_validate(path: str | Path, root: Path | None = None) -> dict:
     """Validate a config file; registries and schema are read relative to `root` (default: cwd)."""
-    return validate(_load_yaml(Path(path)), Path.cwd() if root is None else root)
+    return load_config([path], None, root)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ficoco grid", description="Validate a config and print its job grid.")
-    parser.add_argument("--configfile", default="config/config.yaml")
+    parser.add_argument("--configfile", "--configfiles", nargs="+", default=[DEFAULT_CONFIG], metavar="FILE",
+                        help="config file(s), merged in order as Snakemake does (default: %(default)s)")
     args = parser.parse_args(argv)
     try:
-        config = load_and_validate(args.configfile)
+        config = load_config(args.configfile)
     except ConfigError as error:
         print(error, file=sys.stderr)
         return 1

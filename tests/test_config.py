@@ -66,7 +66,7 @@ def test_missing_key():
 
 def test_wrong_type():
     message = error_of(paper_like(batch_size="8"))
-    assert "batch_size" in message and '"8"' in message and "integer" in message
+    assert "batch_size" in message and "'8'" in message and "integer" in message
 
 
 def test_unknown_key():

@@ -5,16 +5,12 @@ import re
 import sys
 from pathlib import Path
 
-from ficoco.config import ConfigError, FULL, job_grid, load_registries, method_overrides, validate
+from ficoco.config import FULL, job_grid, load_registries, method_overrides
 
-try:
-    _validated = validate(config, Path.cwd())  # registries and schema relative to the working directory
-except ConfigError as error:
-    # one line, before any job starts
-    sys.stderr.write(f"{error}\n")
-    sys.exit(1)
+# The Snakefile read the config files strictly and validated them with the --config overrides
+# (ficoco.config.load_config); the validated config, defaults filled in, replaces Snakemake's reading.
 config.clear()
-config.update(_validated)
+config.update(VALIDATED_CONFIG)
 
 MODELS, BENCHMARKS = load_registries(config, Path.cwd())
 JOBS = job_grid(config, Path.cwd())
