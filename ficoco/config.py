@@ -476,7 +476,7 @@ def model_dims(name: str, entry: dict, registry: str = "config/models.yaml"):
     if shape == "toy":
         from ficoco.toy.model import toy_llava_config
 
-        return ModelDims.from_config(toy_llava_config())
+        return ModelDims.from_config(toy_llava_config(entry.get("size", "default")))
     raise ConfigError(f"{shape!r} is not a known model shape; valid: {', '.join(MODEL_SHAPES)}",
                       [name, "shape"], registry)
 
@@ -889,10 +889,25 @@ def load_and_validate(path: str | Path, root: Path | None = None) -> dict:
     return load_config([path], None, root)
 
 
+def planned_schedule(config: dict, models: dict, job: Job) -> dict:
+    """What a job's method plans on its model: visual tokens delivered to the LLM and per LLM layer
+    (None for an adaptive method, which chooses a count per image while it runs)."""
+    from ficoco import methods
+
+    dims = model_dims(job.model, models[job.model])
+    budget = methods.budget_from_label(job.method, job.budget)
+    plan = methods.get(job.method).plan(dims, budget, **method_overrides(config, models, job.model, job.method,
+                                                                          job.budget))
+    return {"visual_tokens": dims.visual_tokens, "delivered": plan["delivered"], "llm_visual": plan["llm_visual"],
+            "layer_average": plan["layer_average"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ficoco grid", description="Validate a config and print its job grid.")
     parser.add_argument("--configfile", "--configfiles", nargs="+", default=[DEFAULT_CONFIG], metavar="FILE",
                         help="config file(s), merged in order as Snakemake does (default: %(default)s)")
+    parser.add_argument("--json", action="store_true",
+                        help="one JSON object per job, with its planned schedule (visual tokens per LLM layer)")
     args = parser.parse_args(argv)
     try:
         config = load_config(args.configfile)
@@ -900,6 +915,11 @@ def main(argv: list[str] | None = None) -> int:
         print(error, file=sys.stderr)
         return 1
     jobs = job_grid(config, Path.cwd())
+    if args.json:
+        models, _ = load_registries(config, Path.cwd())
+        for job in jobs:
+            print(json.dumps({**job.to_dict(), "planned": planned_schedule(config, models, job)}))
+        return 0
     for job in jobs:
         print(f"{job.model:16} {job.benchmark:14} {job.method:14} {job.phase:7} b{job.budget:<5} "
               f"shard {job.shard + 1}/{job.shards}")

@@ -7,7 +7,10 @@
     `score`: all shards' predictions -> benchmark metrics + mean costs -> metrics.json (atomic)
 
 A killed job (SIGKILL included) rerun with the same arguments skips the ids already journaled, so no
-sample is lost or counted twice and the final metrics equal those of an uninterrupted run.
+sample is lost or counted twice and the final metrics equal those of an uninterrupted run. Only an
+unfinished journal with the job's own fingerprint (ficoco.fingerprint) is resumed; any other is set
+aside and the job starts fresh (docs/contracts.md §6). Every record is checked against the method's
+plan before it is journaled (ficoco.invariants).
 """
 from __future__ import annotations
 
@@ -17,9 +20,10 @@ import os
 import platform
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
-from ficoco.journal import Journal, atomic_write_json, read_jsonl, write_jsonl_atomic
+from ficoco.journal import Journal, atomic_write_json, read_jsonl, remove_stale_temporaries, write_jsonl_atomic
 
 FULL = "full"
 ADAPTIVE = "adaptive"      # an adaptive method's one run: its realised per-sample counts are the record
@@ -137,28 +141,36 @@ class Generator:
         return self._record(row, "", None, 0, 0.0, None, error=error)
 
     def records_for(self, rows: list[dict]) -> list[dict]:
-        """Generate a batch; a row that cannot run (bad row, error) becomes a failure record, never a gap."""
+        """Generate a batch; a row that cannot run (bad row, error) becomes a failure record, never a gap.
+
+        Each row is checked first (`ficoco.benchmarks.rows.check_row`: image decoded in full, every
+        field checked); a bad row's record carries `error = "bad row: <reasons>"`.
+        """
+        from ficoco.benchmarks.rows import check_row
+
         runnable = []
         records = []
         for row in rows:
-            bad = json.loads(row.get("meta") or "{}").get("bad_row")
+            row = check_row(row, self.benchmark)
+            bad = json.loads(row["meta"]).get("bad_row")
             if bad:
                 records.append(self.failed(row, f"bad row: {bad}"))
             else:
                 runnable.append(row)
         # one processor call per kind: with images, and text-only (e.g. ScienceQA-FULL)
         for group in ([r for r in runnable if r["image"] is not None], [r for r in runnable if r["image"] is None]):
-            if not group:
-                continue
-            try:
-                records.extend(self.generate(group))
-            except Exception as error:  # noqa: BLE001 - isolate the failing sample, keep the job going
-                if len(group) == 1:
-                    records.append(self.failed(group[0], f"{type(error).__name__}: {error}"))
-                else:
-                    for row in group:
-                        records.extend(self.records_for([row]))
+            if group:
+                records.extend(self._generate_isolating_errors(group))
         return sorted(records, key=lambda record: record["row"])
+
+    def _generate_isolating_errors(self, rows: list[dict]) -> list[dict]:
+        """`generate(rows)`; when it raises, each row alone, so only the failing row becomes a failure."""
+        try:
+            return self.generate(rows)
+        except Exception as error:  # noqa: BLE001 - isolate the failing sample, keep the job going
+            if len(rows) == 1:
+                return [self.failed(rows[0], f"{type(error).__name__}: {error}")]
+            return [record for row in rows for record in self._generate_isolating_errors([row])]
 
 
 def evaluate_shard(*, model_dir, benchmark_dir, benchmark: str, method: str, budget: str, out: str | Path,
@@ -170,6 +182,9 @@ def evaluate_shard(*, model_dir, benchmark_dir, benchmark: str, method: str, bud
     """Run (or resume) one shard and write `out` (predictions.jsonl) when every sample is recorded.
 
     `benchmark` names the job; `benchmark_module` the registered prompt/scoring module (default: the same).
+    The journal beside `out` is resumed only when it is unfinished and carries this job's fingerprint;
+    any other journal is set aside (`set-aside/` beside it) and the job starts fresh, saying why on
+    stderr (the job's log). Each record is checked against the method's plan before it is journaled.
     """
     _offline()
     import torch
@@ -177,46 +192,67 @@ def evaluate_shard(*, model_dir, benchmark_dir, benchmark: str, method: str, bud
 
     import ficoco
     from ficoco import benchmarks as benchmark_registry
+    from ficoco import methods as method_registry
     from ficoco.benchmarks.fetch import load_local, shard_rows
     from ficoco.dims import ModelDims
-    from ficoco.methods import budget_from_label
+    from ficoco.fingerprint import job_fingerprint
+    from ficoco.invariants import check_record
 
-    budget_value = budget_from_label(method, budget)    # a label that does not fit fails before any work
+    budget_value = method_registry.budget_from_label(method, budget)   # a label that does not fit fails first
+    params = method_registry.get(method).resolve(overrides or {})      # so do unknown or bad overrides
 
     out = Path(out)
     journal = Journal(out.parent / "journal.jsonl")
+    for path in (out, journal.path):                  # what a killed atomic write left behind
+        for debris in remove_stale_temporaries(path):
+            _say(f"removed {debris}, left by a killed attempt")
     bench = benchmark_registry.get(benchmark_module or benchmark)
     # a judged benchmark without an API key fails here, before the model is loaded
     judge = bench.make_judge(options) if getattr(bench, "needs_judge", False) else None
-    dataset, _ = load_local(benchmark_dir, expected_options=options or None)
+    dataset, _ = load_local(benchmark_dir, expected_options=options or None, safe=True)
     total = len(dataset) if limit is None else min(limit, len(dataset))
     rows = list(shard_rows(total, shard, shards))
+    device = pick_device(device)
+    fingerprint = job_fingerprint(
+        model_dir=model_dir, benchmark_dir=benchmark_dir, benchmark_module=benchmark_module or benchmark,
+        options=options or {}, method=method, budget=budget, params=params, template=template, dtype=dtype,
+        image_preprocessing=image_preprocessing, batch_size=batch_size, device=device, shard=shard, shards=shards,
+        limit=limit)
+    header = _open_journal(journal, fingerprint, job)
     done = journal.read()
-    todo = [index for index in rows if str(dataset[index]["id"]) not in done]
+    sample_ids = {index: str(dataset[index]["id"]) for index in rows}     # the journal's keys
+    todo = [index for index in rows if sample_ids[index] not in done]
 
-    run = _start_tracking(job, out, len(rows))
+    run = _start_tracking(job, out, len(rows), header=header, params=params, model_dir=model_dir)
     if todo:
         torch.manual_seed(0)
-        model, processor = load_model(model_dir, pick_device(device), dtype)
+        model, processor = load_model(model_dir, device, dtype)
         handle = ficoco.apply(model, method, budget_value, **(overrides or {}))
         generator = Generator(model, processor, handle, bench, options or {}, template, image_preprocessing,
                               ModelDims.from_config(model.config), judge=judge)
-        bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc=f"{benchmark}/{method}/b{budget}",
+        recorded = len(rows) - len(todo)
+        bar = tqdm(total=len(rows), initial=recorded, desc=f"{benchmark}/{method}/b{budget}",
                    unit="sample", disable=not progress)
         for batch in _batches(todo, batch_size):
             batch_rows = [dict(dataset[index], _row=index) for index in batch]
             records = generator.records_for(batch_rows)
+            has_image = {index: row["image"] is not None for index, row in zip(batch, batch_rows)}
+            for record in records:            # a count or cost that cannot be true fails the job here
+                check_record(handle.plan["method"], handle.plan, record, has_image[record["row"]])
             journal.append(records)           # durable before we move on: a kill loses at most this batch
+            recorded += len(records)
             bar.update(len(records))
-            if run is not None:
+            if run is not None:               # independent of the progress bar (--no-progress)
                 scored = [r["score"] for r in records if r["score"] is not None]
-                run.log({"progress/samples": bar.n, "batch/score": sum(scored) / max(len(scored), 1)})
+                run.log({"progress/samples": recorded, "progress/fraction": recorded / len(rows),
+                         "batch/score": sum(scored) / max(len(scored), 1)}, step=recorded)
         bar.close()
         handle.remove()
 
     records = journal.read()
-    shard_records = sorted((records[str(dataset[index]["id"])] for index in rows), key=lambda r: r["row"])
+    shard_records = sorted((records[sample_ids[index]] for index in rows), key=lambda r: r["row"])
     write_jsonl_atomic(out, shard_records)
+    journal.finish(records=len(shard_records), predictions=out.name)   # never resumed again
     if run is not None:
         from ficoco.tracking import finish, log_summary
 
@@ -225,16 +261,69 @@ def evaluate_shard(*, model_dir, benchmark_dir, benchmark: str, method: str, bud
     return out
 
 
-def _start_tracking(job: dict | None, out: Path, samples: int):
-    if job is None:
-        return None
-    from ficoco.tracking import init_run
+def _say(message: str) -> None:
+    """One line in the job's log (stderr)."""
+    print(f"ficoco run: {message}", file=sys.stderr, flush=True)
 
+
+def _open_journal(journal: Journal, fingerprint, job: dict | None) -> dict:
+    """The header of the journal this job continues, or of the fresh one it starts.
+
+    Resumed: an unfinished journal with the same fingerprint. Set aside (with the W&B run folders of
+    its run): any other, finished or not (ficoco.journal.why_not_resume says why, in the log).
+    """
+    from ficoco.fingerprint import run_id
+    from ficoco.journal import why_not_resume
+    from ficoco.tracking import move_run_folders
+
+    digest = fingerprint.digest()
+    contents = journal.load()
+    aside = why_not_resume(contents, fingerprint.as_dict(), digest)
+    if aside is None and not contents.empty:
+        _say(f"resuming {journal.path}: {len(contents.records)} samples recorded under the same fingerprint "
+             f"{digest[:12]}")
+        return contents.header
+    if aside is not None:
+        folder = journal.set_aside(aside.slug)
+        old_run = (contents.header or {}).get("run_id")
+        moved = move_run_folders(journal.path.parent, old_run, folder) if old_run else []
+        _say(f"set aside {journal.path} ({len(contents.records)} samples) to {folder}"
+             + (f" with its {len(moved)} W&B run folder(s)" if moved else "")
+             + f": {aside.reason}; starting fresh")
+    started = datetime.now(timezone.utc).isoformat(timespec="microseconds")
+    header = {"fingerprint": fingerprint.as_dict(), "fingerprint_sha256": digest, "started": started,
+              "run_id": run_id(digest, started, job)}
+    journal.start(header)
+    _say(f"new journal {journal.path} (fingerprint {digest[:12]})")
+    return header
+
+
+def budget_number(label: str, model_dir: str | Path) -> int | None:
+    """A budget label as a number of visual tokens per LLM layer, for plots: the integer; "full" -> the
+    model's visual tokens per image (unreduced); "adaptive" -> None (a count per sample)."""
+    if label == ADAPTIVE:
+        return None
+    if label == FULL:
+        from ficoco.dims import ModelDims
+
+        return ModelDims.from_config(json.loads((Path(model_dir) / "config.json").read_text())).visual_tokens
+    return int(label)
+
+
+def _start_tracking(job: dict | None, out: Path, samples: int, *, header: dict, params: dict, model_dir):
+    """The W&B run of this journal (its id from the journal header: a resumed journal resumes its run)."""
+    from ficoco.tracking import effective_mode, init_run
+
+    if job is None or effective_mode() == "disabled":
+        return None
     name = f"{job['method']}-b{job['budget']}-{job['benchmark']}" + (
         f"-shard{job['shard']}of{job['shards']}" if job.get("shards", 1) > 1 else "")
-    return init_run(job_type="eval", name=name, group=f"{job['model']}/{job['benchmark']}",
-                    config={**job, "samples": samples}, run_dir=out.parent,
-                    tags=[job["method"], job["phase"], f"b{job['budget']}", job["benchmark"]])
+    config = {**job, "budget": budget_number(job["budget"], model_dir), "budget_label": job["budget"],
+              "params": params, "samples": samples, "fingerprint": header["fingerprint"],
+              "fingerprint_sha256": header["fingerprint_sha256"], "journal_started": header["started"]}
+    return init_run(job_type="eval", name=name, group=f"{job['model']}/{job['benchmark']}", config=config,
+                    run_dir=out.parent, tags=[job["method"], job["phase"], f"b{job['budget']}", job["benchmark"]],
+                    run_id=header["run_id"])
 
 
 def _mean(values) -> float | None:
@@ -275,6 +364,7 @@ def score(prediction_files: list[str | Path], benchmark: str, out: str | Path, j
     """
     from ficoco import benchmarks as benchmark_registry
 
+    remove_stale_temporaries(out)                 # what a killed earlier attempt's atomic write left
     records = sorted((r for path in prediction_files for r in read_jsonl(path)), key=lambda r: r["row"])
     ids = [r["id"] for r in records]
     if len(ids) != len(set(ids)):
@@ -302,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
                                                    "(default: --benchmark)")
     parser.add_argument("--benchmark-dir", required=True)
     parser.add_argument("--method", required=True)
-    parser.add_argument("--phase", default="")
+    parser.add_argument("--phase", help="the method's phase (default: the method's own; a different value is "
+                                        "an error)")
     parser.add_argument("--budget", required=True, help="'full', 'adaptive' (an adaptive method's one run) or "
                                                         "average visual tokens per LLM layer")
     parser.add_argument("--shard", type=int, default=0)
@@ -321,15 +412,36 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.budget not in (FULL, ADAPTIVE) and not args.budget.isdigit():
         parser.error(f"--budget {args.budget!r}: valid values are 'full', 'adaptive' or a positive integer")
-    job = {"model": args.model, "method": args.method, "phase": args.phase, "budget": args.budget,
+    from ficoco import methods
+    from ficoco.invariants import InvariantViolation
+
+    try:
+        phase = methods.get(args.method).phase
+    except ValueError as error:
+        parser.error(str(error))
+    if args.phase not in (None, phase):
+        parser.error(f"--phase {args.phase!r} disagrees with method {args.method!r}, whose phase is {phase!r}; "
+                     f"omit --phase to use it")
+    job = {"model": args.model, "method": args.method, "phase": phase, "budget": args.budget,
            "benchmark": args.benchmark, "shard": args.shard, "shards": args.shards}
-    evaluate_shard(model_dir=args.model_dir, benchmark_dir=args.benchmark_dir, benchmark=args.benchmark,
-                   method=args.method, budget=args.budget, out=args.out, shard=args.shard, shards=args.shards,
-                   batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-                   overrides=json.loads(args.overrides), options=json.loads(args.options), limit=args.limit,
-                   template=json.loads(args.template),
-                   image_preprocessing=args.image_preprocessing, job=job, progress=not args.no_progress,
-                   benchmark_module=args.benchmark_module)
+    # a job is its own process: it never attaches to a W&B service inherited from whatever started it
+    # (WANDB_SERVICE), where a killed job's run would stay "in use" and its rerun could not resume it
+    os.environ.pop("WANDB_SERVICE", None)
+    from ficoco.doctor import log_environment
+
+    # the environment first in every job's log: versions, devices, the adapter self-check, W&B mode
+    log_environment(lambda line: print(f"ficoco doctor: {line}", file=sys.stderr, flush=True))
+    try:
+        evaluate_shard(model_dir=args.model_dir, benchmark_dir=args.benchmark_dir, benchmark=args.benchmark,
+                       method=args.method, budget=args.budget, out=args.out, shard=args.shard, shards=args.shards,
+                       batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                       overrides=json.loads(args.overrides), options=json.loads(args.options), limit=args.limit,
+                       template=json.loads(args.template),
+                       image_preprocessing=args.image_preprocessing, job=job, progress=not args.no_progress,
+                       benchmark_module=args.benchmark_module)
+    except InvariantViolation as error:          # one line: method, sample, place, expected, found
+        print(f"ficoco run: invariant violated: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

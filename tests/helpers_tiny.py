@@ -114,3 +114,14 @@ def generate_batch_and_alone(model, handle, prompts: list[list[int]], pixels: to
         alone_counts.append(handle.last_counts()[0])
         assert batched_counts[row] == alone_counts[-1]              # padding excluded from the counts
     return ids, batched, batched_counts, singles, alone_counts
+
+
+def pretend_transformers_version(monkeypatch, version: str) -> None:
+    """Make `transformers.__version__` read `version`. The module object in sys.modules is patched:
+    transformers 5.24 replaces it when a model class is first imported, so a reference taken at import
+    time may be stale."""
+    import sys
+
+    from transformers import LlavaForConditionalGeneration  # noqa: F401 - settle the module object first
+
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", version)

@@ -606,14 +606,14 @@ def test_image_bytes_pass_through_unchanged(tmp_path):
     assert seed.cast_column("image", Image(decode=False))[0]["image"]["bytes"] == first_raw
 
 
-def test_duplicate_ids_are_renamed_not_dropped(tmp_path):
+def test_duplicate_ids_are_refused_with_their_count(tmp_path):
     features = Features({"id": S, "question_id": S, "question": S, "answer": S, "image_source": S,
                          "image": Image(), "category": S})
     data = {"id": ["0", "1", "2"], "question_id": ["7", "7", "7"], "question": ["Is there a cat?"] * 3,
             "answer": ["yes", "no", "yes"], "image_source": ["x"] * 3, "image": [img(RED)] * 3,
             "category": ["random"] * 3}
     repo = write_repo(tmp_path / "repo", [(None, "test", Dataset.from_dict(data, features=features))])
-    manifest, ds, _ = fetch("pope", repo, tmp_path, rows=3)
-    # all three rows kept, in order; repeats get ~1, ~2
-    assert list(ds["id"]) == ["random/7", "random/7~1", "random/7~2"]
-    assert manifest["duplicate_ids_renamed"] == 2 and ds[1]["answers"] == ["no"]
+    # never renamed, never replaced: a job keys its records by id
+    with pytest.raises(ValueError, match=r"1 duplicate id\(s\) on 3 rows \(e.g. 'random/7' x3\)"):
+        fetch("pope", repo, tmp_path, rows=3)
+    assert not (tmp_path / "resources" / "benchmarks" / "pope").exists()

@@ -1,25 +1,15 @@
 """`ficoco doctor`: one line per item, exit code 1 on an unfit environment."""
 from __future__ import annotations
 
-import sys
-
 import pytest
 import transformers
 
 import ficoco.models.llava as llava_adapter
 from ficoco import cli, doctor
 from ficoco.models import selfcheck
+from helpers_tiny import pretend_transformers_version
 
 VARIABLE = "FICOCO_ALLOW_UNTESTED_TRANSFORMERS"
-
-
-def _pretend_transformers(monkeypatch, version: str) -> None:
-    """Make `transformers.__version__` read `version`. The module object in sys.modules is patched:
-    transformers 5.24 replaces it when a model class is first imported, so a reference taken at import
-    time may be stale."""
-    from transformers import LlavaForConditionalGeneration  # noqa: F401 - settle the module object first
-
-    monkeypatch.setattr(sys.modules["transformers"], "__version__", version)
 
 
 @pytest.fixture(autouse=True)
@@ -86,15 +76,15 @@ def test_a_separate_datasets_cache_is_checked_on_its_own(capsys, monkeypatch, tm
 
 
 def test_untested_transformers_without_override_exits_1_and_says_so(capsys, monkeypatch):
-    _pretend_transformers(monkeypatch, "9.9.9")
+    pretend_transformers_version(monkeypatch, "9.9.9")
     code, out = _run(capsys, ["--no-selfcheck"])
     assert code == 1
     assert f"transformers: 9.9.9 (NOT TESTED; tested: 5.23.0, 5.24.0; {VARIABLE}=unset)" in out
-    assert f"problem: transformers 9.9.9 is not a version" in out and f"{VARIABLE}=1" in out
+    assert "problem: transformers 9.9.9 is not a version" in out and f"{VARIABLE}=1" in out
 
 
 def test_untested_transformers_with_override_rests_on_the_selfcheck(capsys, monkeypatch):
-    _pretend_transformers(monkeypatch, "9.9.9")
+    pretend_transformers_version(monkeypatch, "9.9.9")
     monkeypatch.setenv(VARIABLE, "1")
     code, out = _run(capsys)
     assert code == 0

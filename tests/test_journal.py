@@ -1,9 +1,12 @@
 """Crash-safety of the journal and of atomic writes."""
 import json
+import os
 
 import pytest
 
-from ficoco.journal import Journal, atomic_write_json, atomic_write_text, staged_directory
+from ficoco.fingerprint import canonical_json, differences
+from ficoco.journal import (Journal, JournalContents, atomic_write_json, atomic_write_text, remove_stale_temporaries,
+                            staged_directory, why_not_resume)
 
 
 def test_torn_last_line_is_dropped_and_cut(tmp_path):
@@ -59,3 +62,82 @@ def test_staged_directory_replaces_the_old_copy_only_when_complete(tmp_path):
         assert not (out / "new.txt").exists()                                    # nothing visible before the end
     assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
     assert sorted(p.name for p in out.parent.iterdir()) == ["toy"]              # no staging or old copy left
+
+
+# ---------------------------------------------------------------------------------------------
+# header, finished marker, set-aside, debris
+
+HEADER = {"fingerprint": {"method": "ficoco-v", "params": {"start": 2}}, "fingerprint_sha256": "a" * 64,
+          "started": "2026-01-01T00:00:00.000000+00:00", "run_id": "r" * 20}
+
+
+def test_header_records_and_finished_marker_are_told_apart(tmp_path):
+    journal = Journal(tmp_path / "journal.jsonl")
+    journal.start(HEADER)
+    journal.append([{"id": "a", "score": 1.0}, {"id": "b", "score": 0.0}])
+    contents = journal.load()
+    assert contents.header["run_id"] == HEADER["run_id"] and contents.header["format"] == 1
+    assert sorted(contents.records) == ["a", "b"] and contents.finished is None and not contents.empty
+    journal.finish(records=2)
+    contents = Journal(journal.path).load()
+    assert contents.finished["records"] == 2 and sorted(contents.records) == ["a", "b"]
+    assert journal.read() == contents.records
+
+
+def test_torn_line_after_the_header_is_cut(tmp_path):
+    journal = Journal(tmp_path / "journal.jsonl")
+    journal.start(HEADER)
+    journal.append([{"id": "a"}])
+    with open(journal.path, "a") as stream:
+        stream.write('{"id": "b", "pred')
+    contents = journal.load()
+    assert contents.header is not None and sorted(contents.records) == ["a"]
+    assert journal.path.read_text().endswith('"id": "a"}\n')
+
+
+def test_only_an_unfinished_journal_with_the_same_fingerprint_resumes(tmp_path):
+    digest, fingerprint = HEADER["fingerprint_sha256"], HEADER["fingerprint"]
+    unfinished = JournalContents(header=HEADER, records={"a": {}}, empty=False)
+    assert why_not_resume(JournalContents(), fingerprint, digest) is None                  # nothing to resume
+    assert why_not_resume(unfinished, fingerprint, digest) is None
+    finished = JournalContents(header=HEADER, records={"a": {}}, finished={"journal": "finished"}, empty=False)
+    assert why_not_resume(finished, fingerprint, digest).slug == "finished"
+    other = why_not_resume(unfinished, {**fingerprint, "params": {"start": 4}}, "b" * 64)
+    assert other.slug == "fingerprint-changed" and other.reason == "its fingerprint differs in params"
+    legacy = why_not_resume(JournalContents(records={"a": {}}, empty=False), fingerprint, digest)
+    assert legacy.slug == "unfingerprinted"
+
+
+def test_set_aside_keeps_every_journal(tmp_path):
+    kept = []
+    for _ in range(2):                                  # twice within one second: two folders
+        journal = Journal(tmp_path / "journal.jsonl")
+        journal.append([{"id": "a"}])
+        kept.append(journal.set_aside("finished"))
+    assert len(set(kept)) == 2 and all((folder / "journal.jsonl").exists() for folder in kept)
+    assert all(folder.parent == tmp_path / "set-aside" for folder in kept)
+    assert not (tmp_path / "journal.jsonl").exists()
+
+
+def test_debris_of_a_killed_atomic_write_is_removed_and_nothing_else(tmp_path):
+    out = tmp_path / "predictions.jsonl"
+    debris = [tmp_path / ".predictions.jsonl.k3j2h1.tmp", tmp_path / ".predictions.jsonl.0a1b.tmp.jsonl"]
+    keep = [tmp_path / ".metrics.json.x.tmp", tmp_path / "predictions.jsonl", tmp_path / "journal.jsonl"]
+    for path in debris + keep:
+        path.write_text("x")
+    assert remove_stale_temporaries(out) == sorted(debris)
+    assert sorted(tmp_path.iterdir()) == sorted(keep)
+    assert remove_stale_temporaries(tmp_path / "missing" / "x.json") == []
+
+
+def test_fingerprint_differences_and_canonical_json():
+    assert canonical_json({"b": (1, 2), "a": None}) == '{"a":null,"b":[1,2]}'
+    assert differences({"a": 1, "b": [1], "c": 0}, {"a": 1, "b": (1,), "d": 0}) == ["c", "d"]
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path):
+    umask = os.umask(0)
+    os.umask(umask)
+    path = tmp_path / "predictions.jsonl"
+    atomic_write_text(path, "x\n")
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask

@@ -11,17 +11,9 @@ from helpers_tiny import images, n_placeholders, prompt, tiny_llava
 import ficoco
 import ficoco.models.llava as llava_adapter
 from ficoco.models import guard, selfcheck
+from helpers_tiny import pretend_transformers_version
 
 VARIABLE = "FICOCO_ALLOW_UNTESTED_TRANSFORMERS"
-
-
-def _pretend_transformers(monkeypatch, version: str) -> None:
-    """Make `transformers.__version__` read `version`. The module object in sys.modules is patched:
-    transformers 5.24 replaces it when a model class is first imported, so a reference taken at import
-    time may be stale."""
-    from transformers import LlavaForConditionalGeneration  # noqa: F401 - settle the module object first
-
-    monkeypatch.setattr(sys.modules["transformers"], "__version__", version)
 
 
 @pytest.fixture(autouse=True)
@@ -80,7 +72,7 @@ def test_selfcheck_detects_decode_steps_taken_for_prefills(monkeypatch):
 
 
 def test_untested_version_is_refused_in_one_line_naming_versions_and_variable(monkeypatch, model):
-    _pretend_transformers(monkeypatch, "9.9.9")
+    pretend_transformers_version(monkeypatch, "9.9.9")
     message = _one_line_error(lambda: _apply(model))
     assert "transformers 9.9.9" in message
     assert "5.23.0, 5.24.0" in message
@@ -90,7 +82,7 @@ def test_untested_version_is_refused_in_one_line_naming_versions_and_variable(mo
 
 
 def test_override_warns_runs_the_selfcheck_once_and_applies(monkeypatch, caplog, model):
-    _pretend_transformers(monkeypatch, "9.9.9")
+    pretend_transformers_version(monkeypatch, "9.9.9")
     monkeypatch.setenv(VARIABLE, "1")
     runs = []
     real = selfcheck.run_selfcheck
@@ -109,7 +101,7 @@ def test_override_warns_runs_the_selfcheck_once_and_applies(monkeypatch, caplog,
 
 
 def test_override_with_a_broken_adapter_refuses_naming_the_failed_check(monkeypatch, model):
-    _pretend_transformers(monkeypatch, "9.9.9")
+    pretend_transformers_version(monkeypatch, "9.9.9")
     monkeypatch.setenv(VARIABLE, "1")
     monkeypatch.setattr(llava_adapter, "_cache_of", lambda kwargs: None)
     message = _one_line_error(lambda: _apply(model))
@@ -119,14 +111,14 @@ def test_override_with_a_broken_adapter_refuses_naming_the_failed_check(monkeypa
 
 
 def test_tested_version_needs_no_selfcheck(monkeypatch, model):
-    _pretend_transformers(monkeypatch, "5.23.0")
+    pretend_transformers_version(monkeypatch, "5.23.0")
     monkeypatch.setattr(selfcheck, "run_selfcheck", lambda: pytest.fail("self-check run on a tested version"))
     with _apply(model) as handle:
         assert handle.plan["delivered"] == 12
 
 
 def test_a_bad_override_value_is_refused_naming_it_and_the_valid_ones(monkeypatch, model):
-    _pretend_transformers(monkeypatch, "9.9.9")
+    pretend_transformers_version(monkeypatch, "9.9.9")
     monkeypatch.setenv(VARIABLE, "yes")
     message = _one_line_error(lambda: _apply(model))
     assert f"{VARIABLE}='yes'" in message and "valid values: 1" in message

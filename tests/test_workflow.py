@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from ficoco.config import job_grid, load_and_validate
+from pipeline import copy_workflow
 
 
 def snakemake(cwd, *args, env=None, timeout=600):
@@ -76,9 +77,9 @@ def test_slurm_profile_gives_gpus_to_gpu_jobs_only(repo_copy):
 def test_jobs_pin_torch_threads_to_their_snakemake_threads(repo_copy):
     """OMP_NUM_THREADS = the job's threads: 1 per evaluate job locally (two 2-thread torch jobs on 2
     cores spin-wait on each other), the profile's set-threads (8) where it applies."""
-    local = snakemake(repo_copy, "-n", "-p", "--cores", "16", "--configfile", "config/paper.yaml")
+    local = snakemake(repo_copy, "-n", "-p", "--cores", "16", "--configfile", "config/config.yaml")
     profile = snakemake(repo_copy, "--profile", "slurm", "--executor", "local", "--cores", "16", "-n", "-p",
-                        "--configfile", "config/paper.yaml")
+                        "--configfile", "config/config.yaml")
     for result, threads in ((local, 1), (profile, 8)):
         assert result.returncode == 0, result.stderr[-2000:]
         commands = [line for line in result.stdout.splitlines() if " -m ficoco.cli run " in line]
@@ -103,14 +104,7 @@ def write_tiny_config(repo: Path, benchmarks, project="ficoco-test"):
 
 @pytest.fixture(scope="module")
 def finished_tiny_run(tmp_path_factory):
-    import shutil
-
-    REPO_ROOT = Path(__file__).resolve().parents[1]
-    repo = tmp_path_factory.mktemp("tiny") / "repo"
-    repo.mkdir()
-    shutil.copy(REPO_ROOT / "Snakefile", repo)
-    for name in ("workflow", "config", "slurm", "report"):
-        shutil.copytree(REPO_ROOT / name, repo / name, ignore=shutil.ignore_patterns("*.html", "__pycache__"))
+    repo = copy_workflow(tmp_path_factory.mktemp("tiny") / "repo")
     write_tiny_config(repo, ["toy-shapes-mini"])
     env = {**os.environ, "WANDB_MODE": "disabled"}
     result = snakemake(repo, "--cores", "2", "--configfile", "config/test.yaml", env=env)

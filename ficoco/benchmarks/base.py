@@ -7,7 +7,8 @@ The registry (`ficoco.benchmarks.get`) hands out those instances; they hold no m
 Normalised row (every benchmark): `id` (unique string), `image` (datasets Image, may be None),
 `question` (string), `answers` (list of string), `choices` (list of string), `meta` (JSON string
 of benchmark-specific fields). A row that cannot be scored correctly (missing image where one is
-required, empty answer list, ...) is kept and flagged with `meta["bad_row"] = reason`; its
+required, an image that does not decode in full, empty answer list, empty question, bad meta, ...)
+is kept and flagged with `meta["bad_row"] = reason` (the checks live in rows.py); its
 `score_sample` returns `{"score": None, "bad_row": reason}` and `aggregate` counts it under
 `bad_rows` instead of the metric.
 """
@@ -21,12 +22,12 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from ficoco.benchmarks.rows import (NORMALISED_COLUMNS, check_fields, decode_image, describe_error,
+                                    image_cell, reason, reason_code, stored_meta)
 from ficoco.benchmarks.scoring import vqa_accuracy
 
 # --------------------------------------------------------------------------------------------
 # Normalised rows
-
-NORMALISED_COLUMNS = ("id", "image", "question", "answers", "choices", "meta")
 
 
 def normalised_features():
@@ -93,11 +94,14 @@ def grouped_percent(scorings: Iterable[Mapping], key: str) -> dict:
     return {k: percent(v) for k, v in sorted(groups.items())}
 
 
-def answer_strings(answers) -> list[str]:
-    """Ground truths as strings: a list of strings, or of dicts with an "answer" field (VQAv2)."""
+def answer_strings(answers) -> list:
+    """Ground truths as strings: a list of strings, or of dicts with an "answer" field (VQAv2).
+    A null answer stays None, so that the row is flagged (`null_answer`) instead of scored against
+    the text "None"."""
     out = []
     for answer in answers or []:
-        out.append(str(answer["answer"]) if isinstance(answer, dict) else str(answer))
+        value = answer.get("answer") if isinstance(answer, dict) else answer
+        out.append(None if value is None else str(value))
     return out
 
 
@@ -126,6 +130,8 @@ class Benchmark:
     requires_image: bool = True
     #: Rows with an empty answer list are bad rows.
     requires_answers: bool = True
+    #: Meta fields every row needs (the aggregate groups by them): a row without one is a bad row.
+    required_meta: tuple[str, ...] = ()
     #: Option name -> default. Options not listed here are rejected.
     option_defaults: Mapping[str, Any] = MappingProxyType({})
     #: Options that change which rows are fetched (recorded in the manifest, checked on load).
@@ -180,22 +186,45 @@ class Benchmark:
             reasons.append("missing_image")
         if self.requires_answers and not any(str(a).strip() for a in row.get("answers") or []):
             reasons.append("empty_answers")
+        for key in self.required_meta:
+            if meta.get(key) is None or meta.get(key) == "":
+                reasons.append(reason("missing_meta", f"{key} is {meta.get(key)!r}"))
         return reasons
 
     def normalise_row(self, raw: Mapping, index: int, context) -> dict:
-        """`to_row` + bad-row flagging + JSON meta: exactly the stored column values."""
-        row = self.to_row(raw, index, context)
-        meta = dict(row.get("meta") or {})
-        image = image_or_none(row.get("image"))
-        answers = [str(a) for a in (row.get("answers") or [])]
-        choices = [str(c) for c in (row.get("choices") or [])]
-        out = {"id": str(row["id"]), "image": image, "question": str(row.get("question") or ""),
-               "answers": answers, "choices": choices}
-        reasons = self.bad_row_reasons(out, meta)
-        if reasons:
-            meta["bad_row"] = ";".join(reasons)
-        out["meta"] = json.dumps(meta, sort_keys=True, ensure_ascii=False)
-        return out
+        """`to_row` + bad-row checks + JSON meta: exactly the stored column values.
+
+        Never raises: a raw row `to_row` cannot read, a missing, empty, wrongly typed or undecodable
+        field, and an image that does not decode in full (PIL `load()`: truncated files, non-image
+        bytes) each flag the row (`meta["bad_row"]`, see rows.py); the row is kept. The image cell
+        is stored as it came (bytes not re-encoded), even when it does not decode.
+        """
+        read = list(raw.get("_problems") or [])     # raw text that was not UTF-8 (fetch.normalise)
+        try:
+            row = self.to_row(raw, index, context)
+        except Exception as error:  # noqa: BLE001 - one unreadable raw row must not stop the fetch
+            problems = [*read, reason("unreadable_row", describe_error(error))]
+            return {"id": f"<unreadable row {index}>", "image": None, "question": "", "answers": [], "choices": [],
+                    "meta": stored_meta({}, problems)}
+        fields, meta, problems = check_fields(row, requires_answers=self.requires_answers)
+        problems[:0] = read
+        meta.pop("bad_row", None)           # flagged here, by these checks only
+        if any(reason_code(p) == "missing_id" for p in problems):
+            fields["id"] = f"<no id: row {index}>"
+        image, problem = image_cell(row.get("image"))
+        if problem is None and image is not None:
+            _, problem = decode_image(image)
+            if problem and isinstance(image, Mapping) and image.get("bytes") is None:
+                image = None        # only a path that does not open: nothing to keep (saving would fail)
+        if problem:
+            problems.append(problem)
+        out = {**fields, "image": image}
+        try:
+            problems.extend(self.bad_row_reasons(out, meta))
+        except Exception as error:  # noqa: BLE001
+            problems.append(reason("unreadable_row", f"bad_row_reasons: {describe_error(error)}"))
+        out["meta"] = stored_meta(meta, problems)
+        return {column: out[column] for column in NORMALISED_COLUMNS}
 
     # -- prompts and scoring ----------------------------------------------------------------
     def prompt(self, row: Mapping, options: Mapping | None = None) -> str:

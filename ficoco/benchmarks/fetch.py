@@ -12,7 +12,13 @@ The same code serves tests and mirrors: `source=<local directory>` replaces the 
 directory laid out like the hub repository: parquet files plus a README.md whose YAML header
 declares the configs), and `load_dataset` reads it through the identical call.
 
-`load_local(bench_dir)` is what evaluate jobs use (offline).
+`load_local(bench_dir)` is what evaluate jobs use (offline; `safe=True` gives rows that never raise
+when read, see rows.py).
+
+Bad rows never stop a fetch: normalising decodes every image in full and checks every field, and a
+row that fails is kept, flagged and listed in the manifest's `bad_rows`. Duplicate ids are the one
+exception: they are refused (an error naming their count and examples), because every record of a
+job is keyed by its id.
 """
 from __future__ import annotations
 
@@ -159,36 +165,63 @@ def data_checksum(data_dir: str | Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def _dedupe_ids(dataset) -> tuple[object, int]:
-    """Make ids unique by suffixing repeats with `~k` (k = 1, 2, ... in row order)."""
-    ids = dataset["id"]
-    if len(set(ids)) == len(ids):
-        return dataset, 0
-    seen: dict[str, int] = {}
-    fixed = []
-    for rid in ids:
-        count = seen.get(rid, 0)
-        seen[rid] = count + 1
-        fixed.append(rid if count == 0 else f"{rid}~{count}")
-    duplicates = sum(1 for a, b in zip(ids, fixed) if a != b)
-    dataset = dataset.remove_columns("id").add_column("id", fixed)
-    return dataset.select_columns(["id", "image", "question", "answers", "choices", "meta"]), duplicates
+#: At most this many duplicated ids are named in the refusal.
+SHOWN_DUPLICATE_IDS = 3
+
+
+def duplicate_ids(dataset) -> tuple[int, int, list[str]]:
+    """`(ids, rows, examples)`: how many ids occur more than once, on how many rows, and the first
+    few with their counts (`'7' x3`). Nulls are not counted (a missing id is a bad row)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if "id" not in dataset.column_names:
+        return 0, 0, []
+    column = dataset.data.column("id")
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        column = column.cast(pa.binary())       # counting never decodes: ids that are not UTF-8 count too
+    counts = pc.value_counts(column.drop_null())
+    values, numbers = counts.field("values").to_pylist(), counts.field("counts").to_pylist()
+    repeated = [(value, number) for value, number in zip(values, numbers) if number > 1]
+    examples = [f"{(v.decode('utf-8', 'backslashreplace') if isinstance(v, bytes) else v)!r} x{n}"
+                for v, n in repeated[:SHOWN_DUPLICATE_IDS]]
+    return len(repeated), sum(n for _, n in repeated), examples
+
+
+def refuse_duplicate_ids(dataset, where: str, fix: str) -> None:
+    """ValueError (one line) naming the count and a few examples when ids repeat: a job keys every
+    record by id, so a repeat would silently replace a record."""
+    ids, rows, examples = duplicate_ids(dataset)
+    if ids:
+        raise ValueError(f"{where}: {ids} duplicate id(s) on {rows} rows (e.g. {', '.join(examples)}); "
+                         f"ids must be unique: {fix}")
 
 
 def _bad_rows(dataset) -> dict:
+    """The manifest's `bad_rows`: count, counts per reason code, and the first rows with their reasons."""
+    from ficoco.benchmarks.rows import reason_code, split_reasons
+
     by_reason: dict[str, int] = {}
     listed = []
     count = 0
     for rid, meta in zip(dataset["id"], dataset["meta"]):
-        reason = json.loads(meta).get("bad_row")
-        if not reason:
+        bad = json.loads(meta).get("bad_row")
+        if not bad:
             continue
         count += 1
-        for part in reason.split(";"):
-            by_reason[part] = by_reason.get(part, 0) + 1
+        for code in dict.fromkeys(reason_code(part) for part in split_reasons(bad)):
+            by_reason[code] = by_reason.get(code, 0) + 1
         if len(listed) < MAX_LISTED_BAD_ROWS:
-            listed.append({"id": rid, "reason": reason})
-    return {"count": count, "by_reason": by_reason, "rows": listed}
+            listed.append({"id": rid, "reason": bad})
+    return {"count": count, "by_reason": dict(sorted(by_reason.items())), "rows": listed}
+
+
+def _refuse_all_unreadable(name: str, bad_rows: dict, n_rows: int) -> None:
+    """One unreadable row is bad data; every row unreadable is a bug in the benchmark module: raise."""
+    if n_rows and bad_rows["by_reason"].get("unreadable_row") == n_rows:
+        first = bad_rows["rows"][0]["reason"] if bad_rows["rows"] else "?"
+        raise RuntimeError(f"benchmark {name}: every one of the {n_rows} rows failed to normalise (first: {first}); "
+                           "that is a bug in the benchmark module, not bad data")
 
 
 def _check_size(name: str, entry: dict, n_rows: int, pinned: bool) -> None:
@@ -237,7 +270,7 @@ def fetch_benchmark(name: str, out_dir: str | Path, revision: str | None = None,
         fingerprint = hashlib.sha256(f"{name}|{used}|{used_revision}|{json.dumps(options, sort_keys=True, default=str)}"
                                      .encode()).hexdigest()[:16]
         normalised = normalise(bench, raw, context, staging / "normalise.arrow", fingerprint)
-        normalised, duplicates = _dedupe_ids(normalised)
+        refuse_duplicate_ids(normalised, f"benchmark {name}", "fix the source data or the benchmark's to_row")
         normalised.save_to_disk(str(staging / "data"))
         del normalised
         (staging / "normalise.arrow").unlink(missing_ok=True)
@@ -257,7 +290,6 @@ def fetch_benchmark(name: str, out_dir: str | Path, revision: str | None = None,
             "rows": len(reloaded),
             "checksum": data_checksum(staging / "data"),
             "bad_rows": _bad_rows(reloaded),
-            "duplicate_ids_renamed": duplicates,
             "options": bench.fetch_option_values(options),
             "datasets_version": datasets.__version__,
             "fetched_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -265,6 +297,7 @@ def fetch_benchmark(name: str, out_dir: str | Path, revision: str | None = None,
         }
         if entry.get("images"):
             manifest["images"] = dict(entry["images"])
+        _refuse_all_unreadable(name, manifest["bad_rows"], manifest["rows"])
         del reloaded
         with open(staging / "manifest.json", "w") as handle:
             json.dump(manifest, handle, indent=2, sort_keys=True, ensure_ascii=False)
@@ -279,13 +312,19 @@ def normalise(bench, raw, context, cache_file: Path, fingerprint: str):
     """The normalised dataset (contracts §5) from the raw rows.
 
     The raw rows are read as Arrow batches, so image cells arrive as their stored
-    `{"bytes", "path"}` structs: nothing is decoded or re-encoded (JPEG bytes stay identical).
+    `{"bytes", "path"}` structs: nothing is re-encoded (JPEG bytes stay identical). Each image is
+    decoded once, in full, only to check it (`Benchmark.normalise_row`).
     """
     from ficoco.benchmarks.base import NORMALISED_COLUMNS, normalised_features
+    from ficoco.benchmarks.rows import arrow_row
 
     def convert(batch, indices):
         out = {column: [] for column in NORMALISED_COLUMNS}
-        for raw_row, index in zip(batch.to_pylist(), indices):
+        try:
+            raw_rows = batch.to_pylist()
+        except Exception:  # noqa: BLE001 - text that is not UTF-8 somewhere in the batch: row by row
+            raw_rows = [arrow_row(batch.slice(i, 1)) for i in range(batch.num_rows)]
+        for raw_row, index in zip(raw_rows, indices):
             row = bench.normalise_row(raw_row, index, context)
             for column in NORMALISED_COLUMNS:
                 out[column].append(row[column])
@@ -305,12 +344,18 @@ def fetch_hint(name: str) -> str:
             f"`ficoco fetch-benchmark {name}`")
 
 
-def load_local(bench_dir: str | Path, *, expected_options: Mapping | None = None, verify: bool = False):
+def load_local(bench_dir: str | Path, *, expected_options: Mapping | None = None, verify: bool = False,
+               safe: bool = False):
     """`(datasets.Dataset, manifest)` from a fetched benchmark directory (offline).
+
+    With `safe=True` the rows come as a `rows.SafeRows` view instead of the Dataset: reading a row
+    never raises and never decodes its image (the evaluate job checks and decodes each row itself,
+    so one bad row becomes one failure record).
 
     Raises FileNotFoundError naming the command that fetches it when the directory is incomplete;
     ValueError when the row count (or, with `verify=True`, the checksum) does not match the
-    manifest, or when `expected_options` (fetch-time options) differ from the fetched ones.
+    manifest, when ids repeat (refetch: fetch refuses them), or when `expected_options` (fetch-time
+    options) differ from the fetched ones.
     """
     bench_dir = Path(bench_dir)
     name = bench_dir.name
@@ -328,6 +373,7 @@ def load_local(bench_dir: str | Path, *, expected_options: Mapping | None = None
                          + fetch_hint(name))
     if verify and data_checksum(data_dir) != manifest.get("checksum"):
         raise ValueError(f"{bench_dir}: data checksum does not match the manifest; " + fetch_hint(name))
+    refuse_duplicate_ids(dataset, str(bench_dir), "refetch (fetch refuses duplicate ids); " + fetch_hint(name))
     if expected_options is not None:
         from ficoco import benchmarks
 
@@ -336,6 +382,10 @@ def load_local(bench_dir: str | Path, *, expected_options: Mapping | None = None
         if wanted != manifest.get("options", {}):
             raise ValueError(f"{bench_dir} was fetched with options {manifest.get('options')} but the config "
                              f"asks for {wanted}; refetch: " + fetch_hint(name))
+    if safe:
+        from ficoco.benchmarks.rows import SafeRows
+
+        return SafeRows(dataset), manifest
     return dataset, manifest
 
 

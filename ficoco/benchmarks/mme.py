@@ -28,6 +28,7 @@ class MMEBenchmark(YesNoBenchmark):
     name = "mme"
     max_new_tokens = 128
     metric = "Perception + Cognition (sum of per-subtask acc + acc+)"
+    required_meta = ("subtask",)          # the aggregate groups by it
 
     def to_row(self, raw, index, context):
         return {

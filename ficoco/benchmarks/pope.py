@@ -20,6 +20,7 @@ class POPEBenchmark(YesNoBenchmark):
     name = "pope"
     max_new_tokens = 128
     metric = "mean F1 % over adversarial/popular/random (LLaVA parse); accuracy, precision, recall, yes-ratio"
+    required_meta = ("category",)         # the aggregate groups by it
     option_defaults = MappingProxyType({"categories": POPE_CATEGORIES})
     fetch_options = ("categories",)
 

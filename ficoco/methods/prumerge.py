@@ -148,7 +148,11 @@ def schedule_adaptive(name: str, dims, params) -> dict:
                          f"{dims.visual_tokens} tokens of an image; use ratio <= 1/{3 * smallest} "
                          f"(stride >= {smallest})")
     raster = {"ratio": ratio, "raster_stride": stride, "raster": math.ceil(dims.num_patches / stride)} if stride else {}
-    return adaptive_feature_plan(dims, "vision_output", rule="iqr", **raster, extra=1, knn=params["knn"])
+    # the bounds of the realised count (kept + the extra token), checked per sample by ficoco.invariants:
+    # at least the top-1 or the raster positions, at most what `most_kept` allows
+    fewest = max(1, raster.get("raster", 0)) + 1
+    return adaptive_feature_plan(dims, "vision_output", rule="iqr", **raster, extra=1, knn=params["knn"],
+                                 tokens_min=fewest, tokens_max=most)
 
 
 def make_adaptive_reduce(plan: dict) -> PruMergeAdaptiveReduce:

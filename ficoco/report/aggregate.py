@@ -6,7 +6,9 @@ Files written (each atomically), schema in docs/report.md:
 - measure.csv: latency / memory / throughput, one row per (model, method, budget).
 
 Job keys are required (a missing one is an error naming the file); everything else is optional
-and becomes NaN / NA when absent.
+and becomes NaN / NA when absent. Impossible costs are refused (`check_costs`): a run whose samples
+ran must have positive mean total and prefill FLOPs (and vision FLOPs when it delivered visual tokens),
+and no mean cost may be negative or non-finite.
 """
 from __future__ import annotations
 
@@ -173,6 +175,40 @@ def read_job(data: dict, path: Path) -> dict:
     }
 
 
+POSITIVE_COST_MEANS = ("total_flops", "prefill_flops")   # every sample that ran pays these
+
+
+def check_costs(data: dict, path: Path) -> None:
+    """Refuse a metrics.json whose costs cannot be true, naming the file, the key and the value.
+
+    Applies when samples ran (`samples` - `failures` > 0): cost_mean must exist, total and prefill
+    FLOPs must be > 0, vision FLOPs > 0 when visual tokens were delivered, and every numeric mean
+    cost must be finite and >= 0. (A zero cost is what a run that recorded no real counts reports.)
+    """
+    samples, failures = data.get("samples"), data.get("failures") or 0
+    if isinstance(samples, bool) or not isinstance(samples, int) or not isinstance(failures, int):
+        return
+    ran = samples - failures
+    if ran <= 0:
+        return
+    cost = data.get("cost_mean")
+    if not isinstance(cost, dict) or not cost:
+        raise ValueError(f"{path}: {ran} samples ran but cost_mean is missing; refusing a run without costs "
+                         f"(rerun its evaluate and score jobs)")
+    required = POSITIVE_COST_MEANS
+    if number(nested(data, "visual_tokens", "delivered")) > 0:
+        required += ("vision_flops",)
+    for key in required:
+        value = number(cost.get(key))
+        if not value > 0:
+            raise ValueError(f"{path}: cost_mean.{key} = {cost.get(key)!r} over {ran} samples that ran; it must "
+                             f"be > 0 (an impossible cost: rerun its evaluate and score jobs)")
+    for key, value in cost.items():
+        value = number(value)                       # NaN for None and non-numbers, which are left alone
+        if math.isinf(value) or value < 0:
+            raise ValueError(f"{path}: cost_mean.{key} = {cost[key]!r}; a cost must be finite and >= 0")
+
+
 def run_rows(data: dict, path: Path) -> list[dict]:
     """The tidy rows of one metrics.json (measure columns left NaN; `attach_measure` fills them)."""
     job = read_job(data, path)
@@ -298,6 +334,8 @@ def build_summary(metrics_files: list[str | Path], measure_files: list[str | Pat
                          "b{budget}/metrics.json")
     runs = [(Path(path), read_json(Path(path))) for path in metrics_files]
     check_unique_jobs(runs)
+    for path, data in runs:
+        check_costs(data, path)
     results = typed_frame([row for path, data in runs for row in run_rows(data, path)], RESULTS_COLUMNS)
     schedules = typed_frame([row for path, data in runs for row in schedule_rows(data, path)], SCHEDULE_COLUMNS)
     measure_rows = [measure_row(read_json(Path(path)), Path(path)) for path in measure_files]
@@ -310,8 +348,12 @@ def build_summary(metrics_files: list[str | Path], measure_files: list[str | Pat
 
 
 def write_summary(summary: Summary, out_dir: str | Path) -> list[Path]:
+    from ficoco.journal import remove_stale_temporaries
+
     out_dir = Path(out_dir)
     paths = [out_dir / RESULTS_CSV, out_dir / RESULTS_PARQUET, out_dir / SCHEDULES_CSV, out_dir / MEASURE_CSV]
+    for path in paths:
+        remove_stale_temporaries(path)           # what a killed earlier aggregate left (files.atomic_path)
     files.write_csv(summary.results, paths[0])
     files.write_parquet(summary.results, paths[1])
     files.write_csv(summary.schedules, paths[2])

@@ -1,4 +1,8 @@
 # One evaluate job per model x method x budget x benchmark x shard; `score` merges the shards.
+# The job keeps shard{i}of{n}/journal.jsonl beside its output (not a Snakemake output): it resumes it
+# only when unfinished and written under the same fingerprint (parameters, model and benchmark
+# revisions, template, dtype, batch size, versions). A rerun of a finished job ("Params have changed",
+# -R, --forcerun) sets the old journal aside in shard{i}of{n}/set-aside/ and recomputes; the log says why.
 
 
 rule evaluate:

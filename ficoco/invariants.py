@@ -1,0 +1,115 @@
+"""The numbers an evaluate job checks before it records a sample (DESIGN.md, "Invariants worth keeping").
+
+A record's token counts (contracts §2) are checked against the method's plan (`handle.plan`):
+- a non-adaptive method realises its planned schedule exactly: every executed vision layer's
+  [attention, MLP] tokens, the visual tokens delivered to the LLM, and the visual tokens of every
+  LLM layer;
+- an adaptive method (plan "delivered" None: PruMerge's IQR originals) delivers a count within its
+  bounds (plan["post_vision"]["tokens_min"/"tokens_max"], else 1 .. the tower's patches), the same
+  count in every LLM layer;
+- an image row delivers visual tokens (> 0); a text-only row runs no vision layer and delivers none;
+- every LLM layer processed tokens (> 0), never more visual tokens than its sequence holds, and the
+  same text tokens as layer 0 (methods drop visual tokens only);
+- costs are finite and never negative, and the ones every sample pays (prefill, total; for an image
+  row also vision and projector) are positive.
+
+A violation raises `InvariantViolation` with one line naming the method, sample, place, expected
+and found values; the job fails before the record reaches the journal. Failure records (a bad row,
+an error: counts None) carry no counts and are not checked.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+POSITIVE_COSTS = ("prefill_layers_flops", "prefill_flops", "total_flops")
+POSITIVE_IMAGE_COSTS = ("vision_layers_flops", "vision_flops", "projector_flops")
+
+
+class InvariantViolation(ValueError):
+    """A recorded number contradicts the method's plan or cannot be true."""
+
+
+def _fail(method: str, sample: str | None, what: str, expected, found) -> None:
+    where = f"{method}: sample {sample}: " if sample is not None else f"{method}: "
+    raise InvariantViolation(f"{where}{what}: expected {expected}, found {found}")
+
+
+def check_counts(method: str, plan: Mapping, counts: Mapping, has_image: bool, sample: str | None = None) -> None:
+    """`counts` (one sample, contracts §2) against `plan` (a `Method.plan` dict); InvariantViolation if not."""
+    def fail(what, expected, found):
+        _fail(method, sample, what, expected, found)
+
+    vision, delivered = counts["vision"], counts["visual_delivered"]
+    llm, llm_visual = list(counts["llm"]), list(counts["llm_visual"])
+    if not llm:
+        fail("LLM layers recorded", ">= 1", 0)
+    if len(llm_visual) != len(llm):
+        fail("LLM layers with a visual-token count", len(llm), len(llm_visual))
+    for layer, (length, visual) in enumerate(zip(llm, llm_visual)):
+        if length <= 0:
+            fail(f"LLM layer {layer} sequence length", "> 0", length)
+        if not 0 <= visual <= length:
+            fail(f"LLM layer {layer} visual tokens", f"0..{length} (the layer's sequence length)", visual)
+    text = llm[0] - llm_visual[0]
+    for layer, (length, visual) in enumerate(zip(llm, llm_visual)):
+        if length - visual != text:
+            fail(f"LLM layer {layer} text tokens", f"{text} (as in layer 0)", length - visual)
+
+    if not has_image:
+        if vision:
+            fail("vision layers of a text-only row", "none", len(vision))
+        if delivered != 0:
+            fail("visual tokens delivered for a text-only row", 0, delivered)
+        return
+
+    if delivered <= 0:
+        fail("visual tokens delivered to the LLM for an image row", "> 0", delivered)
+    planned_vision = [list(pair) for pair in plan["vision_counts"]]
+    if len(vision) != len(planned_vision):
+        fail("vision layers executed", len(planned_vision), len(vision))
+    for layer, (found, expected) in enumerate(zip(vision, planned_vision)):
+        if list(found) != expected:
+            fail(f"vision layer {layer} [attention, MLP] tokens", expected, list(found))
+
+    if plan.get("delivered") is None:              # adaptive: a count of its own per image, within bounds
+        post = plan.get("post_vision") or {}
+        low = post.get("tokens_min", 1)
+        high = post.get("tokens_max", planned_vision[-1][1] - 1 if planned_vision else delivered)
+        if not low <= delivered <= high:
+            fail("visual tokens delivered to the LLM", f"{low}..{high} (the method's adaptive bounds)", delivered)
+        expected_visual = [delivered] * len(llm)   # an adaptive method does not reduce inside the LLM
+    else:
+        if delivered != plan["delivered"]:
+            fail("visual tokens delivered to the LLM", plan["delivered"], delivered)
+        expected_visual = list(plan["llm_visual"])
+    if len(llm_visual) != len(expected_visual):
+        fail("LLM layers", len(expected_visual), len(llm_visual))
+    for layer, (found, expected) in enumerate(zip(llm_visual, expected_visual)):
+        if found != expected:
+            fail(f"LLM layer {layer} visual tokens", expected, found)
+
+
+def check_cost(method: str, cost: Mapping, has_image: bool, sample: str | None = None) -> None:
+    """Every cost finite and >= 0; the ones every sample pays > 0 (missing counts as a violation)."""
+    for key, value in cost.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if not math.isfinite(value) or value < 0:
+            _fail(method, sample, f"cost {key}", "a finite number >= 0", value)
+    for key in POSITIVE_COSTS + (POSITIVE_IMAGE_COSTS if has_image else ()):
+        value = cost.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            _fail(method, sample, f"cost {key}", "> 0", "missing" if value is None else value)
+
+
+def check_record(method: str, plan: Mapping, record: Mapping, has_image: bool) -> None:
+    """The counts and costs of one journal record (contracts §6); failure records are skipped."""
+    if record.get("error") is not None and record.get("counts") is None:
+        return
+    sample = str(record.get("id"))
+    if record.get("counts") is None or record.get("cost") is None:
+        _fail(method, sample, "counts and cost of a sample that ran", "both recorded",
+              f"counts {record.get('counts')!r}, cost {record.get('cost')!r}")
+    check_counts(method, plan, record["counts"], has_image, sample)
+    check_cost(method, record["cost"], has_image, sample)

@@ -1,0 +1,175 @@
+"""The checks every evaluate job runs before recording a sample, and aggregate's refusal of impossible costs."""
+import json
+
+import pytest
+
+from ficoco import methods
+from ficoco.dims import llava_1_5_dims
+from ficoco.flops import sample_cost
+from ficoco.invariants import InvariantViolation, check_cost, check_counts, check_record
+from ficoco.report.aggregate import build_summary
+
+DIMS = llava_1_5_dims("7b")
+TEXT = 60
+
+
+def plan(name, budget=None, **overrides):
+    return methods.get(name).plan(DIMS, budget, **overrides)
+
+
+def counts_of(planned: dict, delivered: int | None = None) -> dict:
+    """The counts a run realising `planned` records for one image row with TEXT text tokens."""
+    delivered = planned["delivered"] if delivered is None else delivered
+    visual = planned["llm_visual"] or [delivered] * DIMS.llm_layers
+    return {"vision": [list(pair) for pair in planned["vision_counts"]], "visual_delivered": delivered,
+            "llm": [TEXT + v for v in visual], "llm_visual": list(visual)}
+
+
+def text_counts() -> dict:
+    return {"vision": [], "visual_delivered": 0, "llm": [TEXT] * DIMS.llm_layers, "llm_visual": [0] * DIMS.llm_layers}
+
+
+def violation(method, planned, counts, has_image=True) -> str:
+    with pytest.raises(InvariantViolation) as error:
+        check_counts(method, planned, counts, has_image, sample="q7")
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"{method}: sample q7: ")
+    return message
+
+
+@pytest.mark.parametrize("name, budget", [("vanilla", None), ("ficoco-v", 192), ("ficoco-l", 192), ("fastv", 128),
+                                          ("pdrop", 64), ("visionzip", 64), ("ficoco-vl", 192)])
+def test_counts_that_realise_the_plan_pass(name, budget):
+    planned = plan(name, budget)
+    counts = counts_of(planned)
+    check_counts(name, planned, counts, has_image=True)
+    check_cost(name, sample_cost(DIMS, counts, generated_tokens=3), has_image=True)
+    check_counts(name, planned, text_counts(), has_image=False)
+    check_cost(name, sample_cost(DIMS, text_counts(), generated_tokens=1), has_image=False)
+
+
+def test_counts_of_a_decode_step_are_refused():
+    """What a hook reading the last forward (a decode step) instead of the prefill would record."""
+    planned = plan("ficoco-v", 192)
+    decode = {"vision": [], "visual_delivered": 0, "llm": [1] * DIMS.llm_layers, "llm_visual": [0] * DIMS.llm_layers}
+    assert "visual tokens delivered to the LLM for an image row: expected > 0, found 0" in violation(
+        "ficoco-v", planned, decode)
+
+
+def test_a_layer_off_the_plan_is_named_with_expected_and_found():
+    planned = plan("fastv", 128)
+    counts = counts_of(planned)
+    counts["llm_visual"][5] += 1
+    counts["llm"][5] += 1
+    expected = planned["llm_visual"][5]
+    assert violation("fastv", planned, counts).endswith(
+        f"LLM layer 5 visual tokens: expected {expected}, found {expected + 1}")
+
+
+def test_a_vision_layer_off_the_plan_is_named():
+    planned = plan("ficoco-v", 192)
+    layer = next(i for i, (n_attn, n_mlp) in enumerate(planned["vision_counts"]) if n_mlp < n_attn)
+    counts = counts_of(planned)
+    counts["vision"][layer] = [counts["vision"][layer][0]] * 2         # the layer did not reduce
+    assert (f"vision layer {layer} [attention, MLP] tokens: expected {planned['vision_counts'][layer]}, "
+            f"found {counts['vision'][layer]}") in violation("ficoco-v", planned, counts)
+
+
+def test_delivered_tokens_must_match_a_fixed_plan():
+    planned = plan("visionzip", 64)
+    counts = counts_of(planned, delivered=576)
+    assert "visual tokens delivered to the LLM: expected 64, found 576" in violation("visionzip", planned, counts)
+
+
+def test_empty_layers_and_dropped_text_are_refused():
+    planned = plan("vanilla")
+    counts = counts_of(planned)
+    counts["llm"][4] = 0
+    assert "LLM layer 4 sequence length: expected > 0, found 0" in violation("vanilla", planned, counts)
+    counts = counts_of(planned)
+    counts["llm"][9] -= 5                                        # a method dropping text tokens
+    assert f"LLM layer 9 text tokens: expected {TEXT} (as in layer 0), found {TEXT - 5}" in violation(
+        "vanilla", planned, counts)
+
+
+def test_a_text_row_has_no_visual_tokens():
+    planned = plan("vanilla")
+    assert "visual tokens delivered for a text-only row: expected 0, found 576" in violation(
+        "vanilla", planned, {**counts_of(planned), "vision": []}, has_image=False)
+
+
+def test_an_adaptive_method_stays_within_its_bounds():
+    planned = plan("prumerge-adaptive")
+    post = planned["post_vision"]
+    assert 2 == post["tokens_min"] < post["tokens_max"] <= DIMS.visual_tokens
+    check_counts("prumerge-adaptive", planned, counts_of(planned, delivered=40), has_image=True)
+    high = post["tokens_max"]
+    assert f"expected 2..{high} (the method's adaptive bounds), found {high + 1}" in violation(
+        "prumerge-adaptive", planned, counts_of(planned, delivered=high + 1))
+    counts = counts_of(planned, delivered=40)
+    counts["llm_visual"][3], counts["llm"][3] = 39, TEXT + 39
+    assert "LLM layer 3 visual tokens: expected 40, found 39" in violation("prumerge-adaptive", planned, counts)
+    plus = plan("prumerge-plus-adaptive")["post_vision"]
+    assert plus["tokens_min"] == plus["raster"] + 1
+
+
+def test_costs_must_be_positive_and_finite():
+    good = sample_cost(DIMS, counts_of(plan("vanilla")), generated_tokens=2)
+    check_cost("vanilla", good, has_image=True)
+    for key, value, found in (("total_flops", 0.0, "0.0"), ("vision_flops", 0.0, "0.0"),
+                              ("prefill_flops", None, "missing")):
+        broken = {**good, key: value} if value is not None else {k: v for k, v in good.items() if k != key}
+        with pytest.raises(InvariantViolation, match=rf"^vanilla: cost {key}: expected > 0, found {found}$"):
+            check_cost("vanilla", broken, has_image=True)
+    with pytest.raises(InvariantViolation, match="cost decode_flops: expected a finite number >= 0, found -1"):
+        check_cost("vanilla", {**good, "decode_flops": -1.0}, has_image=True)
+    check_cost("vanilla", {**good, "vision_flops": 0.0}, has_image=False)     # a text-only row runs no vision
+
+
+def test_failure_records_are_not_checked_but_a_ran_sample_needs_counts():
+    planned = plan("vanilla")
+    check_record("vanilla", planned, {"id": "x", "error": "bad row: no image", "counts": None, "cost": None}, True)
+    with pytest.raises(InvariantViolation, match="counts and cost of a sample that ran"):
+        check_record("vanilla", planned, {"id": "x", "error": None, "counts": None, "cost": None}, True)
+
+
+# ---------------------------------------------------------------------------------------------
+# aggregate
+
+
+def write_metrics(tmp_path, cost_mean, samples=8, failures=0, delivered=36.0):
+    path = tmp_path / "runs/m/b/ficoco-v/b36/metrics.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
+        "job": {"model": "m", "method": "ficoco-v", "phase": "vision", "budget": "36", "benchmark": "b"},
+        "metrics": {"score": 50.0}, "headline": "score", "samples": samples, "failures": failures,
+        "cost_mean": cost_mean, "visual_tokens": {"layer_average": delivered, "per_layer": [delivered],
+                                                  "delivered": delivered}}))
+    return path
+
+
+GOOD_COSTS = {"total_flops": 3.0e12, "prefill_flops": 2.5e12, "vision_flops": 0.35e12, "decode_flops": 0.1e12,
+              "overhead_flops": 0.0, "legacy_nominal_tflops": 2.4}
+
+
+def test_aggregate_accepts_real_costs(tmp_path):
+    summary = build_summary([write_metrics(tmp_path, GOOD_COSTS)], [])
+    assert summary.results["tflops_exact"].iloc[0] == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("cost_mean, message", [
+    ({**GOOD_COSTS, "total_flops": 0.0}, "cost_mean.total_flops = 0.0 over 8 samples that ran"),
+    ({k: v for k, v in GOOD_COSTS.items() if k != "prefill_flops"}, "cost_mean.prefill_flops = None"),
+    ({**GOOD_COSTS, "vision_flops": 0.0}, "cost_mean.vision_flops = 0.0"),
+    ({**GOOD_COSTS, "decode_flops": -5.0}, "cost_mean.decode_flops = -5.0; a cost must be finite and >= 0"),
+    ({}, "8 samples ran but cost_mean is missing"),
+])
+def test_aggregate_refuses_impossible_costs_naming_the_file(tmp_path, cost_mean, message):
+    path = write_metrics(tmp_path, cost_mean)
+    with pytest.raises(ValueError) as error:
+        build_summary([path], [])
+    assert str(error.value).startswith(f"{path}: ") and message in str(error.value)
+
+
+def test_aggregate_accepts_a_run_whose_every_sample_failed(tmp_path):
+    build_summary([write_metrics(tmp_path, {}, samples=4, failures=4)], [])
