@@ -14,6 +14,12 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW_PARTS = ("workflow", "config", "slurm", "report")
 
+# The golden grid (tests/test_golden_pipeline.py; tests/test_slurm.py compares Slurm's results with it):
+# one or two methods of every phase (vision, projector, LLM, both) and an adaptive (count per image) one
+GOLDEN_METHODS = ["vanilla", "ficoco-v", "divprune", "fastv", "ficoco-l", "ficoco-vl", "prumerge-adaptive"]
+GOLDEN_BUDGETS = [96, 72]            # of 144 visual tokens; the small toy model has 4 LLM layers
+GOLDEN_LIMIT = 4
+
 
 def copy_workflow(repo: Path) -> Path:
     """Snakefile, workflow/, config/, slurm/ and report/ copied into `repo` (created)."""
@@ -62,3 +68,13 @@ def planned_jobs(repo: Path, configfile: str) -> list[dict]:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_golden(repo: Path) -> str:
+    """The golden grid run through Snakemake (W&B offline) from an empty results folder; returns its config."""
+    copy_workflow(repo)
+    config = write_toy_config(repo, "golden", methods=GOLDEN_METHODS, budgets=GOLDEN_BUDGETS, limit=GOLDEN_LIMIT,
+                              measure_methods=["vanilla"])
+    result = snakemake(repo, "--cores", "2", "--configfile", config, env=pipeline_env(WANDB_MODE="offline"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    return config

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import string
 from pathlib import Path
 
 import pandas as pd
 
 from ficoco.report.paper import SERVER_ONLY_COLUMNS, paper_benchmark
-from ficoco.report.plots import Figure
+from ficoco.report.plots import Figure, flops_unit
 from ficoco.report.tables import AVG, AVG_PCT, COST_COLUMNS, DISPLAY_DECIMALS, is_vanilla, ordered_budgets
 
 TEMPLATE_FIELDS = ("title", "generated", "toc", "body")
@@ -57,30 +58,52 @@ def benchmark_header(benchmark: str) -> str:
     return f'{html.escape(benchmark)}<br><span class="paper-col">{html.escape(column)}{mark}</span>'
 
 
-def table_cell(cell: pd.Series) -> str:
-    decimals = 2 if cell["column"] in ("TFLOPs exact", "TFLOPs legacy") else DISPLAY_DECIMALS
-    ours = fmt(cell["ours"], decimals)
+FLOPS_COLUMNS = ("TFLOPs exact", "TFLOPs legacy")
+
+
+def table_cell(cell: pd.Series, flops_factor: float = 1.0) -> str:
+    """One cell; FLOPs cells (stored in TFLOPs) are shown times `flops_factor`, the table's unit."""
+    is_flops = cell["column"] in FLOPS_COLUMNS
+    decimals = 2 if is_flops else DISPLAY_DECIMALS
+    factor = flops_factor if is_flops else 1.0
+    ours = fmt(cell["ours"] * factor, decimals)
     if cell["best"]:
         ours = f"<b>{ours}</b>"
     parts = [f'<span class="ours">{ours}</span>']
     if pd.notna(cell["paper"]):
         version = f' title="paper {html.escape(str(cell["paper_version"]))}"' if pd.notna(cell["paper_version"]) else ""
-        parts.append(f'<span class="paper"{version}>paper {fmt(cell["paper"], decimals)} '
-                     f'<span class="delta">{signed(cell["delta"], decimals)}</span></span>')
+        parts.append(f'<span class="paper"{version}>paper {fmt(cell["paper"] * factor, decimals)} '
+                     f'<span class="delta">{signed(cell["delta"] * factor, decimals)}</span></span>')
     return f'<td class="{"best" if cell["best"] else ""}">{"<br>".join(parts)}</td>'
 
 
+def table_flops_unit(values: pd.Series) -> tuple[float, str]:
+    """The unit (factor from TFLOPs, name) of a table's FLOPs columns, from their largest value."""
+    largest = pd.to_numeric(values, errors="coerce").max()
+    return flops_unit(float(largest)) if pd.notna(largest) and largest > 0 else (1.0, "TFLOPs")
+
+
 def paper_table_html(table: pd.DataFrame) -> str:
-    """One model x budget table: rows = methods, columns = costs, benchmarks, Avg, Avg%."""
+    """One model x budget table: rows = methods, columns = costs, benchmarks, Avg, Avg%.
+
+    The FLOPs columns take the unit their magnitude needs (TFLOPs for LLaVA-1.5, MFLOPs for the toy)."""
+    flops_cells = table[table["column"].isin(FLOPS_COLUMNS)]
+    factor, unit = table_flops_unit(pd.concat([flops_cells["ours"], flops_cells["paper"]]))
     columns = list(COST_COLUMNS) + [c for c in dict.fromkeys(table["column"]) if c not in COST_COLUMNS]
-    headers = "".join(f"<th>{benchmark_header(c) if c not in (AVG, AVG_PCT, *COST_COLUMNS) else html.escape(c)}</th>"
-                      for c in columns)
+
+    def header(column: str) -> str:
+        if column in FLOPS_COLUMNS:
+            return html.escape(column.replace("TFLOPs", unit))
+        return benchmark_header(column) if column not in (AVG, AVG_PCT, *COST_COLUMNS) else html.escape(column)
+
+    headers = "".join(f"<th>{header(c)}</th>" for c in columns)
     rows = []
     for (method, budget), cells in table.groupby(["method", "budget"], sort=False):
         by_column = cells.set_index("column", drop=False)
         row_class = ' class="reference"' if bool(cells["reference"].iloc[0]) else ""
         label = html.escape(method) + ("" if budget == table["table_budget"].iloc[0] else f" ({html.escape(budget)})")
-        tds = "".join(table_cell(by_column.loc[c]) if c in by_column.index else "<td>–</td>" for c in columns)
+        tds = "".join(table_cell(by_column.loc[c], factor) if c in by_column.index else "<td>–</td>"
+                      for c in columns)
         rows.append(f"<tr{row_class}><th>{label}</th>{tds}</tr>")
     return (f'<table class="results"><thead><tr><th>method</th>{headers}</tr></thead>'
             f'<tbody>{"".join(rows)}</tbody></table>')
@@ -142,21 +165,92 @@ def costs_section(results: pd.DataFrame, measure: pd.DataFrame) -> str:
         costs["peak_memory_gib"] = costs.pop("peak_memory_bytes") / 2**30
     costs = costs.assign(_vanilla=~costs["method"].map(is_vanilla)).sort_values(["model", "_vanilla", "method"])
     costs = costs.drop(columns="_vanilla").astype({"model": object, "method": object, "budget": object})
+    flops_columns = [column for column in costs.columns if column.startswith("tflops_")]
+    factor, unit = table_flops_unit(costs[flops_columns].stack())
+    costs = costs.rename(columns={column: column.replace("tflops", unit) for column in flops_columns})
+    costs[[column.replace("tflops", unit) for column in flops_columns]] *= factor
     note = ("" if len(measure) else
             '<p class="note">No measure files: latency, memory and throughput columns are absent.</p>')
-    return ("<p>Means over each job's benchmarks of the exact per-sample TFLOPs (vision + projector + LLM prefill "
-            "+ decode; contracts §2, flops.md §7), the paper-style nominal label, and the realised layer-averaged "
-            "visual tokens; measured medians from the measure jobs.</p>" + note + frame_html(costs))
+    return (f"<p>Means over each job's benchmarks of the exact per-sample FLOPs in {unit} (vision + projector + "
+            "LLM prefill + decode; contracts §2, flops.md §7), the paper-style nominal label, and the realised "
+            "layer-averaged visual tokens; measured medians from the measure jobs.</p>" + note + frame_html(costs))
+
+
+#: Failed samples named per job and reason in the Failures section.
+FAILURE_EXAMPLES = 3
+
+
+def failure_code(error: str) -> list[str]:
+    """The reason codes of one failure record's `error`: `bad row: empty_question: '';missing_image`
+    -> ["bad row: empty_question", "bad row: missing_image"]; any other error -> its exception type."""
+    text = str(error)
+    if text.startswith("bad row:"):
+        parts = [part.strip() for part in text[len("bad row:"):].split(";") if part.strip()]
+        return list(dict.fromkeys(f"bad row: {part.split(':', 1)[0].strip()}" for part in parts)) or ["bad row"]
+    return [text.split(":", 1)[0].strip() or "error"]
+
+
+def failed_records(metrics_path) -> list[dict] | None:
+    """The failure records (those with an `error`) of one job, read from the shard predictions
+    beside its metrics.json (`shard*/predictions.jsonl`); None when there are none to read."""
+    files = sorted(Path(str(metrics_path)).parent.glob("shard*/predictions.jsonl"))
+    if not files:
+        return None
+    failed = []
+    for path in files:
+        with open(path, encoding="utf-8", errors="replace") as stream:
+            for line in stream:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and record.get("error"):
+                    failed.append(record)
+    return failed
+
+
+def failure_reasons_frame(failed: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """One row per job and reason code: failed samples and a few examples (id: full reason); plus how
+    many jobs had no predictions to read."""
+    rows, unread = [], 0
+    for job in failed.itertuples(index=False):
+        records = failed_records(job.source) if pd.notna(job.source) else None
+        if records is None:
+            unread += int(bool(pd.notna(job.failures) and job.failures))
+            continue
+        by_code: dict[str, list[dict]] = {}
+        for record in records:
+            for code in failure_code(record["error"]):
+                by_code.setdefault(code, []).append(record)
+        for code, members in sorted(by_code.items()):
+            examples = "; ".join(f"{r.get('id')}: {str(r['error'])[:160]}" for r in members[:FAILURE_EXAMPLES])
+            rows.append({"model": job.model, "method": job.method, "budget": job.budget, "benchmark": job.benchmark,
+                         "reason": code, "samples": len(members), "examples": examples})
+    columns = ["model", "method", "budget", "benchmark", "reason", "samples", "examples"]
+    return pd.DataFrame(rows, columns=columns), unread
 
 
 def failures_section(results: pd.DataFrame) -> str:
+    """Jobs with failed samples or no headline score, then every failure reason of those jobs with
+    its count and a few example samples (bad rows: `bad row: <code>`; generation errors: the
+    exception type), read from the predictions beside each metrics.json."""
     headline = results[results["headline"].fillna(False).astype(bool)]
     failed = headline[(headline["failures"].fillna(0) > 0) | headline["value"].isna()]
     if failed.empty:
         return "<p>Every job scored every sample.</p>"
     columns = ["model", "method", "budget", "benchmark", "samples", "failures", "value", "source"]
-    return ("<p>Jobs with failed samples or no headline score.</p>"
-            + frame_html(failed[columns].astype({c: object for c in columns if c != "value"})))
+    parts = ["<p>Jobs with failed samples or no headline score.</p>",
+             frame_html(failed[columns].astype({c: object for c in columns if c != "value"}))]
+    reasons, unread = failure_reasons_frame(failed)
+    if len(reasons):
+        parts.append("<p>Failed samples by reason. A bad row (an image that does not decode in full, an empty "
+                     "question, missing or empty answers, bad metadata, text that is not UTF-8, ...) is "
+                     "counted as a failure and left out of the score; see docs/benchmarks.md.</p>")
+        parts.append(frame_html(reasons.astype(object)))
+    if unread:
+        parts.append(f'<p class="note">{unread} job(s) with failures have no shard predictions beside their '
+                     "metrics.json, so their reasons are not listed.</p>")
+    return "\n".join(parts)
 
 
 def figures_section(figures: list[Figure]) -> str:
