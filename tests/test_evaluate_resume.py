@@ -223,5 +223,7 @@ def test_an_invariant_violation_fails_the_job_with_one_line(monkeypatch, capsys)
     monkeypatch.setattr(evaluate, "evaluate_shard", broken)
     monkeypatch.delenv("WANDB_SERVICE", raising=False)
     assert evaluate.main(cli_args()) == 1
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "LLM layer 2 visual tokens: expected 36, found 144" in err
+    lines = capsys.readouterr().err.splitlines()
+    job_lines = [line for line in lines if not line.startswith("ficoco doctor: ")]   # the environment comes first
+    assert job_lines == ["ficoco run: invariant violated: ficoco-v: sample 7: LLM layer 2 visual tokens: "
+                         "expected 36, found 144"]
