@@ -5,7 +5,6 @@
 # 1. every dependency, pinned with hashes (requirements/lock.txt, pip's hash-checking mode);
 # 2. torch by version (requirements/torch.txt): the CPU build on CPU machines, CUDA from PyPI elsewhere;
 # 3. the project itself, editable, without touching the pins; then `pip check`.
-# --no-compile: bytecode is written on first import instead, which saves a minute of set-up.
 # pip, not uv: uv does not see the machine's local CPU torch wheel and downloads a CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +14,7 @@ if [ "$version" != "3.11" ]; then
   echo "install: $python is Python $version; the lock (requirements/lock.txt) is for Python 3.11" >&2
   exit 2
 fi
-"$python" -m pip install -q --no-compile --require-hashes -r requirements/lock.txt
-"$python" -m pip install -q --no-compile -r requirements/torch.txt
+"$python" -m pip install -q --require-hashes -r requirements/lock.txt
+"$python" -m pip install -q -r requirements/torch.txt
 "$python" -m pip install -q --no-deps -e .
 "$python" -m pip check
