@@ -571,17 +571,22 @@ def method_overrides(config: dict, models: dict, model: str, method: str, budget
     return merged
 
 
+def _require_in_grid(config: dict, key: list, what: str, value: Any, kind: str, known: Iterable[str]) -> None:
+    """`key` = [section, name]: the name must be a known `kind` and one the grid (config[kind + "s"]) runs."""
+    name, grid = key[1], config[f"{kind}s"]
+    if name not in known:
+        raise _unknown(key, name, known)
+    if name not in grid:
+        raise ConfigError(f"{what} {_show(value)} for {kind} {name!r}, which is not in {kind}s; valid: "
+                          f"{what} for {kind}s in the grid ({', '.join(grid)}), or add {name} to {kind}s", key)
+
+
 def _check_method_params(config: dict, method_registry) -> None:
     """method_params only for methods in the grid, only with parameters the method has."""
     valid_methods = method_registry.names()
     for name, params in config["method_params"].items():
         key = ["method_params", name]
-        if name not in valid_methods:
-            raise _unknown(key, name, valid_methods)
-        if name not in config["methods"]:
-            raise ConfigError(f"parameters {_show(params)} for method {name!r}, which is not in methods; valid: "
-                              f"parameters for methods in the grid ({', '.join(config['methods'])}), or add "
-                              f"{name} to methods", key)
+        _require_in_grid(config, key, "parameters", params, "method", valid_methods)
         method = method_registry.get(name)
         if not method.params:
             raise ConfigError(f"{_show(params)}: method {name} has no parameters; valid: no method_params entry "
@@ -650,12 +655,7 @@ def _option_problem(value: Any, default: Any) -> str | None:
 def _check_benchmark_options(config: dict, benchmarks: dict, registry: str) -> None:
     for name, options in config["benchmark_options"].items():
         key = ["benchmark_options", name]
-        if name not in benchmarks:
-            raise _unknown(key, name, benchmarks)
-        if name not in config["benchmarks"]:
-            raise ConfigError(f"options {_show(options)} for benchmark {name!r}, which is not in benchmarks; valid: "
-                              f"options for benchmarks in the grid ({', '.join(config['benchmarks'])}), or add "
-                              f"{name} to benchmarks", key)
+        _require_in_grid(config, key, "options", options, "benchmark", benchmarks)
         entry = benchmarks[name]
         defaults = dict(getattr(_benchmark_object(name, entry, registry), "option_defaults", {}) or {})
         if not defaults:
