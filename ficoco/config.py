@@ -495,6 +495,13 @@ def _check_model_entry(name: str, entry: dict, registry: str) -> None:
     if entry["source"] == "hub" and not entry.get("id"):
         raise ConfigError(f"{entry.get('id')!r} is not a model id; valid: a Hugging Face id such as "
                           f"llava-hf/llava-1.5-7b-hf", [name, "id"], registry)
+    if entry["source"] == "toy":
+        from ficoco.toy.model import RECIPES, SIZES
+
+        for key, valid, default in (("size", tuple(SIZES), "default"), ("recipe", RECIPES, "end-to-end")):
+            if entry.get(key, default) not in valid:
+                raise ConfigError(f"{entry.get(key)!r} is not a toy model {key}; valid: {', '.join(valid)}",
+                                  [name, key], registry)
 
 
 def _benchmark_object(name: str, entry: dict, registry: str):

@@ -36,6 +36,7 @@ class DoctorReport:
     python: str
     torch: str
     accelerators: tuple[str, ...]      # CUDA device names; empty: cpu only
+    cpu: str                           # logical CPUs, torch threads, the vector kernels torch dispatches to
     transformers: TransformersStatus
     selfcheck: SelfCheckResult | None  # None: not run
     wandb_mode: str
@@ -67,6 +68,7 @@ class DoctorReport:
             f"torch: {self.torch}",
             (f"cuda: available, {len(self.accelerators)} device(s): {', '.join(self.accelerators)}"
              if self.accelerators else "cuda: not available (cpu only)"),
+            f"cpu: {self.cpu}",
             f"transformers: {status.installed} ({tested}; tested: {', '.join(status.tested_versions)}; {override})",
         ]
         if self.selfcheck is None:
@@ -101,6 +103,9 @@ def diagnose(*, selfcheck: bool = True) -> DoctorReport:
         python=f"{platform.python_version()} ({platform.python_implementation()}, {platform.platform()})",
         torch=f"{torch.__version__} (CUDA build {torch.version.cuda})" if torch.version.cuda else torch.__version__,
         accelerators=accelerators,
+        # CPU timings depend on these; recorded with every measured time in docs/pipeline.md
+        cpu=(f"{os.cpu_count()} logical, torch threads {torch.get_num_threads()}, "
+             f"kernels {torch.backends.cpu.get_cpu_capability()}"),
         transformers=status,
         selfcheck=selfcheck_once(status.installed) if selfcheck else None,
         wandb_mode=effective_mode(),

@@ -208,6 +208,14 @@ HOSTILE = [
     Hostile("registry-bad-shape", base("models: [toy-llava]", "registries: {models: REGISTRY}", drop="models"),
             ("toy-llava.shape", "'toy2'", "valid: llava-1.5-7b, llava-1.5-13b, toy"), where="models.yaml",
             files={"models.yaml": "toy-llava:\n  source: toy\n  shape: toy2\n  prompt_template: 'USER: <image>\\n{prompt}'\n"}),
+    Hostile("registry-bad-toy-recipe", base("models: [toy-llava]", "registries: {models: REGISTRY}", drop="models"),
+            ("toy-llava.recipe", "'clip'", "valid: end-to-end, staged"), where="models.yaml",
+            files={"models.yaml": "toy-llava:\n  source: toy\n  shape: toy\n  recipe: clip\n"
+                                  "  prompt_template: 'USER: <image>\\n{prompt}'\n"}),
+    Hostile("registry-bad-toy-size", base("models: [toy-llava]", "registries: {models: REGISTRY}", drop="models"),
+            ("toy-llava.size", "'huge'", "valid: default, small"), where="models.yaml",
+            files={"models.yaml": "toy-llava:\n  source: toy\n  shape: toy\n  size: huge\n"
+                                  "  prompt_template: 'USER: <image>\\n{prompt}'\n"}),
 
     # ---- --config overrides, as Snakemake parses them ----
     Hostile("config-option-list-of-numbers", BASE, ("budgets[0]", "'36'", "valid: an integer >= 1",

@@ -1,6 +1,8 @@
 """`ficoco doctor`: one line per item, exit code 1 on an unfit environment."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import transformers
 
@@ -39,6 +41,7 @@ def test_doctor_passes_here_and_prints_every_item(capsys, tmp_path):
     assert lines[0].startswith("python: 3.")
     assert lines[1].startswith("torch: 2.")
     assert lines[2] == "cuda: not available (cpu only)" or lines[2].startswith("cuda: available, ")
+    assert re.fullmatch(r"cpu: \d+ logical, torch threads \d+, kernels [A-Z0-9_]+", lines[3]), lines[3]
     assert f"transformers: {transformers.__version__} (tested; tested: 5.23.0, 5.24.0; {VARIABLE}=unset)" in lines
     assert any(line.startswith("adapter self-check: passed (ficoco-vl") for line in lines)
     for name in selfcheck.CHECK_NAMES:

@@ -510,3 +510,61 @@ def test_accuracy_figure_of_a_toy_sized_model_is_labelled_in_mflops():
     assert axis.get_xlabel() == "exact MFLOPs per sample"
     xs = sorted(x for line in axis.get_lines() for x in line.get_xdata())
     assert math.isclose(xs[0], 60.0) and math.isclose(xs[-1], 120.0)
+
+
+# ---------------------------------------------------------------------------------------------- toy model section
+
+def test_toy_model_section_shows_each_trained_toy_models_build_and_cls(tmp_path):
+    results = write_results_tree(tmp_path / "results")
+    assert cli.main(["aggregate", "--results", str(results), "--out", str(results / "summary")]) == 0
+    staged = {"source": "toy", "request": {"training": {"recipe": "staged"}},
+              "training_result": {"seconds": 901.5, "val_accuracy": 96.0,
+                                  "cls": {"cls_share_on_objects": 0.396, "object_patch_share": 0.023, "ratio": 17.2},
+                                  "stages": {"clip": {"retrieval_accuracy": 78.5}}}}
+    untrained = {"source": "toy", "request": {"training": None}, "training_result": None}
+    hub = {"source": "hub", "id": "llava-hf/llava-1.5-7b-hf"}
+    paths = []
+    for name, manifest in (("toy-staged", staged), ("toy-random", untrained), ("llava-1.5-7b", hub)):
+        path = tmp_path / "resources" / "models" / name / "manifest.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(manifest))
+        paths.append(str(path))
+    out = tmp_path / "report.html"
+    assert cli.main(["report", "--summary", str(results / "summary"), "--out", str(out),
+                     "--model-manifests", *paths]) == 0
+    text = out.read_text()
+    section = text[text.index('<section id="toy-model">'):]
+    section = section[:section.index("</section>")]
+    cells = re.findall(r"<td>(.*?)</td>", section)
+    assert cells == ["toy-staged", "staged", "901.5", "96.0", "39.6", "2.3", "17.2", "78.5"]
+    assert '<a href="#toy-model">About the toy model</a>' in text
+
+    assert cli.main(["report", "--summary", str(results / "summary"), "--out", str(out),
+                     "--model-manifests", paths[2]]) == 0
+    assert 'id="toy-model"' not in out.read_text()              # no trained toy model: no section
+    (tmp_path / "broken.json").write_text("{")
+    assert cli.main(["report", "--summary", str(results / "summary"), "--out", str(out),
+                     "--model-manifests", str(tmp_path / "broken.json")]) == 1
+
+
+def test_paper_findings_compare_the_papers_consistent_orderings_with_the_run():
+    reference = paper.paper_reference(paper.load_paper_results(), "v4")
+    scores = {  # method -> score at budgets 72, 48, 36 (one benchmark)
+        "ficoco-v": (60.0, 55.0, 40.0), "tome": (50.0, 45.0, 42.0),      # below ToMe at 36
+        "ficoco-l": (70.0, 65.0, 60.0), "fastv": (52.0, 48.0, 41.0),
+        "pdrop": (10.0, 10.0, 10.0),                                     # paper: FiCoCo-V vs PDrop flips at 3.3T
+        "random": (30.0, 30.0, 30.0),                                    # the paper prints no Avg for it at all three
+    }
+    headline = pd.DataFrame([{"model": "toy-llava", "method": method, "budget": str(budget), "benchmark": "toy-shapes",
+                              "value": value} for method, values in scores.items()
+                             for budget, value in zip((72, 48, 36), values)])
+    findings = tables.paper_findings(headline, reference).set_index(["ficoco", "baseline"])
+    # FiCoCo-L is above PDrop at every paper budget (68.9/67.7/65.3 vs 67.1/65.9/52.5); FiCoCo-V is not
+    assert sorted(findings.index) == [("ficoco-l", "fastv"), ("ficoco-l", "pdrop"), ("ficoco-l", "tome"),
+                                      ("ficoco-v", "fastv"), ("ficoco-v", "tome")]
+    assert findings.loc[("ficoco-v", "tome"), "paper"] == "above at every budget: 66.9 vs 62.1 / 66.3 vs 56.7 / 65.2 vs 49.5"
+    assert findings.loc[("ficoco-v", "tome"), "ours"] == "60.0 vs 50.0 / 55.0 vs 45.0 / 40.0 vs 42.0"
+    assert findings.loc[("ficoco-v", "tome"), "budgets"] == "72 / 48 / 36"
+    assert not findings.loc[("ficoco-v", "tome"), "reproduced"]
+    assert findings.loc[("ficoco-l", "fastv"), "reproduced"] and findings.loc[("ficoco-l", "tome"), "reproduced"]
+    assert not findings.loc[("ficoco-v", "fastv"), "reproduced"]                  # 40.0 vs 41.0 at 36

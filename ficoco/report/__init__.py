@@ -53,8 +53,12 @@ def main_aggregate(argv: list[str] | None = None) -> int:
 
 def render_report(summary_dir: str | Path, out: str | Path, figures_dir: str | Path | None = None,
                   template: str | Path | None = None, paper_version: str = "v4", title: str = "ficoco report",
-                  wandb_dir: str | Path | None = None) -> Path:
-    """Write the page `out`, the PNGs and paper_tables.csv (in `figures_dir`), log them to W&B; return `out`."""
+                  wandb_dir: str | Path | None = None, model_manifests=()) -> Path:
+    """Write the page `out`, the PNGs and paper_tables.csv (in `figures_dir`), log them to W&B; return `out`.
+
+    model_manifests: the run's `resources/models/<model>/manifest.json` files; trained toy models get
+    an "About the toy model" section.
+    """
     from ficoco.report import files, page, paper, plots, tables, wandb_log
 
     out = Path(out)
@@ -69,8 +73,11 @@ def render_report(summary_dir: str | Path, out: str | Path, figures_dir: str | P
     headline = tables.headline_scores(summary.results)
     figures = plots.make_figures(headline, tables.avg_percent_by_budget(paper_tables), summary.schedules,
                                  summary.measure, figures_dir)
+    toy_models = page.toy_models_section(read_model_manifests(model_manifests),
+                                         tables.paper_findings(headline, reference))
     sections = [
         ("overview", "Overview", page.overview_section(summary.results, summary.measure)),
+        *([("toy-model", "About the toy model", toy_models)] if toy_models else []),
         ("tables", "Accuracy tables (paper style)", page.paper_tables_section(paper_tables)),
         ("figures", "Figures", page.figures_section(figures)),
         ("costs", "Costs, latency and memory", page.costs_section(summary.results, summary.measure)),
@@ -85,6 +92,20 @@ def render_report(summary_dir: str | Path, out: str | Path, figures_dir: str | P
     return out
 
 
+def read_model_manifests(paths) -> dict[str, dict]:
+    """model name (its directory's name) -> manifest, for `resources/models/<model>/manifest.json` paths."""
+    import json
+
+    manifests = {}
+    for path in map(Path, paths):
+        try:
+            manifests[path.parent.name] = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"model manifest {path} cannot be read ({error}); valid: the JSON file fetch_model "
+                             f"or build_toy_model writes") from error
+    return manifests
+
+
 def main_report(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ficoco report", description="Render the HTML report from the summary.")
     parser.add_argument("--summary", default="results/summary", help="directory written by `ficoco aggregate`")
@@ -97,10 +118,12 @@ def main_report(argv: list[str] | None = None) -> int:
     parser.add_argument("--title", default="ficoco report")
     parser.add_argument("--wandb-dir", default=None,
                         help="where the W&B aggregate run writes (default: <summary>/../wandb/aggregate)")
+    parser.add_argument("--model-manifests", nargs="*", default=[],
+                        help="the run's resources/models/<model>/manifest.json (toy models get an 'About' section)")
     args = parser.parse_args(argv)
     try:
         out = render_report(args.summary, args.out, args.figures, args.template, args.paper_version, args.title,
-                            args.wandb_dir)
+                            args.wandb_dir, args.model_manifests)
     except ValueError as error:
         print(f"ficoco report: {error}", file=sys.stderr)
         return 1

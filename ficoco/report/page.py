@@ -278,6 +278,58 @@ def data_section(results: pd.DataFrame) -> str:
             "The headline rows:</p><details><summary>show the table</summary>" + frame_html(frame) + "</details>")
 
 
+def toy_models_frame(manifests: dict[str, dict]) -> pd.DataFrame:
+    """One row per trained toy model of the run: how it was built and where its tower's CLS attends."""
+    rows = []
+    for model, manifest in sorted(manifests.items()):
+        training = manifest.get("training_result")
+        if manifest.get("source") != "toy" or not training:
+            continue
+        cls = training.get("cls") or {}
+        clip = (training.get("stages") or {}).get("clip") or {}
+        percent = {key: 100 * cls[key] for key in ("cls_share_on_objects", "object_patch_share") if key in cls}
+        rows.append({
+            "model": model,
+            "recipe": (manifest.get("request", {}).get("training") or {}).get("recipe", "end-to-end"),
+            "training (s)": training.get("seconds"),
+            "held-out accuracy (%)": training.get("val_accuracy"),
+            "CLS attention on object patches (%)": percent.get("cls_share_on_objects"),
+            "object patches' share of all patches (%)": percent.get("object_patch_share"),
+            "× their share": cls.get("ratio"),
+            "tower's image → caption retrieval (%)": clip.get("retrieval_accuracy"),
+        })
+    return pd.DataFrame(rows)
+
+
+def toy_models_section(manifests: dict[str, dict], findings: pd.DataFrame) -> str | None:
+    """"About the toy model": None when no toy model of the run was trained.
+
+    findings: `tables.paper_findings` of the run's toy models.
+    """
+    frame = toy_models_frame(manifests)
+    if frame.empty:
+        return None
+    toy_findings = findings[findings["model"].isin(frame["model"])]
+    if toy_findings.empty:
+        reproduced = ("<p>No method pair of this run has a consistent ordering in the paper "
+                      "(it needs a FiCoCo method and a baseline the paper prints at all three budgets).</p>")
+    else:
+        count = int(toy_findings["reproduced"].sum())
+        reproduced = (f"<h3>What this run reproduces of the paper's findings</h3><p>Of the paper's "
+                      f"{len(toy_findings)} FiCoCo-against-baseline orderings that hold at all three of its "
+                      f"LLaVA-1.5-7B budgets (printed Avg), this run reproduces {count} at every budget it ran "
+                      "(scores at this run's budgets, largest first, paired with the paper's by rank).</p>"
+                      + frame_html(toy_findings.assign(reproduced=toy_findings["reproduced"].map(
+                          {True: "yes", False: "no"})).astype(object)))
+    return ("<p>The toy model is trained on the synthetic world (docs/toy.md). The CLS-reading methods "
+            "(FiCoCo-V's semantic term, EViT, TopK-CLS, VisionZip, PruMerge) assume that the tower's CLS "
+            "attends to the content: the share of the feature layer's CLS attention (head mean) on the "
+            "object patches says how far this tower does; a tower trained inside LLaVA (recipe end-to-end) "
+            "gives CLS no purpose, a CLIP-style pretrained one (recipe staged) does. Held-out accuracy: "
+            "validation rows, unreduced. A dash: not recorded by the build.</p>"
+            + frame_html(frame.astype({"model": object, "recipe": object}), float_decimals=1) + reproduced)
+
+
 def overview_section(results: pd.DataFrame, measure: pd.DataFrame) -> str:
     headline = results[results["headline"].fillna(False).astype(bool)]
 

@@ -112,6 +112,16 @@ def paper_reference(paper: pd.DataFrame, preferred_version: str = "v4") -> pd.Da
     return first[cell + ["value", "paper_version"]].reset_index(drop=True)
 
 
+def paper_averages(reference: pd.DataFrame, model: str = "LLaVA-1.5-7B") -> dict[str, list[float]]:
+    """paper method -> its printed Avg at each reduced budget, largest first (192, 128, 64 tokens),
+    for the methods the paper prints at all of them."""
+    labels = [label for budget, label in PAPER_BUDGET_LABELS.items() if budget != "full"]
+    rows = reference[(reference["model"] == model) & (reference["benchmark"] == "Avg")
+                     & reference["budget_label"].isin(labels)]
+    table = rows.pivot_table(index="method", columns="budget_label", values="value").reindex(columns=labels)
+    return {method: [float(v) for v in values] for method, values in table.dropna().iterrows()}
+
+
 def attach_paper_keys(frame: pd.DataFrame) -> pd.DataFrame:
     """Add paper_model, paper_method, paper_budget_label, paper_benchmark (NA where nothing maps)."""
     return frame.assign(

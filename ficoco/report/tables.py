@@ -21,7 +21,8 @@ import math
 import pandas as pd
 
 from ficoco.report.aggregate import ADAPTIVE, FULL, is_numeric_budget
-from ficoco.report.paper import PAPER_BENCHMARKS, name_key, printed_tflops, with_paper_values
+from ficoco.report.paper import (PAPER_BENCHMARKS, name_key, paper_averages, paper_method, printed_tflops,
+                                 with_paper_values)
 
 VANILLA = "vanilla"
 AVG, AVG_PCT = "Avg", "Avg%"
@@ -182,3 +183,42 @@ def avg_percent_by_budget(tables: pd.DataFrame) -> pd.DataFrame:
     x = frame["realised_tokens"].astype(float).where(~numeric, pd.to_numeric(frame["budget"].where(numeric)))
     frame = frame.assign(budget_tokens=x.astype(float))[["model", "method", "budget", "budget_tokens", "avg_pct"]]
     return frame.reset_index(drop=True)
+
+
+def paper_findings(headline: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
+    """Which of the paper's FiCoCo-against-baseline orderings a model's run reproduces.
+
+    A finding: a FiCoCo method scored above (or below) a baseline at every one of the paper's three
+    LLaVA-1.5-7B budgets (its printed Avg). Our side: each method's mean headline score over the
+    benchmarks at the run's numeric budgets, largest first, paired with the paper's by rank (the
+    toy world's budgets are other fractions of its visual tokens). Reproduced when the run orders
+    the two methods the same way at every budget both ran.
+    Columns: model, ficoco, baseline, paper, ours, budgets, reproduced.
+    """
+    averages = paper_averages(reference)
+    rows = []
+    for model, frame in headline.groupby("model"):
+        numeric = frame[frame["budget"].map(is_numeric_budget)]
+        scores = numeric.groupby(["method", "budget"])["value"].mean()
+        budgets = sorted({int(b) for b in numeric["budget"]}, reverse=True)[:3]
+        methods = [m for m in numeric["method"].unique() if paper_method(m) in averages]
+        for ficoco in sorted(m for m in methods if name_key(m).startswith("ficoco")):
+            for baseline in sorted(m for m in methods if not name_key(m).startswith("ficoco")):
+                paper_a, paper_b = averages[paper_method(ficoco)], averages[paper_method(baseline)]
+                orderings = {(a > b) - (a < b) for a, b in zip(paper_a, paper_b)}     # +1 above, -1 below, 0 tie
+                if orderings not in ({1}, {-1}):
+                    continue                                    # no single ordering across the paper's budgets
+                above = orderings == {1}
+                pairs = [(scores.get((ficoco, str(b))), scores.get((baseline, str(b))), b) for b in budgets]
+                pairs = [(a, b, budget) for a, b, budget in pairs if a is not None and b is not None]
+                if not pairs:
+                    continue
+                rows.append({
+                    "model": model, "ficoco": ficoco, "baseline": baseline,
+                    "paper": f"{'above' if above else 'below'} at every budget: "
+                             + " / ".join(f"{a:.1f} vs {b:.1f}" for a, b in zip(paper_a, paper_b)),
+                    "ours": " / ".join(f"{a:.1f} vs {b:.1f}" for a, b, _ in pairs),
+                    "budgets": " / ".join(str(budget) for _, _, budget in pairs),
+                    "reproduced": all((a > b) == above and a != b for a, b, _ in pairs),
+                })
+    return pd.DataFrame(rows, columns=["model", "ficoco", "baseline", "paper", "ours", "budgets", "reproduced"])

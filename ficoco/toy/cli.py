@@ -2,7 +2,10 @@
 
     ficoco toy build-benchmark --out DIR [--seed 1234] [--rows 500]
     ficoco toy build-model --out DIR [--seed 0] [--train | --no-train] [--steps N] [--size default]
+                           [--recipe end-to-end | staged]
     ficoco toy measure --model DIR --benchmark DIR [--keep 48 32 16] [--rows N]
+    ficoco toy pretrain-clip --out DIR [--seed 0] [--steps 300] [--batch-size 64]
+    ficoco toy inspect-tower --model DIR [--rows 256]
 
 Both builders write to a temporary directory next to DIR and rename it into place, and both are
 idempotent: when DIR's manifest records the same request (and, for the model, the same config
@@ -21,6 +24,7 @@ from pathlib import Path
 from ficoco.journal import staged_directory
 
 GENERATOR_VERSION = 1           # bump when shapes.py changes what a (seed, index) renders
+CLIP_DIR = "clip"               # a staged toy model's pretrained CLIPModel, inside its directory
 
 
 def _now() -> str:
@@ -39,6 +43,31 @@ def _read_manifest(directory: Path) -> dict | None:
 
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _built_for(out: Path, request: dict) -> dict | None:
+    """The manifest of the model directory `out` when it was built for exactly `request`, else None."""
+    existing = _read_manifest(out)
+    if existing and existing.get("request") == request and (out / "config.json").is_file():
+        return existing
+    return None
+
+
+def _use_available_cores() -> None:
+    """torch's thread count, capped at the CPUs there are (OMP_NUM_THREADS, set by the rules, lowers it)."""
+    import torch
+
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+
+
+def _training_summary(result: dict) -> dict:
+    """Seconds, threads and the mean loss at the start and the end of a training run."""
+    import torch
+
+    losses = result["losses"]
+    return {"seconds": round(result["seconds"], 1), "threads": torch.get_num_threads(),
+            "loss_first_10": round(float(sum(losses[:10]) / len(losses[:10])), 4),
+            "loss_last_50": round(float(sum(losses[-50:]) / len(losses[-50:])), 4)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,43 +126,55 @@ def _files_hash(directory: Path, names: list[str]) -> str:
 
 
 def build_model(out, seed: int = 0, train: bool = True, steps: int | None = None, size: str = "default",
-                progress: bool = True, eval_rows: int = 200) -> dict:
-    """Build (and by default train) the toy LLaVA into `out`; returns the manifest."""
-    import torch
+                progress: bool = True, eval_rows: int = 200, recipe: str = "end-to-end",
+                overrides: dict | None = None) -> dict:
+    """Build (and by default train) the toy LLaVA into `out`; returns the manifest.
 
+    recipe: "end-to-end" or "staged" (ficoco/toy/train.py); overrides: TrainSettings fields on top
+    of the recipe's defaults (tests use them for short runs). A staged build also writes its
+    pretrained CLIP model (tower + text encoder) to `out/clip/`.
+    """
     from ficoco.toy import model as toy_model
+    from ficoco.toy import shapes
     from ficoco.toy import train as toy_train
 
     out = Path(out)
     config = toy_model.toy_llava_config(size)
-    settings = toy_train.TrainSettings(seed=int(seed), size=size,
-                                       **({"steps": int(steps)} if steps is not None else {}))
+    settings = toy_train.TrainSettings.for_recipe(
+        recipe, seed=int(seed), size=size, **({"steps": int(steps)} if steps is not None else {}), **(overrides or {}))
     if settings.steps < 1:
         raise ValueError(f"steps={settings.steps}: must be at least 1")
     request = {"seed": int(seed), "train": bool(train), "size": size,
                "config_hash": toy_model.config_hash(config),
                "training": settings.to_dict() if train else None}
-    existing = _read_manifest(out)
-    if existing and existing.get("request") == request and (out / "config.json").is_file():
+    existing = _built_for(out, request)
+    if existing:
         print(f"toy model {out} is up to date ({'trained' if train else 'random weights'}, seed {seed})")
         return existing
 
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+    _use_available_cores()
     processor = toy_model.build_processor()
     model = toy_model.build_model(seed, size)
-    training = None
+    training, clip = None, None
     if train:
-        result = toy_train.train(model, processor, settings, progress=progress)
-        losses = result["losses"]
-        training = {"seconds": round(result["seconds"], 1), "threads": torch.get_num_threads(),
-                    "loss_first_10": round(sum(losses[:10]) / len(losses[:10]), 4),
-                    "loss_last_50": round(sum(losses[-50:]) / len(losses[-50:]), 4)}
+        stages = {}
+        if settings.recipe == "staged":
+            clip, clip_processor, stages["clip"] = _pretrained_clip(settings.clip, size, eval_rows, progress)
+            model.model.vision_tower.load_state_dict(clip.vision_model.state_dict())
+            if settings.align_steps > 0:
+                stages["align"] = _training_summary(toy_train.align_projector(model, processor, settings, progress))
+        training = _training_summary(toy_train.train(model, processor, settings, progress=progress))
+        if stages:
+            _require_same_tower(model.model.vision_tower, clip.vision_model)
+            stages["instruct"] = dict(training)
+            training["stages"] = stages
+            training["seconds"] = round(sum(stage["seconds"] for stage in stages.values()), 1)
         if eval_rows > 0:
-            from ficoco.toy import shapes
             rows = shapes.samples(seed, "val", eval_rows)
             predictions = toy_train.generate_answers(model, processor, rows)
             training["val_accuracy"] = round(100 * toy_train.accuracy(predictions, [r.answer for r in rows]), 2)
             training["val_rows"] = eval_rows
+            training["cls"] = _cls_share(model.model.vision_tower, processor, rows, config.vision_feature_layer)
 
     with staged_directory(out) as staging:
         model.save_pretrained(str(staging))
@@ -146,9 +187,106 @@ def build_model(out, seed: int = 0, train: bool = True, steps: int | None = None
             "prompt_template": toy_model.PROMPT_TEMPLATE,
             "visual_tokens": config.image_seq_length,
         }
+        if clip is not None:
+            clip.save_pretrained(str(staging / CLIP_DIR))
+            clip_processor.save_pretrained(str(staging / CLIP_DIR))
+            clip_files = sorted(p.name for p in (staging / CLIP_DIR).iterdir())
+            manifest["clip"] = {"dir": CLIP_DIR, "revision": _files_hash(staging / CLIP_DIR, clip_files)[:16]}
         _write_json(staging / "manifest.json", manifest)
     print(f"toy model ({'trained' if train else 'random weights'}, seed {seed}, revision {revision}) -> {out}")
     return manifest
+
+
+def _require_same_tower(tower, pretrained) -> None:
+    """Stages 2 and 3 keep the pretrained tower frozen; a changed weight means they did not."""
+    import torch
+
+    weights = pretrained.state_dict()
+    changed = [name for name, value in tower.state_dict().items() if not torch.equal(value, weights[name])]
+    if changed:
+        raise RuntimeError(f"the vision tower changed after its pretraining ({len(changed)} tensors, e.g. "
+                           f"{changed[0]}); stages 2 and 3 must keep it frozen")
+
+
+# --------------------------------------------------------------------------------------------
+# CLIP-style tower (stage 1 of a LLaVA-style build)
+
+def pretrain_clip(out, seed: int = 0, steps: int | None = None, batch_size: int | None = None,
+                  eval_rows: int = 256, progress: bool = True) -> dict:
+    """Pretrain the toy tower + text encoder contrastively into `out` (a `CLIPModel` directory).
+
+    Returns the manifest."""
+    from ficoco.toy import clip as toy_clip
+    from ficoco.toy import model as toy_model
+
+    out = Path(out)
+    overrides = {key: int(value) for key, value in (("steps", steps), ("batch_size", batch_size)) if value is not None}
+    settings = toy_clip.ClipSettings(seed=int(seed), **overrides)
+    request = {"seed": int(seed), "config_hash": toy_model.config_hash(toy_model.toy_clip_config()),
+               "training": settings.to_dict(), "eval_rows": int(eval_rows), "generator_version": GENERATOR_VERSION}
+    existing = _built_for(out, request)
+    if existing:
+        print(f"toy CLIP {out} is up to date (seed {seed})")
+        return existing
+
+    _use_available_cores()
+    clip_model, processor, training = _pretrained_clip(settings, "default", eval_rows, progress)
+    with staged_directory(out) as staging:
+        clip_model.save_pretrained(str(staging))
+        processor.save_pretrained(str(staging))
+        manifest = {"id": "ficoco/toy-clip", "source": "toy", "fetched_at": _now(), "request": request,
+                    "training_result": training}
+        _write_json(staging / "manifest.json", manifest)
+    print(f"toy CLIP (seed {seed}) -> {out}: {json.dumps(training)}")
+    return manifest
+
+
+def _pretrained_clip(settings, size: str, eval_rows: int, progress: bool):
+    """Stage 1: (CLIPModel pretrained with `settings`, its processor, a summary with retrieval and CLS share)."""
+    from ficoco.toy import clip as toy_clip
+    from ficoco.toy import model as toy_model
+    from ficoco.toy import shapes
+
+    processor = toy_model.build_clip_processor()
+    clip_model = toy_model.build_clip(settings.seed, size)
+    summary = _training_summary(toy_clip.pretrain(clip_model, processor, settings, progress=progress))
+    if eval_rows > 0:
+        rows = shapes.samples(settings.seed, "val", eval_rows)
+        summary["retrieval_accuracy"] = round(100 * toy_clip.retrieval_accuracy(clip_model, processor, rows), 2)
+        summary["cls"] = _cls_share(clip_model.vision_model, processor, rows, -2)
+    return clip_model, processor, summary
+
+
+def _cls_share(tower, processor, rows, feature_layer: int) -> dict:
+    """`clip.cls_object_share`, rounded for a manifest."""
+    from ficoco.toy import clip as toy_clip
+
+    share = toy_clip.cls_object_share(tower, processor, rows, feature_layer)
+    return {key: round(value, 4) if isinstance(value, float) else value for key, value in share.items()}
+
+
+def inspect_tower(model_dir, rows: int = 256, seed: int = 0) -> dict:
+    """CLS attention on object patches of a built toy LLaVA's tower or a pretrained toy CLIP's tower."""
+    from transformers import AutoConfig, AutoProcessor, CLIPModel, LlavaForConditionalGeneration
+
+    from ficoco.toy import clip as toy_clip
+    from ficoco.toy import shapes
+
+    model_type = AutoConfig.from_pretrained(str(model_dir)).model_type
+    processor = AutoProcessor.from_pretrained(str(model_dir))
+    if model_type == "llava":
+        model = LlavaForConditionalGeneration.from_pretrained(str(model_dir)).eval()
+        tower, feature_layer = model.model.vision_tower, model.config.vision_feature_layer
+    elif model_type == "clip":
+        tower, feature_layer = CLIPModel.from_pretrained(str(model_dir)).eval().vision_model, -2
+    else:
+        raise ValueError(f"{model_dir}: model_type {model_type!r}; "
+                         "valid: a toy LLaVA (llava) or toy CLIP (clip) directory")
+    result = toy_clip.cls_object_share(tower, processor, shapes.samples(seed, "val", rows), feature_layer)
+    print(f"{model_dir}: CLS attention on object patches {100 * result['cls_share_on_objects']:.1f}% "
+          f"(objects are {100 * result['object_patch_share']:.1f}% of the patches: {result['ratio']:.1f}x), "
+          f"{rows} validation scenes")
+    return result
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="train on the toy train split (default) or keep random weights (--no-train)")
     model.add_argument("--steps", type=int, default=None, help="training steps (default: TrainSettings.steps)")
     model.add_argument("--size", default="default", help="architecture: default or small")
+    model.add_argument("--recipe", default="end-to-end",
+                       help="end-to-end (default) or staged: LLaVA-1.5's stages on a CLIP-style tower (docs/toy.md)")
     model.add_argument("--eval-rows", type=int, default=200, help="validation rows scored after training")
 
     meas = commands.add_parser("measure", help="accuracy unreduced and with random visual-token dropping")
@@ -206,12 +346,28 @@ def main(argv: list[str] | None = None) -> int:
     meas.add_argument("--rows", type=int, default=None)
     meas.add_argument("--json", default=None, help="also write the result here")
 
+    clip = commands.add_parser("pretrain-clip", help="pretrain the toy vision tower and a text encoder CLIP-style")
+    clip.add_argument("--out", required=True, help="CLIPModel directory to write")
+    clip.add_argument("--seed", type=int, default=0)
+    clip.add_argument("--steps", type=int, default=None, help="training steps (default: ClipSettings.steps)")
+    clip.add_argument("--batch-size", type=int, default=None, help="images per step (default: ClipSettings.batch_size)")
+    clip.add_argument("--eval-rows", type=int, default=256, help="validation scenes for retrieval and CLS share")
+
+    tower = commands.add_parser("inspect-tower", help="CLS attention on object patches of a toy tower")
+    tower.add_argument("--model", required=True, help="a toy LLaVA or toy CLIP directory")
+    tower.add_argument("--rows", type=int, default=256, help="validation scenes")
+
     args = parser.parse_args(argv)
-    if args.command == "build-benchmark":
+    if args.command == "pretrain-clip":
+        pretrain_clip(args.out, seed=args.seed, steps=args.steps, batch_size=args.batch_size,
+                      eval_rows=args.eval_rows)
+    elif args.command == "inspect-tower":
+        inspect_tower(args.model, rows=args.rows)
+    elif args.command == "build-benchmark":
         build_benchmark(args.out, seed=args.seed, rows=args.rows)
     elif args.command == "build-model":
         build_model(args.out, seed=args.seed, train=args.train, steps=args.steps, size=args.size,
-                    eval_rows=args.eval_rows)
+                    eval_rows=args.eval_rows, recipe=args.recipe)
     else:
         result = measure(args.model, args.benchmark, args.keep, rows=args.rows)
         if args.json:

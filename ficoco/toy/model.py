@@ -42,6 +42,10 @@ SIZES: dict[str, dict] = {
     "small": dict(vision_hidden=32, vision_mlp=64, vision_layers=4, vision_heads=2,
                   llm_hidden=64, llm_mlp=128, llm_layers=4, llm_heads=2),
 }
+# How the model is trained (ficoco/toy/train.py): all parts together, or in LLaVA-1.5's stages
+RECIPES = ("end-to-end", "staged")
+# The CLIP text encoder the tower is pretrained against (stage 1); the LLaVA model does not use it.
+TEXT_ENCODER = dict(hidden=32, mlp=64, layers=2, heads=2, max_words=32)
 
 
 def vocabulary() -> list[str]:
@@ -57,30 +61,61 @@ def image_token_id() -> int:
     return SPECIAL_TOKENS.index("<image>")
 
 
-def toy_llava_config(size: str = "default"):
-    """The `LlavaConfig` of the toy model (random weights are built from it by `build_model`)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+def vocab_size() -> int:
+    return 8 * ((len(vocabulary()) + 7) // 8)                       # round up to a multiple of 8
+
+
+def vision_config(size: str = "default"):
+    """The CLIP vision tower's config: shared by the LLaVA model and the CLIP model it is pretrained in."""
+    from transformers import CLIPVisionConfig
 
     if size not in SIZES:
         raise ValueError(f"size={size!r}: valid sizes are {sorted(SIZES)}")
     dims = SIZES[size]
-    vocab_size = 8 * ((len(vocabulary()) + 7) // 8)                 # round up to a multiple of 8
-    num_patches = shapes.GRID * shapes.GRID
-    vision = CLIPVisionConfig(
+    return CLIPVisionConfig(
         hidden_size=dims["vision_hidden"], intermediate_size=dims["vision_mlp"],
         num_hidden_layers=dims["vision_layers"], num_attention_heads=dims["vision_heads"],
         image_size=shapes.IMAGE_SIZE, patch_size=shapes.CELL, projection_dim=dims["vision_hidden"],
         hidden_act="quick_gelu", initializer_range=INIT_RANGE,
     )
+
+
+def toy_clip_config(size: str = "default"):
+    """`CLIPConfig` of the tower's pretraining: the LLaVA tower + a small text encoder over captions.
+
+    The text encoder pools at the caption's end word ("."), as CLIP pools at its end-of-text token
+    (with eos_token_id 2, `</s>` here, transformers would fall back to the legacy argmax pooling).
+    """
+    from transformers import CLIPConfig, CLIPTextConfig
+
+    vision = vision_config(size)
+    text = CLIPTextConfig(
+        vocab_size=vocab_size(), hidden_size=TEXT_ENCODER["hidden"], intermediate_size=TEXT_ENCODER["mlp"],
+        num_hidden_layers=TEXT_ENCODER["layers"], num_attention_heads=TEXT_ENCODER["heads"],
+        max_position_embeddings=TEXT_ENCODER["max_words"], hidden_act="quick_gelu", initializer_range=INIT_RANGE,
+        pad_token_id=0, bos_token_id=1, eos_token_id=vocabulary().index(shapes.CAPTION_END),
+    )
+    return CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                      projection_dim=vision.projection_dim, initializer_range=INIT_RANGE)
+
+
+def toy_llava_config(size: str = "default"):
+    """The `LlavaConfig` of the toy model (random weights are built from it by `build_model`)."""
+    from transformers import LlamaConfig, LlavaConfig
+
+    if size not in SIZES:
+        raise ValueError(f"size={size!r}: valid sizes are {sorted(SIZES)}")
+    dims = SIZES[size]
+    num_patches = shapes.GRID * shapes.GRID
     text = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=dims["llm_hidden"], intermediate_size=dims["llm_mlp"],
+        vocab_size=vocab_size(), hidden_size=dims["llm_hidden"], intermediate_size=dims["llm_mlp"],
         num_hidden_layers=dims["llm_layers"], num_attention_heads=dims["llm_heads"],
         num_key_value_heads=dims["llm_heads"], max_position_embeddings=512,
         pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
         initializer_range=INIT_RANGE,
     )
     return LlavaConfig(
-        vision_config=vision, text_config=text, image_token_id=image_token_id(),
+        vision_config=vision_config(size), text_config=text, image_token_id=image_token_id(),
         image_seq_length=num_patches, vision_feature_layer=-2,
         vision_feature_select_strategy="default", projector_hidden_act="gelu",
         initializer_range=INIT_RANGE,
@@ -139,6 +174,38 @@ def build_model(seed: int, size: str = "default"):
     model.generation_config.bos_token_id = 1
     model.generation_config.eos_token_id = 2
     return model.eval()
+
+
+def build_clip(seed: int, size: str = "default"):
+    """Random-weight `CLIPModel` (tower + text encoder + projections), initialised from `seed`."""
+    import torch
+    from transformers import CLIPModel
+
+    torch.manual_seed(seed)
+    return CLIPModel(toy_clip_config(size)).eval()
+
+
+def build_clip_processor():
+    """`CLIPProcessor` for the CLIP model: the same image processor and word-level tokenizer as the LLaVA one."""
+    from transformers import CLIPProcessor
+
+    llava = build_processor()
+    return CLIPProcessor(image_processor=llava.image_processor, tokenizer=llava.tokenizer)
+
+
+def pixel_values(images: list, processor) -> torch.Tensor:
+    """(B, 3, H, W) float32, exactly the CLIP processor's rescale + normalise (no resize: size matches).
+
+    Training builds its batches with this instead of calling the processor per image (faster).
+    """
+    import numpy as np
+    import torch
+
+    ip = processor.image_processor
+    array = np.stack([np.asarray(image, dtype=np.float32) for image in images])     # (B, H, W, 3)
+    array = (array * np.float32(ip.rescale_factor) - np.asarray(ip.image_mean, np.float32)) \
+        / np.asarray(ip.image_std, np.float32)
+    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
 
 
 def prompt_text(question: str) -> str:

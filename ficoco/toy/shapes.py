@@ -80,6 +80,9 @@ QUESTION_TEMPLATES = {
     "count": "how many objects are {color} ?",
     "position": "on which side is the {shape} ?",
 }
+# A caption lists the objects in raster order ("red square left , blue circle right ."): the text
+# side of the vision tower's CLIP-style pretraining (ficoco/toy/clip.py).
+CAPTION_SEPARATOR, CAPTION_END = ",", "."
 
 
 def vocabulary() -> list[str]:
@@ -89,7 +92,7 @@ def vocabulary() -> list[str]:
         for word in template.split():
             if not word.startswith("{") and word not in words:
                 words.append(word)
-    for word in (*COLOR_NAMES, *SHAPE_NAMES, *NUMBER_WORDS, *SIDES):
+    for word in (*COLOR_NAMES, *SHAPE_NAMES, *NUMBER_WORDS, *SIDES, CAPTION_SEPARATOR, CAPTION_END):
         if word not in words:
             words.append(word)
     return words
@@ -125,6 +128,9 @@ class ToySample:
     def image(self) -> Image.Image:
         return render(self.objects)
 
+    def caption(self) -> str:
+        return caption(self.objects)
+
     def all_questions(self) -> list[tuple[str, str, str, tuple[int, ...]]]:
         """Every unambiguous (kind, question, answer, target) about this scene (multi-turn training)."""
         return scene_questions(self.objects)
@@ -139,6 +145,17 @@ class ToySample:
         }
 
 
+def side(obj: ToyObject) -> str:
+    return SIDES[0] if obj.col < GRID // 2 else SIDES[1]
+
+
+def caption(objects) -> str:
+    """The scene in words, objects in raster order: "red square left , blue circle right ."."""
+    ordered = sorted(objects, key=lambda o: (o.row, o.col))
+    parts = [f"{o.color} {o.shape} {side(o)}" for o in ordered]
+    return f" {CAPTION_SEPARATOR} ".join(parts) + f" {CAPTION_END}"
+
+
 def scene_questions(objects) -> list[tuple[str, str, str, tuple[int, ...]]]:
     """(kind, question, answer, target object indices) for every question the scene answers
     unambiguously, in a fixed order."""
@@ -148,8 +165,7 @@ def scene_questions(objects) -> list[tuple[str, str, str, tuple[int, ...]]]:
     for index, obj in enumerate(objects):
         if shape_counts[obj.shape] == 1:
             questions.append(("color", QUESTION_TEMPLATES["color"].format(shape=obj.shape), obj.color, (index,)))
-            side = SIDES[0] if obj.col < GRID // 2 else SIDES[1]
-            questions.append(("position", QUESTION_TEMPLATES["position"].format(shape=obj.shape), side, (index,)))
+            questions.append(("position", QUESTION_TEMPLATES["position"].format(shape=obj.shape), side(obj), (index,)))
         if color_counts[obj.color] == 1:
             questions.append(("shape", QUESTION_TEMPLATES["shape"].format(color=obj.color), obj.shape, (index,)))
     for color, count in color_counts.items():
@@ -232,11 +248,11 @@ def sample(seed: int, split: str, index: int, kind: str | None = None, max_other
 
     placed: list[tuple[int, int]] = []
     if kind == "position":
-        side = _pick(rng, SIDES)                                    # balanced answer: place the target
+        target_side = _pick(rng, SIDES)                             # balanced answer: place the target
         half = GRID // 2                                            # columns 0..5 left, 6..11 right
-        low = 0 if side == "left" else half
+        low = 0 if target_side == "left" else half
         placed.append((int(rng.integers(0, GRID)), int(rng.integers(low, low + half))))
-        answer = side
+        answer = target_side
     cells = _free_cells(rng, len(specs), placed)
     objects = [ToyObject(shape, color, r, c) for (shape, color), (r, c) in zip(specs, cells)]
     order = rng.permutation(len(objects))                           # target not always first

@@ -1,5 +1,11 @@
 """Train the toy LLaVA on the toy world's train split, and measure it the way an evaluate job would.
 
+Two recipes (`TrainSettings.for_recipe`):
+- "end-to-end" (the default model today): tower, projector and LLM trained together by `train`;
+- "staged", as LLaVA-1.5 is built: (1) the tower pretrained CLIP-style (ficoco/toy/clip.py),
+  (2) the projector aligned with tower and LLM frozen (`align_projector`), (3) projector and LLM
+  instruction-tuned by `train` with the tower frozen.
+
 Training (`train`):
 - data: a fresh stream of generated samples (index = step * batch_size + row, split "train");
   each image becomes one conversation of `turns` questions about it, whose first turn is exactly
@@ -7,11 +13,12 @@ Training (`train`):
 - loss: next-token cross-entropy on the answer words and their `</s>` (everything else masked),
   plus two training-only grounding aids that make a from-scratch tiny model learn in minutes:
   * probe loss: a linear probe (discarded afterwards) reads every image position's colour,
-    shape and side (or "none") from the LLM's last hidden state;
-  * attention losses: at every answer position, head 0 of LLM layer `copy_layer` is trained to
-    attend to the asked-about word (the last before "?"), and head 0 of LLM layer
-    `grounding_layer` to put its attention on the image positions of the object(s) the question
-    is about: the two hops of "find the object named in the question, read it".
+    shape and side (or "none") from the input of the grounding layer;
+  * attention losses: at every answer position, head 0 (heads 0..`attention_heads`-1) of LLM
+    layer `copy_layer` is trained to attend to the asked-about word (the last before "?"), and
+    those of LLM layer `grounding_layer` to put their attention on the image positions of the
+    object(s) the question is about: the two hops of "find the object named in the question,
+    read it".
   Without them the answer signal of one object patch is diluted over 144 image tokens and the
   loss sits at the answer prior for thousands of steps (see docs/toy.md);
 - AdamW, linear warm-up, cosine decay, gradient clipping 1.0; a curriculum grows the distractors
@@ -33,6 +40,7 @@ import torch
 
 from ficoco.toy import model as toy_model
 from ficoco.toy import shapes
+from ficoco.toy.clip import ClipSettings
 
 TURN_TEMPLATE = "USER: {prompt} ASSISTANT:"      # a later turn of a training conversation
 GROUNDED_KINDS = ("color", "shape", "position")  # one target object: its attention is supervised
@@ -41,6 +49,7 @@ GROUNDED_KINDS = ("color", "shape", "position")  # one target object: its attent
 
 @dataclass(frozen=True)
 class TrainSettings:
+    recipe: str = "end-to-end"      # or "staged": LLaVA-1.5's stages on a CLIP-style tower (for_recipe)
     seed: int = 0
     steps: int = 1000
     batch_size: int = 16
@@ -53,19 +62,27 @@ class TrainSettings:
     probe_weight: float = 1.0       # per-patch colour/shape probe loss (0 = off)
     attention_weight: float = 1.0   # answer-position attention losses (0 = off)
     copy_layer: int = 1             # LLM layer whose head 0 is taught to read the asked-about word
-    grounding_layer: int | None = None   # LLM layer whose head 0 is taught to find the target; None = layers // 2
+    grounding_layer: int | None = None   # LLM layer whose heads are taught to find the target; None = layers // 2
+    attention_heads: int | None = 1  # heads 0..n-1 of each supervised layer the attention aids train; None = all
+    clip: ClipSettings | None = None     # staged: stage 1, the tower's contrastive pretraining
+    align_steps: int = 0            # staged: stage 2, projector-only alignment steps (tower and LLM frozen)
+
+    @classmethod
+    def for_recipe(cls, recipe: str, **overrides) -> "TrainSettings":
+        """The settings of a recipe, with `overrides` (e.g. steps) on top of its defaults.
+
+        staged: the tower frozen after its CLIP-style pretraining trains the LLM far more slowly, so
+        the attention aids supervise every head of their layers and steps take 32 images
+        (docs/toy.md, "The staged recipe", for the measurements behind these defaults).
+        """
+        if recipe not in toy_model.RECIPES:
+            raise ValueError(f"recipe={recipe!r}: valid recipes are {list(toy_model.RECIPES)}")
+        defaults = {"staged": dict(batch_size=32, attention_heads=None, align_steps=100,
+                                   clip=ClipSettings(seed=overrides.get("seed", 0)))}.get(recipe, {})
+        return cls(recipe=recipe, **{**defaults, **overrides})
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def pixel_values(images: list, processor) -> torch.Tensor:
-    """(B, 3, H, W) float32, exactly the CLIP processor's rescale + normalise (no resize: size matches)."""
-    ip = processor.image_processor
-    array = np.stack([np.asarray(image, dtype=np.float32) for image in images])     # (B, H, W, 3)
-    array = (array * np.float32(ip.rescale_factor) - np.asarray(ip.image_mean, np.float32)) \
-        / np.asarray(ip.image_std, np.float32)
-    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
 
 
 def _prompt_ids(question: str, processor) -> list[int]:
@@ -121,7 +138,7 @@ def training_batch(rows: list[shapes.ToySample], processor, turns: int = 1,
         labels[i, :len(lab)] = torch.tensor(lab)
         attention_mask[i, :len(ids)] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-            "pixel_values": pixel_values([row.image() for row in rows], processor), "grounding": grounding,
+            "pixel_values": toy_model.pixel_values([row.image() for row in rows], processor), "grounding": grounding,
             "asked": asked}
 
 
@@ -152,7 +169,7 @@ def probe_targets(rows: list[shapes.ToySample]) -> torch.Tensor:
         for obj in row.objects:
             targets[i, obj.patch_index, 0] = 1 + shapes.COLOR_NAMES.index(obj.color)
             targets[i, obj.patch_index, 1] = 1 + shapes.SHAPE_NAMES.index(obj.shape)
-            targets[i, obj.patch_index, 2] = 1 + int(obj.col >= shapes.GRID // 2)
+            targets[i, obj.patch_index, 2] = 1 + shapes.SIDES.index(shapes.side(obj))
     return targets
 
 
@@ -170,8 +187,9 @@ def probe_loss(probe, hidden, input_ids, rows, image_token_id: int) -> torch.Ten
     return loss
 
 
-def attention_loss(layer, captured: dict, grounding: list) -> torch.Tensor:
-    """-log(attention mass of head 0 on the target image positions), averaged over answer positions.
+def attention_loss(layer, captured: dict, grounding: list, heads: int | None = 1) -> torch.Tensor:
+    """-log(attention mass on the target positions) of heads 0..heads-1 (None = all), averaged over
+    those heads and the answer positions.
 
     `captured` holds the layer's input hidden states (B, T, D) and RoPE (cos, sin) from a pre-hook.
     The probabilities are computed for the answer rows only, with the causal mask, as the layer's
@@ -187,12 +205,60 @@ def attention_loss(layer, captured: dict, grounding: list) -> torch.Tensor:
     k = attention.k_proj(x).view(batch, length, -1, head_dim).transpose(1, 2)   # (B, Hkv, T, d)
     cos, sin = captured["position_embeddings"]
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)                    # (B, H, T, d): each query head's keys
+    heads = q.shape[1] if heads is None else heads
+    if not 1 <= heads <= q.shape[1]:
+        raise ValueError(f"attention_heads={heads}: the layer has {q.shape[1]} heads; valid: 1..{q.shape[1]} or None")
     losses = []
     for b, query, keys in grounding:
-        scores = (k[b, 0, :query + 1] @ q[b, 0, query]) * attention.scaling    # (query + 1,)
+        scores = (k[b, :heads, :query + 1] @ q[b, :heads, query, :, None])[..., 0] * attention.scaling   # (heads, T')
         log_probs = torch.log_softmax(scores.float(), dim=-1)
-        losses.append(-torch.logsumexp(log_probs[keys], dim=-1))
+        losses.append(-torch.logsumexp(log_probs[:, keys], dim=-1).mean())
     return torch.stack(losses).mean()
+
+
+def projector_targets(model, rows: list[shapes.ToySample], tokenizer) -> torch.Tensor:
+    """(B, N, D) stage 2's target for each projected patch: the LLM's input embeddings of the words
+    that describe it (colour + shape + side for an object's patch, the side for a floor patch)."""
+    embeddings = model.get_input_embeddings().weight.detach()                  # (V, D)
+    word = tokenizer.convert_tokens_to_ids
+    n_patches = shapes.GRID * shapes.GRID
+    floor = [word(shapes.SIDES[0] if p % shapes.GRID < shapes.GRID // 2 else shapes.SIDES[1]) for p in range(n_patches)]
+    targets = embeddings[floor].repeat(len(rows), 1, 1)                        # (B, N, D)
+    for i, row in enumerate(rows):
+        for obj in row.objects:
+            targets[i, obj.patch_index] = embeddings[[word(obj.color), word(obj.shape), word(shapes.side(obj))]].sum(0)
+    return targets
+
+
+def align_projector(model, processor, settings: TrainSettings, progress: bool = True) -> dict:
+    """Stage 2 of the staged recipe: train the projector alone (tower and LLM frozen); returns {"losses", "seconds"}.
+
+    LLaVA aligns its projector by captioning through a pretrained, frozen LLM. The toy LLM has no
+    pretraining, so the target is what that alignment achieves: each patch's projected token on the
+    LLM's own input embeddings of the words describing it (squared error, `projector_targets`).
+    """
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(settings.seed)
+    projector = model.model.multi_modal_projector
+    tower = model.model.vision_tower
+    optimizer = torch.optim.AdamW(projector.parameters(), lr=settings.lr, weight_decay=0.0)
+    losses: list[float] = []
+    start = time.perf_counter()
+    for step in tqdm(range(settings.align_steps), desc="align toy projector", disable=not progress, mininterval=2.0):
+        rows = [shapes.sample(settings.seed, "train", step * settings.batch_size + i)
+                for i in range(settings.batch_size)]
+        with torch.no_grad():
+            hidden = tower(pixel_values=toy_model.pixel_values([row.image() for row in rows], processor),
+                           output_hidden_states=True).hidden_states[model.config.vision_feature_layer]
+        projected = projector(hidden[:, 1:])                                    # (B, N, D): LLaVA drops CLS
+        loss = ((projected - projector_targets(model, rows, processor.tokenizer)) ** 2).sum(-1).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    return {"losses": losses, "seconds": time.perf_counter() - start}
 
 
 def train(model, processor, settings: TrainSettings, progress: bool = True) -> dict:
@@ -201,7 +267,9 @@ def train(model, processor, settings: TrainSettings, progress: bool = True) -> d
 
     torch.manual_seed(settings.seed)
     model.train()
-    named = list(model.named_parameters())
+    if settings.recipe == "staged":          # LLaVA's stage 3: the pretrained tower stays as it is
+        model.model.vision_tower.requires_grad_(False)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     probe = None
     if settings.probe_weight > 0:
         probe = torch.nn.Linear(model.config.text_config.hidden_size, sum(PROBE_CLASSES))
@@ -254,7 +322,8 @@ def train(model, processor, settings: TrainSettings, progress: bool = True) -> d
                     model.config.image_token_id)
             for index, (key, store) in supervised.items():
                 if targets[key]:
-                    terms[key] = settings.attention_weight * attention_loss(layers[index], store, targets[key])
+                    terms[key] = settings.attention_weight * attention_loss(layers[index], store, targets[key],
+                                                                            settings.attention_heads)
                 store.clear()
             loss = sum(terms.values())
             optimizer.zero_grad(set_to_none=True)

@@ -38,6 +38,7 @@ MEASURED_METHODS = config["measure"]["methods"] or config["methods"]
 MEASURES = sorted({f"results/measure/{j.model}/{j.method}/b{j.budget}.json" for j in JOBS
                    if j.method in MEASURED_METHODS}) if config["measure"]["enabled"] else []
 SUMMARY = "results/summary/results.csv"
+MODEL_MANIFEST = "resources/models/{model}/manifest.json"     # written by fetch_model or build_toy_model
 REPORT_HTML = config["report"]["html"]
 
 

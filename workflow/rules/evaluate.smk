@@ -7,7 +7,7 @@
 
 rule evaluate:
     input:
-        model="resources/models/{model}/manifest.json",
+        model=MODEL_MANIFEST,
         benchmark="resources/benchmarks/{benchmark}/manifest.json",
     output:
         RUN_DIR + "/shard{shard}of{shards}/predictions.jsonl",

@@ -4,7 +4,7 @@
 
 rule fetch_model:
     output:
-        "resources/models/{model}/manifest.json",
+        MODEL_MANIFEST,
     wildcard_constraints:
         model=_names_regex(HUB_MODELS),
     log:
@@ -16,19 +16,20 @@ rule fetch_model:
 
 rule build_toy_model:
     output:
-        "resources/models/{model}/manifest.json",
+        MODEL_MANIFEST,
     wildcard_constraints:
         model=_names_regex(TOY_MODELS),
     params:
         seed=config["seed"],
         train=lambda wc: "--train" if MODELS[wc.model].get("train", True) else "--no-train",
         size=lambda wc: MODELS[wc.model].get("size", "default"),
+        recipe=lambda wc: MODELS[wc.model].get("recipe", "end-to-end"),
     log:
         "logs/build_toy_model/{model}.log",
     threads: 2
     shell:
         "OMP_NUM_THREADS={threads} {PY} -m ficoco.cli toy build-model --out resources/models/{wildcards.model} --seed {params.seed}"
-        " {params.train} --size {params.size} > {log} 2>&1"
+        " {params.train} --size {params.size} --recipe {params.recipe} > {log} 2>&1"
 
 
 rule fetch_benchmark:

@@ -4,7 +4,7 @@
 
 rule measure:
     input:
-        model="resources/models/{model}/manifest.json",
+        model=MODEL_MANIFEST,
     output:
         "results/measure/{model}/{method}/b{budget}.json",
     params:

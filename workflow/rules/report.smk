@@ -22,7 +22,8 @@ rule aggregate:
 
 rule report:
     input:
-        rules.aggregate.output,
+        summary=rules.aggregate.output,
+        models=expand(MODEL_MANIFEST, model=config["models"]),
     output:
         html=REPORT_HTML,
         figures=[report(f"results/report/{name}.png", category="Figures", caption=f"../../report/captions/{name}.rst")
@@ -33,4 +34,4 @@ rule report:
         "logs/report.log",
     shell:
         "{PY} -m ficoco.cli report --summary results/summary --figures results/report --out {output.html}"
-        " > {log} 2>&1"
+        " --model-manifests {input.models} > {log} 2>&1"
