@@ -145,8 +145,13 @@ class ToySample:
         }
 
 
+def column_side(col: int) -> str:
+    """The floor half a grid column lies on."""
+    return SIDES[0] if col < GRID // 2 else SIDES[1]
+
+
 def side(obj: ToyObject) -> str:
-    return SIDES[0] if obj.col < GRID // 2 else SIDES[1]
+    return column_side(obj.col)
 
 
 def caption(objects) -> str:

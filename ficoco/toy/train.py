@@ -223,7 +223,7 @@ def projector_targets(model, rows: list[shapes.ToySample], tokenizer) -> torch.T
     embeddings = model.get_input_embeddings().weight.detach()                  # (V, D)
     word = tokenizer.convert_tokens_to_ids
     n_patches = shapes.GRID * shapes.GRID
-    floor = [word(shapes.SIDES[0] if p % shapes.GRID < shapes.GRID // 2 else shapes.SIDES[1]) for p in range(n_patches)]
+    floor = [word(shapes.column_side(p % shapes.GRID)) for p in range(n_patches)]
     targets = embeddings[floor].repeat(len(rows), 1, 1)                        # (B, N, D)
     for i, row in enumerate(rows):
         for obj in row.objects:
