@@ -26,7 +26,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	tools/ensure-chromium.sh
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 lock:
 	$(PYTHON) -m venv --clear .venv-tools

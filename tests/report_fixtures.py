@@ -50,6 +50,27 @@ def write_run(root: Path, data: dict) -> Path:
     return path
 
 
+def write_predictions(metrics_path: Path, score: float, samples: int = 200) -> Path:
+    """The shard predictions beside a metrics.json: `samples` records whose scores average `score` / 100
+    (0/1 scores plus one fractional one), the correct ones spread by a rotation that depends on the score,
+    so methods agree on some samples and disagree on others."""
+    correct = score / 100.0 * samples
+    whole = int(correct)
+    offset = int(score * 7) % samples
+    scores = [0.0] * samples
+    for position in range(whole):
+        scores[(offset + position) % samples] = 1.0
+    if whole < samples:
+        scores[(offset + whole) % samples] = correct - whole
+    path = metrics_path.parent / "shard0of1" / "predictions.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as stream:
+        for row, value in enumerate(scores):
+            stream.write(json.dumps({"id": f"q{row:03d}", "row": row, "answers": ["yes"], "error": None,
+                                     "prediction": "yes" if value == 1.0 else "no", "score": value}) + "\n")
+    return path
+
+
 def write_measure(root: Path, model: str, method: str, budget, prefill_s: float, end_to_end_s: float,
                   **extra) -> Path:
     """The layout `ficoco measure` writes: medians at the top level, the repeats under "latency"."""
@@ -82,12 +103,14 @@ SCORES = {
 }
 
 
-def write_results_tree(root: Path, with_measure: bool = True) -> Path:
+def write_results_tree(root: Path, with_measure: bool = True, with_predictions: bool = True) -> Path:
     for model, methods in SCORES.items():
         for method, budgets in methods.items():
             for budget, scores in budgets.items():
                 for benchmark, score in scores.items():
-                    write_run(root, metrics_json(model, benchmark, method, budget, score))
+                    metrics = write_run(root, metrics_json(model, benchmark, method, budget, score))
+                    if with_predictions:
+                        write_predictions(metrics, score)
                 if with_measure:
                     average = sum(per_layer_tokens(method, budget)) / LLM_LAYERS
                     write_measure(root, model, method, budget, prefill_s=0.02 + average * 1.5e-4,

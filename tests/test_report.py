@@ -16,11 +16,11 @@ from PIL import Image
 from report_fixtures import SCORES, metrics_json, write_measure, write_results_tree, write_run
 
 from ficoco import cli
-from ficoco.report import aggregate, files, page, paper, plots, tables, wandb_log
+from ficoco.report import aggregate, files, findings, page, paper, plots, tables, units, wandb_log
 from ficoco.report.aggregate import RESULTS_COLUMNS, build_summary, find_measure_files, find_metrics_files
 
 MODEL = "llava-1.5-7b"
-FIGURE_KEYS = ["accuracy_vs_tflops", "avg_percent_vs_budget", "speedup_vs_flops_reduction",
+FIGURE_KEYS = ["accuracy_vs_flops", "avg_percent_vs_budget", "speedup_vs_flops_reduction",
                "visual_tokens_per_layer", "latency_breakdown"]
 
 
@@ -366,12 +366,12 @@ def test_figures_without_inputs_become_placeholders_with_a_note(tmp_path):
     empty_measure = aggregate.typed_frame([], aggregate.MEASURE_COLUMNS)
     empty_schedules = aggregate.typed_frame([], aggregate.SCHEDULE_COLUMNS)
     run = write_run(tmp_path, metrics_json(MODEL, "gqa", "fastv", 64, 50.0))
-    headline = tables.headline_scores(build_summary([run], []).results)
-    figures = plots.make_figures(headline, pd.DataFrame(columns=["model", "method", "budget", "budget_tokens",
-                                                                 "avg_pct"]),
-                                 empty_schedules, empty_measure, tmp_path / "figures")
+    results = build_summary([run], []).results
+    paper_tables = tables.paper_tables(results, paper.paper_reference(paper.load_paper_results()))
+    figures = plots.make_figures(tables.headline_scores(results), findings.accuracy_points(paper_tables),
+                                 paper_tables, empty_schedules, empty_measure, tmp_path / "figures")
     notes = {f.key: f.note for f in figures}
-    assert notes["accuracy_vs_tflops"] is None
+    assert notes["accuracy_vs_flops"] is None
     assert "no measure files" in notes["speedup_vs_flops_reduction"]
     assert "prefill_s" in notes["latency_breakdown"]
     assert "vanilla" in notes["avg_percent_vs_budget"]
@@ -487,8 +487,8 @@ def test_an_adaptive_run_is_tabulated_and_plotted_at_its_realised_visual_tokens(
     points = avg_pct.set_index(["method", "budget"])["budget_tokens"]
     assert points[("prumerge-adaptive", "adaptive")] == pytest.approx(34.0)           # realised mean, not a label
     assert points[("ficoco-v", "64")] == 64.0
-    figures = plots.make_figures(tables.headline_scores(summary.results), avg_pct, summary.schedules,
-                                 summary.measure, tmp_path / "figures")
+    figures = plots.make_figures(tables.headline_scores(summary.results), findings.accuracy_points(frame), frame,
+                                 summary.schedules, summary.measure, tmp_path / "figures")
     assert all(figure.note is None for figure in figures)
     out = tmp_path / "report.html"
     assert cli.main(["report", "--summary", str(root / "summary"), "--out", str(out)]) == 0
@@ -498,14 +498,15 @@ def test_an_adaptive_run_is_tabulated_and_plotted_at_its_realised_visual_tokens(
 @pytest.mark.parametrize("largest, unit, shown", [(8.45, "TFLOPs", 8.45), (0.05, "GFLOPs", 50.0),
                                                   (6e-5, "MFLOPs", 60.0), (2e-11, "kFLOPs", 0.02)])
 def test_flops_axis_unit_follows_the_magnitude(largest, unit, shown):
-    factor, name = plots.flops_unit(largest)
+    factor, name = units.flops_unit(largest)
     assert name == unit and math.isclose(largest * factor, shown)
 
 
 def test_accuracy_figure_of_a_toy_sized_model_is_labelled_in_mflops():
-    headline = pd.DataFrame({"model": ["toy"] * 2, "method": ["vanilla", "fastv"], "benchmark": ["toy-shapes"] * 2,
-                             "value": [94.0, 60.0], "tflops_exact": [1.2e-4, 6e-5]})
-    figure = plots.accuracy_vs_tflops(headline, plots.method_palette(["vanilla", "fastv"]))
+    points = pd.DataFrame({"model": ["toy"] * 2, "method": ["vanilla", "fastv"], "budget": ["full", "36"],
+                           "tflops": [1.2e-4, 6e-5], "accuracy": [100.0, 60.0], "low": [100.0, 55.0],
+                           "high": [100.0, 65.0], "measure": ["Avg%"] * 2, "on_frontier": [True, True]})
+    figure = plots.accuracy_vs_flops(points, plots.paper_points(pd.DataFrame()), {"vanilla": "none", "fastv": "llm"})
     axis = figure.axes[0]
     assert axis.get_xlabel() == "exact MFLOPs per sample"
     xs = sorted(x for line in axis.get_lines() for x in line.get_xdata())

@@ -1,18 +1,14 @@
-"""The rendered page in a real headless Chromium: it loads, every image renders, no link is broken.
+"""The rendered page in a real headless Chromium (ficoco.report.browser): it loads, every image
+renders, no link dangles, every section can be shot at the desktop and laptop widths.
 
-Drives Chromium through chromedriver's W3C WebDriver HTTP API with the standard library only.
 Needs the Debian packages `chromium` and `chromium-driver`:
     apt-get update && apt-get install -y chromium chromium-driver
 """
 from __future__ import annotations
 
-import json
-import shutil
-import socket
+import struct
 import subprocess
-import time
-import urllib.error
-import urllib.request
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,104 +17,34 @@ from report_fixtures import write_results_tree
 
 from ficoco.report import aggregate_results, render_report
 from ficoco.report.aggregate import find_measure_files, find_metrics_files
+from ficoco.report.browser import SCREENSHOT_LIMIT_PX, WIDTHS, Browser, BrowserMissing, check_page
 
-CHROMIUM = "/usr/bin/chromium"
-INSTALL = "apt-get update && apt-get install -y chromium chromium-driver"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage", "--window-size=1400,1000"]
-
-# Runs in the page; calls back with what the test checks once every image has loaded or failed.
-INSPECT_PAGE = """
-const done = arguments[arguments.length - 1];
-const settle = () => Promise.all(Array.from(document.images).map(img => img.complete ? null :
-    new Promise(resolve => { img.onload = img.onerror = resolve; })));
-const inspect = () => ({
-  ready: document.readyState,
-  title: document.title,
-  images: Array.from(document.images).map(img => ({
-      complete: img.complete, naturalWidth: img.naturalWidth, naturalHeight: img.naturalHeight,
-      src: img.getAttribute("src").slice(0, 30)})),
-  links: Array.from(document.querySelectorAll("[href]")).map(el => el.getAttribute("href")),
-  ids: Array.from(document.querySelectorAll("[id]")).map(el => el.id),
-  external: Array.from(document.querySelectorAll("[src]")).map(el => el.getAttribute("src"))
-      .filter(src => !src.startsWith("data:")),
-  tables: document.querySelectorAll("table.results").length,
-  notes: Array.from(document.querySelectorAll("p.note")).map(p => p.textContent),
-});
-const go = () => settle().then(() => done(inspect()));
-if (document.readyState === "complete") { go(); } else { window.addEventListener("load", go); }
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# [id, height] pairs in page order (a JSON object would not keep the order through chromedriver).
+SECTION_HEIGHTS = ("return Array.from(document.querySelectorAll('section[id]'))"
+                   ".map(s => [s.id, s.getBoundingClientRect().height]);")
+# The outermost elements whose right edge lies past the viewport: what to fix when the page overflows.
+OVERFLOWING = """
+const limit = window.innerWidth;
+const wide = Array.from(document.body.querySelectorAll("*"))
+    .filter(el => el.getBoundingClientRect().right > limit + 0.5);
+return {scrollWidth: document.documentElement.scrollWidth, innerWidth: limit,
+        outermost: wide.filter(el => !wide.includes(el.parentElement)).map(el =>
+            `${el.closest("section[id]") ? "section#" + el.closest("section[id]").id + " " : ""}` +
+            `${el.tagName.toLowerCase()}${el.className ? "." + el.className : ""}: ` +
+            `right edge ${Math.round(el.getBoundingClientRect().right)} px`)};
 """
 
 
-def require_browser() -> str:
-    missing = [name for name in (CHROMIUM, "chromedriver") if shutil.which(name) is None]
-    if missing:
-        pytest.fail(f"{', '.join(missing)} not found: the browser test needs real headless Chromium. "
-                    f"Install it with: {INSTALL}")
-    return shutil.which("chromedriver")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def call(base: str, method: str, path: str, body: dict | None = None, timeout: float = 60.0) -> dict:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(base + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.loads(response.read() or b"{}")
-    except urllib.error.HTTPError as error:
-        raise AssertionError(f"WebDriver {method} {path} failed: {error.read().decode(errors='replace')}") from error
-
-
-def wait_ready(base: str, driver: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if driver.poll() is not None:
-            raise AssertionError(f"chromedriver exited with {driver.returncode}: {log.read_text()}")
-        try:
-            if call(base, "GET", "/status", timeout=2)["value"]["ready"]:
-                return
-        except (urllib.error.URLError, ConnectionError, OSError):
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"chromedriver did not become ready within 20 s: {log.read_text()}")
-
-
 @pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    """A function page_path -> what INSPECT_PAGE reports, backed by one Chromium session."""
-    chromedriver = require_browser()
-    workdir = tmp_path_factory.mktemp("chromium")
-    log = workdir / "chromedriver.log"
-    port = free_port()
-    with open(log, "w") as log_stream:
-        driver = subprocess.Popen([chromedriver, f"--port={port}"], stdout=log_stream, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    session = None
+def browser():
+    """One Chromium session for the whole module: starting Chromium costs more than a page."""
     try:
-        wait_ready(base, driver, log)
-        options = {"binary": CHROMIUM, "args": CHROMIUM_FLAGS + [f"--user-data-dir={workdir / 'profile'}"]}
-        session = call(base, "POST", "/session", {"capabilities": {"alwaysMatch": {
-            "browserName": "chrome", "goog:chromeOptions": options,
-            "timeouts": {"script": 30000, "pageLoad": 30000}}}})["value"]["sessionId"]
-
-        def inspect(page: Path) -> dict:
-            call(base, "POST", f"/session/{session}/url", {"url": page.resolve().as_uri()})
-            script = {"script": INSPECT_PAGE, "args": []}
-            return call(base, "POST", f"/session/{session}/execute/async", script)["value"]
-
-        yield inspect
-    finally:
-        if session is not None:
-            call(base, "DELETE", f"/session/{session}")      # closes Chromium
-        driver.terminate()
-        driver.wait(timeout=10)
+        session = Browser()
+    except BrowserMissing as error:
+        pytest.fail(str(error))
+    with session:
+        yield session
 
 
 def render(root: Path, with_measure: bool) -> Path:
@@ -127,34 +53,52 @@ def render(root: Path, with_measure: bool) -> Path:
     return render_report(results / "summary", root / "report" / "report.html")
 
 
-def check_page(seen: dict) -> None:
-    assert seen["ready"] == "complete"
+@pytest.fixture(scope="module")
+def report_page(tmp_path_factory) -> Path:
+    """The page rendered from the fake results tree with measure files (rendering takes seconds)."""
+    return render(tmp_path_factory.mktemp("report"), with_measure=True)
+
+
+def open_and_inspect(browser: Browser, page: Path, width_name: str = "desktop") -> dict:
+    browser.open(page, *WIDTHS[width_name])
+    return browser.inspect()
+
+
+def assert_figures_match_images(seen: dict) -> list[dict]:
+    """Every figure holds either its image or a "Not drawn" note, never both, never neither, and every
+    image of the page is a figure's; returns the placeholder figures."""
+    assert seen["figures"], "the page has no figures"
+    for figure in seen["figures"]:
+        assert (figure["images"] == 1) != figure["notDrawn"], f"figure neither drawn nor a placeholder: {figure}"
+    placeholders = [figure for figure in seen["figures"] if figure["notDrawn"]]
+    assert len(seen["images"]) == len(seen["figures"]) - len(placeholders)
+    assert all(img["src"].startswith("data:image/png;base64,") for img in seen["images"])
+    return placeholders
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the IHDR chunk, which a valid PNG has right after its signature."""
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, f"{path} is not a PNG"
+    assert data[12:16] == b"IHDR", f"{path} has no IHDR chunk first"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_page_renders_in_chromium(browser, report_page):
+    seen = open_and_inspect(browser, report_page)
+    assert check_page(seen) == []
     assert seen["title"] == "ficoco report"
     assert seen["tables"] > 0
-    assert seen["images"], "the page has no images"
-    broken = [img for img in seen["images"] if not img["complete"] or img["naturalWidth"] == 0]
-    assert not broken, f"images that did not render: {broken}"
-    assert all(img["src"].startswith("data:image/png;base64,") for img in seen["images"])
-    assert seen["external"] == [], f"resources outside the page: {seen['external']}"
-    ids = set(seen["ids"])
-    bad = [href for href in seen["links"]
-           if not (href.startswith("data:") or (href.startswith("#") and href[1:] in ids))]
-    assert not bad, f"links that are neither an existing in-page anchor nor a data: URI: {bad}"
-    assert seen["links"], "the page has no links (the table of contents is missing)"
-
-
-def test_page_renders_in_chromium(browser, tmp_path):
-    seen = browser(render(tmp_path, with_measure=True))
-    check_page(seen)
-    assert len(seen["images"]) == 5
-    assert not any("Not drawn" in note for note in seen["notes"])
+    assert assert_figures_match_images(seen) == [], "with measure files every figure is drawn"
+    assert not any(note.strip().startswith("Not drawn") for note in seen["notes"])
 
 
 def test_page_without_measure_files_renders_in_chromium(browser, tmp_path):
-    seen = browser(render(tmp_path, with_measure=False))
-    check_page(seen)
-    assert len(seen["images"]) == 3
-    assert sum("Not drawn" in note for note in seen["notes"]) == 2
+    seen = open_and_inspect(browser, render(tmp_path, with_measure=False))
+    assert check_page(seen) == []
+    placeholders = assert_figures_match_images(seen)
+    assert placeholders, "the latency figures need measure files, so some figure must be a placeholder"
+    assert sum(note.strip().startswith("Not drawn") for note in seen["notes"]) == len(placeholders)
 
 
 def test_the_check_catches_a_broken_image_and_a_dangling_link(browser, tmp_path):
@@ -162,12 +106,66 @@ def test_the_check_catches_a_broken_image_and_a_dangling_link(browser, tmp_path)
     page.write_text('<!DOCTYPE html><html><head><title>ficoco report</title></head><body>'
                     '<table class="results"></table><a href="#nowhere">x</a>'
                     '<img alt="broken" src="data:image/png;base64,AAAA"></body></html>')
-    seen = browser(page)
+    seen = open_and_inspect(browser, page)
     assert seen["images"][0]["naturalWidth"] == 0
-    with pytest.raises(AssertionError, match="did not render"):
-        check_page(seen)
-    seen["images"] = []
-    with pytest.raises(AssertionError, match="no images"):
-        check_page(seen)
-    with pytest.raises(AssertionError, match="#nowhere"):
-        check_page({**seen, "images": [{"complete": True, "naturalWidth": 1, "src": "data:image/png;base64,"}]})
+    problems = check_page(seen)
+    assert any("did not render" in problem for problem in problems), problems
+    assert any("#nowhere" in problem for problem in problems), problems
+    assert any("no images" in problem for problem in check_page({**seen, "images": []}))
+    rendered = [{"complete": True, "naturalWidth": 1, "src": "data:image/png;base64,"}]
+    only_the_link = check_page({**seen, "images": rendered})
+    assert len(only_the_link) == 1 and "#nowhere" in only_the_link[0], only_the_link
+    assert any("no links" in problem for problem in check_page({**seen, "links": []}))
+    assert any("outside the page" in problem for problem in check_page({**seen, "external": ["x.png"]}))
+
+
+@pytest.mark.parametrize("width_name", list(WIDTHS))
+def test_every_section_is_saved_as_a_png_no_wider_than_the_window(browser, report_page, tmp_path, width_name):
+    width, height = WIDTHS[width_name]
+    browser.open(report_page, width, height)
+    heights = dict(browser.execute(SECTION_HEIGHTS))
+    assert {"overview", "figures"} <= set(heights)
+
+    paths = browser.screenshot_sections(tmp_path, width_name)
+
+    assert [path.name for path in paths] == [f"{width_name}-{section}.png" for section in heights]
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(path.name for path in paths), \
+        "temporary files left behind"
+    for path in paths:
+        png_width, png_height = png_size(path)
+        assert 0 < png_width <= width, f"{path.name}: {png_width} px wide in a {width} px window"
+        section_height = heights[path.name.removeprefix(f"{width_name}-").removesuffix(".png")]
+        expected_height = min(section_height, SCREENSHOT_LIMIT_PX)
+        assert abs(png_height - expected_height) <= 1, \
+            f"{path.name}: {png_height} px tall for a {section_height:.0f} px section (clipped to the window?)"
+    assert browser.command("GET", "/window/rect")["height"] == height, "the window size was not restored"
+
+
+def test_the_page_has_no_horizontal_overflow_at_laptop_width(browser, report_page):
+    browser.open(report_page, *WIDTHS["laptop"])
+    overflow = browser.execute(OVERFLOWING)
+    assert overflow["scrollWidth"] <= overflow["innerWidth"], (
+        f"the page is {overflow['scrollWidth']} px wide in a {overflow['innerWidth']} px window; "
+        f"too wide: {overflow['outermost']}")
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ficoco.report.browser", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cli_checks_the_page_and_lists_every_screenshot(report_page, tmp_path):
+    out = tmp_path / "shots"
+    result = run_cli(str(report_page), "--out", str(out), "--widths", "laptop")
+    assert result.returncode == 0, result.stderr
+    listed = [Path(line) for line in result.stdout.splitlines()[:-1]]
+    assert listed and sorted(listed) == sorted(out.iterdir())
+    assert all(path.name.startswith("laptop-") and png_size(path)[0] > 0 for path in listed)
+    assert f"{len(listed)} section screenshots" in result.stdout.splitlines()[-1]
+
+
+def test_cli_names_a_bad_width_and_the_valid_ones(report_page, tmp_path):
+    result = run_cli(str(report_page), "--out", str(tmp_path), "--widths", "phone")
+    assert result.returncode != 0
+    assert "'phone'" in result.stderr and "desktop" in result.stderr and "laptop" in result.stderr
+    assert not any(tmp_path.iterdir())

@@ -33,7 +33,6 @@ SLURM_ENV = {"FICOCO_SLURM_ACCOUNT": "ficoco-test", "FICOCO_GPU_PARTITION": PART
              "FICOCO_CPU_PARTITION": PARTITION, "FICOCO_LOCAL_PARTITION": PARTITION}
 PROFILE = ("--profile", "slurm", "--workflow-profile", "slurm/one-node")
 
-
 def slurm_answers() -> bool:
     if shutil.which("sinfo") is None:
         return False
@@ -177,13 +176,17 @@ def test_a_failing_job_is_retried_as_the_profile_says_and_reported(runs):
     weights = next((cluster / "resources/models/toy-llava").glob("*.safetensors"))
     original = weights.read_bytes()
     weights.write_bytes(original[:100])                    # a truncated checkpoint: every attempt fails
-    target = next(job for job in planned_jobs(cluster, runs["config"]) if job["method"] == "ficoco-v")
-    predictions = (f"results/runs/{target['model']}/{target['benchmark']}/{target['method']}/b{target['budget']}/"
-                   f"shard{target['shard']}of{target['shards']}/predictions.jsonl")
+    # Not the job that finished before the kill: the resume test checks that job's output is untouched.
+    target = next(job for job in planned_jobs(cluster, runs["config"])
+                  if job["method"] != "vanilla" and wildcards_folder(job) != runs["finished"])
+    predictions = shard_path(cluster, wildcards_folder(target))
+    kept = predictions.read_bytes()                        # Snakemake deletes a failed job's output
     try:
-        result = snakemake(cluster, *PROFILE, "--configfile", runs["config"], "-R", predictions, env=runs["env"])
+        result = snakemake(cluster, *PROFILE, "--configfile", runs["config"], "-R",
+                           str(predictions.relative_to(cluster)), env=runs["env"])
     finally:
         weights.write_bytes(original)
+        predictions.write_bytes(kept)                      # later tests read every shard
     output = result.stdout + result.stderr
     retries = yaml.safe_load((REPO_ROOT / "slurm/config.yaml").read_text())["retries"]
     attempts = [job_id for _, job_id, rule, folder in submissions(output)

@@ -46,8 +46,11 @@ dependencies:
 
 
 def compile_lock(*extra: str) -> str:
+    # --output-file makes uv prefer the versions already in the lock: adding a dependency adds it (and what
+    # it needs) without moving every other pin to its newest release
     command = ["uv", "pip", "compile", "pyproject.toml", "--extra", "test", "--python-version", PYTHON_VERSION,
-               "--python-platform", PLATFORM, "--constraint", str(TORCH.relative_to(ROOT)), *extra]
+               "--python-platform", PLATFORM, "--constraint", str(TORCH.relative_to(ROOT)),
+               "--output-file", str(LOCK.relative_to(ROOT)), *extra]
     environment = {**os.environ, "UV_CUSTOM_COMPILE_COMMAND": "make lock"}
     return subprocess.run(command, cwd=ROOT, env=environment, check=True, capture_output=True, text=True).stdout
 

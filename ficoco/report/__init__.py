@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ficoco.report.aggregate import (Summary, build_summary, find_measure_files, find_metrics_files, read_summary,
                                      write_summary)
+from ficoco.report.intervals import REPLICATES
 
 __all__ = ["main_aggregate", "main_report", "aggregate_results", "render_report",
            "Summary", "build_summary", "read_summary"]
@@ -53,13 +54,15 @@ def main_aggregate(argv: list[str] | None = None) -> int:
 
 def render_report(summary_dir: str | Path, out: str | Path, figures_dir: str | Path | None = None,
                   template: str | Path | None = None, paper_version: str = "v4", title: str = "ficoco report",
-                  wandb_dir: str | Path | None = None, model_manifests=()) -> Path:
+                  wandb_dir: str | Path | None = None, model_manifests=(),
+                  replicates: int = REPLICATES, benchmark_dirs: dict[str, Path] | None = None) -> Path:
     """Write the page `out`, the PNGs and paper_tables.csv (in `figures_dir`), log them to W&B; return `out`.
 
     model_manifests: the run's `resources/models/<model>/manifest.json` files; trained toy models get
-    an "About the toy model" section.
+    an "About the toy model" section. replicates: bootstrap resamples behind every interval.
+    benchmark_dirs: benchmark name -> its fetched directory, for the drill-down's questions and images.
     """
-    from ficoco.report import files, page, paper, plots, tables, wandb_log
+    from ficoco.report import drilldown, files, findings, intervals, page, paper, plots, tables, wandb_log
 
     out = Path(out)
     figures_dir = Path(figures_dir) if figures_dir else Path(summary_dir).parent / "report"
@@ -68,19 +71,23 @@ def render_report(summary_dir: str | Path, out: str | Path, figures_dir: str | P
         raise ValueError(f"report template {template} not found; pass --template PATH")
     summary = read_summary(summary_dir)
     reference = paper.paper_reference(paper.load_paper_results(), paper_version)
-    paper_tables = tables.paper_tables(summary.results, reference)
-    files.write_csv(paper_tables, figures_dir / "paper_tables.csv")
     headline = tables.headline_scores(summary.results)
-    figures = plots.make_figures(headline, tables.avg_percent_by_budget(paper_tables), summary.schedules,
-                                 summary.measure, figures_dir)
+    boot = intervals.bootstrap(summary.samples, headline, replicates=replicates)
+    paper_tables = tables.paper_tables(summary.results, reference, boot)
+    files.write_csv(paper_tables, figures_dir / "paper_tables.csv")
+    points = findings.accuracy_points(paper_tables)
+    figures = plots.make_figures(headline, points, paper_tables, summary.schedules, summary.measure, figures_dir)
     toy_models = page.toy_models_section(read_model_manifests(model_manifests),
                                          tables.paper_findings(headline, reference))
     sections = [
         ("overview", "Overview", page.overview_section(summary.results, summary.measure)),
+        ("findings", "Findings", page.findings_section(paper_tables, boot, summary.results)),
         *([("toy-model", "About the toy model", toy_models)] if toy_models else []),
         ("tables", "Accuracy tables (paper style)", page.paper_tables_section(paper_tables)),
         ("figures", "Figures", page.figures_section(figures)),
         ("costs", "Costs, latency and memory", page.costs_section(summary.results, summary.measure)),
+        ("disagreements", "Disagreement drill-down",
+         drilldown.disagreement_section(summary.samples, benchmark_dirs or {})),
         ("failures", "Failures", page.failures_section(summary.results)),
         ("data", "Data", page.data_section(summary.results)),
     ]
@@ -106,6 +113,12 @@ def read_model_manifests(paths) -> dict[str, dict]:
     return manifests
 
 
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
+
+
 def main_report(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ficoco report", description="Render the HTML report from the summary.")
     parser.add_argument("--summary", default="results/summary", help="directory written by `ficoco aggregate`")
@@ -120,10 +133,16 @@ def main_report(argv: list[str] | None = None) -> int:
                         help="where the W&B aggregate run writes (default: <summary>/../wandb/aggregate)")
     parser.add_argument("--model-manifests", nargs="*", default=[],
                         help="the run's resources/models/<model>/manifest.json (toy models get an 'About' section)")
+    parser.add_argument("--benchmark-manifests", nargs="*", default=[],
+                        help="the run's resources/benchmarks/<benchmark>/manifest.json (the drill-down shows "
+                             "their questions and images)")
+    parser.add_argument("--replicates", type=positive_int, default=REPLICATES,
+                        help=f"bootstrap resamples behind every interval (default {REPLICATES})")
     args = parser.parse_args(argv)
     try:
         out = render_report(args.summary, args.out, args.figures, args.template, args.paper_version, args.title,
-                            args.wandb_dir, args.model_manifests)
+                            args.wandb_dir, args.model_manifests, args.replicates,
+                            {Path(path).parent.name: Path(path).parent for path in args.benchmark_manifests})
     except ValueError as error:
         print(f"ficoco report: {error}", file=sys.stderr)
         return 1

@@ -3,7 +3,9 @@
 Files written (each atomically), schema in docs/report.md:
 - results.csv / results.parquet: one row per job x metric (the tidy table);
 - schedules.csv: mean visual tokens per LLM layer, one row per job x layer;
-- measure.csv: latency / memory / throughput, one row per (model, method, budget).
+- measure.csv: latency / memory / throughput, one row per (model, method, budget);
+- samples.parquet: one row per job x sample, read from the shard predictions beside each
+  metrics.json (the per-sample scores behind the report's confidence intervals and drill-down).
 
 Job keys are required (a missing one is an error naming the file); everything else is optional
 and becomes NaN / NA when absent. Impossible costs are refused (`check_costs`): a run whose samples
@@ -66,12 +68,23 @@ MEASURE_COLUMNS = {
     "peak_memory_bytes": "float64", "throughput": "float64",
     "tflops_exact": "float64", "tflops_prefill": "float64", "source": "string",
 }
+SAMPLE_COLUMNS = {
+    "model": "string", "method": "string", "phase": "string", "budget": "string", "benchmark": "string",
+    "id": "string",                      # the sample id (the same id across every job of a benchmark)
+    "row": "Int64",                      # the row index in the fetched benchmark (resources/benchmarks/...)
+    "score": "float64",                  # the per-sample score in [0, 1]; NaN when it has none (failure, bad row)
+    "prediction": "string",
+    "answers": "string",                 # the reference answers, joined by " | "
+    "error": "string",                   # why the sample has no score (NA when it has one)
+    "predictions": "string",             # the shard predictions file the record came from
+}
 MEASURE_VALUES = ("prefill_s", "per_token_s", "end_to_end_s", "peak_memory_bytes", "throughput")
 
 RESULTS_CSV = "results.csv"
 RESULTS_PARQUET = "results.parquet"
 SCHEDULES_CSV = "schedules.csv"
 MEASURE_CSV = "measure.csv"
+SAMPLES_PARQUET = "samples.parquet"
 
 
 @dataclass(frozen=True)
@@ -79,6 +92,7 @@ class Summary:
     results: pd.DataFrame
     schedules: pd.DataFrame
     measure: pd.DataFrame
+    samples: pd.DataFrame
 
 
 # ---------------------------------------------------------------------------------------------- finding
@@ -251,6 +265,49 @@ def schedule_rows(data: dict, path: Path) -> list[dict]:
             for layer, tokens in enumerate(per_layer)]
 
 
+def read_predictions(metrics_path: str | Path) -> list[dict] | None:
+    """The records of a job's shard predictions (`shard*/predictions.jsonl` beside its metrics.json), each
+    with `_predictions` (its file); None when there is no shard file to read. A line that is not a JSON
+    object is skipped: the score job already refused a journal it could not read."""
+    shard_files = sorted(Path(str(metrics_path)).parent.glob("shard*/predictions.jsonl"))
+    if not shard_files:
+        return None
+    records = []
+    for path in shard_files:
+        with open(path, encoding="utf-8", errors="replace") as stream:
+            for line in stream:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict):
+                    records.append({**record, "_predictions": str(path)})
+    return records
+
+
+def sample_score(record: dict) -> float:
+    """A record's per-sample score (its `score`, else its scoring's), NaN when it has none."""
+    score = record.get("score")
+    if score is None and isinstance(record.get("scoring"), dict):
+        score = record["scoring"].get("score")
+    return number(score)
+
+
+def sample_rows(data: dict, path: Path) -> list[dict]:
+    job = read_job(data, path)
+    records = read_predictions(path) or []
+    rows = []
+    for record in records:
+        answers = record.get("answers")
+        rows.append({**job, "id": str(record.get("id")), "row": _count(record.get("row")),
+                     "score": sample_score(record),
+                     "prediction": None if record.get("prediction") is None else str(record["prediction"]),
+                     "answers": " | ".join(map(str, answers)) if isinstance(answers, list) else None,
+                     "error": None if not record.get("error") else str(record["error"]),
+                     "predictions": record["_predictions"]})
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------- measure
 
 
@@ -344,20 +401,23 @@ def build_summary(metrics_files: list[str | Path], measure_files: list[str | Pat
     if duplicated.any():
         raise ValueError(f"several measure files for one (model, method, budget): "
                          f"{', '.join(measure.loc[duplicated, 'source'])}")
-    return Summary(results=attach_measure(results, measure), schedules=schedules, measure=measure)
+    samples = typed_frame([row for path, data in runs for row in sample_rows(data, path)], SAMPLE_COLUMNS)
+    return Summary(results=attach_measure(results, measure), schedules=schedules, measure=measure, samples=samples)
 
 
 def write_summary(summary: Summary, out_dir: str | Path) -> list[Path]:
     from ficoco.journal import remove_stale_temporaries
 
     out_dir = Path(out_dir)
-    paths = [out_dir / RESULTS_CSV, out_dir / RESULTS_PARQUET, out_dir / SCHEDULES_CSV, out_dir / MEASURE_CSV]
+    paths = [out_dir / RESULTS_CSV, out_dir / RESULTS_PARQUET, out_dir / SCHEDULES_CSV, out_dir / MEASURE_CSV,
+             out_dir / SAMPLES_PARQUET]
     for path in paths:
         remove_stale_temporaries(path)           # what a killed earlier aggregate left (files.atomic_path)
     files.write_csv(summary.results, paths[0])
     files.write_parquet(summary.results, paths[1])
     files.write_csv(summary.schedules, paths[2])
     files.write_csv(summary.measure, paths[3])
+    files.write_parquet(summary.samples, paths[4])
     return paths
 
 
@@ -375,6 +435,8 @@ def read_summary(summary_dir: str | Path) -> Summary:
         results=results,
         schedules=read_optional_csv(summary_dir / SCHEDULES_CSV, SCHEDULE_COLUMNS),
         measure=read_optional_csv(summary_dir / MEASURE_CSV, MEASURE_COLUMNS),
+        samples=(pd.read_parquet(summary_dir / SAMPLES_PARQUET).astype(SAMPLE_COLUMNS)
+                 if (summary_dir / SAMPLES_PARQUET).exists() else typed_frame([], SAMPLE_COLUMNS)),
     )
 
 

@@ -3,15 +3,19 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import string
 from pathlib import Path
 
 import pandas as pd
 
+from ficoco.report import findings
+from ficoco.report.aggregate import read_predictions
+from ficoco.report.intervals import LEVEL, Bootstrap
 from ficoco.report.paper import SERVER_ONLY_COLUMNS, paper_benchmark
-from ficoco.report.plots import Figure, flops_unit
-from ficoco.report.tables import AVG, AVG_PCT, COST_COLUMNS, DISPLAY_DECIMALS, is_vanilla, ordered_budgets
+from ficoco.report.plots import Figure
+from ficoco.report.units import flops_unit_of
+from ficoco.report.tables import (AVG, AVG_PCT, COST_COLUMNS, DISPLAY_DECIMALS, is_vanilla, job_label,
+                                  ordered_budgets)
 
 TEMPLATE_FIELDS = ("title", "generated", "toc", "body")
 
@@ -47,6 +51,20 @@ def signed(value, decimals: int = DISPLAY_DECIMALS) -> str:
     return "" if value is None or pd.isna(value) else f"{value:+.{decimals}f}"
 
 
+def interval_text(low, high, decimals: int = DISPLAY_DECIMALS) -> str:
+    """"[low, high]", or "" when there is no interval."""
+    if low is None or high is None or pd.isna(low) or pd.isna(high):
+        return ""
+    return f"[{low:.{decimals}f}, {high:.{decimals}f}]"
+
+
+def with_interval(value, low, high, decimals: int = DISPLAY_DECIMALS, signed_value: bool = False) -> str:
+    """A number and its interval, for sentences and tables: "89.1 [85.5, 92.6]"."""
+    text = signed(value, decimals) if signed_value else fmt(value, decimals)
+    bounds = interval_text(low, high, decimals)
+    return f"{text} {bounds}" if bounds else text
+
+
 # ---------------------------------------------------------------------------------------------- tables
 
 
@@ -59,6 +77,7 @@ def benchmark_header(benchmark: str) -> str:
 
 
 FLOPS_COLUMNS = ("TFLOPs exact", "TFLOPs legacy")
+INTERVAL_TITLE = f"{LEVEL:.0%} paired bootstrap interval over samples"
 
 
 def table_cell(cell: pd.Series, flops_factor: float = 1.0) -> str:
@@ -70,17 +89,17 @@ def table_cell(cell: pd.Series, flops_factor: float = 1.0) -> str:
     if cell["best"]:
         ours = f"<b>{ours}</b>"
     parts = [f'<span class="ours">{ours}</span>']
+    bounds = interval_text(cell["low"], cell["high"])
+    if bounds:
+        parts.append(f'<span class="ci" title="{INTERVAL_TITLE}">{bounds}</span>')
     if pd.notna(cell["paper"]):
         version = f' title="paper {html.escape(str(cell["paper_version"]))}"' if pd.notna(cell["paper_version"]) else ""
+        # the interval of ours - paper: the paper's number is a constant
+        delta_bounds = interval_text(cell["low"] - cell["paper"], cell["high"] - cell["paper"])
         parts.append(f'<span class="paper"{version}>paper {fmt(cell["paper"] * factor, decimals)} '
-                     f'<span class="delta">{signed(cell["delta"] * factor, decimals)}</span></span>')
+                     f'<span class="delta">{signed(cell["delta"] * factor, decimals)}</span>'
+                     + (f' <span class="ci">{delta_bounds}</span>' if delta_bounds else "") + "</span>")
     return f'<td class="{"best" if cell["best"] else ""}">{"<br>".join(parts)}</td>'
-
-
-def table_flops_unit(values: pd.Series) -> tuple[float, str]:
-    """The unit (factor from TFLOPs, name) of a table's FLOPs columns, from their largest value."""
-    largest = pd.to_numeric(values, errors="coerce").max()
-    return flops_unit(float(largest)) if pd.notna(largest) and largest > 0 else (1.0, "TFLOPs")
 
 
 def paper_table_html(table: pd.DataFrame) -> str:
@@ -88,7 +107,7 @@ def paper_table_html(table: pd.DataFrame) -> str:
 
     The FLOPs columns take the unit their magnitude needs (TFLOPs for LLaVA-1.5, MFLOPs for the toy)."""
     flops_cells = table[table["column"].isin(FLOPS_COLUMNS)]
-    factor, unit = table_flops_unit(pd.concat([flops_cells["ours"], flops_cells["paper"]]))
+    factor, unit = flops_unit_of(pd.concat([flops_cells["ours"], flops_cells["paper"]]))
     columns = list(COST_COLUMNS) + [c for c in dict.fromkeys(table["column"]) if c not in COST_COLUMNS]
 
     def header(column: str) -> str:
@@ -105,15 +124,16 @@ def paper_table_html(table: pd.DataFrame) -> str:
         tds = "".join(table_cell(by_column.loc[c], factor) if c in by_column.index else "<td>–</td>"
                       for c in columns)
         rows.append(f"<tr{row_class}><th>{label}</th>{tds}</tr>")
-    return (f'<table class="results"><thead><tr><th>method</th>{headers}</tr></thead>'
-            f'<tbody>{"".join(rows)}</tbody></table>')
+    return (f'<div class="wide"><table class="results"><thead><tr><th>method</th>{headers}</tr></thead>'
+            f'<tbody>{"".join(rows)}</tbody></table></div>')
 
 
 def paper_tables_section(tables: pd.DataFrame) -> str:
     if tables.empty:
         return '<p class="note">No headline scores to tabulate.</p>'
     parts = [
-        '<p>Headline score per benchmark. <b>Bold</b>: best reduced method in the column. '
+        '<p>Headline score per benchmark. <b>Bold</b>: best reduced method in the column. In brackets under '
+        f'a score, Avg or Avg%: its {LEVEL:.0%} bootstrap interval over samples (see Findings). '
         'Under a cell: the paper\'s published number and our difference (ours − paper), where the '
         'model, method, budget and benchmark map onto the paper (budgets 192 / 128 / 64 ↔ its 3.3 / 2.4 / '
         '1.5 TFLOPs labels; vanilla ↔ its vanilla row; v4 numbers unless only v1 has the cell; hover for the '
@@ -146,7 +166,17 @@ def frame_html(frame: pd.DataFrame, float_decimals: int = 3) -> str:
             else:
                 cells.append(f"<td>{'–' if pd.isna(value) else html.escape(str(value))}</td>")
         body.append(f"<tr>{''.join(cells)}</tr>")
-    return f'<table class="plain"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+    return (f'<div class="wide"><table class="plain"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody>'
+            '</table></div>')
+
+
+def in_flops_unit(frame: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """The frame with its `tflops_*` columns in the unit their magnitude needs, renamed after it
+    (`MFLOPs_exact`, ...); and the unit."""
+    flops_columns = [column for column in frame.columns if column.startswith("tflops_")]
+    factor, unit = flops_unit_of(frame[flops_columns].stack()) if flops_columns else (1.0, "TFLOPs")
+    frame = frame.assign(**{column: frame[column] * factor for column in flops_columns})
+    return frame.rename(columns={column: column.replace("tflops", unit) for column in flops_columns}), unit
 
 
 def costs_section(results: pd.DataFrame, measure: pd.DataFrame) -> str:
@@ -165,10 +195,7 @@ def costs_section(results: pd.DataFrame, measure: pd.DataFrame) -> str:
         costs["peak_memory_gib"] = costs.pop("peak_memory_bytes") / 2**30
     costs = costs.assign(_vanilla=~costs["method"].map(is_vanilla)).sort_values(["model", "_vanilla", "method"])
     costs = costs.drop(columns="_vanilla").astype({"model": object, "method": object, "budget": object})
-    flops_columns = [column for column in costs.columns if column.startswith("tflops_")]
-    factor, unit = table_flops_unit(costs[flops_columns].stack())
-    costs = costs.rename(columns={column: column.replace("tflops", unit) for column in flops_columns})
-    costs[[column.replace("tflops", unit) for column in flops_columns]] *= factor
+    costs, unit = in_flops_unit(costs)
     note = ("" if len(measure) else
             '<p class="note">No measure files: latency, memory and throughput columns are absent.</p>')
     return (f"<p>Means over each job's benchmarks of the exact per-sample FLOPs in {unit} (vision + projector + "
@@ -191,22 +218,10 @@ def failure_code(error: str) -> list[str]:
 
 
 def failed_records(metrics_path) -> list[dict] | None:
-    """The failure records (those with an `error`) of one job, read from the shard predictions
-    beside its metrics.json (`shard*/predictions.jsonl`); None when there are none to read."""
-    files = sorted(Path(str(metrics_path)).parent.glob("shard*/predictions.jsonl"))
-    if not files:
-        return None
-    failed = []
-    for path in files:
-        with open(path, encoding="utf-8", errors="replace") as stream:
-            for line in stream:
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(record, dict) and record.get("error"):
-                    failed.append(record)
-    return failed
+    """The failure records (those with an `error`) of one job's shard predictions; None when there are
+    none to read."""
+    records = read_predictions(metrics_path)
+    return None if records is None else [record for record in records if record.get("error")]
 
 
 def failure_reasons_frame(failed: pd.DataFrame) -> tuple[pd.DataFrame, int]:
@@ -271,11 +286,10 @@ def data_section(results: pd.DataFrame) -> str:
     headline = results[results["headline"].fillna(False).astype(bool)]
     columns = ["model", "method", "phase", "budget", "benchmark", "metric", "value", "samples", "failures",
                "tflops_exact", "tflops_legacy", "visual_tokens_layer_avg"]
-    frame = headline[columns].astype({c: object for c in columns if c not in ("value", "tflops_exact",
-                                                                            "tflops_legacy",
-                                                                            "visual_tokens_layer_avg")})
+    numbers = ("value", "tflops_exact", "tflops_legacy", "visual_tokens_layer_avg")
+    frame, unit = in_flops_unit(headline[columns].astype({c: object for c in columns if c not in numbers}))
     return (f"<p>{len(results)} rows in the tidy table (results.csv / results.parquet), {len(headline)} jobs. "
-            "The headline rows:</p><details><summary>show the table</summary>" + frame_html(frame) + "</details>")
+            f"The headline rows (FLOPs per sample in {unit}; results.csv keeps TFLOPs):</p><details><summary>show the table</summary>" + frame_html(frame) + "</details>")
 
 
 def toy_models_frame(manifests: dict[str, dict]) -> pd.DataFrame:
@@ -342,3 +356,92 @@ def overview_section(results: pd.DataFrame, measure: pd.DataFrame) -> str:
             "</ul><p>Budgets are average visual tokens per LLM decoder layer; \"full\" is unreduced; "
             "\"adaptive\" is an adaptive method's one run (a count per image; see its realised visual tokens). "
             "Costs are computed from the token counts each run executed, never from a label.</p>")
+
+
+# ---------------------------------------------------------------------------------------------- findings
+
+
+def findings_section(tables: pd.DataFrame, boot: Bootstrap, results: pd.DataFrame) -> str:
+    """What the run found (findings.py), each number with its interval."""
+    if tables.empty:
+        return '<p class="note">No headline scores: nothing to report.</p>'
+    replicates = boot.replicates.shape[1]
+    parts = [f"<p>Intervals are {boot.level:.0%} percentile intervals of a bootstrap over samples ({replicates} "
+             "resamples, seeded): every method of a model and benchmark is scored on the same resamples, so a "
+             "difference between two methods is paired, and Avg% is paired with vanilla. A difference is called "
+             "<b>real</b> when its interval excludes 0, <b>within noise</b> otherwise.</p>"]
+    parts += frontier_html(findings.accuracy_points(tables))
+    best = findings.best_per_budget(tables, boot)
+    parts.append(f'<h3 id="{anchor("findings", "best")}">Best method per budget</h3>')
+    parts.append("<p>The reduced method with the highest Avg at each budget, and the methods whose paired "
+                 "difference from it is within noise.</p>")
+    parts.append(frame_html(interval_columns(best, "Avg").astype(object), float_decimals=1))
+    parts += versus_html(findings.ficoco_against_best_baseline(tables, boot))
+    parts += paper_comparison_html(*findings.paper_differences(tables))
+    parts += failures_summary_html(results)
+    if len(boot.skipped):
+        parts.append(f'<h3 id="{anchor("findings", "no-interval")}">Jobs without an interval</h3>')
+        parts.append(frame_html(boot.skipped.astype(object)))
+    return "\n".join(parts)
+
+
+def interval_columns(frame: pd.DataFrame, value: str, signed_value: bool = False) -> pd.DataFrame:
+    """`value` shown with its interval (from `low`, `high`), those two columns dropped."""
+    shown = [with_interval(v, low, high, signed_value=signed_value)
+             for v, low, high in zip(frame[value], frame["low"], frame["high"])]
+    return frame.assign(**{value: shown}).drop(columns=["low", "high"])
+
+
+def frontier_html(points: pd.DataFrame) -> list[str]:
+    parts = [f'<h3 id="{anchor("findings", "frontier")}">Pareto frontier</h3>']
+    if points.empty:
+        return parts + ['<p class="note">No run has both an accuracy and exact FLOPs.</p>']
+    for model, group in points.groupby("model", sort=True):
+        factor, unit = flops_unit_of(group["tflops"])
+        front = group[group["on_frontier"]].sort_values("tflops")
+        measure = group["measure"].iloc[0]
+        steps = "; ".join(f"<b>{html.escape(job_label(row.method, row.budget))}</b> "
+                          f"({row.tflops * factor:.2f} {unit}, {with_interval(row.accuracy, row.low, row.high)})"
+                          for row in front.itertuples())
+        parts.append(f"<p>{html.escape(model)}: {len(front)} of {len(group)} runs are on the frontier of {measure} "
+                     f"against exact {unit} per sample (no other run costs no more and scores at least as high), "
+                     f"cheapest first: {steps}.</p>")
+    return parts
+
+
+def versus_html(versus: pd.DataFrame) -> list[str]:
+    parts = [f'<h3 id="{anchor("findings", "ficoco")}">FiCoCo against the best baseline</h3>']
+    if versus.empty:
+        return parts + ['<p class="note">No budget has both a FiCoCo method and a baseline.</p>']
+    sentences = []
+    for row in versus.to_dict("records"):
+        difference = with_interval(row["difference"], row["low"], row["high"], signed_value=True)
+        judged = {"ahead": "ahead: a real difference", "behind": "behind: a real difference",
+                  "within noise": "within noise", "no interval": "no interval"}[row["verdict"]]
+        sentences.append(f"<li>{html.escape(str(row['model']))}, budget {html.escape(str(row['budget']))}: "
+                         f"{html.escape(row['FiCoCo'])} against {html.escape(row['best baseline'])}: {difference} "
+                         f"points of Avg ({judged}).</li>")
+    shown = interval_columns(versus, "difference", signed_value=True)
+    return parts + [f"<ul>{''.join(sentences)}</ul>", frame_html(shown.astype(object), float_decimals=1)]
+
+
+def paper_comparison_html(outside: pd.DataFrame, compared: int) -> list[str]:
+    parts = [f'<h3 id="{anchor("findings", "paper")}">Against the paper</h3>']
+    if compared == 0:
+        return parts + ["<p>No score of this run both maps onto a cell of the paper's tables and has an interval "
+                        "(models, methods, budgets and benchmarks are mapped as the tables section says).</p>"]
+    parts.append(f"<p>{len(outside)} of the {compared} scores that map onto the paper differ from its number by "
+                 "more than our interval (the paper's number lies outside it).</p>")
+    if len(outside):
+        parts.append(frame_html(interval_columns(outside, "ours").astype(object), float_decimals=1))
+    return parts
+
+
+def failures_summary_html(results: pd.DataFrame) -> list[str]:
+    headline = results[results["headline"].fillna(False).astype(bool)]
+    failed = headline[headline["failures"].fillna(0) > 0]
+    parts = [f'<h3 id="{anchor("findings", "failures")}">Failures</h3>']
+    if failed.empty:
+        return parts + [f"<p>Every one of the {len(headline)} jobs scored every sample.</p>"]
+    return parts + [f'<p>{int(failed["failures"].sum())} failed samples in {len(failed)} of {len(headline)} jobs '
+                    '(<a href="#failures">Failures</a> lists them by reason).</p>']

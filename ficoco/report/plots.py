@@ -3,6 +3,11 @@
 Every figure always produces its PNG: when its inputs are absent, the PNG is a placeholder that
 states why, and `Figure.note` carries the same reason for the page. A fixed set of files keeps the
 Snakemake outputs of the report rule stable.
+
+Readable with 25 methods: colour says the family (vanilla, FiCoCo, baseline; Okabe-Ito, colour-blind
+safe), the marker says where the method acts (vision, post-vision, LLM, both), and every line or
+point is named by a direct label in a column beside its panel, spread so that no two labels overlap
+(`label_overlaps` checks it from the rendered label boxes). A short legend explains the encoding.
 """
 from __future__ import annotations
 
@@ -17,12 +22,25 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.text import Text  # noqa: E402
+from matplotlib.transforms import Bbox  # noqa: E402
 
 from ficoco.report import files  # noqa: E402
 from ficoco.report.aggregate import FULL  # noqa: E402
-from ficoco.report.tables import is_vanilla, ordered_benchmarks, ordered_budgets, ordered_methods  # noqa: E402
+from ficoco.report.findings import family  # noqa: E402
+from ficoco.report.tables import AVG_PCT, is_vanilla, job_label, ordered_budgets, ordered_methods  # noqa: E402
+from ficoco.report.units import flops_unit_of  # noqa: E402
 
 DPI = 110
+FAMILY_COLOURS = {"vanilla": "#000000", "FiCoCo": "#D55E00", "baseline": "#0072B2"}    # Okabe-Ito
+PHASE_MARKERS = {"vision": "o", "projector": "s", "llm": "^", "both": "D", "none": "*"}
+PHASE_NAMES = {"vision": "vision", "projector": "post-vision", "llm": "LLM", "both": "vision + LLM",
+               "none": "unreduced"}
+LABEL_FONT = 7.5
+LABEL_GID = "direct-label"
+#: Vertical room of one direct label, in points (font size plus leading).
+LABEL_PITCH = LABEL_FONT * 1.35
 
 
 @dataclass(frozen=True)
@@ -35,35 +53,43 @@ class Figure:
 
 
 FIGURE_TITLES = {
-    "accuracy_vs_tflops": ("Accuracy against exact TFLOPs",
-                           "Headline score of each benchmark against the exact mean TFLOPs per sample "
-                           "(vision + projector + LLM prefill + decode), one line per method over its budgets. The axis "
-                           "unit follows the magnitude (TFLOPs for LLaVA-1.5, MFLOPs for the toy model)."),
+    "accuracy_vs_flops": ("Accuracy against exact FLOPs",
+                          "Avg% of vanilla (Avg where the model has no vanilla run) against the exact FLOPs per "
+                          "sample (vision + projector + LLM prefill + decode, mean over the benchmarks), one panel "
+                          "per model, one line per method over its budgets, with its 95% bootstrap interval. The "
+                          "grey steps join the Pareto frontier; frontier runs are ringed and named in bold. Hollow "
+                          "markers: the paper's published Avg% at the TFLOPs it printed (its own FLOPs convention), "
+                          "where the run maps onto the paper. The unit follows the magnitude."),
     "avg_percent_vs_budget": ("Avg% of vanilla against budget",
                               "Average headline score as a percentage of the same model's vanilla run over the "
                               "same benchmarks, against the budget (average visual tokens per LLM layer); an "
                               "adaptive method (no budget) sits at its realised mean visual tokens per layer."),
     "speedup_vs_flops_reduction": ("Measured speedup against FLOPs reduction",
                                    "Measured speedup over vanilla (median latency) against the FLOPs reduction over "
-                                   "vanilla, for the prefill and end to end. The dashed line is speedup = reduction."),
+                                   "vanilla, for the prefill and end to end. The dashed line is the ideal, speedup = "
+                                   "reduction."),
     "visual_tokens_per_layer": ("Visual tokens per LLM layer",
-                                "Mean number of visual tokens each LLM decoder layer processed during prefill "
-                                "(the realised schedule), averaged over benchmarks; vanilla shown in every panel."),
+                                "Mean number of visual tokens each LLM decoder layer processed during prefill (the "
+                                "realised schedule), averaged over benchmarks: one panel per phase (where the "
+                                "methods act) and budget, vanilla dashed in every panel."),
     "latency_breakdown": ("Latency breakdown",
                           "Median measured latency per request split into prefill (time to first token) and "
                           "decode (end to end minus prefill)."),
 }
 
 
-def make_figures(headline: pd.DataFrame, avg_pct: pd.DataFrame, schedules: pd.DataFrame,
+def make_figures(headline: pd.DataFrame, points: pd.DataFrame, tables: pd.DataFrame, schedules: pd.DataFrame,
                  measure: pd.DataFrame, out_dir: str | Path) -> list[Figure]:
+    """Draw and save every figure. points: findings.accuracy_points; tables: tables.paper_tables."""
+    from ficoco.report.tables import avg_percent_by_budget
+
     out_dir = Path(out_dir)
-    palette = method_palette([*headline["method"], *schedules["method"], *measure["method"]])
+    phases = method_phases(headline, schedules)
     drawn = {
-        "accuracy_vs_tflops": accuracy_vs_tflops(headline, palette),
-        "avg_percent_vs_budget": avg_percent_vs_budget(avg_pct, palette),
-        "speedup_vs_flops_reduction": speedup_vs_flops_reduction(measure, headline, palette),
-        "visual_tokens_per_layer": visual_tokens_per_layer(schedules, palette),
+        "accuracy_vs_flops": accuracy_vs_flops(points, paper_points(tables), phases),
+        "avg_percent_vs_budget": avg_percent_vs_budget(avg_percent_by_budget(tables), phases),
+        "speedup_vs_flops_reduction": speedup_vs_flops_reduction(measure, headline, phases),
+        "visual_tokens_per_layer": visual_tokens_per_layer(schedules, phases),
         "latency_breakdown": latency_breakdown(measure),
     }
     figures = []
@@ -94,79 +120,209 @@ def style():
     return sns.axes_style("whitegrid")
 
 
-def method_palette(methods) -> dict:
-    """One colour per method, the same in every figure; keys in table order (vanilla first)."""
-    names = ordered_methods(methods)
-    return dict(zip(names, sns.color_palette("tab10" if len(names) <= 10 else "husl", len(names))))
+def method_phases(*frames: pd.DataFrame) -> dict[str, str]:
+    """method -> its phase (vision, projector, llm, both, none), from any frame with both columns."""
+    phases = {}
+    for frame in frames:
+        if {"method", "phase"} <= set(frame.columns):
+            for method, phase in frame[["method", "phase"]].drop_duplicates().itertuples(index=False):
+                phases.setdefault(str(method), str(phase))
+    return phases
 
 
-def hue(palette: dict, methods) -> dict:
-    """relplot arguments for the methods present: their colours, in the palette's order."""
-    present = set(methods)
-    return {"hue": "method", "hue_order": [m for m in palette if m in present], "palette": palette}
+def colour(method: str) -> str:
+    return FAMILY_COLOURS[family(method)]
+
+
+def marker(method: str, phases: dict[str, str]) -> str:
+    return PHASE_MARKERS.get(phases.get(method, ""), "X")
+
+
+def encoding_legend(figure, phases_shown, extra: list[Line2D] = ()) -> None:
+    """The legend of the encoding (families, phases), not of the methods: those are labelled directly."""
+    handles = [Line2D([], [], color=c, linewidth=2, label=name) for name, c in FAMILY_COLOURS.items()]
+    handles += [Line2D([], [], color="#555555", marker=PHASE_MARKERS[p], linestyle="none", label=PHASE_NAMES[p])
+                for p in PHASE_MARKERS if p in set(phases_shown)]
+    figure.legend(handles=[*handles, *extra], loc="upper left", bbox_to_anchor=(0.0, 1.0), ncol=5,
+                       fontsize=7.5, frameon=False, borderaxespad=0.2)
+
+
+# ---------------------------------------------------------------------------------------------- direct labels
+
+
+def spread(desired: list[float], pitch: float, low: float, high: float) -> list[float]:
+    """Positions as close as possible to `desired`, at least `pitch` apart, inside [low, high] when they
+    fit (else they run past `high`, still `pitch` apart). Order is kept."""
+    order = sorted(range(len(desired)), key=lambda i: (desired[i], i))
+    placed = [0.0] * len(desired)
+    previous = -np.inf
+    for i in order:                                           # upwards: keep the pitch
+        placed[i] = max(desired[i], low, previous + pitch)
+        previous = placed[i]
+    following = np.inf
+    for i in reversed(order):                                 # downwards: back under `high`
+        placed[i] = min(placed[i], high, following - pitch)
+        following = placed[i]
+    previous = -np.inf
+    for i in order:                                           # too many to fit: overflow upwards, not onto each other
+        placed[i] = max(placed[i], previous + pitch)
+        previous = placed[i]
+    return placed
+
+
+def label_column(axis, entries: list[tuple[float, float, str, str, bool]]) -> None:
+    """Name each (x, y) point of the axis in a column just right of it, joined by a thin leader line.
+
+    entries: (x, y, text, colour, bold). The axis limits must be final: positions are axes fractions.
+    """
+    if not entries:
+        return
+    axis.get_xlim(), axis.get_ylim()                          # apply any pending autoscaling before reading them
+    axis_height_points = axis.get_position().height * axis.figure.get_figheight() * 72.0
+    pitch = LABEL_PITCH / axis_height_points
+    to_axes = axis.transData + axis.transAxes.inverted()
+    desired = [float(to_axes.transform((x, y))[1]) for x, y, *_ in entries]
+    for (x, y, text, label_colour, bold), position in zip(entries, spread(desired, pitch, 0.0, 1.0)):
+        axis.annotate(text, xy=(x, y), xycoords="data", xytext=(1.03, position), textcoords="axes fraction",
+                      fontsize=LABEL_FONT, color=label_colour, va="center", ha="left",
+                      fontweight="bold" if bold else "normal", annotation_clip=False, gid=LABEL_GID,
+                      arrowprops={"arrowstyle": "-", "color": label_colour, "linewidth": 0.4, "alpha": 0.5,
+                                  "shrinkA": 0, "shrinkB": 2})
+
+
+def label_overlaps(figure) -> list[tuple[str, str]]:
+    """Pairs of direct labels whose rendered boxes overlap, and labels that overlap another panel (its
+    axes, tick labels, axis labels or title)."""
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    labels = [text for axis in figure.axes for text in axis.texts if text.get_gid() == LABEL_GID]
+    boxes = [Text.get_window_extent(text, renderer) for text in labels]      # the text alone, not its leader line
+    overlaps = [(labels[i].get_text(), labels[j].get_text()) for i in range(len(labels))
+                for j in range(i + 1, len(labels)) if boxes[i].overlaps(boxes[j])]
+    for text, box in zip(labels, boxes):
+        overlaps += [(text.get_text(), f"panel {axis.get_title() or index}")
+                     for index, axis in enumerate(figure.axes)
+                     if axis is not text.axes and axis.get_visible() and box.overlaps(panel_box(axis, renderer))]
+    return overlaps
+
+
+def panel_box(axis, renderer):
+    """The box of a panel with its tick labels, axis labels and title, without its direct labels."""
+    parts = [axis.get_window_extent(renderer), axis.title.get_window_extent(renderer)]
+    for axis_artist in (axis.xaxis, axis.yaxis):
+        parts.append(axis_artist.get_tightbbox(renderer))
+    return Bbox.union([part for part in parts if part is not None and part.width > 0])
+
+
+def label_room(texts) -> float:
+    """Inches a column of direct labels needs beside its panel (an estimate from the longest text)."""
+    longest = max((len(str(t)) for t in texts), default=0)
+    return 0.25 + longest * LABEL_FONT * 0.62 / 72.0
+
+
+def panel_grid(rows: int, columns: int, panel_width: float, panel_height: float, label_width: float,
+               labels_per_panel: int):
+    """A figure of rows x columns panels with room on the right of each panel for its label column and
+    enough height for `labels_per_panel` labels (and the encoding legend above the first row)."""
+    panel_height = max(panel_height, labels_per_panel * LABEL_PITCH / 72.0 * 1.05)
+    gap, top, bottom, left = 0.8, 0.9, 0.6, 0.75
+    width = columns * (left + panel_width + label_width)
+    height = top + bottom + rows * panel_height + (rows - 1) * gap
+    figure, axes = plt.subplots(rows, columns, squeeze=False, figsize=(width, height))
+    # between two panels: the left one's label column, then the right one's tick labels and axis label
+    figure.subplots_adjust(left=left / width, right=1 - label_width / width, top=1 - top / height,
+                           bottom=bottom / height, wspace=(label_width + left) / panel_width,
+                           hspace=gap / panel_height)
+    return figure, axes
 
 
 # ---------------------------------------------------------------------------------------------- figures
 
 
-def accuracy_vs_tflops(headline: pd.DataFrame, palette: dict):
-    data = headline.dropna(subset=["value", "tflops_exact"])
+def paper_points(tables: pd.DataFrame) -> pd.DataFrame:
+    """The paper's published (printed TFLOPs, Avg%) of every row that maps onto it: model, method,
+    budget, tflops, accuracy."""
+    columns = ["model", "method", "budget", "tflops", "accuracy"]
+    if tables.empty:
+        return pd.DataFrame(columns=columns)
+    unique = tables.drop_duplicates(subset=["model", "method", "budget", "column"])
+    keys = ["model", "method", "budget"]
+    accuracy = unique[unique["column"] == AVG_PCT][keys + ["paper"]].rename(columns={"paper": "accuracy"})
+    printed = unique[unique["column"] == "TFLOPs legacy"][keys + ["paper"]].rename(columns={"paper": "tflops"})
+    return accuracy.merge(printed, on=keys).dropna(subset=["accuracy", "tflops"])[columns]
+
+
+def accuracy_vs_flops(points: pd.DataFrame, published: pd.DataFrame, phases: dict[str, str]):
+    data = points.dropna(subset=["accuracy", "tflops"])
     if data.empty:
         return "no run has both a headline score and exact FLOPs (cost_mean.total_flops)"
-    data = data.astype({"model": object, "method": object, "benchmark": object})
-    benchmarks = ordered_benchmarks(data["benchmark"].unique())
-    data = data.assign(panel=panel_names(data, "benchmark"))
-    order = panel_order(data, "benchmark", benchmarks)
-    scale, unit = flops_unit(float(data["tflops_exact"].max()))
-    data = data.assign(flops=data["tflops_exact"] * scale)
-    single = len(order) == 1                                  # one panel: give it the room of a page
+    models = sorted(data["model"].unique())
+    factor, unit = flops_unit_of(pd.concat([data["tflops"], published["tflops"]]))
+    most_labels = max(data[data["model"] == m]["method"].nunique() for m in models)
     with style():
-        grid = sns.relplot(data=data, x="flops", y="value", kind="line", marker="o",
-                           **hue(palette, data["method"]), col="panel", col_order=order,
-                           col_wrap=min(4, len(order)), height=4.5 if single else 2.6,
-                           aspect=1.5 if single else 1.25, facet_kws={"sharex": False, "sharey": False})
-        grid.set_axis_labels(f"exact {unit} per sample", "score")
-        grid.set_titles(col_template="{col_name}")
-    return grid.figure
+        figure, axes = panel_grid(len(models), 1, 7.5, 4.2, label_room(data["method"]), most_labels)
+        for axis, model in zip(axes[:, 0], models):
+            rows = data[data["model"] == model].sort_values("tflops")
+            front = rows[rows["on_frontier"]]
+            axis.step(front["tflops"] * factor, front["accuracy"], where="post", color="#999999", linewidth=1.2,
+                      zorder=1)
+            ends = []
+            for method in ordered_methods(rows["method"]):
+                line = rows[rows["method"] == method]
+                axis.errorbar(line["tflops"] * factor, line["accuracy"],
+                              yerr=[(line["accuracy"] - line["low"]).clip(lower=0).fillna(0),
+                                    (line["high"] - line["accuracy"]).clip(lower=0).fillna(0)],
+                              color=colour(method), marker=marker(method, phases), markersize=5, linewidth=1.0,
+                              elinewidth=0.6, capsize=1.5, alpha=0.9, zorder=3)
+                ringed = line[line["on_frontier"]]
+                axis.scatter(ringed["tflops"] * factor, ringed["accuracy"], s=110, facecolors="none",
+                             edgecolors="#333333", linewidths=0.9, zorder=4)
+                last = line.iloc[-1]
+                ends.append((last["tflops"] * factor, last["accuracy"], method, colour(method),
+                             bool(line["on_frontier"].any())))
+            paper = published[published["model"] == model]
+            for row in paper.itertuples():
+                axis.scatter(row.tflops * factor, row.accuracy, s=36, marker=marker(row.method, phases),
+                             facecolors="none", edgecolors=colour(row.method), linewidths=1.0, zorder=2)
+            axis.set_title(f"{model} ({rows['measure'].iloc[0]})", fontsize=10)
+            axis.set_xlabel(f"exact {unit} per sample")
+            axis.set_ylabel(rows["measure"].iloc[0] if rows["measure"].iloc[0] != AVG_PCT else "Avg% of vanilla")
+            axis.margins(x=0.06, y=0.08)
+            label_column(axis, ends)
+        extra = [Line2D([], [], color="#999999", linewidth=1.2, label="Pareto frontier"),
+                 Line2D([], [], color="#333333", marker="o", markerfacecolor="none", markersize=9, linestyle="none",
+                        label="on the frontier")]
+        if len(published):
+            extra.append(Line2D([], [], color="#555555", marker="o", markerfacecolor="none", linestyle="none",
+                                label="paper (printed TFLOPs)"))
+        encoding_legend(figure, [phases.get(m, "") for m in data["method"]], extra)
+    return figure
 
 
-def flops_unit(largest_tflops: float) -> tuple[float, str]:
-    """(factor from TFLOPs, unit name) so the largest value reads at least 1: the paper's models
-    are plotted in TFLOPs, the toy model in MFLOPs."""
-    for factor, unit in ((1.0, "TFLOPs"), (1e3, "GFLOPs"), (1e6, "MFLOPs")):
-        if largest_tflops * factor >= 1.0:
-            return factor, unit
-    return 1e9, "kFLOPs"
-
-
-def panel_names(data: pd.DataFrame, column: str, prefix: str = "") -> pd.Series:
-    """One facet per (model, value of `column`) that has data; the model is named only when there are several."""
-    if data["model"].nunique() == 1:
-        return prefix + data[column].astype(str)
-    return data["model"].astype(str) + " · " + prefix + data[column].astype(str)
-
-
-def panel_order(data: pd.DataFrame, column: str, values: list[str]) -> list[str]:
-    pairs = data[["model", column, "panel"]].drop_duplicates()
-    rank = {value: i for i, value in enumerate(values)}
-    pairs = pairs.assign(_rank=pairs[column].map(rank)).sort_values(["model", "_rank"])
-    return pairs["panel"].tolist()
-
-
-def avg_percent_vs_budget(avg_pct: pd.DataFrame, palette: dict):
-    data = avg_pct.dropna(subset=["avg_pct"])
+def avg_percent_vs_budget(avg_pct: pd.DataFrame, phases: dict[str, str]):
+    data = avg_pct.dropna(subset=["avg_pct", "budget_tokens"])
     if data.empty:
         return "Avg% needs a vanilla (budget full) run and at least one reduced run of the same model"
-    data = data.astype({"model": object, "method": object})
+    models = sorted(data["model"].unique())
+    most_labels = max(data[data["model"] == m]["method"].nunique() for m in models)
     with style():
-        grid = sns.relplot(data=data, x="budget_tokens", y="avg_pct", col="model", kind="line",
-                           marker="o", **hue(palette, data["method"]), height=3.2, aspect=1.3,
-                           facet_kws={"sharex": False, "sharey": False})
-        for axis in grid.axes.flat:
+        figure, axes = panel_grid(len(models), 1, 7.5, 3.8, label_room(data["method"]), most_labels)
+        for axis, model in zip(axes[:, 0], models):
+            rows = data[data["model"] == model]
+            ends = []
+            for method in ordered_methods(rows["method"]):
+                line = rows[rows["method"] == method].sort_values("budget_tokens")
+                axis.plot(line["budget_tokens"], line["avg_pct"], color=colour(method),
+                          marker=marker(method, phases), markersize=5, linewidth=1.0, alpha=0.9)
+                ends.append((line["budget_tokens"].iloc[-1], line["avg_pct"].iloc[-1], method, colour(method), False))
             axis.axhline(100.0, color="grey", linestyle="--", linewidth=1)
-        grid.set_axis_labels("budget (average visual tokens per LLM layer)", "Avg% of vanilla")
-        grid.set_titles(col_template="{col_name}")
-    return grid.figure
+            axis.set_title(str(model), fontsize=10)
+            axis.set_xlabel("budget (average visual tokens per LLM layer)")
+            axis.set_ylabel("Avg% of vanilla")
+            axis.margins(x=0.06, y=0.08)
+            label_column(axis, ends)
+        encoding_legend(figure, [phases.get(m, "") for m in data["method"]])
+    return figure
 
 
 def speedup_frame(measure: pd.DataFrame, headline: pd.DataFrame) -> pd.DataFrame:
@@ -198,50 +354,84 @@ def flops_reduction(base: pd.Series, row: pd.Series, flops: str, headline: pd.Da
     return float(ratio.mean()) if len(ratio) else float("nan")
 
 
-def speedup_vs_flops_reduction(measure: pd.DataFrame, headline: pd.DataFrame, palette: dict):
+def speedup_vs_flops_reduction(measure: pd.DataFrame, headline: pd.DataFrame, phases: dict[str, str]):
     if measure.empty:
         return "no measure files (results/measure/{model}/{method}/b{budget}.json)"
     data = speedup_frame(measure, headline)
     if data.empty:
         return ("speedup needs a measured vanilla run (method vanilla, budget full) and a measured reduced run "
                 "of the same model, with latencies and FLOPs")
-    data = data.astype({"model": object, "method": object})
+    panels = data[["model", "part"]].drop_duplicates().sort_values(["model", "part"], ascending=[True, False])
+    names = [job_label(method, budget) for method, budget in zip(data["method"], data["budget"])]
+    most_labels = int(data.groupby(["model", "part"]).size().max())
     with style():
-        grid = sns.relplot(data=data, x="flops_reduction", y="speedup", style="model", col="part",
-                           kind="scatter", s=60, **hue(palette, data["method"]), height=3.2, aspect=1.1,
-                           facet_kws={"sharex": False, "sharey": False})
-        for axis, part in zip(grid.axes.flat, grid.col_names):
-            subset = data[data["part"] == part]
+        figure, axes = panel_grid(1, len(panels), 4.2, 3.6, label_room(names), most_labels)
+        for axis, (model, part) in zip(axes[0], panels.itertuples(index=False)):
+            subset = data[(data["model"] == model) & (data["part"] == part)]
             top = max(subset["flops_reduction"].max(), subset["speedup"].max(), 1.0) * 1.05
             axis.plot([1.0, top], [1.0, top], color="grey", linestyle="--", linewidth=1)
-            for _, row in subset.iterrows():
-                axis.annotate(f"b{row['budget']}", (row["flops_reduction"], row["speedup"]), fontsize=7,
-                              xytext=(3, 3), textcoords="offset points")
-        grid.set_axis_labels("FLOPs reduction (vanilla / method)", "speedup (vanilla / method)")
-        grid.set_titles(col_template="{col_name}")
-    return grid.figure
+            ends = []
+            for row in subset.itertuples():
+                axis.scatter(row.flops_reduction, row.speedup, color=colour(row.method), s=30,
+                             marker=marker(row.method, phases), zorder=3)
+                ends.append((row.flops_reduction, row.speedup, job_label(row.method, row.budget), colour(row.method),
+                             False))
+            axis.set_xlim(0.9, top)
+            axis.set_ylim(min(0.9, subset["speedup"].min() * 0.95), top)
+            axis.set_title(f"{model} · {part}" if data["model"].nunique() > 1 else str(part), fontsize=10)
+            axis.set_xlabel("FLOPs reduction (vanilla / method)")
+            axis.set_ylabel("speedup (vanilla / method)")
+            label_column(axis, ends)
+        encoding_legend(figure, [phases.get(m, "") for m in data["method"]],
+                        [Line2D([], [], color="grey", linestyle="--", label="ideal: speedup = reduction")])
+    return figure
 
 
-def visual_tokens_per_layer(schedules: pd.DataFrame, palette: dict):
+def visual_tokens_per_layer(schedules: pd.DataFrame, phases: dict[str, str]):
     data = schedules.dropna(subset=["visual_tokens"])
     if data.empty:
         return "no run recorded visual tokens per layer (visual_tokens.per_layer)"
-    mean = (data.groupby(["model", "method", "budget", "layer"], as_index=False)["visual_tokens"].mean())
+    mean = data.groupby(["model", "method", "budget", "layer"], as_index=False)["visual_tokens"].mean()
     mean = mean.astype({"model": object, "method": object, "budget": object})
+    mean = mean.assign(phase=mean["method"].map(lambda m: phases.get(m, "other")))
     vanilla = mean[mean["method"].map(is_vanilla)]
     reduced = mean[~mean["method"].map(is_vanilla)]
-    panels = [reduced] + [vanilla[vanilla["model"] == model].assign(budget=budget)
-                          for model, budget in reduced[["model", "budget"]].drop_duplicates().itertuples(index=False)]
-    data = pd.concat(panels, ignore_index=True) if len(reduced) else vanilla
-    data = data.assign(panel=panel_names(data, "budget", prefix="budget "))
-    order = panel_order(data, "budget", ordered_budgets(data["budget"].unique()))
+    if reduced.empty:
+        reduced = vanilla
+    panels = reduced[["model", "budget", "phase"]].drop_duplicates()
+    phase_order = [p for p in PHASE_MARKERS if p in set(panels["phase"])] + \
+        sorted(set(panels["phase"]) - set(PHASE_MARKERS))
+    rows = [(model, budget) for model in sorted(panels["model"].unique())
+            for budget in ordered_budgets(panels.loc[panels["model"] == model, "budget"].unique())]
+    most_labels = int(reduced.groupby(["model", "budget", "phase"])["method"].nunique().max())
     with style():
-        grid = sns.relplot(data=data, x="layer", y="visual_tokens", kind="line", col="panel", col_order=order,
-                           col_wrap=min(3, len(order)), **hue(palette, data["method"]), height=2.8, aspect=1.3,
-                           drawstyle="steps-mid", facet_kws={"sharex": False, "sharey": True})
-        grid.set_axis_labels("LLM layer", "visual tokens")
-        grid.set_titles(col_template="{col_name}")
-    return grid.figure
+        figure, axes = panel_grid(len(rows), len(phase_order), 3.0, 2.2, label_room(reduced["method"]), most_labels)
+        for (model, budget), axis_row in zip(rows, axes):
+            for phase, axis in zip(phase_order, axis_row):
+                panel = reduced[(reduced["model"] == model) & (reduced["budget"] == budget)
+                                & (reduced["phase"] == phase)]
+                if panel.empty:
+                    axis.set_visible(False)
+                    continue
+                base = vanilla[vanilla["model"] == model]
+                axis.plot(base["layer"], base["visual_tokens"], color=FAMILY_COLOURS["vanilla"], linestyle="--",
+                          linewidth=1.0, drawstyle="steps-mid")
+                ends = []
+                for method in ordered_methods(panel["method"]):
+                    line = panel[panel["method"] == method].sort_values("layer")
+                    axis.plot(line["layer"], line["visual_tokens"], color=colour(method), linewidth=1.2,
+                              drawstyle="steps-mid", alpha=0.9)
+                    ends.append((line["layer"].iloc[-1], line["visual_tokens"].iloc[-1], method, colour(method),
+                                 False))
+                model_name = f"{model} · " if len(rows) and mean["model"].nunique() > 1 else ""
+                axis.set_title(f"{model_name}{PHASE_NAMES.get(phase, phase)} · budget {budget}", fontsize=9)
+                axis.set_xlabel("LLM layer", fontsize=8)
+                axis.set_ylabel("visual tokens", fontsize=8)
+                axis.set_ylim(bottom=0)
+                label_column(axis, ends)
+        encoding_legend(figure, [], [Line2D([], [], color=FAMILY_COLOURS["vanilla"], linestyle="--",
+                                            label="vanilla (unreduced)")])
+    return figure
 
 
 def latency_breakdown(measure: pd.DataFrame):

@@ -13,6 +13,8 @@ which is also written as paper_tables.csv:
   over those same benchmarks), NaN without a vanilla run of that model. The paper's Avg and Avg%
   are computed over the same benchmarks from its per-benchmark numbers (NaN if it lacks one).
 - `best`: the highest displayed value of a score / average column among the reduced rows.
+- `low`, `high`: the bootstrap interval of a score / Avg / Avg% cell (intervals.py: paired over
+  methods, Avg% paired with vanilla); NaN where the job has none.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import math
 import pandas as pd
 
 from ficoco.report.aggregate import ADAPTIVE, FULL, is_numeric_budget
+from ficoco.report.intervals import JOB, Bootstrap, ratio_percent
 from ficoco.report.paper import (PAPER_BENCHMARKS, name_key, paper_averages, paper_method, printed_tflops,
                                  with_paper_values)
 
@@ -33,11 +36,19 @@ COST_COLUMNS = {  # table column -> tidy column (mean over the row's benchmarks)
 }
 DISPLAY_DECIMALS = 1
 TABLE_COLUMNS = ["model", "table_budget", "method", "budget", "reference", "column", "kind",
-                 "ours", "paper", "paper_version", "delta", "best"]
+                 "ours", "low", "high", "paper", "paper_version", "delta", "best"]
 
 
 def is_vanilla(method: str) -> bool:
     return name_key(method) == VANILLA
+
+
+def job_label(method: str, budget: str) -> str:
+    """How the page names one run: `fastv b64`, `vanilla` (its one full run), `fastv full`,
+    `prumerge-adaptive adaptive`."""
+    if is_vanilla(method) and budget == FULL:
+        return str(method)
+    return f"{method} {budget}" if budget in (FULL, ADAPTIVE) else f"{method} b{budget}"
 
 
 def headline_scores(results: pd.DataFrame) -> pd.DataFrame:
@@ -73,9 +84,10 @@ def table_budgets(model_rows: pd.DataFrame) -> list[str]:
     return ordered_budgets(reduced.unique()) if len(reduced) else [FULL]
 
 
-def paper_tables(results: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
+def paper_tables(results: pd.DataFrame, reference: pd.DataFrame, boot: Bootstrap | None = None) -> pd.DataFrame:
     headline = headline_scores(results)
-    frames = [model_tables(headline[headline["model"] == model], reference)
+    boot = boot or no_bootstrap()
+    frames = [model_tables(headline[headline["model"] == model], reference, boot)
               for model in sorted(headline["model"].unique())]
     frames = [frame for frame in frames if len(frame)]
     if not frames:
@@ -83,7 +95,13 @@ def paper_tables(results: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame
     return pd.concat(frames, ignore_index=True)[TABLE_COLUMNS]
 
 
-def model_tables(model_rows: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
+def no_bootstrap() -> Bootstrap:
+    """A Bootstrap without replicates: every interval is NaN."""
+    return Bootstrap(replicates=pd.DataFrame(index=pd.MultiIndex.from_tuples([], names=JOB)),
+                     skipped=pd.DataFrame(columns=[*JOB, "reason"]))
+
+
+def model_tables(model_rows: pd.DataFrame, reference: pd.DataFrame, boot: Bootstrap) -> pd.DataFrame:
     benchmarks = ordered_benchmarks(model_rows["benchmark"].unique())
     has_vanilla = bool(((model_rows["budget"] == FULL) & model_rows["method"].map(is_vanilla)).any())
     vanilla_name = model_rows.loc[model_rows["method"].map(is_vanilla), "method"].iloc[0] if has_vanilla else None
@@ -92,12 +110,12 @@ def model_tables(model_rows: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFr
         methods = [m for m in ordered_methods(model_rows.loc[model_rows["budget"] == budget, "method"])
                    if not is_vanilla(m)]
         entries = ([(vanilla_name, FULL, True)] if has_vanilla else []) + [(m, budget, False) for m in methods]
-        frames.append(one_table(model_rows, reference, budget, entries, benchmarks))
+        frames.append(one_table(model_rows, reference, budget, entries, benchmarks, boot))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=TABLE_COLUMNS)
 
 
 def one_table(model_rows: pd.DataFrame, reference: pd.DataFrame, table_budget: str,
-              entries: list[tuple[str, str, bool]], benchmarks: list[str]) -> pd.DataFrame:
+              entries: list[tuple[str, str, bool]], benchmarks: list[str], boot: Bootstrap) -> pd.DataFrame:
     model = model_rows["model"].iloc[0]
     cells = pd.DataFrame([
         {"model": model, "table_budget": table_budget, "method": method, "budget": budget,
@@ -108,7 +126,10 @@ def one_table(model_rows: pd.DataFrame, reference: pd.DataFrame, table_budget: s
     cells = cells.merge(scores, on=["method", "budget", "benchmark"], how="left", validate="many_to_one")
     cells = with_paper_values(cells, reference).rename(columns={"paper_value": "paper"})
     score_cells = cells.assign(column=cells["benchmark"], kind="score")
-    averages = average_cells(cells)
+    bounds = [boot.interval(boot.job(model, method, budget, benchmark))
+              for method, budget, benchmark in zip(cells["method"], cells["budget"], cells["benchmark"])]
+    score_cells = score_cells.assign(low=[low for low, _ in bounds], high=[high for _, high in bounds])
+    averages = average_cells(cells, boot)
     costs = cost_cells(model_rows, reference, table_budget, entries)
     table = pd.concat([score_cells, averages, costs], ignore_index=True)
     table["delta"] = table["ours"] - table["paper"]
@@ -116,8 +137,9 @@ def one_table(model_rows: pd.DataFrame, reference: pd.DataFrame, table_budget: s
     return table[TABLE_COLUMNS]
 
 
-def average_cells(cells: pd.DataFrame) -> pd.DataFrame:
+def average_cells(cells: pd.DataFrame, boot: Bootstrap) -> pd.DataFrame:
     vanilla = cells[cells["reference"]].set_index("benchmark")
+    vanilla_job = (vanilla["method"].iloc[0], vanilla["budget"].iloc[0]) if len(vanilla) else None
     rows = []
     for (method, budget), row in cells.groupby(["method", "budget"], sort=False):
         first = row.iloc[0]
@@ -129,9 +151,14 @@ def average_cells(cells: pd.DataFrame) -> pd.DataFrame:
         shared = {"model": first["model"], "table_budget": first["table_budget"], "method": method,
                   "budget": budget, "reference": first["reference"], "kind": "average"}
         versions = ",".join(sorted(set(scored["paper_version"].dropna()))) or pd.NA
-        rows.append({**shared, "column": AVG, "ours": ours_avg, "paper": paper_avg, "paper_version": versions})
-        rows.append({**shared, "column": AVG_PCT, "ours": percent(ours_avg, ours_base),
-                     "paper": percent(paper_avg, paper_base), "paper_version": versions})
+        average = boot.average(first["model"], method, budget, scored.index)
+        base = boot.average(first["model"], *vanilla_job, scored.index) if vanilla_job else None
+        average_low, average_high = boot.interval(average)
+        percent_low, percent_high = boot.interval(ratio_percent(average, base))
+        rows.append({**shared, "column": AVG, "ours": ours_avg, "low": average_low, "high": average_high,
+                     "paper": paper_avg, "paper_version": versions})
+        rows.append({**shared, "column": AVG_PCT, "ours": percent(ours_avg, ours_base), "low": percent_low,
+                     "high": percent_high, "paper": percent(paper_avg, paper_base), "paper_version": versions})
     return pd.DataFrame(rows)
 
 
@@ -155,7 +182,7 @@ def cost_cells(model_rows: pd.DataFrame, reference: pd.DataFrame, table_budget: 
             rows.append({"model": model, "table_budget": table_budget, "method": method, "budget": budget,
                          "reference": reference_row, "column": column, "kind": "cost",
                          "ours": float(job_rows[tidy_column].mean()) if len(job_rows) else math.nan,
-                         "paper": paper, "paper_version": pd.NA})
+                         "low": math.nan, "high": math.nan, "paper": paper, "paper_version": pd.NA})
     return pd.DataFrame(rows)
 
 

@@ -39,6 +39,7 @@ MEASURES = sorted({f"results/measure/{j.model}/{j.method}/b{j.budget}.json" for 
                    if j.method in MEASURED_METHODS}) if config["measure"]["enabled"] else []
 SUMMARY = "results/summary/results.csv"
 MODEL_MANIFEST = "resources/models/{model}/manifest.json"     # written by fetch_model or build_toy_model
+BENCHMARK_MANIFEST = "resources/benchmarks/{benchmark}/manifest.json"    # fetch_benchmark or build_toy_benchmark
 REPORT_HTML = config["report"]["html"]
 
 

@@ -8,7 +8,7 @@
 rule evaluate:
     input:
         model=MODEL_MANIFEST,
-        benchmark="resources/benchmarks/{benchmark}/manifest.json",
+        benchmark=BENCHMARK_MANIFEST,
     output:
         RUN_DIR + "/shard{shard}of{shards}/predictions.jsonl",
     log:
@@ -47,7 +47,7 @@ def _shard_predictions(wildcards):
 rule score:
     input:
         predictions=_shard_predictions,
-        benchmark="resources/benchmarks/{benchmark}/manifest.json",
+        benchmark=BENCHMARK_MANIFEST,
     output:
         RUN_DIR + "/metrics.json",
     params:

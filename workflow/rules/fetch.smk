@@ -34,7 +34,7 @@ rule build_toy_model:
 
 rule fetch_benchmark:
     output:
-        "resources/benchmarks/{benchmark}/manifest.json",
+        BENCHMARK_MANIFEST,
     wildcard_constraints:
         benchmark=_names_regex(HUB_BENCHMARKS),
     params:
@@ -48,7 +48,7 @@ rule fetch_benchmark:
 
 rule build_toy_benchmark:
     output:
-        "resources/benchmarks/{benchmark}/manifest.json",
+        BENCHMARK_MANIFEST,
     wildcard_constraints:
         benchmark=_names_regex(TOY_BENCHMARKS),
     params:

@@ -1,6 +1,6 @@
 # Every run -> the tidy results table (+ the W&B aggregate run) -> one self-contained HTML page.
 # Outputs tagged with report(...) also feed `snakemake --report report/snakemake-report.html`.
-REPORT_FIGURES = ["accuracy_vs_tflops", "avg_percent_vs_budget", "speedup_vs_flops_reduction",
+REPORT_FIGURES = ["accuracy_vs_flops", "avg_percent_vs_budget", "speedup_vs_flops_reduction",
                   "visual_tokens_per_layer", "latency_breakdown"]
 
 
@@ -11,6 +11,7 @@ rule aggregate:
     output:
         csv=report(SUMMARY, category="Data", caption="../../report/captions/results.rst"),
         parquet=SUMMARY.replace(".csv", ".parquet"),
+        samples="results/summary/samples.parquet",
         schedules="results/summary/schedules.csv",
         measure="results/summary/measure.csv",
     log:
@@ -24,6 +25,7 @@ rule report:
     input:
         summary=rules.aggregate.output,
         models=expand(MODEL_MANIFEST, model=config["models"]),
+        benchmarks=expand(BENCHMARK_MANIFEST, benchmark=config["benchmarks"]),
     output:
         html=REPORT_HTML,
         figures=[report(f"results/report/{name}.png", category="Figures", caption=f"../../report/captions/{name}.rst")
@@ -34,4 +36,4 @@ rule report:
         "logs/report.log",
     shell:
         "{PY} -m ficoco.cli report --summary results/summary --figures results/report --out {output.html}"
-        " --model-manifests {input.models} > {log} 2>&1"
+        " --model-manifests {input.models} --benchmark-manifests {input.benchmarks} > {log} 2>&1"

@@ -1,0 +1,257 @@
+"""Confidence intervals, findings and readable figures of the report, against independent computations:
+a slow resampling loop, a normal approximation, a brute-force Pareto check, label boxes as rendered."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from report_fixtures import SCORES, write_results_tree
+
+from ficoco import cli
+from ficoco.report import findings, intervals, page, paper, plots, tables
+from ficoco.report.aggregate import build_summary, find_measure_files, find_metrics_files
+
+MODEL = "llava-1.5-7b"
+
+
+def samples_frame(scores_by_job: dict[tuple[str, str], list[float]], benchmark: str = "gqa",
+                  model: str = "toy") -> pd.DataFrame:
+    rows = [{"model": model, "method": method, "budget": budget, "benchmark": benchmark, "id": f"s{i:04d}",
+             "score": score} for (method, budget), scores in scores_by_job.items() for i, score in enumerate(scores)]
+    return pd.DataFrame(rows)
+
+
+def headline_frame(samples: pd.DataFrame) -> pd.DataFrame:
+    """Each job's headline: the mean per-sample score x 100 over the samples that have a score."""
+    grouped = samples.groupby(["model", "method", "budget", "benchmark"], as_index=False)["score"].mean()
+    return grouped.assign(value=100.0 * grouped["score"]).drop(columns="score")
+
+
+# ---------------------------------------------------------------------------------------------- bootstrap
+
+
+def test_replicates_equal_a_slow_resampling_loop_with_failures_left_out():
+    generator = np.random.default_rng(3)
+    scores = generator.integers(0, 2, 60).astype(float)
+    scores[[4, 17]] = np.nan                                       # failed samples: not in the headline
+    samples = samples_frame({("fastv", "64"): list(scores)})
+    boot = intervals.bootstrap(samples, headline_frame(samples), replicates=50, seed=11)
+    counts = intervals.resample_counts("toy", "gqa", 60, 50, 11)
+    ids = sorted(samples["id"])
+    by_id = dict(zip(samples["id"], samples["score"]))
+    for replicate in range(50):
+        drawn = [ids[i] for i in range(60) for _ in range(counts[replicate, i])]
+        assert len(drawn) == 60
+        kept = [by_id[i] for i in drawn if not math.isnan(by_id[i])]
+        expected = 100.0 * sum(kept) / len(kept)
+        assert boot.job("toy", "fastv", "64", "gqa")[replicate] == pytest.approx(expected, abs=1e-9)
+
+
+def test_interval_of_a_proportion_matches_the_normal_approximation():
+    correct = 280                                                  # 70 % of 400
+    samples = samples_frame({("vanilla", "full"): [1.0] * correct + [0.0] * (400 - correct)})
+    boot = intervals.bootstrap(samples, headline_frame(samples), replicates=4000, seed=0)
+    low, high = boot.interval(boot.job("toy", "vanilla", "full", "gqa"))
+    half_width = 1.96 * 100.0 * math.sqrt(0.7 * 0.3 / 400)
+    assert low == pytest.approx(70.0 - half_width, abs=0.6)
+    assert high == pytest.approx(70.0 + half_width, abs=0.6)
+
+
+def test_every_method_is_scored_on_the_same_resamples_so_differences_are_paired():
+    generator = np.random.default_rng(5)
+    base = generator.integers(0, 2, 300).astype(float)
+    changed = base.copy()
+    changed[:6] = 1.0 - changed[:6]                                # differs on 6 of 300 samples
+    samples = samples_frame({("vanilla", "full"): list(base), ("a", "64"): list(base), ("b", "64"): list(changed)})
+    boot = intervals.bootstrap(samples, headline_frame(samples), replicates=500)
+    same = intervals.paired_difference(boot.job("toy", "a", "64", "gqa"), boot.job("toy", "vanilla", "full", "gqa"))
+    assert same == (0.0, 0.0)                                      # identical predictions: no difference at all
+    paired = intervals.paired_difference(boot.job("toy", "b", "64", "gqa"), boot.job("toy", "a", "64", "gqa"))
+    differences = changed - base                                   # the normal approximation of the paired difference
+    expected_width = 2 * 1.96 * 100.0 * differences.std() / math.sqrt(300)
+    assert paired[1] - paired[0] == pytest.approx(expected_width, rel=0.35)
+    widths = [np.subtract(*boot.interval(boot.job("toy", m, "64", "gqa"))[::-1]) for m in ("a", "b")]
+    assert paired[1] - paired[0] < 0.3 * math.hypot(*widths)       # unpaired: far wider
+    reseeded = intervals.bootstrap(samples, headline_frame(samples), replicates=500, seed=1)
+    assert not np.array_equal(reseeded.job("toy", "a", "64", "gqa"), boot.job("toy", "a", "64", "gqa"))
+
+
+def test_a_headline_that_is_not_the_mean_per_sample_score_gets_no_interval():
+    samples = samples_frame({("vanilla", "full"): [1.0, 0.0, 1.0, 1.0], ("fastv", "64"): [1.0, 0.0, 0.0, 1.0]})
+    headline = headline_frame(samples)
+    headline.loc[headline["method"] == "fastv", "value"] = 66.7    # e.g. POPE's F1, not the mean (50.0)
+    boot = intervals.bootstrap(samples, headline, replicates=20)
+    assert boot.job("toy", "fastv", "64", "gqa") is None
+    assert boot.job("toy", "vanilla", "full", "gqa") is not None
+    reason = boot.skipped.set_index("method").loc["fastv", "reason"]
+    assert "66.7" in reason and "50" in reason
+
+
+@pytest.mark.parametrize("replicates, level", [(0, 0.95), (10, 1.5)])
+def test_bad_bootstrap_settings_are_refused_naming_the_value(replicates, level):
+    samples = samples_frame({("vanilla", "full"): [1.0, 0.0]})
+    with pytest.raises(ValueError, match=str(replicates if replicates == 0 else level)):
+        intervals.bootstrap(samples, headline_frame(samples), replicates=replicates, level=level)
+
+
+# ---------------------------------------------------------------------------------------------- findings
+
+
+def test_pareto_mask_equals_a_brute_force_dominance_check():
+    generator = np.random.default_rng(7)
+    for _ in range(20):
+        cost = generator.integers(0, 8, 15).astype(float)
+        accuracy = generator.integers(0, 8, 15).astype(float)
+        dominated = [any(cost[j] <= cost[i] and accuracy[j] >= accuracy[i]
+                         and (cost[j] < cost[i] or accuracy[j] > accuracy[i]) for j in range(15)) for i in range(15)]
+        mask = findings.pareto_mask(cost, accuracy)
+        for i in range(15):
+            duplicate_of_kept = any(mask[j] and cost[j] == cost[i] and accuracy[j] == accuracy[i] for j in range(15))
+            assert mask[i] == (not dominated[i] and not (duplicate_of_kept and not mask[i]))
+            if not dominated[i]:                                   # one of equal points is kept
+                assert duplicate_of_kept or mask[i]
+
+
+@pytest.fixture(scope="module")
+def fixture_tables(tmp_path_factory):
+    root = tmp_path_factory.mktemp("findings")
+    results = write_results_tree(root / "results")
+    summary = build_summary(find_metrics_files(results), find_measure_files(results))
+    boot = intervals.bootstrap(summary.samples, tables.headline_scores(summary.results), replicates=300)
+    frame = tables.paper_tables(summary.results, paper.paper_reference(paper.load_paper_results()), boot)
+    return summary, boot, frame
+
+
+def test_table_intervals_are_those_of_the_jobs_and_of_their_paired_averages(fixture_tables):
+    summary, boot, frame = fixture_tables
+    cells = frame.set_index(["table_budget", "method", "column"])
+    score = cells.loc[("192", "fastv", "pope")]
+    assert (score["low"], score["high"]) == boot.interval(boot.job(MODEL, "fastv", "192", "pope"))
+    assert score["low"] < SCORES[MODEL]["fastv"][192]["pope"] < score["high"]
+    benchmarks = ["scienceqa", "textvqa", "pope", "mme"]
+    average = np.mean([boot.job(MODEL, "fastv", "192", b) for b in benchmarks], axis=0)
+    base = np.mean([boot.job(MODEL, "vanilla", "full", b) for b in benchmarks], axis=0)
+    avg_percent = cells.loc[("192", "fastv", "Avg%")]
+    assert (avg_percent["low"], avg_percent["high"]) == pytest.approx(boot.interval(100 * average / base))
+    assert np.isnan(cells.loc[("192", "fastv", "TFLOPs exact"), "low"])
+
+
+def test_findings_name_the_best_method_and_pair_ficoco_with_the_best_baseline(fixture_tables):
+    _, boot, frame = fixture_tables
+    best = findings.best_per_budget(frame, boot).set_index("budget")
+    assert best.loc["192", "best"] == "ficoco-l"                   # highest Avg at 192 in the fixture
+    versus = findings.ficoco_against_best_baseline(frame, boot).set_index(["budget", "FiCoCo"])
+    row = versus.loc[("192", "ficoco-v")]
+    assert row["best baseline"] == "fastv"
+    expected = np.mean([SCORES[MODEL]["ficoco-v"][192][b] - SCORES[MODEL]["fastv"][192][b]
+                        for b in ("scienceqa", "textvqa", "pope", "mme")])
+    assert row["difference"] == pytest.approx(expected)
+    assert row["low"] <= row["difference"] <= row["high"]
+    assert row["verdict"] == ("ahead" if row["low"] > 0 else "behind" if row["high"] < 0 else "within noise")
+
+
+def test_frontier_points_are_the_undominated_runs(fixture_tables):
+    _, _, frame = fixture_tables
+    points = findings.accuracy_points(frame)
+    assert set(points["measure"]) == {"Avg%"}
+    for row in points.itertuples():
+        others = points.drop(index=row.Index)
+        dominated = ((others["tflops"] <= row.tflops) & (others["accuracy"] >= row.accuracy)
+                     & ((others["tflops"] < row.tflops) | (others["accuracy"] > row.accuracy))).any()
+        assert row.on_frontier == (not dominated)
+
+
+def test_paper_differences_are_the_paper_numbers_outside_our_interval():
+    tables_frame = pd.DataFrame({
+        "model": ["m"] * 3, "method": ["a", "b", "c"], "budget": ["64"] * 3, "column": ["gqa"] * 3,
+        "kind": ["score"] * 3, "ours": [60.0, 60.0, 60.0], "low": [58.0, 58.0, np.nan], "high": [62.0, 62.0, np.nan],
+        "paper": [61.0, 57.0, 50.0], "delta": [-1.0, 3.0, 10.0]})
+    outside, compared = findings.paper_differences(tables_frame)
+    assert compared == 2 and outside["method"].tolist() == ["b"]
+
+
+def test_the_page_states_findings_with_intervals(tmp_path, capsys):
+    results = write_results_tree(tmp_path / "results")
+    assert cli.main(["aggregate", "--results", str(results), "--out", str(results / "summary")]) == 0
+    out = tmp_path / "report.html"
+    assert cli.main(["report", "--summary", str(results / "summary"), "--out", str(out), "--replicates", "200"]) == 0
+    text = out.read_text(encoding="utf-8")
+    for anchor in ("findings-frontier", "findings-best", "findings-ficoco", "findings-paper", "findings-failures"):
+        assert f'id="{anchor}"' in text
+    assert "ficoco-v against fastv" in text and "points of Avg" in text
+    assert text.count('class="ci"') > 20                          # every score / Avg / Avg% cell with a job behind it
+    with pytest.raises(SystemExit) as refused:
+        cli.main(["report", "--summary", str(results / "summary"), "--out", str(out), "--replicates", "0"])
+    assert refused.value.code == 2 and "'0' is not a positive integer" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- units and figures
+
+
+def test_tables_of_a_toy_sized_model_print_mflops_not_zero():
+    frame = pd.DataFrame({"model": ["toy"], "method": ["fastv"], "phase": ["llm"], "budget": ["36"],
+                          "benchmark": ["toy-shapes"], "metric": ["score"], "value": [60.0], "samples": [256],
+                          "failures": [0], "tflops_exact": [4.8e-5], "tflops_legacy": [6.1e-5],
+                          "visual_tokens_layer_avg": [36.0], "headline": [True]})
+    text = page.data_section(frame)
+    assert "MFLOPs_exact" in text and "48.000" in text and "TFLOPs_exact" not in text
+
+
+def many_methods_points(count: int = 25) -> pd.DataFrame:
+    """25 methods at 4 budgets whose accuracies crowd into a few points of each other."""
+    rows = [{"model": "toy", "method": "vanilla", "budget": "full", "tflops": 1.4e-4, "accuracy": 100.0,
+             "low": 100.0, "high": 100.0, "measure": "Avg%", "on_frontier": True}]
+    for index in range(count - 1):
+        name = f"ficoco-variant-{index}" if index % 8 == 0 else f"baseline-method-{index}"
+        for budget, cost in (("192", 9e-5), ("128", 7e-5), ("64", 5e-5), ("32", 4e-5)):
+            accuracy = 90.0 - index * 0.1 - (9e-5 - cost) * 1e5
+            rows.append({"model": "toy", "method": name, "budget": budget, "tflops": cost + index * 1e-7,
+                         "accuracy": accuracy, "low": accuracy - 2, "high": accuracy + 2, "measure": "Avg%",
+                         "on_frontier": index == 0})
+    return pd.DataFrame(rows)
+
+
+def test_direct_labels_of_25_crowded_methods_do_not_overlap():
+    points = many_methods_points()
+    phases = {method: ("vision", "llm", "projector")[i % 3] for i, method in enumerate(points["method"].unique())}
+    figure = plots.accuracy_vs_flops(points, plots.paper_points(pd.DataFrame()), phases)
+    labels = [text for text in figure.axes[0].texts if text.get_gid() == plots.LABEL_GID]
+    assert len(labels) == 25
+    assert plots.label_overlaps(figure) == []
+    colours = {text.get_text(): text.get_color() for text in labels}
+    assert colours["ficoco-variant-0"] == plots.FAMILY_COLOURS["FiCoCo"]
+    assert colours["baseline-method-1"] == plots.FAMILY_COLOURS["baseline"]
+
+
+def test_the_overlap_check_sees_overlapping_labels():
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots()
+    for _ in range(2):
+        axis.annotate("same place", xy=(0.5, 0.5), xytext=(1.02, 0.5), textcoords="axes fraction", gid=plots.LABEL_GID)
+    assert plots.label_overlaps(figure) == [("same place", "same place")]
+    plt.close(figure)
+
+
+def test_spread_keeps_the_pitch_and_stays_inside_when_it_fits():
+    generator = np.random.default_rng(2)
+    desired = list(generator.uniform(0.4, 0.6, 30))
+    placed = plots.spread(desired, 0.03, 0.0, 1.0)
+    ordered = sorted(zip(desired, range(30), placed))
+    gaps = np.diff([p for _, _, p in ordered])
+    assert (gaps >= 0.03 - 1e-12).all()                           # order kept, never closer than the pitch
+    assert min(placed) >= 0.0 and max(placed) <= 1.0
+
+
+def test_a_difference_from_the_paper_carries_our_interval_shifted_by_the_paper_number(fixture_tables):
+    _, boot, frame = fixture_tables
+    table = frame[(frame["table_budget"] == "192")]
+    cell = table[(table["method"] == "fastv") & (table["column"] == "scienceqa")].iloc[0]
+    assert cell["paper"] == 67.3                                   # FastV at 3.3T, SQA, in the paper
+    low, high = boot.interval(boot.job(MODEL, "fastv", "192", "scienceqa"))
+    text = page.paper_table_html(table)
+    assert f"[{low:.1f}, {high:.1f}]" in text
+    assert f"[{low - 67.3:.1f}, {high - 67.3:.1f}]" in text
