@@ -664,7 +664,8 @@ def _check_benchmark_options(config: dict, benchmarks: dict, registry: str) -> N
         key = ["benchmark_options", name]
         _require_in_grid(config, key, "options", options, "benchmark", benchmarks)
         entry = benchmarks[name]
-        defaults = dict(getattr(_benchmark_object(name, entry, registry), "option_defaults", {}) or {})
+        benchmark = _benchmark_object(name, entry, registry)
+        defaults = dict(getattr(benchmark, "option_defaults", {}) or {})
         if not defaults:
             where = (" (its rows and seed are set in its benchmark registry entry)"
                      if entry.get("source") == "toy" else "")
@@ -687,6 +688,10 @@ def _check_benchmark_options(config: dict, benchmarks: dict, registry: str) -> N
             if problem:
                 raise ConfigError(f"{_show(value)} does not fit option {option} of {name}; valid: {problem} "
                                   f"(default: {_show(defaults[option])})", key + [option])
+        try:                                # the benchmark's own checks (e.g. pope's categories, question_set)
+            benchmark.resolve_options(options)
+        except ValueError as error:
+            raise ConfigError(str(error), key) from error
 
 
 def rows_of(config: dict, benchmarks: dict, name: str) -> tuple[int | None, str]:

@@ -88,7 +88,7 @@ def test_registry_describes_the_in_clip_baselines():
     assert tome.acts_on == evit.acts_on == downsample.acts_on == ("vision",)
     assert "keys" in tome.needs_attention and "CLS attention row" in evit.needs_attention
     assert downsample.needs_attention == "none"
-    assert tome.defaults == {"start": 0, "end": None} and evit.defaults == {"layers": (7, 13, 19)}
+    assert tome.defaults == {"start": 0, "end": None, "order": "authors"} and evit.defaults == {"layers": (7, 13, 19)}
     for method in (tome, evit, downsample):
         assert set(method.stages) == {"filter", "correlate", "compress"}
 
@@ -193,12 +193,15 @@ def _mlp(layer, x):
     return x + layer.mlp(layer.layer_norm2(x))
 
 
-def _reference_tome_layer(layer, x, sizes, positions, r):
-    """One ToMe layer for one image, written from methods.md §8.1 with loops for matching and merging."""
+def _reference_tome_layer(layer, x, sizes, positions, r, hand_on):
+    """One ToMe layer for one image, written from methods.md §8.1 with loops for matching and merging.
+
+    hand_on: "authors" ([unmerged A ; B] as facebookresearch/ToMe's `merge.py` concatenates them, CLS
+    first) or "positional" (raster order, a merged token at its destination's position)."""
     residual, _, keys = _attention(layer, x, key_bias=torch.tensor(sizes, dtype=torch.float64).log())
     unit = keys / keys.norm(dim=-1, keepdim=True)
     n = x.shape[0]
-    a_tokens, b_tokens = list(range(2, n, 2)), list(range(1, n, 2))      # CLS (position 0) is protected
+    a_tokens, b_tokens = list(range(2, n, 2)), list(range(1, n, 2))      # CLS (index 0) is protected
     best, score = {}, {}
     for a in a_tokens:
         for b in b_tokens:
@@ -211,29 +214,81 @@ def _reference_tome_layer(layer, x, sizes, positions, r):
     for a in sources:
         total[best[a]] = total[best[a]] + residual[a] * sizes[a]
         size[best[a]] += sizes[a]
-    kept = sorted(total)
+    position = {t: positions[t - 1] for t in total if t > 0}
+    if hand_on == "authors":
+        kept = [t for t in sorted(total) if t % 2 == 0] + [t for t in sorted(total) if t % 2 == 1]
+    else:
+        kept = [0] + sorted(position, key=position.get)
     merged = torch.stack([total[t] / size[t] for t in kept])
-    return _mlp(layer, merged), [size[t] for t in kept], [positions[t - 1] for t in kept[1:]]
+    return _mlp(layer, merged), [size[t] for t in kept], [position[t] for t in kept[1:]]
 
 
-def test_tome_matches_brute_force_bipartite_reference_in_a_real_forward(shaped):
+@pytest.mark.parametrize("order", ["authors", "positional"])
+def test_tome_matches_brute_force_bipartite_reference_in_a_real_forward(shaped, order):
     budget, _ = SETTINGS["tome"]
     reference_layers = [copy.deepcopy(layer).double() for layer in shaped.model.vision_tower.encoder.layers[:4]]
     ids, mask, pixels = _inputs(shaped, seed=3)
-    with _capture(shaped) as captured, ficoco.apply(shaped, "tome", budget) as handle, torch.no_grad():
+    with (_capture(shaped) as captured, ficoco.apply(shaped, "tome", budget, order=order) as handle,
+          torch.no_grad()):
         shaped(input_ids=ids, attention_mask=mask, pixel_values=pixels)
         merges = dict(zip(handle.plan["vision"]["layers"], handle.plan["vision"]["discards"]))
         trace = handle.last_trace()["vision"]
     x, sizes, positions = captured[0][0].double(), [1.0] * 577, list(range(N_PATCHES))
     with torch.no_grad():
         for index, layer in enumerate(reference_layers):
-            x, sizes, positions = _reference_tome_layer(layer, x, sizes, positions, merges[index])
-            assert trace[index][0].tolist() == positions                 # same sources, same destinations
+            last = index == len(reference_layers) - 1
+            x, sizes, positions = _reference_tome_layer(layer, x, sizes, positions, merges[index],
+                                                        "positional" if last else order)
+            assert trace[index][0].tolist() == positions                 # same sources, destinations and order
             produced = captured[index + 1][0] if index < 3 else None
             if produced is not None:
                 torch.testing.assert_close(produced.double(), x, rtol=1e-4, atol=1e-5)
     assert sum(sizes) == 577 and max(sizes) > 2                          # sizes carried across layers
+    assert positions == sorted(positions)                                # positional order for the projector
     torch.testing.assert_close(captured["features"][0].double(), x[1:], rtol=1e-4, atol=1e-5)
+
+
+def test_the_authors_order_merges_other_tokens_than_the_positional_order_from_the_second_layer(shaped):
+    """Over several layers the two orders differ (the issue's Jaccard 0.14-0.91), so the option matters."""
+    budget, _ = SETTINGS["tome"]
+    ids, mask, pixels = _inputs(shaped, seed=3)
+    traces = {}
+    for order in ("authors", "positional"):
+        with ficoco.apply(shaped, "tome", budget, order=order) as handle, torch.no_grad():
+            shaped(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+            traces[order] = handle.last_trace()["vision"]
+    assert sorted(traces["authors"][0][0].tolist()) == sorted(traces["positional"][0][0].tolist())   # layer 0
+    assert set(traces["authors"][3][0].tolist()) != set(traces["positional"][3][0].tolist())
+
+
+@pytest.mark.parametrize("later_layer, r", [(False, 16), (True, 6), (True, 144)])
+def test_one_tome_step_equals_the_authors_merge_tokens_sizes_and_order(later_layer, r):
+    """`ficoco bench-tome`'s reference: facebookresearch/ToMe's bipartite_soft_matching + merge_wavg
+    (class token), re-implemented in ficoco/bench_tome.py; ours in the authors' order must match it."""
+    from ficoco import bench_tome
+
+    from ficoco.methods.base import VisionTokens
+    from ficoco.methods.tome import TomeReduce
+
+    x, keys, sizes = bench_tome.inputs(seed=4, later_layer=later_layer)
+    bench_tome.check_same(x, keys, sizes, r)                             # raises on any difference
+    theirs, _ = bench_tome.authors_merge(x, keys.mean(dim=1), sizes, r)
+    ours = bench_tome.our_step(r)(x, keys, sizes).hidden
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+    class Keys:
+        def keys(self):
+            return keys
+
+    tokens = VisionTokens(hidden=x, positions=torch.arange(576)[None], key_bias=sizes[..., 0].log())
+    positional = TomeReduce(merges={0: r}, authors=False)(0, tokens, Keys()).hidden
+    assert not torch.allclose(positional, theirs)                        # same tokens, other order
+    torch.testing.assert_close(positional.sum(dim=1), theirs.sum(dim=1), rtol=1e-4, atol=1e-3)
+
+
+def test_tome_refuses_an_unknown_order_naming_the_valid_ones():
+    with pytest.raises(ValueError, match="order.*authors.*positional"):
+        methods.get("tome").check_budget(DIMS_7B, 192, order="sorted")
 
 
 def _reference_evit_layer(layer, x, positions, total):

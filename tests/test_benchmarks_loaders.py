@@ -326,20 +326,23 @@ def test_textvqa_rows_and_ocr_prompt_modes(tmp_path):
 
 
 def test_pope_rows_categories_option_and_bad_answers(tmp_path):
+    # question_set full: every row (LLaVA's question set is tested in test_benchmarks_llava_parity.py)
     repo = pope_repo(tmp_path / "repo")
-    manifest, ds, _ = fetch("pope", repo, tmp_path, rows=6)
+    full = {"question_set": "full"}
+    manifest, ds, _ = fetch("pope", repo, tmp_path, rows=6, options=full)
     assert list(ds["id"]) == ["adversarial/1", "adversarial/2", "popular/1", "popular/2", "random/1", "random/2"]
     assert row_meta(ds[3])["bad_row"] == "answer_not_yes_no"
-    assert manifest["options"] == {"categories": ["adversarial", "popular", "random"]}
+    assert manifest["options"] == {"categories": ["adversarial", "popular", "random"], "question_set": "full"}
     assert benchmarks.get("pope").prompt(ds[0], {}) == "Is there a dog in the image?" + SHORT
 
     out = tmp_path / "only-random" / "pope"
-    manifest, ds, _ = fetch("pope", repo, tmp_path, rows=6, options={"categories": ["random"]}, out=out)
+    options = {"categories": ["random"], **full}
+    manifest, ds, _ = fetch("pope", repo, tmp_path, rows=6, options=options, out=out)
     assert list(ds["id"]) == ["random/1", "random/2"] and manifest["rows"] == 2
-    assert manifest["options"] == {"categories": ["random"]}
-    load_local(out, expected_options={"categories": ["random"]})
+    assert manifest["options"] == {"categories": ["random"], "question_set": "full"}
+    load_local(out, expected_options=options)
     with pytest.raises(ValueError, match="fetched with options"):
-        load_local(out, expected_options={})                      # the config wants all three now
+        load_local(out, expected_options=full)                    # the config wants all three now
     with pytest.raises(ValueError, match="categories must be a non-empty list drawn from adversarial"):
         benchmarks.get("pope").resolve_options({"categories": ["popular", "rare"]})
 
@@ -574,10 +577,11 @@ def test_fetch_benchmark_command_line(tmp_path, monkeypatch, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert main(["pope", "--out", str(out), "--registry", str(registry), "--source", str(repo),
-                     "--options", json.dumps({"categories": ["popular", "random"]}),
+                     "--options", json.dumps({"categories": ["popular", "random"], "question_set": "full"}),
                      "--cache-dir", str(tmp_path / "c")]) == 0
     dataset, manifest = load_local(out)
-    assert len(dataset) == 4 and manifest["options"] == {"categories": ["popular", "random"]}
+    assert len(dataset) == 4
+    assert manifest["options"] == {"categories": ["popular", "random"], "question_set": "full"}
     assert "pope: 4 rows (1 bad)" in capsys.readouterr().out
 
 
@@ -615,5 +619,5 @@ def test_duplicate_ids_are_refused_with_their_count(tmp_path):
     repo = write_repo(tmp_path / "repo", [(None, "test", Dataset.from_dict(data, features=features))])
     # never renamed, never replaced: a job keys its records by id
     with pytest.raises(ValueError, match=r"1 duplicate id\(s\) on 3 rows \(e.g. 'random/7' x3\)"):
-        fetch("pope", repo, tmp_path, rows=3)
+        fetch("pope", repo, tmp_path, rows=3, options={"question_set": "full"})
     assert not (tmp_path / "resources" / "benchmarks" / "pope").exists()

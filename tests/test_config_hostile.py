@@ -174,6 +174,10 @@ HOSTILE = [
             "benchmark_options: {pope: {categories: [random, hard]}}\n",
             ("benchmark_options.pope.categories", "[random, hard]", "valid: a non-empty list drawn from adversarial, "
              "popular, random")),
+    Hostile("benchmark-option-unknown-question-set",
+            "models: [llava-1.5-7b]\nmethods: [vanilla]\nbudgets: [64]\nbenchmarks: [pope]\n"
+            "benchmark_options: {pope: {question_set: llava-9000}}\n",
+            ("benchmark_options.pope", "'llava-9000' is not a question set", "valid: llava, full")),
     Hostile("subset-size-above-rows",
             "models: [llava-1.5-7b]\nmethods: [vanilla]\nbudgets: [64]\nbenchmarks: [vqav2]\n"
             "benchmark_options: {vqav2: {subset_size: 300000}}\n",

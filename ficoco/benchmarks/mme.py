@@ -2,10 +2,11 @@
 
 Data: `lmms-lab/MME`, default config, split `test` (2,374 questions: two per image, 14 subtasks
 in the `category` column; `question_id` names the image).
-Prompt: the question with " Please answer yes or no." replaced by the short-answer suffix (the
-suffix is appended when the phrase is absent). Metric: per subtask acc (% questions) + acc+ (%
-images with both questions right); Perception = sum of 10 subtasks (max 2000), Cognition = sum of
-4 (max 800); headline = P + C.
+Prompt: LLaVA's `llava_mme.jsonl` text: the question with "Please answer yes or no." and the
+whitespace before it removed (one or two spaces in MME), then the short-answer suffix; without
+the phrase the suffix is appended to the question as it is.
+Metric: per subtask acc (% questions) + acc+ (% images with both questions right); Perception =
+sum of 10 subtasks (max 2000), Cognition = sum of 4 (max 800); headline = P + C.
 """
 from __future__ import annotations
 
@@ -15,7 +16,23 @@ from ficoco.benchmarks.scoring import SHORT_ANSWER_SUFFIX, parse_mme_answer
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
               "artwork", "ocr")
 COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
-YES_NO_PHRASE = " Please answer yes or no."
+YES_NO_PHRASE = "Please answer yes or no."
+
+
+def llava_mme_question(question: str) -> str:
+    """The question part of LLaVA's MME prompt (before the short-answer suffix).
+
+    LLaVA's `llava_mme.jsonl` (playground/data/eval/MME, haotian-liu/LLaVA) holds each MME question
+    without "Please answer yes or no." and without the space(s) before it: a question ending in
+    "?  Please answer yes or no." (two spaces, as some MME questions do) becomes "...?" + suffix,
+    never "...? " + suffix. Its inverse, `convert_answer_to_mme.py` (same folder, `__main__`),
+    removes the suffix, strips, and looks the question up again with " Please answer yes or no."
+    or, failing that, "  Please answer yes or no." appended; this function is the matching forward
+    step: delete the phrase, then strip. Without the phrase the question is returned unchanged.
+    """
+    if YES_NO_PHRASE not in question:
+        return question
+    return question.replace(YES_NO_PHRASE, "").strip()
 
 
 def _image_key(subtask: str, question_id: str) -> str:
@@ -42,10 +59,7 @@ class MMEBenchmark(YesNoBenchmark):
 
     def prompt(self, row, options=None):
         self.resolve_options(options)
-        question = row["question"]
-        if YES_NO_PHRASE in question:
-            return question.replace(YES_NO_PHRASE, SHORT_ANSWER_SUFFIX)
-        return question + SHORT_ANSWER_SUFFIX
+        return llava_mme_question(row["question"]) + SHORT_ANSWER_SUFFIX
 
     def _score(self, prediction, row, meta):
         parsed = parse_mme_answer(prediction)

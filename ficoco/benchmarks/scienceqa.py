@@ -4,13 +4,16 @@ Data: `lmms-lab/ScienceQA`, configs `ScienceQA-IMG` (2,017 questions, all with a
 `ScienceQA-FULL` (4,241; text-only questions have no image and run without image tokens).
 Registered as two benchmarks: `scienceqa_img` and `scienceqa_full`.
 Prompt: `Context: {hint}\\n` (only for a non-empty hint) + question + `\\nA. ...` + MC suffix.
-Metric: LLaVA's letter parse; headline = IMG accuracy (questions with an image), and overall
+Metric: LLaVA's letter parse (llava/eval/eval_science_qa.py: a bare letter, "X. ...", or
+`The answer is ([A-Z]).` exactly once, its dot matching any character; no match or a letter
+outside the item's choices is wrong); headline = IMG accuracy (questions with an image), and overall
 accuracy (all questions; the paper's SQA column appears to be this one on FULL).
 """
 from __future__ import annotations
 
 from ficoco.benchmarks.base import Benchmark, image_or_none, percent, row_meta
-from ficoco.benchmarks.scoring import MC_SUFFIX, option_lines, parse_scienceqa_letter
+from ficoco.benchmarks.scoring import (MC_SUFFIX, option_lines, parse_scienceqa_letter,
+                                       scienceqa_choice_index)
 
 
 class ScienceQABenchmark(Benchmark):
@@ -49,8 +52,8 @@ class ScienceQABenchmark(Benchmark):
 
     def _score(self, prediction, row, meta):
         letter = parse_scienceqa_letter(prediction)
-        in_choices = letter is not None and ord(letter) - ord("A") < len(row["choices"])
-        correct = in_choices and letter == row["answers"][0]
+        index = scienceqa_choice_index(letter, len(row["choices"]))
+        correct = index >= 0 and letter == row["answers"][0]
         return {"score": float(correct), "parsed": letter, "failed": letter is None,
                 "has_image": bool(meta.get("has_image"))}
 

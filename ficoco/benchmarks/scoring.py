@@ -1,16 +1,18 @@
-"""Shared scoring rules (spec: /work/shared/spec/benchmarks.md §3), written from the rule text.
+"""Shared scoring rules (spec: /work/shared/spec/benchmarks.md §3), written from the rule text and
+held to LLaVA-1.5's own evaluation scripts where the spec follows them (each section names the
+reference file and function it reproduces).
 
 Every function here is pure: a string (and the item's ground truth) in, a parsed answer or a
 score out. Benchmark modules combine them; nothing is copied between modules.
 
 Contents
-- VQA accuracy with the EvalAI-style normaliser (§3.1): `normalize_vqa_answer`, `vqa_accuracy`
+- VQA accuracy with the EvalAI normaliser (§3.1): `normalize_vqa_answer`, `vqa_accuracy`
 - GQA exact match (§3.2): `gqa_normalize`, `gqa_exact_match`
 - MME yes/no parse (§3.3): `parse_mme_answer`
 - POPE yes/no parse and binary metrics (§3.4): `parse_pope_answer`, `binary_metrics`
-- ScienceQA letter parse (§3.5): `parse_scienceqa_letter`
+- ScienceQA letter parse (§3.5): `parse_scienceqa_letter`, `scienceqa_choice_index`
 - MMBench static extraction (§3.6): `extract_mmbench_letter`
-- SEED first letter (§3.7): `first_letter`
+- SEED whole-answer match (§3.7): `parse_seed_answer`
 - Prompt helpers shared by several benchmarks: `capitalize_question`, `option_lines`, suffixes
 """
 from __future__ import annotations
@@ -54,13 +56,23 @@ def is_missing_text(value) -> bool:
 
 # --------------------------------------------------------------------------------------------
 # §3.1 VQA accuracy with the EvalAI normaliser
+#
+# Reference (every table and step below reproduces it exactly): the answer processor of LLaVA's own
+# TextVQA evaluator, `EvalAIAnswerProcessor` in llava/eval/m4c_evaluator.py (haotian-liu/LLaVA; read
+# from its copy in pixas/LLaVA@fbd51158), which is MMF's "processes an answer similar to Eval AI"
+# processor. Its tables (contractions, number map, articles, periodStrip, commaStrip, punctuation)
+# are the EvalAI VQA challenge evaluator's: Cloud-CV/VQA-Evaluation@993bc7c5,
+# PythonEvaluationTools/vqaEvaluation/vqaEval.py (`contractions`, `manualMap`, `articles`,
+# `periodStrip`, `commaStrip`, `punct`). The original GT-Vision-Lab/VQA vqaEval.py differs (curly
+# apostrophes in the contraction table, ':' and "'" among its punctuation, no '{', '}', '-', '!');
+# LLaVA's numbers and the EvalAI servers use the straight-apostrophe version reproduced here.
 
-#: Step 2 punctuation characters (the comma and question mark are already gone after step 1,
-#: they are listed for completeness because the rule lists them).
+#: Step 2 characters (`punct` / `PUNCTUATIONS`, in the reference's order). The comma and question
+#: mark are already gone after step 1; they are listed because the reference lists them.
 VQA_PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">",
                    "<", "@", "`", ",", "?", "!")
 
-#: Step 3 number words.
+#: Step 3 number words (`manualMap` / `NUMBER_MAP`).
 VQA_NUMBER_WORDS: Mapping[str, str] = MappingProxyType({
     "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
     "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
@@ -70,75 +82,108 @@ VQA_NUMBER_WORDS: Mapping[str, str] = MappingProxyType({
 VQA_ARTICLES = frozenset({"a", "an", "the"})
 
 
-def _build_contractions() -> dict[str, str]:
-    """Apostrophe-less contraction -> apostrophe form, written for this project.
+def _evalai_contractions() -> dict[str, str]:
+    """The EvalAI contraction table, entry for entry (straight apostrophes), grouped by stem.
 
-    Principle: a form is listed when (1) the apostrophe-less spelling is what annotators and
-    models type for a standard contraction, and (2) it is not itself a common English word whose
-    meaning would be changed by adding the apostrophe. Step 1 of the normaliser already splits
-    "'s" off ("that's" -> "that 's"), so the 's forms below only matter for the apostrophe-less
-    spelling ("thats").
-
-    Deliberately NOT listed (ambiguous with an ordinary word): its (possessive), hell (he'll),
-    shell (she'll), well (we'll), wed (we'd), ill (I'll), id (I'd), shed (she'd), were (we're).
-    Listed despite a second reading: lets (also a verb form), cant and wont (rare nouns), because
-    in VQA answers they are overwhelmingly the contractions.
+    Kept as the reference has it, quirks included, because matching LLaVA's numbers needs the same
+    table rather than a better one:
+    - the keys "Im", "Ive", "Id've" and "I'dve" start with a capital and are never looked up (step 3
+      lower-cases first), so "im" stays "im";
+    - "somebody'd" maps to "somebodyd" (the reverse direction);
+    - several keys already carry an apostrophe ("let's", "she's", "couldn'tve", ...).
+    Ordinary words that look like contractions (its, hell, shell, well, wed, ill, id, were, shed,
+    lets) are not in it.
     """
-    negations = {  # <verb>nt -> <verb>n't
-        "arent": "aren't", "cant": "can't", "couldnt": "couldn't", "didnt": "didn't",
-        "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't", "hasnt": "hasn't",
-        "havent": "haven't", "isnt": "isn't", "mightnt": "mightn't", "mustnt": "mustn't",
-        "neednt": "needn't", "shant": "shan't", "shouldnt": "shouldn't", "wasnt": "wasn't",
-        "werent": "weren't", "wont": "won't", "wouldnt": "wouldn't", "aint": "ain't",
+    negations = {
+        "aint": "ain't", "arent": "aren't", "cant": "can't", "couldnt": "couldn't",
+        "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't",
+        "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've",
+        "hadn'tve": "hadn't've", "hasnt": "hasn't", "havent": "haven't", "isnt": "isn't",
+        "mightnt": "mightn't", "mightnt've": "mightn't've", "mightn'tve": "mightn't've",
+        "mustnt": "mustn't", "neednt": "needn't", "notve": "not've", "oughtnt": "oughtn't",
+        "shant": "shan't", "shouldnt": "shouldn't", "shouldnt've": "shouldn't've",
+        "shouldn'tve": "shouldn't've", "wasnt": "wasn't", "werent": "weren't", "wont": "won't",
+        "wouldnt": "wouldn't", "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've",
     }
-    pronouns = {  # pronoun + 'm / 're / 've / 'll / 'd / 's
-        "im": "i'm", "ive": "i've",
-        "youre": "you're", "youve": "you've", "youll": "you'll", "youd": "you'd",
-        "theyre": "they're", "theyve": "they've", "theyll": "they'll", "theyd": "they'd",
-        "weve": "we've",
-        "hes": "he's", "hed": "he'd", "shes": "she's",
-        "thats": "that's", "whats": "what's", "wheres": "where's", "whos": "who's",
-        "whys": "why's", "hows": "how's", "theres": "there's", "heres": "here's",
-        "lets": "let's", "whod": "who'd", "wholl": "who'll", "whove": "who've",
-        "itll": "it'll", "itd": "it'd", "thatll": "that'll", "thered": "there'd",
-        "therell": "there'll", "somebodys": "somebody's", "someones": "someone's",
-        "somethings": "something's",
+    perfects = {
+        "couldve": "could've", "mightve": "might've", "mustve": "must've", "shouldve": "should've",
+        "wouldve": "would've",
     }
-    perfects = {  # modal + 've
-        "couldve": "could've", "shouldve": "should've", "wouldve": "would've",
-        "mightve": "might've", "mustve": "must've",
+    pronouns = {
+        "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's",
+        "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm", "Ive": "I've",
+        "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll",
+        "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's",
+        "theyd": "they'd", "theyd've": "they'd've", "they'dve": "they'd've", "theyll": "they'll",
+        "theyre": "they're", "theyve": "they've",
+        "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've",
+        "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll", "yall'd've": "y'all'd've",
+        "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
+        "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll",
+        "youre": "you're", "youve": "you've",
     }
-    return {**negations, **pronouns, **perfects}
+    indefinites = {
+        "somebody'd": "somebodyd", "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
+        "somebodyll": "somebody'll", "somebodys": "somebody's",
+        "someoned": "someone'd", "someoned've": "someone'd've", "someone'dve": "someone'd've",
+        "someonell": "someone'll", "someones": "someone's",
+        "somethingd": "something'd", "somethingd've": "something'd've",
+        "something'dve": "something'd've", "somethingll": "something'll",
+    }
+    wh_and_there = {
+        "howd": "how'd", "howll": "how'll", "hows": "how's",
+        "thats": "that's", "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
+        "therere": "there're", "theres": "there's",
+        "whatll": "what'll", "whatre": "what're", "whats": "what's", "whatve": "what've",
+        "whens": "when's", "whered": "where'd", "wheres": "where's", "whereve": "where've",
+        "whod": "who'd", "whod've": "who'd've", "who'dve": "who'd've", "wholl": "who'll",
+        "whos": "who's", "whove": "who've", "whyll": "why'll", "whyre": "why're", "whys": "why's",
+    }
+    others = {
+        "let's": "let's", "maam": "ma'am", "oclock": "o'clock", "ow's'at": "'ow's'at",
+        "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at", "twas": "'twas",
+    }
+    return {**negations, **perfects, **pronouns, **indefinites, **wh_and_there, **others}
 
 
 #: Built once at import, never mutated.
-VQA_CONTRACTIONS: Mapping[str, str] = MappingProxyType(_build_contractions())
+VQA_CONTRACTIONS: Mapping[str, str] = MappingProxyType(_evalai_contractions())
 
-_DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
+#: `commaStrip`: one or more commas between two digits (used only as a condition in step 2).
+_COMMA_BETWEEN_DIGITS = re.compile(r"(?<=\d),+(?=\d)")
+#: `periodStrip`: a period not followed by a digit. The reference's look-behind is written
+#: `(?!<=\d)`, a look-ahead for the text "<=digit" that never matches at a period, so it has no effect.
 _PERIOD_NOT_BEFORE_DIGIT = re.compile(r"\.(?!\d)")
+#: The reference calls `periodStrip.sub("", text, re.UNICODE)`: the flag lands in `count`, so at
+#: most re.UNICODE == 32 periods are deleted. Reproduced: an answer with more keeps the rest.
+VQA_PERIOD_STRIP_COUNT = int(re.UNICODE)
 
 
 def vqa_tokenise(text: str) -> str:
-    """Step 1: lower-case; delete , and ?; "'s" -> " 's"; strip; newlines/tabs -> space; strip."""
+    """Step 1 (`word_tokenize`, then newlines/tabs): lower-case; delete , and ?; "'s" -> " 's";
+    strip; newlines/tabs -> space; strip."""
     text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
     return text.replace("\n", " ").replace("\t", " ").strip()
 
 
 def vqa_punctuation(text: str) -> str:
-    """Step 2: the punctuation rule, then delete every '.' that is not followed by a digit."""
+    """Step 2 (`processPunctuation`): each listed character is deleted when the input has it next to
+    a space or has digits around commas, else replaced by a space; then up to 32 periods that are
+    not followed by a digit are deleted."""
     original = text
-    has_digit_comma_digit = _DIGIT_COMMA_DIGIT.search(original) is not None
+    has_digit_comma_digit = _COMMA_BETWEEN_DIGITS.search(original) is not None
     out = text
     for p in VQA_PUNCTUATION:
         if (p + " ") in original or (" " + p) in original or has_digit_comma_digit:
             out = out.replace(p, "")
         else:
             out = out.replace(p, " ")
-    return _PERIOD_NOT_BEFORE_DIGIT.sub("", out)
+    return _PERIOD_NOT_BEFORE_DIGIT.sub("", out, count=VQA_PERIOD_STRIP_COUNT)
 
 
 def vqa_digits_articles(text: str) -> str:
-    """Step 3: number words -> digits, drop articles, contractions, re-join with single spaces."""
+    """Step 3 (`processDigitArticle`): lower-case, split; number words -> digits; drop articles;
+    contractions (looked up on the mapped word); re-join with single spaces."""
     words = []
     for word in text.lower().split():
         word = VQA_NUMBER_WORDS.get(word, word)
@@ -249,21 +294,27 @@ def binary_metrics(predictions: Iterable[str], truths: Iterable[str], positive: 
 
 
 # --------------------------------------------------------------------------------------------
-# §3.5 ScienceQA letter parsing
+# §3.5 ScienceQA letter parsing (LLaVA rule)
+#
+# Reference: llava/eval/eval_science_qa.py, the `__main__` loop and `get_pred_idx` of LLaVA-1.5
+# (haotian-liu/LLaVA; read from its copy in afra-baas/LLaVA@d57f942b, identical in the parse).
 
-_THE_ANSWER_IS = re.compile(r"The answer is ([A-Z])\.")
+#: LLaVA's pattern, kept as written: its "." is a regex dot (any character except a newline), so
+#: "The answer is B," / "The answer is B!" / "The answer is B because ..." all read B, while
+#: "The answer is B" at the very end, or followed by a newline, does not match.
+_THE_ANSWER_IS = re.compile(r"The answer is ([A-Z]).")
 
 
 def parse_scienceqa_letter(prediction: str, letters: str = OPTION_LETTERS) -> str | None:
-    """The option letter, or None (a failure).
+    """The option letter, or None (LLaVA's "FAILED").
 
-    1. the stripped prediction is exactly a letter; 2. it has >= 3 characters, starts with a
-    letter and continues with ". "; 3. "The answer is X." (X uppercase, the period literal)
-    occurs exactly once. The letter found in step 3 is returned even if it is not among
-    `letters`; the caller checks it against the item's choices.
+    1. the stripped prediction is exactly one of `letters`; 2. it has >= 3 characters, starts with
+    one of `letters` and continues with ". "; 3. LLaVA's pattern `The answer is ([A-Z]).` (the dot
+    matches any character but a newline) matches exactly once (findall). The letter of step 3 may
+    be any capital; the caller checks it against the item's choices (`scienceqa_choice_index`).
     """
     text = str(prediction).strip()
-    if text in letters and len(text) == 1:
+    if len(text) == 1 and text in letters:
         return text
     if len(text) >= 3 and text[0] in letters and text[1:3] == ". ":
         return text[0]
@@ -271,6 +322,14 @@ def parse_scienceqa_letter(prediction: str, letters: str = OPTION_LETTERS) -> st
     if len(found) == 1:
         return found[0]
     return None
+
+
+def scienceqa_choice_index(letter: str | None, n_choices: int, letters: str = OPTION_LETTERS) -> int:
+    """LLaVA's `get_pred_idx` (1.5): the letter's position when it is among the first `n_choices`
+    of `letters`, else -1 (counted wrong; LLaVA-1.5 returns -1 before its old random-guess line)."""
+    if letter is not None and len(letter) == 1 and letter in letters[:n_choices]:
+        return letters.index(letter)
+    return -1
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,9 +367,21 @@ def extract_mmbench_letter(prediction: str, options: Mapping[str, str],
 
 
 # --------------------------------------------------------------------------------------------
-# §3.7 SEED-Bench
+# §3.7 SEED-Bench (LLaVA rule)
+#
+# Reference: scripts/convert_seed_for_submission.py, `eval_single` (haotian-liu/LLaVA@524a75b7):
+# a prediction is right iff `row['text'] == question_data['answer']`, the whole (stripped, by
+# llava/eval/model_vqa_loader.py) output equal to the answer letter, case-sensitive. Nothing is
+# extracted: "Answer: C", "C." and "c" are all wrong.
 
-def first_letter(prediction: str) -> str | None:
-    """The first character of the stripped prediction, upper-cased; None for an empty answer."""
+SEED_LETTERS = "ABCD"
+
+
+def parse_seed_answer(prediction: str, letters: str = SEED_LETTERS) -> str | None:
+    """The stripped prediction when it is exactly one of `letters` (case-sensitive), else None.
+
+    Comparing this with the answer letter is LLaVA's whole-string equality: None never equals a
+    letter, and any other text is neither a letter nor equal to one.
+    """
     text = str(prediction).strip()
-    return text[0].upper() if text else None
+    return text if len(text) == 1 and text in letters else None

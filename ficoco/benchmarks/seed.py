@@ -2,13 +2,15 @@
 
 Data: `lmms-lab/SEED-Bench`, default config, split `test`, filtered to `data_type == "image"`
 (the image column is a list of images; an image question has one). Registered as `seed_image`.
-Prompt: question + `\\nA. ...\\nD. ...` + MC suffix. Metric: the first character of the stripped
-answer compared case-insensitively with the answer letter; accuracy overall and per question type.
+Prompt: question + `\\nA. ...\\nD. ...` + MC suffix. Metric (LLaVA rule,
+scripts/convert_seed_for_submission.py `eval_single`): right iff the whole stripped answer equals
+the answer letter (case-sensitive; "Answer: C", "C." and "c" are wrong and counted as failures);
+accuracy overall and per question type.
 """
 from __future__ import annotations
 
 from ficoco.benchmarks.base import Benchmark, image_or_none, percent
-from ficoco.benchmarks.scoring import MC_SUFFIX, first_letter, option_lines
+from ficoco.benchmarks.scoring import MC_SUFFIX, option_lines, parse_seed_answer
 
 CHOICE_COLUMNS = ("choice_a", "choice_b", "choice_c", "choice_d")
 
@@ -16,7 +18,7 @@ CHOICE_COLUMNS = ("choice_a", "choice_b", "choice_c", "choice_d")
 class SEEDBenchmark(Benchmark):
     name = "seed_image"
     max_new_tokens = 128
-    metric = "first-letter accuracy % on image questions; per question type"
+    metric = "accuracy % on image questions (whole answer == letter, LLaVA rule); per question type"
 
     def load_raw(self, load, entry):
         raw = load(entry.get("config"), entry["split"])
@@ -46,7 +48,7 @@ class SEEDBenchmark(Benchmark):
         return row["question"] + option_lines(row["choices"]) + MC_SUFFIX
 
     def _score(self, prediction, row, meta):
-        letter = first_letter(prediction)
+        letter = parse_seed_answer(prediction)
         return {"score": float(letter is not None and letter == row["answers"][0]), "parsed": letter,
                 "failed": letter is None, "question_type_id": meta.get("question_type_id")}
 

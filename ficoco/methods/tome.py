@@ -9,6 +9,12 @@ compress  size-weighted average x_b ← (m_b x_b + Σ m_a x_a)/(m_b + Σ m_a); s
 Later layers use proportional attention: log(size) is added to every attention logit as a key
 bias (`VisionTokens.key_bias`), which is also how the sizes travel from one layer to the next.
 
+Order (`order`, spec §8.1): "authors" (default) hands each layer's merge output to the next layer as
+the authors' `tome/merge.py` returns it, `[unmerged A ; B]` (CLS first), so the next even/odd split
+runs over that order; after the last merging layer the tokens return to positional order for the
+projector. "positional" restores positional order after every layer (the earlier project rule).
+One layer of either order is the authors' merge; over several layers only "authors" is.
+
 Schedule: r_l = spread(576 − B, n_layers) over layers 0..22 (all executed layers by default), capped
 at ⌊(#tokens − 1)/2⌋ (`budget.tome_merges`). A budget the cap keeps out of reach is infeasible.
 """
@@ -31,7 +37,7 @@ from ficoco.methods.base import (
 from ficoco.methods.ficoco_v import encoder_plan, patches_for, vision_layers
 from ficoco.paradigm.attention import head_mean_keys, proportional_attention_bias
 from ficoco.paradigm.compress import size_weighted_merge
-from ficoco.paradigm.filter import bipartite_max_similarity, top_k_positions
+from ficoco.paradigm.filter import bipartite_max_similarity, complement_positions, top_k_positions
 
 
 def token_sizes(tokens: VisionTokens) -> torch.Tensor:
@@ -44,11 +50,33 @@ def token_sizes(tokens: VisionTokens) -> torch.Tensor:
     return tokens.key_bias.float().exp().round()
 
 
+ORDERS = ("authors", "positional")
+
+
+def check_order(value) -> str | None:
+    return None if value in ORDERS else f"must be one of {list(ORDERS)}"
+
+
+def hand_on_order(kept: torch.Tensor, raster: torch.Tensor, authors: bool) -> torch.Tensor:
+    """(B, 1+M) the tokens that stay after a merge, in the order the next layer gets them.
+
+    kept: (B, 1+M) their current indices, ascending, CLS (0) first; raster: (B, N) the raster position
+    of every current token but CLS. authors: [unmerged A ; B] as the authors' merge returns it (A = even
+    current index, so CLS stays first); else raster order.
+    """
+    if authors:
+        return kept.gather(1, (kept % 2).argsort(dim=1, stable=True))     # A-tokens first, each side in order
+    by_raster = raster.gather(1, kept[:, 1:] - 1).argsort(dim=1, stable=True)
+    return torch.cat([kept[:, :1], kept[:, 1:].gather(1, by_raster)], dim=1)
+
+
 @dataclass(frozen=True)
 class TomeReduce:
-    """One ToMe merge; `merges[layer]` A-tokens merge into B-tokens at each reducing layer."""
+    """One ToMe merge; `merges[layer]` A-tokens merge into B-tokens at each reducing layer, handed on
+    in the authors' order (`authors`) until the last merging layer, else in positional order."""
 
     merges: dict[int, int]
+    authors: bool
 
     def __call__(self, layer: int, tokens: VisionTokens, scores: VisionScores) -> VisionTokens:
         r = self.merges[layer]
@@ -59,9 +87,11 @@ class TomeReduce:
             raise ValueError(f"tome: layer {layer} merges r={r} of {tokens.hidden.shape[1]} tokens, more than the "
                              f"{(tokens.hidden.shape[1] - 1) // 2} A-tokens that may merge (CLS is protected)")
         destinations = partners.gather(1, sources)                             # (B, r) B-tokens, K = 1
-        hidden, sizes, kept = size_weighted_merge(tokens.hidden, token_sizes(tokens), sources, destinations)
+        kept = hand_on_order(complement_positions(sources, tokens.hidden.shape[1]), tokens.positions,
+                             self.authors and layer != max(self.merges))       # (B, 1+N-r), CLS first
+        hidden, sizes, kept = size_weighted_merge(tokens.hidden, token_sizes(tokens), sources, destinations, kept)
         return VisionTokens(
-            hidden=hidden,                                                     # (B, 1+N-r, D), CLS first
+            hidden=hidden,                                                     # (B, 1+N-r, D)
             positions=tokens.positions.gather(1, kept[:, 1:] - 1),             # a merged token keeps its
             key_bias=proportional_attention_bias(sizes)[:, 0, 0, :],           # destination's position
         )
@@ -91,8 +121,10 @@ def schedule(dims, budget, params) -> dict:
     return encoder_plan(dims, merges)
 
 
-build = vision_layer_build(lambda layers, vision: TomeReduce(dict(zip(layers, vision["discards"]))),
-                           attention="keys")
+def build(plan: dict) -> tuple:
+    authors = plan["params"]["order"] == "authors"
+    return vision_layer_build(lambda layers, vision: TomeReduce(dict(zip(layers, vision["discards"])), authors),
+                              attention="keys")(plan)
 
 
 METHOD = Method(
@@ -105,12 +137,16 @@ METHOD = Method(
         "filter": "bipartite A (even) / B (odd) split; A-tokens scored by max key cosine to B; CLS protected; "
                   "top r_l = sources",
         "correlate": "K = 1: each source's most similar B-token (head-mean keys, cosine)",
-        "compress": "size-weighted average into the B-token, sizes add; log(size) added to later attention logits",
+        "compress": "size-weighted average into the B-token, sizes add; log(size) added to later attention logits; "
+                    "handed on as [unmerged A ; B] (the authors' order), positional for the projector",
     },
     params={
         "start": Param(0, "first merging vision layer (0-based)", non_negative_int),
         "end": Param(None, "last merging vision layer, inclusive; None = the last layer LLaVA reads (22)",
                      optional_non_negative_int),
+        "order": Param("authors", "token order between merging layers: 'authors' ([unmerged A ; B] as the "
+                                  "authors' merge returns it; positional again for the projector) or 'positional' "
+                                  "(after every layer)", check_order),
     },
     schedule=schedule,
     build=build,

@@ -75,28 +75,30 @@ def _sparse_incoming(weights: torch.Tensor, x_sources: torch.Tensor) -> torch.Te
 # Baseline compressions (methods.md §8)
 
 def size_weighted_merge(
-    x: torch.Tensor, sizes: torch.Tensor, sources: torch.Tensor, destinations: torch.Tensor
+    x: torch.Tensor, sizes: torch.Tensor, sources: torch.Tensor, destinations: torch.Tensor,
+    kept: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ToMe's merge x_b ← (m_b x_b + Σ_a m_a x_a)/(m_b + Σ_a m_a); sizes add; sources deleted (§8.1).
 
     x: (B, N, D); sizes: (B, N) tokens already merged into each token (1 = original);
     sources: (B, S) positions; destinations: (B, S) position each source merges into (never a
-    source). Returns (x_kept (B, N−S, D), sizes_kept (B, N−S), kept (B, N−S) positions), kept
-    tokens in their original order; a merged token sits at its destination's position.
+    source); kept: (B, N−S) the other positions in the order to return them (default ascending).
+    Returns (x_kept (B, N−S, D), sizes_kept (B, N−S), kept (B, N−S) positions), in `kept`'s order;
+    a merged token sits at its destination's position.
     """
     n, width = x.shape[1], x.shape[2]
     is_source = torch.zeros(sizes.shape, dtype=torch.bool, device=x.device).scatter_(1, sources, True)
     if bool(is_source.gather(1, destinations).any()):
         raise ValueError("destinations must not be sources: a source cannot receive another source")
+    if kept is None:
+        kept = complement_positions(sources, n)  # (B, N−S)
     sizes = sizes.float()
-    weighted = x.float() * sizes.unsqueeze(-1)  # (B, N, D): m·x, so merging is a plain sum
-    weighted = weighted.scatter_add(
-        1, destinations.unsqueeze(-1).expand(-1, -1, width), gather_tokens(weighted, sources)
-    )
+    weighted = x.float() * sizes.unsqueeze(-1)  # (B, N, D): m·x, so merging is a plain sum; a new tensor
+    moved = gather_tokens(weighted, sources)  # (B, S, D), read before the sum below writes into weighted
+    weighted.scatter_add_(1, destinations.unsqueeze(-1).expand(-1, -1, width), moved)
     merged_sizes = sizes.scatter_add(1, destinations, sizes.gather(1, sources))  # (B, N)
-    kept = complement_positions(sources, n)  # (B, N−S)
     kept_sizes = merged_sizes.gather(1, kept)
-    x_kept = gather_tokens(weighted, kept) / kept_sizes.unsqueeze(-1)
+    x_kept = gather_tokens(weighted, kept).div_(kept_sizes.unsqueeze(-1))
     return x_kept.to(x.dtype), kept_sizes, kept
 
 
