@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
-from ficoco.methods import downsample, evit, ficoco_l, ficoco_v, ficoco_vl, tome, vanilla
+from ficoco.methods import downsample, evit, ficoco_l, ficoco_v, ficoco_v_code, ficoco_vl, tome, vanilla
 from ficoco.methods import dart, fastv, pdrop, sparsevlm
 from ficoco.methods import divprune, pooling, prumerge, random_keep, topk_cls, visionzip
 from ficoco.methods.base import LLMKept, LLMLayerStep, LLMTokens, Method, Param, VisionLayerStep, VisionTokens
@@ -16,7 +16,7 @@ from ficoco.methods.base import LLMKept, LLMLayerStep, LLMTokens, Method, Param,
 _REGISTRY = MappingProxyType({
     method.name: method
     for method in (vanilla.METHOD, ficoco_v.METHOD, ficoco_l.METHOD, ficoco_vl.METHOD, ficoco_v.OFFICIAL,
-                   tome.METHOD, evit.METHOD, downsample.METHOD,
+                   ficoco_v_code.METHOD, tome.METHOD, evit.METHOD, downsample.METHOD,
                    fastv.METHOD, fastv.KEEP_BUDGET, pdrop.METHOD, pdrop.OFFICIAL, dart.METHOD, sparsevlm.METHOD,
                    sparsevlm.MATCHED,
                    visionzip.METHOD, prumerge.METHOD, prumerge.PLUS, prumerge.ADAPTIVE, prumerge.PLUS_ADAPTIVE,

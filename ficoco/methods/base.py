@@ -69,6 +69,9 @@ class VisionScores(Protocol):
     def keys(self) -> torch.Tensor:
         """(B, H, 1+N, d) keys of the layer."""
 
+    def logits(self) -> torch.Tensor:
+        """(B, 1+N, 1+N) float32 pre-softmax logits q·k·scale averaged over heads (no key bias)."""
+
 
 @dataclass(frozen=True)
 class LLMTokens:

@@ -61,6 +61,10 @@ class ClipScores:
     def keys(self) -> torch.Tensor:
         return self._k
 
+    def logits(self) -> torch.Tensor:
+        # (B, 1+N, 1+N) head-mean pre-softmax q·k·scale, without the key bias (the released FiCoCo-V scores)
+        return torch.matmul(self._q.float(), self._k.float().transpose(-1, -2)).mul_(self._scale).mean(dim=1)
+
 
 def clip_attention(attn, x: torch.Tensor, mask: torch.Tensor | None, with_probs: bool):
     """CLIPAttention on x (B, N, D): the output (B, N, D), q/k (B, H, N, d), and, if `with_probs`,
