@@ -8,6 +8,7 @@ enough for scores to differ.
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 
 import torch
@@ -125,3 +126,12 @@ def pretend_transformers_version(monkeypatch, version: str) -> None:
     from transformers import LlavaForConditionalGeneration  # noqa: F401 - settle the module object first
 
     monkeypatch.setattr(sys.modules["transformers"], "__version__", version)
+
+
+def reference_quantile(values, q: float) -> float:
+    """Linear-interpolation quantile (numpy/torch 'linear') by hand: the loop the references compare with."""
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (position - low) * (ordered[high] - ordered[low])

@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from helpers_tiny import generate_batch_and_alone, images, llava_shaped, prompt
+from helpers_tiny import generate_batch_and_alone, images, llava_shaped, prompt, reference_quantile
 
 import ficoco
 from ficoco import methods
@@ -119,12 +119,6 @@ def _reference_penalty(buffer, score, side=SIDE):
             buffer[cell] = INF
 
 
-def _quantile(values, q):
-    ordered = sorted(values)
-    position = q * (len(ordered) - 1)
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (position - low) * (ordered[high] - ordered[low])
 
 
 def _reference_layer(layer, x, ids, buffer, r):
@@ -153,7 +147,7 @@ def _reference_layer(layer, x, ids, buffer, r):
     order = sorted(range(n_tokens), key=lambda slot: (slot_score[slot], slot))
     sources, kept = order[:r], order[r:]                                       # lowest r discarded
 
-    n_targets = max(sum(value > _quantile(logits[i], 0.998) for value in logits[i]) for i in sources)   # §7.6
+    n_targets = max(sum(value > reference_quantile(logits[i], 0.998) for value in logits[i]) for i in sources)   # §7.6
     assert n_targets >= 1
     merged, size = [residual[slot].clone() for slot in kept], [1.0] * len(kept)
     for i in sources:

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from helpers_tiny import reference_quantile
 
 from ficoco.budget import spread
 from ficoco.paradigm import attention, compress, correlate, filter as flt
@@ -31,12 +32,6 @@ def _best(indices, key):
     return min(indices, key=lambda i: (-key(i), i))
 
 
-def _quantile(values, q):
-    ordered = sorted(values)
-    position = q * (len(ordered) - 1)
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (position - low) * (ordered[high] - ordered[low])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -189,7 +184,7 @@ def test_iqr_outlier_mask_matches_loop():
     got = flt.iqr_outlier_mask(scores)
     for b in range(3):
         row = scores[b].double().tolist()
-        q1, q3 = _quantile(row, 0.25), _quantile(row, 0.75)
+        q1, q3 = reference_quantile(row, 0.25), reference_quantile(row, 0.75)
         expected = [v > q3 + 1.5 * (q3 - q1) for v in row]
         if not any(expected):                     # no outlier: the top-1 is kept (row 1 of this draw)
             top = max(range(len(row)), key=lambda i: (row[i], -i))

@@ -6,6 +6,7 @@ from fractions import Fraction
 
 import pytest
 import torch
+from helpers_tiny import reference_quantile
 
 from ficoco.paradigm import attention, compress, correlate, filter as flt
 
@@ -30,13 +31,6 @@ def _disjoint_split(batch, n, n_sources, seed):
     return sources, targets
 
 
-def _quantile_reference(values, q):
-    """Linear-interpolation quantile (numpy/torch 'linear'), by hand in float64."""
-    ordered = sorted(values)
-    position = q * (len(ordered) - 1)
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (position - low) * (ordered[high] - ordered[low])
 
 
 def _adaptive_reference(corr, eps):
@@ -45,7 +39,7 @@ def _adaptive_reference(corr, eps):
     for b in range(corr.shape[0]):
         for i in range(corr.shape[1]):
             row = [float(v) for v in corr[b, i]]
-            threshold = _quantile_reference(row, eps)
+            threshold = reference_quantile(row, eps)
             members = [j for j, v in enumerate(row) if v >= threshold]
             total = sum(row[j] for j in members)
             for j in members:
@@ -196,7 +190,7 @@ def _ficoco_v_layer_reference(attn, x, positions, grid, n_discard, lam, eps):
     merged = {j: [x[1 + j].double().clone(), 1.0] for j in targets}
     for i in sources:
         row = [float(a[1 + i, 1 + j]) for j in targets]
-        threshold = _quantile_reference(row, eps)
+        threshold = reference_quantile(row, eps)
         members = [t for t, v in enumerate(row) if v >= threshold]
         total = sum(row[t] for t in members)
         for t in members:
