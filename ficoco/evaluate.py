@@ -376,6 +376,7 @@ def score(prediction_files: list[str | Path], benchmark: str, out: str | Path, j
         manifest = json.loads(Path(benchmark_manifest).read_text())
         summary["benchmark_data"] = {key: manifest.get(key) for key in
                                      ("id", "config", "split", "resolved_revision", "rows", "checksum", "subset")}
+    summary["benchmark_module"] = benchmark        # the report recomputes the headline on resamples with it
     summary.update(job=job, overrides=overrides or {}, versions={
         "python": platform.python_version(), "torch": version("torch"), "transformers": version("transformers"),
     })

@@ -90,6 +90,63 @@ def test_a_headline_that_is_not_the_mean_per_sample_score_gets_no_interval():
     assert "66.7" in reason and "50" in reason
 
 
+def pope_samples(method: str, predictions: list[str], truths: list[str], categories: list[str]) -> pd.DataFrame:
+    """Per-sample rows of a POPE job, scored by the real POPE benchmark (its scoring dicts included)."""
+    import json
+
+    from ficoco import benchmarks
+
+    pope = benchmarks.get("pope")
+    rows = []
+    for i, (prediction, truth, category) in enumerate(zip(predictions, truths, categories)):
+        row = {"id": f"p{i:03d}", "question": "Is there a dog in the image?", "answers": [truth], "choices": [],
+               "meta": json.dumps({"category": category})}
+        scoring = pope.score_sample(prediction, row)
+        rows.append({"model": "m", "method": method, "budget": "64", "benchmark": "pope", "id": row["id"],
+                     "score": scoring["score"], "error": None, "scoring": json.dumps(scoring)})
+    return pd.DataFrame(rows)
+
+
+def test_a_headline_that_is_not_a_mean_is_recomputed_by_the_benchmarks_own_aggregate_on_the_same_resamples():
+    import json
+
+    from ficoco import benchmarks
+
+    generator = np.random.default_rng(9)
+    n = 90
+    truths = list(generator.choice(["yes", "no"], n))
+    categories = [("adversarial", "popular", "random")[i % 3] for i in range(n)]
+    jobs = {method: [t if generator.random() < accuracy else ("no" if t == "yes" else "yes") for t in truths]
+            for method, accuracy in (("vanilla", 0.9), ("fastv", 0.7))}
+    samples = pd.concat([pope_samples(m, p, truths, categories) for m, p in jobs.items()], ignore_index=True)
+    pope = benchmarks.get("pope")
+    records = {m: [{"score": r.score, "scoring": json.loads(r.scoring), "error": None}
+                   for r in samples[samples["method"] == m].itertuples()] for m in jobs}
+    headline = pd.DataFrame([{"model": "m", "method": m, "budget": "64", "benchmark": "pope",
+                              "value": pope.aggregate(records[m])["score"], "benchmark_module": "pope"} for m in jobs])
+    assert headline["value"].iloc[1] != 100 * np.mean([r["score"] for r in records["fastv"]])   # F1, not a mean
+    boot = intervals.bootstrap(samples, headline, replicates=300, benchmark_replicates=40, seed=3)
+    assert boot.paths[("m", "fastv", "64", "pope")] == "benchmark"
+    replicated = boot.job("m", "fastv", "64", "pope")
+    assert len(replicated) == 40
+    counts = intervals.resample_counts("m", "pope", n, 40, 3)         # the same resamples, drawn again
+    for replicate in (0, 17, 39):
+        resampled = [records["fastv"][i] for i in range(n) for _ in range(counts[replicate, i])]
+        assert replicated[replicate] == pytest.approx(pope.aggregate(resampled)["score"], abs=1e-9)
+    low, high = intervals.paired_difference(replicated, boot.job("m", "vanilla", "64", "pope"))
+    assert low < headline["value"].iloc[1] - headline["value"].iloc[0] < high
+
+
+def test_without_a_benchmark_module_a_non_mean_headline_gets_no_interval_and_says_why():
+    samples = pope_samples("fastv", ["yes", "no", "no", "yes"], ["yes", "yes", "no", "no"], ["random"] * 4)
+    headline = pd.DataFrame([{"model": "m", "method": "fastv", "budget": "64", "benchmark": "pope", "value": 50.0,
+                              "benchmark_module": None}])
+    headline.loc[0, "value"] = 40.0
+    boot = intervals.bootstrap(samples, headline, replicates=20)
+    assert boot.job("m", "fastv", "64", "pope") is None
+    assert "rerun its score job" in boot.skipped["reason"].iloc[0]
+
+
 @pytest.mark.parametrize("replicates, level", [(0, 0.95), (10, 1.5)])
 def test_bad_bootstrap_settings_are_refused_naming_the_value(replicates, level):
     samples = samples_frame({("vanilla", "full"): [1.0, 0.0]})

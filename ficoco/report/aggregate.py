@@ -48,6 +48,7 @@ RESULTS_COLUMNS = {
     "tflops_legacy": "float64",          # cost_mean.legacy_nominal_tflops (the paper-style label)
     "visual_tokens_layer_avg": "float64",
     "visual_tokens_delivered": "float64",
+    "benchmark_module": "string",        # the registered module that scored the job (metrics.json)
     "eval_s_per_sample": "float64",      # latency.mean_s_per_sample of the evaluate job
     "prefill_s": "float64",              # from the measure file of (model, method, budget)
     "per_token_s": "float64",
@@ -76,6 +77,7 @@ SAMPLE_COLUMNS = {
     "prediction": "string",
     "answers": "string",                 # the reference answers, joined by " | "
     "error": "string",                   # why the sample has no score (NA when it has one)
+    "scoring": "string",                 # the record's scoring dict as JSON (what the benchmark aggregates)
     "predictions": "string",             # the shard predictions file the record came from
 }
 MEASURE_VALUES = ("prefill_s", "per_token_s", "end_to_end_s", "peak_memory_bytes", "throughput")
@@ -245,6 +247,7 @@ def run_rows(data: dict, path: Path) -> list[dict]:
         "tflops_legacy": number(cost.get("legacy_nominal_tflops")),
         "visual_tokens_layer_avg": number(nested(data, "visual_tokens", "layer_average")),
         "visual_tokens_delivered": number(nested(data, "visual_tokens", "delivered")),
+        "benchmark_module": data.get("benchmark_module") if isinstance(data.get("benchmark_module"), str) else None,
         "eval_s_per_sample": number(nested(data, "latency", "mean_s_per_sample")),
         "source": str(path),
     }
@@ -304,6 +307,7 @@ def sample_rows(data: dict, path: Path) -> list[dict]:
                      "prediction": None if record.get("prediction") is None else str(record["prediction"]),
                      "answers": " | ".join(map(str, answers)) if isinstance(answers, list) else None,
                      "error": None if not record.get("error") else str(record["error"]),
+                     "scoring": json.dumps(record["scoring"]) if isinstance(record.get("scoring"), dict) else None,
                      "predictions": record["_predictions"]})
     return rows
 

@@ -365,11 +365,15 @@ def findings_section(tables: pd.DataFrame, boot: Bootstrap, results: pd.DataFram
     """What the run found (findings.py), each number with its interval."""
     if tables.empty:
         return '<p class="note">No headline scores: nothing to report.</p>'
-    replicates = boot.replicates.shape[1]
-    parts = [f"<p>Intervals are {boot.level:.0%} percentile intervals of a bootstrap over samples ({replicates} "
-             "resamples, seeded): every method of a model and benchmark is scored on the same resamples, so a "
-             "difference between two methods is paired, and Avg% is paired with vanilla. A difference is called "
-             "<b>real</b> when its interval excludes 0, <b>within noise</b> otherwise.</p>"]
+    by_path = pd.Series(boot.paths, dtype=object).value_counts()
+    benchmark_path = int(by_path.get("benchmark", 0))
+    parts = [f"<p>Intervals are {boot.level:.0%} percentile intervals of a bootstrap over samples (up to "
+             f"{boot.most_replicates()} resamples, seeded): every method of a model and benchmark is scored on the "
+             "same resamples, so a difference between two methods is paired, and Avg% is paired with vanilla. A "
+             "difference is called <b>real</b> when its interval excludes 0, <b>within noise</b> otherwise. "
+             + (f"{benchmark_path} job(s) whose headline is not a mean per-sample score (e.g. POPE's F1, MME's "
+                "acc + acc+) are recomputed by their benchmark's own aggregate on the first resamples "
+                "(docs/report.md)." if benchmark_path else "") + "</p>"]
     parts += frontier_html(findings.accuracy_points(tables))
     best = findings.best_per_budget(tables, boot)
     parts.append(f'<h3 id="{anchor("findings", "best")}">Best method per budget</h3>')

@@ -97,8 +97,7 @@ def paper_tables(results: pd.DataFrame, reference: pd.DataFrame, boot: Bootstrap
 
 def no_bootstrap() -> Bootstrap:
     """A Bootstrap without replicates: every interval is NaN."""
-    return Bootstrap(replicates=pd.DataFrame(index=pd.MultiIndex.from_tuples([], names=JOB)),
-                     skipped=pd.DataFrame(columns=[*JOB, "reason"]))
+    return Bootstrap(replicates={}, skipped=pd.DataFrame(columns=[*JOB, "reason"]))
 
 
 def model_tables(model_rows: pd.DataFrame, reference: pd.DataFrame, boot: Bootstrap) -> pd.DataFrame:
