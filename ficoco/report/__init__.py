@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ficoco.report.aggregate import (Summary, build_summary, find_measure_files, find_metrics_files, read_summary,
                                      write_summary)
-from ficoco.report.intervals import REPLICATES
+from ficoco.report.intervals import BENCHMARK_REPLICATES, REPLICATES
 
 __all__ = ["main_aggregate", "main_report", "aggregate_results", "render_report",
            "Summary", "build_summary", "read_summary"]
@@ -55,11 +55,13 @@ def main_aggregate(argv: list[str] | None = None) -> int:
 def render_report(summary_dir: str | Path, out: str | Path, figures_dir: str | Path | None = None,
                   template: str | Path | None = None, paper_version: str = "v4", title: str = "ficoco report",
                   wandb_dir: str | Path | None = None, model_manifests=(),
-                  replicates: int = REPLICATES, benchmark_dirs: dict[str, Path] | None = None) -> Path:
+                  replicates: int = REPLICATES, benchmark_dirs: dict[str, Path] | None = None,
+                  benchmark_replicates: int = BENCHMARK_REPLICATES) -> Path:
     """Write the page `out`, the PNGs and paper_tables.csv (in `figures_dir`), log them to W&B; return `out`.
 
     model_manifests: the run's `resources/models/<model>/manifest.json` files; trained toy models get
-    an "About the toy model" section. replicates: bootstrap resamples behind every interval.
+    an "About the toy model" section. replicates: bootstrap resamples behind every interval;
+    benchmark_replicates: how many of them a headline that is not a mean is recomputed on (intervals.py).
     benchmark_dirs: benchmark name -> its fetched directory, for the drill-down's questions and images.
     """
     from ficoco.report import drilldown, files, findings, intervals, page, paper, plots, tables, wandb_log
@@ -72,7 +74,8 @@ def render_report(summary_dir: str | Path, out: str | Path, figures_dir: str | P
     summary = read_summary(summary_dir)
     reference = paper.paper_reference(paper.load_paper_results(), paper_version)
     headline = tables.headline_scores(summary.results)
-    boot = intervals.bootstrap(summary.samples, headline, replicates=replicates)
+    boot = intervals.bootstrap(summary.samples, headline, replicates=replicates,
+                               benchmark_replicates=benchmark_replicates)
     paper_tables = tables.paper_tables(summary.results, reference, boot)
     files.write_csv(paper_tables, figures_dir / "paper_tables.csv")
     points = findings.accuracy_points(paper_tables)
@@ -138,11 +141,16 @@ def main_report(argv: list[str] | None = None) -> int:
                              "their questions and images)")
     parser.add_argument("--replicates", type=positive_int, default=REPLICATES,
                         help=f"bootstrap resamples behind every interval (default {REPLICATES})")
+    parser.add_argument("--benchmark-replicates", type=positive_int, default=BENCHMARK_REPLICATES,
+                        help="resamples on which a headline that is not a mean per-sample score (POPE, MME, MMBench, "
+                             f"LLaVA-W) is recomputed by its benchmark, about 4 s per POPE job at the default "
+                             f"{BENCHMARK_REPLICATES}")
     args = parser.parse_args(argv)
     try:
         out = render_report(args.summary, args.out, args.figures, args.template, args.paper_version, args.title,
                             args.wandb_dir, args.model_manifests, args.replicates,
-                            {Path(path).parent.name: Path(path).parent for path in args.benchmark_manifests})
+                            {Path(path).parent.name: Path(path).parent for path in args.benchmark_manifests},
+                            args.benchmark_replicates)
     except ValueError as error:
         print(f"ficoco report: {error}", file=sys.stderr)
         return 1

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
 REPLICATES = 1000
 BENCHMARK_REPLICATES = 200
@@ -104,7 +105,8 @@ def bootstrap(samples: pd.DataFrame, headline: pd.DataFrame, replicates: int = R
     jobs = headline.assign(**{column: headline[column].astype(str) for column in JOB}).set_index(JOB)
     modules = jobs["benchmark_module"] if "benchmark_module" in jobs else pd.Series(None, index=jobs.index)
     rows, paths, skipped = {}, {}, {}
-    for (model, benchmark), group in samples.groupby(["model", "benchmark"], sort=True, observed=True):
+    groups = samples.groupby(["model", "benchmark"], sort=True, observed=True)
+    for (model, benchmark), group in tqdm(groups, desc="bootstrap", unit="benchmark", disable=None):
         ids = np.sort(group["id"].astype(str).unique())
         counts = resample_counts(str(model), str(benchmark), len(ids), replicates, seed)
         for (method, budget), job in group.groupby(["method", "budget"], sort=True, observed=True):
