@@ -68,7 +68,7 @@ start() {
   mkdir -p /run/munge /var/log/munge /var/lib/munge
   chown munge:munge /run/munge /var/log/munge /var/lib/munge 2>/dev/null || true
   [ -s /etc/munge/munge.key ] || { mungekey --create >/dev/null 2>&1 || create-munge-key -f >/dev/null; }
-  pgrep -x munged >/dev/null || runuser -u munge -- munged
+  start_munged
   pgrep -x slurmctld >/dev/null || slurmctld
   pgrep -x slurmd >/dev/null || slurmd
   local host
@@ -85,16 +85,34 @@ start() {
   die "node $host did not become idle within 60 s (logs above)"
 }
 
+munge_answers() { munge -n >/dev/null 2>&1; }
+
+wait_gone() {   # wait_gone NAME: until no process of that name is left (a stopping daemon can linger)
+  for _ in $(seq 40); do pgrep -x "$1" >/dev/null || return 0; sleep 0.25; done
+  return 1
+}
+
+# A munged that is still shutting down (a stop just before this start) passes `pgrep` but answers
+# nothing, and slurmd then fails to register with "Protocol authentication error": check that munge
+# answers, and start a fresh munged when it does not.
+start_munged() {
+  munge_answers && return 0
+  pkill -x munged 2>/dev/null || true
+  wait_gone munged || die "an old munged does not exit"
+  runuser -u munge -- munged
+  for _ in $(seq 40); do munge_answers && return 0; sleep 0.25; done
+  die "munged started but does not answer (munge -n); see /var/log/munge/munged.log"
+}
+
 stop() {
   scancel --user=root >/dev/null 2>&1 || true
   for daemon in slurmd slurmctld; do
     pkill -x "$daemon" 2>/dev/null || true
   done
-  for _ in $(seq 40); do
-    pgrep -x slurmd >/dev/null || pgrep -x slurmctld >/dev/null || break
-    sleep 0.25
-  done
+  wait_gone slurmd || true
+  wait_gone slurmctld || true
   pkill -x munged 2>/dev/null || true
+  wait_gone munged || true
   if [ -e "$conf" ] && grep -qF "$marker" "$conf"; then rm -f "$conf"; fi
   rm -rf "$state"
   echo "slurm-local: stopped" >&2
