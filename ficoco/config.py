@@ -553,8 +553,13 @@ def _check_names(config: dict, key: str, valid: Iterable[str]) -> None:
         first[name] = index
 
 
-def resolve_budget(budget, visual_tokens: int) -> int:
-    """An integer budget as is; {reduction: r} -> round(visual_tokens * (1 - r))."""
+def resolve_budget(budget, visual_tokens: int, model: str) -> int:
+    """An integer budget as is; {reduction: r} -> round(visual_tokens * (1 - r)); {paper: label} -> the
+    token budget the authors state for that label of `model` (ValueError naming the valid ones)."""
+    if isinstance(budget, dict) and "paper" in budget:
+        from ficoco.report.paper import budget_of_paper_label
+
+        return budget_of_paper_label(model, budget["paper"])
     if isinstance(budget, dict):
         from ficoco.budget import budget_from_ratio
 
@@ -733,8 +738,10 @@ def _check_budgets(config: dict, models: dict, model_registry: str, method_regis
     for model, dims in dims_of.items():
         for index, raw in enumerate(config["budgets"]):
             try:
-                budget = resolve_budget(raw, dims.visual_tokens)
-            except ValueError:
+                budget = resolve_budget(raw, dims.visual_tokens, model)
+            except ValueError as error:
+                if isinstance(raw, dict) and "paper" in raw:
+                    raise ConfigError(str(error), ["budgets", index]) from None
                 raise ConfigError(f"{_show(raw)} leaves no visual token of the {dims.visual_tokens} of model {model}; "
                                   f"valid: a reduction <= {_max_reduction(dims.visual_tokens)} (at least one token), "
                                   f"or an integer budget >= 1", ["budgets", index]) from None
@@ -755,7 +762,7 @@ def _check_budgets(config: dict, models: dict, model_registry: str, method_regis
                 raise ConfigError(f"{method} (adaptive, budget label {ADAPTIVE}) on model {model}: {error}",
                                   ["methods"]) from None
         for index, raw in enumerate(config["budgets"]):
-            budget = resolve_budget(raw, dims.visual_tokens)
+            budget = resolve_budget(raw, dims.visual_tokens, model)
             for method in config["methods"]:
                 if method == "vanilla" or not method_registry.get(method).budgeted:
                     continue
@@ -859,11 +866,11 @@ def load_config(files: Sequence[str | Path], overrides: Mapping | None = None, r
 # the grid
 
 
-def budgets_for(config: dict, dims) -> list[str]:
+def budgets_for(config: dict, dims, model: str) -> list[str]:
     """Distinct budgets of a model as path labels, in config order."""
     labels: list[str] = []
     for raw in config["budgets"]:
-        label = str(resolve_budget(raw, dims.visual_tokens))
+        label = str(resolve_budget(raw, dims.visual_tokens, model))
         if label not in labels:
             labels.append(label)
     return labels
@@ -889,7 +896,7 @@ def job_grid(config: dict, root: Path = REPO_ROOT) -> list[Job]:
                 phase = registered.phase
                 # vanilla runs once unreduced ("full"), an adaptive method once with its own counts ("adaptive")
                 budgets = [FULL] if method == "vanilla" else [ADAPTIVE] if not registered.budgeted \
-                    else budgets_for(config, dims)
+                    else budgets_for(config, dims, model)
                 for budget in budgets:
                     for shard in range(shards):
                         jobs.append(Job(model, method, phase, budget, benchmark, shard, shards))

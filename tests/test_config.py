@@ -99,3 +99,23 @@ def test_snakemake_stops_with_the_one_line_before_any_job(tmp_path, repo_copy):
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.startswith("config error:")]
     assert len(lines) == 1 and "methods[1]" in lines[0] and "'fastv2'" in lines[0]
+
+
+def test_a_budget_as_the_papers_tflops_label_maps_to_the_stated_tokens():
+    config = validate(paper_like(budgets=[{"paper": 3.3}, {"paper": 2.4}, {"paper": 1.5}]))
+    assert [j.budget for j in job_grid(config) if j.method == "ficoco-v" and j.model == "llava-1.5-7b"] == \
+        ["192", "128", "64"]
+
+
+@pytest.mark.parametrize("budget, expected", [
+    ({"paper": 2.0}, ("budgets[0]", "{paper: 2} is not one of the paper's labels", "valid: {paper: 3.3} (192 tokens)")),
+])
+def test_an_unknown_paper_label_is_refused_naming_the_valid_ones(budget, expected):
+    message = error_of(paper_like(budgets=[budget]))
+    assert all(part in message for part in expected), message
+
+
+def test_a_paper_label_for_a_model_without_stated_budgets_is_refused():
+    message = error_of(paper_like(models=["llava-1.5-13b"], budgets=[{"paper": 3.3}]))
+    assert "budgets[0]" in message and "only for LLaVA-1.5-7B" in message and "llava-1.5-13b" in message
+    assert "valid: an integer budget or {reduction: r}" in message

@@ -85,6 +85,22 @@ def paper_budget_label(budget: str) -> str | None:
     return PAPER_BUDGET_LABELS.get(str(budget))
 
 
+def budget_of_paper_label(model: str, tflops: float) -> int:
+    """The token budget the authors state for one of the paper's TFLOPs labels of `model` (a label, not
+    a cost: 64 tokens cost 1.61 T under the nominal convention, labelled 1.5). ValueError naming the
+    valid labels when the model or the label has none."""
+    budgets = {float(label.rstrip("T")): int(budget) for budget, label in PAPER_BUDGET_LABELS.items()
+               if budget.isdigit()}
+    if paper_model(model) != "LLaVA-1.5-7B":
+        raise ValueError(f"{{paper: {tflops:g}}}: the paper states which token budget its TFLOPs labels stand for "
+                         f"only for LLaVA-1.5-7B (model llava-1.5-7b), not for model {model}; valid: an integer "
+                         "budget or {reduction: r} for this model")
+    if float(tflops) not in budgets:
+        raise ValueError(f"{{paper: {tflops:g}}} is not one of the paper's labels for LLaVA-1.5-7B; valid: "
+                         + ", ".join(f"{{paper: {label:g}}} ({budget} tokens)" for label, budget in budgets.items()))
+    return budgets[float(tflops)]
+
+
 def load_paper_results(path: str | Path | None = None) -> pd.DataFrame:
     """The CSV of paper-results.md §9: paper_version, model, method, budget_label, benchmark, value."""
     path = Path(path) if path is not None else PACKAGE_CSV
