@@ -422,6 +422,41 @@ def planned_vision_layers(plan: Mapping) -> tuple:
     return tuple(vision["layers"]) if vision and vision["layers"] else ()
 
 
+def vision_layers(method: str, dims, start: int, end: int | None, start_name="start", end_name="end") -> list[int]:
+    """The reducing vision layers start..end, inside the layers that run (0..last feature layer)."""
+    last = dims.last_vision_layer
+    end = last if end is None else end
+    check_layer_range(method, start_name, start, end_name, end, last + 1,
+                      f"the vision layers that produce LLaVA's features are 0..{last}")
+    return list(range(start, end + 1))
+
+
+def vision_plan(dims, discards: dict[int, int]) -> dict:
+    """Plan entries of an in-encoder schedule: per-layer discards and the tokens delivered to the LLM."""
+    patches, patches_out = dims.num_patches, []
+    for layer in sorted(discards):
+        patches -= discards[layer]
+        patches_out.append(patches)
+    delivered = dims.visual_tokens - sum(discards.values())
+    return {
+        "vision": {"layers": sorted(discards), "discards": [discards[layer] for layer in sorted(discards)],
+                   "patches_out": patches_out, "grid_hw": [dims.grid_side, dims.grid_side]},
+        "vision_counts": vision_layer_counts(dims, discards),
+        "delivered": delivered,
+    }
+
+
+def encoder_plan(dims, discards: dict[int, int]) -> dict:
+    """The whole plan of a method that reduces only inside the vision encoder (`vision_plan`, then
+    the delivered tokens in every LLM layer)."""
+    return unreduced_llm_plan(dims, vision_plan(dims, discards))
+
+
+def patches_for(dims, delivered: int) -> int:
+    """Patches that must remain for `delivered` tokens to reach the LLM (CLS is delivered under "full")."""
+    return delivered - (dims.visual_tokens - dims.num_patches)
+
+
 def vision_layer_build(make_reduce: Callable[[tuple, dict], Callable], attention: str = "probs"
                        ) -> Callable[[dict], tuple]:
     """`build(plan)` of an in-encoder method: one `VisionLayerStep` over the plan's reducing vision

@@ -20,8 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ficoco.budget import downsample_side
-from ficoco.methods.base import Method, VisionInputStep, unreduced_llm_plan
-from ficoco.methods.ficoco_v import patches_for
+from ficoco.methods.base import Method, VisionInputStep, patches_for, unreduced_llm_plan
 
 
 @dataclass(frozen=True)

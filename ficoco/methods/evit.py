@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from ficoco.budget import evit_stage_counts
-from ficoco.methods.base import Method, Param, VisionScores, VisionTokens, vision_layer_build
-from ficoco.methods.ficoco_v import encoder_plan, patches_for
+from ficoco.methods.base import (Method, Param, VisionScores, VisionTokens, encoder_plan, patches_for,
+                                 vision_layer_build)
 from ficoco.paradigm.compress import fused_token, gather_tokens
 from ficoco.paradigm.filter import complement_positions, top_k_positions
 

@@ -81,12 +81,12 @@ from ficoco.methods.base import (
     VisionLayerStep,
     VisionScores,
     VisionTokens,
-    check_layer_range,
+    encoder_plan,
     non_negative_int,
     optional_non_negative_int,
+    patches_for,
     planned_vision_layers,
-    unreduced_llm_plan,
-    vision_layer_counts,
+    vision_layers,
 )
 from ficoco.paradigm.compress import gather_tokens
 
@@ -229,14 +229,6 @@ class PenaltyState:
     first_slot: torch.Tensor | None = None
 
 
-def _head_mean_logits(scores: VisionScores) -> torch.Tensor:
-    logits = getattr(scores, "logits", None)
-    if logits is None:
-        raise TypeError(f"{NAME} needs the pre-softmax attention logits of the reducing layer "
-                        f"(VisionScores.logits(), (B, 1+N, 1+N) head mean); {type(scores).__name__} has none")
-    return logits()
-
-
 @dataclass(frozen=True)
 class CodeReduce:
     """The released FiCoCo-V step; `discards[layer]` sources per layer (0: the layer is left alone,
@@ -260,7 +252,7 @@ class CodeReduce:
         if layer == self.first_layer:                                                    # a new pass begins
             self._start_pass(images, device)
         state = self.state
-        logits = _head_mean_logits(scores).float()                                       # (B, T, T)
+        logits = scores.logits().float()                                                 # (B, T, T)
         order, state.buffer = code_filter(logits, state.buffer, self.grid_side)          # (B, T), (B, G)
         sources = order[:, :r]                                                           # (B, r)
         targets, weights = code_targets(logits, sources)                                 # (B, r, K) each
@@ -309,14 +301,6 @@ PARAMS = {
 }
 
 
-def _layers(dims, params) -> list[int]:
-    last = dims.last_vision_layer
-    end = last if params["end"] is None else params["end"]
-    check_layer_range(NAME, "start", params["start"], "end", end, last + 1,
-                      f"the vision layers that produce LLaVA's features are 0..{last}")
-    return list(range(params["start"], end + 1))
-
-
 def _violation(n_patches: int, patches: int, layers: list[int]) -> tuple[int, int, int] | None:
     """The first (layer, r, T) where spread discards break 2·r <= T (or leave no patch); None if none."""
     if patches < 1:
@@ -330,15 +314,14 @@ def _violation(n_patches: int, patches: int, layers: list[int]) -> tuple[int, in
 
 
 def schedule(dims, budget, params) -> dict:
-    layers = _layers(dims, params)
-    extra = dims.visual_tokens - dims.num_patches            # 0: LLaVA drops slot 0 ("default"); 1: "full"
+    layers = vision_layers(NAME, dims, params["start"], params["end"])
     discards = {}
     if budget is not None:
-        patches = budget - extra
+        patches = patches_for(dims, budget)
         violation = _violation(dims.num_patches, patches, layers)
         if violation:
             smallest = next(b for b in range(1, dims.visual_tokens + 1)
-                            if _violation(dims.num_patches, b - extra, layers) is None)
+                            if _violation(dims.num_patches, patches_for(dims, b), layers) is None)
             layer, r, tokens = violation
             released = dims.visual_tokens - 42 * len(layers)
             raise InfeasibleBudget(
@@ -349,14 +332,7 @@ def schedule(dims, budget, params) -> dict:
                 + (f" ({released} = the released r=42 per layer)" if smallest <= released else "")
                 + "; an earlier start adds reducing layers")
         discards = dict(zip(layers, spread(dims.num_patches - patches, len(layers))))
-    patches_out, n = [], dims.num_patches
-    for layer in layers if discards else []:
-        n -= discards[layer]
-        patches_out.append(n)
-    vision = {"layers": layers, "discards": [discards[layer] for layer in layers], "patches_out": patches_out,
-              "grid_hw": [dims.grid_side, dims.grid_side]} if discards else None
-    return unreduced_llm_plan(dims, {"vision": vision, "vision_counts": vision_layer_counts(dims, discards),
-                                     "delivered": dims.visual_tokens - sum(discards.values())})
+    return encoder_plan(dims, discards)
 
 
 def build(plan: dict) -> tuple:

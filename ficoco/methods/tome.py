@@ -30,11 +30,13 @@ from ficoco.methods.base import (
     Param,
     VisionScores,
     VisionTokens,
+    encoder_plan,
     non_negative_int,
     optional_non_negative_int,
+    patches_for,
     vision_layer_build,
+    vision_layers,
 )
-from ficoco.methods.ficoco_v import encoder_plan, patches_for, vision_layers
 from ficoco.paradigm.attention import head_mean_keys, proportional_attention_bias
 from ficoco.paradigm.compress import size_weighted_merge
 from ficoco.paradigm.filter import bipartite_max_similarity, complement_positions, top_k_positions

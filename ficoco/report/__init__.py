@@ -84,7 +84,7 @@ def render_report(summary_dir: str | Path, out: str | Path, figures_dir: str | P
                                          tables.paper_findings(headline, reference))
     sections = [
         ("overview", "Overview", page.overview_section(summary.results, summary.measure)),
-        ("findings", "Findings", page.findings_section(paper_tables, boot, summary.results)),
+        ("findings", "Findings", page.findings_section(paper_tables, points, boot, summary.results)),
         *([("toy-model", "About the toy model", toy_models)] if toy_models else []),
         ("tables", "Accuracy tables (paper style)", page.paper_tables_section(paper_tables)),
         ("figures", "Figures", page.figures_section(figures)),

@@ -361,8 +361,9 @@ def overview_section(results: pd.DataFrame, measure: pd.DataFrame) -> str:
 # ---------------------------------------------------------------------------------------------- findings
 
 
-def findings_section(tables: pd.DataFrame, boot: Bootstrap, results: pd.DataFrame) -> str:
-    """What the run found (findings.py), each number with its interval."""
+def findings_section(tables: pd.DataFrame, points: pd.DataFrame, boot: Bootstrap, results: pd.DataFrame) -> str:
+    """What the run found (findings.py), each number with its interval; `points` are
+    `findings.accuracy_points(tables)`, which the figures draw too."""
     if tables.empty:
         return '<p class="note">No headline scores: nothing to report.</p>'
     by_path = pd.Series(boot.paths, dtype=object).value_counts()
@@ -374,7 +375,7 @@ def findings_section(tables: pd.DataFrame, boot: Bootstrap, results: pd.DataFram
              + (f"{benchmark_path} job(s) whose headline is not a mean per-sample score (e.g. POPE's F1, MME's "
                 "acc + acc+) are recomputed by their benchmark's own aggregate on the first resamples "
                 "(docs/report.md)." if benchmark_path else "") + "</p>"]
-    parts += frontier_html(findings.accuracy_points(tables))
+    parts += frontier_html(points)
     best = findings.best_per_budget(tables, boot)
     parts.append(f'<h3 id="{anchor("findings", "best")}">Best method per budget</h3>')
     parts.append("<p>The reduced method with the highest Avg at each budget, and the methods whose paired "

@@ -29,7 +29,8 @@ from matplotlib.transforms import Bbox  # noqa: E402
 from ficoco.report import files  # noqa: E402
 from ficoco.report.aggregate import FULL  # noqa: E402
 from ficoco.report.findings import family  # noqa: E402
-from ficoco.report.tables import AVG_PCT, is_vanilla, job_label, ordered_budgets, ordered_methods  # noqa: E402
+from ficoco.report.tables import (AVG_PCT, avg_percent_by_budget, is_vanilla, job_label, ordered_budgets,  # noqa: E402
+                                  ordered_methods)
 from ficoco.report.units import flops_unit_of  # noqa: E402
 
 DPI = 110
@@ -81,8 +82,6 @@ FIGURE_TITLES = {
 def make_figures(headline: pd.DataFrame, points: pd.DataFrame, tables: pd.DataFrame, schedules: pd.DataFrame,
                  measure: pd.DataFrame, out_dir: str | Path) -> list[Figure]:
     """Draw and save every figure. points: findings.accuracy_points; tables: tables.paper_tables."""
-    from ficoco.report.tables import avg_percent_by_budget
-
     out_dir = Path(out_dir)
     phases = method_phases(headline, schedules)
     drawn = {
