@@ -28,11 +28,12 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import yaml
 
+from ficoco.budget_labels import ADAPTIVE, FULL, TflopsTarget, sort_key, tflops_target
+from ficoco.flops import NOMINAL_TEXT_TOKENS
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
 DEFAULT_CONFIG = "config/config.yaml"
-FULL = "full"  # the budget label of the unreduced model
-ADAPTIVE = "adaptive"  # the budget label of an adaptive method's one run (no budget: a count per image)
 CONFIG_OPTION = "--config"  # the source label of Snakemake's --config KEY=VALUE overrides
 REQUIRED_KEYS = "models, methods, budgets, benchmarks"
 
@@ -63,10 +64,13 @@ class Job:
     model: str
     method: str
     phase: str
-    budget: str          # "full", "adaptive" or a positive integer written as a string (it is a path part)
+    budget: str          # its label, a path part (ficoco.budget_labels): "full", "adaptive", "128", "t2.4", ...
     benchmark: str
     shard: int           # 0-based
     shards: int
+    run_budget: str                          # what the job runs: the label, or the token budget a TFLOPs label
+                                             # was solved into for this model and method
+    predicted_tflops: float | None = None    # a TFLOPs label's solved cost under its convention
 
     @property
     def run_dir(self) -> str:
@@ -339,6 +343,8 @@ def _describe(node: dict) -> str:
             bounds = []
             if "minimum" in node:
                 bounds.append(f">= {node['minimum']}")
+            if "exclusiveMinimum" in node:
+                bounds.append(f"> {node['exclusiveMinimum']}")
             if "exclusiveMaximum" in node:
                 bounds.append(f"< {node['exclusiveMaximum']}")
             words.append(("an integer" if kind == "integer" else "a number") + (" " + " and ".join(bounds)
@@ -492,6 +498,10 @@ def _check_model_entry(name: str, entry: dict, registry: str) -> None:
     if not isinstance(template, str) or "<image>" not in template or "{prompt}" not in template:
         raise ConfigError(f"{template!r} is not a prompt template; valid: a string with <image> and {{prompt}}, "
                           f"e.g. \"USER: <image>\\n{{prompt}} ASSISTANT:\"", [name, "prompt_template"], registry)
+    text_tokens = entry.get("text_tokens", NOMINAL_TEXT_TOKENS)
+    if isinstance(text_tokens, bool) or not isinstance(text_tokens, int) or text_tokens < 1:
+        raise ConfigError(f"{text_tokens!r} is not a number of text tokens; valid: an integer >= 1 (a typical "
+                          f"prompt's text tokens; default {NOMINAL_TEXT_TOKENS})", [name, "text_tokens"], registry)
     if entry["source"] == "hub" and not entry.get("id"):
         raise ConfigError(f"{entry.get('id')!r} is not a model id; valid: a Hugging Face id such as "
                           f"llava-hf/llava-1.5-7b-hf", [name, "id"], registry)
@@ -553,6 +563,14 @@ def _check_names(config: dict, key: str, valid: Iterable[str]) -> None:
         first[name] = index
 
 
+def budget_label(budget, visual_tokens: int, model: str) -> str:
+    """The grid label of a configured budget: {tflops: t, convention: c} -> "t<t>" (exact) or
+    "t<t>-nominal", solved later per method; any other form -> its token budget as text."""
+    if isinstance(budget, dict) and "tflops" in budget:
+        return TflopsTarget(float(budget["tflops"]), budget.get("convention", "exact")).label
+    return str(resolve_budget(budget, visual_tokens, model))
+
+
 def resolve_budget(budget, visual_tokens: int, model: str) -> int:
     """An integer budget as is; {reduction: r} -> round(visual_tokens * (1 - r)); {paper: label} -> the
     token budget the authors state for that label of `model` (ValueError naming the valid ones)."""
@@ -580,6 +598,8 @@ def method_overrides(config: dict, models: dict, model: str, method: str, budget
         merged.update({k: v for k, v in source.items() if k != "per_budget"})
         if str(budget).isdigit():                  # "full" and "adaptive" take no per-budget overrides
             merged.update(source.get("per_budget", {}).get(int(budget), {}))
+        elif tflops_target(budget) is not None:    # a TFLOPs target's overrides are keyed by its label
+            merged.update(source.get("per_budget", {}).get(str(budget), {}))
     return merged
 
 
@@ -635,14 +655,18 @@ def _check_param_value(method, param: str, value: Any, key: list) -> None:
                           f"({method.params[param].doc}); valid: {problem.removeprefix('must be ')}", key)
 
 
-def _check_per_budget_keys(config: dict, labels: list[int]) -> None:
-    """A per_budget block only for budgets of the grid (as resolved on the configured models)."""
-    valid = ", ".join(map(str, sorted(set(labels), reverse=True)))
+def _check_per_budget_keys(config: dict, labels: list[str]) -> None:
+    """A per_budget block only for budgets of the grid (as resolved on the configured models): an
+    integer token budget, or a TFLOPs target's label as a string ("t1.5-nominal")."""
+    valid = ", ".join(sorted(set(labels), key=sort_key))
     for name, params in config["method_params"].items():
         for budget in params.get("per_budget", {}):
-            if isinstance(budget, bool) or not isinstance(budget, int) or budget not in labels:
-                raise ConfigError(f"{budget!r} is not a budget of the grid; valid: one of the grid's budgets "
-                                  f"(integers): {valid}", ["method_params", name, "per_budget", str(budget)])
+            token_key = isinstance(budget, int) and not isinstance(budget, bool) and str(budget) in labels
+            target_key = isinstance(budget, str) and tflops_target(budget) is not None and budget in labels
+            if not (token_key or target_key):
+                raise ConfigError(f"{budget!r} is not a budget of the grid; valid: one of the grid's budgets (an "
+                                  f"integer, or a TFLOPs target's label): {valid}",
+                                  ["method_params", name, "per_budget", str(budget)])
 
 
 def _option_problem(value: Any, default: Any) -> str | None:
@@ -734,9 +758,12 @@ def _check_shards(config: dict, benchmarks: dict) -> None:
 
 def _check_budgets(config: dict, models: dict, model_registry: str, method_registry) -> None:
     dims_of = {name: model_dims(name, models[name], model_registry) for name in config["models"]}
-    labels: list[int] = []
+    labels: list[str] = []
     for model, dims in dims_of.items():
         for index, raw in enumerate(config["budgets"]):
+            if isinstance(raw, dict) and "tflops" in raw:       # solved per method below
+                labels.append(budget_label(raw, dims.visual_tokens, model))
+                continue
             try:
                 budget = resolve_budget(raw, dims.visual_tokens, model)
             except ValueError as error:
@@ -748,7 +775,7 @@ def _check_budgets(config: dict, models: dict, model_registry: str, method_regis
             if budget > dims.visual_tokens:
                 raise ConfigError(f"{budget} is above the {dims.visual_tokens} visual tokens of model {model}; "
                                   f"valid: 1..{dims.visual_tokens}", ["budgets", index])
-            labels.append(budget)
+            labels.append(str(budget))
     _check_per_budget_keys(config, labels)
 
     for model, dims in dims_of.items():
@@ -762,17 +789,35 @@ def _check_budgets(config: dict, models: dict, model_registry: str, method_regis
                 raise ConfigError(f"{method} (adaptive, budget label {ADAPTIVE}) on model {model}: {error}",
                                   ["methods"]) from None
         for index, raw in enumerate(config["budgets"]):
-            budget = resolve_budget(raw, dims.visual_tokens, model)
+            label = budget_label(raw, dims.visual_tokens, model)
             for method in config["methods"]:
                 if method == "vanilla" or not method_registry.get(method).budgeted:
                     continue
-                overrides = method_overrides(config, models, model, method, str(budget))
+                if tflops_target(label) is not None:
+                    try:
+                        solve_budget(config, models, model, method, label)
+                    except ValueError as error:
+                        raise ConfigError(f"model {model}: {str(error).rstrip('.')}", ["budgets", index]) from None
+                    continue
+                budget = int(label)
+                overrides = method_overrides(config, models, model, method, label)
                 try:
                     method_registry.get(method).check_budget(dims, budget, **overrides)
                 except ValueError as error:  # InfeasibleBudget and bad overrides are ValueErrors
                     valid = _reachable(config, models, model, dims, method, budget, error)
                     raise ConfigError(f"{budget} for method {method} on model {model}: {str(error).rstrip('.')}; "
                                       f"valid: {valid}", ["budgets", index]) from None
+
+
+def solve_budget(config: dict, models: dict, model: str, method: str, label: str):
+    """The token budget a TFLOPs label resolves to for `method` on `model` (ficoco.flops.SolvedBudget),
+    with the method's overrides for that label and the model's typical text length (its registry
+    entry's `text_tokens`; docs/flops.md)."""
+    from ficoco.flops import solve_tflops_budget
+
+    return solve_tflops_budget(model_dims(model, models[model]), method, tflops_target(label),
+                               models[model].get("text_tokens", NOMINAL_TEXT_TOKENS),
+                               **method_overrides(config, models, model, method, label))
 
 
 def _reachable(config: dict, models: dict, model: str, dims, method: str, budget: int, error: ValueError) -> str:
@@ -867,10 +912,10 @@ def load_config(files: Sequence[str | Path], overrides: Mapping | None = None, r
 
 
 def budgets_for(config: dict, dims, model: str) -> list[str]:
-    """Distinct budgets of a model as path labels, in config order."""
+    """Distinct budget labels of a model, in config order."""
     labels: list[str] = []
     for raw in config["budgets"]:
-        label = str(resolve_budget(raw, dims.visual_tokens, model))
+        label = budget_label(raw, dims.visual_tokens, model)
         if label not in labels:
             labels.append(label)
     return labels
@@ -889,17 +934,24 @@ def job_grid(config: dict, root: Path = REPO_ROOT) -> list[Job]:
     jobs = []
     for model in config["models"]:
         dims = model_dims(model, models[model])
+        runs: dict[tuple[str, str], tuple[str, float | None]] = {}     # (method, label) -> run budget, cost
+        for method in config["methods"]:
+            registered = method_registry.get(method)
+            # vanilla runs once unreduced ("full"), an adaptive method once with its own counts ("adaptive")
+            labels = [FULL] if method == "vanilla" else [ADAPTIVE] if not registered.budgeted \
+                else budgets_for(config, dims, model)
+            for label in labels:
+                solved = solve_budget(config, models, model, method, label) if tflops_target(label) else None
+                runs[method, label] = (str(solved.tokens), solved.predicted_tflops) if solved else (label, None)
         for benchmark in config["benchmarks"]:
             shards = shards_for(config, benchmark)
             for method in config["methods"]:
-                registered = method_registry.get(method)
-                phase = registered.phase
-                # vanilla runs once unreduced ("full"), an adaptive method once with its own counts ("adaptive")
-                budgets = [FULL] if method == "vanilla" else [ADAPTIVE] if not registered.budgeted \
-                    else budgets_for(config, dims, model)
-                for budget in budgets:
+                phase = method_registry.get(method).phase
+                for (run_method, label), (run_budget, predicted) in runs.items():
+                    if run_method != method:
+                        continue
                     for shard in range(shards):
-                        jobs.append(Job(model, method, phase, budget, benchmark, shard, shards))
+                        jobs.append(Job(model, method, phase, label, benchmark, shard, shards, run_budget, predicted))
     return jobs
 
 
@@ -914,7 +966,7 @@ def planned_schedule(config: dict, models: dict, job: Job) -> dict:
     from ficoco import methods
 
     dims = model_dims(job.model, models[job.model])
-    budget = methods.budget_from_label(job.method, job.budget)
+    budget = methods.budget_from_label(job.method, job.run_budget)
     plan = methods.get(job.method).plan(dims, budget, **method_overrides(config, models, job.model, job.method,
                                                                           job.budget))
     return {"visual_tokens": dims.visual_tokens, "delivered": plan["delivered"], "llm_visual": plan["llm_visual"],
@@ -940,7 +992,9 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({**job.to_dict(), "planned": planned_schedule(config, models, job)}))
         return 0
     for job in jobs:
+        solved = (f" -> {job.run_budget} tokens, {job.predicted_tflops:.4g} TFLOPs "
+                  f"({tflops_target(job.budget).convention}) predicted" if job.predicted_tflops is not None else "")
         print(f"{job.model:16} {job.benchmark:14} {job.method:14} {job.phase:7} b{job.budget:<5} "
-              f"shard {job.shard + 1}/{job.shards}")
+              f"shard {job.shard + 1}/{job.shards}{solved}")
     print(f"{len(jobs)} evaluate jobs")
     return 0

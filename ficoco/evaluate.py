@@ -23,10 +23,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ficoco.budget_labels import ADAPTIVE, FULL, run_label_problem
 from ficoco.journal import Journal, atomic_write_json, read_jsonl, remove_stale_temporaries, write_jsonl_atomic
-
-FULL = "full"
-ADAPTIVE = "adaptive"      # an adaptive method's one run: its realised per-sample counts are the record
 
 
 def _offline() -> None:
@@ -318,7 +316,8 @@ def _start_tracking(job: dict | None, out: Path, samples: int, *, header: dict, 
         return None
     name = f"{job['method']}-b{job['budget']}-{job['benchmark']}" + (
         f"-shard{job['shard']}of{job['shards']}" if job.get("shards", 1) > 1 else "")
-    config = {**job, "budget": budget_number(job["budget"], model_dir), "budget_label": job["budget"],
+    config = {**job, "budget": budget_number(job.get("run_budget", job["budget"]), model_dir),
+              "budget_label": job["budget"],
               "params": params, "samples": samples, "fingerprint": header["fingerprint"],
               "fingerprint_sha256": header["fingerprint_sha256"], "journal_started": header["started"]}
     return init_run(job_type="eval", name=name, group=f"{job['model']}/{job['benchmark']}", config=config,
@@ -397,6 +396,9 @@ def main(argv: list[str] | None = None) -> int:
                                         "an error)")
     parser.add_argument("--budget", required=True, help="'full', 'adaptive' (an adaptive method's one run) or "
                                                         "average visual tokens per LLM layer")
+    parser.add_argument("--budget-label", help="the grid's label for this budget, when it differs: a TFLOPs "
+                                               "target ('t2.4') that the grid solved into --budget (default: "
+                                               "--budget)")
     parser.add_argument("--shard", type=int, default=0)
     parser.add_argument("--shards", type=int, default=1)
     parser.add_argument("--out", required=True, help="predictions.jsonl of this shard")
@@ -413,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.budget not in (FULL, ADAPTIVE) and not args.budget.isdigit():
         parser.error(f"--budget {args.budget!r}: valid values are 'full', 'adaptive' or a positive integer")
+    if run_label_problem(args.budget_label, args.budget):
+        parser.error(run_label_problem(args.budget_label, args.budget))
+    label = args.budget_label or args.budget
     from ficoco import methods
     from ficoco.invariants import InvariantViolation
 
@@ -423,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.phase not in (None, phase):
         parser.error(f"--phase {args.phase!r} disagrees with method {args.method!r}, whose phase is {phase!r}; "
                      f"omit --phase to use it")
-    job = {"model": args.model, "method": args.method, "phase": phase, "budget": args.budget,
+    job = {"model": args.model, "method": args.method, "phase": phase, "budget": label, "run_budget": args.budget,
            "benchmark": args.benchmark, "shard": args.shard, "shards": args.shards}
     # a job is its own process: it never attaches to a W&B service inherited from whatever started it
     # (WANDB_SERVICE), where a killed job's run would stay "in use" and its rerun could not resume it

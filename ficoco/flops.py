@@ -15,9 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Sequence
 
+from ficoco.budget import InfeasibleBudget
+from ficoco.budget_labels import TFLOPS_CONVENTIONS, TflopsTarget
 from ficoco.dims import ModelDims, llava_1_5_dims
 
 # Bytes per stored value for weights and the KV cache. Read-only so no module state can change.
@@ -465,6 +468,135 @@ def sample_cost(dims: ModelDims, counts: dict, generated_tokens: int, logits_pos
     cost["prefill_tokens_layer_average"] = float(sum(llm) / L)
     cost["vision_layers_executed"] = float(len(vision_pairs))
     return cost
+
+
+# ------------------------------------------------------------------------------------------------
+# Budgets stated as costs: a TFLOPs target solved into a token budget per (model, method)
+
+
+@dataclass(frozen=True)
+class SolvedBudget:
+    """The token budget a TFLOPs target resolves to for one method on one model."""
+
+    target: TflopsTarget
+    tokens: int                                # the budget the method runs (visual tokens per LLM layer)
+    predicted_tflops: float                    # its cost per sample under the target's convention
+    reachable_tokens: tuple[int, int]          # the smallest budget the method reaches, and the unreduced count
+    reachable_tflops: tuple[float, float]      # their costs
+
+
+def convention_tflops(dims: ModelDims, counts: dict, convention: str) -> float:
+    """One sample's cost under a TFLOPs convention (docs/flops.md, "TFLOPs budgets").
+
+    exact: our per-sample count (flops.md §7) up to the first generated token: vision tower, projector
+    and LLM prefill with its LM head. Decode is left out: its length is the answer's, not the budget's.
+    nominal: the paper's LLM-Viewer-style label (`legacy_nominal_tflops`: the layer-averaged visual
+    tokens plus 60 text tokens through every layer, 2 FLOPs per MAC).
+    """
+    if convention not in TFLOPS_CONVENTIONS:
+        raise ValueError(f"convention {convention!r} is not known; valid: {', '.join(TFLOPS_CONVENTIONS)}")
+    cost = sample_cost(dims, counts, generated_tokens=1)
+    return cost["total_flops"] / 1e12 if convention == "exact" else cost["legacy_nominal_tflops"]
+
+
+def solve_tflops_budget(dims: ModelDims, method: str, target: TflopsTarget,
+                        text_tokens: int = NOMINAL_TEXT_TOKENS, **overrides) -> SolvedBudget:
+    """The token budget whose planned cost (with `text_tokens` text tokens) is closest to the target;
+    of two equally close, the cheaper; of budgets with one cost, the smallest. InfeasibleBudget, naming the reachable range, when the target
+    is outside it.
+
+    A method that runs at every budget from its smallest up to the unreduced count (most) is solved
+    by bisection: its planned cost never falls as its budget grows. One that runs only at some
+    budgets (sparsevlm's official schedules, pooling's factor pairs) takes the closest of those,
+    found by a scan. tests/test_tflops_budgets.py checks both against a full scan for every method.
+    """
+    from ficoco import methods
+
+    registered = methods.get(method)
+    top = dims.visual_tokens
+
+    def cost(tokens: int) -> float | None:
+        """The planned cost at `tokens`; None where the method does not run."""
+        try:
+            counts = planned_counts(dims, registered.name, tokens, text_tokens, **overrides)
+        except ValueError:
+            return None
+        return convention_tflops(dims, counts, target.convention)
+
+    costs = _bisection_costs(cost, target.tflops, top)
+    assumed_text = text_tokens if target.convention == "exact" else NOMINAL_TEXT_TOKENS    # nominal: always 60
+    note = ""
+    if costs is None:                                 # it skips budgets: scan them all
+        costs = {tokens: value for tokens in range(1, top + 1) if (value := cost(tokens)) is not None}
+        if not costs:
+            try:
+                planned_counts(dims, registered.name, top, text_tokens, **overrides)
+            except ValueError as error:
+                raise InfeasibleBudget(f"{registered.name} reaches no budget in 1..{top} with these settings (at "
+                                       f"{top}: {str(error).rstrip('.')})") from None
+        note = f" (it runs only at {_listed(sorted(costs))})"
+    low, high = min(costs), max(costs)
+    _check_reachable(registered.name, target, assumed_text, (low, high), (costs[low], costs[high]), note)
+    # closest; of equally close, the cheaper; of equal costs (a plateau), the smallest budget
+    tokens = min(costs, key=lambda budget: (abs(costs[budget] - target.tflops), costs[budget], budget))
+    return SolvedBudget(target, tokens, costs[tokens], (low, high), (costs[low], costs[high]))
+
+
+def _bisection_costs(cost, target: float, top: int) -> dict[int, float] | None:
+    """The costs a contiguous method needs probed: its smallest and the unreduced budget, the budgets
+    on either side of the target, and the first budget of each of their costs (a plateau's smallest).
+    None as soon as a probe finds a budget inside the range where the method does not run."""
+    costs: dict[int, float | None] = {}
+
+    def known(tokens: int) -> float | None:
+        if tokens not in costs:
+            costs[tokens] = cost(tokens)
+        return costs[tokens]
+
+    if known(top) is None:
+        return None
+    low = 1
+    if known(low) is None:                            # the smallest budget it runs at: low
+        unreachable, low = 1, top
+        while low - unreachable > 1:
+            middle = (unreachable + low) // 2
+            unreachable, low = (middle, low) if known(middle) is None else (unreachable, middle)
+
+    def first_at_least(value: float) -> int | None:
+        """The smallest budget costing >= value (top when none does); None at a gap."""
+        if known(low) >= value:
+            return low
+        if known(top) < value:
+            return top
+        below, above = low, top                       # cost(below) < value <= cost(above)
+        while above - below > 1:
+            middle = (below + above) // 2
+            if known(middle) is None:
+                return None
+            below, above = (below, middle) if known(middle) >= value else (middle, above)
+        return above
+
+    above = first_at_least(target)
+    if above is None:
+        return None
+    for tokens in (above - 1, above):                 # the closest cost is one of these two ...
+        if tokens >= low and (known(tokens) is None or first_at_least(known(tokens)) is None):
+            return None                               # ... and first_at_least probed where it starts
+    return {tokens: value for tokens, value in costs.items() if value is not None and tokens >= low}
+
+
+def _listed(budgets: Sequence[int], most: int = 8) -> str:
+    shown = ", ".join(map(str, budgets[:most]))
+    return shown + (f", ... ({len(budgets)} budgets)" if len(budgets) > most else "")
+
+
+def _check_reachable(method: str, target: TflopsTarget, text_tokens: int, tokens: tuple[int, int],
+                     tflops: tuple[float, float], note: str = "") -> None:
+    if not tflops[0] - target.tolerance <= target.tflops <= tflops[1] + target.tolerance:
+        raise InfeasibleBudget(f"{target.describe()} is out of reach for {method}: its budgets {tokens[0]}..{tokens[1]}"
+                               f"{note} cost {tflops[0]:.4g}..{tflops[1]:.4g} TFLOPs ({target.convention}, "
+                               f"{text_tokens} text tokens); valid: a target in that range (to within half a unit "
+                               f"of its last written digit)")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -28,8 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
-FULL = "full"
-ADAPTIVE = "adaptive"
+from ficoco.budget_labels import ADAPTIVE, FULL, run_label_problem
+
 DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -316,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", default="vanilla")
     parser.add_argument("--budget", type=_budget, default=FULL,
                         help="visual-token budget, 'full' (unreduced) or 'adaptive' (an adaptive method's own counts)")
+    parser.add_argument("--budget-label", help="the grid's label for this budget, when it differs: a TFLOPs "
+                                               "target ('t2.4') that the grid solved into --budget")
     parser.add_argument("--overrides", type=_overrides, default={}, help="method overrides as a JSON object")
     parser.add_argument("--device", default="auto", choices=DEVICES)
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
@@ -330,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.method == "vanilla" and args.budget != FULL:
         parser.error(f"--method vanilla takes --budget full; got {args.budget}")
+    if run_label_problem(args.budget_label, args.budget):
+        parser.error(run_label_problem(args.budget_label, args.budget))
     from ficoco.methods import budget_from_label
 
     try:
@@ -339,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     result = measure(args.model_config, args.method, budget, args.overrides, args.device, args.dtype,
                      args.batch_size, args.warmup, args.repeats, args.prompt_tokens, args.new_tokens,
                      args.attn_implementation, args.seed, args.model_name)
+    result["job"].update(budget=args.budget_label or result["job"]["budget"], run_budget=args.budget)
     write_json_atomic(result, args.out)
     per_token = "n/a" if result["per_token_s"] is None else f"{result['per_token_s'] * 1e3:.2f} ms"
     print(f"{args.out}: prefill {result['prefill_s'] * 1e3:.2f} ms, per decode token {per_token}, "

@@ -147,9 +147,9 @@ HOSTILE = [
     Hostile("bad-parameter-value", base("method_params: {fastv: {layer: -1}}"),
             ("method_params.fastv.layer", "layer=-1", "valid: an integer")),
     Hostile("per-budget-not-in-grid", base("method_params: {fastv: {per_budget: {48: {layer: 2}}}}"),
-            ("method_params.fastv.per_budget.48", "48 is not a budget of the grid", "valid:", "(integers): 64")),
+            ("method_params.fastv.per_budget.48", "48 is not a budget of the grid", "valid:", "(an integer, or a TFLOPs target's label): 64")),
     Hostile("per-budget-text-key", base("method_params: {fastv: {per_budget: {'64': {layer: 2}}}}"),
-            ("method_params.fastv.per_budget.64", "'64' is not a budget of the grid", "valid:", "(integers): 64")),
+            ("method_params.fastv.per_budget.64", "'64' is not a budget of the grid", "valid:", "(an integer, or a TFLOPs target's label): 64")),
     Hostile("per-budget-unknown-parameter", base("method_params: {fastv: {per_budget: {64: {layers: 2}}}}"),
             ("method_params.fastv.per_budget.64.layers", "'layers' is not a parameter", "valid: layer")),
 
@@ -220,6 +220,14 @@ HOSTILE = [
             ("toy-llava.size", "'huge'", "valid: default, small"), where="models.yaml",
             files={"models.yaml": "toy-llava:\n  source: toy\n  shape: toy\n  size: huge\n"
                                   "  prompt_template: 'USER: <image>\\n{prompt}'\n"}),
+
+    Hostile("registry-bad-text-tokens", base("models: [toy-llava]", "registries: {models: REGISTRY}", drop="models"),
+            ("toy-llava.text_tokens", "0 is not a number of text tokens", "valid: an integer >= 1"), where="models.yaml",
+            files={"models.yaml": "toy-llava:\n  source: toy\n  shape: toy\n  text_tokens: 0\n"
+                                  "  prompt_template: 'USER: <image>\\n{prompt}'\n"}),
+    Hostile("tflops-budget-out-of-reach", base("budgets: [{tflops: 50}]", drop="budgets"),
+            ("budgets[0]", "model llava-1.5-7b: 50 TFLOPs (exact) is out of reach for", "cost", "valid: a target in "
+             "that range")),
 
     # ---- --config overrides, as Snakemake parses them ----
     Hostile("config-option-list-of-numbers", BASE, ("budgets[0]", "'36'", "valid: an integer >= 1",

@@ -142,7 +142,7 @@ def test_bad_budget_names_the_value_and_the_valid_choices(tmp_path):
     data = metrics_json(MODEL, "gqa", "fastv", 64, 50.0)
     data["job"]["budget"] = "half"
     path = write_run(tmp_path, data)
-    with pytest.raises(ValueError, match=r"'half'.*valid: 'full' or a positive integer"):
+    with pytest.raises(ValueError, match=r"'half'.*valid: 'full', 'adaptive', a positive integer, or a TFLOPs target"):
         build_summary([path], [])
 
 

@@ -41,10 +41,11 @@ def job_blocks(output: str) -> list[tuple[str, str]]:
             for i, match in enumerate(starts)]
 
 
-def test_paper_dry_run_lists_every_job(repo_copy):
-    result = snakemake(repo_copy, "-n", "--cores", "1", "--configfile", "config/paper.yaml")
+@pytest.mark.parametrize("configfile", ["config/paper.yaml", "config/paper-tflops.yaml"])
+def test_paper_dry_run_lists_every_job(repo_copy, configfile):
+    result = snakemake(repo_copy, "-n", "-p", "--cores", "1", "--configfile", configfile)
     assert result.returncode == 0, result.stderr[-2000:]
-    config = load_and_validate(repo_copy / "config/paper.yaml", root=repo_copy)
+    config = load_and_validate(repo_copy / configfile, root=repo_copy)
     grid = job_grid(config, repo_copy)
     counts = job_counts(result.stdout)
     assert counts["evaluate"] == len(grid)
@@ -53,6 +54,10 @@ def test_paper_dry_run_lists_every_job(repo_copy):
     assert counts["fetch_benchmark"] == len(config["benchmarks"])
     assert counts["measure"] == len({(j.model, j.method, j.budget) for j in grid})
     assert counts["aggregate"] == counts["report"] == 1
+    # each evaluate job runs the budget the grid solved for its label (a TFLOPs target's token budget)
+    ran = re.findall(r"--method (\S+) --phase \S+ --budget (\S+) --budget-label (\S+)", result.stdout)
+    assert len(ran) == len(grid)
+    assert sorted(ran) == sorted((j.method, j.run_budget, j.budget) for j in grid)
 
 
 def test_slurm_profile_gives_gpus_to_gpu_jobs_only(repo_copy):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
+from ficoco.budget_labels import ADAPTIVE, FULL, is_label, tflops_target
 from ficoco.methods import downsample, evit, ficoco_l, ficoco_v, ficoco_v_code, ficoco_vl, tome, vanilla
 from ficoco.methods import dart, fastv, pdrop, sparsevlm
 from ficoco.methods import divprune, pooling, prumerge, random_keep, topk_cls, visionzip
@@ -25,24 +26,19 @@ _REGISTRY = MappingProxyType({
 })
 
 
-FULL = "full"              # budget label of an unreduced run (vanilla)
-ADAPTIVE = "adaptive"      # budget label of an adaptive method's one run (`Method.budgeted` False)
-
-
-def budget_labels_valid(text: str) -> bool:
-    """True for a grid budget label: "full", "adaptive" or a positive integer written out."""
-    return text in (FULL, ADAPTIVE) or (text.isdigit() and int(text) > 0)
-
-
 def budget_from_label(method, label) -> int | None:
     """A grid budget label as `ficoco.apply`'s budget, checked against the method.
 
     "full" -> None (unreduced); "adaptive" -> None (the adaptive reduction of a method with
     `budgeted=False`); a positive integer -> that budget. ValueError when the label does not fit
-    the method: an adaptive method runs only as "adaptive", a budgeted one never does.
+    the method: an adaptive method runs only as "adaptive", a budgeted one never does; a TFLOPs
+    label ("t2.4") names a target, which the grid solves into a token budget before a job runs.
     """
     method, label = get(method), str(label)
-    if not budget_labels_valid(label):
+    if tflops_target(label) is not None:
+        raise ValueError(f"budget {label!r} is a TFLOPs target; a job runs the token budget the grid solved for it "
+                         f"(`ficoco grid` prints it): pass that integer")
+    if not is_label(label):
         raise ValueError(f"budget {label!r}: valid values are '{FULL}', '{ADAPTIVE}' or a positive integer")
     if not method.budgeted and label != ADAPTIVE:
         raise ValueError(f"{method.name}: an adaptive method takes no budget; its budget label is '{ADAPTIVE}', "

@@ -33,7 +33,6 @@ from ficoco.methods.base import (
     patches_for,
     unit_interval,
     vision_layers,
-    vision_plan,
 )
 from ficoco.paradigm.correlate import take
 from ficoco.paradigm.filter import ficoco_v_scores, local_penalty, split_by_score

@@ -22,19 +22,20 @@ from pathlib import Path
 
 import pandas as pd
 
+from ficoco.budget_labels import VALID_LABELS, is_label, is_token_budget, tflops_target
 from ficoco.report import files
 
 JOB_KEYS = ("model", "method", "phase", "budget", "benchmark")
-FULL = "full"
-ADAPTIVE = "adaptive"        # an adaptive method's one run: no budget, realised counts per sample
 
 RESULTS_COLUMNS = {
     "model": "string",
     "method": "string",
     "phase": "string",
-    "budget": "string",                  # "full", "adaptive" or the integer budget, as text
-    "budget_tokens": "Int64",            # the integer budget; NA for "full" and "adaptive" (an adaptive run's
-                                         # realised tokens are visual_tokens_layer_avg)
+    "budget": "string",                  # the label: "full", "adaptive", "128", "t2.4", "t1.5-nominal"
+    "budget_tokens": "Int64",            # the token budget the job ran (a TFLOPs label's solved budget); NA for
+                                         # "full" and "adaptive" (an adaptive run's realised tokens are
+                                         # visual_tokens_layer_avg)
+    "predicted_tflops": "float64",       # a TFLOPs label's solved cost under its convention; NaN otherwise
     "benchmark": "string",
     "metric": "string",                  # key in metrics.json "metrics"; nested keys joined with "/"
     "headline": "boolean",               # metric is the job's headline (normally "score")
@@ -46,6 +47,7 @@ RESULTS_COLUMNS = {
     "tflops_vision": "float64",          # cost_mean.vision_flops / 1e12
     "tflops_decode": "float64",          # cost_mean.decode_flops / 1e12
     "tflops_legacy": "float64",          # cost_mean.legacy_nominal_tflops (the paper-style label)
+    "tflops_first_token": "float64",     # tflops_exact - tflops_decode: the exact convention of a TFLOPs budget
     "visual_tokens_layer_avg": "float64",
     "visual_tokens_delivered": "float64",
     "benchmark_module": "string",        # the registered module that scored the job (metrics.json)
@@ -130,27 +132,31 @@ def scaled(value, factor: float) -> float:
     return number(value) / factor
 
 
-BUDGET_CHOICES = "valid: 'full' or a positive integer (or 'adaptive', an adaptive method's one run)"
-
-
 def normalise_budget(value, where: str) -> str:
-    """'full', 'adaptive' or the decimal text of a positive integer; anything else is an error naming `where`."""
-    if isinstance(value, bool):
-        raise ValueError(f"{where}: budget {value!r} is not valid; {BUDGET_CHOICES}")
-    if isinstance(value, int) and value > 0:
+    """A budget label (ficoco.budget_labels; an integer budget as its decimal text); anything else is an
+    error naming `where`."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return str(value)
-    if isinstance(value, str) and (value in (FULL, ADAPTIVE) or (value.isdigit() and int(value) > 0)):
-        return value if value in (FULL, ADAPTIVE) else str(int(value))
-    raise ValueError(f"{where}: budget {value!r} is not valid; {BUDGET_CHOICES}")
+    if isinstance(value, str) and value.isdigit() and int(value) > 0:
+        return str(int(value))
+    if is_label(value):
+        return value
+    raise ValueError(f"{where}: budget {value!r} is not valid; valid: {VALID_LABELS}")
 
 
-def is_numeric_budget(budget: str) -> bool:
-    return budget not in (FULL, ADAPTIVE)
-
-
-def budget_tokens(budget: str):
-    """The integer budget; NA for "full" and "adaptive", which have none."""
-    return int(budget) if is_numeric_budget(budget) else pd.NA
+def budget_tokens(job: dict, where: str):
+    """The token budget a job ran: its integer label, or the budget a TFLOPs label was solved into
+    (`run_budget`, required then); NA for "full" and "adaptive", which have none."""
+    label = job["budget"]
+    if is_token_budget(label):
+        return int(label)
+    if tflops_target(label) is None:
+        return pd.NA
+    run_budget = str(job.get("run_budget", ""))
+    if not is_token_budget(run_budget):
+        raise ValueError(f"{where}: budget {label!r} is a TFLOPs target but the job records no solved token budget "
+                         f"(run_budget {job.get('run_budget')!r}); valid: a positive integer (rerun the job)")
+    return int(run_budget)
 
 
 def flatten_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
@@ -185,10 +191,12 @@ def read_job(data: dict, path: Path) -> dict:
     missing = [key for key in JOB_KEYS if job.get(key) in (None, "")]
     if missing:
         raise ValueError(f"{path}: job is missing {', '.join(missing)}; required job keys: {', '.join(JOB_KEYS)}")
-    return {
+    keys = {
         "model": str(job["model"]), "method": str(job["method"]), "phase": str(job["phase"]),
         "budget": normalise_budget(job["budget"], str(path)), "benchmark": str(job["benchmark"]),
     }
+    return {**keys, "budget_tokens": budget_tokens({**job, **keys}, str(path)),
+            "predicted_tflops": number(job.get("predicted_tflops"))}
 
 
 POSITIVE_COST_MEANS = ("total_flops", "prefill_flops")   # every sample that ran pays these
@@ -237,7 +245,6 @@ def run_rows(data: dict, path: Path) -> list[dict]:
     cost = data.get("cost_mean") or {}
     shared = {
         **job,
-        "budget_tokens": budget_tokens(job["budget"]),
         "samples": _count(data.get("samples")),
         "failures": _count(data.get("failures")),
         "tflops_exact": scaled(cost.get("total_flops"), 1e12),
@@ -245,6 +252,7 @@ def run_rows(data: dict, path: Path) -> list[dict]:
         "tflops_vision": scaled(cost.get("vision_flops"), 1e12),
         "tflops_decode": scaled(cost.get("decode_flops"), 1e12),
         "tflops_legacy": number(cost.get("legacy_nominal_tflops")),
+        "tflops_first_token": scaled(number(cost.get("total_flops")) - number(cost.get("decode_flops")), 1e12),
         "visual_tokens_layer_avg": number(nested(data, "visual_tokens", "layer_average")),
         "visual_tokens_delivered": number(nested(data, "visual_tokens", "delivered")),
         "benchmark_module": data.get("benchmark_module") if isinstance(data.get("benchmark_module"), str) else None,
@@ -264,7 +272,7 @@ def schedule_rows(data: dict, path: Path) -> list[dict]:
     per_layer = nested(data, "visual_tokens", "per_layer")
     if not isinstance(per_layer, list):
         return []
-    return [{**job, "budget_tokens": budget_tokens(job["budget"]), "layer": layer, "visual_tokens": number(tokens)}
+    return [{**job, "layer": layer, "visual_tokens": number(tokens)}
             for layer, tokens in enumerate(per_layer)]
 
 
@@ -347,14 +355,14 @@ def measure_throughput(data: dict) -> float:
 
 def measure_row(data: dict, path: Path) -> dict:
     model, method, budget = parse_measure_path(path)
-    job = data.get("job")
-    if isinstance(job, dict):
+    job = data.get("job") if isinstance(data.get("job"), dict) else {}
+    if job:
         stated = {"model": job.get("model", model), "method": job.get("method", method),
                   "budget": normalise_budget(job.get("budget", budget), str(path))}
         if stated != {"model": model, "method": method, "budget": budget}:
             raise ValueError(f"{path}: job {stated} disagrees with the file's path ({model}, {method}, {budget})")
-    row = {"model": model, "method": method, "budget": budget, "budget_tokens": budget_tokens(budget),
-           "source": str(path)}
+    row = {"model": model, "method": method, "budget": budget,
+           "budget_tokens": budget_tokens({**job, "budget": budget}, str(path)), "source": str(path)}
     row.update({key: measure_value(data, key) for key in MEASURE_VALUES if key != "throughput"})
     row["throughput"] = measure_throughput(data)
     row["decode_s"] = row["end_to_end_s"] - row["prefill_s"]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ficoco.budget_labels import describe, tflops_target
 from ficoco.report import findings
 from ficoco.report.aggregate import read_predictions
 from ficoco.report.intervals import LEVEL, Bootstrap
@@ -150,7 +151,7 @@ def paper_tables_section(tables: pd.DataFrame) -> str:
         for budget in ordered_budgets(model_tables["table_budget"].unique()):
             table = model_tables[model_tables["table_budget"] == budget]
             parts.append(f'<h3 id="{anchor("table", model, budget)}">{html.escape(model)}, budget '
-                         f'{html.escape(budget)}</h3>')
+                         f'{html.escape(describe(budget))}</h3>')
             parts.append(paper_table_html(table))
     return "\n".join(parts)
 
@@ -187,7 +188,18 @@ def costs_section(results: pd.DataFrame, measure: pd.DataFrame) -> str:
              .agg(benchmarks=("benchmark", "nunique"), visual_tokens=("visual_tokens_layer_avg", "mean"),
                   tflops_exact=("tflops_exact", "mean"), tflops_prefill=("tflops_prefill", "mean"),
                   tflops_vision=("tflops_vision", "mean"), tflops_decode=("tflops_decode", "mean"),
-                  tflops_legacy=("tflops_legacy", "mean"), eval_s_per_sample=("eval_s_per_sample", "mean")))
+                  tflops_legacy=("tflops_legacy", "mean"), eval_s_per_sample=("eval_s_per_sample", "mean"),
+                  budget_tokens=("budget_tokens", "first"), tflops_predicted=("predicted_tflops", "first"),
+                  tflops_first_token=("tflops_first_token", "mean")))
+    targets = target_columns(costs)
+    costs = costs.drop(columns=["tflops_first_token"])
+    if targets.empty:
+        costs = costs.drop(columns=["budget_tokens", "tflops_predicted"])
+    else:                                             # beside the budget, where a reader looks first
+        leading = ["model", "method", "budget", "budget_tokens", "convention", "tflops_target", "tflops_predicted",
+                   "tflops_realised"]
+        costs = costs.join(targets)
+        costs = costs[leading + [column for column in costs.columns if column not in leading]]
     if len(measure):
         measured = measure[["model", "method", "budget", "prefill_s", "per_token_s", "end_to_end_s",
                             "peak_memory_bytes", "throughput"]]
@@ -198,9 +210,29 @@ def costs_section(results: pd.DataFrame, measure: pd.DataFrame) -> str:
     costs, unit = in_flops_unit(costs)
     note = ("" if len(measure) else
             '<p class="note">No measure files: latency, memory and throughput columns are absent.</p>')
+    target_note = ("" if "convention" not in costs else
+                   f"<p>A TFLOPs budget's row shows the token budget it was solved into (budget_tokens), its target, the "
+                   f"cost predicted for the model's typical prompt (its registry's text_tokens; 60 under the nominal "
+                   f"convention), and the realised cost under the same convention ({unit}_realised: exact = vision + "
+                   f"projector + prefill, the cost up to the first token; nominal = the paper-style label). Under the "
+                   f"exact convention the two differ as far as the benchmark's prompts differ from the typical one.</p>")
     return (f"<p>Means over each job's benchmarks of the exact per-sample FLOPs in {unit} (vision + projector + "
             "LLM prefill + decode; contracts §2, flops.md §7), the paper-style nominal label, and the realised "
-            "layer-averaged visual tokens; measured medians from the measure jobs.</p>" + note + frame_html(costs))
+            "layer-averaged visual tokens; measured medians from the measure jobs.</p>" + target_note + note
+            + frame_html(costs))
+
+
+def target_columns(costs: pd.DataFrame) -> pd.DataFrame:
+    """For the rows of TFLOPs budgets: target, convention and the realised cost under that convention
+    (the prediction's counterpart); no columns at all when no row has a TFLOPs budget."""
+    targets = costs["budget"].map(tflops_target)
+    if targets.isna().all():
+        return pd.DataFrame(index=costs.index)          # .empty: no rows of TFLOPs budgets
+    convention = targets.map(lambda target: target.convention if target else None)
+    realised = costs["tflops_first_token"].where(convention == "exact", costs["tflops_legacy"])
+    return pd.DataFrame({"convention": convention,
+                         "tflops_target": targets.map(lambda target: target.tflops if target else float("nan")),
+                         "tflops_realised": realised.where(convention.notna())}, index=costs.index)
 
 
 #: Failed samples named per job and reason in the Failures section.
@@ -351,10 +383,12 @@ def overview_section(results: pd.DataFrame, measure: pd.DataFrame) -> str:
         return ", ".join(html.escape(str(v)) for v in sorted(headline[column].unique())) or "–"
 
     return (f"<ul><li>models: {names('model')}</li><li>methods: {names('method')}</li>"
-            f"<li>budgets: {', '.join(ordered_budgets(headline['budget'].unique())) or '–'}</li>"
+            f"<li>budgets: {', '.join(map(describe, ordered_budgets(headline['budget'].unique()))) or '–'}</li>"
             f"<li>benchmarks: {names('benchmark')}</li><li>jobs: {len(headline)}; measure files: {len(measure)}</li>"
             "</ul><p>Budgets are average visual tokens per LLM decoder layer; \"full\" is unreduced; "
-            "\"adaptive\" is an adaptive method's one run (a count per image; see its realised visual tokens). "
+            "\"adaptive\" is an adaptive method's one run (a count per image; see its realised visual tokens); "
+            "a TFLOPs target (\"2.4 TFLOPs (exact)\") runs, for each method, the token budget whose predicted "
+            "cost is closest to it (the costs section shows that budget, the prediction and the realised cost). "
             "Costs are computed from the token counts each run executed, never from a label.</p>")
 
 
@@ -423,7 +457,7 @@ def versus_html(versus: pd.DataFrame) -> list[str]:
         difference = with_interval(row["difference"], row["low"], row["high"], signed_value=True)
         judged = {"ahead": "ahead: a real difference", "behind": "behind: a real difference",
                   "within noise": "within noise", "no interval": "no interval"}[row["verdict"]]
-        sentences.append(f"<li>{html.escape(str(row['model']))}, budget {html.escape(str(row['budget']))}: "
+        sentences.append(f"<li>{html.escape(str(row['model']))}, budget {html.escape(describe(str(row['budget'])))}: "
                          f"{html.escape(row['FiCoCo'])} against {html.escape(row['best baseline'])}: {difference} "
                          f"points of Avg ({judged}).</li>")
     shown = interval_columns(versus, "difference", signed_value=True)

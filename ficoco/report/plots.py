@@ -27,7 +27,7 @@ from matplotlib.text import Text  # noqa: E402
 from matplotlib.transforms import Bbox  # noqa: E402
 
 from ficoco.report import files  # noqa: E402
-from ficoco.report.aggregate import FULL  # noqa: E402
+from ficoco.budget_labels import FULL, describe  # noqa: E402
 from ficoco.report.findings import family  # noqa: E402
 from ficoco.report.tables import (AVG_PCT, avg_percent_by_budget, is_vanilla, job_label, ordered_budgets,  # noqa: E402
                                   ordered_methods)
@@ -423,7 +423,7 @@ def visual_tokens_per_layer(schedules: pd.DataFrame, phases: dict[str, str]):
                     ends.append((line["layer"].iloc[-1], line["visual_tokens"].iloc[-1], method, colour(method),
                                  False))
                 model_name = f"{model} · " if len(rows) and mean["model"].nunique() > 1 else ""
-                axis.set_title(f"{model_name}{PHASE_NAMES.get(phase, phase)} · budget {budget}", fontsize=9)
+                axis.set_title(f"{model_name}{PHASE_NAMES.get(phase, phase)} · budget {describe(budget)}", fontsize=9)
                 axis.set_xlabel("LLM layer", fontsize=8)
                 axis.set_ylabel("visual tokens", fontsize=8)
                 axis.set_ylim(bottom=0)

@@ -22,7 +22,7 @@ import math
 
 import pandas as pd
 
-from ficoco.report.aggregate import ADAPTIVE, FULL, is_numeric_budget
+from ficoco.budget_labels import FULL, is_token_budget, sort_key
 from ficoco.report.intervals import JOB, Bootstrap, ratio_percent
 from ficoco.report.paper import (PAPER_BENCHMARKS, name_key, paper_averages, paper_method, printed_tflops,
                                  with_paper_values)
@@ -48,7 +48,7 @@ def job_label(method: str, budget: str) -> str:
     `prumerge-adaptive adaptive`."""
     if is_vanilla(method) and budget == FULL:
         return str(method)
-    return f"{method} {budget}" if budget in (FULL, ADAPTIVE) else f"{method} b{budget}"
+    return f"{method} b{budget}" if is_token_budget(budget) else f"{method} {budget}"
 
 
 def headline_scores(results: pd.DataFrame) -> pd.DataFrame:
@@ -73,8 +73,8 @@ def ordered_methods(methods) -> list[str]:
 
 
 def ordered_budgets(budgets) -> list[str]:
-    """Largest integer budget first, then "adaptive", "full" last."""
-    return sorted(set(budgets), key=lambda b: (b == FULL, b == ADAPTIVE, -int(b) if is_numeric_budget(b) else 0))
+    """Token budgets largest first, then TFLOPs targets largest first, then "adaptive", "full" last."""
+    return sorted(set(budgets), key=sort_key)
 
 
 def table_budgets(model_rows: pd.DataFrame) -> list[str]:
@@ -197,7 +197,8 @@ def avg_percent_by_budget(tables: pd.DataFrame) -> pd.DataFrame:
     """Avg% of every reduced row: model, method, budget, budget_tokens, avg_pct (for the Avg% plot).
 
     `budget_tokens` is the x of the plot (float): the integer budget, or for an "adaptive" run (no
-    budget) its realised mean visual tokens per LLM layer, the row's "visual tokens" cost cell.
+    budget) or a TFLOPs target (a budget per method) its realised mean visual tokens per LLM layer, the
+    row's "visual tokens" cost cell.
     """
     reduced = ~tables["reference"].astype(bool) & (tables["budget"] != FULL)
     keys = ["model", "table_budget", "method", "budget"]
@@ -205,7 +206,7 @@ def avg_percent_by_budget(tables: pd.DataFrame) -> pd.DataFrame:
     realised = tables[(tables["column"] == "visual tokens") & reduced][keys + ["ours"]]
     frame = rows[keys + ["ours"]].rename(columns={"ours": "avg_pct"}).merge(
         realised.rename(columns={"ours": "realised_tokens"}), on=keys, how="left")
-    numeric = frame["budget"].map(is_numeric_budget).astype(bool)
+    numeric = frame["budget"].map(is_token_budget).astype(bool)
     x = frame["realised_tokens"].astype(float).where(~numeric, pd.to_numeric(frame["budget"].where(numeric)))
     frame = frame.assign(budget_tokens=x.astype(float))[["model", "method", "budget", "budget_tokens", "avg_pct"]]
     return frame.reset_index(drop=True)
@@ -224,7 +225,7 @@ def paper_findings(headline: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFr
     averages = paper_averages(reference)
     rows = []
     for model, frame in headline.groupby("model"):
-        numeric = frame[frame["budget"].map(is_numeric_budget)]
+        numeric = frame[frame["budget"].map(is_token_budget)]
         scores = numeric.groupby(["method", "budget"])["value"].mean()
         budgets = sorted({int(b) for b in numeric["budget"]}, reverse=True)[:3]
         methods = [m for m in numeric["method"].unique() if paper_method(m) in averages]

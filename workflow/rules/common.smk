@@ -5,7 +5,8 @@ import re
 import sys
 from pathlib import Path
 
-from ficoco.config import FULL, job_grid, load_registries, method_overrides
+from ficoco.budget_labels import LABEL_PATTERN
+from ficoco.config import job_grid, load_registries, method_overrides
 
 # The Snakefile read the config files strictly and validated them with the --config overrides
 # (ficoco.config.load_config); the validated config, defaults filled in, replaces Snakemake's reading.
@@ -31,6 +32,8 @@ TOY_MODELS = [m for m in config["models"] if MODELS[m]["source"] == "toy"]
 HUB_BENCHMARKS = [b for b in config["benchmarks"] if BENCHMARKS[b].get("source", "hub") == "hub"]
 TOY_BENCHMARKS = [b for b in config["benchmarks"] if BENCHMARKS[b].get("source", "hub") == "toy"]
 
+# what each (model, method, budget label) runs: a TFLOPs label's solved token budget, else the label
+RUN_BUDGETS = {(j.model, j.method, j.budget): j for j in JOBS}
 RUN_DIR = "results/runs/{model}/{benchmark}/{method}/b{budget}"
 RUNS = sorted({(j.model, j.benchmark, j.method, j.phase, j.budget, j.shards) for j in JOBS})
 METRICS = [RUN_DIR.format(model=m, benchmark=b, method=me, budget=bu) + "/metrics.json" for m, b, me, _, bu, _ in RUNS]
@@ -57,12 +60,24 @@ def benchmark_options(benchmark):
     return options
 
 
+def run_budget(wildcards):
+    return RUN_BUDGETS[wildcards.model, wildcards.method, wildcards.budget].run_budget
+
+
+def job_json(wildcards):
+    """The job keys `score` records in metrics.json, with what a TFLOPs label was solved into."""
+    job = RUN_BUDGETS[wildcards.model, wildcards.method, wildcards.budget]
+    return json.dumps({"model": job.model, "method": job.method, "phase": job.phase, "budget": job.budget,
+                       "benchmark": wildcards.benchmark, "run_budget": job.run_budget,
+                       "predicted_tflops": job.predicted_tflops})
+
+
 def overrides_json(wildcards):
     return json.dumps(method_overrides(config, MODELS, wildcards.model, wildcards.method, wildcards.budget),
                       sort_keys=True)
 
 
 wildcard_constraints:
-    budget=r"full|adaptive|\d+",
+    budget=LABEL_PATTERN,
     shard=r"\d+",
     shards=r"\d+",

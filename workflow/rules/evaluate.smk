@@ -15,6 +15,7 @@ rule evaluate:
         "logs/evaluate/{model}/{benchmark}/{method}/b{budget}/shard{shard}of{shards}.log",
     params:
         phase=lambda wc: phase_of(wc.method),
+        run_budget=run_budget,
         module=lambda wc: BENCHMARKS[wc.benchmark].get("module", wc.benchmark),
         overrides=overrides_json,
         options=lambda wc: json.dumps(benchmark_options(wc.benchmark), sort_keys=True),
@@ -30,7 +31,7 @@ rule evaluate:
     shell:
         "OMP_NUM_THREADS={threads} {PY} -m ficoco.cli run --model {wildcards.model} --model-dir resources/models/{wildcards.model}"
         " --benchmark {wildcards.benchmark} --benchmark-module {params.module} --benchmark-dir resources/benchmarks/{wildcards.benchmark}"
-        " --method {wildcards.method} --phase {params.phase} --budget {wildcards.budget}"
+        " --method {wildcards.method} --phase {params.phase} --budget {params.run_budget} --budget-label {wildcards.budget}"
         " --shard {wildcards.shard} --shards {wildcards.shards} --out {output}"
         " --batch-size {params.batch_size} --device {params.device} --dtype {params.dtype}"
         " --overrides {params.overrides:q} --options {params.options:q} --template {params.template:q}"
@@ -52,8 +53,7 @@ rule score:
         RUN_DIR + "/metrics.json",
     params:
         module=lambda wc: BENCHMARKS[wc.benchmark].get("module", wc.benchmark),
-        job=lambda wc: json.dumps({"model": wc.model, "method": wc.method, "phase": phase_of(wc.method),
-                                   "budget": wc.budget, "benchmark": wc.benchmark}),
+        job=job_json,
         overrides=overrides_json,
     log:
         "logs/score/{model}/{benchmark}/{method}/b{budget}.log",

@@ -8,6 +8,7 @@ rule measure:
     output:
         "results/measure/{model}/{method}/b{budget}.json",
     params:
+        run_budget=run_budget,
         overrides=overrides_json,
         dtype=lambda wc: MODELS[wc.model].get("dtype", "float32"),
         settings=lambda wc: " ".join(f"--{k.replace('_', '-')} {v}" for k, v in sorted(config["measure"].items())
@@ -18,5 +19,6 @@ rule measure:
     threads: 1      # see rule evaluate
     shell:
         "OMP_NUM_THREADS={threads} {PY} -m ficoco.cli measure --model-config resources/models/{wildcards.model}/config.json"
-        " --method {wildcards.method} --budget {wildcards.budget} --overrides {params.overrides:q}"
+        " --method {wildcards.method} --budget {params.run_budget} --budget-label {wildcards.budget}"
+        " --overrides {params.overrides:q}"
         " --device {params.device} --dtype {params.dtype} {params.settings} --out {output} > {log} 2>&1"

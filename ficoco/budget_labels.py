@@ -1,0 +1,104 @@
+"""Budget labels: the one place that knows how a grid budget is written (it is a path part, `b{label}`).
+
+    "full"            the unreduced model (vanilla)
+    "adaptive"        an adaptive method's one run (it chooses a count per image)
+    "128"             a token budget: average visual tokens per LLM decoder layer
+    "t2.4"            a TFLOPs target under the exact convention (solved per model and method)
+    "t1.5-nominal"    a TFLOPs target under the paper's nominal convention
+
+A TFLOPs label names a target, not a token count: each (model, method) runs the token budget
+`ficoco.flops.solve_tflops_budget` finds for it, so two methods under one label may run different
+token counts at the same cost.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from decimal import Decimal
+
+FULL = "full"
+ADAPTIVE = "adaptive"
+TFLOPS_CONVENTIONS = ("exact", "nominal")
+NOMINAL_SUFFIX = "-nominal"
+#: the labels a path part may hold (Snakemake's wildcard constraint for {budget})
+LABEL_PATTERN = r"full|adaptive|[1-9]\d*|t\d+(?:\.\d+)?(?:-nominal)?"
+VALID_LABELS = ("'full', 'adaptive', a positive integer, or a TFLOPs target written t<TFLOPs> (exact convention) "
+                "or t<TFLOPs>-nominal, e.g. t2.4")
+
+
+@dataclass(frozen=True)
+class TflopsTarget:
+    """A budget stated as a cost: `tflops` per sample under `convention` (flops.md: exact | nominal)."""
+
+    tflops: float
+    convention: str = "exact"
+
+    def __post_init__(self):
+        if self.convention not in TFLOPS_CONVENTIONS:
+            raise ValueError(f"convention {self.convention!r} is not known; valid: {', '.join(TFLOPS_CONVENTIONS)}")
+        if isinstance(self.tflops, bool) or not self.tflops > 0:
+            raise ValueError(f"tflops {self.tflops!r} is not a cost; valid: a number > 0")
+
+    @property
+    def label(self) -> str:
+        # positional decimal text (never 1e-05): the label is a path part and must round-trip
+        digits = format(Decimal(repr(float(self.tflops))).normalize(), "f")
+        return f"t{digits}" + (NOMINAL_SUFFIX if self.convention == "nominal" else "")
+
+    @property
+    def tolerance(self) -> float:
+        """Half a unit in the last decimal place written (2.4 -> 0.05): a cost that rounds to the
+        target as written meets it (the paper's labels are rounded costs)."""
+        exponent = Decimal(repr(float(self.tflops))).as_tuple().exponent
+        return 0.5 * 10.0 ** exponent
+
+    def describe(self) -> str:
+        return f"{self.label.split('-')[0][1:]} TFLOPs ({self.convention})"
+
+
+def is_label(text) -> bool:
+    """True for a budget label as written in paths (see the module docstring)."""
+    return isinstance(text, str) and re.fullmatch(LABEL_PATTERN, text) is not None
+
+
+def tflops_target(label: str) -> TflopsTarget | None:
+    """The target a TFLOPs label names ("t2.4" -> 2.4 exact); None for any other label."""
+    match = re.fullmatch(r"t(\d+(?:\.\d+)?)(-nominal)?", str(label))
+    if match is None:
+        return None
+    return TflopsTarget(float(match.group(1)), "nominal" if match.group(2) else "exact")
+
+
+def is_token_budget(label: str) -> bool:
+    """True for a label that is itself a token count ("128")."""
+    return str(label).isdigit() and int(label) > 0
+
+
+def sort_key(label: str) -> tuple:
+    """Token budgets largest first, then TFLOPs targets largest first (exact before nominal), then
+    "adaptive", "full" last."""
+    target = tflops_target(label)
+    if is_token_budget(label):
+        return (0, -int(label), "")
+    if target is not None:
+        return (1, -target.tflops, target.convention)
+    return (2 if label == ADAPTIVE else 3, 0, "")
+
+
+def describe(label: str) -> str:
+    """How a report names a budget: "2.4 TFLOPs (exact)" for a TFLOPs label, any other label as is."""
+    target = tflops_target(label)
+    return label if target is None else target.describe()
+
+
+def run_label_problem(label: str | None, run_budget: str) -> str | None:
+    """Why a job's `--budget-label` cannot name its `--budget` (None when it can): a label differs from
+    the budget a job runs only when it is a TFLOPs target, which the grid solved into that budget."""
+    if label in (None, run_budget):
+        return None
+    if tflops_target(label) is None:
+        return (f"--budget-label {label!r} differs from --budget {run_budget!r}; valid: the same label, or a TFLOPs "
+                f"target's label (t2.4, t1.5-nominal) that the grid solved into --budget")
+    if not is_token_budget(run_budget):
+        return f"--budget-label {label!r} is a TFLOPs target; valid: --budget the token budget the grid solved for it"
+    return None
