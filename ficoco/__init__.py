@@ -11,6 +11,7 @@ def apply(model, method, budget: int | None = None, **overrides):
     `budget` is the average number of visual tokens per LLM decoder layer (None = unreduced).
     Extra keyword arguments override the method's hyperparameters (see `ficoco methods`).
     """
+    from ficoco import methods
     from ficoco.models import apply as apply_to_model
 
-    return apply_to_model(model, method, budget, **overrides)
+    return apply_to_model(model, methods.get(method), budget, **overrides)

@@ -270,7 +270,7 @@ def llava_scale_steps(repeats: int, synchronize=lambda: None, clock=time.perf_co
 
     from ficoco import methods
     from ficoco.dims import llava_1_5_dims
-    from ficoco.methods.base import LLMTokens, VisionTokens
+    from ficoco.contract import LLMTokens, VisionTokens
     from ficoco.models.clip import ClipScores, clip_attention
     from ficoco.models.llama import LlamaScores
 

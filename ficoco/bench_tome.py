@@ -53,7 +53,7 @@ def authors_merge(x: torch.Tensor, metric: torch.Tensor, sizes: torch.Tensor, r:
 
 def our_step(r: int):
     """Our ToMe step (ficoco/methods/tome.py, authors' order) as a function of (x, keys, sizes)."""
-    from ficoco.methods.base import VisionTokens
+    from ficoco.contract import VisionTokens
     from ficoco.methods.tome import TomeReduce
     from ficoco.paradigm.attention import proportional_attention_bias
 

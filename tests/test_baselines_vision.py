@@ -20,7 +20,7 @@ import ficoco
 from ficoco import methods
 from ficoco.budget import InfeasibleBudget
 from ficoco.dims import ModelDims, llava_1_5_dims
-from ficoco.methods.base import VisionTokens
+from ficoco.contract import VisionTokens
 from ficoco.methods.downsample import SquareResize
 from ficoco.methods.evit import EvitReduce
 
@@ -267,7 +267,7 @@ def test_one_tome_step_equals_the_authors_merge_tokens_sizes_and_order(later_lay
     (class token), re-implemented in ficoco/bench_tome.py; ours in the authors' order must match it."""
     from ficoco import bench_tome
 
-    from ficoco.methods.base import VisionTokens
+    from ficoco.contract import VisionTokens
     from ficoco.methods.tome import TomeReduce
 
     x, keys, sizes = bench_tome.inputs(seed=4, later_layer=later_layer)

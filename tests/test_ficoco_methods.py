@@ -16,8 +16,8 @@ import ficoco
 from ficoco import methods
 from ficoco.budget import InfeasibleBudget
 from ficoco.dims import ModelDims, llava_1_5_dims
-from ficoco.methods.base import VisionTokens
-from ficoco.methods.ficoco_v import FicocoVisionReduce
+from ficoco.contract import VisionTokens
+from ficoco.methods.shared import FicocoVisionReduce
 
 DIMS_7B = llava_1_5_dims("7b")
 

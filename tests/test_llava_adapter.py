@@ -6,7 +6,8 @@ import torch
 from helpers_tiny import BOS, IMAGE, PAD, generate_batch_and_alone, images, n_placeholders, prompt, tiny_llava
 
 import ficoco
-from ficoco.methods.base import Method, VisionLayerStep, VisionTokens
+from ficoco.contract import VisionLayerStep, VisionTokens
+from ficoco.methods.base import Method
 from ficoco.models.llava import collapse_placeholders
 
 # method -> (budget, overrides) on the 16-patch tiny model with 4 vision layers (layers 0..2 run)

@@ -12,7 +12,8 @@ from ficoco.budget_labels import ADAPTIVE, FULL, is_label, tflops_target
 from ficoco.methods import downsample, evit, ficoco_l, ficoco_v, ficoco_v_code, ficoco_vl, tome, vanilla
 from ficoco.methods import dart, fastv, pdrop, sparsevlm
 from ficoco.methods import divprune, pooling, prumerge, random_keep, topk_cls, visionzip
-from ficoco.methods.base import LLMKept, LLMLayerStep, LLMTokens, Method, Param, VisionLayerStep, VisionTokens
+from ficoco.contract import LLMKept, LLMLayerStep, LLMTokens, VisionLayerStep, VisionTokens
+from ficoco.methods.base import Method, Param
 
 _REGISTRY = MappingProxyType({
     method.name: method

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ficoco.methods.base import LLMKept, LLMScores, LLMTokens, Method, Param, positive_int
-from ficoco.methods.fastv import one_shot_schedule, one_shot_step
+from ficoco.contract import LLMKept, LLMScores, LLMTokens
+from ficoco.methods.base import Method, Param, positive_int
+from ficoco.methods.shared import one_shot_schedule, one_shot_step
 from ficoco.paradigm.attention import key_l1_norm
 from ficoco.paradigm.compress import gather_tokens
 from ficoco.paradigm.filter import dart_select

@@ -17,18 +17,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ficoco.methods.base import (
-    ImageTokens,
-    LLMKept,
-    LLMLayerStep,
-    LLMScores,
-    LLMTokens,
-    Method,
-    Param,
-    ProjectorStep,
-    staged_llm_plan,
-)
-from ficoco.methods.post_vision import feature_plan
+from ficoco.contract import ImageTokens, LLMKept, LLMLayerStep, LLMScores, LLMTokens, ProjectorStep
+from ficoco.methods.base import Method, Param
+from ficoco.methods.shared import staged_llm_plan
+from ficoco.methods.shared import feature_plan
 from ficoco.paradigm.compress import gather_tokens
 from ficoco.paradigm.filter import divprune_select
 

@@ -20,7 +20,9 @@ from dataclasses import dataclass
 import torch
 
 from ficoco.budget import downsample_side
-from ficoco.methods.base import Method, VisionInputStep, patches_for, unreduced_llm_plan
+from ficoco.contract import VisionInputStep
+from ficoco.methods.base import Method
+from ficoco.methods.shared import patches_for, unreduced_llm_plan
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from ficoco.budget import evit_stage_counts
-from ficoco.methods.base import (Method, Param, VisionScores, VisionTokens, encoder_plan, patches_for,
-                                 vision_layer_build)
+from ficoco.contract import VisionScores, VisionTokens
+from ficoco.methods.base import Method, Param
+from ficoco.methods.shared import encoder_plan, patches_for, vision_layer_build
 from ficoco.paradigm.compress import fused_token, gather_tokens
 from ficoco.paradigm.filter import complement_positions, top_k_positions
 

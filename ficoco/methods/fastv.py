@@ -15,57 +15,8 @@ Budgets: `fastv` keeps k(B) = ⌊(L·B − 576·K)/(L − K)⌋ so that the laye
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from ficoco.budget import keep_for_budget
-from ficoco.methods.base import LLMKept, LLMLayerStep, LLMScores, LLMTokens, Method, Param, positive_int, \
-    staged_llm_plan
-from ficoco.paradigm.filter import top_k_positions
-
-
-@dataclass(frozen=True)
-class LastQueryTopK:
-    """Keep the `keep[layer]` visual tokens that the last prompt token attends to most (K = 0 pruning)."""
-
-    keep: dict[int, int]
-
-    def __call__(self, layer: int, tokens: LLMTokens, scores: LLMScores) -> LLMKept:
-        last = tokens.instruction[:, -1:]                                       # (B, 1) the last prompt token
-        importance = scores.rows(last, keys=tokens.visual)[:, 0]                 # (B, N)
-        kept = tokens.visual.gather(1, top_k_positions(importance, self.keep[layer]))
-        return LLMKept(hidden=tokens.hidden, visual=kept)
-
-
-def check_prune_layer(method: str, layer: int, dims) -> None:
-    """K must leave a previous layer to score from and a layer to prune: 1 <= K <= L − 1."""
-    if not 1 <= layer <= dims.llm_layers - 1:
-        raise ValueError(f"{method}: layer={layer}: need 1 <= layer <= {dims.llm_layers - 1} (K scores from layer "
-                         f"K−1's attention and prunes at the input of layer K of the {dims.llm_layers} LLM layers)")
-
-
-def one_shot_step(plan: dict, reduce_for, needs_instruction: bool = True) -> tuple:
-    """The single previous-layer-scored step of a one-shot plan (none when unreduced).
-
-    `reduce_for(keep)` builds the step's reduce from the kept count at the pruning layer.
-    """
-    llm = plan["llm"]
-    if llm is None:
-        return ()
-    layer, keep = llm["layers"][0], llm["visual_out"][0]
-    return (LLMLayerStep(layers=(layer,), reduce=reduce_for(keep), tokens_out={layer: keep},
-                         scores_from="previous", needs_instruction=needs_instruction),)
-
-
-def one_shot_schedule(method: str):
-    """The schedule of a method that prunes once at the input of LLM layer `params["layer"]`, keeping
-    k(B) image tokens so that the layer average is <= B (FastV, DART)."""
-    def schedule(dims, budget, params) -> dict:
-        check_prune_layer(method, params["layer"], dims)
-        if budget is None:
-            return staged_llm_plan(dims, {})
-        keep = keep_for_budget(budget, params["layer"], dims.llm_layers, dims.visual_tokens, method=method)
-        return staged_llm_plan(dims, {params["layer"]: keep})
-    return schedule
+from ficoco.methods.base import Method, Param, positive_int
+from ficoco.methods.shared import LastQueryTopK, check_prune_layer, one_shot_schedule, one_shot_step, staged_llm_plan
 
 
 schedule = one_shot_schedule("fastv")

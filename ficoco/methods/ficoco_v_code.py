@@ -75,19 +75,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ficoco.budget import InfeasibleBudget, spread
-from ficoco.methods.base import (
-    Method,
-    Param,
-    VisionLayerStep,
-    VisionScores,
-    VisionTokens,
-    encoder_plan,
-    non_negative_int,
-    optional_non_negative_int,
-    patches_for,
-    planned_vision_layers,
-    vision_layers,
-)
+from ficoco.contract import VisionLayerStep, VisionScores, VisionTokens
+from ficoco.methods.base import Method, Param, non_negative_int, optional_non_negative_int
+from ficoco.methods.shared import encoder_plan, patches_for, planned_vision_layers, vision_layers
 from ficoco.paradigm.compress import gather_tokens
 
 NAME = "ficoco-v-code"

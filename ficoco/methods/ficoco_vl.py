@@ -6,10 +6,11 @@ from those tokens and brings the LLM layer average to B.
 from __future__ import annotations
 
 from ficoco.budget import encoder_discards, round_half_up
-from ficoco.methods.base import (Method, Param, non_negative_int, optional_non_negative_int, patches_for,
-                                 planned_vision_layers, positive_int, positive_number, vision_layers, vision_plan)
-from ficoco.methods.ficoco_l import LANGUAGE_PARAMS, language_step, llm_plan
-from ficoco.methods.ficoco_v import VISION_PARAMS, vision_step
+from ficoco.methods.base import (Method, Param, non_negative_int, optional_non_negative_int, positive_int,
+                                 positive_number)
+from ficoco.methods.shared import patches_for, planned_vision_layers, vision_layers, vision_plan
+from ficoco.methods.shared import LANGUAGE_PARAMS, language_step, llm_plan
+from ficoco.methods.shared import VISION_PARAMS, vision_step
 
 
 def schedule(dims, budget, params) -> dict:

@@ -22,15 +22,9 @@ from __future__ import annotations
 import math
 
 from ficoco.budget import InfeasibleBudget, layer_average, pdrop_layer_counts, pdrop_stage_counts, solve_pdrop_lambda
-from ficoco.methods.base import LLMLayerStep, Method, Param, staged_llm_plan
-from ficoco.methods.fastv import LastQueryTopK
-
-
-def increasing_layers(value) -> str | None:
-    ok = (isinstance(value, (list, tuple)) and len(value) >= 1
-          and all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in value)
-          and all(a < b for a, b in zip(value, value[1:])))
-    return None if ok else "must be a non-empty, strictly increasing list of layer indices >= 0"
+from ficoco.contract import LLMLayerStep
+from ficoco.methods.base import Method, Param
+from ficoco.methods.shared import LastQueryTopK, increasing_layers, staged_llm_plan
 
 
 def optional_ratio(value) -> str | None:

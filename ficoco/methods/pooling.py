@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ficoco.budget import pooling_grid
-from ficoco.methods.base import ImageTokens, Method, VisionOutputScores, VisionTokens
-from ficoco.methods.post_vision import feature_plan, output_build
+from ficoco.contract import ImageTokens, VisionOutputScores, VisionTokens
+from ficoco.methods.base import Method
+from ficoco.methods.shared import feature_plan, output_build
 from ficoco.paradigm.compress import pool_grid
 
 

@@ -29,8 +29,9 @@ from dataclasses import dataclass
 import torch
 
 from ficoco.budget import prumerge_plus_split
-from ficoco.methods.base import ImageTokens, Method, Param, VisionOutputScores, VisionTokens, positive_int
-from ficoco.methods.post_vision import adaptive_feature_plan, check_patch_count, feature_plan, output_build
+from ficoco.contract import ImageTokens, VisionOutputScores, VisionTokens
+from ficoco.methods.base import Method, Param, positive_int
+from ficoco.methods.shared import adaptive_feature_plan, check_patch_count, feature_plan, output_build
 from ficoco.paradigm.compress import prumerge_merge
 from ficoco.paradigm.correlate import knn_positions
 from ficoco.paradigm.filter import complement_positions, evenly_spaced_positions, iqr_outlier_mask, raster_positions, \

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ficoco.methods.base import ImageTokens, Method, Param, VisionOutputScores, VisionTokens, non_negative_int
-from ficoco.methods.post_vision import check_patch_count, feature_plan, keep_patches, output_build
+from ficoco.contract import ImageTokens, VisionOutputScores, VisionTokens
+from ficoco.methods.base import Method, Param, non_negative_int
+from ficoco.methods.shared import check_patch_count, feature_plan, keep_patches, output_build
 from ficoco.paradigm.filter import random_positions, sample_seed
 
 

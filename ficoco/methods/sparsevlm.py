@@ -32,9 +32,9 @@ from dataclasses import dataclass
 import torch
 
 from ficoco.budget import InfeasibleBudget, sparsevlm_matched_schedule, sparsevlm_recycled_clusters
-from ficoco.methods.base import LLMKept, LLMLayerStep, LLMScores, LLMTokens, Method, Param, non_negative_int, \
-    staged_llm_plan
-from ficoco.methods.pdrop import increasing_layers
+from ficoco.contract import LLMKept, LLMLayerStep, LLMScores, LLMTokens
+from ficoco.methods.base import Method, Param, non_negative_int
+from ficoco.methods.shared import increasing_layers, staged_llm_plan
 from ficoco.paradigm.compress import gather_tokens, group_means
 from ficoco.paradigm.correlate import dpc_knn_clusters
 from ficoco.paradigm.filter import complement_positions, rater_mask, rater_scores, top_k_positions

@@ -25,18 +25,9 @@ from dataclasses import dataclass
 import torch
 
 from ficoco.budget import InfeasibleBudget, tome_merges
-from ficoco.methods.base import (
-    Method,
-    Param,
-    VisionScores,
-    VisionTokens,
-    encoder_plan,
-    non_negative_int,
-    optional_non_negative_int,
-    patches_for,
-    vision_layer_build,
-    vision_layers,
-)
+from ficoco.contract import VisionScores, VisionTokens
+from ficoco.methods.base import Method, Param, non_negative_int, optional_non_negative_int
+from ficoco.methods.shared import encoder_plan, patches_for, vision_layer_build, vision_layers
 from ficoco.paradigm.attention import head_mean_keys, proportional_attention_bias
 from ficoco.paradigm.compress import size_weighted_merge
 from ficoco.paradigm.filter import bipartite_max_similarity, complement_positions, top_k_positions

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ficoco.methods.base import ImageTokens, Method, VisionOutputScores, VisionTokens
-from ficoco.methods.post_vision import check_patch_count, feature_plan, keep_patches, output_build
+from ficoco.contract import ImageTokens, VisionOutputScores, VisionTokens
+from ficoco.methods.base import Method
+from ficoco.methods.shared import check_patch_count, feature_plan, keep_patches, output_build
 from ficoco.paradigm.filter import top_k_positions
 
 

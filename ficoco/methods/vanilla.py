@@ -1,7 +1,8 @@
 """vanilla: the unreduced model. Installs no reduction; the adapter still records token counts."""
 from __future__ import annotations
 
-from ficoco.methods.base import Method, delivered_plan
+from ficoco.methods.base import Method
+from ficoco.methods.shared import delivered_plan
 
 
 def schedule(dims, budget, params) -> dict:

@@ -16,15 +16,9 @@ from dataclasses import dataclass
 import torch
 
 from ficoco.budget import visionzip_split
-from ficoco.methods.base import (
-    ImageTokens,
-    Method,
-    Param,
-    VisionOutputScores,
-    VisionTokens,
-    optional_non_negative_int,
-)
-from ficoco.methods.post_vision import check_patch_count, feature_plan, output_build
+from ficoco.contract import ImageTokens, VisionOutputScores, VisionTokens
+from ficoco.methods.base import Method, Param, optional_non_negative_int
+from ficoco.methods.shared import check_patch_count, feature_plan, output_build
 from ficoco.paradigm.attention import head_mean_keys
 from ficoco.paradigm.compress import contextual_tokens, gather_tokens
 from ficoco.paradigm.correlate import cosine_argmax

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 
 def apply(model, method, budget: int | None = None, **overrides):
-    """Install `method` (a name from `ficoco methods` or a Method) at `budget` on `model`; returns the handle."""
+    """Install `method` (a `ficoco.methods.base.Method`) at `budget` on `model`; returns the handle.
+
+    Adapters never import the method registry or a method's module (tests/test_contract.py):
+    `ficoco.apply` resolves a method's name before it gets here."""
     from transformers import LlavaForConditionalGeneration
 
     if isinstance(model, LlavaForConditionalGeneration):

@@ -22,7 +22,7 @@ import types
 
 import torch
 
-from ficoco.methods.base import VisionInputStep, VisionLayerStep, VisionTokens
+from ficoco.contract import VisionInputStep, VisionLayerStep, VisionTokens
 from ficoco.paradigm.attention import head_mean_probs
 
 

@@ -28,7 +28,7 @@ import hashlib
 
 import torch
 
-from ficoco.methods.base import ImageTokens, ProjectorStep, VisionOutputStep, VisionTokens
+from ficoco.contract import ImageTokens, ProjectorStep, VisionOutputStep, VisionTokens
 from ficoco.paradigm.attention import head_mean_probs
 
 PROJECTOR_TRACE = "projector"        # key of a projector step's kept positions in the vision trace

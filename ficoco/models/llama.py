@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from transformers.models.llama.modeling_llama import rotate_half
 
-from ficoco.methods.base import LLMKept, LLMLayerStep, LLMTokens
+from ficoco.contract import LLMKept, LLMLayerStep, LLMTokens
 from ficoco.paradigm.attention import head_mean_probs
 
 

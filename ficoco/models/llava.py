@@ -35,25 +35,27 @@ import inspect
 import logging
 import types
 import weakref
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from transformers.cache_utils import Cache
 
-from ficoco import methods as method_registry
+from ficoco.contract import LLMLayerStep, VisionInputStep, VisionLayerStep, VisionOutputStep
 from ficoco.dims import ModelDims
-from ficoco.methods.base import LLMLayerStep, Method, VisionInputStep, VisionLayerStep, VisionOutputStep
 from ficoco.models.clip import ClipPatch, VisionPass
 from ficoco.models.llama import LlamaPatch, LLMPass
 from ficoco.models.features import FEATURE_STEPS, FeaturePatch
 from ficoco.models.guard import require_tested_transformers
+
+if TYPE_CHECKING:                    # for annotations only: an adapter never imports the methods package
+    from ficoco.methods.base import Method
 
 log = logging.getLogger(__name__)
 
 _INSTALLED = "_ficoco_handle"        # attribute on the patched model naming the active handle
 
 
-def apply_llava(model, method: str | Method, budget: int | None = None, **overrides) -> "LlavaHandle":
+def apply_llava(model, method: Method, budget: int | None = None, **overrides) -> "LlavaHandle":
     """Install `method` at `budget` on a `LlavaForConditionalGeneration`; returns the handle.
 
     Refuses an untested transformers version first (ficoco/models/guard.py).
@@ -62,9 +64,11 @@ def apply_llava(model, method: str | Method, budget: int | None = None, **overri
     return install_llava(model, method, budget, **overrides)
 
 
-def install_llava(model, method: str | Method, budget: int | None = None, **overrides) -> "LlavaHandle":
+def install_llava(model, method: Method, budget: int | None = None, **overrides) -> "LlavaHandle":
     """`apply_llava` without the version guard: for the self-check, which is what the guard runs."""
-    method = method_registry.get(method)
+    if not callable(getattr(method, "plan", None)):
+        raise TypeError(f"install_llava: method {method!r} is not a Method; ficoco.apply resolves a name "
+                        f"(`ficoco methods` lists them) to one")
     if getattr(model, _INSTALLED, None) is not None:
         raise RuntimeError("a ficoco method is already installed on this model; call its handle.remove() first")
     dims = ModelDims.from_config(model.config)

@@ -102,6 +102,7 @@ def run_selfcheck() -> SelfCheckResult:
 
 def _run_checks(checks: list[Check]) -> None:
     """Append one Check per entry of CHECK_NAMES, in that order."""
+    from ficoco import methods     # the one adapter-side module that runs a registered method
     from ficoco.models.llava import install_llava
 
     model = tiny_llava()
@@ -110,7 +111,7 @@ def _run_checks(checks: list[Check]) -> None:
     reference_logits = model(input_ids=first, pixel_values=pixels[:1]).logits
     reference_tokens = _generate(model, first, torch.ones_like(first), pixels[:1]).sequences
 
-    handle = install_llava(model, METHOD, BUDGET, **OVERRIDES)
+    handle = install_llava(model, methods.get(METHOD), BUDGET, **OVERRIDES)
     try:
         plan = handle.plan
         # (1) a prefill records exactly the planned schedule

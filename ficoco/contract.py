@@ -1,0 +1,248 @@
+"""The contract between token-reduction methods and model adapters: what flows between them.
+
+Methods (ficoco/methods) and adapters (ficoco/models) both import this module and never each
+other: a method is a plan and a few reduction steps built from the types here; an adapter
+installs the steps on one model family and hands them these types.
+
+A `Method` says *what* happens and *where*; a model adapter (ficoco/models) says *how* to get the
+hidden states and attention at that place. The boundary between the two is a small set of
+**reduction steps**, one class per site a method can act on:
+
+| step                | site                                                                  | the adapter hands it          |
+|---------------------|-----------------------------------------------------------------------|-------------------------------|
+| `VisionLayerStep`   | inside vision encoder layers, after the attention residual, before the MLP | `VisionTokens`, `VisionScores` |
+| `VisionInputStep`   | the vision tower's input: the image is resized to fewer patches       | the pixel values              |
+| `LLMLayerStep`      | at the input of LLM decoder layers, during prefill                    | `LLMTokens`, `LLMScores`      |
+| `VisionOutputStep`  | the output of the vision layer LLaVA reads (CLS first), before the projector | `VisionTokens`, `VisionOutputScores` |
+| `ProjectorStep`     | the projected visual tokens of each image, before the LLM             | `ImageTokens`                 |
+
+A step's `reduce` is a plain function of tensors (built from ficoco.paradigm); it never sees a
+module. Attention is offered through a *scores* object whose methods compute only what is asked
+for (the full head-mean matrix, a few rows, or the keys), so a method that needs one row never
+pays for the matrix, and the layer's own output keeps its fused attention kernel.
+
+Sites still to come (methods.md §8) slot in as further step classes without touching the
+existing ones, as `VisionOutputStep` (VisionZip, PruMerge, TopK-CLS, Random, pooling) and
+`ProjectorStep` (DivPrune) did. `LLMLayerStep.scores_from="previous"`
+hands a step the attention and keys of the layer before the reducing one (FastV, DART,
+SparseVLM). `VisionTokens.key_bias` already carries ToMe's proportional attention.
+
+Shapes: B = batch (images for vision steps, prompts for LLM steps), N = current tokens,
+D = width, H = heads, d = head dim, L = current sequence length.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Mapping, Protocol
+
+import torch
+
+VISION_ATTENTION = ("probs", "rows", "keys", "none")
+LLM_SCORES_FROM = ("self", "previous")
+
+
+# ------------------------------------------------------------------------------------------------
+# What flows between the adapter and a step
+
+@dataclass(frozen=True)
+class VisionTokens:
+    """The token matrix of one vision-encoder layer, CLS first, patches in original order."""
+
+    hidden: torch.Tensor                    # (B, 1+N, D)
+    positions: torch.Tensor                 # (B, N) int64 raster position (row·W + col) of each patch
+    key_bias: torch.Tensor | None = None    # (B, 1+N) additive logit bias per key (ToMe sizes); None = 0
+
+
+class VisionScores(Protocol):
+    """Attention of the current vision layer, computed on demand (float32, averaged over heads)."""
+
+    def probs(self) -> torch.Tensor:
+        """(B, 1+N, 1+N) softmax probabilities, row = query, column = key, CLS at 0."""
+
+    def rows(self, queries: torch.Tensor) -> torch.Tensor:
+        """(B, R, 1+N) probabilities of the query rows `queries` (B, R)."""
+
+    def keys(self) -> torch.Tensor:
+        """(B, H, 1+N, d) keys of the layer."""
+
+    def logits(self) -> torch.Tensor:
+        """(B, 1+N, 1+N) float32 pre-softmax logits q·k·scale averaged over heads (no key bias)."""
+
+
+@dataclass(frozen=True)
+class LLMTokens:
+    """The residual stream entering one LLM decoder layer during prefill (one image span per row)."""
+
+    hidden: torch.Tensor                    # (B, L, D)
+    visual: torch.Tensor                    # (B, N) int64 sequence positions of the current visual tokens
+    instruction: torch.Tensor               # (B, M) int64 positions of the prompt tokens after the last image token
+    input_visual: torch.Tensor | None = None       # (B, N0, D) LLM input embeddings of every image token (before
+                                                   # any reduction); only for a step with needs_inputs
+    input_instruction: torch.Tensor | None = None  # (B, M, D) LLM input embeddings of the instruction tokens
+
+
+@dataclass(frozen=True)
+class LLMKept:
+    """What an LLM step returns: the updated residual stream and the visual positions it keeps."""
+
+    hidden: torch.Tensor                    # (B, L, D) merged values written at the kept positions
+    visual: torch.Tensor                    # (B, N') int64 kept visual positions, sorted ascending
+
+
+class LLMScores(Protocol):
+    """Causal attention of one LLM layer on its own input, computed on demand.
+
+    The layer is the reducing layer itself, or the layer before it when the step says
+    `scores_from="previous"`; either way positions are those of the reducing layer's input.
+    """
+
+    def rows(self, queries: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, R, K) float32 head-mean probabilities of query rows `queries` (B, R), softmax over every
+        key the row may see (causal + padding mask), returned for the key columns `keys` (B, K)
+        (all columns when None)."""
+
+    def keys(self) -> torch.Tensor:
+        """(B, H_kv, L, d) the layer's keys after RoPE (what its KV cache holds)."""
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) -> (B, N, D): the LLM's final norm (the one before the LM head) applied to `hidden`."""
+
+
+@dataclass(frozen=True)
+class VisionLayerStep:
+    """Reduce inside vision encoder layers, between the attention residual add and the MLP."""
+
+    WHERE: ClassVar[str] = "vision encoder layers (between attention and MLP)"   # for `ficoco methods`
+
+    layers: tuple[int, ...]                 # 0-based encoder layers that reduce
+    reduce: Callable[[int, VisionTokens, VisionScores], VisionTokens]
+    tokens_out: Mapping[int, int]           # layer -> patches left after it (CLS not counted)
+    attention: str = "probs"                # what reduce reads: "probs" (the full matrix, computed once
+                                            # together with the layer output) or "rows" / "keys" / "none"
+                                            # (on demand; the output keeps the fused kernel)
+    site: str = field(default="vision", init=False)
+
+    def __post_init__(self):
+        if self.attention not in VISION_ATTENTION:
+            raise ValueError(f"attention={self.attention!r}; valid choices are {list(VISION_ATTENTION)}")
+
+
+@dataclass(frozen=True)
+class VisionInputStep:
+    """Change the image the vision tower encodes: fewer patches from the start (image downsampling).
+
+    `prepare` maps the pixel values the caller passed (B, C, H, W) to (B, C, image_side, image_side);
+    the adapter runs it (unless the input already has that size), interpolates the position
+    embeddings to the new patch grid and sends the LLM one feature per patch.
+    """
+
+    WHERE: ClassVar[str] = "vision encoder input (fewer patches are encoded)"   # for `ficoco methods`
+
+    image_side: int                         # pixels per side of the square image the tower encodes
+    prepare: Callable[[torch.Tensor], torch.Tensor]
+    site: str = field(default="vision", init=False)
+
+    def __post_init__(self):
+        if isinstance(self.image_side, bool) or not isinstance(self.image_side, int) or self.image_side < 1:
+            raise ValueError(f"image_side={self.image_side!r} must be an integer number of pixels >= 1")
+
+
+@dataclass(frozen=True)
+class LLMLayerStep:
+    """Reduce the visual tokens at the input of LLM decoder layers during prefill.
+
+    Kept tokens keep their original RoPE positions; the adapter drops the removed positions from
+    the hidden states, rotary tables, mask and (from that layer on) the KV cache.
+    """
+
+    WHERE: ClassVar[str] = "LLM layers (layer input, prefill)"   # for `ficoco methods`
+
+    layers: tuple[int, ...]                 # 0-based decoder layers that reduce
+    reduce: Callable[[int, LLMTokens, LLMScores], LLMKept]
+    tokens_out: Mapping[int, int]           # layer -> visual tokens left after it
+    needs_instruction: bool = True          # a prompt with no tokens after the image cannot be scored:
+                                            # alone it is left unreduced, in a batch it is an error
+    scores_from: str = "self"               # "self": the reducing layer's attention on its input;
+                                            # "previous": layer l−1's (FastV: A_{K−1}), same positions
+    needs_inputs: bool = False              # reduce reads LLMTokens.input_visual / input_instruction (SparseVLM)
+    site: str = field(default="llm", init=False)
+
+    def __post_init__(self):
+        if self.scores_from not in LLM_SCORES_FROM:
+            raise ValueError(f"scores_from={self.scores_from!r}; valid choices are {list(LLM_SCORES_FROM)}")
+        if self.scores_from == "previous" and any(layer < 1 for layer in self.layers):
+            raise ValueError(f"scores_from='previous' needs every reducing layer >= 1 (layer 0 has no previous "
+                             f"layer); got layers {list(self.layers)}")
+
+
+@dataclass(frozen=True)
+class ImageTokens:
+    """The tokens of each image on their way to the LLM (what a vision-output or projector step returns)."""
+
+    hidden: torch.Tensor                    # (B, K, D) exactly what the next part receives, in delivery order
+    positions: torch.Tensor | None          # (B, P) raster positions of the original patches kept or merged into
+                                            # (sorted; for analysis); None when every token is new (pooling)
+    counts: torch.Tensor | None = None      # (B,) int64 tokens of each image when they differ (an adaptive
+                                            # step): row b's first counts[b] tokens are real, the rest of the
+                                            # K = max(counts) rows are padding; `positions` rows are padded
+                                            # with -1 after their image's own entries. None = K for every image
+
+
+class VisionOutputScores(Protocol):
+    """What a vision-output step may read about the features, each computed on demand."""
+
+    def cls_row(self) -> torch.Tensor:
+        """(B, 1+N) float32 head-mean attention probabilities of the CLS query in the feature layer."""
+
+    def keys(self) -> torch.Tensor:
+        """(B, H, 1+N, d) the feature layer's keys."""
+
+    def next_cls_row(self) -> torch.Tensor:
+        """(B, 1+N) float32 CLS row of the *next* layer's q/k projections applied to the features (its
+        layer norm first), all heads concatenated, scale 1/sqrt(width), softmax over all keys (PruMerge)."""
+
+    def next_keys(self) -> torch.Tensor:
+        """(B, 1+N, D) the next layer's keys of the features, full width (PruMerge's kNN metric)."""
+
+    def image_digests(self) -> list[str]:
+        """One sha256 hex digest of the pixel values per image: a content identity for seeded methods."""
+
+
+@dataclass(frozen=True)
+class VisionOutputStep:
+    """Reduce the output of the vision layer LLaVA reads (CLS first, all patches), before the projector.
+
+    `reduce(layer, tokens, scores)` gets the feature layer's index, its output as `VisionTokens` and a
+    `VisionOutputScores`; its `ImageTokens.hidden` (B, tokens_out, D) replaces the projector input
+    (CLS only if the method keeps it), so the LLM sees `tokens_out` tokens per image.
+
+    An *adaptive* step (`tokens_out=None`, PruMerge's IQR rule) chooses a count per image: its reduce
+    returns `hidden` padded to the batch's largest count (B, max(counts), D) and `counts` (B,); the
+    adapter trims each image's projected tokens to its own count and gives every image a placeholder
+    run of that length.
+    """
+
+    WHERE: ClassVar[str] = "vision tower output (the features LLaVA reads, before the projector)"   # for `ficoco methods`
+
+    reduce: Callable[[int, VisionTokens, VisionOutputScores], ImageTokens]
+    tokens_out: int | None                  # tokens per image the projector (and then the LLM) receives;
+                                            # None = adaptive (a count per image, `ImageTokens.counts`)
+    site: str = field(default="vision", init=False)
+
+
+@dataclass(frozen=True)
+class ProjectorStep:
+    """Reduce the projected visual tokens of each image before they enter the LLM (contiguous positions).
+
+    `reduce(0, tokens, None)` gets `ImageTokens(hidden (B, N, D_llm), positions (B, N))` and returns
+    (B, tokens_out, D_llm). (A variant keeping the original RoPE positions is an `LLMLayerStep` at layer 0.)
+    """
+
+    WHERE: ClassVar[str] = "projector output (before the LLM)"   # for `ficoco methods`
+
+    reduce: Callable[[int, ImageTokens, None], ImageTokens]
+    tokens_out: int                         # tokens per image the LLM receives
+    site: str = field(default="projector", init=False)
+
+
+Step = VisionLayerStep | VisionInputStep | LLMLayerStep | VisionOutputStep | ProjectorStep

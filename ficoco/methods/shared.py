@@ -1,0 +1,379 @@
+"""Everything methods share: plan pieces, reduction steps and checks that more than one method uses.
+
+A method module imports the contract (ficoco/contract.py), `Method` and `Param` (base.py) and this
+module, never another method's module (tests/test_contract.py checks it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+
+from ficoco.budget import keep_for_budget, layer_average, progressive_llm_schedule, step_counts
+from ficoco.contract import (ImageTokens, LLMKept, LLMLayerStep, LLMScores, LLMTokens, VisionLayerStep,
+                             VisionOutputStep, VisionScores, VisionTokens)
+from ficoco.methods.base import Param, optional_non_negative_int, positive_int, positive_number, unit_interval
+from ficoco.paradigm.compress import gather_tokens, self_preserving_merge
+from ficoco.paradigm.correlate import adaptive_quantile_weights, ficoco_l_correlation, fixed_k_weights, take
+from ficoco.paradigm.filter import ficoco_l_scores, ficoco_v_scores, local_penalty, split_by_score, top_k_positions
+
+
+# ------------------------------------------------------------------------------------------------
+# Plan pieces and the correlate -> compress tail
+
+def merge_weights(corr: torch.Tensor, eps: float, k: int | None) -> torch.Tensor:
+    """α (B, S, T): the ε-quantile token-adaptive targets when k is None, else the k best targets (0 = prune)."""
+    return adaptive_quantile_weights(corr, eps) if k is None else fixed_k_weights(corr, k)
+
+
+def fold_sources(x: torch.Tensor, sources: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
+                 k: int | None) -> torch.Tensor:
+    """The targets after the self-preserving merge of the sources into them.
+
+    x: (B, N, D) candidates; sources (B, S), targets (B, T) positions into N; weights (B, S, T).
+    Returns (B, T, D) in target order. With k == 0 (pruning) the targets are returned untouched.
+    """
+    x_targets = gather_tokens(x, targets)                                   # (B, T, D)
+    if k == 0 or sources.shape[1] == 0:
+        return x_targets
+    return self_preserving_merge(x_targets, gather_tokens(x, sources), weights)
+
+
+def vision_layer_counts(dims, discards: Mapping[int, int]) -> list[list[int]]:
+    """Planned [n_attn, n_mlp] per executed vision layer, CLS included, for one image."""
+    tokens = dims.vision_tokens
+    counts = []
+    for layer in range(dims.vision_layers_run):
+        after = tokens - discards.get(layer, 0)
+        counts.append([tokens, after])
+        tokens = after
+    return counts
+
+
+def unreduced_llm(dims, delivered: int) -> list[int]:
+    return [delivered] * dims.llm_layers
+
+
+def unreduced_llm_plan(dims, plan: Mapping) -> dict:
+    """`plan` (its vision entries, "delivered" included) completed for a method that does not reduce
+    inside the LLM: `plan["delivered"]` visual tokens in every LLM layer."""
+    delivered = plan["delivered"]
+    return {**plan, "llm": None, "llm_visual": unreduced_llm(dims, delivered), "layer_average": float(delivered)}
+
+
+def planned_vision_layers(plan: Mapping) -> tuple:
+    """The reducing vision layers of a plan's "vision" entry; () when it has none."""
+    vision = plan["vision"]
+    return tuple(vision["layers"]) if vision and vision["layers"] else ()
+
+
+def vision_layers(method: str, dims, start: int, end: int | None, start_name="start", end_name="end") -> list[int]:
+    """The reducing vision layers start..end, inside the layers that run (0..last feature layer)."""
+    last = dims.last_vision_layer
+    end = last if end is None else end
+    check_layer_range(method, start_name, start, end_name, end, last + 1,
+                      f"the vision layers that produce LLaVA's features are 0..{last}")
+    return list(range(start, end + 1))
+
+
+def vision_plan(dims, discards: dict[int, int]) -> dict:
+    """Plan entries of an in-encoder schedule: per-layer discards and the tokens delivered to the LLM."""
+    patches, patches_out = dims.num_patches, []
+    for layer in sorted(discards):
+        patches -= discards[layer]
+        patches_out.append(patches)
+    delivered = dims.visual_tokens - sum(discards.values())
+    return {
+        "vision": {"layers": sorted(discards), "discards": [discards[layer] for layer in sorted(discards)],
+                   "patches_out": patches_out, "grid_hw": [dims.grid_side, dims.grid_side]},
+        "vision_counts": vision_layer_counts(dims, discards),
+        "delivered": delivered,
+    }
+
+
+def encoder_plan(dims, discards: dict[int, int]) -> dict:
+    """The whole plan of a method that reduces only inside the vision encoder (`vision_plan`, then
+    the delivered tokens in every LLM layer)."""
+    return unreduced_llm_plan(dims, vision_plan(dims, discards))
+
+
+def patches_for(dims, delivered: int) -> int:
+    """Patches that must remain for `delivered` tokens to reach the LLM (CLS is delivered under "full")."""
+    return delivered - (dims.visual_tokens - dims.num_patches)
+
+
+def vision_layer_build(make_reduce: Callable[[tuple, dict], Callable], attention: str = "probs"
+                       ) -> Callable[[dict], tuple]:
+    """`build(plan)` of an in-encoder method: one `VisionLayerStep` over the plan's reducing vision
+    layers, with `make_reduce(layers, plan["vision"])`; none when the plan reduces no vision layer."""
+    def build(plan: dict) -> tuple:
+        layers = planned_vision_layers(plan)
+        if not layers:
+            return ()
+        vision = plan["vision"]
+        return (VisionLayerStep(layers=layers, reduce=make_reduce(layers, vision),
+                                tokens_out=dict(zip(layers, vision["patches_out"])), attention=attention),)
+
+    return build
+
+
+def delivered_plan(dims, delivered: int) -> dict:
+    """Plan entries of a method that reduces once between the vision layers and the LLM (vision-output
+    and projector steps): every executed vision layer and the projector input unreduced, `delivered`
+    visual tokens in every LLM layer."""
+    return unreduced_llm_plan(dims, {"vision": None, "vision_counts": vision_layer_counts(dims, {}),
+                                     "delivered": delivered})
+
+
+def check_layer_range(method: str, name_first: str, first: int, name_last: str, last: int, n_layers: int,
+                      what: str) -> None:
+    """first..last (inclusive) must be a non-empty range inside [0, n_layers)."""
+    if not 0 <= first <= last < n_layers:
+        raise ValueError(f"{method}: {name_first}={first}, {name_last}={last}: need 0 <= {name_first} <= "
+                         f"{name_last} <= {n_layers - 1} ({what})")
+
+
+def staged_llm_plan(dims, visual_after: Mapping[int, int]) -> dict:
+    """Plan entries of pruning inside the LLM: from layer l on (l a key of `visual_after`) the
+    sequence holds visual_after[l] visual tokens; earlier layers hold all of them (FastV, DART,
+    PDrop, SparseVLM). An empty mapping is the unreduced model."""
+    n0 = dims.visual_tokens
+    counts = step_counts(n0, dims.llm_layers, dict(visual_after))
+    layers = sorted(visual_after)
+    before = [n0] + [visual_after[layer] for layer in layers[:-1]]
+    llm = {"layers": layers, "discards": [n - visual_after[layer] for n, layer in zip(before, layers)], "n0": n0,
+           "final": visual_after[layers[-1]], "visual_out": [visual_after[layer] for layer in layers]} if layers else None
+    return {"vision": None, "vision_counts": vision_layer_counts(dims, {}), "delivered": n0, "llm": llm,
+            "llm_visual": counts, "layer_average": layer_average(counts)}
+
+
+# ------------------------------------------------------------------------------------------------
+# FiCoCo-V's reduction (FiCoCo-V, FiCoCo-VL)
+
+@dataclass(frozen=True)
+class FicocoVisionReduce:
+    """One FiCoCo-V reduction step; `discards[layer]` patches leave at each reducing layer."""
+
+    discards: dict[int, int]
+    grid_hw: tuple[int, int]
+    lam: float
+    coef: float
+    penalty_window: int
+    eps: float
+    k: int | None
+
+    def __call__(self, layer: int, tokens: VisionTokens, scores: VisionScores) -> VisionTokens:
+        attn = scores.probs()                                                   # (B, 1+N, 1+N)
+        redundancy = ficoco_v_scores(attn, self.lam)                            # (B, N)
+        redundancy = local_penalty(redundancy, tokens.positions, self.grid_hw, self.penalty_window, self.coef)
+        sources, targets = split_by_score(redundancy, self.discards[layer])     # (B, S), (B, T) into patches
+        weights = None if self.k == 0 else merge_weights(take(attn, sources + 1, targets + 1), self.eps, self.k)
+        patches = fold_sources(tokens.hidden[:, 1:], sources, targets, weights, self.k)   # (B, T, D)
+        key_bias = tokens.key_bias
+        if key_bias is not None:
+            key_bias = torch.cat([key_bias[:, :1], key_bias[:, 1:].gather(1, targets)], dim=1)
+        return VisionTokens(
+            hidden=torch.cat([tokens.hidden[:, :1], patches], dim=1),           # (B, 1+T, D), CLS first
+            positions=tokens.positions.gather(1, targets),                      # (B, T), still ascending
+            key_bias=key_bias,
+        )
+
+
+VISION_PARAMS = {
+    "lam": Param(0.35, "λ, weight of the patch-redundancy term against the CLS term", unit_interval),
+    "coef": Param(2.0, "local-penalty coefficient applied to each window's maximum score", positive_number),
+    "penalty_window": Param(2, "side of the non-overlapping local-penalty windows on the patch grid", positive_int),
+    "eps": Param(0.998, "ε, quantile of each source's correlations that selects its targets", unit_interval),
+    "k": Param(None, "targets per source: None = token-adaptive ε-quantile, 0 = prune, k >= 1 = fixed k",
+               optional_non_negative_int),
+}
+
+
+def vision_step(vision_plan_entry: dict, params: dict) -> VisionLayerStep:
+    """The FiCoCo-V step of a plan's "vision" entry."""
+    layers = tuple(vision_plan_entry["layers"])
+    discards = dict(zip(layers, vision_plan_entry["discards"]))
+    reduce = FicocoVisionReduce(discards=discards, grid_hw=tuple(vision_plan_entry["grid_hw"]), lam=params["lam"],
+                                coef=params["coef"], penalty_window=params["penalty_window"], eps=params["eps"],
+                                k=params["k"])
+    return VisionLayerStep(layers=layers, reduce=reduce,
+                           tokens_out=dict(zip(layers, vision_plan_entry["patches_out"])))
+
+
+# ------------------------------------------------------------------------------------------------
+# FiCoCo-L's schedule and reduction (FiCoCo-L, FiCoCo-VL)
+
+@dataclass(frozen=True)
+class FicocoLanguageReduce:
+    """One FiCoCo-L reduction step; `discards[layer]` visual tokens leave at each reducing layer."""
+
+    discards: dict[int, int]
+    beta: float
+    gamma: float
+    eps: float
+    k: int | None
+
+    def __call__(self, layer: int, tokens: LLMTokens, scores: LLMScores) -> LLMKept:
+        visual, n_visual = tokens.visual, tokens.visual.shape[1]
+        rows = scores.rows(torch.cat([visual, tokens.instruction], dim=1), keys=visual)   # (B, N+M, N)
+        attn_vv, attn_qv = rows[:, :n_visual], rows[:, n_visual:]                       # (B, N, N), (B, M, N)
+        redundancy = ficoco_l_scores(attn_vv, attn_qv, self.beta)                       # (B, N)
+        sources, targets = split_by_score(redundancy, self.discards[layer])             # into the visual axis
+        weights = None if self.k == 0 else merge_weights(
+            ficoco_l_correlation(attn_vv, attn_qv, sources, targets, self.gamma), self.eps, self.k)
+        hidden = tokens.hidden
+        visual_hidden = hidden.gather(1, visual.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))   # (B, N, D)
+        merged = fold_sources(visual_hidden, sources, targets, weights, self.k)                   # (B, T, D)
+        kept = visual.gather(1, targets)                                                           # (B, T)
+        hidden = hidden.scatter(1, kept.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]), merged)
+        return LLMKept(hidden=hidden, visual=kept)
+
+
+LANGUAGE_PARAMS = {
+    "beta": Param(0.6, "β, weight of the visual-redundancy term against the instruction-attention term",
+                  unit_interval),
+    "gamma": Param(0.6, "γ, weight of the direct correlation against the indirect (through instruction) one",
+                   unit_interval),
+    "eps": Param(0.998, "ε, quantile of each source's correlations that selects its targets", unit_interval),
+    "k": Param(None, "targets per source: None = token-adaptive ε-quantile, 0 = prune, k >= 1 = fixed k",
+               optional_non_negative_int),
+}
+
+
+def llm_plan(method: str, dims, n0: int, budget: int | None, start: int, window: int) -> dict:
+    """Plan entries of the §2.2 progressive schedule from n0 visual tokens (n0 for every layer if budget is None)."""
+    if not 0 <= start <= dims.llm_layers - window:
+        raise ValueError(f"{method}: start={start}, window={window}: need 0 <= start <= "
+                         f"{dims.llm_layers - window} so the window fits in the {dims.llm_layers} LLM layers")
+    if budget is None:
+        return {"llm": None, "llm_visual": [n0] * dims.llm_layers, "layer_average": float(n0)}
+    schedule = progressive_llm_schedule(n0, budget, dims.llm_layers, start, window, method=method)
+    layers = list(schedule.layers)
+    return {
+        "llm": {"layers": layers, "discards": list(schedule.discards), "n0": n0, "final": schedule.final,
+                "visual_out": list(schedule.visual_counts[start:start + window])},
+        "llm_visual": list(schedule.visual_counts),
+        "layer_average": schedule.average,
+    }
+
+
+def language_step(llm_plan_entry: dict, params: dict) -> LLMLayerStep | None:
+    """The FiCoCo-L step of a plan's "llm" entry (None when nothing is discarded)."""
+    pairs = [(layer, n) for layer, n in zip(llm_plan_entry["layers"], llm_plan_entry["discards"]) if n > 0]
+    if not pairs:
+        return None
+    visual_out = dict(zip(llm_plan_entry["layers"], llm_plan_entry["visual_out"]))
+    reduce = FicocoLanguageReduce(discards=dict(pairs), beta=params["beta"], gamma=params["gamma"],
+                                  eps=params["eps"], k=params["k"])
+    return LLMLayerStep(layers=tuple(layer for layer, _ in pairs), reduce=reduce,
+                        tokens_out={layer: visual_out[layer] for layer, _ in pairs})
+
+
+# ------------------------------------------------------------------------------------------------
+# One-shot pruning inside the LLM (FastV, DART, PDrop's ranking)
+
+@dataclass(frozen=True)
+class LastQueryTopK:
+    """Keep the `keep[layer]` visual tokens that the last prompt token attends to most (K = 0 pruning)."""
+
+    keep: dict[int, int]
+
+    def __call__(self, layer: int, tokens: LLMTokens, scores: LLMScores) -> LLMKept:
+        last = tokens.instruction[:, -1:]                                       # (B, 1) the last prompt token
+        importance = scores.rows(last, keys=tokens.visual)[:, 0]                 # (B, N)
+        kept = tokens.visual.gather(1, top_k_positions(importance, self.keep[layer]))
+        return LLMKept(hidden=tokens.hidden, visual=kept)
+
+
+def check_prune_layer(method: str, layer: int, dims) -> None:
+    """K must leave a previous layer to score from and a layer to prune: 1 <= K <= L − 1."""
+    if not 1 <= layer <= dims.llm_layers - 1:
+        raise ValueError(f"{method}: layer={layer}: need 1 <= layer <= {dims.llm_layers - 1} (K scores from layer "
+                         f"K−1's attention and prunes at the input of layer K of the {dims.llm_layers} LLM layers)")
+
+
+def one_shot_step(plan: dict, reduce_for, needs_instruction: bool = True) -> tuple:
+    """The single previous-layer-scored step of a one-shot plan (none when unreduced).
+
+    `reduce_for(keep)` builds the step's reduce from the kept count at the pruning layer.
+    """
+    llm = plan["llm"]
+    if llm is None:
+        return ()
+    layer, keep = llm["layers"][0], llm["visual_out"][0]
+    return (LLMLayerStep(layers=(layer,), reduce=reduce_for(keep), tokens_out={layer: keep},
+                         scores_from="previous", needs_instruction=needs_instruction),)
+
+
+def one_shot_schedule(method: str):
+    """The schedule of a method that prunes once at the input of LLM layer `params["layer"]`, keeping
+    k(B) image tokens so that the layer average is <= B (FastV, DART)."""
+    def schedule(dims, budget, params) -> dict:
+        check_prune_layer(method, params["layer"], dims)
+        if budget is None:
+            return staged_llm_plan(dims, {})
+        keep = keep_for_budget(budget, params["layer"], dims.llm_layers, dims.visual_tokens, method=method)
+        return staged_llm_plan(dims, {params["layer"]: keep})
+    return schedule
+
+
+# ------------------------------------------------------------------------------------------------
+# Parameter checks of staged LLM schedules (PDrop, SparseVLM)
+
+def increasing_layers(value) -> str | None:
+    ok = (isinstance(value, (list, tuple)) and len(value) >= 1
+          and all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in value)
+          and all(a < b for a, b in zip(value, value[1:])))
+    return None if ok else "must be a non-empty, strictly increasing list of layer indices >= 0"
+
+
+# ------------------------------------------------------------------------------------------------
+# One reduction between the vision layers and the LLM (VisionZip, PruMerge, TopK-CLS, Random, pooling, DivPrune)
+
+def feature_plan(dims, budget: int | None, site: str, **details) -> dict:
+    """The plan of a one-shot reduction to `budget` tokens per image (None = unreduced).
+
+    `post_vision` records where it acts ("vision_output": the output of vision layer `layer`;
+    "projector": the projected tokens) and the method's own split of the B tokens (`details`).
+    """
+    if budget is None:
+        return {**delivered_plan(dims, dims.visual_tokens), "post_vision": None}
+    where = {"layer": dims.last_vision_layer} if site == "vision_output" else {}
+    return {**delivered_plan(dims, budget), "post_vision": {"site": site, **where, "tokens_out": budget, **details}}
+
+
+def adaptive_feature_plan(dims, site: str, **details) -> dict:
+    """The plan of an adaptive one-shot reduction (a count per image, chosen while it runs).
+
+    Nothing per layer is known before a run, so "delivered", "llm_visual" and "layer_average" are
+    None; the realised counts are per sample (`handle.last_counts()`), and costs come from them.
+    """
+    where = {"layer": dims.last_vision_layer} if site == "vision_output" else {}
+    return {"vision": None, "vision_counts": vision_layer_counts(dims, {}), "delivered": None, "llm": None,
+            "llm_visual": None, "layer_average": None,
+            "post_vision": {"site": site, **where, "tokens_out": None, "adaptive": True, **details}}
+
+
+def check_patch_count(method: str, dims, count: int, what: str) -> None:
+    """`count` patches must exist among the model's patches."""
+    if not 0 <= count <= dims.num_patches:
+        raise ValueError(f"{method}: {what} = {count} must be in [0, {dims.num_patches}] (the patches of the "
+                         f"{dims.grid_side}x{dims.grid_side} grid)")
+
+
+def output_build(make_reduce: Callable[[dict], Callable]) -> Callable[[dict], tuple]:
+    """`build(plan)`: one `VisionOutputStep` with `make_reduce(plan)`, none when the plan is unreduced
+    (`tokens_out` None for an adaptive plan)."""
+    def build(plan: dict) -> tuple:
+        post = plan.get("post_vision")
+        if post is None:
+            return ()
+        return (VisionOutputStep(reduce=make_reduce(plan), tokens_out=post["tokens_out"]),)
+
+    return build
+
+
+def keep_patches(tokens: VisionTokens, kept: torch.Tensor) -> ImageTokens:
+    """The patches at `kept` (B, K) positions into the patch axis, unchanged and in order; CLS dropped."""
+    return ImageTokens(hidden=gather_tokens(tokens.hidden[:, 1:], kept), positions=tokens.positions.gather(1, kept))
