@@ -756,6 +756,20 @@ def _check_shards(config: dict, benchmarks: dict) -> None:
                               f"({why}); valid: 1..{rows} (a shard needs at least one row)", key)
 
 
+def _check_needs(config: dict, models: dict, model_registry: str, method_registry) -> None:
+    """Every method of the grid must find what it needs in every model's image layout (a CLS token,
+    one crop, a square grid, 1-D positions: `Method.needs`, ficoco/contract.py)."""
+    for model in config["models"]:
+        dims = model_dims(model, models[model], model_registry)
+        for index, method in enumerate(config["methods"]):
+            unmet = method_registry.get(method).unmet_needs(dims)
+            if unmet:
+                runnable = [name for name in method_registry.names() if not method_registry.get(name).unmet_needs(dims)]
+                raise ConfigError(f"{method} cannot run on model {model}: it needs {'; '.join(unmet)}; valid: the "
+                                  f"methods this model can run ({', '.join(runnable)}), or another model",
+                                  ["methods", index])
+
+
 def _check_budgets(config: dict, models: dict, model_registry: str, method_registry) -> None:
     dims_of = {name: model_dims(name, models[name], model_registry) for name in config["models"]}
     labels: list[str] = []
@@ -872,6 +886,7 @@ def _validate(config: dict, root: Path) -> dict:
                               f"methods of the grid ({', '.join(config['methods'])}), or null for all",
                               ["measure", "methods", index])
     _check_method_params(config, method_registry)
+    _check_needs(config, models, model_registry, method_registry)
     _check_budgets(config, models, model_registry, method_registry)
     return config
 

@@ -246,3 +246,67 @@ class ProjectorStep:
 
 
 Step = VisionLayerStep | VisionInputStep | LLMLayerStep | VisionOutputStep | ProjectorStep
+
+
+# ------------------------------------------------------------------------------------------------
+# What a method is handed about each image, and what it needs of it
+
+POSITION_SCHEMES = ("rope-1d", "mrope-3d")
+
+
+@dataclass(frozen=True)
+class CropLayout:
+    """One crop of an image as the vision tower encodes it (LLaVA-1.5: the one 336 px image)."""
+
+    grid: tuple[int, int]                   # (rows, cols) of patches
+    prefix: int                             # tokens before the patches in the tower: 1 = a CLS token, 0 = none
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """The visual tokens of one image, from the tower to the LLM.
+
+    LLaVA-1.5: one 24x24 crop behind a CLS token, CLS not delivered, no layout tokens, 1-D RoPE.
+    LLaVA-NeXT (AnyRes) adds crops and image-newline tokens; Qwen2-VL has no CLS and 3-D M-RoPE.
+    """
+
+    crops: tuple[CropLayout, ...]
+    prefix_delivered: bool                  # the crops' prefix tokens reach the LLM (select strategy "full")
+    layout_tokens: int                      # LLM tokens of the image that are no patch (image-newline)
+    positions: str                          # how the LLM numbers positions: one of POSITION_SCHEMES
+
+    def __post_init__(self):
+        if self.positions not in POSITION_SCHEMES:
+            raise ValueError(f"positions={self.positions!r}; valid: {', '.join(POSITION_SCHEMES)}")
+
+    @property
+    def visual_tokens(self) -> int:
+        """LLM tokens of the unreduced image: patches, delivered prefixes and layout tokens."""
+        patches = sum(rows * cols for rows, cols in (crop.grid for crop in self.crops))
+        prefixes = sum(crop.prefix for crop in self.crops) if self.prefix_delivered else 0
+        return patches + prefixes + self.layout_tokens
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a method assumes about an image's layout; `unmet_needs` says which a model does not meet."""
+
+    cls_first: bool = False                 # the tower's tokens start with a CLS token (CLS attention, CLS kept)
+    single_crop: bool = False               # one crop per image (a reduction over the image's one patch grid)
+    square_grid: bool = False               # that crop's grid is square (image resizing)
+    positions: tuple[str, ...] = POSITION_SCHEMES   # LLM position schemes its LLM steps keep correctly
+
+
+def unmet_needs(needs: Needs, layout: ImageLayout) -> list[str]:
+    """Each need `layout` does not meet, in words ([] when the method can run on it)."""
+    unmet = []
+    if needs.cls_first and any(crop.prefix != 1 for crop in layout.crops):
+        unmet.append("a CLS token first in the vision tower (this model's tower has "
+                     f"{sorted({crop.prefix for crop in layout.crops})} prefix tokens)")
+    if needs.single_crop and len(layout.crops) != 1:
+        unmet.append(f"one crop per image (this model encodes {len(layout.crops)})")
+    if needs.square_grid and any(rows != cols for rows, cols in (crop.grid for crop in layout.crops)):
+        unmet.append(f"a square patch grid (this model's: {[crop.grid for crop in layout.crops]})")
+    if layout.positions not in needs.positions:
+        unmet.append(f"{' or '.join(needs.positions)} positions in the LLM (this model uses {layout.positions})")
+    return unmet

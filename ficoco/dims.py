@@ -64,6 +64,13 @@ class ModelDims:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def image_layout(self):
+        """The `ficoco.contract.ImageLayout` of one image (LLaVA-1.5: one square crop behind a CLS token)."""
+        from ficoco.contract import CropLayout, ImageLayout
+
+        return ImageLayout(crops=(CropLayout(grid=(self.grid_side, self.grid_side), prefix=1),),
+                           prefix_delivered=self.select_strategy != "default", layout_tokens=0, positions="rope-1d")
+
     @classmethod
     def from_config(cls, config) -> "ModelDims":
         """From a `LlavaConfig` (object or dict, as in config.json)."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
-from ficoco.contract import Step
+from ficoco.contract import Needs, Step, unmet_needs
 
 PHASES = ("none", "vision", "projector", "llm", "both")
 SITES = ("vision", "projector", "llm")
@@ -80,6 +80,7 @@ class Method:
     schedule: Callable[[Any, int | None, dict], dict]
     build: Callable[[dict], tuple[Step, ...]]
     budgeted: bool = True                       # False: adaptive, a count per image and no budget
+    needs: Needs = Needs()                      # what it assumes of an image's layout (ficoco.contract)
 
     def __post_init__(self):
         if self.phase not in PHASES:
@@ -112,7 +113,8 @@ class Method:
         """The JSON-able schedule for `budget` on a model of shape `dims` (ficoco.dims.ModelDims).
 
         Raises ficoco.budget.InfeasibleBudget (a ValueError) when the budget cannot be reached, and
-        ValueError for unknown or bad overrides or an out-of-range budget.
+        ValueError for unknown or bad overrides, an out-of-range budget, or a model whose image layout
+        lacks what the method needs (`needs`, ficoco/contract.py).
         """
         if budget is not None and not self.budgeted:
             raise ValueError(f"{self.name}: an adaptive method takes no budget (it chooses its token count per "
@@ -124,9 +126,16 @@ class Method:
             if not 1 <= budget <= dims.visual_tokens:
                 raise ValueError(f"{self.name}: budget {budget} must be in [1, {dims.visual_tokens}] "
                                  f"(the model's visual tokens), or None for unreduced")
+        unmet = self.unmet_needs(dims)
+        if unmet:
+            raise ValueError(f"{self.name} cannot run on this model: it needs {'; '.join(unmet)}")
         params = self.resolve(overrides)
         plan = self.schedule(dims, budget, params)
         return {"method": self.name, "phase": self.phase, "budget": budget, "params": params, **plan}
+
+    def unmet_needs(self, dims) -> list[str]:
+        """What the model of shape `dims` lacks of this method's needs, in words ([] when it can run)."""
+        return unmet_needs(self.needs, dims.image_layout())
 
     def check_budget(self, dims, budget: int | None, **overrides) -> dict:
         """Validate a (budget, overrides) pair without a model; returns the planned schedule."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from ficoco.contract import LLMKept, LLMScores, LLMTokens
 from ficoco.methods.base import Method, Param, positive_int
-from ficoco.methods.shared import one_shot_schedule, one_shot_step
+from ficoco.methods.shared import LLM_NEEDS, one_shot_schedule, one_shot_step
 from ficoco.paradigm.attention import key_l1_norm
 from ficoco.paradigm.compress import gather_tokens
 from ficoco.paradigm.filter import dart_select
@@ -58,6 +58,7 @@ METHOD = Method(
             "image tokens least similar to each image/text pivot; k(B) as FastV",
     phase="llm",
     acts_on=("llm",),
+    needs=LLM_NEEDS,
     needs_attention="no attention probabilities: layer K−1's keys (L1 norm) and the layer-K input hidden states",
     stages={
         "filter": "pivots = top image and text tokens by layer K−1's key L1 norm; each pivot takes the image tokens "

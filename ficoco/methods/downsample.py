@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ficoco.budget import downsample_side
-from ficoco.contract import VisionInputStep
+from ficoco.contract import Needs, VisionInputStep
 from ficoco.methods.base import Method
 from ficoco.methods.shared import patches_for, unreduced_llm_plan
 
@@ -73,6 +73,7 @@ METHOD = Method(
             "interpolated position embeddings",
     phase="vision",
     acts_on=("vision",),
+    needs=Needs(single_crop=True, square_grid=True),
     needs_attention="none",
     stages={
         "filter": "none: the resized image yields g x g patches, g = floor(sqrt(B))",

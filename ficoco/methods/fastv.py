@@ -16,7 +16,8 @@ Budgets: `fastv` keeps k(B) = ⌊(L·B − 576·K)/(L − K)⌋ so that the laye
 from __future__ import annotations
 
 from ficoco.methods.base import Method, Param, positive_int
-from ficoco.methods.shared import LastQueryTopK, check_prune_layer, one_shot_schedule, one_shot_step, staged_llm_plan
+from ficoco.methods.shared import (LLM_NEEDS, LastQueryTopK, check_prune_layer, one_shot_schedule, one_shot_step,
+                                   staged_llm_plan)
 
 
 schedule = one_shot_schedule("fastv")
@@ -52,6 +53,7 @@ METHOD = Method(
             "token; keeps k(B) = ⌊(L·B − 576·K)/(L − K)⌋ so the layer average is ≤ B",
     phase="llm",
     acts_on=("llm",),
+    needs=LLM_NEEDS,
     needs_attention=NEEDS,
     stages=STAGES,
     params=PARAMS,
@@ -65,6 +67,7 @@ KEEP_BUDGET = Method(
             "average is larger than B and is reported",
     phase="llm",
     acts_on=("llm",),
+    needs=LLM_NEEDS,
     needs_attention=NEEDS,
     stages=STAGES,
     params=PARAMS,

@@ -10,7 +10,7 @@ compress self-preserving merge into the residual stream, then the sources leave 
 from __future__ import annotations
 
 from ficoco.methods.base import Method, Param, non_negative_int, positive_int
-from ficoco.methods.shared import LANGUAGE_PARAMS, language_step, llm_plan, vision_layer_counts
+from ficoco.methods.shared import LANGUAGE_PARAMS, LLM_NEEDS, language_step, llm_plan, vision_layer_counts
 
 
 def schedule(dims, budget, params) -> dict:
@@ -37,6 +37,7 @@ METHOD = Method(
     summary="FiCoCo-L: filter-correlate-compress at the input of LLM layers 4..7 during prefill",
     phase="llm",
     acts_on=("llm",),
+    needs=LLM_NEEDS,
     needs_attention="causal attention rows of the visual and instruction tokens, visual columns, at each reducing "
                     "LLM layer (computed from the layer's own q/k; the layer keeps SDPA)",
     stages=STAGES,

@@ -77,7 +77,7 @@ import torch
 from ficoco.budget import InfeasibleBudget, spread
 from ficoco.contract import VisionLayerStep, VisionScores, VisionTokens
 from ficoco.methods.base import Method, Param, non_negative_int, optional_non_negative_int
-from ficoco.methods.shared import encoder_plan, patches_for, planned_vision_layers, vision_layers
+from ficoco.methods.shared import TOWER_NEEDS, encoder_plan, patches_for, planned_vision_layers, vision_layers
 from ficoco.paradigm.compress import gather_tokens
 
 NAME = "ficoco-v-code"
@@ -345,6 +345,7 @@ METHOD = Method(
             "buffer is fresh per image unless carry_state=True (then kept per applied model)",
     phase="vision",
     acts_on=("vision",),
+    needs=TOWER_NEEDS,
     needs_attention="pre-softmax attention logits (q·k/√d, head mean) of each reducing vision layer, from its "
                     "own q/k (the layer keeps SDPA)",
     stages={

@@ -6,9 +6,10 @@ from those tokens and brings the LLM layer average to B.
 from __future__ import annotations
 
 from ficoco.budget import encoder_discards, round_half_up
+from ficoco.contract import Needs
 from ficoco.methods.base import (Method, Param, non_negative_int, optional_non_negative_int, positive_int,
                                  positive_number)
-from ficoco.methods.shared import patches_for, planned_vision_layers, vision_layers, vision_plan
+from ficoco.methods.shared import LLM_NEEDS, patches_for, planned_vision_layers, vision_layers, vision_plan
 from ficoco.methods.shared import LANGUAGE_PARAMS, language_step, llm_plan
 from ficoco.methods.shared import VISION_PARAMS, vision_step
 
@@ -39,6 +40,7 @@ METHOD = Method(
     summary="FiCoCo-VL: FiCoCo-V to min(2·B, 576) tokens in CLIP, then FiCoCo-L to layer average B in the LLM",
     phase="both",
     acts_on=("vision", "llm"),
+    needs=Needs(cls_first=True, single_crop=True, positions=LLM_NEEDS.positions),
     needs_attention="those of FiCoCo-V (full matrix per reducing vision layer) and FiCoCo-L (visual and "
                     "instruction rows per reducing LLM layer)",
     stages={

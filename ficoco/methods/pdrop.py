@@ -24,7 +24,7 @@ import math
 from ficoco.budget import InfeasibleBudget, layer_average, pdrop_layer_counts, pdrop_stage_counts, solve_pdrop_lambda
 from ficoco.contract import LLMLayerStep
 from ficoco.methods.base import Method, Param
-from ficoco.methods.shared import LastQueryTopK, increasing_layers, staged_llm_plan
+from ficoco.methods.shared import LLM_NEEDS, LastQueryTopK, increasing_layers, staged_llm_plan
 
 
 def optional_ratio(value) -> str | None:
@@ -107,6 +107,7 @@ METHOD = Method(
             "λ solved so the layer average is <= B",
     phase="llm",
     acts_on=("llm",),
+    needs=LLM_NEEDS,
     needs_attention=NEEDS,
     stages=STAGES,
     params=_params((2, 8, 16), None),
@@ -120,6 +121,7 @@ OFFICIAL = Method(
             "270 on LLaVA-1.5-7B); run with budget None (or any B >= its layer average)",
     phase="llm",
     acts_on=("llm",),
+    needs=LLM_NEEDS,
     needs_attention=NEEDS,
     stages=STAGES,
     params=_params((8, 16, 24), 0.5),

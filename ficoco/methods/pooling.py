@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from ficoco.budget import pooling_grid
 from ficoco.contract import ImageTokens, VisionOutputScores, VisionTokens
 from ficoco.methods.base import Method
-from ficoco.methods.shared import feature_plan, output_build
+from ficoco.methods.shared import TOWER_NEEDS, feature_plan, output_build
 from ficoco.paradigm.compress import pool_grid
 
 
@@ -43,6 +43,7 @@ METHOD = Method(
     summary="Spatial pooling: average-pool the 24×24 feature grid to h×w = B, closest to square (after CLIP)",
     phase="vision",
     acts_on=("vision",),
+    needs=TOWER_NEEDS,
     needs_attention="none",
     stages={"filter": "every patch belongs to one cell of the h×w grid (h·w = B, closest to square)",
             "correlate": "each cell is the K = 1 target of its members",

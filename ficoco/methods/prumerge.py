@@ -31,7 +31,7 @@ import torch
 from ficoco.budget import prumerge_plus_split
 from ficoco.contract import ImageTokens, VisionOutputScores, VisionTokens
 from ficoco.methods.base import Method, Param, positive_int
-from ficoco.methods.shared import adaptive_feature_plan, check_patch_count, feature_plan, output_build
+from ficoco.methods.shared import TOWER_NEEDS, adaptive_feature_plan, check_patch_count, feature_plan, output_build
 from ficoco.paradigm.compress import prumerge_merge
 from ficoco.paradigm.correlate import knn_positions
 from ficoco.paradigm.filter import complement_positions, evenly_spaced_positions, iqr_outlier_mask, raster_positions, \
@@ -183,6 +183,7 @@ METHOD = Method(
             "(after CLIP)",
     phase="vision",
     acts_on=("vision",),
+    needs=TOWER_NEEDS,
     needs_attention=NEEDS,
     stages={"filter": "CLS attention from the next layer's q/k; the top B − 1 patches are kept",
             "correlate": CORRELATE, "compress": COMPRESS},
@@ -197,6 +198,7 @@ PLUS = Method(
             "token (after CLIP)",
     phase="vision",
     acts_on=("vision",),
+    needs=TOWER_NEEDS,
     needs_attention=NEEDS,
     stages={"filter": "CLS attention from the next layer's q/k; the top round((B−1)/4) plus evenly spaced "
                       "others, B − 1 in all",
@@ -215,6 +217,7 @@ ADAPTIVE = Method(
             "token; a count per image (≈ 32 on LLaVA-1.5), no budget, realised counts logged (after CLIP)",
     phase="vision",
     acts_on=("vision",),
+    needs=TOWER_NEEDS,
     needs_attention=NEEDS,
     stages={"filter": ADAPTIVE_FILTER, "correlate": CORRELATE, "compress": COMPRESS},
     params=PARAMS,
@@ -230,6 +233,7 @@ PLUS_ADAPTIVE = Method(
             "LLaVA-1.5), no budget, realised counts logged (after CLIP)",
     phase="vision",
     acts_on=("vision",),
+    needs=TOWER_NEEDS,
     needs_attention=NEEDS,
     stages={"filter": ADAPTIVE_FILTER + "; plus the raster positions 0, s, 2s, … not already kept, "
                                         "s = ⌊⌊1/ratio⌋/3⌋",

@@ -19,7 +19,7 @@ import torch
 
 from ficoco.contract import ImageTokens, VisionOutputScores, VisionTokens
 from ficoco.methods.base import Method, Param, non_negative_int
-from ficoco.methods.shared import check_patch_count, feature_plan, keep_patches, output_build
+from ficoco.methods.shared import TOWER_NEEDS, check_patch_count, feature_plan, keep_patches, output_build
 from ficoco.paradigm.filter import random_positions, sample_seed
 
 
@@ -49,6 +49,7 @@ METHOD = Method(
     summary="Random: keep B patches drawn uniformly per image, seeded by (seed, image content) (after CLIP)",
     phase="vision",
     acts_on=("vision",),
+    needs=TOWER_NEEDS,
     needs_attention="none",
     stages={"filter": "B patches drawn uniformly without replacement (seed = sample_seed(seed, image digest))",
             "correlate": "K = 0",

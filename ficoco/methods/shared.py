@@ -11,12 +11,19 @@ from typing import Callable, Mapping
 import torch
 
 from ficoco.budget import keep_for_budget, layer_average, progressive_llm_schedule, step_counts
-from ficoco.contract import (ImageTokens, LLMKept, LLMLayerStep, LLMScores, LLMTokens, VisionLayerStep,
+from ficoco.contract import (ImageTokens, LLMKept, LLMLayerStep, LLMScores, LLMTokens, Needs, VisionLayerStep,
                              VisionOutputStep, VisionScores, VisionTokens)
 from ficoco.methods.base import Param, optional_non_negative_int, positive_int, positive_number, unit_interval
 from ficoco.paradigm.compress import gather_tokens, self_preserving_merge
 from ficoco.paradigm.correlate import adaptive_quantile_weights, ficoco_l_correlation, fixed_k_weights, take
 from ficoco.paradigm.filter import ficoco_l_scores, ficoco_v_scores, local_penalty, split_by_score, top_k_positions
+
+
+# What the methods' schedules and steps assume of an image (`unmet_needs` refuses a model that lacks it):
+# a CLS-first tower and one patch grid per image (every reduction in or right after the tower), and
+# kept LLM tokens that keep their 1-D RoPE positions (every reduction inside the LLM).
+TOWER_NEEDS = Needs(cls_first=True, single_crop=True)
+LLM_NEEDS = Needs(positions=("rope-1d",))
 
 
 # ------------------------------------------------------------------------------------------------

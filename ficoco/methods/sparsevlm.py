@@ -34,7 +34,7 @@ import torch
 from ficoco.budget import InfeasibleBudget, sparsevlm_matched_schedule, sparsevlm_recycled_clusters
 from ficoco.contract import LLMKept, LLMLayerStep, LLMScores, LLMTokens
 from ficoco.methods.base import Method, Param, non_negative_int
-from ficoco.methods.shared import increasing_layers, staged_llm_plan
+from ficoco.methods.shared import LLM_NEEDS, increasing_layers, staged_llm_plan
 from ficoco.paradigm.compress import gather_tokens, group_means
 from ficoco.paradigm.correlate import dpc_knn_clusters
 from ficoco.paradigm.filter import complement_positions, rater_mask, rater_scores, top_k_positions
@@ -190,6 +190,7 @@ METHOD = Method(
             "dropped tokens partly recycled into cluster tokens; realised average reported (≈ 206.5/145.4/82.3)",
     phase="llm",
     acts_on=("llm",),
+    needs=LLM_NEEDS,
     needs_attention=NEEDS,
     stages={
         "filter": "raters = instruction tokens of above-mean relevance to the image (input embeddings); importance = "
@@ -208,6 +209,7 @@ MATCHED = Method(
             "the largest on a 1e-4 grid whose realised layer average (cluster tokens included) is <= B",
     phase="llm",
     acts_on=("llm",),
+    needs=LLM_NEEDS,
     needs_attention=NEEDS,
     stages={
         "filter": "SparseVLM's raters and importance; keep the top min(factor·schedule, n − 1), one common factor "

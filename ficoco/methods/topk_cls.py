@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from ficoco.contract import ImageTokens, VisionOutputScores, VisionTokens
 from ficoco.methods.base import Method
-from ficoco.methods.shared import check_patch_count, feature_plan, keep_patches, output_build
+from ficoco.methods.shared import TOWER_NEEDS, check_patch_count, feature_plan, keep_patches, output_build
 from ficoco.paradigm.filter import top_k_positions
 
 
@@ -38,6 +38,7 @@ METHOD = Method(
     summary="TopK-CLS: keep the B patches with the highest CLS attention of the feature layer (after CLIP)",
     phase="vision",
     acts_on=("vision",),
+    needs=TOWER_NEEDS,
     needs_attention="CLS row of the feature layer (22), recomputed from its q/k (fused attention is fine)",
     stages={"filter": "CLS attention of the feature layer, head mean; the top B patches are kept",
             "correlate": "K = 0",

@@ -18,7 +18,7 @@ import torch
 from ficoco.budget import visionzip_split
 from ficoco.contract import ImageTokens, VisionOutputScores, VisionTokens
 from ficoco.methods.base import Method, Param, optional_non_negative_int
-from ficoco.methods.shared import check_patch_count, feature_plan, output_build
+from ficoco.methods.shared import TOWER_NEEDS, check_patch_count, feature_plan, output_build
 from ficoco.paradigm.attention import head_mean_keys
 from ficoco.paradigm.compress import contextual_tokens, gather_tokens
 from ficoco.paradigm.correlate import cosine_argmax
@@ -81,6 +81,7 @@ METHOD = Method(
             "(after CLIP)",
     phase="vision",
     acts_on=("vision",),
+    needs=TOWER_NEEDS,
     needs_attention="CLS row and keys of the feature layer (22), recomputed from its q/k (fused attention is fine)",
     stages={"filter": "dominant = CLS + the top D−1 patches by CLS attention of the feature layer",
             "correlate": "every ⌊|R|/C⌋-th remaining patch is an anchor; the others join the nearest anchor "
