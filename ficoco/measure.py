@@ -165,17 +165,6 @@ def _peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
-def _apply_method(model, method: str, budget, overrides: dict):
-    """(handle or None, adapter note). Vanilla runs unhooked only where the adapter is missing."""
-    try:
-        from ficoco.models import apply as apply_to_model
-    except ImportError as error:
-        if method == "vanilla" and budget is None:
-            return None, f"none: ficoco.models.apply unavailable ({error}); plain HF model"
-        raise
-    return apply_to_model(model, method, budget, **overrides), "ficoco.apply"
-
-
 def measure(
     model_dir_or_config,
     method: str = "vanilla",
@@ -204,7 +193,7 @@ def measure(
 
     import ficoco
     from ficoco.dims import ModelDims
-    from ficoco.flops import counts_from_schedule, sample_cost
+    from ficoco.flops import sample_cost
     from ficoco.methods import budget_label
 
     if repeats < 1 or warmup < 0 or batch_size < 1 or new_tokens < 1:
@@ -215,7 +204,7 @@ def measure(
     device = resolve_device(device)
     cuda = device == "cuda"
     model = build_random_model(config_path, dtype, device, attn_implementation, seed)
-    handle, adapter = _apply_method(model, method, budget, overrides)
+    handle = ficoco.apply(model, method, budget, **overrides)
     inputs = synthetic_inputs(model, batch_size, prompt_tokens, seed)
     dims = ModelDims.from_config(model.config)
 
@@ -232,12 +221,8 @@ def measure(
     else:
         peak_memory, peak_source = _peak_rss_bytes(), "resource.getrusage(RUSAGE_SELF).ru_maxrss (process lifetime)"
 
-    if handle is not None:
-        counts = handle.last_counts()[0]
-        handle.remove()
-    else:  # unhooked vanilla: HF runs every vision layer on CLS + patches and the LLM on the full prompt
-        counts = counts_from_schedule(dims, prompt_tokens, [dims.visual_tokens] * dims.llm_layers,
-                                      vision=[[dims.vision_tokens, dims.vision_tokens]] * dims.vision_layers)
+    counts = handle.last_counts()[0]
+    handle.remove()
     medians = {key: None if runs[0][key] is None else statistics.median(run[key] for run in runs)
                for key in ("prefill_s", "per_token_s", "end_to_end_s")}
     return {
@@ -263,7 +248,7 @@ def measure(
         "visual_tokens": dims.visual_tokens,
         "input_tokens": int(inputs["input_ids"].shape[1]),
         "new_tokens": new_tokens,
-        "adapter": adapter,
+        "adapter": "ficoco.apply",
         "plan": getattr(handle, "plan", None),
         "counts": counts,
         "cost": sample_cost(dims, counts, new_tokens),

@@ -6,7 +6,7 @@ import re
 import pytest
 import transformers
 
-import ficoco.models.llava as llava_adapter
+import ficoco.models.handle as generic_handle
 from ficoco import cli, doctor
 from ficoco.models import selfcheck
 from helpers_tiny import pretend_transformers_version
@@ -94,7 +94,7 @@ def test_untested_transformers_with_override_rests_on_the_selfcheck(capsys, monk
     assert f"(NOT TESTED; tested: 5.23.0, 5.24.0; {VARIABLE}=1)" in out and "adapter self-check: passed" in out
 
     selfcheck.selfcheck_once.cache_clear()
-    monkeypatch.setattr(llava_adapter, "_cache_of", lambda kwargs: None)   # the 5.24 keyword bug
+    monkeypatch.setattr(generic_handle, "cache_of", lambda kwargs: None)   # the 5.24 keyword bug
     code, out = _run(capsys)
     assert code == 1
     assert "adapter self-check: FAILED" in out

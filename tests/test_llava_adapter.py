@@ -8,7 +8,7 @@ from helpers_tiny import BOS, IMAGE, PAD, generate_batch_and_alone, images, n_pl
 import ficoco
 from ficoco.contract import VisionLayerStep, VisionTokens
 from ficoco.methods.base import Method
-from ficoco.models.llava import collapse_placeholders
+from ficoco.models.placeholders import collapse_placeholders
 
 # method -> (budget, overrides) on the 16-patch tiny model with 4 vision layers (layers 0..2 run)
 # and 4 LLM layers

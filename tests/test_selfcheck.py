@@ -9,7 +9,7 @@ import torch
 from helpers_tiny import images, n_placeholders, prompt, tiny_llava
 
 import ficoco
-import ficoco.models.llava as llava_adapter
+import ficoco.models.handle as generic_handle
 from ficoco.models import guard, selfcheck
 from helpers_tiny import pretend_transformers_version
 
@@ -63,7 +63,7 @@ def test_selfcheck_passes_on_the_installed_version():
 
 def test_selfcheck_detects_decode_steps_taken_for_prefills(monkeypatch):
     """The 5.24 bug: no cache found in the forward call, so every decode step recorded its counts."""
-    monkeypatch.setattr(llava_adapter, "_cache_of", lambda kwargs: None)
+    monkeypatch.setattr(generic_handle, "cache_of", lambda kwargs: None)
     result = selfcheck.run_selfcheck()
     assert not result.passed
     failure = result.first_failure
@@ -103,7 +103,7 @@ def test_override_warns_runs_the_selfcheck_once_and_applies(monkeypatch, caplog,
 def test_override_with_a_broken_adapter_refuses_naming_the_failed_check(monkeypatch, model):
     pretend_transformers_version(monkeypatch, "9.9.9")
     monkeypatch.setenv(VARIABLE, "1")
-    monkeypatch.setattr(llava_adapter, "_cache_of", lambda kwargs: None)
+    monkeypatch.setattr(generic_handle, "cache_of", lambda kwargs: None)
     message = _one_line_error(lambda: _apply(model))
     assert "transformers 9.9.9" in message and "self-check" in message
     assert "decode_keeps_counts: FAILED (expected [{" in message and "; found [{" in message

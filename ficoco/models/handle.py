@@ -1,0 +1,241 @@
+"""The model-neutral part of an installed method: patches it owns, per-call state, counts, `remove()`.
+
+A model family (llava.py) subclasses `Handle`: it installs its tower and LLM patches through
+`_install` (each with the callable that reverts it) and hooks the multimodal forward, calling
+`_open_call` first and `_close_call` last. Everything a call records lives in a `Call`; a decode
+step finds the prefill that filled its KV cache through the cache object, so no state is
+module-level and two handles on two models never meet.
+"""
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from transformers.cache_utils import Cache
+
+from ficoco.contract import LLMLayerStep, Step, VisionInputStep, VisionLayerStep
+from ficoco.dims import ModelDims
+from ficoco.models.clip import VisionPass
+from ficoco.models.llama import LLMPass
+
+if TYPE_CHECKING:                    # for annotations only: an adapter never imports the methods package
+    from ficoco.methods.base import Method
+
+log = logging.getLogger(__name__)
+
+INSTALLED = "_ficoco_handle"         # attribute on the patched model naming the active handle
+
+
+class Call:
+    """State of one forward call of the multimodal model."""
+
+    def __init__(self, prefill: bool):
+        self.prefill = prefill
+        self.vision: list[VisionPass] = []
+        self.llm: LLMPass | None = None
+        self.images_per_row: list[int] = []
+        self.placeholders_per_row: list[int] = []
+        self.pads_per_row: list[int] = []
+
+
+class Handle:
+    """The installed method. `remove()`, `last_counts()`, `last_trace()`, `plan`; also a context manager."""
+
+    def __init__(self, model, method: Method, dims: ModelDims, plan: dict, steps: tuple[Step, ...]):
+        if getattr(model, INSTALLED, None) is not None:
+            raise RuntimeError("a ficoco method is already installed on this model; call its handle.remove() first")
+        self.model, self.method, self.dims, self.plan = model, method, dims, plan
+        self.vision_step = _at_most_one(method, steps, VisionLayerStep)
+        self.input_step = _at_most_one(method, steps, VisionInputStep)
+        self.llm_step = _at_most_one(method, steps, LLMLayerStep)
+        self.llm_n0 = plan["llm"]["n0"] if plan.get("llm") else None
+        self._undo: list[Callable[[], None]] = []
+        self._call: Call | None = None
+        self._last_prefill: Call | None = None
+        self._vision_outside_call: VisionPass | None = None   # generate encodes images before the prefill
+        self._prefill_by_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    # -- installing ---------------------------------------------------------------------------------
+    def _install(self, install: Callable[[], Any]) -> Any:
+        """Run `install`, which patches the model and returns the patch (anything with `remove()`: a
+        patch class, a hook handle, a `Replacement`); if it fails, revert everything installed so far,
+        so the model is left as it was."""
+        try:
+            patch = install()
+        except Exception:
+            for undo in reversed(self._undo):
+                undo()
+            self._undo.clear()
+            raise
+        self._undo.append(patch.remove)
+        return patch
+
+    def _installed(self) -> None:
+        setattr(self.model, INSTALLED, self)
+
+    # -- public ---------------------------------------------------------------------------------
+    def remove(self) -> None:
+        """Restore the model exactly: every hook and replacement, in the reverse order of installing."""
+        if getattr(self.model, INSTALLED, None) is not self:
+            return
+        for undo in reversed(self._undo):
+            undo()
+        self._undo.clear()
+        delattr(self.model, INSTALLED)
+        self._call = None
+
+    def __enter__(self) -> "Handle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def last_counts(self) -> list[dict]:
+        """Per batch row of the most recent prefill: the contracts §2 token counts (padding excluded)."""
+        call = self._last_prefill
+        if call is None:
+            return []
+        per_image_vision = call.vision[0].layer_counts if call.vision else []
+        counts = []
+        for images, placeholders, pads in zip(call.images_per_row, call.placeholders_per_row, call.pads_per_row):
+            llm_pass = call.llm
+            lengths = llm_pass.layer_lengths if llm_pass else []
+            dropped = llm_pass.layer_dropped if llm_pass else []
+            counts.append({
+                "vision": [[n_attn * images, n_mlp * images] for n_attn, n_mlp in per_image_vision] if images else [],
+                "visual_delivered": placeholders,
+                "llm": [length - pads for length in lengths],
+                "llm_visual": [placeholders - n for n in dropped] if placeholders else [0] * len(lengths),
+            })
+        return counts
+
+    def last_trace(self) -> dict:
+        """Kept positions of the most recent prefill, per reducing layer (for analysis and tests).
+
+        "vision": layer -> (images, N_l) original patch raster positions;
+        "llm": layer -> (B, N_l) kept visual positions in the LLM input sequence.
+        """
+        call = self._last_prefill
+        if call is None:
+            return {"vision": {}, "llm": {}}
+        vision = {}
+        for vision_pass in call.vision:
+            for layer, positions in vision_pass.trace.items():
+                vision.setdefault(layer, []).append(positions)
+        return {"vision": {layer: torch.cat(parts) for layer, parts in vision.items()},
+                "llm": dict(call.llm.trace) if call.llm else {}}
+
+    # -- what the patches ask for ---------------------------------------------------------------
+    def _current_llm_pass(self) -> LLMPass | None:
+        return self._call.llm if self._call is not None else None
+
+    def _on_vision_pass(self, vision_pass: VisionPass) -> None:
+        if self._call is not None:
+            self._call.vision.append(vision_pass)
+        else:
+            self._vision_outside_call = vision_pass
+
+    # -- per call -----------------------------------------------------------------------------------
+    def _open_call(self, kwargs: dict) -> tuple[Call, Cache | None]:
+        """Start the state of a forward call: a decode step (its cache already holds a prompt) takes its
+        prefill's LLM view and gets its mask and positions to match a cache reduced from layer 0; a
+        prefill gets a fresh `Call` that the family fills in. Returns the call and its cache."""
+        cache = cache_of(kwargs)
+        prefill = cache is None or cache.get_seq_length() == 0
+        self._call = call = Call(prefill=prefill)
+        if not prefill:
+            prefill_call = self._prefill_by_cache.get(cache)
+            if prefill_call is not None and prefill_call.llm is not None and prefill_call.llm.keep_at:
+                call.llm = prefill_call.llm.decode_view()
+        return call, cache
+
+    def _remember_prefill(self, call: Call, cache: Cache | None) -> None:
+        if cache is not None:
+            self._prefill_by_cache[cache] = call
+
+    def _close_call(self) -> None:
+        if self._call is not None and self._call.prefill:
+            self._last_prefill = self._call
+        self._call = None
+
+    def _prefill_pass(self, is_image: torch.Tensor, valid: torch.Tensor | None, length: int) -> LLMPass:
+        """The LLM state of a prefill: visual and instruction positions when this call reduces."""
+        counts = is_image.sum(1)
+        reduce = self.llm_step is not None and bool(counts.any())
+        if self.llm_step is not None and not reduce:
+            log.info("%s: no image tokens in this prefill; the LLM reduction is skipped", self.method.name)
+        if not reduce:
+            return LLMPass(True, length, valid, None, None, reduce=False)
+        if not bool((counts == self.llm_n0).all()):
+            raise ValueError(f"{self.method.name}: the LLM reduction is planned for {self.llm_n0} visual tokens "
+                             f"per prompt; this batch has {counts.tolist()} image tokens per row (one image per "
+                             f"prompt is supported, in every row of the batch)")
+        batch = is_image.shape[0]
+        visual = is_image.nonzero()[:, 1].view(batch, -1)                              # (B, N)
+        positions = torch.arange(length, device=is_image.device)
+        after_image = positions[None, :] > visual[:, -1:]                                # (B, L)
+        if valid is not None:
+            after_image = after_image & valid
+        instruction = [positions[after_image[row]] for row in range(batch)]
+        empty = [row for row, index in enumerate(instruction) if index.numel() == 0]
+        if empty and self.llm_step.needs_instruction:
+            if batch == 1:
+                log.info("%s: no instruction tokens after the image; the LLM reduction is skipped",
+                         self.method.name)
+                return LLMPass(True, length, valid, None, None, reduce=False)
+            raise ValueError(f"{self.method.name}: rows {empty} have no prompt tokens after the image, so FiCoCo-L "
+                             f"cannot score them; run them alone (they are then left unreduced)")
+        return LLMPass(True, length, valid, visual, instruction, reduce=True)
+
+    @staticmethod
+    def _decode_inputs(kwargs: dict, cache, decode: LLMPass) -> dict:
+        """A decode step whose cache was reduced from layer 0: the 2-D mask and positions to match it."""
+        layer0_keep = decode.keep_at.get(0)
+        if layer0_keep is None:
+            return kwargs
+        kept = layer0_keep.shape[1]
+        past_full = decode.full_len + cache.get_seq_length() - kept                     # positions seen so far
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 2:
+            new = torch.arange(decode.full_len, mask.shape[1], device=mask.device).expand(mask.shape[0], -1)
+            kwargs = {**kwargs, "attention_mask": mask.gather(1, torch.cat([layer0_keep, new], dim=1))}
+        if kwargs.get("position_ids") is None:
+            reference = kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"][..., 0]
+            kwargs = {**kwargs, "position_ids": (torch.arange(reference.shape[1], device=reference.device)
+                                                 + past_full)[None]}
+        return kwargs
+
+
+class Replacement:
+    """An instance attribute set on an object (a method replaced on one model only); `remove()` deletes
+    it, so the class's own attribute shows through again."""
+
+    def __init__(self, owner, name: str, value):
+        self.owner, self.name = owner, name
+        setattr(owner, name, value)
+
+    def remove(self) -> None:
+        delattr(self.owner, self.name)
+
+
+def cache_of(kwargs: dict) -> Cache | None:
+    """The KV cache of a forward call, found by its type rather than its keyword.
+
+    transformers 5.23 passes it as `past_key_values`, 5.24 as `cache`; a lookup by name took every
+    decode step for a prefill under 5.24 and recorded the last decode step's counts.
+    """
+    caches = [value for value in kwargs.values() if isinstance(value, Cache)]
+    if len(caches) > 1:
+        raise RuntimeError(f"{len(caches)} KV cache objects in one forward call; expected at most one")
+    return caches[0] if caches else None
+
+
+def _at_most_one(method, steps: tuple[Step, ...], kind: type):
+    """The one step of `kind` among `steps` (None when there is none)."""
+    found = [step for step in steps if isinstance(step, kind)]
+    if len(found) > 1:
+        raise ValueError(f"{method.name}: an adapter installs at most one {kind.__name__}; got "
+                         f"{[type(step).__name__ for step in steps]}")
+    return found[0] if found else None
