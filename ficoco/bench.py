@@ -204,8 +204,8 @@ def run(args) -> dict:
             if method == "vanilla":
                 continue
             plan = methods.get(method).check_budget(dims, budget, **overrides)
-            reducing = [("vision", layer) for layer in (plan["vision"] or {}).get("layers", [])]
-            reducing += [("llm", layer) for layer in (plan["llm"] or {}).get("layers", [])]
+            reducing = [("vision", layer) for layer in (plan.vision.layers if plan.vision else ())]
+            reducing += [("llm", layer) for layer in (plan.llm.layers if plan.llm else ())]
             step_seconds, layer_seconds = {}, {}
             handles = layer_timers({key: all_layers[key] for key in reducing}, layer_seconds, synchronize, clock)
             try:

@@ -984,8 +984,8 @@ def planned_schedule(config: dict, models: dict, job: Job) -> dict:
     budget = methods.budget_from_label(job.method, job.run_budget)
     plan = methods.get(job.method).plan(dims, budget, **method_overrides(config, models, job.model, job.method,
                                                                           job.budget))
-    return {"visual_tokens": dims.visual_tokens, "delivered": plan["delivered"], "llm_visual": plan["llm_visual"],
-            "layer_average": plan["layer_average"]}
+    return {"visual_tokens": dims.visual_tokens, "delivered": plan.delivered,
+            "llm_visual": None if plan.llm_visual is None else list(plan.llm_visual), "layer_average": plan.layer_average}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,7 +33,7 @@ D = width, H = heads, d = head dim, L = current sequence length.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Mapping, Protocol
+from typing import Any, Callable, ClassVar, Mapping, Protocol
 
 import torch
 
@@ -310,3 +310,117 @@ def unmet_needs(needs: Needs, layout: ImageLayout) -> list[str]:
     if layout.positions not in needs.positions:
         unmet.append(f"{' or '.join(needs.positions)} positions in the LLM (this model uses {layout.positions})")
     return unmet
+
+
+# ------------------------------------------------------------------------------------------------
+# A method's plan for one budget on one model (Method.plan): what its steps will do, per layer
+
+@dataclass(frozen=True)
+class VisionSchedule:
+    """A reduction inside the vision tower (or at its input), for one image."""
+
+    layers: list[int]                       # reducing tower layers, 0-based ([] for an input step)
+    grid_hw: list[int]                      # [rows, cols] of the patch grid the schedule is planned on
+    discards: list[int] = field(default_factory=list)       # patches removed at each reducing layer
+    patches_out: list[int] = field(default_factory=list)    # patches left after each reducing layer
+    image_side: int | None = None           # an input step's image side in pixels (image downsampling)
+    patches: int | None = None              # the patches such an input step encodes
+
+
+@dataclass(frozen=True)
+class LLMSchedule:
+    """A reduction inside the LLM during prefill, for one prompt."""
+
+    layers: list[int]                       # reducing decoder layers, 0-based
+    discards: list[int]                     # visual tokens removed at each
+    n0: int                                 # visual tokens entering the LLM
+    final: int                              # visual tokens after the last reducing layer
+    visual_out: list[int]                   # visual tokens left after each reducing layer
+    details: Mapping[str, Any] = field(default_factory=dict)   # the method's own (PDrop's λ, SparseVLM's keeps)
+
+
+@dataclass(frozen=True)
+class OutputSchedule:
+    """One reduction between the tower and the LLM: of the features ("vision_output") or of the
+    projected tokens ("projector")."""
+
+    site: str                               # "vision_output" | "projector"
+    tokens_out: int | None                  # tokens per image the LLM receives; None: a count per image
+    layer: int | None = None                # the tower layer whose output is reduced ("vision_output")
+    adaptive: bool = False                  # a count per image, chosen while it runs (PruMerge's IQR rule)
+    tokens_min: int | None = None           # an adaptive step's bounds on that count
+    tokens_max: int | None = None
+    details: Mapping[str, Any] = field(default_factory=dict)   # the method's own split of the tokens
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a method will do at one budget on one model, and the token counts that follow.
+
+    `vision_counts` holds one [attention tokens, MLP tokens] pair per executed tower layer (CLS
+    included); `delivered` the visual tokens per image entering the LLM; `llm_visual` the visual
+    tokens of every LLM layer and `layer_average` their mean (the budget's measure). An adaptive plan
+    (a count per image) has None for these three: its counts exist once a run realises them.
+    """
+
+    method: str
+    phase: str
+    budget: int | None
+    params: Mapping[str, Any]
+    vision: VisionSchedule | None
+    vision_counts: list[list[int]]
+    delivered: int | None
+    llm: LLMSchedule | None
+    llm_visual: list[int] | None
+    layer_average: float | None
+    post_vision: OutputSchedule | None = None
+
+    @classmethod
+    def from_schedule(cls, method: str, phase: str, budget: int | None, params: Mapping[str, Any],
+                      schedule: Mapping[str, Any]) -> "Plan":
+        """The typed plan of a method's schedule (the mapping its `schedule` function builds); a key no
+        field holds is an error, so nothing a schedule says is lost."""
+        entries = dict(schedule)
+        vision, llm, post = entries.pop("vision", None), entries.pop("llm", None), entries.pop("post_vision", None)
+        known = {"vision_counts", "delivered", "llm_visual", "layer_average"}
+        if set(entries) != known:
+            raise ValueError(f"{method}: its schedule has keys {sorted(entries)}; a plan holds vision, vision_counts, "
+                             f"delivered, llm, llm_visual, layer_average and post_vision")
+        llm_visual = entries["llm_visual"]
+        return cls(
+            method=method, phase=phase, budget=budget, params=dict(params),
+            vision=None if vision is None else VisionSchedule(**vision),
+            vision_counts=[list(pair) for pair in entries["vision_counts"]],
+            delivered=entries["delivered"],
+            llm=None if llm is None else _llm_schedule(llm),
+            llm_visual=None if llm_visual is None else list(llm_visual),
+            layer_average=entries["layer_average"],
+            post_vision=None if post is None else _output_schedule(post),
+        )
+
+    def to_dict(self) -> dict:
+        """JSON-able, each schedule's `details` beside its own fields."""
+        def flat(schedule) -> dict | None:
+            if schedule is None:
+                return None
+            entries = {key: value for key, value in schedule.__dict__.items() if key != "details"}
+            return {**entries, **dict(getattr(schedule, "details", {}))}
+
+        return {"method": self.method, "phase": self.phase, "budget": self.budget, "params": dict(self.params),
+                "vision": flat(self.vision), "vision_counts": [list(pair) for pair in self.vision_counts],
+                "delivered": self.delivered, "llm": flat(self.llm),
+                "llm_visual": None if self.llm_visual is None else list(self.llm_visual),
+                "layer_average": self.layer_average, "post_vision": flat(self.post_vision)}
+
+
+def _llm_schedule(entry: Mapping[str, Any]) -> LLMSchedule:
+    fields = ("layers", "discards", "n0", "final", "visual_out")
+    return LLMSchedule(layers=list(entry["layers"]), discards=list(entry["discards"]), n0=entry["n0"],
+                       final=entry["final"], visual_out=list(entry["visual_out"]),
+                       details={key: value for key, value in entry.items() if key not in fields})
+
+
+def _output_schedule(entry: Mapping[str, Any]) -> OutputSchedule:
+    fields = ("site", "tokens_out", "layer", "adaptive", "tokens_min", "tokens_max")
+    return OutputSchedule(**{key: entry[key] for key in fields if key in entry},
+                          details={key: value for key, value in entry.items() if key not in fields})

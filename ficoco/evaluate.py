@@ -236,7 +236,7 @@ def evaluate_shard(*, model_dir, benchmark_dir, benchmark: str, method: str, bud
             records = generator.records_for(batch_rows)
             has_image = {index: row["image"] is not None for index, row in zip(batch, batch_rows)}
             for record in records:            # a count or cost that cannot be true fails the job here
-                check_record(handle.plan["method"], handle.plan, record, has_image[record["row"]])
+                check_record(handle.plan.method, handle.plan, record, has_image[record["row"]])
             journal.append(records)           # durable before we move on: a kill loses at most this batch
             recorded += len(records)
             bar.update(len(records))

@@ -21,6 +21,7 @@ from typing import Sequence
 
 from ficoco.budget import InfeasibleBudget
 from ficoco.budget_labels import TFLOPS_CONVENTIONS, TflopsTarget
+from ficoco.contract import Plan
 from ficoco.dims import ModelDims, llava_1_5_dims
 
 # Bytes per stored value for weights and the KV cache. Read-only so no module state can change.
@@ -336,21 +337,12 @@ def vanilla_counts(dims: ModelDims, text_tokens: int = NOMINAL_TEXT_TOKENS) -> d
     return counts_from_schedule(dims, text_tokens, [dims.visual_tokens] * dims.llm_layers)
 
 
-def counts_from_plan(dims: ModelDims, plan: dict, text_tokens: int = NOMINAL_TEXT_TOKENS) -> dict:
-    """The §2 record for a method's planned schedule (`Method.check_budget` / `handle.plan`).
-
-    Reads `llm_visual` (visual tokens per LLM layer), `vision_counts` (one [n_attn, n_mlp] pair
-    per executed CLIP layer, CLS included; default: the unreduced tower) and `delivered` (visual
-    tokens in the LLM input; default: llm_visual[0]).
-    """
-    if "llm_visual" not in plan:
-        raise ValueError(
-            f"the schedule summary has keys {sorted(plan)}; it needs 'llm_visual' (visual tokens per LLM layer) "
-            f"and may give 'vision_counts' and 'delivered'"
-        )
-    if plan["llm_visual"] is None:
-        raise ValueError(f"{plan.get('method', 'this method')}: {ADAPTIVE_NOTE}")
-    return counts_from_schedule(dims, text_tokens, plan["llm_visual"], plan.get("vision_counts"), plan.get("delivered"))
+def counts_from_plan(dims: ModelDims, plan: Plan, text_tokens: int = NOMINAL_TEXT_TOKENS) -> dict:
+    """The §2 record of a method's plan (`Method.check_budget` / `handle.plan`): its tower counts,
+    delivered tokens and visual tokens per LLM layer, with `text_tokens` text tokens."""
+    if plan.llm_visual is None:
+        raise ValueError(f"{plan.method}: {ADAPTIVE_NOTE}")
+    return counts_from_schedule(dims, text_tokens, plan.llm_visual, plan.vision_counts, plan.delivered)
 
 
 def planned_counts(dims: ModelDims, method: str, budget, text_tokens: int = NOMINAL_TEXT_TOKENS, **overrides) -> dict:

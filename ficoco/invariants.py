@@ -4,8 +4,8 @@ A record's token counts (contracts §2) are checked against the method's plan (`
 - a non-adaptive method realises its planned schedule exactly: every executed vision layer's
   [attention, MLP] tokens, the visual tokens delivered to the LLM, and the visual tokens of every
   LLM layer;
-- an adaptive method (plan "delivered" None: PruMerge's IQR originals) delivers a count within its
-  bounds (plan["post_vision"]["tokens_min"/"tokens_max"], else 1 .. the tower's patches), the same
+- an adaptive method (plan.delivered None: PruMerge's IQR originals) delivers a count within its
+  bounds (plan.post_vision.tokens_min / tokens_max, else 1 .. the tower's patches), the same
   count in every LLM layer;
 - an image row delivers visual tokens (> 0); a text-only row runs no vision layer and delivers none;
 - every LLM layer processed tokens (> 0), never more visual tokens than its sequence holds, and the
@@ -22,6 +22,8 @@ from __future__ import annotations
 import math
 from typing import Mapping
 
+from ficoco.contract import Plan
+
 POSITIVE_COSTS = ("prefill_layers_flops", "prefill_flops", "total_flops")
 POSITIVE_IMAGE_COSTS = ("vision_layers_flops", "vision_flops", "projector_flops")
 
@@ -35,8 +37,8 @@ def _fail(method: str, sample: str | None, what: str, expected, found) -> None:
     raise InvariantViolation(f"{where}{what}: expected {expected}, found {found}")
 
 
-def check_counts(method: str, plan: Mapping, counts: Mapping, has_image: bool, sample: str | None = None) -> None:
-    """`counts` (one sample, contracts §2) against `plan` (a `Method.plan` dict); InvariantViolation if not."""
+def check_counts(method: str, plan: Plan, counts: Mapping, has_image: bool, sample: str | None = None) -> None:
+    """`counts` (one sample, contracts §2) against `plan` (`Method.plan`); InvariantViolation if not."""
     def fail(what, expected, found):
         _fail(method, sample, what, expected, found)
 
@@ -65,24 +67,25 @@ def check_counts(method: str, plan: Mapping, counts: Mapping, has_image: bool, s
 
     if delivered <= 0:
         fail("visual tokens delivered to the LLM for an image row", "> 0", delivered)
-    planned_vision = [list(pair) for pair in plan["vision_counts"]]
+    planned_vision = [list(pair) for pair in plan.vision_counts]
     if len(vision) != len(planned_vision):
         fail("vision layers executed", len(planned_vision), len(vision))
     for layer, (found, expected) in enumerate(zip(vision, planned_vision)):
         if list(found) != expected:
             fail(f"vision layer {layer} [attention, MLP] tokens", expected, list(found))
 
-    if plan.get("delivered") is None:              # adaptive: a count of its own per image, within bounds
-        post = plan.get("post_vision") or {}
-        low = post.get("tokens_min", 1)
-        high = post.get("tokens_max", planned_vision[-1][1] - 1 if planned_vision else delivered)
+    if plan.delivered is None:                     # adaptive: a count of its own per image, within bounds
+        post = plan.post_vision
+        low = post.tokens_min if post and post.tokens_min is not None else 1
+        high = post.tokens_max if post and post.tokens_max is not None else (
+            planned_vision[-1][1] - 1 if planned_vision else delivered)
         if not low <= delivered <= high:
             fail("visual tokens delivered to the LLM", f"{low}..{high} (the method's adaptive bounds)", delivered)
         expected_visual = [delivered] * len(llm)   # an adaptive method does not reduce inside the LLM
     else:
-        if delivered != plan["delivered"]:
-            fail("visual tokens delivered to the LLM", plan["delivered"], delivered)
-        expected_visual = list(plan["llm_visual"])
+        if delivered != plan.delivered:
+            fail("visual tokens delivered to the LLM", plan.delivered, delivered)
+        expected_visual = list(plan.llm_visual)
     if len(llm_visual) != len(expected_visual):
         fail("LLM layers", len(expected_visual), len(llm_visual))
     for layer, (found, expected) in enumerate(zip(llm_visual, expected_visual)):
@@ -103,7 +106,7 @@ def check_cost(method: str, cost: Mapping, has_image: bool, sample: str | None =
             _fail(method, sample, f"cost {key}", "> 0", "missing" if value is None else value)
 
 
-def check_record(method: str, plan: Mapping, record: Mapping, has_image: bool) -> None:
+def check_record(method: str, plan: Plan, record: Mapping, has_image: bool) -> None:
     """The counts and costs of one journal record (contracts §6); failure records are skipped."""
     if record.get("error") is not None and record.get("counts") is None:
         return

@@ -249,7 +249,7 @@ def measure(
         "input_tokens": int(inputs["input_ids"].shape[1]),
         "new_tokens": new_tokens,
         "adapter": "ficoco.apply",
-        "plan": getattr(handle, "plan", None),
+        "plan": handle.plan.to_dict(),
         "counts": counts,
         "cost": sample_cost(dims, counts, new_tokens),
         "versions": {"ficoco": ficoco.__version__, "torch": torch.__version__, "transformers": transformers.__version__},

@@ -38,15 +38,15 @@ PROMPTS = ([10, 11], [12, 13, 14, 15]), ([16], [17, 18, 19])       # (text befor
 @pytest.mark.parametrize("budget, keep, average", [(192, 166, 191.6), (128, 98, 127.9), (64, 29, 63.2)])
 def test_one_shot_keep_matches_spec(name, budget, keep, average):
     plan = methods.get(name).check_budget(DIMS_7B, budget)
-    assert plan["llm"]["layers"] == [2] and plan["llm"]["visual_out"] == [keep]
-    assert plan["llm_visual"] == [576, 576] + [keep] * 30
-    assert round(plan["layer_average"], 1) == average <= budget
+    assert plan.llm.layers == [2] and plan.llm.visual_out == [keep]
+    assert plan.llm_visual == [576, 576] + [keep] * 30
+    assert round(plan.layer_average, 1) == average <= budget
 
 
 @pytest.mark.parametrize("budget, average", [(192, 216), (128, 156), (64, 96)])
 def test_fastv_keep_budget_reports_its_true_average(budget, average):
     plan = methods.get("fastv_keepB").check_budget(DIMS_7B, budget)
-    assert plan["llm"]["visual_out"] == [budget] and plan["layer_average"] == average
+    assert plan.llm.visual_out == [budget] and plan.layer_average == average
 
 
 @pytest.mark.parametrize("budget, lam, counts, average", [
@@ -54,18 +54,18 @@ def test_fastv_keep_budget_reports_its_true_average(budget, average):
 ])
 def test_pdrop_project_rule_matches_spec(budget, lam, counts, average):
     plan = methods.get("pdrop").check_budget(DIMS_7B, budget)
-    assert plan["llm"]["lam"] == lam and plan["llm"]["layers"] == [2, 8, 16]
-    assert plan["llm"]["visual_out"] == counts
-    assert plan["llm_visual"] == [576] * 2 + [counts[0]] * 6 + [counts[1]] * 8 + [counts[2]] * 16
-    assert abs(plan["layer_average"] - average) <= 0.005 + 1e-9
+    assert plan.llm.details["lam"] == lam and plan.llm.layers == [2, 8, 16]
+    assert plan.llm.visual_out == counts
+    assert plan.llm_visual == [576] * 2 + [counts[0]] * 6 + [counts[1]] * 8 + [counts[2]] * 16
+    assert abs(plan.layer_average - average) <= 0.005 + 1e-9
 
 
 def test_pdrop_official_default_schedule():
     plan = methods.get("pdrop_official").check_budget(DIMS_7B, None)
-    assert plan["llm"]["layers"] == [8, 16, 24] and plan["llm"]["visual_out"] == [288, 144, 72]
-    assert plan["llm_visual"] == [576] * 8 + [288] * 8 + [144] * 8 + [72] * 8
-    assert plan["layer_average"] == 270
-    assert methods.get("pdrop-official").check_budget(DIMS_7B, 270)["layer_average"] == 270
+    assert plan.llm.layers == [8, 16, 24] and plan.llm.visual_out == [288, 144, 72]
+    assert plan.llm_visual == [576] * 8 + [288] * 8 + [144] * 8 + [72] * 8
+    assert plan.layer_average == 270
+    assert methods.get("pdrop-official").check_budget(DIMS_7B, 270).layer_average == 270
     with pytest.raises(InfeasibleBudget, match=r"B=192 .*270\.00.*smallest reachable budget is 270"):
         methods.get("pdrop-official").check_budget(DIMS_7B, 192)
 
@@ -75,12 +75,12 @@ def test_pdrop_official_default_schedule():
 ])
 def test_sparsevlm_official_schedule_and_realised_average(budget, visual_out, average, without_clusters):
     plan = methods.get("sparsevlm").check_budget(DIMS_7B, budget)
-    assert plan["llm"]["layers"] == [3, 7, 16]                      # pruning layers 2, 6, 15 prune their output
-    assert plan["llm"]["visual_out"] == visual_out                   # schedule + ⌊(⌊0.3·d⌋ + 1)/10⌋ + 1 clusters
-    assert plan["llm_visual"][:3] == [576] * 3 and plan["llm_visual"][16:] == [visual_out[2]] * 16
-    assert abs(plan["layer_average"] - average) <= 0.05 + 1e-9
+    assert plan.llm.layers == [3, 7, 16]                      # pruning layers 2, 6, 15 prune their output
+    assert plan.llm.visual_out == visual_out                   # schedule + ⌊(⌊0.3·d⌋ + 1)/10⌋ + 1 clusters
+    assert plan.llm_visual[:3] == [576] * 3 and plan.llm_visual[16:] == [visual_out[2]] * 16
+    assert abs(plan.layer_average - average) <= 0.05 + 1e-9
     plain = methods.get("sparsevlm").check_budget(DIMS_7B, budget, recycle=False)
-    assert abs(plain["layer_average"] - without_clusters) <= 0.05 + 1e-9
+    assert abs(plain.layer_average - without_clusters) <= 0.05 + 1e-9
     with pytest.raises(ValueError, match=r"budget 100 has no official v1.5 schedule; valid budgets: \[64, 128, 192\]"):
         methods.get("sparsevlm").check_budget(DIMS_7B, 100)
     with pytest.raises(ValueError, match=r"layers=\[2, 6, 31\]: every pruning layer must be in \[0, 30\]"):
@@ -91,11 +91,11 @@ def test_infeasible_budgets_name_the_smallest_reachable_one():
     # PDrop at [8, 16, 24]: 128 and 64 are out of reach (the first 8 layers alone average 144)
     with pytest.raises(InfeasibleBudget, match=r"pdrop: budget B=128 .*\[8, 16, 24\].*144\.00"):
         methods.get("pdrop").check_budget(DIMS_7B, 128, boundaries=[8, 16, 24])
-    assert methods.get("pdrop").check_budget(DIMS_7B, 192, boundaries=[8, 16, 24])["llm"]["visual_out"] == [146, 37, 9]
+    assert methods.get("pdrop").check_budget(DIMS_7B, 192, boundaries=[8, 16, 24]).llm.visual_out == [146, 37, 9]
     # FastV at K = 4: (576·4 + 28)/32 = 72.88 > 64; K <= 3 reaches it
     with pytest.raises(InfeasibleBudget, match=r"fastv: budget B=64 .*K=4.*72\.88.*K <= 3"):
         methods.get("fastv").check_budget(DIMS_7B, 64, layer=4)
-    assert methods.get("fastv").check_budget(DIMS_7B, 64, layer=3)["llm"]["visual_out"] == [11]   # ⌊320/29⌋
+    assert methods.get("fastv").check_budget(DIMS_7B, 64, layer=3).llm.visual_out == [11]   # ⌊320/29⌋
     # a solved λ whose last stage would keep nothing
     with pytest.raises(InfeasibleBudget, match=r"keep no image token.*smallest reachable budget"):
         methods.get("pdrop").check_budget(DIMS_7B, 40)
@@ -129,7 +129,7 @@ def test_registry_describes_the_in_llm_baselines():
     assert methods.get("pdrop").defaults == {"boundaries": (2, 8, 16), "lam": None}
     assert methods.get("pdrop-official").defaults == {"boundaries": (8, 16, 24), "lam": 0.5}
     assert methods.get("sparsevlm").defaults == {"layers": (2, 6, 15), "keeps": None, "recycle": True, "seed": 0}
-    assert methods.get("pdrop").check_budget(DIMS_7B, None)["llm"] is None  # budget None = unreduced
+    assert methods.get("pdrop").check_budget(DIMS_7B, None).llm is None  # budget None = unreduced
 
 
 # ------------------------------------------------------------------------------------------------
@@ -184,7 +184,7 @@ def test_recorded_counts_reach_the_method_rule(model, name, budget, overrides):
         expected = [N_IMAGE] * 3 + [budget]
     elif name == "pdrop":
         lam, expected = _largest_lambda(budget, [1, 2, 3], 4)
-        assert plan["llm"]["lam"] == lam
+        assert plan.llm.details["lam"] == lam
     elif name == "sparsevlm":
         expected, n = [N_IMAGE], N_IMAGE
         for wanted in overrides["keeps"]:          # prune the output of layers 0, 1, 2; recycle into clusters
@@ -193,10 +193,10 @@ def test_recorded_counts_reach_the_method_rule(model, name, budget, overrides):
             expected.append(n)
     else:
         expected = [N_IMAGE, 288, 144, 72]
-    assert recorded == expected == plan["llm_visual"]
-    assert sum(recorded) / 4 == plan["layer_average"]
+    assert recorded == expected == plan.llm_visual
+    assert sum(recorded) / 4 == plan.layer_average
     if budget is not None and name not in ("fastv-keepb", "sparsevlm"):     # these two report a larger average
-        assert plan["layer_average"] <= budget
+        assert plan.layer_average <= budget
     text = ids.shape[1] - N_IMAGE
     assert counts[0]["llm"] == [text + n for n in expected]
     for layer, kept in trace.items():                                      # original order, image span only
@@ -284,11 +284,11 @@ def _pdrop_select(keep):
 def test_pdrop_kept_sets_and_logits_match_an_independent_softmax(model):
     ids, pixels = _inputs()
     logits, _, trace, plan = _run(model, "pdrop", 200, ids, pixels, boundaries=[1, 2, 3])
-    keep = dict(zip(plan["llm"]["layers"], plan["llm"]["visual_out"]))
+    keep = dict(zip(plan.llm.layers, plan.llm.visual_out))
     expected, kept_at, dropped = _masked_forward(model, ids, pixels, select={b: _pdrop_select(keep) for b in keep})
     for layer in (1, 2, 3):
         assert trace[layer][0].tolist() == kept_at[layer]
-    assert [len(kept_at[b]) for b in (1, 2, 3)] == plan["llm"]["visual_out"]
+    assert [len(kept_at[b]) for b in (1, 2, 3)] == plan.llm.visual_out
     survivors = [p for p in range(ids.shape[1]) if p not in dropped]
     torch.testing.assert_close(logits[0], expected[survivors], rtol=1e-4, atol=1e-5)
 

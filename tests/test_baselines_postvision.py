@@ -47,40 +47,40 @@ NEW_METHODS = ["visionzip", "prumerge", "prumerge-plus", "topk-cls", "random", "
 
 @pytest.mark.parametrize("budget, dominant, contextual", [(64, 54, 10), (128, 108, 20), (192, 162, 30)])
 def test_visionzip_split_matches_spec(budget, dominant, contextual):
-    post = methods.get("visionzip").check_budget(DIMS_7B, budget)["post_vision"]
+    post = methods.get("visionzip").check_budget(DIMS_7B, budget).post_vision.details
     assert (post["dominant"], post["contextual"]) == (dominant, contextual)
-    post = methods.get("visionzip").check_budget(DIMS_7B, 100, contextual=7)["post_vision"]
+    post = methods.get("visionzip").check_budget(DIMS_7B, 100, contextual=7).post_vision.details
     assert (post["dominant"], post["contextual"]) == (93, 7)                   # any other split: D = B − C
 
 
 @pytest.mark.parametrize("budget, important, raster", [(192, 48, 143), (128, 32, 95), (64, 16, 47)])
 def test_prumerge_plus_split_matches_spec(budget, important, raster):
-    post = methods.get("prumerge-plus").check_budget(DIMS_7B, budget)["post_vision"]
+    post = methods.get("prumerge-plus").check_budget(DIMS_7B, budget).post_vision.details
     assert (post["important"], post["raster"], post["extra"], post["knn"]) == (important, raster, 1, 32)
-    post = methods.get("prumerge").check_budget(DIMS_7B, budget)["post_vision"]
+    post = methods.get("prumerge").check_budget(DIMS_7B, budget).post_vision.details
     assert (post["important"], post["raster"], post["extra"]) == (budget - 1, 0, 1)
 
 
 @pytest.mark.parametrize("budget, grid", [(192, [12, 16]), (128, [8, 16]), (64, [8, 8])])
 def test_pooling_grid_matches_spec(budget, grid):
-    assert methods.get("pooling").check_budget(DIMS_7B, budget)["post_vision"]["out_hw"] == grid
+    assert methods.get("pooling").check_budget(DIMS_7B, budget).post_vision.details["out_hw"] == grid
 
 
 @pytest.mark.parametrize("name", NEW_METHODS)
 @pytest.mark.parametrize("budget", [192, 128, 64])
 def test_every_post_vision_method_delivers_b_in_every_layer(name, budget):
     plan = methods.get(name).check_budget(DIMS_7B, budget)
-    assert plan["delivered"] == budget and plan["llm_visual"] == [budget] * 32 and plan["layer_average"] == budget
-    assert plan["vision_counts"] == [[577, 577]] * 23                        # the encoder itself is unreduced
+    assert plan.delivered == budget and plan.llm_visual == [budget] * 32 and plan.layer_average == budget
+    assert plan.vision_counts == [[577, 577]] * 23                        # the encoder itself is unreduced
     unreduced = methods.get(name).check_budget(DIMS_7B, None)
-    assert unreduced["delivered"] == 576 and methods.get(name).steps(unreduced) == ()
+    assert unreduced.delivered == 576 and methods.get(name).steps(unreduced) == ()
 
 
 def test_divprune_original_positions_reduce_at_llm_layer_0():
     plan = methods.get("divprune").check_budget(DIMS_7B, 64, positions="original")
-    assert plan["delivered"] == 576 and plan["llm"]["layers"] == [0] and plan["llm"]["final"] == 64
-    assert plan["llm_visual"] == [64] * 32 and plan["layer_average"] == 64
-    assert plan["params"]["positions"] == "original"                          # the choice is logged
+    assert plan.delivered == 576 and plan.llm.layers == [0] and plan.llm.final == 64
+    assert plan.llm_visual == [64] * 32 and plan.layer_average == 64
+    assert plan.params["positions"] == "original"                          # the choice is logged
 
 
 def test_registry_describes_the_new_methods():
@@ -185,7 +185,7 @@ def runs(model, inputs):
 def test_the_llm_receives_exactly_the_budget(runs, config):
     run = runs[config]
     counts, plan = run["counts"], run["plan"]
-    assert counts["vision"] == [[577, 577]] * 2 == plan["vision_counts"]      # executed CLIP layers 0..1
+    assert counts["vision"] == [[577, 577]] * 2 == plan.vision_counts      # executed CLIP layers 0..1
     assert counts["llm_visual"] == [BUDGET] and counts["llm"] == [TEXT + BUDGET]
     if config == "divprune-original":                                       # all embedded, layer 0 keeps B
         assert run["embeds"].shape[1] == TEXT + 576 and counts["visual_delivered"] == 576
@@ -209,7 +209,7 @@ def test_topk_cls_keeps_the_top_k_of_the_cls_row(runs, reference):
 
 def test_visionzip_dominant_and_contextual_tokens(runs, reference):
     dominant, contextual = 54, 10
-    post = runs["visionzip"]["plan"]["post_vision"]
+    post = runs["visionzip"]["plan"].post_vision.details
     assert (post["dominant"], post["contextual"]) == (dominant, contextual)
     x, keys = reference["features"][1:], reference["keys_mean"][1:]
     top = _top(reference["cls_row"][1:].tolist(), dominant - 1)

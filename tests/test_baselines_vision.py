@@ -58,18 +58,18 @@ def _inputs(model, n_images=1, seed=1, placeholders=N_PATCHES):
 ])
 def test_tome_schedule_matches_spec(budget, merges):
     plan = methods.get("tome").check_budget(DIMS_7B, budget)
-    assert plan["vision"]["layers"] == list(range(23)) and plan["vision"]["discards"] == merges
-    assert plan["delivered"] == budget and plan["layer_average"] == budget
-    assert plan["vision_counts"][0] == [577, 577 - merges[0]] and plan["vision_counts"][22][1] == 1 + budget
+    assert plan.vision.layers == list(range(23)) and plan.vision.discards == merges
+    assert plan.delivered == budget and plan.layer_average == budget
+    assert plan.vision_counts[0] == [577, 577 - merges[0]] and plan.vision_counts[22][1] == 1 + budget
 
 
 @pytest.mark.parametrize("budget, totals", [(192, [399, 277, 192]), (128, [349, 211, 128]), (64, [277, 133, 64])])
 def test_evit_schedule_matches_spec(budget, totals):
     plan = methods.get("evit").check_budget(DIMS_7B, budget)
-    assert plan["vision"]["layers"] == [7, 13, 19] and plan["vision"]["patches_out"] == totals
-    assert plan["delivered"] == budget and plan["layer_average"] == budget
+    assert plan.vision.layers == [7, 13, 19] and plan.vision.patches_out == totals
+    assert plan.delivered == budget and plan.layer_average == budget
     # the fused token counts: attention runs on 1 + n_{k-1}, the MLP on 1 + n_k (CLS included)
-    assert [plan["vision_counts"][layer] for layer in (7, 13, 19)] == [[577, 1 + totals[0]],
+    assert [plan.vision_counts[layer] for layer in (7, 13, 19)] == [[577, 1 + totals[0]],
                                                                       [1 + totals[0], 1 + totals[1]],
                                                                       [1 + totals[1], 1 + totals[2]]]
 
@@ -77,9 +77,9 @@ def test_evit_schedule_matches_spec(budget, totals):
 @pytest.mark.parametrize("budget, g, side", [(192, 13, 182), (128, 11, 154), (64, 8, 112)])
 def test_downsample_schedule_matches_spec(budget, g, side):
     plan = methods.get("downsample").check_budget(DIMS_7B, budget)
-    assert plan["vision"]["image_side"] == side and plan["vision"]["grid_hw"] == [g, g]
-    assert plan["delivered"] == g * g and plan["layer_average"] == g * g
-    assert plan["vision_counts"] == [[1 + g * g, 1 + g * g]] * 23
+    assert plan.vision.image_side == side and plan.vision.grid_hw == [g, g]
+    assert plan.delivered == g * g and plan.layer_average == g * g
+    assert plan.vision_counts == [[1 + g * g, 1 + g * g]] * 23
 
 
 def test_registry_describes_the_in_clip_baselines():
@@ -130,10 +130,10 @@ def test_delivers_budget_records_plan_and_removes_exactly(shaped, name):
             probe.remove()
         after = shaped(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
     delivered = 8 * 8 if name == "downsample" else budget               # downsampling: g = 8, g² <= 64
-    assert plan["delivered"] == delivered
+    assert plan.delivered == delivered
     assert seen[0] == ids.shape[1] - N_PATCHES + delivered               # the prefill: exactly that many reach the LLM
     assert counts["visual_delivered"] == delivered and counts["llm_visual"] == [delivered] * 2
-    assert counts["vision"] == plan["vision_counts"] and len(counts["vision"]) == 4
+    assert counts["vision"] == plan.vision_counts and len(counts["vision"]) == 4
     assert counts["vision"][-1][1] == 1 + delivered                     # CLS + the delivered tokens
     assert torch.equal(out[:, :ids.shape[1]], ids)                       # the caller's prompt comes back
     assert torch.equal(before, after)                                    # remove() restores the model
@@ -231,7 +231,7 @@ def test_tome_matches_brute_force_bipartite_reference_in_a_real_forward(shaped, 
     with (_capture(shaped) as captured, ficoco.apply(shaped, "tome", budget, order=order) as handle,
           torch.no_grad()):
         shaped(input_ids=ids, attention_mask=mask, pixel_values=pixels)
-        merges = dict(zip(handle.plan["vision"]["layers"], handle.plan["vision"]["discards"]))
+        merges = dict(zip(handle.plan.vision.layers, handle.plan.vision.discards))
         trace = handle.last_trace()["vision"]
     x, sizes, positions = captured[0][0].double(), [1.0] * 577, list(range(N_PATCHES))
     with torch.no_grad():
@@ -311,7 +311,7 @@ def test_evit_fused_token_is_the_cls_attention_weighted_sum_in_a_real_forward(sh
     ids, mask, pixels = _inputs(shaped, seed=4)
     with _capture(shaped) as captured, ficoco.apply(shaped, "evit", budget, **overrides) as handle, torch.no_grad():
         shaped(input_ids=ids, attention_mask=mask, pixel_values=pixels)
-        totals = dict(zip(handle.plan["vision"]["layers"], handle.plan["vision"]["patches_out"]))
+        totals = dict(zip(handle.plan.vision.layers, handle.plan.vision.patches_out))
         trace = handle.last_trace()["vision"]
     assert totals == {1: 277, 2: 133, 3: 64}
     x, positions = captured[1][0].double(), list(range(N_PATCHES))        # layer 0 does not reduce

@@ -32,13 +32,13 @@ DIMS_7B = llava_1_5_dims("7b")
 ])
 def test_ficoco_v_schedule_matches_spec(budget, discards):
     plan = methods.get("ficoco-v").check_budget(DIMS_7B, budget)
-    assert plan["vision"]["layers"] == list(range(12, 23))
-    assert plan["vision"]["discards"] == discards
-    assert plan["delivered"] == budget and plan["layer_average"] == budget
+    assert plan.vision.layers == list(range(12, 23))
+    assert plan.vision.discards == discards
+    assert plan.delivered == budget and plan.layer_average == budget
     # attention runs on 1 + N_{l-1}, the MLP on 1 + N_l; layer 23 is not executed
-    assert len(plan["vision_counts"]) == 23
-    assert plan["vision_counts"][12] == [577, 577 - discards[0]]
-    assert plan["vision_counts"][22] == [1 + budget + discards[-1], 1 + budget]
+    assert len(plan.vision_counts) == 23
+    assert plan.vision_counts[12] == [577, 577 - discards[0]]
+    assert plan.vision_counts[22] == [1 + budget + discards[-1], 1 + budget]
 
 
 @pytest.mark.parametrize("budget, final, discards, average", [
@@ -47,10 +47,10 @@ def test_ficoco_v_schedule_matches_spec(budget, discards):
 ])
 def test_ficoco_l_schedule_matches_spec(budget, final, discards, average):
     plan = methods.get("ficoco-l").check_budget(DIMS_7B, budget)
-    assert plan["llm"]["layers"] == [4, 5, 6, 7]
-    assert plan["llm"]["final"] == final and plan["llm"]["discards"] == discards
-    assert plan["llm_visual"][:4] == [576] * 4 and plan["llm_visual"][8:] == [final] * 24
-    assert round(plan["layer_average"], 2) == average
+    assert plan.llm.layers == [4, 5, 6, 7]
+    assert plan.llm.final == final and plan.llm.discards == discards
+    assert plan.llm_visual[:4] == [576] * 4 and plan.llm_visual[8:] == [final] * 24
+    assert round(plan.layer_average, 2) == average
 
 
 @pytest.mark.parametrize("budget, vision_out, final, average", [
@@ -58,13 +58,13 @@ def test_ficoco_l_schedule_matches_spec(budget, final, discards, average):
 ])
 def test_ficoco_vl_schedule_matches_spec(budget, vision_out, final, average):
     plan = methods.get("ficoco-vl").check_budget(DIMS_7B, budget)
-    assert plan["delivered"] == vision_out and plan["llm"]["final"] == final
-    assert round(plan["layer_average"], 2) == average
+    assert plan.delivered == vision_out and plan.llm.final == final
+    assert round(plan.layer_average, 2) == average
 
 
 def test_ficoco_v_official_delivers_114():
     plan = methods.get("ficoco_v_official").check_budget(DIMS_7B, None)
-    assert plan["vision"]["discards"] == [42] * 11 and plan["delivered"] == 114
+    assert plan.vision.discards == [42] * 11 and plan.delivered == 114
     with pytest.raises(ValueError, match="114"):
         methods.get("ficoco-v-official").check_budget(DIMS_7B, 64)
 
@@ -77,8 +77,8 @@ def test_infeasible_budget_names_minimum_and_feasible_start():
     assert "72.88" in message                  # spec §4: minimum over all schedules ≈ 72.9
     assert "s <= 3" in message                 # spec §2.1: 64 needs s ≤ 3
     # the start the message suggests is indeed feasible, the configured one is not
-    assert methods.get("ficoco-l").check_budget(DIMS_7B, 64, start=2)["llm"]["final"] == 1
-    assert methods.get("ficoco-l").check_budget(DIMS_7B, 64, start=3, window=1)["llm"]["final"] == 11
+    assert methods.get("ficoco-l").check_budget(DIMS_7B, 64, start=2).llm.final == 1
+    assert methods.get("ficoco-l").check_budget(DIMS_7B, 64, start=3, window=1).llm.final == 11
 
 
 def test_infeasible_budget_fails_before_touching_the_model():
@@ -98,7 +98,7 @@ def test_overrides_are_validated():
     with pytest.raises(ValueError, match="start=23, end=22"):
         method.check_budget(DIMS_7B, 64, start=23)
     plan = method.check_budget(DIMS_7B, 64, lam=0.5, start=3)
-    assert plan["params"]["lam"] == 0.5 and plan["vision"]["layers"] == list(range(3, 23))
+    assert plan.params["lam"] == 0.5 and plan.vision.layers == list(range(3, 23))
     with pytest.raises(ValueError, match="valid methods: vanilla, ficoco-v, ficoco-l, ficoco-vl"):
         methods.get("no-such-method")
 
@@ -286,7 +286,7 @@ def test_ficoco_l_cache_equals_recompute_without_cache(start):
     # the cache of layers >= s holds only kept positions (+ the generated tokens)
     full, generated = ids.shape[1], cached.sequences.shape[1] - ids.shape[1] - 1
     plan = methods.get("ficoco-l").check_budget(ModelDims.from_config(model.config), 8, start=start, window=2)
-    expected = [full + generated - (n - visual) for visual in plan["llm_visual"]]
+    expected = [full + generated - (n - visual) for visual in plan.llm_visual]
     assert kv_lengths == expected and kv_lengths[-1] < full
 
 
@@ -353,7 +353,7 @@ def test_ficoco_l_pruning_equals_masked_attention_reference():
     with ficoco.apply(model, "ficoco-l", 8, start=1, window=2, k=0) as handle, torch.no_grad():
         reduced = model(input_ids=ids, pixel_values=pixels).logits[0]
         plan, trace = handle.plan, handle.last_trace()["llm"]
-    discards = dict(zip(plan["llm"]["layers"], plan["llm"]["discards"]))
+    discards = dict(zip(plan.llm.layers, plan.llm.discards))
     expected, kept = _masked_reference_logits(model, ids, pixels, 1, discards)
     assert trace[2][0].tolist() == [p for p in kept if ids[0, p] == IMAGE]
     assert reduced.shape == expected.shape
@@ -371,7 +371,7 @@ def test_ficoco_l_merging_changes_only_what_it_should():
         vanilla = model(input_ids=ids, pixel_values=pixels).logits[0]
         with ficoco.apply(model, "ficoco-l", 8, start=1, window=2) as handle:
             merged = model(input_ids=ids, pixel_values=pixels).logits[0]
-            final = handle.plan["llm"]["final"]
+            final = handle.plan.llm.final
         with ficoco.apply(model, "ficoco-l", 8, start=1, window=2, k=0):
             pruned = model(input_ids=ids, pixel_values=pixels).logits[0]
     assert merged.shape == pruned.shape == (ids.shape[1] - (16 - final), vanilla.shape[1])

@@ -61,10 +61,10 @@ def _encode(model, handle, pixels):
 ])
 def test_budget_is_spread_over_the_released_layer_range(budget, discards):
     plan = methods.get(NAME).check_budget(DIMS_7B, budget)
-    assert plan["vision"]["layers"] == list(range(12, 23)) and plan["vision"]["discards"] == discards
-    assert plan["delivered"] == budget and plan["llm_visual"] == [budget] * 32
+    assert plan.vision.layers == list(range(12, 23)) and plan.vision.discards == discards
+    assert plan.delivered == budget and plan.llm_visual == [budget] * 32
     # layer 22 (the one LLaVA reads) keeps 1 + B slots; LLaVA drops slot 0; layer 23 does not run
-    assert len(plan["vision_counts"]) == 23 and plan["vision_counts"][22] == [1 + budget + discards[-1], 1 + budget]
+    assert len(plan.vision_counts) == 23 and plan.vision_counts[22] == [1 + budget + discards[-1], 1 + budget]
 
 
 def test_released_arithmetic_gives_114():
@@ -73,7 +73,7 @@ def test_released_arithmetic_gives_114():
     reducing_blocks = [block for block in range(24) if block > 11]
     read = [block for block in reducing_blocks if block <= DIMS_7B.last_vision_layer]
     assert len(read) == 11 and DIMS_7B.vision_tokens - 42 * len(read) - 1 == 114
-    assert methods.get(NAME).check_budget(DIMS_7B, 114)["vision"]["discards"] == [42] * len(read)
+    assert methods.get(NAME).check_budget(DIMS_7B, 114).vision.discards == [42] * len(read)
 
 
 def test_errors_name_the_bad_value_and_the_valid_ones():

@@ -11,7 +11,8 @@ from dataclasses import replace
 
 import pytest
 
-from ficoco import flops
+from ficoco import flops, methods
+from ficoco.contract import Plan
 from ficoco.dims import ModelDims, llava_1_5_dims
 
 # A small model: CLIP d_v=4, m_v=8, 8x8 image with 4x4 patches (4 patches + CLS);
@@ -176,20 +177,29 @@ def test_vanilla_counts_record():
     assert counts["llm_visual"] == [576] * 32
 
 
-def test_counts_from_plan_uses_the_schedule_and_names_missing_keys():
+def test_counts_from_plan_uses_the_schedule():
     # FiCoCo-L at B=192 (methods.md §4): 576 for layers 0..3, then 460, 344, 228, 112, then 112
-    llm_visual = [576] * 4 + [460, 344, 228, 112] + [112] * 24
-    counts = flops.counts_from_plan(LLAVA_7B, {"llm_visual": llm_visual, "layer_average": 191.75}, 60)
+    counts = flops.counts_from_plan(LLAVA_7B, methods.get("ficoco-l").plan(LLAVA_7B, 192), 60)
+    assert counts["llm_visual"] == [576] * 4 + [460, 344, 228, 112] + [112] * 24
     assert counts["llm"][:5] == [636, 636, 636, 636, 520]
     assert counts["visual_delivered"] == 576
     assert counts["vision"] == [[577, 577]] * 23
     cost = flops.sample_cost(LLAVA_7B, counts, 1)
     assert cost["visual_tokens_layer_average"] == 191.75           # (4·576 + 1144 + 24·112) / 32
-    plan = {"llm_visual": [2, 2, 2], "vision_counts": [[5, 5], [5, 3]], "delivered": 2}
+    plan = Plan.from_schedule("custom", "vision", 2, {}, {"vision": None, "vision_counts": [[5, 5], [5, 3]],
+                                                         "delivered": 2, "llm": None, "llm_visual": [2, 2, 2],
+                                                         "layer_average": 2.0})
     assert flops.counts_from_plan(SMALL, plan, text_tokens=1) == {
         "vision": [[5, 5], [5, 3]], "visual_delivered": 2, "llm": [3, 3, 3], "llm_visual": [2, 2, 2]}
-    with pytest.raises(ValueError, match="needs 'llm_visual'"):
-        flops.counts_from_plan(LLAVA_7B, {"per_layer": []})
+    with pytest.raises(ValueError, match="prumerge-adaptive: an adaptive method chooses its token count"):
+        flops.counts_from_plan(LLAVA_7B, methods.get("prumerge-adaptive").plan(LLAVA_7B, None))
+
+
+def test_a_schedule_with_a_key_no_plan_holds_is_refused():
+    with pytest.raises(ValueError, match=r"custom: its schedule has keys \['delivered', 'extra_key'"):
+        Plan.from_schedule("custom", "vision", None, {}, {"vision": None, "vision_counts": [], "delivered": 2,
+                                                          "llm": None, "llm_visual": [2], "layer_average": 2.0,
+                                                          "extra_key": 1})
 
 
 def ficoco_v_pairs(discards):

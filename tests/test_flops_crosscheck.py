@@ -187,7 +187,7 @@ def test_applied_method_forward_matches_exact_count(method, budget, overrides):
     assert measured["ops"] <= COUNTED_OPS
 
     # the executed counts are those the method planned for this budget, and reduced unless vanilla
-    assert counts["llm_visual"] == list(handle.plan["llm_visual"])
+    assert counts["llm_visual"] == list(handle.plan.llm_visual)
     assert counts["llm"] == [6 + v for v in counts["llm_visual"]]
     if method != "vanilla":
         assert sum(counts["llm_visual"]) / 4 <= budget < 16

@@ -17,11 +17,11 @@ def plan(name, budget=None, **overrides):
     return methods.get(name).plan(DIMS, budget, **overrides)
 
 
-def counts_of(planned: dict, delivered: int | None = None) -> dict:
+def counts_of(planned, delivered: int | None = None) -> dict:
     """The counts a run realising `planned` records for one image row with TEXT text tokens."""
-    delivered = planned["delivered"] if delivered is None else delivered
-    visual = planned["llm_visual"] or [delivered] * DIMS.llm_layers
-    return {"vision": [list(pair) for pair in planned["vision_counts"]], "visual_delivered": delivered,
+    delivered = planned.delivered if delivered is None else delivered
+    visual = planned.llm_visual or [delivered] * DIMS.llm_layers
+    return {"vision": [list(pair) for pair in planned.vision_counts], "visual_delivered": delivered,
             "llm": [TEXT + v for v in visual], "llm_visual": list(visual)}
 
 
@@ -61,17 +61,17 @@ def test_a_layer_off_the_plan_is_named_with_expected_and_found():
     counts = counts_of(planned)
     counts["llm_visual"][5] += 1
     counts["llm"][5] += 1
-    expected = planned["llm_visual"][5]
+    expected = planned.llm_visual[5]
     assert violation("fastv", planned, counts).endswith(
         f"LLM layer 5 visual tokens: expected {expected}, found {expected + 1}")
 
 
 def test_a_vision_layer_off_the_plan_is_named():
     planned = plan("ficoco-v", 192)
-    layer = next(i for i, (n_attn, n_mlp) in enumerate(planned["vision_counts"]) if n_mlp < n_attn)
+    layer = next(i for i, (n_attn, n_mlp) in enumerate(planned.vision_counts) if n_mlp < n_attn)
     counts = counts_of(planned)
     counts["vision"][layer] = [counts["vision"][layer][0]] * 2         # the layer did not reduce
-    assert (f"vision layer {layer} [attention, MLP] tokens: expected {planned['vision_counts'][layer]}, "
+    assert (f"vision layer {layer} [attention, MLP] tokens: expected {planned.vision_counts[layer]}, "
             f"found {counts['vision'][layer]}") in violation("ficoco-v", planned, counts)
 
 
@@ -100,17 +100,17 @@ def test_a_text_row_has_no_visual_tokens():
 
 def test_an_adaptive_method_stays_within_its_bounds():
     planned = plan("prumerge-adaptive")
-    post = planned["post_vision"]
-    assert 2 == post["tokens_min"] < post["tokens_max"] <= DIMS.visual_tokens
+    post = planned.post_vision
+    assert 2 == post.tokens_min < post.tokens_max <= DIMS.visual_tokens
     check_counts("prumerge-adaptive", planned, counts_of(planned, delivered=40), has_image=True)
-    high = post["tokens_max"]
+    high = post.tokens_max
     assert f"expected 2..{high} (the method's adaptive bounds), found {high + 1}" in violation(
         "prumerge-adaptive", planned, counts_of(planned, delivered=high + 1))
     counts = counts_of(planned, delivered=40)
     counts["llm_visual"][3], counts["llm"][3] = 39, TEXT + 39
     assert "LLM layer 3 visual tokens: expected 40, found 39" in violation("prumerge-adaptive", planned, counts)
-    plus = plan("prumerge-plus-adaptive")["post_vision"]
-    assert plus["tokens_min"] == plus["raster"] + 1
+    plus = plan("prumerge-plus-adaptive").post_vision
+    assert plus.tokens_min == plus.details["raster"] + 1
 
 
 def test_costs_must_be_positive_and_finite():

@@ -106,7 +106,7 @@ def test_batch_of_two_left_padded_equals_each_alone(name):
     pixels = images(2, 28, seed=5)
     with ficoco.apply(model, name, budget, **overrides) as handle:
         _, _, batched_counts, _, _ = generate_batch_and_alone(model, handle, prompts, pixels, max_new_tokens=5)
-    assert batched_counts[0]["llm"][0] == len(prompts[0]) - (n - handle.plan["delivered"])
+    assert batched_counts[0]["llm"][0] == len(prompts[0]) - (n - handle.plan.delivered)
 
 
 @pytest.mark.parametrize("name", ["ficoco-v", "ficoco-l", "ficoco-vl"])
@@ -120,11 +120,11 @@ def test_recorded_counts_equal_the_plan(model, name):
                            do_sample=False)
         counts, plan = handle.last_counts(), handle.plan
     assert len(counts) == 1
-    assert counts[0]["vision"] == plan["vision_counts"]
-    assert counts[0]["visual_delivered"] == plan["delivered"]
-    assert counts[0]["llm_visual"] == plan["llm_visual"]
-    assert counts[0]["llm"] == [text + visual for visual in plan["llm_visual"]]
-    assert sum(counts[0]["llm_visual"]) / len(counts[0]["llm_visual"]) == plan["layer_average"]
+    assert counts[0]["vision"] == plan.vision_counts
+    assert counts[0]["visual_delivered"] == plan.delivered
+    assert counts[0]["llm_visual"] == plan.llm_visual
+    assert counts[0]["llm"] == [text + visual for visual in plan.llm_visual]
+    assert sum(counts[0]["llm_visual"]) / len(counts[0]["llm_visual"]) == plan.layer_average
 
 
 def test_text_only_prompt_is_counted_and_left_alone(model):
@@ -147,7 +147,7 @@ def test_generate_returns_the_callers_prompt_and_the_kv_cache_is_reduced(model):
     assert torch.equal(out.sequences[:, :ids.shape[1]], ids)          # `out[:, len(prompt):]` stays right
     text, generated = ids.shape[1] - 16, out.sequences.shape[1] - ids.shape[1] - 1
     assert [layer.keys.shape[2] for layer in out.past_key_values.layers] == \
-        [text + visual + generated for visual in plan["llm_visual"]]
+        [text + visual + generated for visual in plan.llm_visual]
 
 
 def test_collapse_placeholders_per_image_and_positions():

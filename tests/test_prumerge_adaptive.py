@@ -65,8 +65,8 @@ def test_plans_are_adaptive_and_take_no_budget():
         method = methods.get(name)
         assert not method.budgeted and method.phase == "vision" and method.acts_on == ("vision",)
         plan = method.plan(DIMS_7B, None)
-        assert plan["delivered"] is None and plan["llm_visual"] is None and plan["layer_average"] is None
-        assert plan["post_vision"]["tokens_out"] is None and plan["post_vision"]["rule"] == "iqr"
+        assert plan.delivered is None and plan.llm_visual is None and plan.layer_average is None
+        assert plan.post_vision.tokens_out is None and plan.post_vision.details["rule"] == "iqr"
         (step,) = method.steps(plan)
         assert step.tokens_out is None
         for budget in (64, 576):
@@ -75,9 +75,9 @@ def test_plans_are_adaptive_and_take_no_budget():
         with pytest.raises(ValueError, match=f"{name}: an adaptive method chooses its token count per image, so it "
                                              f"has no planned counts"):
             planned_counts(DIMS_7B, name, None)
-    post = methods.get("prumerge-plus-adaptive").plan(DIMS_7B, None)["post_vision"]
+    post = methods.get("prumerge-plus-adaptive").plan(DIMS_7B, None).post_vision.details
     assert (post["ratio"], post["raster_stride"], post["raster"]) == (1 / 16, 5, 116)      # 0, 5, …, 575
-    assert "raster_stride" not in methods.get("prumerge-adaptive").plan(DIMS_7B, None)["post_vision"]
+    assert "raster_stride" not in methods.get("prumerge-adaptive").plan(DIMS_7B, None).post_vision.details
     assert all(method.budgeted for method in map(methods.get, methods.names()) if method.name not in ADAPTIVE_METHODS)
 
 
@@ -90,7 +90,7 @@ def test_ratio_is_validated_with_the_value_and_the_range():
     # stride 1 would keep every patch plus the extra token: more than the 576 tokens of an image
     with pytest.raises(ValueError, match=r"ratio=0.25 gives raster stride 1: .* use ratio <= 1/6"):
         plus.plan(DIMS_7B, None, ratio=0.25)
-    assert plus.plan(DIMS_7B, None, ratio=1 / 6)["post_vision"]["raster_stride"] == 2
+    assert plus.plan(DIMS_7B, None, ratio=1 / 6).post_vision.details["raster_stride"] == 2
 
 
 def test_a_budget_label_must_fit_the_method():

@@ -62,7 +62,7 @@ def set_ficoco_v_start(repo: Path, start: int) -> None:
 
 def planned_vision(repo: Path, budget: str, start: int) -> list[list[int]]:
     dims = ModelDims.from_config(json.loads((repo / "resources/models/toy-llava/config.json").read_text()))
-    return methods.get("ficoco-v").plan(dims, int(budget), start=start)["vision_counts"]
+    return methods.get("ficoco-v").plan(dims, int(budget), start=start).vision_counts
 
 
 def vision_counts(records) -> list:

@@ -93,7 +93,7 @@ def test_override_warns_runs_the_selfcheck_once_and_applies(monkeypatch, caplog,
             model(input_ids=ids, pixel_values=images(1, 28))
             counts = handle.last_counts()
         _apply(model).remove()                                        # a second apply: the cached result
-    assert counts[0]["visual_delivered"] == handle.plan["delivered"] == 12
+    assert counts[0]["visual_delivered"] == handle.plan.delivered == 12
     assert runs == [1]
     warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
     assert any("9.9.9" in text and "not a tested version" in text and VARIABLE in text for text in warnings)
@@ -114,7 +114,7 @@ def test_tested_version_needs_no_selfcheck(monkeypatch, model):
     pretend_transformers_version(monkeypatch, "5.23.0")
     monkeypatch.setattr(selfcheck, "run_selfcheck", lambda: pytest.fail("self-check run on a tested version"))
     with _apply(model) as handle:
-        assert handle.plan["delivered"] == 12
+        assert handle.plan.delivered == 12
 
 
 def test_a_bad_override_value_is_refused_naming_it_and_the_valid_ones(monkeypatch, model):

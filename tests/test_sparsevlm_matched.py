@@ -48,23 +48,23 @@ def _brute_force(budget, schedule, layers, n_layers):
 def test_plan_is_the_largest_factor_within_the_budget(budget):
     plan = methods.get("sparsevlm-matched").check_budget(DIMS_7B, budget)
     keeps, counts, above = _brute_force(budget, OFFICIAL[budget], [2, 6, 15], 32)
-    assert plan["llm"]["schedule"] == keeps and plan["llm"]["base_schedule"] == list(OFFICIAL[budget])
-    assert plan["llm_visual"] == counts
-    assert plan["layer_average"] == sum(counts) / 32 <= budget < above              # one step up exceeds B
+    assert plan.llm.details["schedule"] == keeps and plan.llm.details["base_schedule"] == list(OFFICIAL[budget])
+    assert plan.llm_visual == counts
+    assert plan.layer_average == sum(counts) / 32 <= budget < above              # one step up exceeds B
     official = methods.get("sparsevlm").check_budget(DIMS_7B, budget)
-    assert official["layer_average"] > budget                                        # what matching fixes
+    assert official.layer_average > budget                                        # what matching fixes
 
 
 def test_keeps_override_and_errors_name_the_method():
     plan = methods.get("sparsevlm-matched").check_budget(DIMS_7B, 100, keeps=[200, 100, 50])
     keeps, counts, above = _brute_force(100, (200, 100, 50), [2, 6, 15], 32)
-    assert plan["llm"]["schedule"] == keeps and plan["layer_average"] <= 100 < above
+    assert plan.llm.details["schedule"] == keeps and plan.layer_average <= 100 < above
     with pytest.raises(ValueError, match="sparsevlm-matched: budget 100 has no official v1.5 schedule"):
         methods.get("sparsevlm-matched").check_budget(DIMS_7B, 100)
     with pytest.raises(ValueError, match=r"sparsevlm-matched: budget B=30 is infeasible .*minimum achievable average"):
         methods.get("sparsevlm-matched").check_budget(DIMS_7B, 30, keeps=[100, 50, 20])
     assert methods.get("sparsevlm-matched").budgeted and methods.get("sparsevlm-matched").phase == "llm"
-    assert methods.get("sparsevlm-matched").check_budget(DIMS_7B, None)["llm"] is None
+    assert methods.get("sparsevlm-matched").check_budget(DIMS_7B, None).llm is None
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_recorded_counts_match_the_plan_and_stay_within_the_budget(model):
         model(input_ids=ids, pixel_values=pixels)
         recorded, plan = handle.last_counts()[0]["llm_visual"], handle.plan
     keeps, counts, above = _brute_force(192, OFFICIAL[192], layers, 4)     # 4 layers: 576 in layer 0 alone
-    assert recorded == counts == plan["llm_visual"] and plan["llm"]["schedule"] == keeps
+    assert recorded == counts == plan.llm_visual and plan.llm.details["schedule"] == keeps
     assert sum(recorded) / 4 <= 192 < above
 
 

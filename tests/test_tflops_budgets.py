@@ -213,7 +213,7 @@ def test_grid_prints_the_solved_budget_and_its_predicted_cost(tmp_path, capsys, 
     record = next(r for r in records if r["method"] == "fastv" and r["budget"] == "t2.4-nominal")
     assert record["run_budget"] == str(solved.tokens)
     assert record["planned"]["layer_average"] == pytest.approx(
-        methods.get("fastv").plan(LLAVA_7B, solved.tokens)["layer_average"])
+        methods.get("fastv").plan(LLAVA_7B, solved.tokens).layer_average)
 
 
 def test_paper_tflops_config_is_the_paper_grid_with_costs_as_budgets():
@@ -263,7 +263,7 @@ def test_each_job_runs_and_records_its_solved_budget(tflops_run):
         assert metrics["job"]["predicted_tflops"] == pytest.approx(solved.predicted_tflops)
         plan = methods.get(method).plan(TOY_SMALL, solved.tokens, **overrides)
         for record in read_jsonl(run_dir / "shard0of1/predictions.jsonl"):
-            assert record["counts"]["llm_visual"] == plan["llm_visual"]
+            assert record["counts"]["llm_visual"] == plan.llm_visual
             realised = (record["cost"]["total_flops"] - record["cost"]["decode_flops"]) / 1e12
             # the same counts as the prediction, with this sample's own text length instead of 60
             text = record["counts"]["llm"][0] - record["counts"]["llm_visual"][0]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
-from ficoco.contract import Needs, Step, unmet_needs
+from ficoco.contract import Needs, Plan, Step, unmet_needs
 
 PHASES = ("none", "vision", "projector", "llm", "both")
 SITES = ("vision", "projector", "llm")
@@ -77,8 +77,8 @@ class Method:
     needs_attention: str                        # which attention probabilities, in words
     stages: Mapping[str, str]                   # filter / correlate / compress -> one line each
     params: Mapping[str, Param]
-    schedule: Callable[[Any, int | None, dict], dict]
-    build: Callable[[dict], tuple[Step, ...]]
+    schedule: Callable[[Any, int | None, dict], dict]   # the plan's entries, made a `Plan` by `plan`
+    build: Callable[[Plan], tuple[Step, ...]]
     budgeted: bool = True                       # False: adaptive, a count per image and no budget
     needs: Needs = Needs()                      # what it assumes of an image's layout (ficoco.contract)
 
@@ -109,8 +109,8 @@ class Method:
                 raise ValueError(f"{self.name}: {name}={value!r} {error} ({self.params[name].doc})")
         return params
 
-    def plan(self, dims, budget: int | None, **overrides) -> dict:
-        """The JSON-able schedule for `budget` on a model of shape `dims` (ficoco.dims.ModelDims).
+    def plan(self, dims, budget: int | None, **overrides) -> Plan:
+        """The `ficoco.contract.Plan` (`to_dict()` for JSON) for `budget` on a model of shape `dims` (ficoco.dims.ModelDims).
 
         Raises ficoco.budget.InfeasibleBudget (a ValueError) when the budget cannot be reached, and
         ValueError for unknown or bad overrides, an out-of-range budget, or a model whose image layout
@@ -131,16 +131,16 @@ class Method:
             raise ValueError(f"{self.name} cannot run on this model: it needs {'; '.join(unmet)}")
         params = self.resolve(overrides)
         plan = self.schedule(dims, budget, params)
-        return {"method": self.name, "phase": self.phase, "budget": budget, "params": params, **plan}
+        return Plan.from_schedule(self.name, self.phase, budget, params, plan)
 
     def unmet_needs(self, dims) -> list[str]:
         """What the model of shape `dims` lacks of this method's needs, in words ([] when it can run)."""
         return unmet_needs(self.needs, dims.image_layout())
 
-    def check_budget(self, dims, budget: int | None, **overrides) -> dict:
+    def check_budget(self, dims, budget: int | None, **overrides) -> Plan:
         """Validate a (budget, overrides) pair without a model; returns the planned schedule."""
         return self.plan(dims, budget, **overrides)
 
-    def steps(self, plan: dict) -> tuple[Step, ...]:
-        """The reduction steps that realise `plan` (a dict returned by `plan`)."""
+    def steps(self, plan: Plan) -> tuple[Step, ...]:
+        """The reduction steps that realise `plan` (returned by `plan`)."""
         return self.build(plan)

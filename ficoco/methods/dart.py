@@ -48,7 +48,7 @@ schedule = one_shot_schedule("dart")
 
 def build(plan: dict) -> tuple:
     # DART also works without text tokens (image pivots only), so a prompt ending at the image is reduced too
-    return one_shot_step(plan, lambda keep: DartReduce(keep=keep, n_pivots=plan["params"]["n_pivots"]),
+    return one_shot_step(plan, lambda keep: DartReduce(keep=keep, n_pivots=plan.params["n_pivots"]),
                          needs_instruction=False)
 
 

@@ -62,13 +62,13 @@ def schedule(dims, budget, params) -> dict:
 
 
 def build(plan: dict) -> tuple:
-    post = plan.get("post_vision")
+    post = plan.post_vision
     if post is None:
         return ()
-    if post["positions"] == "contiguous":
-        return (ProjectorStep(reduce=DivPruneReduce(keep=post["tokens_out"]), tokens_out=post["tokens_out"]),)
-    return (LLMLayerStep(layers=(0,), reduce=DivPruneLLMInputReduce(keep=post["tokens_out"]),
-                         tokens_out={0: post["tokens_out"]}, needs_instruction=False),)
+    if post.details["positions"] == "contiguous":
+        return (ProjectorStep(reduce=DivPruneReduce(keep=post.tokens_out), tokens_out=post.tokens_out),)
+    return (LLMLayerStep(layers=(0,), reduce=DivPruneLLMInputReduce(keep=post.tokens_out),
+                         tokens_out={0: post.tokens_out}, needs_instruction=False),)
 
 
 METHOD = Method(

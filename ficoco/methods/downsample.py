@@ -61,9 +61,9 @@ def schedule(dims, budget, params) -> dict:
 
 
 def build(plan: dict) -> tuple:
-    if plan["budget"] is None:
+    if plan.budget is None:
         return ()
-    side = plan["vision"]["image_side"]
+    side = plan.vision.image_side
     return (VisionInputStep(image_side=side, prepare=SquareResize(side)),)
 
 

@@ -72,7 +72,7 @@ def schedule(dims, budget, params) -> dict:
 
 # EViT keeps n − 1 attentive patches plus the fused token at each stage
 build = vision_layer_build(lambda layers, vision: EvitReduce(
-    {layer: total - 1 for layer, total in zip(layers, vision["patches_out"])}), attention="rows")
+    {layer: total - 1 for layer, total in zip(layers, vision.patches_out)}), attention="rows")
 
 
 METHOD = Method(

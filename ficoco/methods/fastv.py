@@ -31,7 +31,7 @@ def schedule_keep_budget(dims, budget, params) -> dict:
 
 
 def build(plan: dict) -> tuple:
-    return one_shot_step(plan, lambda keep: LastQueryTopK(keep={plan["llm"]["layers"][0]: keep}))
+    return one_shot_step(plan, lambda keep: LastQueryTopK(keep={plan.llm.layers[0]: keep}))
 
 
 PARAMS = {"layer": Param(2, "K: image tokens are dropped at the input of LLM layer K (0-based), ranked by layer "

@@ -20,7 +20,7 @@ def schedule(dims, budget, params) -> dict:
 
 
 def build(plan: dict) -> tuple:
-    step = language_step(plan["llm"], plan["params"]) if plan["llm"] else None
+    step = language_step(plan.llm, plan.params) if plan.llm else None
     return () if step is None else (step,)
 
 

@@ -45,7 +45,7 @@ def schedule_official(dims, budget, params) -> dict:
 
 
 def build(plan: dict) -> tuple:
-    return (vision_step(plan["vision"], plan["params"]),) if planned_vision_layers(plan) else ()
+    return (vision_step(plan.vision, plan.params),) if planned_vision_layers(plan) else ()
 
 
 STAGES = {

@@ -327,13 +327,13 @@ def schedule(dims, budget, params) -> dict:
 
 def build(plan: dict) -> tuple:
     layers = planned_vision_layers(plan)
-    if not layers or not any(plan["vision"]["discards"]):
+    if not layers or not any(plan.vision.discards):
         return ()
-    vision = plan["vision"]
-    reduce = CodeReduce(discards=dict(zip(layers, vision["discards"])), grid_side=vision["grid_hw"][0],
-                        carry_state=plan["params"]["carry_state"])
+    vision = plan.vision
+    reduce = CodeReduce(discards=dict(zip(layers, vision.discards)), grid_side=vision.grid_hw[0],
+                        carry_state=plan.params["carry_state"])
     # q/k on demand (the layer output keeps SDPA): the step reads logits, not probabilities
-    return (VisionLayerStep(layers=layers, reduce=reduce, tokens_out=dict(zip(layers, vision["patches_out"])),
+    return (VisionLayerStep(layers=layers, reduce=reduce, tokens_out=dict(zip(layers, vision.patches_out)),
                             attention="keys"),)
 
 

@@ -28,8 +28,8 @@ def schedule(dims, budget, params) -> dict:
 def build(plan: dict) -> tuple:
     steps = []
     if planned_vision_layers(plan):
-        steps.append(vision_step(plan["vision"], plan["params"]))
-    language = language_step(plan["llm"], plan["params"]) if plan["llm"] else None
+        steps.append(vision_step(plan.vision, plan.params))
+    language = language_step(plan.llm, plan.params) if plan.llm else None
     if language is not None:
         steps.append(language)
     return tuple(steps)

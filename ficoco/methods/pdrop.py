@@ -74,11 +74,11 @@ def make_schedule(name: str):
 
 
 def build(plan: dict) -> tuple:
-    llm = plan["llm"]
+    llm = plan.llm
     if llm is None:
         return ()
-    keep = dict(zip(llm["layers"], llm["visual_out"]))
-    return (LLMLayerStep(layers=tuple(llm["layers"]), reduce=LastQueryTopK(keep=keep), tokens_out=keep),)
+    keep = dict(zip(llm.layers, llm.visual_out))
+    return (LLMLayerStep(layers=tuple(llm.layers), reduce=LastQueryTopK(keep=keep), tokens_out=keep),)
 
 
 STAGES = {

@@ -50,6 +50,6 @@ METHOD = Method(
             "compress": "cell mean, cells in raster order"},
     params={},
     schedule=schedule,
-    build=output_build(lambda plan: PoolingReduce(grid_hw=tuple(plan["post_vision"]["grid_hw"]),
-                                                  out_hw=tuple(plan["post_vision"]["out_hw"]))),
+    build=output_build(lambda plan: PoolingReduce(grid_hw=tuple(plan.post_vision.details["grid_hw"]),
+                                                  out_hw=tuple(plan.post_vision.details["out_hw"]))),
 )

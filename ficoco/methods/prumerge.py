@@ -157,7 +157,7 @@ def schedule_adaptive(name: str, dims, params) -> dict:
 
 
 def make_adaptive_reduce(plan: dict) -> PruMergeAdaptiveReduce:
-    post = plan["post_vision"]
+    post = plan.post_vision.details
     return PruMergeAdaptiveReduce(stride=post.get("raster_stride", 0), knn=post["knn"])
 
 
@@ -167,7 +167,7 @@ def raster_ratio(value) -> str | None:
 
 
 def make_reduce(plan: dict) -> PruMergeReduce:
-    post = plan["post_vision"]
+    post = plan.post_vision.details
     return PruMergeReduce(important=post["important"], raster=post["raster"], knn=post["knn"])
 
 

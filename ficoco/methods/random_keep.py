@@ -57,5 +57,5 @@ METHOD = Method(
     params={"seed": Param(0, "global seed; each image's draw is seeded by (seed, sha256 of its pixel values)",
                           non_negative_int)},
     schedule=schedule,
-    build=output_build(lambda plan: RandomReduce(keep=plan["post_vision"]["tokens_out"], seed=plan["params"]["seed"])),
+    build=output_build(lambda plan: RandomReduce(keep=plan.post_vision.tokens_out, seed=plan.params["seed"])),
 )

@@ -11,8 +11,8 @@ from typing import Callable, Mapping
 import torch
 
 from ficoco.budget import keep_for_budget, layer_average, progressive_llm_schedule, step_counts
-from ficoco.contract import (ImageTokens, LLMKept, LLMLayerStep, LLMScores, LLMTokens, Needs, VisionLayerStep,
-                             VisionOutputStep, VisionScores, VisionTokens)
+from ficoco.contract import (ImageTokens, LLMKept, LLMLayerStep, LLMSchedule, LLMScores, LLMTokens, Needs, Plan,
+                             VisionLayerStep, VisionOutputStep, VisionSchedule, VisionScores, VisionTokens)
 from ficoco.methods.base import Param, optional_non_negative_int, positive_int, positive_number, unit_interval
 from ficoco.paradigm.compress import gather_tokens, self_preserving_merge
 from ficoco.paradigm.correlate import adaptive_quantile_weights, ficoco_l_correlation, fixed_k_weights, take
@@ -69,10 +69,9 @@ def unreduced_llm_plan(dims, plan: Mapping) -> dict:
     return {**plan, "llm": None, "llm_visual": unreduced_llm(dims, delivered), "layer_average": float(delivered)}
 
 
-def planned_vision_layers(plan: Mapping) -> tuple:
-    """The reducing vision layers of a plan's "vision" entry; () when it has none."""
-    vision = plan["vision"]
-    return tuple(vision["layers"]) if vision and vision["layers"] else ()
+def planned_vision_layers(plan: Plan) -> tuple[int, ...]:
+    """The reducing vision layers of a plan; () when it has none."""
+    return tuple(plan.vision.layers) if plan.vision else ()
 
 
 def vision_layers(method: str, dims, start: int, end: int | None, start_name="start", end_name="end") -> list[int]:
@@ -110,17 +109,16 @@ def patches_for(dims, delivered: int) -> int:
     return delivered - (dims.visual_tokens - dims.num_patches)
 
 
-def vision_layer_build(make_reduce: Callable[[tuple, dict], Callable], attention: str = "probs"
-                       ) -> Callable[[dict], tuple]:
+def vision_layer_build(make_reduce: Callable[[tuple, VisionSchedule], Callable], attention: str = "probs"
+                       ) -> Callable[[Plan], tuple]:
     """`build(plan)` of an in-encoder method: one `VisionLayerStep` over the plan's reducing vision
-    layers, with `make_reduce(layers, plan["vision"])`; none when the plan reduces no vision layer."""
-    def build(plan: dict) -> tuple:
+    layers, with `make_reduce(layers, plan.vision)`; none when the plan reduces no vision layer."""
+    def build(plan: Plan) -> tuple:
         layers = planned_vision_layers(plan)
         if not layers:
             return ()
-        vision = plan["vision"]
-        return (VisionLayerStep(layers=layers, reduce=make_reduce(layers, vision),
-                                tokens_out=dict(zip(layers, vision["patches_out"])), attention=attention),)
+        return (VisionLayerStep(layers=layers, reduce=make_reduce(layers, plan.vision),
+                                tokens_out=dict(zip(layers, plan.vision.patches_out)), attention=attention),)
 
     return build
 
@@ -197,15 +195,13 @@ VISION_PARAMS = {
 }
 
 
-def vision_step(vision_plan_entry: dict, params: dict) -> VisionLayerStep:
-    """The FiCoCo-V step of a plan's "vision" entry."""
-    layers = tuple(vision_plan_entry["layers"])
-    discards = dict(zip(layers, vision_plan_entry["discards"]))
-    reduce = FicocoVisionReduce(discards=discards, grid_hw=tuple(vision_plan_entry["grid_hw"]), lam=params["lam"],
-                                coef=params["coef"], penalty_window=params["penalty_window"], eps=params["eps"],
-                                k=params["k"])
-    return VisionLayerStep(layers=layers, reduce=reduce,
-                           tokens_out=dict(zip(layers, vision_plan_entry["patches_out"])))
+def vision_step(vision: VisionSchedule, params: Mapping) -> VisionLayerStep:
+    """The FiCoCo-V step of a plan's vision schedule."""
+    discards = dict(zip(vision.layers, vision.discards))
+    reduce = FicocoVisionReduce(discards=discards, grid_hw=tuple(vision.grid_hw), lam=params["lam"], coef=params["coef"],
+                                penalty_window=params["penalty_window"], eps=params["eps"], k=params["k"])
+    return VisionLayerStep(layers=tuple(vision.layers), reduce=reduce,
+                           tokens_out=dict(zip(vision.layers, vision.patches_out)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -265,12 +261,12 @@ def llm_plan(method: str, dims, n0: int, budget: int | None, start: int, window:
     }
 
 
-def language_step(llm_plan_entry: dict, params: dict) -> LLMLayerStep | None:
-    """The FiCoCo-L step of a plan's "llm" entry (None when nothing is discarded)."""
-    pairs = [(layer, n) for layer, n in zip(llm_plan_entry["layers"], llm_plan_entry["discards"]) if n > 0]
+def language_step(llm: LLMSchedule, params: Mapping) -> LLMLayerStep | None:
+    """The FiCoCo-L step of a plan's LLM schedule (None when nothing is discarded)."""
+    pairs = [(layer, n) for layer, n in zip(llm.layers, llm.discards) if n > 0]
     if not pairs:
         return None
-    visual_out = dict(zip(llm_plan_entry["layers"], llm_plan_entry["visual_out"]))
+    visual_out = dict(zip(llm.layers, llm.visual_out))
     reduce = FicocoLanguageReduce(discards=dict(pairs), beta=params["beta"], gamma=params["gamma"],
                                   eps=params["eps"], k=params["k"])
     return LLMLayerStep(layers=tuple(layer for layer, _ in pairs), reduce=reduce,
@@ -300,15 +296,14 @@ def check_prune_layer(method: str, layer: int, dims) -> None:
                          f"K−1's attention and prunes at the input of layer K of the {dims.llm_layers} LLM layers)")
 
 
-def one_shot_step(plan: dict, reduce_for, needs_instruction: bool = True) -> tuple:
+def one_shot_step(plan: Plan, reduce_for, needs_instruction: bool = True) -> tuple:
     """The single previous-layer-scored step of a one-shot plan (none when unreduced).
 
     `reduce_for(keep)` builds the step's reduce from the kept count at the pruning layer.
     """
-    llm = plan["llm"]
-    if llm is None:
+    if plan.llm is None:
         return ()
-    layer, keep = llm["layers"][0], llm["visual_out"][0]
+    layer, keep = plan.llm.layers[0], plan.llm.visual_out[0]
     return (LLMLayerStep(layers=(layer,), reduce=reduce_for(keep), tokens_out={layer: keep},
                          scores_from="previous", needs_instruction=needs_instruction),)
 
@@ -369,14 +364,13 @@ def check_patch_count(method: str, dims, count: int, what: str) -> None:
                          f"{dims.grid_side}x{dims.grid_side} grid)")
 
 
-def output_build(make_reduce: Callable[[dict], Callable]) -> Callable[[dict], tuple]:
+def output_build(make_reduce: Callable[[Plan], Callable]) -> Callable[[Plan], tuple]:
     """`build(plan)`: one `VisionOutputStep` with `make_reduce(plan)`, none when the plan is unreduced
     (`tokens_out` None for an adaptive plan)."""
-    def build(plan: dict) -> tuple:
-        post = plan.get("post_vision")
-        if post is None:
+    def build(plan: Plan) -> tuple:
+        if plan.post_vision is None:
             return ()
-        return (VisionOutputStep(reduce=make_reduce(plan), tokens_out=post["tokens_out"]),)
+        return (VisionOutputStep(reduce=make_reduce(plan), tokens_out=plan.post_vision.tokens_out),)
 
     return build
 

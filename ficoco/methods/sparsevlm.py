@@ -147,13 +147,13 @@ def schedule_matched(dims, budget, params) -> dict:
 
 
 def build(plan: dict) -> tuple:
-    llm = plan["llm"]
+    llm = plan.llm
     if llm is None:
         return ()
-    keep = dict(zip(llm["layers"], llm["keep"]))
-    reduce = SparseVLMReduce(keep=keep, recycle=plan["params"]["recycle"], seed=plan["params"]["seed"])
-    return (LLMLayerStep(layers=tuple(llm["layers"]), reduce=reduce,
-                         tokens_out=dict(zip(llm["layers"], llm["visual_out"])), scores_from="previous",
+    keep = dict(zip(llm.layers, llm.details["keep"]))
+    reduce = SparseVLMReduce(keep=keep, recycle=plan.params["recycle"], seed=plan.params["seed"])
+    return (LLMLayerStep(layers=tuple(llm.layers), reduce=reduce,
+                         tokens_out=dict(zip(llm.layers, llm.visual_out)), scores_from="previous",
                          needs_inputs=True),)
 
 

@@ -115,8 +115,8 @@ def schedule(dims, budget, params) -> dict:
 
 
 def build(plan: dict) -> tuple:
-    authors = plan["params"]["order"] == "authors"
-    return vision_layer_build(lambda layers, vision: TomeReduce(dict(zip(layers, vision["discards"])), authors),
+    authors = plan.params["order"] == "authors"
+    return vision_layer_build(lambda layers, vision: TomeReduce(dict(zip(layers, vision.discards)), authors),
                               attention="keys")(plan)
 
 

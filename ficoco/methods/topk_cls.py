@@ -45,5 +45,5 @@ METHOD = Method(
             "compress": "delete the other patches; kept patches in positional order"},
     params={},
     schedule=schedule,
-    build=output_build(lambda plan: TopKClsReduce(keep=plan["post_vision"]["tokens_out"])),
+    build=output_build(lambda plan: TopKClsReduce(keep=plan.post_vision.tokens_out)),
 )

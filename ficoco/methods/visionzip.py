@@ -90,6 +90,6 @@ METHOD = Method(
     params={"contextual": Param(None, "contextual tokens C (None = round(10·B/64): 10 / 20 / 30 at 64 / 128 / 192); "
                                       "dominant = B − C, CLS included", optional_non_negative_int)},
     schedule=schedule,
-    build=output_build(lambda plan: VisionZipReduce(dominant=plan["post_vision"]["dominant"],
-                                                    contextual=plan["post_vision"]["contextual"])),
+    build=output_build(lambda plan: VisionZipReduce(dominant=plan.post_vision.details["dominant"],
+                                                    contextual=plan.post_vision.details["contextual"])),
 )

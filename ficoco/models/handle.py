@@ -50,7 +50,7 @@ class Handle:
         self.vision_step = _at_most_one(method, steps, VisionLayerStep)
         self.input_step = _at_most_one(method, steps, VisionInputStep)
         self.llm_step = _at_most_one(method, steps, LLMLayerStep)
-        self.llm_n0 = plan["llm"]["n0"] if plan.get("llm") else None
+        self.llm_n0 = plan.llm.n0 if plan.llm else None
         self._undo: list[Callable[[], None]] = []
         self._call: Call | None = None
         self._last_prefill: Call | None = None

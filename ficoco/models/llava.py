@@ -82,7 +82,7 @@ class LlavaHandle(Handle):
             raise ValueError(f"{method.name}: the LLaVA adapter has no site for {unknown}")
         self.image_token_id = model.config.image_token_id
         self.full_per_image = dims.visual_tokens
-        self.delivered_per_image = plan["delivered"]              # None: adaptive, a count per image
+        self.delivered_per_image = plan.delivered                 # None: adaptive, a count per image
         self.adaptive = any(isinstance(step, VisionOutputStep) and step.tokens_out is None for step in steps)
         if self.adaptive and self.llm_step is not None:
             raise ValueError(f"{method.name}: an adaptive vision-output step (a count per image) cannot be combined "

@@ -118,8 +118,8 @@ def _run_checks(checks: list[Check]) -> None:
         model(input_ids=first, attention_mask=torch.ones_like(first), pixel_values=pixels[:1])
         prefill = handle.last_counts()
         text = first.shape[1] - _PLACEHOLDERS
-        expected = [{"vision": plan["vision_counts"], "visual_delivered": plan["delivered"],
-                     "llm": [text + visual for visual in plan["llm_visual"]], "llm_visual": plan["llm_visual"]}]
+        expected = [{"vision": [list(pair) for pair in plan.vision_counts], "visual_delivered": plan.delivered,
+                     "llm": [text + visual for visual in plan.llm_visual], "llm_visual": list(plan.llm_visual)}]
         found = [{key: counts.get(key) for key in expected[0]} for counts in prefill]
         checks.append(_compare("prefill_counts", expected, found))
 
