@@ -23,3 +23,11 @@ def test_listing_and_markdown_table_cover_every_method(capsys):
         assert f"{name}  [phase:" in listing
     assert len(table) == 2 + len(methods.names())
     assert all(line.count(" | ") == 5 for line in table[2:])
+
+
+def test_the_listing_says_what_each_method_needs_of_the_image_layout(capsys):
+    assert main(["evit", "fastv", "divprune"]) == 0
+    listing = capsys.readouterr().out
+    assert "  needs:     a CLS token first in the tower, one crop per image" in listing
+    assert "  needs:     rope-1d LLM positions" in listing
+    assert "  needs:     nothing of the image layout" in listing

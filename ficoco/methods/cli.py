@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 
 from ficoco import methods
+from ficoco.contract import Needs
+
 
 def sites(method) -> list[str]:
     """Where the method acts, from the reduction steps it builds for LLaVA-1.5-7B at its default settings."""
@@ -20,6 +23,16 @@ def sites(method) -> list[str]:
     return list(method.acts_on)
 
 
+def needs_text(needs: Needs) -> str:
+    """What a method assumes of an image's layout, in words (ficoco.contract.Needs)."""
+    words = [text for wanted, text in ((needs.cls_first, "a CLS token first in the tower"),
+                                       (needs.single_crop, "one crop per image"),
+                                       (needs.square_grid, "a square patch grid")) if wanted]
+    if set(needs.positions) != set(Needs().positions):
+        words.append(f"{' or '.join(needs.positions)} LLM positions")
+    return ", ".join(words) or "nothing of the image layout"
+
+
 def describe(method) -> str:
     """A plain-text block for one method."""
     where = "; ".join(sites(method)) or "nowhere (unreduced)"
@@ -28,6 +41,7 @@ def describe(method) -> str:
         f"  {method.summary}",
         f"  acts on:   {where}",
         f"  attention: {method.needs_attention}",
+        f"  needs:     {needs_text(method.needs)}",
     ]
     if not method.budgeted:
         lines.append("  budget:    none (adaptive: a token count per image, realised counts logged; grid label "
@@ -61,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [methods.get(name) for name in (args.names or methods.names())]
     if args.json:
         print(json.dumps([{"name": m.name, "phase": m.phase, "acts_on": list(m.acts_on), "where": sites(m),
-                           "needs_attention": m.needs_attention, "budgeted": m.budgeted, "stages": dict(m.stages),
+                           "needs_attention": m.needs_attention, "needs": asdict(m.needs), "budgeted": m.budgeted,
+                           "stages": dict(m.stages),
                            "defaults": m.defaults, "summary": m.summary} for m in chosen], indent=2))
     elif args.markdown:
         print(markdown_table(chosen))
