@@ -1,11 +1,13 @@
-"""`ficoco bench`: prefill speed of vanilla vs FiCoCo-V / -L / -VL at several budgets, beside the
-speedup the FLOPs formulas predict from the token counts each run actually executed.
+"""`ficoco bench`: prefill speed of vanilla vs every method (default: all registered) at several
+budgets, beside the speedup the FLOPs formulas predict from the token counts each run executed.
 
 The model is LLaVA-shaped (336 px / patch 14: 577 vision tokens, 576 image placeholders) with
 random weights and moderate widths, so one prefill takes a fraction of a second on a CPU; speed
-does not depend on the weights. The methods' layer ranges are scaled to the model's depth (see
-`scaled_overrides`); a budget the scaled FiCoCo-L start cannot reach uses the largest feasible
-start, which the table shows.
+does not depend on the weights. The methods' layer settings, set for LLaVA-1.5's 24 CLIP and 32
+LLM layers, are scaled to the model's depth (`scaled_overrides`); a budget the scaled FiCoCo-L
+start cannot reach uses the largest feasible start, which the table shows. A method with its own
+fixed schedule (ficoco-v-official, pdrop-official) or an adaptive one runs once, at its own
+counts; a budget a method cannot reach on the bench model is listed under the table, not run.
 
 Timing: one prefill = one forward with `logits_to_keep=1` and a fresh KV cache (what `generate`
 runs before the first token). Warm-up rounds are not timed. Every configuration is timed once per
@@ -30,9 +32,17 @@ import statistics
 import sys
 import time
 
-VISION_FRACTION_START = 12 / 24        # FiCoCo-V starts halfway through LLaVA-1.5's 24 CLIP layers
+REFERENCE_VISION_LAYERS = 23           # the depths the methods' default layer settings are set for: LLaVA-1.5
+REFERENCE_LLM_LAYERS = 32              # runs CLIP layers 0..22 (features of layer 22) and 32 LLM layers
 LLM_FRACTION_START = 4 / 32            # FiCoCo-L starts at layer 4 of 32, window 4
 LLM_FRACTION_WINDOW = 4 / 32
+# the layer parameters of each method, by the stack they index (other parameters keep their defaults)
+VISION_LAYER_PARAMS = {"ficoco-v": ("start", "end"), "ficoco-v-official": ("start", "end"),
+                       "ficoco-v-code": ("start", "end"), "tome": ("start", "end"), "evit": ("layers",),
+                       "ficoco-vl": ("v_start", "v_end")}
+LLM_LAYER_PARAMS = {"fastv": ("layer",), "fastv-keepb": ("layer",), "dart": ("layer",), "pdrop": ("boundaries",),
+                    "pdrop-official": ("boundaries",), "sparsevlm": ("layers",), "sparsevlm-matched": ("layers",)}
+LLM_WINDOWS = {"ficoco-l": ("start", "window"), "ficoco-vl": ("l_start", "l_window")}
 
 
 def bench_config(args):
@@ -52,30 +62,84 @@ def bench_config(args):
     return config
 
 
-def scaled_overrides(method: str, dims, budget: int) -> dict:
-    """FiCoCo layer ranges scaled from LLaVA-1.5 (V 12..22 of 24, L 4..7 of 32) to this model's depth.
+def scaled_layers(value, reference: int, layers: int, lowest: int = 0):
+    """A layer index (or an increasing list of them) set for a `reference`-layer stack, scaled to one of
+    `layers` layers: rounded, within lowest..layers − 1, a list kept strictly increasing; None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        scaled = []
+        for index in value:
+            scaled.append(max(lowest, round(index * layers / reference), scaled[-1] + 1 if scaled else lowest))
+        for position in range(len(scaled) - 1, -1, -1):   # pushed past the top: shift down, still increasing
+            scaled[position] = min(scaled[position], layers - len(scaled) + position)
+        return scaled
+    return min(layers - 1, max(lowest, round(value * layers / reference)))
 
-    If the scaled LLM start cannot reach `budget` (§2.1), the largest feasible start is used.
-    """
+
+def scaled_overrides(method: str, dims, budget: int | None) -> dict:
+    """A method's layer settings scaled from LLaVA-1.5's depths to this model's (`VISION_LAYER_PARAMS`,
+    `LLM_LAYER_PARAMS`); FiCoCo-L's window keeps its fraction, and its start is the scaled one or, if
+    that cannot reach `budget` (§2.1), the largest feasible one. FastV-style K scores from layer K−1,
+    so K >= 1. InfeasibleBudget when no start reaches the budget."""
     from ficoco import methods
     from ficoco.budget import InfeasibleBudget
 
-    v_start = round(VISION_FRACTION_START * dims.vision_layers)
+    defaults = methods.get(method).defaults
+    overrides = {name: scaled_layers(defaults[name], REFERENCE_VISION_LAYERS, dims.vision_layers_run)
+                 for name in VISION_LAYER_PARAMS.get(method, ())}
+    overrides.update({name: scaled_layers(defaults[name], REFERENCE_LLM_LAYERS, dims.llm_layers,
+                                          lowest=1 if name == "layer" else 0)
+                      for name in LLM_LAYER_PARAMS.get(method, ())})
+    if method not in LLM_WINDOWS:
+        return overrides
+    start_name, window_name = LLM_WINDOWS[method]
     l_start = round(LLM_FRACTION_START * dims.llm_layers)
     l_window = max(1, round(LLM_FRACTION_WINDOW * dims.llm_layers))
-    if method == "ficoco-v":
-        return {"start": v_start}
-    names = {"ficoco-l": ("start", "window"), "ficoco-vl": ("l_start", "l_window")}[method]
-    base = {} if method == "ficoco-l" else {"v_start": v_start}
     for start in range(l_start, -1, -1):
-        overrides = {**base, names[0]: start, names[1]: l_window}
+        candidate = {**overrides, start_name: start, window_name: l_window}
         try:
-            methods.get(method).check_budget(dims, budget, **overrides)
-            return overrides
+            methods.get(method).check_budget(dims, budget, **candidate)
+            return candidate
         except InfeasibleBudget:
             continue
     raise InfeasibleBudget(f"{method}: budget {budget} is unreachable on this {dims.llm_layers}-layer LLM even from "
                            f"layer 0 with window {l_window}")
+
+
+def bench_configs(names, budgets, dims) -> tuple[list[tuple], list[str]]:
+    """(method, budget, overrides) to time, vanilla first, and a line for each budget a method cannot
+    reach on this model. A method that runs no budget of the list but has a reduced schedule of its own
+    (an adaptive method, a fixed published setting) runs once at budget None."""
+    from ficoco import methods
+
+    configs, unreachable = [("vanilla", None, {})], []
+    for name in names:
+        if name == "vanilla":
+            continue
+        method = methods.get(name)
+        runs, missed = [], []
+        for budget in budgets if method.budgeted else []:
+            try:
+                overrides = scaled_overrides(name, dims, budget)
+                method.check_budget(dims, budget, **overrides)
+            except ValueError as error:
+                missed.append(f"{name} at B={budget}: {str(error).rstrip('.')}")
+                continue
+            runs.append((name, budget, overrides))
+        if not runs:
+            try:
+                overrides = scaled_overrides(name, dims, None)
+                own = method.check_budget(dims, None, **overrides)
+            except ValueError as error:
+                unreachable.append(f"{name} with its own schedule: {str(error).rstrip('.')}")
+                continue
+            if own.layer_average is None or own.layer_average < dims.visual_tokens:
+                runs.append((name, None, overrides))
+                missed = []                                 # it runs at its own schedule instead
+        configs += runs
+        unreachable += missed
+    return configs, unreachable
 
 
 def bench_inputs(model, text_before: int, text_after: int, seed: int = 0):
@@ -120,6 +184,9 @@ def timed_method(method, seconds: dict, synchronize, clock=time.perf_counter):
     def build(plan):
         steps = []
         for step in method.steps(plan):
+            if not hasattr(step, "reduce"):                  # an input step resizes the image: nothing to time
+                steps.append(step)
+                continue
             per_site = seconds.setdefault(step.site, {})
             steps.append(dataclasses.replace(step, reduce=StepTimer(step.reduce, per_site, synchronize, clock)))
         return tuple(steps)
@@ -164,10 +231,7 @@ def run(args) -> dict:
     dims = ModelDims.from_config(model.config)
     ids, mask, pixels = (t.to(device) for t in bench_inputs(model, args.text_before, args.text_after))
 
-    configs = [("vanilla", None, {})]
-    for method in args.methods:
-        for budget in args.budgets:
-            configs.append((method, budget, scaled_overrides(method, dims, budget)))
+    configs, unreachable = bench_configs(args.methods, args.budgets, dims)
 
     def prefill():
         synchronize()
@@ -219,6 +283,8 @@ def run(args) -> dict:
                     handle.remove()
             shares = {}
             for site, layer in reducing:
+                if layer not in step_seconds.get(site, {}):      # a planned layer that discards nothing
+                    continue
                 step = statistics.median(step_seconds[site][layer])
                 shares.setdefault(site, []).append(
                     (step * 1e3, step / statistics.median(layer_seconds[(site, layer)]),
@@ -241,6 +307,7 @@ def run(args) -> dict:
         rows.append({
             "method": method, "budget": budget, "overrides": overrides,
             "visual_average": sum(llm_visual) / len(llm_visual),
+            "own_schedule": method != "vanilla" and budget is None,
             "prefill_ms_median": median_ms, "prefill_ms": [t * 1e3 for t in times[index]],
             "prefill_gmacs": macs / 1e9, "measured_speedup": measured, "predicted_speedup": predicted,
             "measured_over_predicted": measured / predicted,
@@ -248,7 +315,7 @@ def run(args) -> dict:
         })
     llava_scale = llava_scale_steps(args.repeats, synchronize, clock) if args.llava_scale else []
     return {
-        "llava_scale": llava_scale,
+        "llava_scale": llava_scale, "unreachable": unreachable,
         "device": str(device), "threads": args.threads, "repeats": args.repeats, "warmup": args.warmup,
         "step_repeats": args.step_repeats, "step_clock": clock_name,
         "torch": torch.__version__, "dims": dims.to_dict(), "prompt_tokens": ids.shape[1], "rows": rows,
@@ -350,9 +417,12 @@ def format_table(result: dict) -> str:
         share = "; ".join(f"{site} {ms:.1f} ms, {as_run * 100:.1f} %, {unreduced * 100:.1f} %"
                           for site, (ms, as_run, unreduced) in row["step_share"].items()) or "–"
         lines.append(
-            f"| {row['method']} | {row['budget'] or 'full'} | {overrides} | {row['visual_average']:.2f} | "
+            f"| {row['method']} | {row['budget'] or ('own' if row.get('own_schedule') else 'full')} | {overrides} | {row['visual_average']:.2f} | "
             f"{row['prefill_ms_median']:.1f} | {row['prefill_gmacs']:.2f} | {row['measured_speedup']:.2f} | "
             f"{row['predicted_speedup']:.2f} | {row['measured_over_predicted']:.2f} | {share} |")
+    if result.get("unreachable"):
+        lines += ["", "Not run (unreachable on the bench model with its scaled layer settings):"]
+        lines += [f"- {line}" for line in result["unreachable"]]
     if result.get("llava_scale"):
         lines += ["", "Reduction step against one unreduced layer of LLaVA-1.5-7B's size (random weights):", "",
                   "| method | layer | B | discards | layer ms | step ms | step % of layer | extra ms for probabilities "
@@ -367,8 +437,8 @@ def format_table(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ficoco bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", nargs="+", default=["ficoco-v", "ficoco-l", "ficoco-vl"],
-                        choices=["ficoco-v", "ficoco-l", "ficoco-vl"])
+    parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+                        help="registered methods to time (default: all; `ficoco methods` lists them)")
     parser.add_argument("--budgets", nargs="+", type=int, default=[192, 128, 64])
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds (median reported); >= 5")
     parser.add_argument("--warmup", type=int, default=2)
@@ -388,6 +458,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.repeats < 5:
         parser.error(f"--repeats must be >= 5 for a stable median; got {args.repeats}")
+    from ficoco import methods
+
+    try:
+        args.methods = [methods.get(name).name for name in args.methods or methods.names()]
+    except ValueError as error:
+        parser.error(str(error))
     result = run(args)
     print(format_table(result))
     if args.json:

@@ -348,12 +348,14 @@ def counts_from_plan(dims: ModelDims, plan: Plan, text_tokens: int = NOMINAL_TEX
 def planned_counts(dims: ModelDims, method: str, budget, text_tokens: int = NOMINAL_TEXT_TOKENS, **overrides) -> dict:
     """The §2 record a method plans for a budget, from `ficoco.methods.get(method).check_budget`.
 
-    An adaptive method (`Method.budgeted` False) has no planned record: ValueError."""
+    Budget None is the method's plan without a budget: unreduced for most, but a fixed published
+    schedule for ficoco-v-official and pdrop-official. An adaptive method (`Method.budgeted` False)
+    has no planned record: ValueError."""
     from ficoco import methods
 
     if method != "vanilla" and not methods.get(method).budgeted:
         raise ValueError(f"{methods.get(method).name}: {ADAPTIVE_NOTE}")
-    if method == "vanilla" or budget is None:
+    if method == "vanilla":
         return vanilla_counts(dims, text_tokens)
     plan = methods.get(method).check_budget(dims, budget, **overrides)
     return counts_from_plan(dims, plan, text_tokens)

@@ -408,3 +408,10 @@ def test_cli_shape_table_and_errors(capsys):
     assert "191.75" in captured.out and "B=64 is infeasible" in captured.err
     with pytest.raises(ValueError, match="valid choices"):
         flops.dims_for(None, "llava-2")
+
+
+def test_a_fixed_schedule_plans_its_own_counts_without_a_budget():
+    """pdrop-official at budget None runs its published schedule, not the unreduced model."""
+    counts = flops.planned_counts(LLAVA_7B, "pdrop-official", None)
+    assert counts["llm_visual"] == [576] * 8 + [288] * 8 + [144] * 8 + [72] * 8
+    assert flops.planned_counts(LLAVA_7B, "ficoco-v", None) == flops.vanilla_counts(LLAVA_7B)
