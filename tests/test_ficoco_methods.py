@@ -388,7 +388,8 @@ def test_bench_reports_every_configuration_with_predictions(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["--repeats", "5", "--warmup", "0", "--step-repeats", "1", "--vision-layers", "4",
                  "--vision-hidden", "64", "--llm-layers", "8", "--llm-hidden", "64", "--llm-mlp", "128",
-                 "--threads", "1", "--no-llava-scale", "--json", str(out)]) == 0
+                 "--threads", "1", "--no-llava-scale", "--methods", "ficoco-v", "ficoco-l", "ficoco-vl",
+                 "--json", str(out)]) == 0
     table = capsys.readouterr().out
     result = json.loads(out.read_text())
     rows = {(row["method"], row["budget"]): row for row in result["rows"]}
@@ -398,6 +399,6 @@ def test_bench_reports_every_configuration_with_predictions(tmp_path, capsys):
         if method != "vanilla":
             assert row["visual_average"] <= budget and row["predicted_speedup"] > 1.0
             assert row["step_share"] and f"| {method} | {budget} |" in table
-    assert rows[("ficoco-v", 64)]["overrides"] == {"start": 2}             # 12/24 of 4 vision layers
+    assert rows[("ficoco-v", 64)]["overrides"] == {"start": 2, "end": None}   # 12/23 of the 3 executed layers
     assert rows[("ficoco-l", 192)]["overrides"] == {"start": 1, "window": 1}
     assert rows[("ficoco-l", 64)]["overrides"] == {"start": 0, "window": 1}  # start 1 cannot reach 64
