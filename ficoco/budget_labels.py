@@ -20,8 +20,9 @@ FULL = "full"
 ADAPTIVE = "adaptive"
 TFLOPS_CONVENTIONS = ("exact", "nominal")
 NOMINAL_SUFFIX = "-nominal"
+TFLOPS_PATTERN = r"t(\d+(?:\.\d+)?)(-nominal)?"      # "t2.4", "t1.5-nominal": the target and the convention
 #: the labels a path part may hold (Snakemake's wildcard constraint for {budget})
-LABEL_PATTERN = r"full|adaptive|[1-9]\d*|t\d+(?:\.\d+)?(?:-nominal)?"
+LABEL_PATTERN = r"full|adaptive|[1-9]\d*|" + TFLOPS_PATTERN
 VALID_LABELS = ("'full', 'adaptive', a positive integer, or a TFLOPs target written t<TFLOPs> (exact convention) "
                 "or t<TFLOPs>-nominal, e.g. t2.4")
 
@@ -40,10 +41,14 @@ class TflopsTarget:
             raise ValueError(f"tflops {self.tflops!r} is not a cost; valid: a number > 0")
 
     @property
+    def digits(self) -> str:
+        """The target as positional decimal text ("2.4", "0.00003", never "3e-05"): it is a path part
+        and must round-trip."""
+        return format(Decimal(repr(float(self.tflops))).normalize(), "f")
+
+    @property
     def label(self) -> str:
-        # positional decimal text (never 1e-05): the label is a path part and must round-trip
-        digits = format(Decimal(repr(float(self.tflops))).normalize(), "f")
-        return f"t{digits}" + (NOMINAL_SUFFIX if self.convention == "nominal" else "")
+        return f"t{self.digits}" + (NOMINAL_SUFFIX if self.convention == "nominal" else "")
 
     @property
     def tolerance(self) -> float:
@@ -53,7 +58,7 @@ class TflopsTarget:
         return 0.5 * 10.0 ** exponent
 
     def describe(self) -> str:
-        return f"{self.label.split('-')[0][1:]} TFLOPs ({self.convention})"
+        return f"{self.digits} TFLOPs ({self.convention})"
 
 
 def is_label(text) -> bool:
@@ -63,7 +68,7 @@ def is_label(text) -> bool:
 
 def tflops_target(label: str) -> TflopsTarget | None:
     """The target a TFLOPs label names ("t2.4" -> 2.4 exact); None for any other label."""
-    match = re.fullmatch(r"t(\d+(?:\.\d+)?)(-nominal)?", str(label))
+    match = re.fullmatch(TFLOPS_PATTERN, str(label))
     if match is None:
         return None
     return TflopsTarget(float(match.group(1)), "nominal" if match.group(2) else "exact")

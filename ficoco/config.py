@@ -949,22 +949,22 @@ def job_grid(config: dict, root: Path = REPO_ROOT) -> list[Job]:
     jobs = []
     for model in config["models"]:
         dims = model_dims(model, models[model])
-        runs: dict[tuple[str, str], tuple[str, float | None]] = {}     # (method, label) -> run budget, cost
+        runs: dict[str, list[tuple[str, str, float | None]]] = {}   # method -> (label, run budget, cost)
         for method in config["methods"]:
             registered = method_registry.get(method)
             # vanilla runs once unreduced ("full"), an adaptive method once with its own counts ("adaptive")
             labels = [FULL] if method == "vanilla" else [ADAPTIVE] if not registered.budgeted \
                 else budgets_for(config, dims, model)
+            runs[method] = []
             for label in labels:
                 solved = solve_budget(config, models, model, method, label) if tflops_target(label) else None
-                runs[method, label] = (str(solved.tokens), solved.predicted_tflops) if solved else (label, None)
+                runs[method].append((label, str(solved.tokens), solved.predicted_tflops) if solved
+                                    else (label, label, None))
         for benchmark in config["benchmarks"]:
             shards = shards_for(config, benchmark)
             for method in config["methods"]:
                 phase = method_registry.get(method).phase
-                for (run_method, label), (run_budget, predicted) in runs.items():
-                    if run_method != method:
-                        continue
+                for label, run_budget, predicted in runs[method]:
                     for shard in range(shards):
                         jobs.append(Job(model, method, phase, label, benchmark, shard, shards, run_budget, predicted))
     return jobs

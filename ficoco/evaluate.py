@@ -415,8 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.budget not in (FULL, ADAPTIVE) and not args.budget.isdigit():
         parser.error(f"--budget {args.budget!r}: valid values are 'full', 'adaptive' or a positive integer")
-    if run_label_problem(args.budget_label, args.budget):
-        parser.error(run_label_problem(args.budget_label, args.budget))
+    problem = run_label_problem(args.budget_label, args.budget)
+    if problem:
+        parser.error(problem)
     label = args.budget_label or args.budget
     from ficoco import methods
     from ficoco.invariants import InvariantViolation

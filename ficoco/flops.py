@@ -475,7 +475,7 @@ class SolvedBudget:
     target: TflopsTarget
     tokens: int                                # the budget the method runs (visual tokens per LLM layer)
     predicted_tflops: float                    # its cost per sample under the target's convention
-    reachable_tokens: tuple[int, int]          # the smallest budget the method reaches, and the unreduced count
+    reachable_tokens: tuple[int, int]          # the smallest and the largest budget the method reaches
     reachable_tflops: tuple[float, float]      # their costs
 
 
@@ -496,8 +496,8 @@ def convention_tflops(dims: ModelDims, counts: dict, convention: str) -> float:
 def solve_tflops_budget(dims: ModelDims, method: str, target: TflopsTarget,
                         text_tokens: int = NOMINAL_TEXT_TOKENS, **overrides) -> SolvedBudget:
     """The token budget whose planned cost (with `text_tokens` text tokens) is closest to the target;
-    of two equally close, the cheaper; of budgets with one cost, the smallest. InfeasibleBudget, naming the reachable range, when the target
-    is outside it.
+    of two equally close, the cheaper; of budgets with one cost, the smallest. InfeasibleBudget,
+    naming the reachable range, when the target is outside it.
 
     A method that runs at every budget from its smallest up to the unreduced count (most) is solved
     by bisection: its planned cost never falls as its budget grows. One that runs only at some

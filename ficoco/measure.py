@@ -317,8 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.method == "vanilla" and args.budget != FULL:
         parser.error(f"--method vanilla takes --budget full; got {args.budget}")
-    if run_label_problem(args.budget_label, args.budget):
-        parser.error(run_label_problem(args.budget_label, args.budget))
+    problem = run_label_problem(args.budget_label, args.budget)
+    if problem:
+        parser.error(problem)
     from ficoco.methods import budget_from_label
 
     try:
