@@ -309,7 +309,8 @@ def run(args) -> dict:
             "visual_average": sum(llm_visual) / len(llm_visual),
             "own_schedule": method != "vanilla" and budget is None,
             "prefill_ms_median": median_ms, "prefill_ms": [t * 1e3 for t in times[index]],
-            "prefill_gmacs": macs / 1e9, "measured_speedup": measured, "predicted_speedup": predicted,
+            "prefill_gmacs": macs / 1e9, "overhead_gmacs": counts[index]["overhead_macs"] / 1e9,
+            "measured_speedup": measured, "predicted_speedup": predicted,
             "measured_over_predicted": measured / predicted,
             "step_share": step_share.get(index, {}),
         })
@@ -408,9 +409,9 @@ def format_table(result: dict) -> str:
         f"median of {result['repeats']} interleaved rounds after {result['warmup']} warm-up; steps and their "
         f"layers: median of {result.get('step_repeats', '?')} instrumented rounds, {result.get('step_clock', 'wall clock')}",
         "",
-        "| method | B | overrides | realised avg | prefill ms | GMAC | measured × | predicted × | measured / "
-        "predicted | reduction step: ms, % of its layer as run, % of that layer unreduced |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | B | overrides | realised avg | prefill ms | GMAC | overhead GMAC | measured × | predicted × | "
+        "measured / predicted | reduction step: ms, % of its layer as run, % of that layer unreduced |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
         overrides = ", ".join(f"{k}={v}" for k, v in row["overrides"].items()) or "–"
@@ -418,7 +419,8 @@ def format_table(result: dict) -> str:
                           for site, (ms, as_run, unreduced) in row["step_share"].items()) or "–"
         lines.append(
             f"| {row['method']} | {row['budget'] or ('own' if row.get('own_schedule') else 'full')} | {overrides} | {row['visual_average']:.2f} | "
-            f"{row['prefill_ms_median']:.1f} | {row['prefill_gmacs']:.2f} | {row['measured_speedup']:.2f} | "
+            f"{row['prefill_ms_median']:.1f} | {row['prefill_gmacs']:.2f} | {row['overhead_gmacs']:.3f} | "
+            f"{row['measured_speedup']:.2f} | "
             f"{row['predicted_speedup']:.2f} | {row['measured_over_predicted']:.2f} | {share} |")
     if result.get("unreachable"):
         lines += ["", "Not run (unreachable on the bench model with its scaled layer settings):"]

@@ -109,6 +109,29 @@ class LLMScores(Protocol):
 
 
 @dataclass(frozen=True)
+class StepShape:
+    """The sizes one reduction step ran on, for one image (tower and projector sites) or one prompt (LLM).
+
+    A step's `overhead(dims, shape)` counts, from these sizes alone, the multiply-accumulates of the
+    matrix products the step adds to the model (score rows or matrices it computes, similarity and
+    correlation matrices, merges written as products, extra projections), for that image or prompt.
+    Work without products (softmax, norms, sorting, quantiles, gathers) is not counted; neither is
+    what the layer computes anyway (a vision step with attention="probs" reads the probabilities
+    the layer's own output is computed from). docs/flops.md, "Selection overhead".
+    """
+
+    layer: int | None                       # the reducing layer (tower or LLM); None at the projector
+    tokens: int                             # tokens the step received: 1+N (CLS first) in the tower and at its
+                                            # output, N projected tokens at the projector, N visual at the LLM
+    kept: int                               # tokens it kept (counted as `tokens` is)
+    length: int = 0                         # LLM: the prompt's sequence length L entering the layer (no padding)
+    instruction: int = 0                    # LLM: prompt tokens M after the image
+
+
+Overhead = Callable[[Any, StepShape], int]   # (ModelDims, StepShape) -> multiply-accumulates
+
+
+@dataclass(frozen=True)
 class VisionLayerStep:
     """Reduce inside vision encoder layers, between the attention residual add and the MLP."""
 
@@ -117,6 +140,7 @@ class VisionLayerStep:
     layers: tuple[int, ...]                 # 0-based encoder layers that reduce
     reduce: Callable[[int, VisionTokens, VisionScores], VisionTokens]
     tokens_out: Mapping[int, int]           # layer -> patches left after it (CLS not counted)
+    overhead: Overhead                      # MACs of one image's step at one layer (`StepShape`)
     attention: str = "probs"                # what reduce reads: "probs" (the full matrix, computed once
                                             # together with the layer output) or "rows" / "keys" / "none"
                                             # (on demand; the output keeps the fused kernel)
@@ -134,6 +158,7 @@ class VisionInputStep:
     `prepare` maps the pixel values the caller passed (B, C, H, W) to (B, C, image_side, image_side);
     the adapter runs it (unless the input already has that size), interpolates the position
     embeddings to the new patch grid and sends the LLM one feature per patch.
+    Resizing multiplies no matrices, so an input step has no selection overhead (`StepShape`).
     """
 
     WHERE: ClassVar[str] = "vision encoder input (fewer patches are encoded)"   # for `ficoco methods`
@@ -160,6 +185,7 @@ class LLMLayerStep:
     layers: tuple[int, ...]                 # 0-based decoder layers that reduce
     reduce: Callable[[int, LLMTokens, LLMScores], LLMKept]
     tokens_out: Mapping[int, int]           # layer -> visual tokens left after it
+    overhead: Overhead                      # MACs of one prompt's step at one layer (`StepShape`)
     needs_instruction: bool = True          # a prompt with no tokens after the image cannot be scored:
                                             # alone it is left unreduced, in a batch it is an error
     scores_from: str = "self"               # "self": the reducing layer's attention on its input;
@@ -227,6 +253,7 @@ class VisionOutputStep:
     reduce: Callable[[int, VisionTokens, VisionOutputScores], ImageTokens]
     tokens_out: int | None                  # tokens per image the projector (and then the LLM) receives;
                                             # None = adaptive (a count per image, `ImageTokens.counts`)
+    overhead: Overhead                      # MACs of one image's step (`StepShape`)
     site: str = field(default="vision", init=False)
 
 
@@ -242,6 +269,7 @@ class ProjectorStep:
 
     reduce: Callable[[int, ImageTokens, None], ImageTokens]
     tokens_out: int                         # tokens per image the LLM receives
+    overhead: Overhead                      # MACs of one image's step (`StepShape`)
     site: str = field(default="projector", init=False)
 
 

@@ -10,6 +10,8 @@ A record's token counts (contracts §2) are checked against the method's plan (`
 - an image row delivers visual tokens (> 0); a text-only row runs no vision layer and delivers none;
 - every LLM layer processed tokens (> 0), never more visual tokens than its sequence holds, and the
   same text tokens as layer 0 (methods drop visual tokens only);
+- the selection overhead (`overhead_macs`) is recorded, a whole number >= 0, and 0 when the plan
+  reduces nothing;
 - costs are finite and never negative, and the ones every sample pays (prefill, total; for an image
   row also vision and projector) are positive.
 
@@ -44,6 +46,12 @@ def check_counts(method: str, plan: Plan, counts: Mapping, has_image: bool, samp
 
     vision, delivered = counts["vision"], counts["visual_delivered"]
     llm, llm_visual = list(counts["llm"]), list(counts["llm_visual"])
+    overhead = counts.get("overhead_macs")
+    if isinstance(overhead, bool) or not isinstance(overhead, int) or overhead < 0:
+        fail("selection overhead (overhead_macs)", "a whole number of MACs >= 0",
+             "missing" if overhead is None else repr(overhead))
+    if overhead and plan.vision is None and plan.llm is None and plan.post_vision is None:
+        fail("selection overhead of a plan that reduces nothing", 0, overhead)
     if not llm:
         fail("LLM layers recorded", ">= 1", 0)
     if len(llm_visual) != len(llm):

@@ -34,7 +34,7 @@ def metrics_json(model: str, benchmark: str, method: str, budget, score, **extra
         "samples": 200,
         "failures": 0,
         "cost_mean": {"total_flops": total_tflops * 1e12, "prefill_flops": (total_tflops - 0.5) * 1e12,
-                      "vision_flops": 0.35e12, "decode_flops": 0.15e12,
+                      "vision_flops": 0.35e12, "decode_flops": 0.15e12, "overhead_flops": 0.002e12 * (average < 576),
                       "legacy_nominal_tflops": 2 * LLM_LAYERS * (average + 60) * 2.0e8 / 1e12},
         "visual_tokens": {"layer_average": average, "per_layer": per_layer, "delivered": per_layer[0]},
         "latency": {"mean_s_per_sample": 0.05 + average * 1e-4, "total_s": 10.0},

@@ -115,7 +115,8 @@ def test_overrides_are_validated_with_the_valid_choices():
     with pytest.raises(ValueError, match=r"lam=1.5 must be None .* or a number in \(0, 1\]"):
         methods.get("pdrop").check_budget(DIMS_7B, 128, lam=1.5)
     with pytest.raises(ValueError, match="scores_from='later'; valid choices are"):
-        ficoco.methods.LLMLayerStep(layers=(2,), reduce=None, tokens_out={2: 1}, scores_from="later")
+        ficoco.methods.LLMLayerStep(layers=(2,), reduce=None, tokens_out={2: 1}, overhead=None,
+                                    scores_from="later")
 
 
 def test_registry_describes_the_in_llm_baselines():

@@ -341,7 +341,7 @@ def test_text_only_prompt_is_left_alone(model):
             got = model(input_ids=ids).logits
             counts = handle.last_counts()
     assert torch.equal(expected, got)
-    assert counts == [{"vision": [], "visual_delivered": 0, "llm": [4], "llm_visual": [0]}]
+    assert counts == [{"vision": [], "visual_delivered": 0, "llm": [4], "llm_visual": [0], "overhead_macs": 0}]
 
 
 def test_ids_must_hold_the_processors_placeholders(model, inputs):

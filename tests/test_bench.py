@@ -61,6 +61,15 @@ def test_predicted_speedup_is_the_flops_ratio_of_the_planned_counts(result):
         assert row["measured_over_predicted"] == pytest.approx(row["measured_speedup"] / row["predicted_speedup"])
 
 
+def test_each_run_reports_its_selection_overhead(result):
+    """vanilla and image resizing add no products; every other chosen method scores or merges with some."""
+    for row in result["rows"]:
+        if row["method"] in ("vanilla", "downsample"):
+            assert row["overhead_gmacs"] == 0, row["method"]
+        else:
+            assert row["overhead_gmacs"] > 0, (row["method"], row["budget"])
+
+
 def test_the_table_lists_every_run_and_what_was_not_run(capsys):
     assert main([*TINY, "--budgets", "64", "--methods", "fastv", "ficoco-v"]) == 0
     table = capsys.readouterr().out

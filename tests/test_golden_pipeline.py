@@ -106,6 +106,20 @@ def test_exact_flops_are_positive_below_vanilla_and_fall_with_the_budget(golden)
             assert cost["total_flops"] > 0 and cost["prefill_flops"] > 0 and cost["vision_flops"] > 0, method
 
 
+def test_selection_overhead_is_recorded_and_reported_beside_exact_flops(golden):
+    """Every sample records its overhead; vanilla adds none, every other method of the grid scores or
+    merges with matrix products; the summary's tflops_overhead is the mean of the samples' costs."""
+    headline = golden["summary"][golden["summary"]["headline"].astype(bool)].set_index(["method", "budget"])
+    for (method, budget), records in golden["records"].items():
+        samples = ran(records)
+        for record in samples:
+            macs = record["counts"]["overhead_macs"]
+            assert record["cost"]["overhead_flops"] == 2 * macs, method
+            assert (macs == 0) if method == "vanilla" else (macs > 0), (method, budget, macs)
+        mean = sum(record["cost"]["overhead_flops"] for record in samples) / len(samples) / 1e12
+        assert headline.loc[(method, str(budget)), "tflops_overhead"] == pytest.approx(mean, rel=1e-6), method
+
+
 def test_summary_has_accuracy_latency_and_failure_columns(golden):
     summary = golden["summary"]
     for column in ("value", "failures", "eval_s_per_sample", "prefill_s", "end_to_end_s", "tflops_exact"):

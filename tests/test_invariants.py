@@ -22,11 +22,12 @@ def counts_of(planned, delivered: int | None = None) -> dict:
     delivered = planned.delivered if delivered is None else delivered
     visual = planned.llm_visual or [delivered] * DIMS.llm_layers
     return {"vision": [list(pair) for pair in planned.vision_counts], "visual_delivered": delivered,
-            "llm": [TEXT + v for v in visual], "llm_visual": list(visual)}
+            "llm": [TEXT + v for v in visual], "llm_visual": list(visual), "overhead_macs": 0}
 
 
 def text_counts() -> dict:
-    return {"vision": [], "visual_delivered": 0, "llm": [TEXT] * DIMS.llm_layers, "llm_visual": [0] * DIMS.llm_layers}
+    return {"vision": [], "visual_delivered": 0, "llm": [TEXT] * DIMS.llm_layers, "llm_visual": [0] * DIMS.llm_layers,
+            "overhead_macs": 0}
 
 
 def violation(method, planned, counts, has_image=True) -> str:
@@ -51,9 +52,27 @@ def test_counts_that_realise_the_plan_pass(name, budget):
 def test_counts_of_a_decode_step_are_refused():
     """What a hook reading the last forward (a decode step) instead of the prefill would record."""
     planned = plan("ficoco-v", 192)
-    decode = {"vision": [], "visual_delivered": 0, "llm": [1] * DIMS.llm_layers, "llm_visual": [0] * DIMS.llm_layers}
+    decode = {"vision": [], "visual_delivered": 0, "llm": [1] * DIMS.llm_layers, "llm_visual": [0] * DIMS.llm_layers,
+              "overhead_macs": 0}
     assert "visual tokens delivered to the LLM for an image row: expected > 0, found 0" in violation(
         "ficoco-v", planned, decode)
+
+
+@pytest.mark.parametrize("overhead, found", [(None, "missing"), (-5, "-5"), (2.5, "2.5"), (True, "True")])
+def test_an_impossible_overhead_is_refused(overhead, found):
+    counts = {**counts_of(plan("ficoco-v", 192)), "overhead_macs": overhead}
+    if overhead is None:
+        del counts["overhead_macs"]
+    assert violation("ficoco-v", plan("ficoco-v", 192), counts) == (
+        f"ficoco-v: sample q7: selection overhead (overhead_macs): expected a whole number of MACs >= 0, found {found}")
+
+
+def test_overhead_without_a_reduction_is_refused():
+    planned = plan("vanilla")
+    assert violation("vanilla", planned, {**counts_of(planned), "overhead_macs": 10}).endswith(
+        "selection overhead of a plan that reduces nothing: expected 0, found 10")
+    check_counts("ficoco-v", plan("ficoco-v", 192), {**counts_of(plan("ficoco-v", 192)), "overhead_macs": 10},
+                 has_image=True)
 
 
 def test_a_layer_off_the_plan_is_named_with_expected_and_found():

@@ -135,7 +135,7 @@ def test_text_only_prompt_is_counted_and_left_alone(model):
             got = model(input_ids=ids).logits
             counts = handle.last_counts()
     assert torch.equal(expected, got)
-    assert counts == [{"vision": [], "visual_delivered": 0, "llm": [4] * 4, "llm_visual": [0] * 4}]
+    assert counts == [{"vision": [], "visual_delivered": 0, "llm": [4] * 4, "llm_visual": [0] * 4, "overhead_macs": 0}]
 
 
 def test_generate_returns_the_callers_prompt_and_the_kv_cache_is_reduced(model):
@@ -193,7 +193,7 @@ def test_a_custom_step_with_a_key_bias_reaches_later_layers(model):
         return VisionTokens(tokens.hidden, tokens.positions, bias_value.expand(tokens.hidden.shape[0], -1))
 
     def build(plan):
-        return (VisionLayerStep(layers=(0,), reduce=tag_keys, tokens_out={0: 16}),)
+        return (VisionLayerStep(layers=(0,), reduce=tag_keys, tokens_out={0: 16}, overhead=lambda dims, shape: 0),)
 
     method = Method(name="key-bias-probe", summary="test", phase="vision", acts_on=("vision",),
                     needs_attention="full", stages={}, params={}, build=build,

@@ -84,6 +84,7 @@ def test_aggregate_takes_costs_tokens_and_measured_latency_from_the_inputs(rende
     written = json.loads(Path(row["source"]).read_text())
     assert row["tflops_exact"] == pytest.approx(written["cost_mean"]["total_flops"] / 1e12)
     assert row["tflops_legacy"] == pytest.approx(written["cost_mean"]["legacy_nominal_tflops"])
+    assert row["tflops_overhead"] == pytest.approx(written["cost_mean"]["overhead_flops"] / 1e12)
     assert row["visual_tokens_layer_avg"] == pytest.approx(written["visual_tokens"]["layer_average"])
     assert row["samples"] == written["samples"]
     measured = json.loads((results_dir / "measure" / MODEL / "ficoco-l" / "b128.json").read_text())

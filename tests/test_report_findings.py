@@ -251,10 +251,11 @@ def test_the_page_states_findings_with_intervals(tmp_path, capsys):
 def test_tables_of_a_toy_sized_model_print_mflops_not_zero():
     frame = pd.DataFrame({"model": ["toy"], "method": ["fastv"], "phase": ["llm"], "budget": ["36"],
                           "benchmark": ["toy-shapes"], "metric": ["score"], "value": [60.0], "samples": [256],
-                          "failures": [0], "tflops_exact": [4.8e-5], "tflops_legacy": [6.1e-5],
+                          "failures": [0], "tflops_exact": [4.8e-5], "tflops_overhead": [2e-7], "tflops_legacy": [6.1e-5],
                           "visual_tokens_layer_avg": [36.0], "headline": [True]})
     text = page.data_section(frame)
     assert "MFLOPs_exact" in text and "48.000" in text and "TFLOPs_exact" not in text
+    assert "MFLOPs_overhead" in text and "0.200" in text
 
 
 def many_methods_points(count: int = 25) -> pd.DataFrame:

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ficoco.contract import LLMKept, LLMScores, LLMTokens
+from ficoco.contract import LLMKept, LLMScores, LLMTokens, StepShape
 from ficoco.methods.base import Method, Param, positive_int
-from ficoco.methods.shared import LLM_NEEDS, one_shot_schedule, one_shot_step
+from ficoco.methods.shared import LLM_NEEDS, cosine_macs, llm_key_macs, one_shot_schedule, one_shot_step
 from ficoco.paradigm.attention import key_l1_norm
 from ficoco.paradigm.compress import gather_tokens
 from ficoco.paradigm.filter import dart_select
@@ -41,6 +41,11 @@ class DartReduce:
         chosen = dart_select(normed_visual, normed_text, key_norm.gather(1, visual), key_norm.gather(1, text),
                              self.keep, self.n_pivots)                              # (B, k) into the visual axis
         return LLMKept(hidden=tokens.hidden, visual=visual.gather(1, chosen))
+
+    def overhead(self, dims, shape: StepShape) -> int:
+        pivots = min(self.n_pivots, shape.kept) + min(self.n_pivots, shape.instruction)   # image + text pivots
+        keys = llm_key_macs(dims, shape.length)                                 # layer K−1's keys of the sequence
+        return keys + cosine_macs(pivots, shape.tokens, dims.llm_hidden)        # (P×D)·(D×N) pivot similarities
 
 
 schedule = one_shot_schedule("dart")

@@ -17,14 +17,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ficoco.contract import ImageTokens, LLMKept, LLMLayerStep, LLMScores, LLMTokens, ProjectorStep
+from ficoco.contract import ImageTokens, LLMKept, LLMLayerStep, LLMScores, LLMTokens, ProjectorStep, StepShape
 from ficoco.methods.base import Method, Param
 from ficoco.methods.shared import staged_llm_plan
-from ficoco.methods.shared import feature_plan
+from ficoco.methods.shared import cosine_macs, feature_plan
 from ficoco.paradigm.compress import gather_tokens
 from ficoco.paradigm.filter import divprune_select
 
 POSITIONS = ("contiguous", "original")
+
+
+def divprune_macs(dims, tokens: int, keep: int) -> int:
+    """`divprune_select` on `tokens` projected tokens (LLM width): the N×N cosine matrix, none when
+    nothing is kept (it returns before); the greedy picks only read that matrix."""
+    return 0 if keep == 0 else cosine_macs(tokens, tokens, dims.llm_hidden)
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,9 @@ class DivPruneReduce:
         kept = divprune_select(tokens.hidden, self.keep)                          # (B, keep) into the tokens
         return ImageTokens(hidden=gather_tokens(tokens.hidden, kept), positions=tokens.positions.gather(1, kept))
 
+    def overhead(self, dims, shape: StepShape) -> int:
+        return divprune_macs(dims, shape.tokens, self.keep)
+
 
 @dataclass(frozen=True)
 class DivPruneLLMInputReduce:
@@ -47,6 +56,9 @@ class DivPruneLLMInputReduce:
     def __call__(self, layer: int, tokens: LLMTokens, scores: LLMScores) -> LLMKept:
         kept = divprune_select(gather_tokens(tokens.hidden, tokens.visual), self.keep)  # into the image span
         return LLMKept(hidden=tokens.hidden, visual=tokens.visual.gather(1, kept))
+
+    def overhead(self, dims, shape: StepShape) -> int:
+        return divprune_macs(dims, shape.tokens, self.keep)                  # shape.tokens: the N visual tokens
 
 
 def check_positions(value) -> str | None:
@@ -66,9 +78,11 @@ def build(plan: dict) -> tuple:
     if post is None:
         return ()
     if post.details["positions"] == "contiguous":
-        return (ProjectorStep(reduce=DivPruneReduce(keep=post.tokens_out), tokens_out=post.tokens_out),)
-    return (LLMLayerStep(layers=(0,), reduce=DivPruneLLMInputReduce(keep=post.tokens_out),
-                         tokens_out={0: post.tokens_out}, needs_instruction=False),)
+        reduce = DivPruneReduce(keep=post.tokens_out)
+        return (ProjectorStep(reduce=reduce, tokens_out=post.tokens_out, overhead=reduce.overhead),)
+    reduce = DivPruneLLMInputReduce(keep=post.tokens_out)
+    return (LLMLayerStep(layers=(0,), reduce=reduce, tokens_out={0: post.tokens_out}, overhead=reduce.overhead,
+                         needs_instruction=False),)
 
 
 METHOD = Method(

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from ficoco.budget import evit_stage_counts
-from ficoco.contract import VisionScores, VisionTokens
+from ficoco.contract import StepShape, VisionScores, VisionTokens
 from ficoco.methods.base import Method, Param
-from ficoco.methods.shared import TOWER_NEEDS, encoder_plan, patches_for, vision_layer_build
+from ficoco.methods.shared import TOWER_NEEDS, encoder_plan, patches_for, vision_layer_build, vision_rows_macs
 from ficoco.paradigm.compress import fused_token, gather_tokens
 from ficoco.paradigm.filter import complement_positions, top_k_positions
 
@@ -54,6 +54,12 @@ class EvitReduce:
         if key_bias is not None:                                               # a neutral bias for the new token
             key_bias = torch.cat([key_bias[:, :1], key_bias[:, 1:].gather(1, kept), key_bias.new_zeros(batch, 1)], 1)
         return VisionTokens(hidden=hidden, positions=positions, key_bias=key_bias)
+
+    def overhead(self, dims, shape: StepShape) -> int:
+        # kept = CLS + (n_k − 1) candidates + the fused token; the other N − (n_k − 1) are the sources
+        sources = shape.tokens - shape.kept + 1
+        cls_row = vision_rows_macs(dims, 1, shape.tokens)                      # the CLS row q·k over 1+N keys
+        return cls_row + sources * dims.vision_hidden                          # fused token (1×S)·(S×D)
 
 
 def schedule(dims, budget, params) -> dict:

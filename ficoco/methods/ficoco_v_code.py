@@ -75,9 +75,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ficoco.budget import InfeasibleBudget, spread
-from ficoco.contract import VisionLayerStep, VisionScores, VisionTokens
+from ficoco.contract import StepShape, VisionLayerStep, VisionScores, VisionTokens
 from ficoco.methods.base import Method, Param, non_negative_int, optional_non_negative_int
-from ficoco.methods.shared import TOWER_NEEDS, encoder_plan, patches_for, planned_vision_layers, vision_layers
+from ficoco.methods.shared import (TOWER_NEEDS, encoder_plan, patches_for, planned_vision_layers, vision_layers,
+                                  vision_rows_macs)
 from ficoco.paradigm.compress import gather_tokens
 
 NAME = "ficoco-v-code"
@@ -254,6 +255,13 @@ class CodeReduce:
             key_bias = key_bias.gather(1, order[:, r:])
         return VisionTokens(hidden=merged, positions=ids[:, 1:], key_bias=key_bias)
 
+    def overhead(self, dims, shape: StepShape) -> int:
+        # the full T×T logit matrix from the layer's q/k (a layer with r = 0 is left alone); the
+        # merge is a scatter-add, not a product
+        if self.discards[shape.layer] == 0:
+            return 0
+        return vision_rows_macs(dims, shape.tokens, shape.tokens)
+
     def _start_pass(self, images: int, device) -> None:
         """Slot 0 holds CLS again; the buffer is fresh per image, or the carried one (one image)."""
         state = self.state
@@ -334,7 +342,7 @@ def build(plan: dict) -> tuple:
                         carry_state=plan.params["carry_state"])
     # q/k on demand (the layer output keeps SDPA): the step reads logits, not probabilities
     return (VisionLayerStep(layers=layers, reduce=reduce, tokens_out=dict(zip(layers, vision.patches_out)),
-                            attention="keys"),)
+                            overhead=reduce.overhead, attention="keys"),)
 
 
 METHOD = Method(

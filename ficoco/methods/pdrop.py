@@ -78,7 +78,8 @@ def build(plan: dict) -> tuple:
     if llm is None:
         return ()
     keep = dict(zip(llm.layers, llm.visual_out))
-    return (LLMLayerStep(layers=tuple(llm.layers), reduce=LastQueryTopK(keep=keep), tokens_out=keep),)
+    reduce = LastQueryTopK(keep=keep)
+    return (LLMLayerStep(layers=tuple(llm.layers), reduce=reduce, tokens_out=keep, overhead=reduce.overhead),)
 
 
 STAGES = {

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ficoco.budget import pooling_grid
-from ficoco.contract import ImageTokens, VisionOutputScores, VisionTokens
+from ficoco.contract import ImageTokens, StepShape, VisionOutputScores, VisionTokens
 from ficoco.methods.base import Method
 from ficoco.methods.shared import TOWER_NEEDS, feature_plan, output_build
 from ficoco.paradigm.compress import pool_grid
@@ -25,6 +25,9 @@ class PoolingReduce:
 
     def __call__(self, layer: int, tokens: VisionTokens, scores: VisionOutputScores) -> ImageTokens:
         return ImageTokens(hidden=pool_grid(tokens.hidden[:, 1:], self.grid_hw, self.out_hw), positions=None)
+
+    def overhead(self, dims, shape: StepShape) -> int:
+        return 0                                                    # the cell means are pooling, no product
 
 
 def schedule(dims, budget, params) -> dict:

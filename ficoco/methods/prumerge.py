@@ -29,13 +29,25 @@ from dataclasses import dataclass
 import torch
 
 from ficoco.budget import prumerge_plus_split
-from ficoco.contract import ImageTokens, VisionOutputScores, VisionTokens
+from ficoco.contract import ImageTokens, StepShape, VisionOutputScores, VisionTokens
 from ficoco.methods.base import Method, Param, positive_int
-from ficoco.methods.shared import TOWER_NEEDS, adaptive_feature_plan, check_patch_count, feature_plan, output_build
+from ficoco.methods.shared import (TOWER_NEEDS, adaptive_feature_plan, check_patch_count, cosine_macs, feature_plan,
+                                  output_build, vision_rows_macs)
 from ficoco.paradigm.compress import prumerge_merge
 from ficoco.paradigm.correlate import knn_positions
 from ficoco.paradigm.filter import complement_positions, evenly_spaced_positions, iqr_outlier_mask, raster_positions, \
     top_k_positions
+
+
+def prumerge_macs(dims, shape: StepShape) -> int:
+    """The products of one image's PruMerge(+) step keeping K = kept − 1 patches of N = tokens − 1
+    (the extra token is the kept count's last one)."""
+    width, n, k = dims.vision_hidden, shape.tokens - 1, shape.kept - 1
+    projections = shape.tokens * width * width + width * width     # next layer's k_proj of 1+N tokens, q_proj of CLS
+    cls_row = vision_rows_macs(dims, 1, shape.tokens)               # CLS query · 1+N keys (all heads as one)
+    knn = cosine_macs(k, n, width)                                  # K kept keys against the N patch keys
+    extra = (n - k) * width                                         # (1×(N−K))·((N−K)×D) the extra token
+    return projections + cls_row + knn + extra                      # the kNN merge itself is elementwise
 
 
 @dataclass(frozen=True)
@@ -58,6 +70,9 @@ class PruMergeReduce:
         neighbours = knn_positions(scores.next_keys()[:, 1:], kept, self.knn)  # (B, K, knn)
         return ImageTokens(hidden=prumerge_merge(patches, attention, kept, neighbours),
                            positions=tokens.positions.gather(1, kept))
+
+    def overhead(self, dims, shape: StepShape) -> int:
+        return prumerge_macs(dims, shape)
 
 
 @dataclass(frozen=True)
@@ -89,6 +104,9 @@ class PruMergeAdaptiveReduce:
         return ImageTokens(hidden=torch.nn.utils.rnn.pad_sequence(merged, batch_first=True),
                            positions=torch.nn.utils.rnn.pad_sequence(positions, batch_first=True, padding_value=-1),
                            counts=counts)
+
+    def overhead(self, dims, shape: StepShape) -> int:
+        return prumerge_macs(dims, shape)                               # shape.kept is this image's own count
 
 
 def raster_stride(ratio: float) -> int:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ficoco.contract import ImageTokens, VisionOutputScores, VisionTokens
+from ficoco.contract import ImageTokens, StepShape, VisionOutputScores, VisionTokens
 from ficoco.methods.base import Method, Param, non_negative_int
 from ficoco.methods.shared import TOWER_NEEDS, check_patch_count, feature_plan, keep_patches, output_build
 from ficoco.paradigm.filter import random_positions, sample_seed
@@ -35,6 +35,9 @@ class RandomReduce:
         draws = [random_positions(n, self.keep, torch.Generator().manual_seed(sample_seed(self.seed, digest)))
                  for digest in scores.image_digests()]                        # each (1, keep), on the CPU
         return keep_patches(tokens, torch.cat(draws).to(tokens.hidden.device))
+
+    def overhead(self, dims, shape: StepShape) -> int:
+        return 0                                                    # digests, random draws, a gather: no product
 
 
 def schedule(dims, budget, params) -> dict:

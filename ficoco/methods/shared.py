@@ -12,7 +12,7 @@ import torch
 
 from ficoco.budget import keep_for_budget, layer_average, progressive_llm_schedule, step_counts
 from ficoco.contract import (ImageTokens, LLMKept, LLMLayerStep, LLMSchedule, LLMScores, LLMTokens, Needs, Plan,
-                             VisionLayerStep, VisionOutputStep, VisionSchedule, VisionScores, VisionTokens)
+                             StepShape, VisionLayerStep, VisionOutputStep, VisionSchedule, VisionScores, VisionTokens)
 from ficoco.methods.base import Param, optional_non_negative_int, positive_int, positive_number, unit_interval
 from ficoco.paradigm.compress import gather_tokens, self_preserving_merge
 from ficoco.paradigm.correlate import adaptive_quantile_weights, ficoco_l_correlation, fixed_k_weights, take
@@ -24,6 +24,38 @@ from ficoco.paradigm.filter import ficoco_l_scores, ficoco_v_scores, local_penal
 # kept LLM tokens that keep their 1-D RoPE positions (every reduction inside the LLM).
 TOWER_NEEDS = Needs(cls_first=True, single_crop=True)
 LLM_NEEDS = Needs(positions=("rope-1d",))
+
+
+# ------------------------------------------------------------------------------------------------
+# Selection overhead: the matrix products of the pieces steps are made of, in multiply-accumulates
+# (`StepShape`; docs/flops.md, "Selection overhead"). Each reduce class has `overhead(dims, shape)`.
+
+def llm_key_macs(dims, length: int) -> int:
+    """The k projection of a decoder layer on `length` tokens (LLMScores.keys, and inside rows)."""
+    return length * dims.llm_hidden * dims.llm_kv_heads * (dims.llm_hidden // dims.llm_heads)
+
+
+def llm_rows_macs(dims, rows: int, length: int) -> int:
+    """LLMScores.rows for `rows` queries over a sequence of `length`: q projection of the rows, k
+    projection of the sequence, and every head's q·k (the layer's own attention runs separately)."""
+    return rows * dims.llm_hidden * dims.llm_hidden + llm_key_macs(dims, length) + rows * length * dims.llm_hidden
+
+
+def vision_rows_macs(dims, rows: int, tokens: int) -> int:
+    """VisionScores.rows / probs / logits for `rows` queries over `tokens` keys: every head's q·k on
+    the layer's own q/k (no projection)."""
+    return rows * tokens * dims.vision_hidden
+
+
+def merge_macs(sources: int, targets: int, width: int) -> int:
+    """`fold_sources` / `self_preserving_merge`: the (T×S)·(S×D) product Σ_i α_ij x_i, counted dense
+    (on the CPU it is summed over the nonzero α only, which costs less)."""
+    return sources * targets * width
+
+
+def cosine_macs(rows: int, cols: int, width: int) -> int:
+    """`pairwise_cosine` of `rows` against `cols` vectors of `width`."""
+    return rows * cols * width
 
 
 # ------------------------------------------------------------------------------------------------
@@ -112,13 +144,15 @@ def patches_for(dims, delivered: int) -> int:
 def vision_layer_build(make_reduce: Callable[[tuple, VisionSchedule], Callable], attention: str = "probs"
                        ) -> Callable[[Plan], tuple]:
     """`build(plan)` of an in-encoder method: one `VisionLayerStep` over the plan's reducing vision
-    layers, with `make_reduce(layers, plan.vision)`; none when the plan reduces no vision layer."""
+    layers, with `make_reduce(layers, plan.vision)` (a reduce class with `overhead(dims, shape)`); none
+    when the plan reduces no vision layer."""
     def build(plan: Plan) -> tuple:
         layers = planned_vision_layers(plan)
         if not layers:
             return ()
-        return (VisionLayerStep(layers=layers, reduce=make_reduce(layers, plan.vision),
-                                tokens_out=dict(zip(layers, plan.vision.patches_out)), attention=attention),)
+        reduce = make_reduce(layers, plan.vision)
+        return (VisionLayerStep(layers=layers, reduce=reduce, tokens_out=dict(zip(layers, plan.vision.patches_out)),
+                                overhead=reduce.overhead, attention=attention),)
 
     return build
 
@@ -184,6 +218,11 @@ class FicocoVisionReduce:
             key_bias=key_bias,
         )
 
+    def overhead(self, dims, shape: StepShape) -> int:
+        # the probabilities come with the layer's output; what remains is the merge of S sources into T targets
+        sources, targets = shape.tokens - shape.kept, shape.kept - 1
+        return 0 if self.k == 0 else merge_macs(sources, targets, dims.vision_hidden)
+
 
 VISION_PARAMS = {
     "lam": Param(0.35, "λ, weight of the patch-redundancy term against the CLS term", unit_interval),
@@ -201,7 +240,7 @@ def vision_step(vision: VisionSchedule, params: Mapping) -> VisionLayerStep:
     reduce = FicocoVisionReduce(discards=discards, grid_hw=tuple(vision.grid_hw), lam=params["lam"], coef=params["coef"],
                                 penalty_window=params["penalty_window"], eps=params["eps"], k=params["k"])
     return VisionLayerStep(layers=tuple(vision.layers), reduce=reduce,
-                           tokens_out=dict(zip(vision.layers, vision.patches_out)))
+                           tokens_out=dict(zip(vision.layers, vision.patches_out)), overhead=reduce.overhead)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -231,6 +270,14 @@ class FicocoLanguageReduce:
         kept = visual.gather(1, targets)                                                           # (B, T)
         hidden = hidden.scatter(1, kept.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]), merged)
         return LLMKept(hidden=hidden, visual=kept)
+
+    def overhead(self, dims, shape: StepShape) -> int:
+        n, m, sources = shape.tokens, shape.instruction, shape.tokens - shape.kept
+        scores = llm_rows_macs(dims, n + m, shape.length)                      # rows of the visual and prompt tokens
+        if self.k == 0:
+            return scores
+        indirect = sources * m * shape.kept                                     # (S×M)·(M×T) correlation
+        return scores + indirect + merge_macs(sources, shape.kept, dims.llm_hidden)
 
 
 LANGUAGE_PARAMS = {
@@ -270,7 +317,7 @@ def language_step(llm: LLMSchedule, params: Mapping) -> LLMLayerStep | None:
     reduce = FicocoLanguageReduce(discards=dict(pairs), beta=params["beta"], gamma=params["gamma"],
                                   eps=params["eps"], k=params["k"])
     return LLMLayerStep(layers=tuple(layer for layer, _ in pairs), reduce=reduce,
-                        tokens_out={layer: visual_out[layer] for layer, _ in pairs})
+                        tokens_out={layer: visual_out[layer] for layer, _ in pairs}, overhead=reduce.overhead)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -288,6 +335,9 @@ class LastQueryTopK:
         kept = tokens.visual.gather(1, top_k_positions(importance, self.keep[layer]))
         return LLMKept(hidden=tokens.hidden, visual=kept)
 
+    def overhead(self, dims, shape: StepShape) -> int:
+        return llm_rows_macs(dims, 1, shape.length)                            # one row: the last prompt token
+
 
 def check_prune_layer(method: str, layer: int, dims) -> None:
     """K must leave a previous layer to score from and a layer to prune: 1 <= K <= L − 1."""
@@ -299,12 +349,14 @@ def check_prune_layer(method: str, layer: int, dims) -> None:
 def one_shot_step(plan: Plan, reduce_for, needs_instruction: bool = True) -> tuple:
     """The single previous-layer-scored step of a one-shot plan (none when unreduced).
 
-    `reduce_for(keep)` builds the step's reduce from the kept count at the pruning layer.
+    `reduce_for(keep)` builds the step's reduce (a class with `overhead(dims, shape)`) from the kept count
+    at the pruning layer.
     """
     if plan.llm is None:
         return ()
     layer, keep = plan.llm.layers[0], plan.llm.visual_out[0]
-    return (LLMLayerStep(layers=(layer,), reduce=reduce_for(keep), tokens_out={layer: keep},
+    reduce = reduce_for(keep)
+    return (LLMLayerStep(layers=(layer,), reduce=reduce, tokens_out={layer: keep}, overhead=reduce.overhead,
                          scores_from="previous", needs_instruction=needs_instruction),)
 
 
@@ -365,12 +417,14 @@ def check_patch_count(method: str, dims, count: int, what: str) -> None:
 
 
 def output_build(make_reduce: Callable[[Plan], Callable]) -> Callable[[Plan], tuple]:
-    """`build(plan)`: one `VisionOutputStep` with `make_reduce(plan)`, none when the plan is unreduced
+    """`build(plan)`: one `VisionOutputStep` with `make_reduce(plan)` (a reduce class with
+    `overhead(dims, shape)`), none when the plan is unreduced
     (`tokens_out` None for an adaptive plan)."""
     def build(plan: Plan) -> tuple:
         if plan.post_vision is None:
             return ()
-        return (VisionOutputStep(reduce=make_reduce(plan), tokens_out=plan.post_vision.tokens_out),)
+        reduce = make_reduce(plan)
+        return (VisionOutputStep(reduce=reduce, tokens_out=plan.post_vision.tokens_out, overhead=reduce.overhead),)
 
     return build
 

@@ -32,9 +32,9 @@ from dataclasses import dataclass
 import torch
 
 from ficoco.budget import InfeasibleBudget, sparsevlm_matched_schedule, sparsevlm_recycled_clusters
-from ficoco.contract import LLMKept, LLMLayerStep, LLMScores, LLMTokens
+from ficoco.contract import LLMKept, LLMLayerStep, LLMScores, LLMTokens, StepShape
 from ficoco.methods.base import Method, Param, non_negative_int
-from ficoco.methods.shared import LLM_NEEDS, increasing_layers, staged_llm_plan
+from ficoco.methods.shared import LLM_NEEDS, increasing_layers, llm_rows_macs, staged_llm_plan
 from ficoco.paradigm.compress import gather_tokens, group_means
 from ficoco.paradigm.correlate import dpc_knn_clusters
 from ficoco.paradigm.filter import complement_positions, rater_mask, rater_scores, top_k_positions
@@ -71,6 +71,17 @@ class SparseVLMReduce:
                                 means.to(hidden.dtype))
         kept_all = torch.cat([kept, slots], dim=1).sort(dim=1).values
         return LLMKept(hidden=hidden, visual=visual.gather(1, kept_all))
+
+    def overhead(self, dims, shape: StepShape) -> int:
+        # the raters are chosen again at every call from the input embeddings of all N0 image tokens
+        raters = dims.visual_tokens * dims.llm_hidden * shape.instruction       # (N0×D)·(D×M) relevance logits
+        importance = llm_rows_macs(dims, shape.instruction, shape.length)       # the M prompt tokens' attention rows
+        if not self.recycle:
+            return raters + importance
+        # DPC-kNN's R×R Euclidean distances between the recycled tokens (one product each); the cluster
+        # means are scatter-adds
+        recycled = math.floor(0.3 * (shape.tokens - self.keep[shape.layer])) + 1
+        return raters + importance + recycled * recycled * dims.llm_hidden
 
     def _clusters(self, members: torch.Tensor, n_clusters: int) -> torch.Tensor:
         """DPC-kNN cluster ids (B, R), one prompt at a time with its own seeded jitter."""
@@ -153,8 +164,8 @@ def build(plan: dict) -> tuple:
     keep = dict(zip(llm.layers, llm.details["keep"]))
     reduce = SparseVLMReduce(keep=keep, recycle=plan.params["recycle"], seed=plan.params["seed"])
     return (LLMLayerStep(layers=tuple(llm.layers), reduce=reduce,
-                         tokens_out=dict(zip(llm.layers, llm.visual_out)), scores_from="previous",
-                         needs_inputs=True),)
+                         tokens_out=dict(zip(llm.layers, llm.visual_out)), overhead=reduce.overhead,
+                         scores_from="previous", needs_inputs=True),)
 
 
 def positive_counts_or_none(value) -> str | None:

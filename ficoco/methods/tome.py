@@ -25,9 +25,10 @@ from dataclasses import dataclass
 import torch
 
 from ficoco.budget import InfeasibleBudget, tome_merges
-from ficoco.contract import VisionScores, VisionTokens
+from ficoco.contract import StepShape, VisionScores, VisionTokens
 from ficoco.methods.base import Method, Param, non_negative_int, optional_non_negative_int
-from ficoco.methods.shared import TOWER_NEEDS, encoder_plan, patches_for, vision_layer_build, vision_layers
+from ficoco.methods.shared import (TOWER_NEEDS, cosine_macs, encoder_plan, patches_for, vision_layer_build,
+                                  vision_layers)
 from ficoco.paradigm.attention import head_mean_keys, proportional_attention_bias
 from ficoco.paradigm.compress import size_weighted_merge
 from ficoco.paradigm.filter import bipartite_max_similarity, complement_positions, top_k_positions
@@ -88,6 +89,11 @@ class TomeReduce:
             positions=tokens.positions.gather(1, kept[:, 1:] - 1),             # a merged token keeps its
             key_bias=proportional_attention_bias(sizes)[:, 0, 0, :],           # destination's position
         )
+
+    def overhead(self, dims, shape: StepShape) -> int:
+        # the A (even) × B (odd) cosine of the head-mean keys, one head wide; the merge is a scatter-add
+        a_tokens, b_tokens = (shape.tokens + 1) // 2, shape.tokens // 2
+        return cosine_macs(a_tokens, b_tokens, dims.vision_hidden // dims.vision_heads)
 
 
 def _smallest_reachable(n_patches: int, layers: list[int]) -> int:

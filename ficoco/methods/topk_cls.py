@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ficoco.contract import ImageTokens, VisionOutputScores, VisionTokens
+from ficoco.contract import ImageTokens, StepShape, VisionOutputScores, VisionTokens
 from ficoco.methods.base import Method
-from ficoco.methods.shared import TOWER_NEEDS, check_patch_count, feature_plan, keep_patches, output_build
+from ficoco.methods.shared import (TOWER_NEEDS, check_patch_count, feature_plan, keep_patches, output_build,
+                                  vision_rows_macs)
 from ficoco.paradigm.filter import top_k_positions
 
 
@@ -25,6 +26,9 @@ class TopKClsReduce:
     def __call__(self, layer: int, tokens: VisionTokens, scores: VisionOutputScores) -> ImageTokens:
         cls_attention = scores.cls_row()[:, 1:]                                 # (B, N) CLS -> patches
         return keep_patches(tokens, top_k_positions(cls_attention, self.keep))
+
+    def overhead(self, dims, shape: StepShape) -> int:
+        return vision_rows_macs(dims, 1, shape.tokens)                          # CLS query · 1+N keys, every head
 
 
 def schedule(dims, budget, params) -> dict:

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import torch
 
 from ficoco.budget import visionzip_split
-from ficoco.contract import ImageTokens, VisionOutputScores, VisionTokens
+from ficoco.contract import ImageTokens, StepShape, VisionOutputScores, VisionTokens
 from ficoco.methods.base import Method, Param, optional_non_negative_int
-from ficoco.methods.shared import TOWER_NEEDS, check_patch_count, feature_plan, output_build
+from ficoco.methods.shared import (TOWER_NEEDS, check_patch_count, cosine_macs, feature_plan, output_build,
+                                  vision_rows_macs)
 from ficoco.paradigm.attention import head_mean_keys
 from ficoco.paradigm.compress import contextual_tokens, gather_tokens
 from ficoco.paradigm.correlate import cosine_argmax
@@ -50,6 +51,15 @@ class VisionZipReduce:
             built_on.append(anchors)
         kept = torch.cat(built_on, dim=1).sort(dim=1).values
         return ImageTokens(hidden=torch.cat(parts, dim=1), positions=tokens.positions.gather(1, kept))
+
+    def overhead(self, dims, shape: StepShape) -> int:
+        cls_row = vision_rows_macs(dims, 1, shape.tokens)                       # CLS query · 1+N keys, every head
+        if not self.contextual:
+            return cls_row
+        # the R − C members (1+N − kept) against the C anchors, cosine of head-mean keys (width d);
+        # the contextual merge is a scatter-add mean, no product
+        members = shape.tokens - shape.kept
+        return cls_row + cosine_macs(members, self.contextual, dims.vision_hidden // dims.vision_heads)
 
 
 def split(dims, budget: int, contextual: int | None) -> tuple[int, int]:

@@ -22,7 +22,7 @@ import types
 
 import torch
 
-from ficoco.contract import VisionInputStep, VisionLayerStep, VisionTokens
+from ficoco.contract import StepShape, VisionInputStep, VisionLayerStep, VisionTokens
 from ficoco.paradigm.attention import head_mean_probs
 
 
@@ -35,6 +35,8 @@ class VisionPass:
         self.key_bias: torch.Tensor | None = None                                             # (B, 1+N)
         self.layer_counts: list[list[int]] = []       # [n_attn, n_mlp] per executed layer, one image
         self.trace: dict[int, torch.Tensor] = {}      # reducing layer -> kept patch positions (B, N_l)
+        self.step_shapes: list[tuple[str, list[StepShape]]] = []   # (site, one shape per image) per step run:
+                                                      # site "layer", "output" or "projector"
 
 
 class ClipScores:
@@ -195,6 +197,7 @@ class ClipPatch:
             vision_pass.trace[index] = tokens.positions
             hidden = tokens.hidden                                         # (B, 1+N', D)
             vision_pass.layer_counts.append([n_in, hidden.shape[1]])
+            vision_pass.step_shapes.append(("layer", [StepShape(index, n_in, hidden.shape[1])] * vision_pass.n_images))
             return hidden + layer.mlp(layer.layer_norm2(hidden))
 
         return forward

@@ -28,7 +28,7 @@ import hashlib
 
 import torch
 
-from ficoco.contract import ImageTokens, ProjectorStep, VisionOutputStep, VisionTokens
+from ficoco.contract import ImageTokens, ProjectorStep, StepShape, VisionOutputStep, VisionTokens
 from ficoco.paradigm.attention import head_mean_probs
 
 PROJECTOR_TRACE = "projector"        # key of a projector step's kept positions in the vision trace
@@ -178,9 +178,11 @@ class FeaturePatch:
         scores = FeatureScores(self.feature_layer, self.next_layer, feature_pass)
         out = self.output_step.reduce(self.feature_index, VisionTokens(hidden, positions), scores)
         if self.adaptive:
-            self.realised = _check_adaptive(out, batch)
+            self.realised = kept = _check_adaptive(out, batch)
         else:
             _check_tokens(out.hidden, batch, self.output_step.tokens_out, "vision-output")
+            kept = [self.output_step.tokens_out] * batch
+        _record_shapes(vision_pass, "output", [StepShape(self.feature_index, tokens, count) for count in kept])
         if vision_pass is not None and out.positions is not None:
             vision_pass.trace[self.feature_index] = out.positions
         return (out.hidden.to(features.dtype), *args[1:])
@@ -192,9 +194,17 @@ class FeaturePatch:
         out = self.projector_step.reduce(0, ImageTokens(output, positions), None)
         _check_tokens(out.hidden, batch, self.projector_step.tokens_out, "projector")
         vision_pass = feature_pass.vision_pass if feature_pass is not None else None
+        _record_shapes(vision_pass, "projector", [StepShape(None, tokens, self.projector_step.tokens_out)] * batch)
         if vision_pass is not None and out.positions is not None:
             vision_pass.trace[PROJECTOR_TRACE] = out.positions
         return out.hidden.to(output.dtype)
+
+
+def _record_shapes(vision_pass, site: str, shapes: list[StepShape]) -> None:
+    """Record what a step ran on in the tower call's pass, for its selection overhead (handle.py)."""
+    if vision_pass is None:
+        raise RuntimeError(f"the {site} step ran outside a vision-tower pass, so its overhead cannot be recorded")
+    vision_pass.step_shapes.append((site, shapes))
 
 
 def _check_tokens(hidden: torch.Tensor, batch: int, tokens_out: int, site: str) -> None:

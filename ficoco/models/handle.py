@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from transformers.cache_utils import Cache
 
-from ficoco.contract import LLMLayerStep, Step, VisionInputStep, VisionLayerStep
+from ficoco.contract import (LLMLayerStep, ProjectorStep, Step, StepShape, VisionInputStep, VisionLayerStep,
+                             VisionOutputStep)
 from ficoco.dims import ModelDims
 from ficoco.models.clip import VisionPass
 from ficoco.models.llama import LLMPass
@@ -50,6 +51,8 @@ class Handle:
         self.vision_step = _at_most_one(method, steps, VisionLayerStep)
         self.input_step = _at_most_one(method, steps, VisionInputStep)
         self.llm_step = _at_most_one(method, steps, LLMLayerStep)
+        self.steps_by_site = {"layer": self.vision_step, "output": _at_most_one(method, steps, VisionOutputStep),
+                              "projector": _at_most_one(method, steps, ProjectorStep)}   # VisionPass.step_shapes
         self.llm_n0 = plan.llm.n0 if plan.llm else None
         self._undo: list[Callable[[], None]] = []
         self._call: Call | None = None
@@ -98,8 +101,10 @@ class Handle:
         if call is None:
             return []
         per_image_vision = call.vision[0].layer_counts if call.vision else []
-        counts = []
-        for images, placeholders, pads in zip(call.images_per_row, call.placeholders_per_row, call.pads_per_row):
+        image_overhead = self._image_overhead(call)
+        counts, first_image = [], 0
+        for row, (images, placeholders, pads) in enumerate(zip(call.images_per_row, call.placeholders_per_row,
+                                                                call.pads_per_row)):
             llm_pass = call.llm
             lengths = llm_pass.layer_lengths if llm_pass else []
             dropped = llm_pass.layer_dropped if llm_pass else []
@@ -108,8 +113,31 @@ class Handle:
                 "visual_delivered": placeholders,
                 "llm": [length - pads for length in lengths],
                 "llm_visual": [placeholders - n for n in dropped] if placeholders else [0] * len(lengths),
+                "overhead_macs": sum(image_overhead[first_image:first_image + images])
+                                 + self._llm_overhead(llm_pass, row, pads),
             })
+            first_image += images
         return counts
+
+    def _image_overhead(self, call: Call) -> list[int]:
+        """Selection overhead of each image of a prefill's vision passes (`StepShape`), in image order."""
+        overhead = []
+        for vision_pass in call.vision:
+            per_image = [0] * vision_pass.n_images
+            for site, shapes in vision_pass.step_shapes:
+                step = self.steps_by_site[site]
+                for image, shape in enumerate(shapes):
+                    per_image[image] += _checked_overhead(self.method, step, self.dims, shape)
+            overhead += per_image
+        return overhead
+
+    def _llm_overhead(self, llm_pass: LLMPass | None, row: int, pads: int) -> int:
+        """Selection overhead of batch row `row`'s LLM steps, on its own length (padding excluded)."""
+        if llm_pass is None:
+            return 0
+        return sum(_checked_overhead(self.method, self.llm_step, self.dims,
+                                     StepShape(layer, visual, kept, length=length - pads, instruction=instruction[row]))
+                   for layer, length, visual, kept, instruction in llm_pass.step_shapes)
 
     def last_trace(self) -> dict:
         """Kept positions of the most recent prefill, per reducing layer (for analysis and tests).
@@ -230,6 +258,15 @@ def cache_of(kwargs: dict) -> Cache | None:
     if len(caches) > 1:
         raise RuntimeError(f"{len(caches)} KV cache objects in one forward call; expected at most one")
     return caches[0] if caches else None
+
+
+def _checked_overhead(method, step: Step, dims: ModelDims, shape: StepShape) -> int:
+    """step.overhead(dims, shape), which must be a whole number of MACs >= 0."""
+    macs = step.overhead(dims, shape)
+    if isinstance(macs, bool) or not isinstance(macs, int) or macs < 0:
+        raise ValueError(f"{method.name}: the {type(step).__name__} overhead at {shape} is {macs!r}; it must be an "
+                         f"integer number of multiply-accumulates >= 0")
+    return macs
 
 
 def _at_most_one(method, steps: tuple[Step, ...], kind: type):

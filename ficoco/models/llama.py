@@ -47,6 +47,8 @@ class LLMPass:
         self.layer_dropped: list[int] = []            # visual tokens dropped before each layer ran (cumulative)
         self.dropped = 0
         self.trace: dict[int, torch.Tensor] = {}      # reducing layer -> kept visual input positions (B, N_l)
+        self.step_shapes: list[tuple[int, int, int, int, list[int]]] = []   # per reducing layer run: (layer,
+                                                      # length L with padding, visual N, kept, M per row)
         self.previous_input: tuple | None = None      # (layer, hidden, cos, sin, valid) for scores_from="previous"
         self._sliced: dict[str, object] = {}          # kwargs sliced for the current keep
         self._decode_index: dict[tuple[int, int], torch.Tensor] = {}
@@ -208,6 +210,8 @@ class LlamaPatch:
                                  norm=self.norm)
             kept: LLMKept = self.step.reduce(index, tokens, scores)
             kept_hidden[rows], kept_visual[rows] = kept.hidden, kept.visual
+        llm_pass.step_shapes.append((index, length, llm_pass.visual.shape[1], kept_visual.shape[1],
+                                     [positions.shape[0] for positions in llm_pass.instruction]))
         dropped = torch.zeros(batch, length, dtype=torch.bool, device=hidden.device)
         dropped.scatter_(1, llm_pass.visual, True).scatter_(1, kept_visual, False)
         keep_local = (~dropped).nonzero()[:, 1].view(batch, -1)                  # (B, L'), ascending per row

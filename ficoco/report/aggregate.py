@@ -43,6 +43,7 @@ RESULTS_COLUMNS = {
     "samples": "Int64",
     "failures": "Int64",
     "tflops_exact": "float64",           # cost_mean.total_flops / 1e12 (mean per sample)
+    "tflops_overhead": "float64",        # cost_mean.overhead_flops / 1e12: selection work, not in tflops_exact
     "tflops_prefill": "float64",         # cost_mean.prefill_flops / 1e12
     "tflops_vision": "float64",          # cost_mean.vision_flops / 1e12
     "tflops_decode": "float64",          # cost_mean.decode_flops / 1e12
@@ -248,6 +249,7 @@ def run_rows(data: dict, path: Path) -> list[dict]:
         "samples": _count(data.get("samples")),
         "failures": _count(data.get("failures")),
         "tflops_exact": scaled(cost.get("total_flops"), 1e12),
+        "tflops_overhead": scaled(cost.get("overhead_flops"), 1e12),
         "tflops_prefill": scaled(cost.get("prefill_flops"), 1e12),
         "tflops_vision": scaled(cost.get("vision_flops"), 1e12),
         "tflops_decode": scaled(cost.get("decode_flops"), 1e12),

@@ -77,7 +77,7 @@ def benchmark_header(benchmark: str) -> str:
     return f'{html.escape(benchmark)}<br><span class="paper-col">{html.escape(column)}{mark}</span>'
 
 
-FLOPS_COLUMNS = ("TFLOPs exact", "TFLOPs legacy")
+FLOPS_COLUMNS = ("TFLOPs exact", "TFLOPs overhead", "TFLOPs legacy")
 INTERVAL_TITLE = f"{LEVEL:.0%} paired bootstrap interval over samples"
 
 
@@ -140,6 +140,8 @@ def paper_tables_section(tables: pd.DataFrame) -> str:
         '1.5 TFLOPs labels; vanilla ↔ its vanilla row; v4 numbers unless only v1 has the cell; hover for the '
         'version). Avg is over the row\'s benchmarks; Avg% divides it by vanilla\'s average over the same '
         'benchmarks; the paper\'s Avg and Avg% are recomputed over the same benchmarks. '
+        '"TFLOPs exact" is what the model computes per sample (docs/flops.md); "TFLOPs overhead" the matrix '
+        'products the method adds to select and merge tokens (scores, similarities, merges), not included in exact. '
         '"TFLOPs legacy" is the paper-style nominal label; the paper number beside it is the TFLOPs it printed.</p>',
         '<p class="note"><sup>†</sup> The paper scored VizWiz and VQAv2 on the servers\' test-dev splits; '
         'the project scores local validation splits, so these differences are not like for like. '
@@ -186,7 +188,8 @@ def costs_section(results: pd.DataFrame, measure: pd.DataFrame) -> str:
         return '<p class="note">No runs.</p>'
     costs = (headline.groupby(["model", "method", "budget"], as_index=False)
              .agg(benchmarks=("benchmark", "nunique"), visual_tokens=("visual_tokens_layer_avg", "mean"),
-                  tflops_exact=("tflops_exact", "mean"), tflops_prefill=("tflops_prefill", "mean"),
+                  tflops_exact=("tflops_exact", "mean"), tflops_overhead=("tflops_overhead", "mean"),
+                  tflops_prefill=("tflops_prefill", "mean"),
                   tflops_vision=("tflops_vision", "mean"), tflops_decode=("tflops_decode", "mean"),
                   tflops_legacy=("tflops_legacy", "mean"), eval_s_per_sample=("eval_s_per_sample", "mean"),
                   budget_tokens=("budget_tokens", "first"), tflops_predicted=("predicted_tflops", "first"),
@@ -217,8 +220,10 @@ def costs_section(results: pd.DataFrame, measure: pd.DataFrame) -> str:
                    f"projector + prefill, the cost up to the first token; nominal = the paper-style label). Under the "
                    f"exact convention the two differ as far as the benchmark's prompts differ from the typical one.</p>")
     return (f"<p>Means over each job's benchmarks of the exact per-sample FLOPs in {unit} (vision + projector + "
-            "LLM prefill + decode; contracts §2, flops.md §7), the paper-style nominal label, and the realised "
-            "layer-averaged visual tokens; measured medians from the measure jobs.</p>" + target_note + note
+            f"LLM prefill + decode; contracts §2, flops.md §7), beside it the selection overhead ({unit}_overhead: "
+            "the matrix products the method adds to score, select and merge tokens, not part of exact), the "
+            "paper-style nominal label, and the realised layer-averaged visual tokens; measured medians from the "
+            "measure jobs.</p>" + target_note + note
             + frame_html(costs))
 
 
@@ -317,8 +322,8 @@ def figures_section(figures: list[Figure]) -> str:
 def data_section(results: pd.DataFrame) -> str:
     headline = results[results["headline"].fillna(False).astype(bool)]
     columns = ["model", "method", "phase", "budget", "benchmark", "metric", "value", "samples", "failures",
-               "tflops_exact", "tflops_legacy", "visual_tokens_layer_avg"]
-    numbers = ("value", "tflops_exact", "tflops_legacy", "visual_tokens_layer_avg")
+               "tflops_exact", "tflops_overhead", "tflops_legacy", "visual_tokens_layer_avg"]
+    numbers = ("value", "tflops_exact", "tflops_overhead", "tflops_legacy", "visual_tokens_layer_avg")
     frame, unit = in_flops_unit(headline[columns].astype({c: object for c in columns if c not in numbers}))
     return (f"<p>{len(results)} rows in the tidy table (results.csv / results.parquet), {len(headline)} jobs. "
             f"The headline rows (FLOPs per sample in {unit}; results.csv keeps TFLOPs):</p><details><summary>show the table</summary>" + frame_html(frame) + "</details>")

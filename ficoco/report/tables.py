@@ -8,7 +8,7 @@ which is also written as paper_tables.csv:
 - `table_budget`: the budget of the table; `budget`: the row's own budget (the vanilla reference
   row of every table has budget "full").
 - `column`: a benchmark id, "Avg", "Avg%", or a cost column ("visual tokens", "TFLOPs exact",
-  "TFLOPs legacy"); `kind` is "score", "average" or "cost".
+  "TFLOPs overhead", "TFLOPs legacy"); `kind` is "score", "average" or "cost".
 - Avg = mean of the row's scores over the benchmarks it has. Avg% = 100 x Avg / (vanilla's mean
   over those same benchmarks), NaN without a vanilla run of that model. The paper's Avg and Avg%
   are computed over the same benchmarks from its per-benchmark numbers (NaN if it lacks one).
@@ -32,6 +32,7 @@ AVG, AVG_PCT = "Avg", "Avg%"
 COST_COLUMNS = {  # table column -> tidy column (mean over the row's benchmarks)
     "visual tokens": "visual_tokens_layer_avg",
     "TFLOPs exact": "tflops_exact",
+    "TFLOPs overhead": "tflops_overhead",
     "TFLOPs legacy": "tflops_legacy",
 }
 DISPLAY_DECIMALS = 1
