@@ -4,6 +4,7 @@
 # Maintainers:
 #   make lock          regenerate requirements/lock.txt and environment.yml from pyproject.toml (uv, PyPI)
 #   make check-latest  try the newest versions pyproject.toml allows (no lock) on the adapter and end-to-end tests
+#   make gpu-wheels    wheels of the locked transformers and its dependencies for the offline GPU machine (.whl/)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -35,6 +36,11 @@ lock:
 
 check-latest:
 	tools/check-latest.sh $(PYTHON)
+
+# tools/gpu-bench.sh installs them there; docs/bench.md, "GPU run (H200)"
+.PHONY: gpu-wheels
+gpu-wheels: $(STAMP)
+	$(BIN)/python tools/gpu_wheels.py
 
 clean:
 	rm -rf results logs report/report.html .snakemake

@@ -77,17 +77,19 @@ def scaled_layers(value, reference: int, layers: int, lowest: int = 0):
     return min(layers - 1, max(lowest, round(value * layers / reference)))
 
 
-def scaled_overrides(method: str, dims, budget: int | None) -> dict:
+def scaled_overrides(method: str, dims, budget: int | None, fixed: dict | None = None) -> dict:
     """A method's layer settings scaled from LLaVA-1.5's depths to this model's (`VISION_LAYER_PARAMS`,
-    `LLM_LAYER_PARAMS`); FiCoCo-L's window keeps its fraction, and its start is the scaled one or, if
-    that cannot reach `budget` (§2.1), the largest feasible one. FastV-style K scores from layer K−1,
-    so K >= 1. InfeasibleBudget when no start reaches the budget."""
+    `LLM_LAYER_PARAMS`), with the `fixed` parameters of a variant; FiCoCo-L's window keeps its
+    fraction, and its start is the scaled one or, if that cannot reach `budget` (§2.1), the largest
+    feasible one. FastV-style K scores from layer K−1, so K >= 1. InfeasibleBudget when no start
+    reaches the budget."""
     from ficoco import methods
     from ficoco.budget import InfeasibleBudget
 
     defaults = methods.get(method).defaults
     overrides = {name: scaled_layers(defaults[name], REFERENCE_VISION_LAYERS, dims.vision_layers_run)
                  for name in VISION_LAYER_PARAMS.get(method, ())}
+    overrides.update(fixed or {})
     overrides.update({name: scaled_layers(defaults[name], REFERENCE_LLM_LAYERS, dims.llm_layers,
                                           lowest=1 if name == "layer" else 0)
                       for name in LLM_LAYER_PARAMS.get(method, ())})
@@ -101,41 +103,43 @@ def scaled_overrides(method: str, dims, budget: int | None) -> dict:
         try:
             methods.get(method).check_budget(dims, budget, **candidate)
             return candidate
-        except InfeasibleBudget:
+        except ValueError:                     # infeasible, or a start the variant's placement does not allow
             continue
     raise InfeasibleBudget(f"{method}: budget {budget} is unreachable on this {dims.llm_layers}-layer LLM even from "
                            f"layer 0 with window {l_window}")
 
 
-def bench_configs(names, budgets, dims) -> tuple[list[tuple], list[str]]:
+def bench_configs(names, budgets, dims, variants=(), overrides=scaled_overrides) -> tuple[list[tuple], list[str]]:
     """(method, budget, overrides) to time, vanilla first, and a line for each budget a method cannot
     reach on this model. A method that runs no budget of the list but has a reduced schedule of its own
-    (an adaptive method, a fixed published setting) runs once at budget None."""
+    (an adaptive method, a fixed published setting) runs once at budget None. `variants` are further
+    (method, parameters) pairs, each timed like a method of its own; `overrides(method, dims, budget,
+    fixed)` gives a run's parameters (default: the layer settings scaled to this model)."""
     from ficoco import methods
 
     configs, unreachable = [("vanilla", None, {})], []
-    for name in names:
+    for name, fixed in [(name, {}) for name in names] + list(variants):
         if name == "vanilla":
             continue
         method = methods.get(name)
         runs, missed = [], []
         for budget in budgets if method.budgeted else []:
             try:
-                overrides = scaled_overrides(name, dims, budget)
-                method.check_budget(dims, budget, **overrides)
+                chosen = overrides(name, dims, budget, fixed)
+                method.check_budget(dims, budget, **chosen)
             except ValueError as error:
                 missed.append(f"{name} at B={budget}: {str(error).rstrip('.')}")
                 continue
-            runs.append((name, budget, overrides))
+            runs.append((name, budget, chosen))
         if not runs:
             try:
-                overrides = scaled_overrides(name, dims, None)
-                own = method.check_budget(dims, None, **overrides)
+                chosen = overrides(name, dims, None, fixed)
+                own = method.check_budget(dims, None, **chosen)
             except ValueError as error:
                 unreachable.append(f"{name} with its own schedule: {str(error).rstrip('.')}")
                 continue
             if own.layer_average is None or own.layer_average < dims.visual_tokens:
-                runs.append((name, None, overrides))
+                runs.append((name, None, chosen))
                 missed = []                                 # it runs at its own schedule instead
         configs += runs
         unreachable += missed
@@ -231,7 +235,7 @@ def run(args) -> dict:
     dims = ModelDims.from_config(model.config)
     ids, mask, pixels = (t.to(device) for t in bench_inputs(model, args.text_before, args.text_after))
 
-    configs, unreachable = bench_configs(args.methods, args.budgets, dims)
+    configs, unreachable = bench_configs(args.methods, args.budgets, dims, args.variants)
 
     def prefill():
         synchronize()
@@ -437,6 +441,24 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def parse_variant(text: str) -> tuple[str, dict]:
+    """'ficoco-l:placement=attention,k=0' -> ("ficoco-l", {"placement": "attention", "k": 0}), checked
+    against the method's parameters; ValueError naming the bad part and the valid form."""
+    import yaml
+
+    from ficoco import methods
+
+    name, _, assignments = text.partition(":")
+    pairs = [pair.partition("=") for pair in assignments.split(",") if pair]
+    if not pairs or any(not key or sep != "=" for key, sep, _ in pairs):
+        raise ValueError(f"--variant {text!r}: expected METHOD:PARAM=VALUE[,PARAM=VALUE], e.g. "
+                         f"ficoco-l:placement=attention")
+    method = methods.get(name)
+    fixed = {key.strip(): yaml.safe_load(value) for key, _, value in pairs}
+    method.resolve(fixed)
+    return method.name, fixed
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ficoco bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
@@ -456,6 +478,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--no-llava-scale", dest="llava_scale", action="store_false",
                         help="skip timing the steps against one LLaVA-1.5-7B-sized CLIP and LLM layer")
+    parser.add_argument("--variant", action="append", default=[], metavar="METHOD:PARAM=VALUE[,PARAM=VALUE]",
+                        help="also time METHOD with these parameters in the same rounds, e.g. "
+                             "ficoco-l:placement=attention (repeatable; values are read as YAML scalars)")
     parser.add_argument("--json", help="also write the full result (raw times included) to this file")
     args = parser.parse_args(argv)
     if args.repeats < 5:
@@ -464,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args.methods = [methods.get(name).name for name in args.methods or methods.names()]
+        args.variants = [parse_variant(text) for text in args.variant]
     except ValueError as error:
         parser.error(str(error))
     result = run(args)

@@ -19,6 +19,7 @@ COMMANDS = {
     "flops": ("ficoco.flops:main", "FLOPs / memory tables for a model, method and budget (--paper: the paper's labels)"),
     "measure": ("ficoco.measure:main", "measure latency, peak memory and throughput with random weights"),
     "bench": ("ficoco.bench:main", "prefill speed benchmark: vanilla vs every method at several budgets"),
+    "gpu-bench": ("ficoco.gpu_bench:main", "LLaVA-1.5-7B's shape on a GPU: prefill, throughput at batch 1 / 16, memory"),
     "bench-tome": ("ficoco.bench_tome:main", "our ToMe step against the authors' merge, same inputs, LLaVA-1.5 size"),
     "aggregate": ("ficoco.report:main_aggregate", "collect every metrics.json into the tidy results table"),
     "report": ("ficoco.report:main_report", "render the HTML report from the results table"),

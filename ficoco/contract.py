@@ -39,6 +39,7 @@ import torch
 
 VISION_ATTENTION = ("probs", "rows", "keys", "none")
 LLM_SCORES_FROM = ("self", "previous")
+LLM_PLACEMENTS = ("input", "attention")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -174,10 +175,15 @@ class VisionInputStep:
 
 @dataclass(frozen=True)
 class LLMLayerStep:
-    """Reduce the visual tokens at the input of LLM decoder layers during prefill.
+    """Reduce the visual tokens of LLM decoder layers during prefill: at a layer's input, or (placement
+    "attention") between its attention and its MLP.
 
     Kept tokens keep their original RoPE positions; the adapter drops the removed positions from
-    the hidden states, rotary tables, mask and (from that layer on) the KV cache.
+    the hidden states, rotary tables, mask and KV cache: from the reducing layer on at its input;
+    from the next layer on after its attention (the reducing layer's attention, and so its cache,
+    saw every token; its MLP runs on the kept ones). After attention, `LLMScores.rows` reads the
+    probabilities the layer's own output was computed from (its attention runs explicitly), and
+    `LLMTokens.hidden` is the residual stream after the attention residual add.
     """
 
     WHERE: ClassVar[str] = "LLM layers (layer input, prefill)"   # for `ficoco methods`
@@ -191,11 +197,18 @@ class LLMLayerStep:
     scores_from: str = "self"               # "self": the reducing layer's attention on its input;
                                             # "previous": layer l−1's (FastV: A_{K−1}), same positions
     needs_inputs: bool = False              # reduce reads LLMTokens.input_visual / input_instruction (SparseVLM)
+    placement: str = "input"                # "input": before the layer runs; "attention": between its
+                                            # attention residual and its MLP (the released FiCoCo-L code)
     site: str = field(default="llm", init=False)
 
     def __post_init__(self):
         if self.scores_from not in LLM_SCORES_FROM:
             raise ValueError(f"scores_from={self.scores_from!r}; valid choices are {list(LLM_SCORES_FROM)}")
+        if self.placement not in LLM_PLACEMENTS:
+            raise ValueError(f"placement={self.placement!r}; valid choices are {list(LLM_PLACEMENTS)}")
+        if self.placement == "attention" and self.scores_from != "self":
+            raise ValueError("placement='attention' scores from the reducing layer's own attention; "
+                             f"scores_from={self.scores_from!r} needs placement='input'")
         if self.scores_from == "previous" and any(layer < 1 for layer in self.layers):
             raise ValueError(f"scores_from='previous' needs every reducing layer >= 1 (layer 0 has no previous "
                              f"layer); got layers {list(self.layers)}")
@@ -388,7 +401,9 @@ class Plan:
     `vision_counts` holds one [attention tokens, MLP tokens] pair per executed tower layer (CLS
     included); `delivered` the visual tokens per image entering the LLM; `llm_visual` the visual
     tokens of every LLM layer and `layer_average` their mean (the budget's measure). An adaptive plan
-    (a count per image) has None for these three: its counts exist once a run realises them.
+    (a count per image) has None for these three: its counts exist once a run realises them. A plan
+    that reduces between an LLM layer's attention and MLP counts `llm_visual` as the tokens the
+    attention (and KV cache) saw, and `llm_mlp_visual` as those the MLP ran on.
     """
 
     method: str
@@ -402,6 +417,8 @@ class Plan:
     llm_visual: list[int] | None
     layer_average: float | None
     post_vision: OutputSchedule | None = None
+    llm_mlp_visual: list[int] | None = None  # visual tokens each LLM layer's MLP runs on, where a reduction
+                                             # falls between a layer's attention and MLP; None = llm_visual
 
     @classmethod
     def from_schedule(cls, method: str, phase: str, budget: int | None, params: Mapping[str, Any],
@@ -410,10 +427,11 @@ class Plan:
         field holds is an error, so nothing a schedule says is lost."""
         entries = dict(schedule)
         vision, llm, post = entries.pop("vision", None), entries.pop("llm", None), entries.pop("post_vision", None)
+        llm_mlp_visual = entries.pop("llm_mlp_visual", None)
         known = {"vision_counts", "delivered", "llm_visual", "layer_average"}
         if set(entries) != known:
             raise ValueError(f"{method}: its schedule has keys {sorted(entries)}; a plan holds vision, vision_counts, "
-                             f"delivered, llm, llm_visual, layer_average and post_vision")
+                             f"delivered, llm, llm_visual, layer_average, post_vision and llm_mlp_visual")
         llm_visual = entries["llm_visual"]
         return cls(
             method=method, phase=phase, budget=budget, params=dict(params),
@@ -424,6 +442,7 @@ class Plan:
             llm_visual=None if llm_visual is None else list(llm_visual),
             layer_average=entries["layer_average"],
             post_vision=None if post is None else _output_schedule(post),
+            llm_mlp_visual=None if llm_mlp_visual is None else list(llm_mlp_visual),
         )
 
     def to_dict(self) -> dict:
@@ -438,7 +457,8 @@ class Plan:
                 "vision": flat(self.vision), "vision_counts": [list(pair) for pair in self.vision_counts],
                 "delivered": self.delivered, "llm": flat(self.llm),
                 "llm_visual": None if self.llm_visual is None else list(self.llm_visual),
-                "layer_average": self.layer_average, "post_vision": flat(self.post_vision)}
+                "layer_average": self.layer_average, "post_vision": flat(self.post_vision),
+                "llm_mlp_visual": None if self.llm_mlp_visual is None else list(self.llm_mlp_visual)}
 
 
 def _llm_schedule(entry: Mapping[str, Any]) -> LLMSchedule:

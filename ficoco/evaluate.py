@@ -418,6 +418,16 @@ def main(argv: list[str] | None = None) -> int:
     problem = run_label_problem(args.budget_label, args.budget)
     if problem:
         parser.error(problem)
+    parsed = {}
+    for option, kind in (("overrides", dict), ("options", dict), ("template", str)):
+        text = getattr(args, option)
+        try:
+            parsed[option] = json.loads(text)
+        except json.JSONDecodeError as error:
+            parser.error(f"--{option} {text!r} is not JSON ({error.msg}); give a JSON "
+                         f"{'object' if kind is dict else 'string'}")
+        if not isinstance(parsed[option], kind):
+            parser.error(f"--{option} {text!r} must be a JSON {'object' if kind is dict else 'string'}")
     label = args.budget_label or args.budget
     from ficoco import methods
     from ficoco.invariants import InvariantViolation
@@ -442,8 +452,8 @@ def main(argv: list[str] | None = None) -> int:
         evaluate_shard(model_dir=args.model_dir, benchmark_dir=args.benchmark_dir, benchmark=args.benchmark,
                        method=args.method, budget=args.budget, out=args.out, shard=args.shard, shards=args.shards,
                        batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-                       overrides=json.loads(args.overrides), options=json.loads(args.options), limit=args.limit,
-                       template=json.loads(args.template),
+                       overrides=parsed["overrides"], options=parsed["options"], limit=args.limit,
+                       template=parsed["template"],
                        image_preprocessing=args.image_preprocessing, job=job, progress=not args.no_progress,
                        benchmark_module=args.benchmark_module)
     except InvariantViolation as error:          # one line: method, sample, place, expected, found

@@ -81,16 +81,18 @@ def projector_macs(dims: ModelDims, visual_tokens: int) -> int:
     return visual_tokens * (first + second)
 
 
-def llama_layer_macs(dims: ModelDims, n: int) -> int:
-    """One LLaMA decoder layer in prefill, GQA-aware: (2 + 2·h_kv/h)·n·d² + 2·n²·d + 3·n·d·m.
+def llama_layer_macs(dims: ModelDims, n: int, n_mlp: int | None = None) -> int:
+    """One LLaMA decoder layer in prefill, GQA-aware: (2 + 2·h_kv/h)·n·d² + 2·n²·d + 3·n_mlp·d·m, with
+    n tokens in the attention and n_mlp (default n) in the MLP (fewer after an in-layer reduction).
 
-    For multi-head attention (Vicuna) this is 4·n·d² + 2·n²·d + 3·n·d·m.
+    For multi-head attention (Vicuna) and n_mlp = n this is 4·n·d² + 2·n²·d + 3·n·d·m.
     """
     d, m = dims.llm_hidden, dims.llm_mlp
+    n_mlp = n if n_mlp is None else n_mlp
     q_and_o = 2 * n * d * d
     k_and_v = 2 * n * d * kv_width(dims)
     attention_scores = 2 * n * n * d                # QKᵀ and A·V, every query head
-    mlp = 3 * n * d * m                             # gate, up and down (SwiGLU, 3 matrices)
+    mlp = 3 * n_mlp * d * m                         # gate, up and down (SwiGLU, 3 matrices)
     return q_and_o + k_and_v + attention_scores + mlp
 
 
@@ -342,7 +344,10 @@ def counts_from_plan(dims: ModelDims, plan: Plan, text_tokens: int = NOMINAL_TEX
     delivered tokens and visual tokens per LLM layer, with `text_tokens` text tokens."""
     if plan.llm_visual is None:
         raise ValueError(f"{plan.method}: {ADAPTIVE_NOTE}")
-    return counts_from_schedule(dims, text_tokens, plan.llm_visual, plan.vision_counts, plan.delivered)
+    counts = counts_from_schedule(dims, text_tokens, plan.llm_visual, plan.vision_counts, plan.delivered)
+    if plan.llm_mlp_visual is not None:
+        counts["llm_mlp"] = [text_tokens + visual for visual in plan.llm_mlp_visual]
+    return counts
 
 
 def planned_counts(dims: ModelDims, method: str, budget, text_tokens: int = NOMINAL_TEXT_TOKENS, **overrides) -> dict:
@@ -369,8 +374,8 @@ def _check_counts(dims: ModelDims, counts: dict) -> None:
     missing = [key for key in ("vision", "visual_delivered", "llm", "llm_visual") if key not in counts]
     if missing:
         raise ValueError(f"counts record lacks {missing}; required keys: vision, visual_delivered, llm, llm_visual")
-    for key in ("llm", "llm_visual"):
-        if len(counts[key]) != dims.llm_layers:
+    for key in ("llm", "llm_visual", "llm_mlp"):
+        if key in counts and len(counts[key]) != dims.llm_layers:
             raise ValueError(f"counts[{key!r}] lists {len(counts[key])} layers; the model has {dims.llm_layers}")
     for index, pair in enumerate(counts["vision"]):
         if len(pair) != 2:
@@ -385,7 +390,8 @@ def sample_cost(dims: ModelDims, counts: dict, generated_tokens: int, logits_pos
     generated token t with cache length kv_l(t) = llm[l] + t.
     logits_positions: prefill positions whose logits were computed (1 for `generate`).
     Optional counts keys: `projector_tokens` (tokens the projector ran on, if not
-    visual_delivered) and `overhead_macs` (selection overhead, reported separately).
+    visual_delivered), `llm_mlp` (tokens each LLM layer's MLP ran on, if not `llm`: a reduction
+    between a layer's attention and MLP) and `overhead_macs` (selection overhead, reported separately).
     """
     _check_counts(dims, counts)
     if generated_tokens < 0:
@@ -404,7 +410,7 @@ def sample_cost(dims: ModelDims, counts: dict, generated_tokens: int, logits_pos
     projector = projector_macs(dims, counts.get("projector_tokens", counts["visual_delivered"]))
 
     # 3. LLM prefill: every layer with its own n_l, then the LM head on the computed positions
-    prefill_layers = sum(llama_layer_macs(dims, n) for n in llm)
+    prefill_layers = sum(llama_layer_macs(dims, n, n_mlp) for n, n_mlp in zip(llm, counts.get("llm_mlp", llm)))
     prefill_lm_head = lm_head_macs(dims, logits_positions)
     prefill = prefill_layers + prefill_lm_head
 

@@ -3,7 +3,7 @@
 A record's token counts (contracts §2) are checked against the method's plan (`handle.plan`):
 - a non-adaptive method realises its planned schedule exactly: every executed vision layer's
   [attention, MLP] tokens, the visual tokens delivered to the LLM, and the visual tokens of every
-  LLM layer;
+  LLM layer (and of its MLP, for a plan that reduces between an LLM layer's attention and MLP);
 - an adaptive method (plan.delivered None: PruMerge's IQR originals) delivers a count within its
   bounds (plan.post_vision.tokens_min / tokens_max, else 1 .. the tower's patches), the same
   count in every LLM layer;
@@ -99,6 +99,14 @@ def check_counts(method: str, plan: Plan, counts: Mapping, has_image: bool, samp
     for layer, (found, expected) in enumerate(zip(llm_visual, expected_visual)):
         if found != expected:
             fail(f"LLM layer {layer} visual tokens", expected, found)
+    # the MLP of each layer: the plan's in-layer reductions, else the same tokens as the attention
+    planned_mlp = expected_visual if plan.llm_mlp_visual is None else plan.llm_mlp_visual
+    mlp = counts.get("llm_mlp", llm)
+    if len(mlp) != len(llm):
+        fail("LLM layers with an MLP token count", len(llm), len(mlp))
+    for layer, (found, expected) in enumerate(zip(mlp, planned_mlp)):
+        if found - text != expected:
+            fail(f"LLM layer {layer} MLP visual tokens", expected, found - text)
 
 
 def check_cost(method: str, cost: Mapping, has_image: bool, sample: str | None = None) -> None:

@@ -49,6 +49,7 @@ SETTINGS = {
     "sparsevlm": (128, SPARSE),
     "sparsevlm-matched": (200, SPARSE),
     "visionzip": (64, {}),
+    "vispruner": (64, {}),
     "prumerge": (64, {}),
     "prumerge-plus": (64, {}),
     "prumerge-adaptive": (None, {}),

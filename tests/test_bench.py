@@ -70,6 +70,31 @@ def test_each_run_reports_its_selection_overhead(result):
             assert row["overhead_gmacs"] > 0, (row["method"], row["budget"])
 
 
+def test_a_variant_runs_beside_its_method_in_the_same_rounds(tmp_path):
+    path = tmp_path / "bench.json"
+    assert main([*TINY, "--budgets", "192", "--methods", "ficoco-l", "--variant", "ficoco-l:placement=attention",
+                 "--json", str(path)]) == 0
+    rows = {row["overrides"].get("placement", "input"): row for row in json.loads(path.read_text())["rows"]
+            if row["method"] == "ficoco-l"}
+    assert set(rows) == {"input", "attention"}
+    assert rows["attention"]["visual_average"] <= 192 and rows["input"]["visual_average"] <= 192
+    # after attention the scores come with the layer's own probabilities: less selection work
+    assert rows["attention"]["overhead_gmacs"] < rows["input"]["overhead_gmacs"]
+
+
+@pytest.mark.parametrize("variant, message", [
+    ("ficoco-l", "expected METHOD:PARAM=VALUE"),
+    ("ficoco-l:placement", "expected METHOD:PARAM=VALUE"),
+    ("ficoco-l:placement=middle", "placement='middle' must be one of ['input', 'attention']"),
+    ("ficoco-l:size=3", "unknown parameter(s) ['size']"),
+    ("ficoco-x:k=0", "unknown method"),
+])
+def test_a_bad_variant_is_refused_before_anything_runs(capsys, variant, message):
+    with pytest.raises(SystemExit) as refused:
+        main([*TINY, "--methods", "ficoco-l", "--variant", variant])
+    assert refused.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_the_table_lists_every_run_and_what_was_not_run(capsys):
     assert main([*TINY, "--budgets", "64", "--methods", "fastv", "ficoco-v"]) == 0
     table = capsys.readouterr().out

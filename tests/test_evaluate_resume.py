@@ -227,3 +227,16 @@ def test_an_invariant_violation_fails_the_job_with_one_line(monkeypatch, capsys)
     job_lines = [line for line in lines if not line.startswith("ficoco doctor: ")]   # the environment comes first
     assert job_lines == ["ficoco run: invariant violated: ficoco-v: sample 7: LLM layer 2 visual tokens: "
                          "expected 36, found 144"]
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--template", "USER: <image>\n{prompt}", "--template 'USER: <image>\\n{prompt}' is not JSON"),
+    ("--template", '{"a": 1}', "must be a JSON string"),
+    ("--overrides", "start=2", "--overrides 'start=2' is not JSON"),
+    ("--options", "[1]", "--options '[1]' must be a JSON object"),
+])
+def test_json_options_that_are_not_json_are_refused_before_anything_runs(monkeypatch, capsys, option, value, message):
+    monkeypatch.setattr(evaluate, "evaluate_shard", lambda **kwargs: pytest.fail("the job must not start"))
+    with pytest.raises(SystemExit) as refused:
+        evaluate.main(cli_args(option, value))
+    assert refused.value.code == 2 and message in capsys.readouterr().err

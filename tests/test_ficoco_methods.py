@@ -111,7 +111,7 @@ def test_registry_is_fixed_and_describes_every_method():
     assert methods.get("ficoco-v").defaults == {"lam": 0.35, "coef": 2.0, "penalty_window": 2, "eps": 0.998,
                                                 "k": None, "start": 12, "end": None}
     assert methods.get("ficoco-l").defaults == {"beta": 0.6, "gamma": 0.6, "eps": 0.998, "k": None, "start": 4,
-                                                "window": 4}
+                                                "window": 4, "placement": "input"}
     assert methods.get("ficoco-vl").defaults["vision_factor"] == 2
     assert {methods.get(n).phase for n in methods.names()[:5]} == {"none", "vision", "llm", "both"}
 

@@ -47,6 +47,8 @@ def test_llama_layer_macs_gqa_and_mha_by_hand():
     mha = replace(SMALL, llm_kv_heads=4)
     # MHA: 4·n·d² + 2·n²·d + 3·n·d·m = 768 + 144 + 1152
     assert flops.llama_layer_macs(mha, 3) == 2064
+    # attention on 3 tokens, the MLP on 1 (a reduction between them): MLP 3·1·8·16 = 384
+    assert flops.llama_layer_macs(SMALL, 3, 1) == 384 + 192 + 144 + 384
 
 
 def test_decode_layer_lm_head_projector_patch_embedding_by_hand():

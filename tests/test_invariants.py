@@ -21,8 +21,11 @@ def counts_of(planned, delivered: int | None = None) -> dict:
     """The counts a run realising `planned` records for one image row with TEXT text tokens."""
     delivered = planned.delivered if delivered is None else delivered
     visual = planned.llm_visual or [delivered] * DIMS.llm_layers
-    return {"vision": [list(pair) for pair in planned.vision_counts], "visual_delivered": delivered,
-            "llm": [TEXT + v for v in visual], "llm_visual": list(visual), "overhead_macs": 0}
+    counts = {"vision": [list(pair) for pair in planned.vision_counts], "visual_delivered": delivered,
+              "llm": [TEXT + v for v in visual], "llm_visual": list(visual), "overhead_macs": 0}
+    if planned.llm_mlp_visual is not None:
+        counts["llm_mlp"] = [TEXT + v for v in planned.llm_mlp_visual]
+    return counts
 
 
 def text_counts() -> dict:
@@ -65,6 +68,19 @@ def test_an_impossible_overhead_is_refused(overhead, found):
         del counts["overhead_macs"]
     assert violation("ficoco-v", plan("ficoco-v", 192), counts) == (
         f"ficoco-v: sample q7: selection overhead (overhead_macs): expected a whole number of MACs >= 0, found {found}")
+
+
+def test_mlp_tokens_of_an_in_layer_reduction_are_checked():
+    planned = plan("ficoco-l", 192, placement="attention")
+    counts = counts_of(planned)
+    check_counts("ficoco-l", planned, counts, has_image=True)
+    check_cost("ficoco-l", sample_cost(DIMS, counts, generated_tokens=2), has_image=True)
+    missing = {key: value for key, value in counts.items() if key != "llm_mlp"}    # MLPs that ran on every token
+    assert violation("ficoco-l", planned, missing).endswith(
+        f"LLM layer 4 MLP visual tokens: expected {planned.llm_mlp_visual[4]}, found 576")
+    unplanned = {**counts_of(plan("ficoco-l", 192)), "llm_mlp": [TEXT] * DIMS.llm_layers}
+    assert violation("ficoco-l", plan("ficoco-l", 192), unplanned).endswith(
+        "LLM layer 0 MLP visual tokens: expected 576, found 0")
 
 
 def test_overhead_without_a_reduction_is_refused():

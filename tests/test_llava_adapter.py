@@ -166,7 +166,7 @@ def test_collapse_placeholders_per_image_and_positions():
 
 
 def test_errors_name_the_problem(model):
-    with pytest.raises(ValueError, match="valid parameters: beta, gamma, eps, k, start, window"):
+    with pytest.raises(ValueError, match="valid parameters: beta, gamma, eps, k, placement, start, window"):
         ficoco.apply(model, "ficoco-l", 8, lam=0.5)
     with pytest.raises(ValueError, match="valid methods"):
         ficoco.apply(model, "no-such-method", 8)

@@ -29,6 +29,7 @@ VARIANTS = {
     "ficoco-l-prune": ("ficoco-l", 300, {"start": 0, "window": 3, "k": 0}),
     "ficoco-l-k3": ("ficoco-l", 300, {"start": 1, "window": 2, "k": 3}),
     "ficoco-vl-k1": ("ficoco-vl", 200, {"v_start": 1, "l_start": 1, "l_window": 2, "k": 1}),
+    "ficoco-l-after-attention": ("ficoco-l", 400, {"start": 0, "window": 2, "placement": "attention"}),
     "sparsevlm-no-recycle": ("sparsevlm", 128, {**SPARSE, "recycle": False}),
     "divprune-original": ("divprune", 64, {"positions": "original"}),
     "visionzip-dominant-only": ("visionzip", 64, {"contextual": 0}),

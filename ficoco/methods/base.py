@@ -53,6 +53,13 @@ def optional_non_negative_int(value) -> str | None:
     return None if value is None else non_negative_int(value)
 
 
+def one_of(choices: tuple) -> Callable[[Any], str | None]:
+    """The check of a parameter that takes one of `choices`."""
+    def check(value) -> str | None:
+        return None if value in choices else f"must be one of {list(choices)}"
+    return check
+
+
 # ------------------------------------------------------------------------------------------------
 # Method
 

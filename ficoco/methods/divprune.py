@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ficoco.contract import ImageTokens, LLMKept, LLMLayerStep, LLMScores, LLMTokens, ProjectorStep, StepShape
-from ficoco.methods.base import Method, Param
+from ficoco.methods.base import Method, Param, one_of
 from ficoco.methods.shared import staged_llm_plan
 from ficoco.methods.shared import cosine_macs, feature_plan
 from ficoco.paradigm.compress import gather_tokens
@@ -61,10 +61,6 @@ class DivPruneLLMInputReduce:
         return divprune_macs(dims, shape.tokens, self.keep)                  # shape.tokens: the N visual tokens
 
 
-def check_positions(value) -> str | None:
-    return None if value in POSITIONS else f"must be one of {list(POSITIONS)}"
-
-
 def schedule(dims, budget, params) -> dict:
     if budget is None or params["positions"] == "contiguous":
         return feature_plan(dims, budget, "projector", kept=budget, positions=params["positions"])
@@ -96,7 +92,7 @@ METHOD = Method(
             "compress": "delete the rest; kept tokens in positional order"},
     params={"positions": Param("contiguous", "RoPE positions of the kept tokens: 'contiguous' (a shorter image "
                                              "span) or 'original' (the official code: original ids with gaps)",
-                               check_positions)},
+                               one_of(POSITIONS))},
     schedule=schedule,
     build=build,
 )

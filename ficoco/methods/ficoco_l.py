@@ -6,6 +6,9 @@ filter   s_i = β·(attention visual token i receives from the other visual toke
 correlate C_ij = γ·A[max(i,j), min(i,j)] + (1−γ)·(1/M)Σ_k A[k,i]·A[k,j]; ε-quantile targets
 compress self-preserving merge into the residual stream, then the sources leave the sequence
          (and the KV cache of this and later layers); kept tokens keep their RoPE positions.
+Placement "attention" (the released code's, a parameter): the same steps between the attention and
+the MLP of each reducing layer, on the probabilities its attention computed; the sources leave the
+MLP of that layer and every later layer (docs/methods.md, "FiCoCo-L placement").
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from ficoco.methods.shared import LANGUAGE_PARAMS, LLM_NEEDS, language_step, llm
 def schedule(dims, budget, params) -> dict:
     delivered = dims.visual_tokens
     return {"vision": None, "vision_counts": vision_layer_counts(dims, {}), "delivered": delivered,
-            **llm_plan("ficoco-l", dims, delivered, budget, params["start"], params["window"])}
+            **llm_plan("ficoco-l", dims, delivered, budget, params["start"], params["window"], params["placement"])}
 
 
 def build(plan: dict) -> tuple:
@@ -39,7 +42,8 @@ METHOD = Method(
     acts_on=("llm",),
     needs=LLM_NEEDS,
     needs_attention="causal attention rows of the visual and instruction tokens, visual columns, at each reducing "
-                    "LLM layer (computed from the layer's own q/k; the layer keeps SDPA)",
+                    "LLM layer (computed from the layer's own q/k; the layer keeps SDPA; with placement='attention' "
+                    "the probabilities the layer's own attention computed, which then runs explicitly)",
     stages=STAGES,
     params={**LANGUAGE_PARAMS,
             "start": Param(4, "first reducing LLM decoder layer s (0-based)", non_negative_int),

@@ -22,7 +22,8 @@ def schedule(dims, budget, params) -> dict:
         delivered = min(round_half_up(params["vision_factor"] * budget), dims.visual_tokens)
         discards = encoder_discards(dims.num_patches, patches_for(dims, delivered), layers)
     plan = vision_plan(dims, discards)
-    return {**plan, **llm_plan("ficoco-vl", dims, plan["delivered"], budget, params["l_start"], params["l_window"])}
+    return {**plan, **llm_plan("ficoco-vl", dims, plan["delivered"], budget, params["l_start"], params["l_window"],
+                               params["placement"])}
 
 
 def build(plan: dict) -> tuple:

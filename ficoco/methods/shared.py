@@ -10,10 +10,10 @@ from typing import Callable, Mapping
 
 import torch
 
-from ficoco.budget import keep_for_budget, layer_average, progressive_llm_schedule, step_counts
-from ficoco.contract import (ImageTokens, LLMKept, LLMLayerStep, LLMSchedule, LLMScores, LLMTokens, Needs, Plan,
+from ficoco.budget import InfeasibleBudget, keep_for_budget, layer_average, progressive_llm_schedule, step_counts
+from ficoco.contract import (LLM_PLACEMENTS, ImageTokens, LLMKept, LLMLayerStep, LLMSchedule, LLMScores, LLMTokens, Needs, Plan,
                              StepShape, VisionLayerStep, VisionOutputStep, VisionSchedule, VisionScores, VisionTokens)
-from ficoco.methods.base import Param, optional_non_negative_int, positive_int, positive_number, unit_interval
+from ficoco.methods.base import Param, one_of, optional_non_negative_int, positive_int, positive_number, unit_interval
 from ficoco.paradigm.compress import gather_tokens, self_preserving_merge
 from ficoco.paradigm.correlate import adaptive_quantile_weights, ficoco_l_correlation, fixed_k_weights, take
 from ficoco.paradigm.filter import ficoco_l_scores, ficoco_v_scores, local_penalty, split_by_score, top_k_positions
@@ -255,6 +255,7 @@ class FicocoLanguageReduce:
     gamma: float
     eps: float
     k: int | None
+    placement: str = "input"
 
     def __call__(self, layer: int, tokens: LLMTokens, scores: LLMScores) -> LLMKept:
         visual, n_visual = tokens.visual, tokens.visual.shape[1]
@@ -273,7 +274,8 @@ class FicocoLanguageReduce:
 
     def overhead(self, dims, shape: StepShape) -> int:
         n, m, sources = shape.tokens, shape.instruction, shape.tokens - shape.kept
-        scores = llm_rows_macs(dims, n + m, shape.length)                      # rows of the visual and prompt tokens
+        # rows of the visual and prompt tokens; after attention they are the layer's own probabilities
+        scores = 0 if self.placement == "attention" else llm_rows_macs(dims, n + m, shape.length)
         if self.k == 0:
             return scores
         indirect = sources * m * shape.kept                                     # (S×M)·(M×T) correlation
@@ -288,24 +290,51 @@ LANGUAGE_PARAMS = {
     "eps": Param(0.998, "ε, quantile of each source's correlations that selects its targets", unit_interval),
     "k": Param(None, "targets per source: None = token-adaptive ε-quantile, 0 = prune, k >= 1 = fixed k",
                optional_non_negative_int),
+    "placement": Param("input", "where a reducing layer reduces: 'input' (methods.md §4, scores from the layer's q/k "
+                                "on its input) or 'attention' (the released code: between its attention and MLP, "
+                                "scores from the probabilities its attention computed)", one_of(LLM_PLACEMENTS)),
 }
 
 
-def llm_plan(method: str, dims, n0: int, budget: int | None, start: int, window: int) -> dict:
-    """Plan entries of the §2.2 progressive schedule from n0 visual tokens (n0 for every layer if budget is None)."""
-    if not 0 <= start <= dims.llm_layers - window:
-        raise ValueError(f"{method}: start={start}, window={window}: need 0 <= start <= "
-                         f"{dims.llm_layers - window} so the window fits in the {dims.llm_layers} LLM layers")
+def llm_plan(method: str, dims, n0: int, budget: int | None, start: int, window: int,
+             placement: str = "input") -> dict:
+    """Plan entries of the §2.2 progressive schedule from n0 visual tokens (n0 for every layer if budget is None).
+
+    Placement "attention" reduces after the attention of layers s..s+w−1, so the tokens each layer's
+    attention (and KV cache) sees are those of the input schedule from s+1; each reducing layer's MLP
+    already runs on its kept tokens (`llm_mlp_visual`).
+    """
+    after_attention = placement == "attention"
+    last_start = dims.llm_layers - window - (1 if after_attention else 0)
+    if not 0 <= start <= last_start:
+        reason = ("a reduction after the attention of the window's last layer must leave a layer to run on it"
+                  if after_attention else "the window must fit")
+        raise ValueError(f"{method}: start={start}, window={window}, placement={placement!r}: need 0 <= start <= "
+                         f"{last_start} in the {dims.llm_layers} LLM layers ({reason})")
     if budget is None:
         return {"llm": None, "llm_visual": [n0] * dims.llm_layers, "layer_average": float(n0)}
-    schedule = progressive_llm_schedule(n0, budget, dims.llm_layers, start, window, method=method)
-    layers = list(schedule.layers)
-    return {
-        "llm": {"layers": layers, "discards": list(schedule.discards), "n0": n0, "final": schedule.final,
-                "visual_out": list(schedule.visual_counts[start:start + window])},
+    counted_from = start + 1 if after_attention else start        # the first layer whose attention sees fewer tokens
+    try:
+        schedule = progressive_llm_schedule(n0, budget, dims.llm_layers, counted_from, window, method=method)
+    except InfeasibleBudget as error:
+        if not after_attention:
+            raise
+        raise InfeasibleBudget(f"{error} (placement='attention' reduces after the attention of layer s, which "
+                               f"counts as reducing at the input of layer s + 1: subtract 1 from the start layers "
+                               f"named here)") from None
+    visual_out = list(schedule.visual_counts[counted_from:counted_from + window])
+    plan = {
+        "llm": {"layers": [layer - counted_from + start for layer in schedule.layers],
+                "discards": list(schedule.discards), "n0": n0, "final": schedule.final, "visual_out": visual_out},
         "llm_visual": list(schedule.visual_counts),
         "layer_average": schedule.average,
     }
+    if after_attention:
+        mlp_visual = list(schedule.visual_counts)
+        for layer, kept in zip(plan["llm"]["layers"], visual_out):
+            mlp_visual[layer] = kept
+        plan["llm_mlp_visual"] = mlp_visual
+    return plan
 
 
 def language_step(llm: LLMSchedule, params: Mapping) -> LLMLayerStep | None:
@@ -315,9 +344,10 @@ def language_step(llm: LLMSchedule, params: Mapping) -> LLMLayerStep | None:
         return None
     visual_out = dict(zip(llm.layers, llm.visual_out))
     reduce = FicocoLanguageReduce(discards=dict(pairs), beta=params["beta"], gamma=params["gamma"],
-                                  eps=params["eps"], k=params["k"])
+                                  eps=params["eps"], k=params["k"], placement=params["placement"])
     return LLMLayerStep(layers=tuple(layer for layer, _ in pairs), reduce=reduce,
-                        tokens_out={layer: visual_out[layer] for layer, _ in pairs}, overhead=reduce.overhead)
+                        tokens_out={layer: visual_out[layer] for layer, _ in pairs}, overhead=reduce.overhead,
+                        placement=params["placement"])
 
 
 # ------------------------------------------------------------------------------------------------

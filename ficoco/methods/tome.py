@@ -26,7 +26,7 @@ import torch
 
 from ficoco.budget import InfeasibleBudget, tome_merges
 from ficoco.contract import StepShape, VisionScores, VisionTokens
-from ficoco.methods.base import Method, Param, non_negative_int, optional_non_negative_int
+from ficoco.methods.base import Method, Param, non_negative_int, one_of, optional_non_negative_int
 from ficoco.methods.shared import (TOWER_NEEDS, cosine_macs, encoder_plan, patches_for, vision_layer_build,
                                   vision_layers)
 from ficoco.paradigm.attention import head_mean_keys, proportional_attention_bias
@@ -45,10 +45,6 @@ def token_sizes(tokens: VisionTokens) -> torch.Tensor:
 
 
 ORDERS = ("authors", "positional")
-
-
-def check_order(value) -> str | None:
-    return None if value in ORDERS else f"must be one of {list(ORDERS)}"
 
 
 def hand_on_order(kept: torch.Tensor, raster: torch.Tensor, authors: bool) -> torch.Tensor:
@@ -146,7 +142,7 @@ METHOD = Method(
                      optional_non_negative_int),
         "order": Param("authors", "token order between merging layers: 'authors' ([unmerged A ; B] as the "
                                   "authors' merge returns it; positional again for the projector) or 'positional' "
-                                  "(after every layer)", check_order),
+                                  "(after every layer)", one_of(ORDERS)),
     },
     schedule=schedule,
     build=build,

@@ -108,14 +108,18 @@ class Handle:
             llm_pass = call.llm
             lengths = llm_pass.layer_lengths if llm_pass else []
             dropped = llm_pass.layer_dropped if llm_pass else []
-            counts.append({
+            row_counts = {
                 "vision": [[n_attn * images, n_mlp * images] for n_attn, n_mlp in per_image_vision] if images else [],
                 "visual_delivered": placeholders,
                 "llm": [length - pads for length in lengths],
                 "llm_visual": [placeholders - n for n in dropped] if placeholders else [0] * len(lengths),
                 "overhead_macs": sum(image_overhead[first_image:first_image + images])
                                  + self._llm_overhead(llm_pass, row, pads),
-            })
+            }
+            if llm_pass is not None and llm_pass.mlp_dropped:     # reductions between a layer's attention and MLP
+                row_counts["llm_mlp"] = [length - pads - (llm_pass.mlp_dropped.get(layer, before) - before)
+                                         for layer, (length, before) in enumerate(zip(lengths, dropped))]
+            counts.append(row_counts)
             first_image += images
         return counts
 

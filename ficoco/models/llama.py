@@ -9,13 +9,22 @@ Forward pre-hooks on every decoder layer (platform-notes §4.2):
 - decode: slice the key axis of a 4-D mask to the kept prefill positions plus the new tokens.
 - a step with `scores_from="previous"` scores from the layer before the reducing one: that
   layer's input (as it ran, after any reduction of its own) is kept for the reducing layer.
+- a step with `placement="attention"` reduces inside its layers instead: they get a replacement
+  `forward` that runs the layer's own attention in explicit form (an eager copy of the config on
+  that attention module only), applies the step to the residual stream after the attention, drops
+  the removed positions and runs the MLP on the kept ones. The step's scores are the probabilities
+  that attention computed; the layer's KV cache holds every token it attended to, later layers'
+  only the kept ones.
 
 `LLMPass` holds the state of one forward call; the prefill pass is remembered per KV cache object
 by the adapter, so decode steps find the positions their cache holds.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
+from transformers.cache_utils import Cache
 from transformers.models.llama.modeling_llama import rotate_half
 
 from ficoco.contract import LLMKept, LLMLayerStep, LLMTokens
@@ -42,9 +51,12 @@ class LLMPass:
         self.inputs: torch.Tensor | None = None       # (B, L, D) LLM input embeddings, for steps with needs_inputs
         self.reduce = reduce
         self.keep: torch.Tensor | None = None
-        self.keep_at: dict[int, torch.Tensor] = {}    # reducing layer -> keep after it (what its cache holds)
+        self.keep_at: dict[int, torch.Tensor] = {}    # layer -> the keep its cache and every later one's hold (the
+                                                      # reducing layer, or the next one after an in-layer reduction)
         self.layer_lengths: list[int] = []            # sequence length each layer processed (padding included)
         self.layer_dropped: list[int] = []            # visual tokens dropped before each layer ran (cumulative)
+        self.mlp_dropped: dict[int, int] = {}         # layer -> visual tokens dropped before its MLP (cumulative),
+                                                      # where a reduction fell between its attention and MLP
         self.dropped = 0
         self.trace: dict[int, torch.Tensor] = {}      # reducing layer -> kept visual input positions (B, N_l)
         self.step_shapes: list[tuple[int, int, int, int, list[int]]] = []   # per reducing layer run: (layer,
@@ -63,8 +75,8 @@ class LLMPass:
         """Key columns of a decode step's 4-D mask that layer `layer`'s cache holds (None: all of them).
 
         The mask is laid out like layer 0's cache: the full prompt, or layer 0's kept positions when
-        layer 0 reduces. Each layer's cache holds the positions kept by the last reduction at or
-        before it, then the generated tokens.
+        layer 0 reduces. Each layer's cache holds the positions of the last keep registered at or
+        before it (`keep_at`), then the generated tokens.
         """
         reductions = [reduced for reduced in self.keep_at if reduced <= layer]
         if not reductions or max(reductions) == 0:
@@ -127,6 +139,28 @@ class LlamaScores:
         return probs.gather(2, keys[:, None, :].expand(-1, n_rows, -1))                     # (B, R, K)
 
 
+class LayerProbabilities:
+    """`LLMScores` of a reduction between a layer's attention and its MLP: the head-mean probabilities
+    (B, L, L) that attention computed (causal and padding masks included); nothing is recomputed."""
+
+    def __init__(self, head_mean: torch.Tensor, norm):
+        self.head_mean, self.norm = head_mean, norm
+
+    def rows(self, queries: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
+        length = self.head_mean.shape[-1]
+        rows = self.head_mean.gather(1, queries[..., None].expand(-1, -1, length))           # (B, R, L)
+        if keys is None:
+            return rows
+        return rows.gather(2, keys[:, None, :].expand(-1, queries.shape[1], -1))             # (B, R, K)
+
+    def keys(self) -> torch.Tensor:
+        raise ValueError("a reduction between attention and MLP reads the layer's probabilities only; a step that "
+                         "needs the keys must use placement='input'")
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.norm(hidden)
+
+
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding of x (B, H, N, d) with cos/sin (B, N, d), as the Llama attention applies it."""
     cos, sin = cos[:, None], sin[:, None]
@@ -145,14 +179,30 @@ class LlamaPatch:
         bad = [layer for layer in reducing if not 0 <= layer < len(self.layers)]
         if bad:
             raise ValueError(f"LLM reduction layers {bad} are outside the {len(self.layers)} decoder layers")
-        self.reducing = frozenset(reducing)
+        in_layer = step is not None and step.placement == "attention"
+        self.reducing = frozenset(() if in_layer else reducing)            # reduce at the layer input
+        self.reducing_in_layer = frozenset(reducing if in_layer else ())   # reduce between attention and MLP
         self._handles = [layer.register_forward_pre_hook(self._hook(index), with_kwargs=True)
                          for index, layer in enumerate(self.layers)]
+        self._replaced = []
+        for index in sorted(self.reducing_in_layer):
+            layer = self.layers[index]
+            if "forward" in layer.__dict__:
+                raise RuntimeError(f"decoder layer {index} already has an instance forward; is another patch installed?")
+            attention = layer.self_attn
+            eager = copy.copy(attention.config)                            # probabilities for this layer only
+            eager._attn_implementation = "eager"
+            self._replaced.append((layer, attention.config))
+            attention.config = eager
+            layer.forward = self._in_layer_forward(index, layer)
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
-        self._handles = []
+        for layer, config in self._replaced:
+            del layer.forward
+            layer.self_attn.config = config
+        self._handles, self._replaced = [], []
 
     def _hook(self, index: int):
         def pre_hook(layer, args, kwargs):
@@ -177,7 +227,8 @@ class LlamaPatch:
             llm_pass.inputs = hidden                       # the embeddings, before any reduction
         if llm_pass.reduce and index in self.reducing:
             cos, sin = _sliced_kwargs(kwargs, llm_pass)["position_embeddings"]
-            hidden = self._reduce(index, layer, hidden, cos, sin, llm_pass)
+            hidden = self._reduce(index, hidden, llm_pass, self._input_scores(layer, hidden, cos, sin, llm_pass),
+                                  keep_from=index)
         if llm_pass.reduce and self.step.scores_from == "previous" and index + 1 in self.reducing:
             cos, sin = _sliced_kwargs(kwargs, llm_pass)["position_embeddings"]
             llm_pass.previous_input = (layer, hidden, cos, sin, llm_pass.valid)
@@ -192,23 +243,58 @@ class LlamaPatch:
             kwargs["hidden_states"] = hidden
         return args, kwargs
 
-    def _reduce(self, index, layer, hidden, cos, sin, llm_pass: LLMPass) -> torch.Tensor:
-        """Apply the step at layer `index`, then drop the removed positions; returns (B, L', D)."""
+    def _input_scores(self, layer, hidden, cos, sin, llm_pass: LLMPass):
+        """`scores_for(rows)` of a reduction at the input of `layer`: its q/k on `hidden`, or those of the
+        layer before it (`scores_from="previous"`), in the same positions."""
+        score_layer, score_hidden, score_valid = layer, hidden, llm_pass.valid
+        if self.step.scores_from == "previous":
+            score_layer, score_hidden, cos, sin, score_valid = llm_pass.previous_input
+            llm_pass.previous_input = None
+
+        def scores_for(rows: torch.Tensor) -> LlamaScores:
+            valid = None if score_valid is None else score_valid[rows]
+            return LlamaScores(score_layer, score_hidden[rows], _rows_of(cos, rows), _rows_of(sin, rows), valid,
+                               norm=self.norm)
+        return scores_for
+
+    def _in_layer_forward(self, index: int, layer):
+        """LlamaDecoderLayer.forward with the step between the attention residual and the MLP."""
+        original = type(layer).forward
+
+        def forward(hidden_states, *args, **kwargs):
+            if args:
+                raise TypeError(f"decoder layer {index}: expected the hidden states as the only positional argument")
+            # the model built its mask for SDPA (None = causal, or booleans); this layer runs eager attention
+            kwargs = {**kwargs, "attention_mask": _eager_mask(kwargs.get("attention_mask"), hidden_states,
+                                                              _cache_length(kwargs, index))}
+            llm_pass = self.current_pass()
+            if llm_pass is None or not llm_pass.prefill or not llm_pass.reduce:
+                return original(layer, hidden_states, **kwargs)
+            attention_out, probs = layer.self_attn(hidden_states=layer.input_layernorm(hidden_states), **kwargs)
+            if probs is None:
+                raise RuntimeError(f"decoder layer {index}'s attention returned no probabilities; the in-layer "
+                                   f"reduction needs its eager attention")
+            hidden = hidden_states + attention_out                         # (B, L, D) the attention residual
+            head_mean = probs.float().mean(dim=1)                          # (B, L, L)
+            hidden = self._reduce(index, hidden, llm_pass,
+                                  lambda rows: LayerProbabilities(head_mean[rows], self.norm), keep_from=index + 1)
+            llm_pass.mlp_dropped[index] = llm_pass.dropped
+            return hidden + layer.mlp(layer.post_attention_layernorm(hidden))   # (B, L', D)
+
+        return forward
+
+    def _reduce(self, index, hidden, llm_pass: LLMPass, scores_for, keep_from: int) -> torch.Tensor:
+        """Apply the step at layer `index` with the scores `scores_for(rows)` of each group of batch rows,
+        then drop the removed positions; the caches of layers >= `keep_from` hold only the kept ones.
+        Returns (B, L', D)."""
         batch, length, width = hidden.shape
         kept_hidden = torch.empty_like(hidden)
         kept_visual = llm_pass.visual.new_empty(batch, self.step.tokens_out[index])
-        score_layer, score_hidden, score_valid = layer, hidden, llm_pass.valid
-        if self.step.scores_from == "previous":         # layer index−1's input, in the same positions
-            score_layer, score_hidden, cos, sin, score_valid = llm_pass.previous_input
-            llm_pass.previous_input = None
         for rows in _rows_by_instruction_length(llm_pass.instruction):
             tokens = LLMTokens(hidden=hidden[rows], visual=llm_pass.visual[rows],
                                instruction=torch.stack([llm_pass.instruction[r] for r in rows.tolist()]),
                                **(_input_embeddings(llm_pass, rows) if self.step.needs_inputs else {}))
-            valid = None if score_valid is None else score_valid[rows]
-            scores = LlamaScores(score_layer, score_hidden[rows], _rows_of(cos, rows), _rows_of(sin, rows), valid,
-                                 norm=self.norm)
-            kept: LLMKept = self.step.reduce(index, tokens, scores)
+            kept: LLMKept = self.step.reduce(index, tokens, scores_for(rows))
             kept_hidden[rows], kept_visual[rows] = kept.hidden, kept.visual
         llm_pass.step_shapes.append((index, length, llm_pass.visual.shape[1], kept_visual.shape[1],
                                      [positions.shape[0] for positions in llm_pass.instruction]))
@@ -223,11 +309,35 @@ class LlamaPatch:
         if llm_pass.valid is not None:
             llm_pass.valid = llm_pass.valid.gather(1, keep_local)
         llm_pass.keep = keep_local if llm_pass.keep is None else llm_pass.keep.gather(1, keep_local)
-        llm_pass.keep_at[index] = llm_pass.keep
+        llm_pass.keep_at[keep_from] = llm_pass.keep
         llm_pass.dropped += int(dropped[0].sum())                              # the same in every row
         llm_pass.trace[index] = llm_pass.keep.gather(1, llm_pass.visual)
         llm_pass._sliced = {}
         return hidden
+
+
+def _cache_length(kwargs: dict, layer: int) -> int:
+    """Entries layer `layer`'s KV cache holds before this call (0 without a cache); the cache is found
+    by its type, not its keyword (it changed between transformers 5.23 and 5.24)."""
+    caches = [value for value in kwargs.values() if isinstance(value, Cache)]
+    return caches[0].get_seq_length(layer) if caches else 0
+
+
+def _eager_mask(mask, hidden: torch.Tensor, past: int) -> torch.Tensor | None:
+    """The additive float mask (B|1, 1, Q, past+Q) eager attention adds to its logits, from the mask the
+    model built for SDPA: None (causal), a boolean 4-D mask (True = may attend) or an additive one."""
+    if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool:
+        return mask
+    lowest = torch.finfo(hidden.dtype).min
+    if mask is None:
+        queries = hidden.shape[1]
+        if queries == 1:                                       # one new token sees the whole cache
+            return None
+        keys = torch.arange(past + queries, device=hidden.device)
+        mask = keys[None, :] <= (past + torch.arange(queries, device=hidden.device))[:, None]   # (Q, K) causal
+        mask = mask[None, None]
+    zero = torch.zeros((), dtype=hidden.dtype, device=hidden.device)
+    return torch.where(mask, zero, torch.full((), lowest, dtype=hidden.dtype, device=hidden.device))
 
 
 def _input_embeddings(llm_pass: LLMPass, rows: torch.Tensor) -> dict:

@@ -279,6 +279,63 @@ def dart_select(
     return taken.nonzero()[:, 1].reshape(batch, k)
 
 
+def vispruner_rounds(n: int, keep: int, per_round: int = 8) -> list[tuple[int, int]]:
+    """VisPruner's duplicate-removal rounds that take n candidates down to `keep`: (candidates at the
+    start of the round, candidates it drops), dropping min(per_round, n − keep, ⌈n/2⌉) each round (at
+    most the A half). keep = 0 needs no round: every candidate goes without matching.
+    """
+    _check_count("keep", keep, n)
+    if per_round < 1:
+        raise ValueError(f"per_round must be >= 1; got {per_round}")
+    rounds = []
+    while 0 < keep < n:
+        dropped = min(per_round, n - keep, (n + 1) // 2)
+        rounds.append((n, dropped))
+        n -= dropped
+    return rounds
+
+
+def vispruner_diverse(metric: torch.Tensor, order: torch.Tensor, keep: int, per_round: int = 8) -> torch.Tensor:
+    """VisPruner's diverse tokens: drop the most duplicated candidates, round by round, until `keep` remain.
+
+    Every round (`vispruner_rounds`) splits the candidates by alternating place in their current order
+    into A (1st, 3rd, …) and B (2nd, 4th, …), scores each a ∈ A by max_b cos(m_a, m_b) and drops the
+    r highest-scoring A-candidates (ties to the earlier place in A). The next order is [the other
+    A-candidates by descending score ; B in its order], as the authors' code concatenates them, so
+    the starting order decides every split.
+    metric: (B, N, D) similarity features; order: (B, R) distinct positions into N, the starting
+    order (VisPruner: descending CLS attention) -> (B, keep) int64 positions into N, sorted ascending.
+    """
+    width = metric.shape[-1]
+    for _, dropped in vispruner_rounds(order.shape[1], keep, per_round):
+        a, b = order[:, 0::2], order[:, 1::2]                                   # (B, ⌈R/2⌉), (B, ⌊R/2⌋)
+        x_a = metric.gather(1, a.unsqueeze(-1).expand(-1, -1, width))          # (B, ⌈R/2⌉, D)
+        x_b = metric.gather(1, b.unsqueeze(-1).expand(-1, -1, width))          # (B, ⌊R/2⌋, D)
+        duplication = pairwise_cosine(x_a, x_b).amax(dim=-1)                   # (B, ⌈R/2⌉)
+        survivors = rank_descending(duplication)[:, dropped:]                  # (B, ⌈R/2⌉ − r), most duplicated go
+        order = torch.cat([a.gather(1, survivors), b], dim=1)                  # (B, R − r)
+    return order[:, :keep].sort(dim=-1).values
+
+
+def window_top_k(scores: torch.Tensor, grid_hw: tuple[int, int], window: int, k: int) -> torch.Tensor:
+    """The k highest-scoring cells of every window×window window of a raster-ordered grid (VScan's
+    local scan). The windows tile the grid from (0, 0); ties go to the lower position.
+
+    scores: (B, H·W) in raster order -> (B, n_windows·k) int64 raster positions, sorted ascending.
+    `window` must divide H and W, and k must be in [0, window²].
+    """
+    height, width = grid_hw
+    if window < 1 or height % window or width % window:
+        raise ValueError(f"window={window} must be >= 1 and divide both sides of the {height}x{width} grid")
+    _check_count("k", k, window * window)
+    # every window's cells as raster positions, row-major inside the window (so lower place = lower position)
+    cells = torch.arange(height * width, device=scores.device).view(height // window, window, width // window, window)
+    cells = cells.permute(0, 2, 1, 3).reshape(-1, window * window)            # (n_windows, w²)
+    best = rank_descending(scores[:, cells])[..., :k]                         # (B, n_windows, k) places in a window
+    picked = cells.expand(scores.shape[0], -1, -1).gather(2, best)            # (B, n_windows, k) raster positions
+    return picked.reshape(scores.shape[0], -1).sort(dim=-1).values
+
+
 def sample_seed(global_seed: int, sample_id: str) -> int:
     """A reproducible 63-bit seed from (global seed, sample id); stable across processes,
     unlike Python's salted hash()."""

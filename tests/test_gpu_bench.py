@@ -1,0 +1,143 @@
+"""`ficoco gpu-bench` on a CPU with the tiny shape: every requested configuration becomes a row with
+positive times, the predicted speedups are the FLOPs ratios of the planned counts, the time limit skips
+configurations but never the two vanilla runs, and bad arguments are refused before anything runs.
+The 7B shape's settings and the GPU machine's wheel list are checked without a model."""
+import contextlib
+import importlib.util
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ficoco import methods
+from ficoco.config import read_yaml_file
+from ficoco.dims import ModelDims, llava_1_5_dims
+from ficoco.flops import planned_counts, sample_cost
+from ficoco.bench import bench_configs
+from ficoco.gpu_bench import NEW_TOKENS, main, overrides_for, shape_config
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--shape", "tiny", "--device", "cpu", "--warmup", "0", "--prefill-repeats", "2", "--generate-repeats", "1"]
+
+
+def run_main(argv: list[str]) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(argv) == 0
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """FiCoCo-V at 64, FastV (cannot reach 64 on 4 layers), an adaptive method; table and JSON."""
+    path = tmp_path_factory.mktemp("gpu-bench") / "gpu-bench.json"
+    table = run_main([*FAST, "--methods", "ficoco-v", "fastv", "prumerge-adaptive", "--budgets", "64",
+                      "--json", str(path)])
+    return table, json.loads(path.read_text())
+
+
+def test_every_requested_configuration_is_a_row_with_positive_times(bench):
+    table, result = bench
+    assert [(row["method"], row["budget"]) for row in result["rows"]] == [
+        ("vanilla", None), ("ficoco-v", 64), ("prumerge-adaptive", None)]
+    for row in result["rows"]:
+        runs = 2 if row["method"] == "vanilla" else 1                    # vanilla ran first and last, pooled
+        assert len(row["prefill_ms_runs"]) == 2 * runs and row["prefill_ms"] > 0
+        for batch in ("1", "16"):
+            assert len(row["generate_runs"][batch]) == runs and row["throughput"][batch] > 0
+        assert row["peak_memory_bytes"] > 0
+    assert result["rows"][1]["visual_average"] == 64
+    assert result["prompt_tokens"] == 636 and result["new_tokens"] == 32 and result["dtype"] == "float32"
+    assert "| vanilla | full | – | 576.00 |" in table
+    assert "| ficoco-v | 64 | start=2, end=None | 64.00 |" in table
+    assert "| prumerge-adaptive | own | – |" in table
+    assert "vanilla drift, first → last run: prefill" in table
+    assert "- fastv at B=64: fastv: budget B=64 is infeasible" in table
+    assert not result["skipped"]
+
+
+def test_predicted_speedups_are_the_flops_ratios_of_the_planned_counts(bench):
+    _, result = bench
+    dims = ModelDims(**result["dims"])
+    text = result["prompt_tokens"] - dims.visual_tokens
+
+    def macs(method, budget, overrides):
+        counts = planned_counts(dims, method, budget, text, **overrides)
+        prefill = sample_cost(dims, counts, generated_tokens=1)
+        return (prefill["vision_macs"] + prefill["projector_macs"] + prefill["prefill_macs"],
+                sample_cost(dims, counts, generated_tokens=NEW_TOKENS)["total_macs"])
+
+    vanilla = macs("vanilla", None, {})
+    for row in result["rows"]:
+        if not methods.get(row["method"]).budgeted:                     # adaptive: counts only from the run
+            continue
+        prefill, generate = macs(row["method"], row["budget"], row["overrides"])
+        assert row["predicted_prefill_speedup"] == pytest.approx(vanilla[0] / prefill, rel=1e-12)
+        assert row["predicted_generate_speedup"] == pytest.approx(vanilla[1] / generate, rel=1e-12)
+        assert row["prefill_measured_over_predicted"] == pytest.approx(
+            row["prefill_speedup"] / row["predicted_prefill_speedup"])
+        assert row["generate_measured_over_predicted"]["16"] == pytest.approx(
+            row["throughput_speedup"]["16"] / row["predicted_generate_speedup"])
+
+
+def test_the_time_limit_skips_configurations_but_not_the_vanilla_runs(tmp_path):
+    path = tmp_path / "gpu-bench.json"
+    table = run_main([*FAST, "--methods", "ficoco-v", "--budgets", "64", "--time-limit", "0.001",
+                      "--json", str(path)])
+    result = json.loads(path.read_text())
+    assert [(row["method"], len(row["prefill_ms_runs"])) for row in result["rows"]] == [("vanilla", 4)]
+    assert [method for method, _, _ in result["skipped"]] == ["ficoco-v"]
+    assert "Skipped (time limit 0 s reached):\n- ficoco-v at B=64" in table
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "fastv2"], "unknown method 'fastv2'; valid methods: vanilla, ficoco-v"),
+    (["--budgets", "64", "0"], "--budgets 0: valid budgets are 1..575"),
+    (["--budgets", "576"], "--budgets 576: valid budgets are 1..575"),
+    (["--shape", "llava-13b"], "invalid choice: 'llava-13b' (choose from"),
+    (["--shape", "llava-7b", "--device", "cpu"], "--shape llava-7b needs a CUDA GPU"),
+    (["--generate-repeats", "0"], "need --warmup >= 0, --prefill-repeats >= 1, --generate-repeats >= 1"),
+])
+def test_a_bad_argument_is_refused_before_anything_runs(capsys, argv, message):
+    with pytest.raises(SystemExit) as refused:
+        main(["--shape", "tiny", *argv])
+    assert refused.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_is_refused_where_torch_sees_none(capsys):
+    with pytest.raises(SystemExit):
+        main(["--shape", "tiny", "--device", "cuda"])
+    assert "device='cuda' but torch sees no CUDA device" in capsys.readouterr().err
+
+
+def test_the_7b_shape_is_llava_1_5_7b_with_the_paper_grids_settings():
+    dims = ModelDims.from_config(shape_config("llava-7b"))
+    assert dims == llava_1_5_dims("7b")                     # 32 heads of 128, not 64 of 64
+    configs, unreachable = bench_configs(methods.names(), [192, 128, 64], dims, overrides=overrides_for("llava-7b"))
+    ran = {(name, budget): overrides for name, budget, overrides in configs}
+    assert not unreachable
+    assert {name for name, _ in ran} == set(methods.names()) and configs[0] == ("vanilla", None, {})
+    for name in ("ficoco-v", "ficoco-l", "ficoco-vl"):
+        assert {budget for method, budget in ran if method == name} == {192, 128, 64}
+    # the defaults everywhere, but FiCoCo-L at 64 as config/paper.yaml runs it (start 4 cannot average 64)
+    paper = read_yaml_file(ROOT / "config" / "paper.yaml")["method_params"]["ficoco-l"]["per_budget"][64]
+    assert ran[("ficoco-l", 64)] == paper and paper["start"] < 4
+    assert ran[("ficoco-l", 192)] == ran[("ficoco-v", 64)] == {}
+    assert ran[("prumerge-adaptive", None)] == {}
+
+
+def test_the_gpu_wheels_are_the_locked_transformers_and_its_closure_without_numpy():
+    spec = importlib.util.spec_from_file_location("gpu_wheels", ROOT / "tools" / "gpu_wheels.py")
+    gpu_wheels = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_wheels)
+    import transformers
+    from ficoco.models.guard import TESTED_TRANSFORMERS
+
+    entries, names = gpu_wheels.lock_entries(), gpu_wheels.closure()
+    assert entries["transformers"][0] == transformers.__version__ and transformers.__version__ in TESTED_TRANSFORMERS
+    assert {"transformers", "huggingface-hub", "tokenizers", "safetensors", "regex", "pyyaml", "tqdm"} <= set(names)
+    assert "numpy" not in names and "torch" not in names
+    assert all(entries[name][1] for name in names)          # every wheel is checked against the lock's hashes
