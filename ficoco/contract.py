@@ -103,7 +103,8 @@ class LLMScores(Protocol):
         (all columns when None)."""
 
     def keys(self) -> torch.Tensor:
-        """(B, H_kv, L, d) the layer's keys after RoPE (what its KV cache holds)."""
+        """(B, H_kv, L, d) the layer's keys after RoPE (what its KV cache holds; read from that cache when
+        the layer already ran, `StepShape.keys_cached`)."""
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, N, D) -> (B, N, D): the LLM's final norm (the one before the LM head) applied to `hidden`."""
@@ -127,6 +128,8 @@ class StepShape:
     kept: int                               # tokens it kept (counted as `tokens` is)
     length: int = 0                         # LLM: the prompt's sequence length L entering the layer (no padding)
     instruction: int = 0                    # LLM: prompt tokens M after the image
+    keys_cached: bool = False               # LLM: the scoring layer's keys were read from its KV cache (a step
+                                            # scoring from the previous layer, which ran already), not projected
 
 
 Overhead = Callable[[Any, StepShape], int]   # (ModelDims, StepShape) -> multiply-accumulates

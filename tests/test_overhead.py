@@ -81,10 +81,10 @@ def counted(method_name: str, counter: list[int]):
 
 
 def run_counted(shaped, method_name: str, budget, overrides: dict, ids: torch.Tensor, mask: torch.Tensor,
-                pixels: torch.Tensor) -> tuple[list[dict], int]:
+                pixels: torch.Tensor, use_cache: bool = True) -> tuple[list[dict], int]:
     flops: list[int] = []
     with install_llava(shaped, counted(method_name, flops), budget, **overrides) as handle, torch.no_grad():
-        shaped(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+        shaped(input_ids=ids, attention_mask=mask, pixel_values=pixels, use_cache=use_cache)
         counts = handle.last_counts()
     return counts, sum(flops)
 
@@ -100,6 +100,24 @@ def test_overhead_equals_flop_counter(shaped, name):
     counts, flops = run_counted(shaped, method_name, budget, overrides, *one_prompt(shaped))
     assert flops % 2 == 0
     assert counts[0]["overhead_macs"] == flops // 2, (counts[0]["overhead_macs"], flops // 2)
+
+
+@pytest.mark.parametrize("name", ["fastv", "dart", "sparsevlm"])
+def test_scores_from_the_previous_layer_read_its_keys_from_the_cache(shaped, name):
+    """Layer K−1 ran already and stored its keys: the step reads them instead of projecting the sequence
+    again (one k projection of L tokens less per pruning layer); without a cache it projects them, and
+    the recorded overhead follows, equal to FlopCounterMode's count either way."""
+    ids, mask, pixels = one_prompt(shaped)
+    cached, cached_flops = run_counted(shaped, name, *SETTINGS[name], ids, mask, pixels, use_cache=True)
+    projected, projected_flops = run_counted(shaped, name, *SETTINGS[name], ids, mask, pixels, use_cache=False)
+    assert cached[0]["overhead_macs"] == cached_flops // 2 and projected[0]["overhead_macs"] == projected_flops // 2
+    config = shaped.config.text_config
+    kv_width = config.num_key_value_heads * (config.hidden_size // config.num_attention_heads)
+    k_projections = sum(length * config.hidden_size * kv_width                   # L·D·D_kv at each pruning layer
+                        for layer, length in enumerate(projected[0]["llm"])
+                        if layer + 1 < len(projected[0]["llm"])
+                        and projected[0]["llm_visual"][layer + 1] < projected[0]["llm_visual"][layer])
+    assert projected[0]["overhead_macs"] - cached[0]["overhead_macs"] == k_projections > 0
 
 
 def test_every_method_is_checked():

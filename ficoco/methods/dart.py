@@ -44,7 +44,7 @@ class DartReduce:
 
     def overhead(self, dims, shape: StepShape) -> int:
         pivots = min(self.n_pivots, shape.kept) + min(self.n_pivots, shape.instruction)   # image + text pivots
-        keys = llm_key_macs(dims, shape.length)                                 # layer K−1's keys of the sequence
+        keys = llm_key_macs(dims, shape)                                        # layer K−1's keys of the sequence
         return keys + cosine_macs(pivots, shape.tokens, dims.llm_hidden)        # (P×D)·(D×N) pivot similarities
 
 

@@ -30,15 +30,18 @@ LLM_NEEDS = Needs(positions=("rope-1d",))
 # Selection overhead: the matrix products of the pieces steps are made of, in multiply-accumulates
 # (`StepShape`; docs/flops.md, "Selection overhead"). Each reduce class has `overhead(dims, shape)`.
 
-def llm_key_macs(dims, length: int) -> int:
-    """The k projection of a decoder layer on `length` tokens (LLMScores.keys, and inside rows)."""
-    return length * dims.llm_hidden * dims.llm_kv_heads * (dims.llm_hidden // dims.llm_heads)
+def llm_key_macs(dims, shape: StepShape) -> int:
+    """The k projection of the scoring layer on the prompt's `length` tokens (LLMScores.keys, and inside
+    rows); none when the keys were read from that layer's KV cache."""
+    if shape.keys_cached:
+        return 0
+    return shape.length * dims.llm_hidden * dims.llm_kv_heads * (dims.llm_hidden // dims.llm_heads)
 
 
-def llm_rows_macs(dims, rows: int, length: int) -> int:
-    """LLMScores.rows for `rows` queries over a sequence of `length`: q projection of the rows, k
-    projection of the sequence, and every head's q·k (the layer's own attention runs separately)."""
-    return rows * dims.llm_hidden * dims.llm_hidden + llm_key_macs(dims, length) + rows * length * dims.llm_hidden
+def llm_rows_macs(dims, rows: int, shape: StepShape) -> int:
+    """LLMScores.rows for `rows` queries over the prompt's `length` tokens: q projection of the rows, the
+    keys (`llm_key_macs`), and every head's q·k (the layer's own attention runs separately)."""
+    return rows * dims.llm_hidden * dims.llm_hidden + llm_key_macs(dims, shape) + rows * shape.length * dims.llm_hidden
 
 
 def vision_rows_macs(dims, rows: int, tokens: int) -> int:
@@ -275,7 +278,7 @@ class FicocoLanguageReduce:
     def overhead(self, dims, shape: StepShape) -> int:
         n, m, sources = shape.tokens, shape.instruction, shape.tokens - shape.kept
         # rows of the visual and prompt tokens; after attention they are the layer's own probabilities
-        scores = 0 if self.placement == "attention" else llm_rows_macs(dims, n + m, shape.length)
+        scores = 0 if self.placement == "attention" else llm_rows_macs(dims, n + m, shape)
         if self.k == 0:
             return scores
         indirect = sources * m * shape.kept                                     # (S×M)·(M×T) correlation
@@ -366,7 +369,7 @@ class LastQueryTopK:
         return LLMKept(hidden=tokens.hidden, visual=kept)
 
     def overhead(self, dims, shape: StepShape) -> int:
-        return llm_rows_macs(dims, 1, shape.length)                            # one row: the last prompt token
+        return llm_rows_macs(dims, 1, shape)                                   # one row: the last prompt token
 
 
 def check_prune_layer(method: str, layer: int, dims) -> None:

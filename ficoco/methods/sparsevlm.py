@@ -75,7 +75,7 @@ class SparseVLMReduce:
     def overhead(self, dims, shape: StepShape) -> int:
         # the raters are chosen again at every call from the input embeddings of all N0 image tokens
         raters = dims.visual_tokens * dims.llm_hidden * shape.instruction       # (N0×D)·(D×M) relevance logits
-        importance = llm_rows_macs(dims, shape.instruction, shape.length)       # the M prompt tokens' attention rows
+        importance = llm_rows_macs(dims, shape.instruction, shape)              # the M prompt tokens' attention rows
         if not self.recycle:
             return raters + importance
         # DPC-kNN's R×R Euclidean distances between the recycled tokens (one product each); the cluster

@@ -140,8 +140,9 @@ class Handle:
         if llm_pass is None:
             return 0
         return sum(_checked_overhead(self.method, self.llm_step, self.dims,
-                                     StepShape(layer, visual, kept, length=length - pads, instruction=instruction[row]))
-                   for layer, length, visual, kept, instruction in llm_pass.step_shapes)
+                                     StepShape(layer, visual, kept, length=length - pads, instruction=instruction[row],
+                                               keys_cached=keys_cached))
+                   for layer, length, visual, kept, instruction, keys_cached in llm_pass.step_shapes)
 
     def last_trace(self) -> dict:
         """Kept positions of the most recent prefill, per reducing layer (for analysis and tests).

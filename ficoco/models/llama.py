@@ -59,8 +59,9 @@ class LLMPass:
                                                       # where a reduction fell between its attention and MLP
         self.dropped = 0
         self.trace: dict[int, torch.Tensor] = {}      # reducing layer -> kept visual input positions (B, N_l)
-        self.step_shapes: list[tuple[int, int, int, int, list[int]]] = []   # per reducing layer run: (layer,
-                                                      # length L with padding, visual N, kept, M per row)
+        self.step_shapes: list[tuple[int, int, int, int, list[int], bool]] = []   # per reducing layer run:
+                                                      # (layer, length L with padding, visual N, kept, M per
+                                                      # row, keys read from a KV cache)
         self.previous_input: tuple | None = None      # (layer, hidden, cos, sin, valid) for scores_from="previous"
         self._sliced: dict[str, object] = {}          # kwargs sliced for the current keep
         self._decode_index: dict[tuple[int, int], torch.Tensor] = {}
@@ -95,16 +96,20 @@ class LLMPass:
 
 
 class LlamaScores:
-    """`LLMScores` of one decoder layer, computed from its own input layer norm, q/k and RoPE."""
+    """`LLMScores` of one decoder layer, computed from its own input layer norm, q/k and RoPE; the keys
+    are read from the layer's KV cache instead when it already ran (`cached_keys`)."""
 
     def __init__(self, layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 valid: torch.Tensor | None, norm=None):
+                 valid: torch.Tensor | None, norm=None, cached_keys: torch.Tensor | None = None):
         self.layer, self.hidden, self.valid, self.norm = layer, hidden, valid, norm   # hidden (B, L, D)
         batch = hidden.shape[0]
         self.cos, self.sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)   # (B, L, d)
+        self.cached_keys = cached_keys                                              # (B, H_kv, L, d) or None
 
     def keys(self) -> torch.Tensor:
         """(B, H_kv, L, d) post-RoPE keys of the layer's input, as its KV cache holds them."""
+        if self.cached_keys is not None:
+            return self.cached_keys
         attn = self.layer.self_attn
         batch, length, _ = self.hidden.shape
         k = attn.k_proj(self.layer.input_layernorm(self.hidden)).view(batch, length, -1, attn.head_dim)
@@ -123,10 +128,9 @@ class LlamaScores:
         normed = self.layer.input_layernorm(self.hidden)                                     # (B, L, D)
         query_in = normed.gather(1, queries[..., None].expand(-1, -1, normed.shape[-1]))    # (B, R, D)
         q = attn.q_proj(query_in).view(batch, n_rows, -1, head_dim).transpose(1, 2)         # (B, H, R, d)
-        k = attn.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)           # (B, H_kv, L, d)
         rows_index = queries[..., None].expand(-1, -1, head_dim)
         q = _rope(q, self.cos.gather(1, rows_index), self.sin.gather(1, rows_index))
-        k = _rope(k, self.cos, self.sin)
+        k = self.keys()                                                                      # (B, H_kv, L, d)
         key_pos = torch.arange(length, device=queries.device)
         allowed = key_pos[None, None, :] <= queries[:, :, None]                             # (B, R, L) causal
         if self.valid is not None:
@@ -227,8 +231,8 @@ class LlamaPatch:
             llm_pass.inputs = hidden                       # the embeddings, before any reduction
         if llm_pass.reduce and index in self.reducing:
             cos, sin = _sliced_kwargs(kwargs, llm_pass)["position_embeddings"]
-            hidden = self._reduce(index, hidden, llm_pass, self._input_scores(layer, hidden, cos, sin, llm_pass),
-                                  keep_from=index)
+            scores_for, keys_cached = self._input_scores(index, layer, hidden, cos, sin, llm_pass, _cache_of(kwargs))
+            hidden = self._reduce(index, hidden, llm_pass, scores_for, keep_from=index, keys_cached=keys_cached)
         if llm_pass.reduce and self.step.scores_from == "previous" and index + 1 in self.reducing:
             cos, sin = _sliced_kwargs(kwargs, llm_pass)["position_embeddings"]
             llm_pass.previous_input = (layer, hidden, cos, sin, llm_pass.valid)
@@ -243,19 +247,22 @@ class LlamaPatch:
             kwargs["hidden_states"] = hidden
         return args, kwargs
 
-    def _input_scores(self, layer, hidden, cos, sin, llm_pass: LLMPass):
-        """`scores_for(rows)` of a reduction at the input of `layer`: its q/k on `hidden`, or those of the
-        layer before it (`scores_from="previous"`), in the same positions."""
+    def _input_scores(self, index: int, layer, hidden, cos, sin, llm_pass: LLMPass, cache):
+        """`scores_for(rows)` of a reduction at the input of layer `index`: its q/k on `hidden`, or those of
+        the layer before it (`scores_from="previous"`), in the same positions; and whether the keys come
+        from that previous layer's KV cache (it ran on exactly these positions), so none are projected."""
         score_layer, score_hidden, score_valid = layer, hidden, llm_pass.valid
+        cached = None
         if self.step.scores_from == "previous":
             score_layer, score_hidden, cos, sin, score_valid = llm_pass.previous_input
             llm_pass.previous_input = None
+            cached = _prefill_keys(cache, index - 1, score_hidden.shape[:2])
 
         def scores_for(rows: torch.Tensor) -> LlamaScores:
             valid = None if score_valid is None else score_valid[rows]
             return LlamaScores(score_layer, score_hidden[rows], _rows_of(cos, rows), _rows_of(sin, rows), valid,
-                               norm=self.norm)
-        return scores_for
+                               norm=self.norm, cached_keys=None if cached is None else cached[rows])
+        return scores_for, cached is not None
 
     def _in_layer_forward(self, index: int, layer):
         """LlamaDecoderLayer.forward with the step between the attention residual and the MLP."""
@@ -283,9 +290,11 @@ class LlamaPatch:
 
         return forward
 
-    def _reduce(self, index, hidden, llm_pass: LLMPass, scores_for, keep_from: int) -> torch.Tensor:
+    def _reduce(self, index, hidden, llm_pass: LLMPass, scores_for, keep_from: int,
+                keys_cached: bool = False) -> torch.Tensor:
         """Apply the step at layer `index` with the scores `scores_for(rows)` of each group of batch rows,
         then drop the removed positions; the caches of layers >= `keep_from` hold only the kept ones.
+        `keys_cached`: the scores read their keys from a KV cache (recorded for the overhead).
         Returns (B, L', D)."""
         batch, length, width = hidden.shape
         kept_hidden = torch.empty_like(hidden)
@@ -297,7 +306,7 @@ class LlamaPatch:
             kept: LLMKept = self.step.reduce(index, tokens, scores_for(rows))
             kept_hidden[rows], kept_visual[rows] = kept.hidden, kept.visual
         llm_pass.step_shapes.append((index, length, llm_pass.visual.shape[1], kept_visual.shape[1],
-                                     [positions.shape[0] for positions in llm_pass.instruction]))
+                                     [positions.shape[0] for positions in llm_pass.instruction], keys_cached))
         dropped = torch.zeros(batch, length, dtype=torch.bool, device=hidden.device)
         dropped.scatter_(1, llm_pass.visual, True).scatter_(1, kept_visual, False)
         keep_local = (~dropped).nonzero()[:, 1].view(batch, -1)                  # (B, L'), ascending per row
@@ -316,11 +325,30 @@ class LlamaPatch:
         return hidden
 
 
-def _cache_length(kwargs: dict, layer: int) -> int:
-    """Entries layer `layer`'s KV cache holds before this call (0 without a cache); the cache is found
-    by its type, not its keyword (it changed between transformers 5.23 and 5.24)."""
+def _cache_of(kwargs: dict) -> Cache | None:
+    """The KV cache a decoder layer was called with, found by its type, not its keyword (it changed
+    between transformers 5.23 and 5.24)."""
     caches = [value for value in kwargs.values() if isinstance(value, Cache)]
-    return caches[0].get_seq_length(layer) if caches else 0
+    return caches[0] if caches else None
+
+
+def _cache_length(kwargs: dict, layer: int) -> int:
+    """Entries layer `layer`'s KV cache holds before this call (0 without a cache)."""
+    cache = _cache_of(kwargs)
+    return cache.get_seq_length(layer) if cache is not None else 0
+
+
+def _prefill_keys(cache: Cache | None, layer: int, batch_and_length: tuple[int, int]) -> torch.Tensor | None:
+    """(B, H_kv, L, d) the keys layer `layer` stored in this prefill's cache, when the cache holds exactly
+    this prefill's B × L positions (a dynamic cache filled by this call alone); else None (recompute)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or layer >= len(layers):
+        return None
+    keys = getattr(layers[layer], "keys", None)
+    batch, length = batch_and_length
+    if not isinstance(keys, torch.Tensor) or keys.dim() != 4 or keys.shape[0] != batch or keys.shape[2] != length:
+        return None
+    return keys
 
 
 def _eager_mask(mask, hidden: torch.Tensor, past: int) -> torch.Tensor | None:
