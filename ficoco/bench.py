@@ -39,7 +39,7 @@ LLM_FRACTION_WINDOW = 4 / 32
 # the layer parameters of each method, by the stack they index (other parameters keep their defaults)
 VISION_LAYER_PARAMS = {"ficoco-v": ("start", "end"), "ficoco-v-official": ("start", "end"),
                        "ficoco-v-code": ("start", "end"), "tome": ("start", "end"), "evit": ("layers",),
-                       "ficoco-vl": ("v_start", "v_end")}
+                       "ficoco-vl": ("v_start", "v_end"), "vscan": ("local_layer",)}
 LLM_LAYER_PARAMS = {"fastv": ("layer",), "fastv-keepb": ("layer",), "dart": ("layer",), "pdrop": ("boundaries",),
                     "pdrop-official": ("boundaries",), "sparsevlm": ("layers",), "sparsevlm-matched": ("layers",)}
 LLM_WINDOWS = {"ficoco-l": ("start", "window"), "ficoco-vl": ("l_start", "l_window")}

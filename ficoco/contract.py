@@ -422,6 +422,8 @@ class Plan:
     post_vision: OutputSchedule | None = None
     llm_mlp_visual: list[int] | None = None  # visual tokens each LLM layer's MLP runs on, where a reduction
                                              # falls between a layer's attention and MLP; None = llm_visual
+    projector_tokens: int | None = None      # tokens per image the projector runs on, where a projector step
+                                             # reduces its output afterwards; None = delivered
 
     @classmethod
     def from_schedule(cls, method: str, phase: str, budget: int | None, params: Mapping[str, Any],
@@ -431,10 +433,12 @@ class Plan:
         entries = dict(schedule)
         vision, llm, post = entries.pop("vision", None), entries.pop("llm", None), entries.pop("post_vision", None)
         llm_mlp_visual = entries.pop("llm_mlp_visual", None)
+        projector_tokens = entries.pop("projector_tokens", None)
         known = {"vision_counts", "delivered", "llm_visual", "layer_average"}
         if set(entries) != known:
             raise ValueError(f"{method}: its schedule has keys {sorted(entries)}; a plan holds vision, vision_counts, "
-                             f"delivered, llm, llm_visual, layer_average, post_vision and llm_mlp_visual")
+                             f"delivered, llm, llm_visual, layer_average, post_vision, llm_mlp_visual and "
+                             f"projector_tokens")
         llm_visual = entries["llm_visual"]
         return cls(
             method=method, phase=phase, budget=budget, params=dict(params),
@@ -446,6 +450,7 @@ class Plan:
             layer_average=entries["layer_average"],
             post_vision=None if post is None else _output_schedule(post),
             llm_mlp_visual=None if llm_mlp_visual is None else list(llm_mlp_visual),
+            projector_tokens=projector_tokens,
         )
 
     def to_dict(self) -> dict:
@@ -461,7 +466,8 @@ class Plan:
                 "delivered": self.delivered, "llm": flat(self.llm),
                 "llm_visual": None if self.llm_visual is None else list(self.llm_visual),
                 "layer_average": self.layer_average, "post_vision": flat(self.post_vision),
-                "llm_mlp_visual": None if self.llm_mlp_visual is None else list(self.llm_mlp_visual)}
+                "llm_mlp_visual": None if self.llm_mlp_visual is None else list(self.llm_mlp_visual),
+                "projector_tokens": self.projector_tokens}
 
 
 def _llm_schedule(entry: Mapping[str, Any]) -> LLMSchedule:

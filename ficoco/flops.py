@@ -347,6 +347,8 @@ def counts_from_plan(dims: ModelDims, plan: Plan, text_tokens: int = NOMINAL_TEX
     counts = counts_from_schedule(dims, text_tokens, plan.llm_visual, plan.vision_counts, plan.delivered)
     if plan.llm_mlp_visual is not None:
         counts["llm_mlp"] = [text_tokens + visual for visual in plan.llm_mlp_visual]
+    if plan.projector_tokens is not None:
+        counts["projector_tokens"] = plan.projector_tokens
     return counts
 
 

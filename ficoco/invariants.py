@@ -52,6 +52,10 @@ def check_counts(method: str, plan: Plan, counts: Mapping, has_image: bool, samp
              "missing" if overhead is None else repr(overhead))
     if overhead and plan.vision is None and plan.llm is None and plan.post_vision is None:
         fail("selection overhead of a plan that reduces nothing", 0, overhead)
+    projected = counts.get("projector_tokens", delivered)
+    planned_projected = delivered if plan.projector_tokens is None else plan.projector_tokens
+    if has_image and projected != planned_projected:
+        fail("tokens the projector ran on", planned_projected, projected)
     if not llm:
         fail("LLM layers recorded", ">= 1", 0)
     if len(llm_visual) != len(llm):

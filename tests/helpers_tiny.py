@@ -83,6 +83,12 @@ def images(n: int, image_size: int, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, 3, image_size, image_size, generator=generator)
 
 
+def one_image_prompt(model, before: list[int], after: list[int], seed: int = 1):
+    """input_ids (1, L), its attention mask and one random image (1, 3, size, size) for `model`."""
+    ids = torch.tensor([prompt(n_placeholders(model), before, after)])
+    return ids, torch.ones_like(ids), images(1, model.config.vision_config.image_size, seed=seed)
+
+
 def n_placeholders(model) -> int:
     """Image placeholders the processor would insert per image ("default" strategy drops CLS)."""
     vision = model.config.vision_config

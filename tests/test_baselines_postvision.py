@@ -12,8 +12,8 @@ import dataclasses
 
 import pytest
 import torch
-from helpers_tiny import IMAGE, eager_attention, generate_batch_and_alone, images, llava_shaped, n_placeholders, \
-    prompt
+from helpers_tiny import (IMAGE, eager_attention, generate_batch_and_alone, images, llava_shaped, n_placeholders,
+                          one_image_prompt, prompt)
 
 import ficoco
 from ficoco import methods
@@ -127,8 +127,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def inputs(model):
-    ids = torch.tensor([prompt(n_placeholders(model), BEFORE, AFTER)])
-    return ids, torch.ones_like(ids), images(1, 336, seed=1)
+    return one_image_prompt(model, BEFORE, AFTER)
 
 
 @pytest.fixture(scope="module")

@@ -170,6 +170,8 @@ APPLIED = [
     ("ficoco-vl", 6, {"v_start": 1, "v_end": 2, "l_start": 1, "l_window": 2}),
     # between attention and MLP: the reducing layers' attention on all tokens, their MLP on the kept ones
     ("ficoco-l", 10, {"start": 0, "window": 2, "placement": "attention"}),
+    # after the projector: it ran on all 16 patches, the LLM gets 8
+    ("divprune", 8, {}),
 ]
 
 
@@ -194,6 +196,8 @@ def test_applied_method_forward_matches_exact_count(method, budget, overrides):
     assert counts["llm"] == [6 + v for v in counts["llm_visual"]]
     if handle.plan.llm_mlp_visual is not None:
         assert counts["llm_mlp"] == [6 + v for v in handle.plan.llm_mlp_visual] != counts["llm"]
+    if method == "divprune":
+        assert counts["projector_tokens"] == 16 > counts["visual_delivered"]
     if method != "vanilla":
         assert sum(counts["llm_visual"]) / 4 <= budget < 16
     cost = flops.sample_cost(dims, counts, generated_tokens=1, logits_positions=1)
@@ -229,7 +233,7 @@ def test_generate_matches_prefill_plus_decode(new_tokens):
         assert_close(measured_decode, cost["decode_flops"], "decode")
 
 
-@pytest.mark.parametrize("method, budget, overrides", APPLIED[1:3] + APPLIED[4:],
+@pytest.mark.parametrize("method, budget, overrides", APPLIED[1:3] + APPLIED[4:5],
                          ids=["ficoco-v", "ficoco-l", "ficoco-l-after-attention"])
 def test_generate_with_applied_method_decodes_on_the_reduced_cache(method, budget, overrides):
     """Decode step t runs layer l with kv_l(t) = n_l + t on the reduced per-layer cache lengths

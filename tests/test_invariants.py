@@ -25,6 +25,8 @@ def counts_of(planned, delivered: int | None = None) -> dict:
               "llm": [TEXT + v for v in visual], "llm_visual": list(visual), "overhead_macs": 0}
     if planned.llm_mlp_visual is not None:
         counts["llm_mlp"] = [TEXT + v for v in planned.llm_mlp_visual]
+    if planned.projector_tokens is not None:
+        counts["projector_tokens"] = planned.projector_tokens
     return counts
 
 
@@ -81,6 +83,16 @@ def test_mlp_tokens_of_an_in_layer_reduction_are_checked():
     unplanned = {**counts_of(plan("ficoco-l", 192)), "llm_mlp": [TEXT] * DIMS.llm_layers}
     assert violation("ficoco-l", plan("ficoco-l", 192), unplanned).endswith(
         "LLM layer 0 MLP visual tokens: expected 576, found 0")
+
+
+def test_the_tokens_the_projector_ran_on_are_checked_against_the_plan():
+    planned = plan("divprune", 64)
+    assert planned.projector_tokens == 576
+    check_counts("divprune", planned, counts_of(planned), has_image=True)
+    unrecorded = {key: value for key, value in counts_of(planned).items() if key != "projector_tokens"}
+    assert violation("divprune", planned, unrecorded).endswith("tokens the projector ran on: expected 576, found 64")
+    assert violation("visionzip", plan("visionzip", 64), {**counts_of(plan("visionzip", 64)), "projector_tokens": 576}
+                     ).endswith("tokens the projector ran on: expected 64, found 576")
 
 
 def test_overhead_without_a_reduction_is_refused():

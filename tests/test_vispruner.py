@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers_tiny import eager_attention, generate_batch_and_alone, images, llava_shaped, n_placeholders, prompt
+from helpers_tiny import (eager_attention, generate_batch_and_alone, images, llava_shaped, n_placeholders,
+                          one_image_prompt, prompt)
 from test_baselines_postvision import AFTER, BEFORE, FEATURE_LAYER, IMAGE_START, SHAPE, TEXT, _run
 
 import ficoco
@@ -160,8 +161,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def inputs(model):
-    ids = torch.tensor([prompt(n_placeholders(model), BEFORE, AFTER)])
-    return ids, torch.ones_like(ids), images(1, 336, seed=1)
+    return one_image_prompt(model, BEFORE, AFTER)
 
 
 def test_the_llm_receives_the_patches_the_loop_keeps(model, inputs):

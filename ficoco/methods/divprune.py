@@ -62,8 +62,11 @@ class DivPruneLLMInputReduce:
 
 
 def schedule(dims, budget, params) -> dict:
-    if budget is None or params["positions"] == "contiguous":
-        return feature_plan(dims, budget, "projector", kept=budget, positions=params["positions"])
+    if budget is None:
+        return feature_plan(dims, None, "projector")
+    if params["positions"] == "contiguous":                 # the projector runs on every image token first
+        return {**feature_plan(dims, budget, "projector", kept=budget, positions=params["positions"]),
+                "projector_tokens": dims.visual_tokens}
     return {**staged_llm_plan(dims, {0: budget}),
             "post_vision": {"site": "llm_input", "layer": 0, "tokens_out": budget, "kept": budget,
                             "positions": "original"}}

@@ -102,6 +102,7 @@ class Handle:
             return []
         per_image_vision = call.vision[0].layer_counts if call.vision else []
         image_overhead = self._image_overhead(call)
+        image_projected = self._image_projected(call)
         counts, first_image = [], 0
         for row, (images, placeholders, pads) in enumerate(zip(call.images_per_row, call.placeholders_per_row,
                                                                 call.pads_per_row)):
@@ -116,6 +117,9 @@ class Handle:
                 "overhead_macs": sum(image_overhead[first_image:first_image + images])
                                  + self._llm_overhead(llm_pass, row, pads),
             }
+            projected = image_projected[first_image:first_image + images]
+            if any(tokens is not None for tokens in projected):   # a projector step: the projector ran on more
+                row_counts["projector_tokens"] = sum(tokens for tokens in projected if tokens is not None)
             if llm_pass is not None and llm_pass.mlp_dropped:     # reductions between a layer's attention and MLP
                 row_counts["llm_mlp"] = [length - pads - (llm_pass.mlp_dropped.get(layer, before) - before)
                                          for layer, (length, before) in enumerate(zip(lengths, dropped))]
@@ -134,6 +138,19 @@ class Handle:
                     per_image[image] += _checked_overhead(self.method, step, self.dims, shape)
             overhead += per_image
         return overhead
+
+    @staticmethod
+    def _image_projected(call: Call) -> list[int | None]:
+        """Tokens the projector ran on for each image where a projector step reduced its output (None
+        elsewhere: the projector ran on the delivered tokens), in image order."""
+        projected = []
+        for vision_pass in call.vision:
+            per_image = [None] * vision_pass.n_images
+            for site, shapes in vision_pass.step_shapes:
+                if site == "projector":
+                    per_image = [shape.tokens for shape in shapes]
+            projected += per_image
+        return projected
 
     def _llm_overhead(self, llm_pass: LLMPass | None, row: int, pads: int) -> int:
         """Selection overhead of batch row `row`'s LLM steps, on its own length (padding excluded)."""

@@ -134,6 +134,20 @@ def contextual_tokens(x_anchors: torch.Tensor, x_members: torch.Tensor, assignme
     return (x_anchors.float() + member_means).to(x_anchors.dtype)
 
 
+def average_into_targets(x_targets: torch.Tensor, x_sources: torch.Tensor, assignment: torch.Tensor) -> torch.Tensor:
+    """VScan's merge: every target becomes the mean of itself and the sources assigned to it,
+    x_j ← (x_j + Σ_{i: a_i = j} x_i) / (1 + #{i: a_i = j}); a target without sources is unchanged.
+
+    x_targets: (B, T, D); x_sources: (B, S, D); assignment: (B, S) int64 target index of every
+    source -> (B, T, D) in x_targets' dtype, summed in float32.
+    """
+    batch, n_targets, width = x_targets.shape
+    sums = x_targets.float().scatter_add(1, assignment.unsqueeze(-1).expand(-1, -1, width), x_sources.float())
+    ones = torch.ones(assignment.shape, device=assignment.device)
+    counts = torch.ones(batch, n_targets, device=assignment.device).scatter_add(1, assignment, ones)   # (B, T)
+    return (sums / counts.unsqueeze(-1)).to(x_targets.dtype)
+
+
 def prumerge_merge(x: torch.Tensor, weights: torch.Tensor, kept: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
     """PruMerge's compress: x_i ← x_i + Σ_{j∈NN(i)} a_j x_j for every kept i, then one extra token
     Σ_{j pruned} a_j x_j appended (§8.6). The weights a are CLS attention, not normalised, and every
