@@ -19,7 +19,7 @@ from ficoco.contract import (LLMLayerStep, ProjectorStep, Step, StepShape, Visio
                              VisionOutputStep)
 from ficoco.dims import ModelDims
 from ficoco.models.clip import VisionPass
-from ficoco.models.llama import LLMPass
+from ficoco.models.llama import LLMPass, cache_of
 
 if TYPE_CHECKING:                    # for annotations only: an adapter never imports the methods package
     from ficoco.methods.base import Method
@@ -268,18 +268,6 @@ class Replacement:
 
     def remove(self) -> None:
         delattr(self.owner, self.name)
-
-
-def cache_of(kwargs: dict) -> Cache | None:
-    """The KV cache of a forward call, found by its type rather than its keyword.
-
-    transformers 5.23 passes it as `past_key_values`, 5.24 as `cache`; a lookup by name took every
-    decode step for a prefill under 5.24 and recorded the last decode step's counts.
-    """
-    caches = [value for value in kwargs.values() if isinstance(value, Cache)]
-    if len(caches) > 1:
-        raise RuntimeError(f"{len(caches)} KV cache objects in one forward call; expected at most one")
-    return caches[0] if caches else None
 
 
 def _checked_overhead(method, step: Step, dims: ModelDims, shape: StepShape) -> int:

@@ -231,7 +231,7 @@ class LlamaPatch:
             llm_pass.inputs = hidden                       # the embeddings, before any reduction
         if llm_pass.reduce and index in self.reducing:
             cos, sin = _sliced_kwargs(kwargs, llm_pass)["position_embeddings"]
-            scores_for, keys_cached = self._input_scores(index, layer, hidden, cos, sin, llm_pass, _cache_of(kwargs))
+            scores_for, keys_cached = self._input_scores(index, layer, hidden, cos, sin, llm_pass, cache_of(kwargs))
             hidden = self._reduce(index, hidden, llm_pass, scores_for, keep_from=index, keys_cached=keys_cached)
         if llm_pass.reduce and self.step.scores_from == "previous" and index + 1 in self.reducing:
             cos, sin = _sliced_kwargs(kwargs, llm_pass)["position_embeddings"]
@@ -325,16 +325,22 @@ class LlamaPatch:
         return hidden
 
 
-def _cache_of(kwargs: dict) -> Cache | None:
-    """The KV cache a decoder layer was called with, found by its type, not its keyword (it changed
-    between transformers 5.23 and 5.24)."""
+def cache_of(kwargs: dict) -> Cache | None:
+    """The KV cache of a forward call (the multimodal model's or a decoder layer's), found by its type
+    rather than its keyword.
+
+    transformers 5.23 passes it as `past_key_values`, 5.24 as `cache`; a lookup by name took every
+    decode step for a prefill under 5.24 and recorded the last decode step's counts.
+    """
     caches = [value for value in kwargs.values() if isinstance(value, Cache)]
+    if len(caches) > 1:
+        raise RuntimeError(f"{len(caches)} KV cache objects in one forward call; expected at most one")
     return caches[0] if caches else None
 
 
 def _cache_length(kwargs: dict, layer: int) -> int:
     """Entries layer `layer`'s KV cache holds before this call (0 without a cache)."""
-    cache = _cache_of(kwargs)
+    cache = cache_of(kwargs)
     return cache.get_seq_length(layer) if cache is not None else 0
 
 
