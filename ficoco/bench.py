@@ -89,17 +89,17 @@ def scaled_overrides(method: str, dims, budget: int | None, fixed: dict | None =
     defaults = methods.get(method).defaults
     overrides = {name: scaled_layers(defaults[name], REFERENCE_VISION_LAYERS, dims.vision_layers_run)
                  for name in VISION_LAYER_PARAMS.get(method, ())}
-    overrides.update(fixed or {})
     overrides.update({name: scaled_layers(defaults[name], REFERENCE_LLM_LAYERS, dims.llm_layers,
                                           lowest=1 if name == "layer" else 0)
                       for name in LLM_LAYER_PARAMS.get(method, ())})
+    fixed = fixed or {}                        # a variant's own parameters win over the scaled ones
     if method not in LLM_WINDOWS:
-        return overrides
+        return {**overrides, **fixed}
     start_name, window_name = LLM_WINDOWS[method]
     l_start = round(LLM_FRACTION_START * dims.llm_layers)
     l_window = max(1, round(LLM_FRACTION_WINDOW * dims.llm_layers))
     for start in range(l_start, -1, -1):
-        candidate = {**overrides, start_name: start, window_name: l_window}
+        candidate = {**overrides, start_name: start, window_name: l_window, **fixed}
         try:
             methods.get(method).check_budget(dims, budget, **candidate)
             return candidate
@@ -107,6 +107,14 @@ def scaled_overrides(method: str, dims, budget: int | None, fixed: dict | None =
             continue
     raise InfeasibleBudget(f"{method}: budget {budget} is unreachable on this {dims.llm_layers}-layer LLM even from "
                            f"layer 0 with window {l_window}")
+
+
+def prefill_macs(dims, counts: dict) -> float:
+    """What one prefill computes (vision tower, projector, LLM prefill, LM head on one position): the
+    exact cost of a sample that generated its first token only."""
+    from ficoco.flops import sample_cost
+
+    return sample_cost(dims, counts, generated_tokens=1)["total_macs"]
 
 
 def bench_configs(names, budgets, dims, variants=(), overrides=scaled_overrides) -> tuple[list[tuple], list[str]]:
@@ -224,7 +232,6 @@ def run(args) -> dict:
     import ficoco
     from ficoco import methods
     from ficoco.dims import ModelDims
-    from ficoco.flops import sample_cost
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -296,16 +303,12 @@ def run(args) -> dict:
             step_share[index] = {site: [statistics.mean(column) for column in zip(*values)]
                                  for site, values in shares.items()}
 
-    def prefill_macs(sample_counts):
-        cost = sample_cost(dims, sample_counts, generated_tokens=1)
-        return cost["vision_macs"] + cost["projector_macs"] + cost["prefill_macs"]
-
     vanilla_ms = statistics.median(times[0]) * 1e3
-    vanilla_macs = prefill_macs(counts[0])
+    vanilla_macs = prefill_macs(dims, counts[0])
     rows = []
     for index, (method, budget, overrides) in enumerate(configs):
         median_ms = statistics.median(times[index]) * 1e3
-        macs = prefill_macs(counts[index])
+        macs = prefill_macs(dims, counts[index])
         measured, predicted = vanilla_ms / median_ms, vanilla_macs / macs
         llm_visual = counts[index]["llm_visual"]
         rows.append({

@@ -37,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ficoco.bench import prefill_macs
+
 # LLaVA-shaped models, 336 px / patch 14: 577 tokens in the tower, 576 image tokens for the LLM
 SHAPES = {
     # LLaVA-1.5-7B: CLIP ViT-L/14-336 (24 layers, LLaVA reads layer -2; 16 heads of 64) and Vicuna-7B
@@ -92,14 +94,6 @@ def overrides_for(shape: str):
         label = "full" if budget is None else str(budget)
         return {**method_overrides(grid, models, PAPER_MODEL, method, label), **(fixed or {})}
     return paper_overrides
-
-
-def prefill_macs(dims, counts: dict) -> float:
-    """Vision tower + projector + LLM prefill + LM head on one position: what one prefill computes."""
-    from ficoco.flops import sample_cost
-
-    cost = sample_cost(dims, counts, generated_tokens=1)
-    return cost["vision_macs"] + cost["projector_macs"] + cost["prefill_macs"]
 
 
 def generate_macs(dims, counts: dict) -> float:

@@ -11,8 +11,9 @@ from typing import Callable, Mapping
 import torch
 
 from ficoco.budget import InfeasibleBudget, keep_for_budget, layer_average, progressive_llm_schedule, step_counts
-from ficoco.contract import (LLM_PLACEMENTS, ImageTokens, LLMKept, LLMLayerStep, LLMSchedule, LLMScores, LLMTokens, Needs, Plan,
-                             StepShape, VisionLayerStep, VisionOutputStep, VisionSchedule, VisionScores, VisionTokens)
+from ficoco.contract import (LLM_PLACEMENTS, ImageTokens, LLMKept, LLMLayerStep, LLMSchedule, LLMScores, LLMTokens,
+                             Needs, Plan, StepShape, VisionLayerStep, VisionOutputStep, VisionSchedule, VisionScores,
+                             VisionTokens)
 from ficoco.methods.base import Param, one_of, optional_non_negative_int, positive_int, positive_number, unit_interval
 from ficoco.paradigm.compress import gather_tokens, self_preserving_merge
 from ficoco.paradigm.correlate import adaptive_quantile_weights, ficoco_l_correlation, fixed_k_weights, take

@@ -183,7 +183,7 @@ class FeaturePatch:
             _check_tokens(out.hidden, batch, self.output_step.tokens_out, "vision-output")
             kept = [self.output_step.tokens_out] * batch
         _record_shapes(vision_pass, "output", [StepShape(self.feature_index, tokens, count) for count in kept])
-        if vision_pass is not None and out.positions is not None:
+        if out.positions is not None:          # _record_shapes: a pass is there
             vision_pass.trace[self.feature_index] = out.positions
         return (out.hidden.to(features.dtype), *args[1:])
 
@@ -195,7 +195,7 @@ class FeaturePatch:
         _check_tokens(out.hidden, batch, self.projector_step.tokens_out, "projector")
         vision_pass = feature_pass.vision_pass if feature_pass is not None else None
         _record_shapes(vision_pass, "projector", [StepShape(None, tokens, self.projector_step.tokens_out)] * batch)
-        if vision_pass is not None and out.positions is not None:
+        if out.positions is not None:          # _record_shapes: a pass is there
             vision_pass.trace[PROJECTOR_TRACE] = out.positions
         return out.hidden.to(output.dtype)
 

@@ -96,24 +96,31 @@ class LLMPass:
 
 
 class LlamaScores:
-    """`LLMScores` of one decoder layer, computed from its own input layer norm, q/k and RoPE; the keys
-    are read from the layer's KV cache instead when it already ran (`cached_keys`)."""
+    """`LLMScores` of one decoder layer, computed from its own input layer norm, q/k and RoPE, each part on
+    first use; the keys are read from the layer's KV cache instead when it already ran (`cached_keys`)."""
 
     def __init__(self, layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  valid: torch.Tensor | None, norm=None, cached_keys: torch.Tensor | None = None):
         self.layer, self.hidden, self.valid, self.norm = layer, hidden, valid, norm   # hidden (B, L, D)
         batch = hidden.shape[0]
         self.cos, self.sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)   # (B, L, d)
-        self.cached_keys = cached_keys                                              # (B, H_kv, L, d) or None
+        self._keys = cached_keys                                                    # (B, H_kv, L, d) or None
+        self._normed_input: torch.Tensor | None = None
+
+    def _normed(self) -> torch.Tensor:
+        """(B, L, D) the layer's input layer norm of its input (what its q/k projections read)."""
+        if self._normed_input is None:
+            self._normed_input = self.layer.input_layernorm(self.hidden)
+        return self._normed_input
 
     def keys(self) -> torch.Tensor:
         """(B, H_kv, L, d) post-RoPE keys of the layer's input, as its KV cache holds them."""
-        if self.cached_keys is not None:
-            return self.cached_keys
-        attn = self.layer.self_attn
-        batch, length, _ = self.hidden.shape
-        k = attn.k_proj(self.layer.input_layernorm(self.hidden)).view(batch, length, -1, attn.head_dim)
-        return _rope(k.transpose(1, 2), self.cos, self.sin)
+        if self._keys is None:
+            attn = self.layer.self_attn
+            batch, length, _ = self.hidden.shape
+            k = attn.k_proj(self._normed()).view(batch, length, -1, attn.head_dim)
+            self._keys = _rope(k.transpose(1, 2), self.cos, self.sin)
+        return self._keys
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         """The language model's final norm applied to `hidden` (B, N, D)."""
@@ -125,7 +132,7 @@ class LlamaScores:
         attn = self.layer.self_attn
         batch, length, _ = self.hidden.shape
         n_rows, head_dim = queries.shape[1], attn.head_dim
-        normed = self.layer.input_layernorm(self.hidden)                                     # (B, L, D)
+        normed = self._normed()                                                               # (B, L, D)
         query_in = normed.gather(1, queries[..., None].expand(-1, -1, normed.shape[-1]))    # (B, R, D)
         q = attn.q_proj(query_in).view(batch, n_rows, -1, head_dim).transpose(1, 2)         # (B, H, R, d)
         rows_index = queries[..., None].expand(-1, -1, head_dim)

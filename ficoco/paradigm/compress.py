@@ -141,11 +141,10 @@ def average_into_targets(x_targets: torch.Tensor, x_sources: torch.Tensor, assig
     x_targets: (B, T, D); x_sources: (B, S, D); assignment: (B, S) int64 target index of every
     source -> (B, T, D) in x_targets' dtype, summed in float32.
     """
-    batch, n_targets, width = x_targets.shape
-    sums = x_targets.float().scatter_add(1, assignment.unsqueeze(-1).expand(-1, -1, width), x_sources.float())
-    ones = torch.ones(assignment.shape, device=assignment.device)
-    counts = torch.ones(batch, n_targets, device=assignment.device).scatter_add(1, assignment, ones)   # (B, T)
-    return (sums / counts.unsqueeze(-1)).to(x_targets.dtype)
+    batch, n_targets, _ = x_targets.shape
+    own = torch.arange(n_targets, device=assignment.device).expand(batch, -1)   # every target in its own group
+    means, _ = group_means(torch.cat([x_targets, x_sources], dim=1), torch.cat([own, assignment], dim=1), n_targets)
+    return means.to(x_targets.dtype)
 
 
 def prumerge_merge(x: torch.Tensor, weights: torch.Tensor, kept: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
