@@ -12,6 +12,7 @@ import sys
 COMMANDS = {
     "run": ("ficoco.evaluate:main", "run one evaluate job (model + method + budget + benchmark [+ shard])"),
     "score": ("ficoco.evaluate:main_score", "merge the shards of one run into metrics.json"),
+    "calibrate": ("ficoco.calibrate:main", "fit a calibrated method (FitPrune's schedule) for a model and budget"),
     "fetch-model": ("ficoco.fetch:main_model", "download a model snapshot at a pinned revision"),
     "fetch-benchmark": ("ficoco.benchmarks.fetch:main", "download and normalise a benchmark at a pinned revision"),
     "toy": ("ficoco.toy.cli:main", "build the embedded toy world (synthetic benchmark, tiny LLaVA)"),

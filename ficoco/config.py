@@ -436,6 +436,7 @@ def check_schema(config: dict, schema_path: Path = SCHEMA_PATH) -> dict:
 MODEL_SOURCES = ("hub", "toy")
 MODEL_SHAPES = ("llava-1.5-7b", "llava-1.5-13b", "toy")
 BENCHMARK_SOURCES = ("hub", "toy")
+TOY_SPLITS = ("test", "val", "train")      # ficoco/toy/shapes.py SPLITS; "test" is the held-out default
 
 
 def _registry_paths(config: dict, root: Path) -> dict[str, tuple[tuple, Path, str]]:
@@ -535,6 +536,9 @@ def _check_benchmark_entry(name: str, entry: dict, registry: str) -> None:
     if source == "toy" and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
         raise ConfigError(f"{rows!r} is not a row count; valid: an integer >= 1 (the toy benchmark's size)",
                           [name, "rows"], registry)
+    if source == "toy" and entry.get("split", "test") not in TOY_SPLITS:
+        raise ConfigError(f"{entry.get('split')!r} is not a toy split; valid: {', '.join(TOY_SPLITS)}",
+                          [name, "split"], registry)
     if source == "hub":
         for field in ("id", "split"):
             if not entry.get(field):
@@ -807,6 +811,9 @@ def _check_budgets(config: dict, models: dict, model_registry: str, method_regis
             for method in config["methods"]:
                 if method == "vanilla" or not method_registry.get(method).budgeted:
                     continue
+                if method_registry.get(method).calibrated:
+                    _check_calibrated_budget(config, models, model, dims, method, label, method_registry, index)
+                    continue
                 if tflops_target(label) is not None:
                     try:
                         solve_budget(config, models, model, method, label)
@@ -821,6 +828,22 @@ def _check_budgets(config: dict, models: dict, model_registry: str, method_regis
                     valid = _reachable(config, models, model, dims, method, budget, error)
                     raise ConfigError(f"{budget} for method {method} on model {model}: {str(error).rstrip('.')}; "
                                       f"valid: {valid}", ["budgets", index]) from None
+
+
+def _check_calibrated_budget(config: dict, models: dict, model: str, dims, method: str, label: str,
+                             method_registry, index: int) -> None:
+    """What can be checked of a calibrated method before its fit: a token budget (a TFLOPs target
+    would need the fitted schedule to solve), its parameters and what it needs of the model."""
+    if tflops_target(label) is not None:
+        raise ConfigError(f"{label!r} for method {method} on model {model}: a TFLOPs target is solved from a "
+                          f"method's plan, and {method}'s plan is fitted per budget first; valid for {method}: "
+                          f"token budgets (integers)", ["budgets", index])
+    overrides = method_overrides(config, models, model, method, label)
+    try:
+        method_registry.get(method).check_budget(dims, None, **overrides)
+    except ValueError as error:
+        raise ConfigError(f"{label} for method {method} on model {model}: {str(error).rstrip('.')}",
+                          ["budgets", index]) from None
 
 
 def solve_budget(config: dict, models: dict, model: str, method: str, label: str):
@@ -888,7 +911,38 @@ def _validate(config: dict, root: Path) -> dict:
     _check_method_params(config, method_registry)
     _check_needs(config, models, model_registry, method_registry)
     _check_budgets(config, models, model_registry, method_registry)
+    _check_calibration(config, benchmarks, benchmark_registry, method_registry)
     return config
+
+
+def calibrated_methods(config: dict) -> list[str]:
+    """The configured methods whose plans need a fit on the calibration set (`Method.calibrated`)."""
+    from ficoco import methods as method_registry
+
+    return [method for method in config["methods"] if method_registry.get(method).calibrated]
+
+
+def _check_calibration(config: dict, benchmarks: dict, registry: str, method_registry) -> None:
+    """A calibrated method needs a calibration set: a registered benchmark the grid does not evaluate."""
+    name = config["calibration"]["benchmark"]
+    needing = calibrated_methods(config)
+    if name is None:
+        if needing:
+            raise ConfigError(f"None: methods {needing} fit their parameters on a calibration set first; valid: a "
+                              f"registered benchmark the grid does not evaluate (e.g. toy-shapes-train for the toy "
+                              f"world)", ["calibration", "benchmark"])
+        return
+    if name not in benchmarks:
+        raise _unknown(["calibration", "benchmark"], name, benchmarks)
+    if name in config["benchmarks"]:
+        raise ConfigError(f"{name!r} is also evaluated (benchmarks); valid: a benchmark the grid does not evaluate, "
+                          f"so no method is fitted on its own test rows", ["calibration", "benchmark"])
+    _check_benchmark_entry(name, benchmarks[name], registry)
+    _benchmark_object(name, benchmarks[name], registry)
+    available, wanted = benchmarks[name].get("rows"), config["calibration"]["rows"]
+    if available is not None and wanted > available:      # a built set's size is known before it exists
+        raise ConfigError(f"{wanted} rows, but {name} has {available} ({registry}); valid: 1..{available}",
+                          ["calibration", "rows"])
 
 
 def validate(config: dict, root: Path = REPO_ROOT, sources: Sources | None = None) -> dict:
@@ -977,15 +1031,21 @@ def load_and_validate(path: str | Path, root: Path | None = None) -> dict:
 
 def planned_schedule(config: dict, models: dict, job: Job) -> dict:
     """What a job's method plans on its model: visual tokens delivered to the LLM and per LLM layer
-    (None for an adaptive method, which chooses a count per image while it runs)."""
+    (None for an adaptive method, which chooses a count per image while it runs). A calibrated method's
+    plan exists only after its fit (the calibrate rule's artifact): "fitted" is true and the counts
+    are None."""
     from ficoco import methods
 
     dims = model_dims(job.model, models[job.model])
+    method = methods.get(job.method)
+    if method.calibrated:
+        return {"visual_tokens": dims.visual_tokens, "delivered": None, "llm_visual": None, "layer_average": None,
+                "fitted": True}
     budget = methods.budget_from_label(job.method, job.run_budget)
-    plan = methods.get(job.method).plan(dims, budget, **method_overrides(config, models, job.model, job.method,
-                                                                          job.budget))
+    plan = method.plan(dims, budget, **method_overrides(config, models, job.model, job.method, job.budget))
     return {"visual_tokens": dims.visual_tokens, "delivered": plan.delivered,
-            "llm_visual": None if plan.llm_visual is None else list(plan.llm_visual), "layer_average": plan.layer_average}
+            "llm_visual": None if plan.llm_visual is None else list(plan.llm_visual), "layer_average": plan.layer_average,
+            "fitted": False}
 
 
 def main(argv: list[str] | None = None) -> int:

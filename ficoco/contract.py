@@ -97,10 +97,10 @@ class LLMScores(Protocol):
     `scores_from="previous"`; either way positions are those of the reducing layer's input.
     """
 
-    def rows(self, queries: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
+    def rows(self, queries: torch.Tensor, keys: torch.Tensor | None = None, heads: str = "mean") -> torch.Tensor:
         """(B, R, K) float32 head-mean probabilities of query rows `queries` (B, R), softmax over every
         key the row may see (causal + padding mask), returned for the key columns `keys` (B, K)
-        (all columns when None)."""
+        (all columns when None); `heads="max"`: the maximum over heads instead of the mean."""
 
     def keys(self) -> torch.Tensor:
         """(B, H_kv, L, d) the layer's keys after RoPE (what its KV cache holds; read from that cache when
@@ -193,7 +193,8 @@ class LLMLayerStep:
 
     layers: tuple[int, ...]                 # 0-based decoder layers that reduce
     reduce: Callable[[int, LLMTokens, LLMScores], LLMKept]
-    tokens_out: Mapping[int, int]           # layer -> visual tokens left after it
+    tokens_out: Mapping[int, int | None]    # layer -> visual tokens left after it; None: the reduce chooses
+                                            # (every row of a batch alike; FitPrune's fit, one prompt at a time)
     overhead: Overhead                      # MACs of one prompt's step at one layer (`StepShape`)
     needs_instruction: bool = True          # a prompt with no tokens after the image cannot be scored:
                                             # alone it is left unreduced, in a batch it is an error

@@ -93,17 +93,22 @@ class Generator:
         image = row["image"].convert("RGB")
         return pad_to_square(image, self.background) if self.image_preprocessing == "pad" else image
 
+    def inputs(self, rows: list[dict]):
+        """The model inputs of rows that all have an image, or all have none (one processor call)."""
+        texts = [self._text(row) for row in rows]
+        images = [self._image(row) for row in rows] if rows[0]["image"] is not None else None
+        inputs = self.processor(images=images, text=texts, return_tensors="pt", padding=True).to(self.model.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        return inputs
+
     def generate(self, rows: list[dict]) -> list[dict]:
         """Records for rows that all have an image, or all have none (one processor call)."""
         import torch
 
         from ficoco.flops import sample_cost
 
-        texts = [self._text(row) for row in rows]
-        images = [self._image(row) for row in rows] if rows[0]["image"] is not None else None
-        inputs = self.processor(images=images, text=texts, return_tensors="pt", padding=True).to(self.model.device)
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        inputs = self.inputs(rows)
         tokenizer = self.processor.tokenizer
         start = time.perf_counter()
         with torch.inference_mode():
@@ -176,7 +181,7 @@ def evaluate_shard(*, model_dir, benchmark_dir, benchmark: str, method: str, bud
                    dtype: str = "float32", overrides: dict | None = None, options: dict | None = None,
                    limit: int | None = None, template: str = "USER: <image>\n{prompt} ASSISTANT:",
                    image_preprocessing: str = "none", job: dict | None = None, progress: bool = True,
-                   benchmark_module: str | None = None) -> Path:
+                   benchmark_module: str | None = None, calibration: str | Path | None = None) -> Path:
     """Run (or resume) one shard and write `out` (predictions.jsonl) when every sample is recorded.
 
     `benchmark` names the job; `benchmark_module` the registered prompt/scoring module (default: the same).
@@ -192,12 +197,15 @@ def evaluate_shard(*, model_dir, benchmark_dir, benchmark: str, method: str, bud
     from ficoco import benchmarks as benchmark_registry
     from ficoco import methods as method_registry
     from ficoco.benchmarks.fetch import load_local, shard_rows
+    from ficoco.calibrate import with_calibration
     from ficoco.dims import ModelDims
     from ficoco.fingerprint import job_fingerprint
     from ficoco.invariants import check_record
 
     budget_value = method_registry.budget_from_label(method, budget)   # a label that does not fit fails first
-    params = method_registry.get(method).resolve(overrides or {})      # so do unknown or bad overrides
+    # a calibrated method's fitted parameters join the overrides (and so the fingerprint); a stale fit fails here
+    overrides = with_calibration(method, budget_value, overrides or {}, calibration, model_dir)
+    params = method_registry.get(method).resolve(overrides)            # so do unknown or bad overrides
 
     out = Path(out)
     journal = Journal(out.parent / "journal.jsonl")
@@ -225,7 +233,7 @@ def evaluate_shard(*, model_dir, benchmark_dir, benchmark: str, method: str, bud
     if todo:
         torch.manual_seed(0)
         model, processor = load_model(model_dir, device, dtype)
-        handle = ficoco.apply(model, method, budget_value, **(overrides or {}))
+        handle = ficoco.apply(model, method, budget_value, **overrides)
         generator = Generator(model, processor, handle, bench, options or {}, template, image_preprocessing,
                               ModelDims.from_config(model.config), judge=judge)
         recorded = len(rows) - len(todo)
@@ -411,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--template", default=json.dumps("USER: <image>\n{prompt} ASSISTANT:"),
                         help="the prompt template as a JSON string; {prompt} marks the benchmark prompt")
     parser.add_argument("--image-preprocessing", default="none", choices=["none", "pad"])
+    parser.add_argument("--calibration", help="a calibrated method's fitted parameters (`ficoco calibrate`'s JSON)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if args.budget not in (FULL, ADAPTIVE) and not args.budget.isdigit():
@@ -455,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
                        overrides=parsed["overrides"], options=parsed["options"], limit=args.limit,
                        template=parsed["template"],
                        image_preprocessing=args.image_preprocessing, job=job, progress=not args.no_progress,
-                       benchmark_module=args.benchmark_module)
+                       benchmark_module=args.benchmark_module, calibration=args.calibration)
     except InvariantViolation as error:          # one line: method, sample, place, expected, found
         print(f"ficoco run: invariant violated: {error}", file=sys.stderr)
         return 1

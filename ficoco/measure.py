@@ -304,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-label", help="the grid's label for this budget, when it differs: a TFLOPs "
                                                "target ('t2.4') that the grid solved into --budget")
     parser.add_argument("--overrides", type=_overrides, default={}, help="method overrides as a JSON object")
+    parser.add_argument("--calibration", help="a calibrated method's fitted parameters (`ficoco calibrate`'s JSON)")
     parser.add_argument("--device", default="auto", choices=DEVICES)
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
     parser.add_argument("--attn-implementation", default="sdpa", help="the same kernel for every method (sdpa)")
@@ -320,13 +321,16 @@ def main(argv: list[str] | None = None) -> int:
     problem = run_label_problem(args.budget_label, args.budget)
     if problem:
         parser.error(problem)
+    from ficoco.calibrate import with_calibration
     from ficoco.methods import budget_from_label
 
     try:
         budget = budget_from_label(args.method, args.budget)
+        overrides = with_calibration(args.method, budget, args.overrides, args.calibration,
+                                     resolve_config_path(args.model_config).parent)
     except ValueError as error:
         parser.error(str(error))
-    result = measure(args.model_config, args.method, budget, args.overrides, args.device, args.dtype,
+    result = measure(args.model_config, args.method, budget, overrides, args.device, args.dtype,
                      args.batch_size, args.warmup, args.repeats, args.prompt_tokens, args.new_tokens,
                      args.attn_implementation, args.seed, args.model_name)
     result["job"].update(budget=args.budget_label or result["job"]["budget"], run_budget=args.budget)

@@ -11,12 +11,14 @@ from pathlib import Path
 
 import yaml
 
+from ficoco import methods as method_registry
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW_PARTS = ("workflow", "config", "slurm", "report")
 
 # The golden grid (tests/test_golden_pipeline.py; tests/test_slurm.py compares Slurm's results with it):
 # one or two methods of every phase (vision, projector, LLM, both) and an adaptive (count per image) one
-GOLDEN_METHODS = ["vanilla", "ficoco-v", "divprune", "fastv", "ficoco-l", "ficoco-vl", "prumerge-adaptive"]
+GOLDEN_METHODS = ["vanilla", "ficoco-v", "divprune", "fastv", "ficoco-l", "ficoco-vl", "prumerge-adaptive", "fitprune"]
 GOLDEN_BUDGETS = [96, 72]            # of 144 visual tokens; the small toy model has 4 LLM layers
 GOLDEN_LIMIT = 4
 
@@ -42,6 +44,8 @@ def write_toy_config(repo: Path, name: str, *, methods, budgets, benchmarks=("to
               "measure": {"enabled": bool(measure_methods), **({"methods": list(measure_methods)}
                                                               if measure_methods else {})},
               "wandb": {"project": project}}
+    if any(method_registry.get(method).calibrated for method in methods):      # FitPrune fits on 4 training scenes
+        config["calibration"] = {"benchmark": "toy-shapes-train", "rows": 4}
     (repo / f"config/{name}.yaml").write_text(yaml.safe_dump(config))
     return f"config/{name}.yaml"
 

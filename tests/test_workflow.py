@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ficoco import methods
 from ficoco.config import job_grid, load_and_validate
 from pipeline import copy_workflow
 
@@ -51,7 +52,10 @@ def test_paper_dry_run_lists_every_job(repo_copy, configfile):
     assert counts["evaluate"] == len(grid)
     assert counts["score"] == len({(j.model, j.benchmark, j.method, j.budget) for j in grid})
     assert counts["fetch_model"] == len(config["models"])
-    assert counts["fetch_benchmark"] == len(config["benchmarks"])
+    calibrated = {method for method in config["methods"] if methods.get(method).calibrated}
+    # the calibration set is fetched too, and each calibrated method is fitted once per model and budget
+    assert counts["fetch_benchmark"] == len(config["benchmarks"]) + bool(calibrated)
+    assert counts.get("calibrate", 0) == len({(j.model, j.method, j.budget) for j in grid if j.method in calibrated})
     assert counts["measure"] == len({(j.model, j.method, j.budget) for j in grid})
     assert counts["aggregate"] == counts["report"] == 1
     # each evaluate job runs the budget the grid solved for its label (a TFLOPs target's token budget)
@@ -67,10 +71,10 @@ def test_slurm_profile_gives_gpus_to_gpu_jobs_only(repo_copy):
     assert result.returncode == 0, result.stderr[-2000:]
     blocks = job_blocks(result.stdout)
     seen = {rule for rule, _ in blocks}
-    assert {"evaluate", "measure", "fetch_model", "fetch_benchmark", "score", "aggregate", "report"} <= seen
+    assert {"evaluate", "measure", "calibrate", "fetch_model", "fetch_benchmark", "score", "aggregate", "report"} <= seen
     for rule, block in blocks:
         resources = next((line for line in block.splitlines() if line.strip().startswith("resources:")), "")
-        if rule in ("evaluate", "measure"):
+        if rule in ("evaluate", "measure", "calibrate"):
             assert "gpu=1" in resources and "slurm_partition=gpupart" in resources, (rule, resources)
             assert "slurm_account=acct42" in resources and "mem_mb=64000" in resources, (rule, resources)
         else:

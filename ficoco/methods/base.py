@@ -75,6 +75,10 @@ class Method:
     "delivered", "llm_visual" and "layer_average" are None: the counts exist only once a run has
     realised them, `handle.last_counts()`), and any other budget is a ValueError naming the method.
     The grid runs such a method once, under the budget label "adaptive".
+
+    `calibrated=True` marks a method whose plan for a budget needs parameters fitted on calibration
+    prompts (FitPrune's deletion schedule): the pipeline fits them per model and budget (rule
+    `calibrate`, `ficoco calibrate`) and each job reads the artifact (`ficoco run --calibration`).
     """
 
     name: str
@@ -87,9 +91,16 @@ class Method:
     schedule: Callable[[Any, int | None, dict], dict]   # the plan's entries, made a `Plan` by `plan`
     build: Callable[[Plan], tuple[Step, ...]]
     budgeted: bool = True                       # False: adaptive, a count per image and no budget
+    calibrated: bool = False                    # True: a budget's plan needs parameters fitted on calibration
+                                                # data first (`ficoco calibrate`, FitPrune's deletions)
+    fitted_where: str = ""                      # a calibrated method: where its fitted steps act, in words
+                                                # (`ficoco methods`; it builds none before its fit)
     needs: Needs = Needs()                      # what it assumes of an image's layout (ficoco.contract)
 
     def __post_init__(self):
+        if self.calibrated != bool(self.fitted_where):
+            raise ValueError(f"{self.name}: a calibrated method, and only one, says where it acts once fitted "
+                             f"(fitted_where)")
         if self.phase not in PHASES:
             raise ValueError(f"{self.name}: phase={self.phase!r}; valid phases are {list(PHASES)}")
         bad_sites = [site for site in self.acts_on if site not in SITES]

@@ -10,9 +10,12 @@ from ficoco.contract import Needs
 
 
 def sites(method) -> list[str]:
-    """Where the method acts, from the reduction steps it builds for LLaVA-1.5-7B at its default settings."""
+    """Where the method acts, from the reduction steps it builds for LLaVA-1.5-7B at its default settings
+    (a calibrated method builds none before its fit and says where it acts once fitted)."""
     from ficoco.dims import llava_1_5_dims
 
+    if method.calibrated:
+        return [method.fitted_where]
     dims = llava_1_5_dims("7b")
     for budget in (128, 192, 64, dims.visual_tokens, None):
         try:

@@ -28,7 +28,7 @@ from transformers.cache_utils import Cache
 from transformers.models.llama.modeling_llama import rotate_half
 
 from ficoco.contract import LLMKept, LLMLayerStep, LLMTokens
-from ficoco.paradigm.attention import head_mean_probs
+from ficoco.paradigm.attention import head_mean_probs, reduce_heads
 
 
 class LLMPass:
@@ -128,7 +128,7 @@ class LlamaScores:
             raise ValueError("final_norm is unavailable: these scores were built without the model's final norm")
         return self.norm(hidden)
 
-    def rows(self, queries: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
+    def rows(self, queries: torch.Tensor, keys: torch.Tensor | None = None, heads: str = "mean") -> torch.Tensor:
         attn = self.layer.self_attn
         batch, length, _ = self.hidden.shape
         n_rows, head_dim = queries.shape[1], attn.head_dim
@@ -144,22 +144,27 @@ class LlamaScores:
             allowed = allowed & self.valid[:, None, :]                                      # padding keys
         additive = torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device)
         additive = additive.masked_fill(~allowed, float("-inf"))[:, None]                  # (B, 1, R, L)
-        probs = head_mean_probs(q, k, attn.scaling, additive)                               # (B, R, L)
+        probs = head_mean_probs(q, k, attn.scaling, additive, heads)                        # (B, R, L)
         if keys is None:
             return probs
         return probs.gather(2, keys[:, None, :].expand(-1, n_rows, -1))                     # (B, R, K)
 
 
 class LayerProbabilities:
-    """`LLMScores` of a reduction between a layer's attention and its MLP: the head-mean probabilities
-    (B, L, L) that attention computed (causal and padding masks included); nothing is recomputed."""
+    """`LLMScores` of a reduction between a layer's attention and its MLP: the probabilities
+    (B, H, L, L) that attention computed (causal and padding masks included), reduced over heads on
+    first use; nothing is recomputed."""
 
-    def __init__(self, head_mean: torch.Tensor, norm):
-        self.head_mean, self.norm = head_mean, norm
+    def __init__(self, probs: torch.Tensor, norm):
+        self.probs, self.norm = probs, norm
+        self._reduced: dict[str, torch.Tensor] = {}
 
-    def rows(self, queries: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
-        length = self.head_mean.shape[-1]
-        rows = self.head_mean.gather(1, queries[..., None].expand(-1, -1, length))           # (B, R, L)
+    def rows(self, queries: torch.Tensor, keys: torch.Tensor | None = None, heads: str = "mean") -> torch.Tensor:
+        if heads not in self._reduced:
+            self._reduced[heads] = reduce_heads(self.probs.float(), heads)                   # (B, L, L)
+        reduced = self._reduced[heads]
+        length = reduced.shape[-1]
+        rows = reduced.gather(1, queries[..., None].expand(-1, -1, length))                  # (B, R, L)
         if keys is None:
             return rows
         return rows.gather(2, keys[:, None, :].expand(-1, queries.shape[1], -1))             # (B, R, K)
@@ -289,9 +294,8 @@ class LlamaPatch:
                 raise RuntimeError(f"decoder layer {index}'s attention returned no probabilities; the in-layer "
                                    f"reduction needs its eager attention")
             hidden = hidden_states + attention_out                         # (B, L, D) the attention residual
-            head_mean = probs.float().mean(dim=1)                          # (B, L, L)
             hidden = self._reduce(index, hidden, llm_pass,
-                                  lambda rows: LayerProbabilities(head_mean[rows], self.norm), keep_from=index + 1)
+                                  lambda rows: LayerProbabilities(probs[rows], self.norm), keep_from=index + 1)
             llm_pass.mlp_dropped[index] = llm_pass.dropped
             return hidden + layer.mlp(layer.post_attention_layernorm(hidden))   # (B, L', D)
 
@@ -305,12 +309,20 @@ class LlamaPatch:
         Returns (B, L', D)."""
         batch, length, width = hidden.shape
         kept_hidden = torch.empty_like(hidden)
-        kept_visual = llm_pass.visual.new_empty(batch, self.step.tokens_out[index])
+        kept_visual = None
         for rows in _rows_by_instruction_length(llm_pass.instruction):
             tokens = LLMTokens(hidden=hidden[rows], visual=llm_pass.visual[rows],
                                instruction=torch.stack([llm_pass.instruction[r] for r in rows.tolist()]),
                                **(_input_embeddings(llm_pass, rows) if self.step.needs_inputs else {}))
             kept: LLMKept = self.step.reduce(index, tokens, scores_for(rows))
+            planned = self.step.tokens_out[index]               # None: the reduce chose the count
+            if kept_visual is None:
+                kept_visual = llm_pass.visual.new_empty(batch, kept.visual.shape[1] if planned is None else planned)
+            if kept.visual.shape[1] != kept_visual.shape[1]:
+                raise ValueError(f"LLM layer {index}: the reduction kept {kept.visual.shape[1]} visual tokens in rows "
+                                 f"{rows.tolist()} and {kept_visual.shape[1]} in others; "
+                                 + ("it must keep the planned count" if planned is not None else
+                                    "a reduction that chooses its count runs one prompt at a time"))
             kept_hidden[rows], kept_visual[rows] = kept.hidden, kept.visual
         llm_pass.step_shapes.append((index, length, llm_pass.visual.shape[1], kept_visual.shape[1],
                                      [positions.shape[0] for positions in llm_pass.instruction], keys_cached))

@@ -27,13 +27,27 @@ def _repeat_kv_heads(k: torch.Tensor, n_query_heads: int) -> torch.Tensor:
     return k.repeat_interleave(n_query_heads // n_kv_heads, dim=1)
 
 
+HEAD_REDUCTIONS = ("mean", "max")     # how per-head probabilities become one map (`reduce_heads`)
+
+
+def reduce_heads(probs: torch.Tensor, heads: str) -> torch.Tensor:
+    """(B, H, Nq, Nk) -> (B, Nq, Nk): the mean over heads (every method but FitPrune) or the maximum
+    (FitPrune's "head-max" attention map)."""
+    if heads == "mean":
+        return probs.mean(dim=1)
+    if heads == "max":
+        return probs.amax(dim=1)
+    raise ValueError(f"heads={heads!r}; valid choices are {list(HEAD_REDUCTIONS)}")
+
+
 def head_mean_probs(
     q: torch.Tensor,
     k: torch.Tensor,
     scale: float,
     additive_mask: torch.Tensor | None = None,
+    heads: str = "mean",
 ) -> torch.Tensor:
-    """Softmax attention probabilities averaged over heads, in float32.
+    """Softmax attention probabilities averaged over heads (`heads="max"`: their maximum), in float32.
 
     q: (B, H, Nq, d); k: (B, H_kv, Nk, d) with H_kv dividing H (repeated for GQA);
     scale: logit scale, usually 1/sqrt(d); additive_mask: broadcastable to (B, H, Nq, Nk),
@@ -57,7 +71,7 @@ def head_mean_probs(
         # A row is all -inf exactly when its maximum is -inf (a NaN maximum compares False).
         fully_masked = logits.amax(dim=-1, keepdim=True) == float("-inf")  # (B, H, Nq, 1)
         probs = probs.masked_fill(fully_masked, 0.0)  # not in place: softmax's backward reads its output
-    return probs.mean(dim=1)  # (B, Nq, Nk)
+    return reduce_heads(probs, heads)  # (B, Nq, Nk)
 
 
 def head_mean_keys(k: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """`ficoco toy ...`: build the embedded toy world.
 
-    ficoco toy build-benchmark --out DIR [--seed 1234] [--rows 500]
+    ficoco toy build-benchmark --out DIR [--seed 1234] [--rows 500] [--split test | val | train]
     ficoco toy build-model --out DIR [--seed 0] [--train | --no-train] [--steps N] [--size default]
                            [--recipe end-to-end | staged]
     ficoco toy measure --model DIR --benchmark DIR [--keep 48 32 16] [--rows N]
@@ -73,8 +73,11 @@ def _training_summary(result: dict) -> dict:
 # --------------------------------------------------------------------------------------------
 # benchmark
 
-def build_benchmark(out, seed: int = 1234, rows: int = 500) -> dict:
-    """Render `rows` held-out samples into `out` (contracts §5 benchmark directory); returns the manifest."""
+def build_benchmark(out, seed: int = 1234, rows: int = 500, split: str = "test") -> dict:
+    """Render `rows` samples of a split into `out` (contracts §5 benchmark directory); returns the manifest.
+
+    split: "test" (held out: what the grid evaluates), "val", or "train" (the training stream, e.g. as
+    the calibration set of FitPrune's fit, which the authors draw from LLaVA's training data)."""
     from datasets import Dataset, Features, Image, List, Value
 
     from ficoco.toy import shapes
@@ -82,13 +85,14 @@ def build_benchmark(out, seed: int = 1234, rows: int = 500) -> dict:
     if rows < 1:
         raise ValueError(f"rows={rows}: must be at least 1")
     out = Path(out)
-    request = {"seed": int(seed), "rows": int(rows), "generator_version": GENERATOR_VERSION}
+    request = {"seed": int(seed), "rows": int(rows), "generator_version": GENERATOR_VERSION,
+               **({"split": split} if split != "test" else {})}   # a test manifest reads as before
     existing = _read_manifest(out)
     if existing and existing.get("config") == request and (out / "data").is_dir():
         print(f"toy benchmark {out} is up to date ({rows} rows, seed {seed})")
         return existing
 
-    samples = shapes.samples(seed, "test", rows)
+    samples = shapes.samples(seed, split, rows)
     features = Features({
         "id": Value("string"), "image": Image(), "question": Value("string"),
         "answers": List(Value("string")), "choices": List(Value("string")), "meta": Value("string"),
@@ -103,14 +107,14 @@ def build_benchmark(out, seed: int = 1234, rows: int = 500) -> dict:
     }, features=features)
     checksum = shapes.checksum(samples)
     manifest = {
-        "benchmark": "toy", "id": "ficoco/toy-shapes", "config": request, "split": "test",
+        "benchmark": "toy", "id": "ficoco/toy-shapes", "config": request, "split": split,
         "revision": checksum[:16], "resolved_revision": checksum[:16], "rows": len(samples),
         "checksum": checksum, "bad_rows": 0, "fetched_at": _now(), "source": "toy",
     }
     with staged_directory(out) as staging:
         dataset.save_to_disk(str(staging / "data"))
         _write_json(staging / "manifest.json", manifest)
-    print(f"toy benchmark: {rows} rows (seed {seed}) -> {out}")
+    print(f"toy benchmark: {rows} rows of the {split} split (seed {seed}) -> {out}")
     return manifest
 
 
@@ -327,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--out", required=True, help="benchmark directory to write")
     bench.add_argument("--seed", type=int, default=1234)
     bench.add_argument("--rows", type=int, default=500)
+    bench.add_argument("--split", default="test", choices=["test", "val", "train"],
+                       help="the toy world's split (default: test, held out)")
 
     model = commands.add_parser("build-model", help="build (and train) the tiny LLaVA into a model directory")
     model.add_argument("--out", required=True, help="model directory to write")
@@ -364,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "inspect-tower":
         inspect_tower(args.model, rows=args.rows)
     elif args.command == "build-benchmark":
-        build_benchmark(args.out, seed=args.seed, rows=args.rows)
+        build_benchmark(args.out, seed=args.seed, rows=args.rows, split=args.split)
     elif args.command == "build-model":
         build_model(args.out, seed=args.seed, train=args.train, steps=args.steps, size=args.size,
                     eval_rows=args.eval_rows, recipe=args.recipe)

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from ficoco.budget_labels import LABEL_PATTERN
-from ficoco.config import job_grid, load_registries, method_overrides
+from ficoco.config import calibrated_methods, job_grid, load_registries, method_overrides
 
 # The Snakefile read the config files strictly and validated them with the --config overrides
 # (ficoco.config.load_config); the validated config, defaults filled in, replaces Snakemake's reading.
@@ -29,8 +29,12 @@ def _names_regex(names):
 
 HUB_MODELS = [m for m in config["models"] if MODELS[m]["source"] == "hub"]
 TOY_MODELS = [m for m in config["models"] if MODELS[m]["source"] == "toy"]
-HUB_BENCHMARKS = [b for b in config["benchmarks"] if BENCHMARKS[b].get("source", "hub") == "hub"]
-TOY_BENCHMARKS = [b for b in config["benchmarks"] if BENCHMARKS[b].get("source", "hub") == "toy"]
+# the benchmarks to fetch or build: the evaluated ones and the calibration set of calibrated methods
+CALIBRATED = calibrated_methods(config)
+CALIBRATION_BENCHMARK = config["calibration"]["benchmark"] if CALIBRATED else None
+PREPARED_BENCHMARKS = config["benchmarks"] + ([CALIBRATION_BENCHMARK] if CALIBRATION_BENCHMARK else [])
+HUB_BENCHMARKS = [b for b in PREPARED_BENCHMARKS if BENCHMARKS[b].get("source", "hub") == "hub"]
+TOY_BENCHMARKS = [b for b in PREPARED_BENCHMARKS if BENCHMARKS[b].get("source", "hub") == "toy"]
 
 # what each (model, method, budget label) runs: a TFLOPs label's solved token budget, else the label
 RUN_BUDGETS = {(j.model, j.method, j.budget): j for j in JOBS}
@@ -44,6 +48,7 @@ SUMMARY = "results/summary/results.csv"
 MODEL_MANIFEST = "resources/models/{model}/manifest.json"     # written by fetch_model or build_toy_model
 BENCHMARK_MANIFEST = "resources/benchmarks/{benchmark}/manifest.json"    # fetch_benchmark or build_toy_benchmark
 REPORT_HTML = config["report"]["html"]
+CALIBRATION = "results/calibration/{model}/{method}/b{budget}.json"     # rule calibrate (FitPrune's fit)
 
 
 def phase_of(method):
@@ -70,6 +75,15 @@ def job_json(wildcards):
     return json.dumps({"model": job.model, "method": job.method, "phase": job.phase, "budget": job.budget,
                        "benchmark": wildcards.benchmark, "run_budget": job.run_budget,
                        "predicted_tflops": job.predicted_tflops})
+
+
+def calibration_input(wildcards):
+    """The fitted calibration a job of a calibrated method reads (none for other methods)."""
+    return CALIBRATION.format(**wildcards) if wildcards.method in CALIBRATED else []
+
+
+def calibration_arg(wildcards, input):
+    return f"--calibration {input.calibration}" if wildcards.method in CALIBRATED else ""
 
 
 def overrides_json(wildcards):

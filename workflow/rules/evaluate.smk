@@ -5,10 +5,37 @@
 # -R, --forcerun) sets the old journal aside in shard{i}of{n}/set-aside/ and recomputes; the log says why.
 
 
+rule calibrate:
+    input:
+        model=MODEL_MANIFEST,
+        benchmark=lambda wc: BENCHMARK_MANIFEST.format(benchmark=CALIBRATION_BENCHMARK),
+    output:
+        CALIBRATION,
+    log:
+        "logs/calibrate/{model}/{method}/b{budget}.log",
+    params:
+        run_budget=run_budget,
+        module=lambda wc: BENCHMARKS[CALIBRATION_BENCHMARK].get("module", CALIBRATION_BENCHMARK),
+        rows=config["calibration"]["rows"],
+        overrides=overrides_json,
+        template=lambda wc: json.dumps(MODELS[wc.model]["prompt_template"]),
+        dtype=lambda wc: MODELS[wc.model].get("dtype", "float32"),
+        preprocessing=lambda wc: MODELS[wc.model].get("image_preprocessing", "none"),
+        device=config["device"],
+    threads: 1      # see rule evaluate
+    shell:
+        "OMP_NUM_THREADS={threads} {PY} -m ficoco.cli calibrate --model-dir resources/models/{wildcards.model}"
+        " --benchmark-dir resources/benchmarks/{CALIBRATION_BENCHMARK} --benchmark-module {params.module}"
+        " --method {wildcards.method} --budget {params.run_budget} --rows {params.rows} --out {output}"
+        " --overrides {params.overrides:q} --template {params.template:q} --dtype {params.dtype}"
+        " --image-preprocessing {params.preprocessing} --device {params.device} --no-progress > {log} 2>&1"
+
+
 rule evaluate:
     input:
         model=MODEL_MANIFEST,
         benchmark=BENCHMARK_MANIFEST,
+        calibration=calibration_input,
     output:
         RUN_DIR + "/shard{shard}of{shards}/predictions.jsonl",
     log:
@@ -25,6 +52,7 @@ rule evaluate:
         batch_size=config["batch_size"],
         limit=f"--limit {config['limit']}" if config["limit"] else "",
         device=config["device"],
+        calibration=calibration_arg,
     # torch uses OMP_NUM_THREADS threads: two jobs of 2 threads each on 2 cores spin-wait on each
     # other and run tens of times slower than one thread each
     threads: 1
@@ -35,7 +63,7 @@ rule evaluate:
         " --shard {wildcards.shard} --shards {wildcards.shards} --out {output}"
         " --batch-size {params.batch_size} --device {params.device} --dtype {params.dtype}"
         " --overrides {params.overrides:q} --options {params.options:q} --template {params.template:q}"
-        " --image-preprocessing {params.preprocessing} {params.limit} --no-progress > {log} 2>&1"
+        " --image-preprocessing {params.preprocessing} {params.calibration} {params.limit} --no-progress > {log} 2>&1"
 
 
 def _shard_predictions(wildcards):

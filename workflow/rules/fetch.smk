@@ -54,8 +54,9 @@ rule build_toy_benchmark:
     params:
         seed=lambda wc: BENCHMARKS[wc.benchmark].get("seed", config["seed"]),
         rows=lambda wc: BENCHMARKS[wc.benchmark]["rows"],
+        split=lambda wc: BENCHMARKS[wc.benchmark].get("split", "test"),
     log:
         "logs/build_toy_benchmark/{benchmark}.log",
     shell:
         "{PY} -m ficoco.cli toy build-benchmark --out resources/benchmarks/{wildcards.benchmark}"
-        " --seed {params.seed} --rows {params.rows} > {log} 2>&1"
+        " --seed {params.seed} --rows {params.rows} --split {params.split} > {log} 2>&1"
