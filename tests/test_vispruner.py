@@ -165,13 +165,22 @@ def inputs(model):
 
 
 def test_the_llm_receives_the_patches_the_loop_keeps(model, inputs):
-    """Eager attention and the output of the untouched tower's feature layer, through the loop."""
+    """Eager attention and the output of the untouched tower's feature layer: the important patches
+    through the loop, the whole selection through the method's own reduce on those outputs.
+
+    The random tiny tower's patches are nearly alike: its best cosines lie 3e-8 apart in places over
+    the 64 rounds, below float32's resolution, so the float64 loop's diverse set can differ from the
+    float32 selection (docs/methods.md, VisPruner: cosines in float32) on one machine's BLAS and not on
+    another's. The rounds are checked against the loop on random inputs above; here the wiring."""
     tower = model.model.vision_tower
     with torch.no_grad(), eager_attention(tower):
         untouched = tower(inputs[2], output_hidden_states=True, output_attentions=True)
     cls_row = untouched.attentions[FEATURE_LAYER][0, :, 0].double().mean(0)           # (577,)
     features = untouched.hidden_states[FEATURE_LAYER + 1][0]                            # (577, D)
-    kept = reference_selection(cls_row[1:].tolist(), features[1:], BUDGET, 0.5)
+    important = reference_selection(cls_row[1:].tolist(), features[1:], BUDGET // 2, 1.0)
+    selected = _reduce(features[None], cls_row[None].float(), BUDGET, 0.5)
+    kept = selected.positions[0].tolist()
+    assert len(kept) == BUDGET and set(important) <= set(kept)
 
     run = _run(model, inputs, "vispruner", {})
     counts, plan = run["counts"], run["plan"]
