@@ -28,6 +28,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -149,6 +150,8 @@ def bench_configs(names, budgets, dims, variants=(), overrides=scaled_overrides)
             if own.layer_average is None or own.layer_average < dims.visual_tokens:
                 runs.append((name, None, chosen))
                 missed = []                                 # it runs at its own schedule instead
+        if method.calibrated and runs:      # one fitted schedule: timed once, at the smallest budget it meets
+            runs = [min(runs, key=lambda run: run[1])]
         configs += runs
         unreachable += missed
     return configs, unreachable
@@ -452,7 +455,8 @@ def parse_variant(text: str) -> tuple[str, dict]:
     from ficoco import methods
 
     name, _, assignments = text.partition(":")
-    pairs = [pair.partition("=") for pair in assignments.split(",") if pair]
+    # a comma starts the next PARAM=VALUE; commas inside a value ("deletions=[9, 4, 0]") stay in it
+    pairs = [pair.partition("=") for pair in re.split(r",(?=\s*[A-Za-z_]\w*=)", assignments) if pair]
     if not pairs or any(not key or sep != "=" for key, sep, _ in pairs):
         raise ValueError(f"--variant {text!r}: expected METHOD:PARAM=VALUE[,PARAM=VALUE], e.g. "
                          f"ficoco-l:placement=attention")

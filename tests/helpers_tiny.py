@@ -77,6 +77,35 @@ def left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
+def float64_layer_probabilities(model, ids, pixels, layer_index: int) -> torch.Tensor:
+    """Per-head causal attention probabilities (H, L, L) of LLM layer `layer_index`, recomputed in
+    float64 from its input (captured by a pre-hook on the unpatched model)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    layer = model.model.language_model.layers[layer_index]
+    seen = {}
+
+    def pre_hook(module, args, kwargs):
+        seen["hidden"], seen["rope"] = args[0], kwargs["position_embeddings"]
+
+    hook = layer.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, pixel_values=pixels)
+    finally:
+        hook.remove()
+    attention, length = layer.self_attn, ids.shape[1]
+    with torch.no_grad():
+        hidden = layer.input_layernorm(seen["hidden"])
+        q = attention.q_proj(hidden).view(1, length, -1, attention.head_dim).transpose(1, 2)
+        k = attention.k_proj(hidden).view(1, length, -1, attention.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, *seen["rope"])
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    logits = (q.double() @ k.double().transpose(-1, -2)) * attention.scaling
+    causal = torch.tril(torch.ones(length, length, dtype=torch.bool))
+    return logits.masked_fill(~causal, float("-inf")).softmax(-1)[0]
+
+
 def images(n: int, image_size: int, seed: int = 1) -> torch.Tensor:
     """(n, 3, size, size) random pixel values."""
     generator = torch.Generator().manual_seed(seed)

@@ -118,3 +118,16 @@ def test_configs_of_a_bench_model_cover_every_registered_method():
     listed = {line.split(" ")[0] for line in unreachable}
     assert names | listed == set(methods.names())
     assert {"ficoco-v", "ficoco-l", "ficoco-vl", "fastv", "pdrop", "sparsevlm", "tome", "evit"} <= names
+
+
+def test_a_fitted_fitprune_schedule_runs_once_as_a_variant(tmp_path, capsys):
+    """FitPrune cannot be planned before its fit: listed as not run; its fitted deletions (a list, commas
+    and all) time once, at the smallest budget their layer average meets."""
+    path = tmp_path / "bench.json"
+    deletions = [300, 150, 50, 0]                  # 4 LLM layers: attention sees 576, 276, 126, 76 (average 263.5)
+    assert main([*TINY, "--budgets", "576", "300", "264", "--methods", "fitprune",
+                 "--variant", f"fitprune:deletions={deletions}", "--json", str(path)]) == 0
+    assert "fitprune at B=264: fitprune: budget 264 needs its fitted deletion schedule" in capsys.readouterr().out
+    rows = [row for row in json.loads(path.read_text())["rows"] if row["method"] == "fitprune"]
+    assert len(rows) == 1 and rows[0]["budget"] == 264 and rows[0]["overrides"] == {"deletions": deletions}
+    assert rows[0]["visual_average"] == pytest.approx(263.5) and rows[0]["overhead_gmacs"] == 0

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers_tiny import IMAGE, generate_batch_and_alone, images, left_padded, n_placeholders, prompt, tiny_llava
+from helpers_tiny import (IMAGE, float64_layer_probabilities, generate_batch_and_alone, images, left_padded,
+                          n_placeholders, prompt, tiny_llava)
 
 import ficoco
 from ficoco import methods
@@ -81,31 +82,8 @@ def probe_method(captured: list) -> Method:
 
 
 def float64_probabilities(model, ids, pixels, layer_index: int) -> torch.Tensor:
-    """Head-mean causal attention probabilities (L, L) of LLM layer `layer_index`, recomputed in
-    float64 from its input (captured by a pre-hook on the unpatched model)."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-    layer = model.model.language_model.layers[layer_index]
-    seen = {}
-
-    def pre_hook(module, args, kwargs):
-        seen["hidden"], seen["rope"] = args[0], kwargs["position_embeddings"]
-
-    hook = layer.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(input_ids=ids, pixel_values=pixels)
-    finally:
-        hook.remove()
-    attention, length = layer.self_attn, ids.shape[1]
-    hidden = layer.input_layernorm(seen["hidden"])
-    q = attention.q_proj(hidden).view(1, length, -1, attention.head_dim).transpose(1, 2)
-    k = attention.k_proj(hidden).view(1, length, -1, attention.head_dim).transpose(1, 2)
-    q, k = apply_rotary_pos_emb(q, k, *seen["rope"])
-    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    logits = (q.double() @ k.double().transpose(-1, -2)) * attention.scaling
-    causal = torch.tril(torch.ones(length, length, dtype=torch.bool))
-    return logits.masked_fill(~causal, float("-inf")).softmax(-1).mean(1)[0]
+    """Head-mean causal attention probabilities (L, L) of LLM layer `layer_index`, in float64."""
+    return float64_layer_probabilities(model, ids, pixels, layer_index).mean(0)
 
 
 def test_an_in_layer_step_that_keeps_everything_changes_nothing():

@@ -14,7 +14,8 @@ import random
 
 import pytest
 import torch
-from helpers_tiny import IMAGE, generate_batch_and_alone, images, n_placeholders, prompt, tiny_llava
+from helpers_tiny import (IMAGE, float64_layer_probabilities, generate_batch_and_alone, images, n_placeholders,
+                          prompt, tiny_llava)
 
 import ficoco
 from ficoco import methods
@@ -123,29 +124,8 @@ def model():
 
 
 def float64_head_max(model, ids, pixels, layer_index: int) -> torch.Tensor:
-    """Head-max causal attention probabilities (L, L) of LLM layer `layer_index`, recomputed in float64
-    from its input on the unpatched model."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-    layer = model.model.language_model.layers[layer_index]
-    seen = {}
-    hook = layer.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.update(hidden=args[0], rope=kwargs["position_embeddings"]), with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(input_ids=ids, pixel_values=pixels)
-    finally:
-        hook.remove()
-    attention, length = layer.self_attn, ids.shape[1]
-    with torch.no_grad():
-        hidden = layer.input_layernorm(seen["hidden"])
-        q = attention.q_proj(hidden).view(1, length, -1, attention.head_dim).transpose(1, 2)
-        k = attention.k_proj(hidden).view(1, length, -1, attention.head_dim).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, *seen["rope"])
-    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    logits = (q.double() @ k.double().transpose(-1, -2)) * attention.scaling
-    causal = torch.tril(torch.ones(length, length, dtype=torch.bool))
-    return logits.masked_fill(~causal, float("-inf")).softmax(-1).amax(1)[0]
+    """Head-max causal attention probabilities (L, L) of LLM layer `layer_index`, in float64."""
+    return float64_layer_probabilities(model, ids, pixels, layer_index).amax(0)
 
 
 def _self_and_cross(probs: torch.Tensor, visual: list[int], after: list[int]) -> tuple[list[float], list[float]]:
