@@ -342,3 +342,21 @@ def test_a_calibration_set_is_needed_only_by_a_calibrated_method():
     assert validate({**TOY_GRID, "methods": ["vanilla", "fastv"]})["calibration"]["benchmark"] is None
     config = validate({**TOY_GRID, "calibration": {"benchmark": "toy-shapes-train", "rows": 8}})
     assert config["calibration"] == {"benchmark": "toy-shapes-train", "rows": 8}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "fastv", "--budget", "64", "--rows", "4"],
+     "fastv: nothing to calibrate (it fits no parameters); calibrated methods: ['fitprune']"),
+    (["--method", "fitprune", "--budget", "0", "--rows", "4"], "budget=0: a calibration fits a token budget"),
+    (["--method", "fitprune", "--budget", "64", "--rows", "0"], "rows=0: the calibration set needs at least one row"),
+    (["--method", "fitprune", "--budget", "64", "--rows", "4", "--overrides", '{"epsilon": 2}'], "epsilon"),
+])
+def test_ficoco_calibrate_refuses_bad_arguments_before_loading_anything(tmp_path, capsys, argv, message):
+    from ficoco.calibrate import main
+
+    missing = str(tmp_path / "missing")                   # never read: the checks come first
+    assert main(["--model-dir", missing, "--benchmark-dir", missing, "--benchmark-module", "toy-shapes",
+                 "--out", str(tmp_path / "fit.json"), *argv]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("ficoco calibrate: ") and message in error
+    assert not (tmp_path / "fit.json").exists()
