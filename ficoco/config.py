@@ -436,7 +436,6 @@ def check_schema(config: dict, schema_path: Path = SCHEMA_PATH) -> dict:
 MODEL_SOURCES = ("hub", "toy")
 MODEL_SHAPES = ("llava-1.5-7b", "llava-1.5-13b", "toy")
 BENCHMARK_SOURCES = ("hub", "toy")
-TOY_SPLITS = ("test", "val", "train")      # ficoco/toy/shapes.py SPLITS; "test" is the held-out default
 
 
 def _registry_paths(config: dict, root: Path) -> dict[str, tuple[tuple, Path, str]]:
@@ -536,9 +535,12 @@ def _check_benchmark_entry(name: str, entry: dict, registry: str) -> None:
     if source == "toy" and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
         raise ConfigError(f"{rows!r} is not a row count; valid: an integer >= 1 (the toy benchmark's size)",
                           [name, "rows"], registry)
-    if source == "toy" and entry.get("split", "test") not in TOY_SPLITS:
-        raise ConfigError(f"{entry.get('split')!r} is not a toy split; valid: {', '.join(TOY_SPLITS)}",
-                          [name, "split"], registry)
+    if source == "toy":
+        from ficoco.toy.shapes import SPLITS      # "test" (the held-out default), "val", "train"
+
+        if entry.get("split", "test") not in SPLITS:
+            raise ConfigError(f"{entry.get('split')!r} is not a toy split; valid: {', '.join(SPLITS)}",
+                              [name, "split"], registry)
     if source == "hub":
         for field in ("id", "split"):
             if not entry.get(field):

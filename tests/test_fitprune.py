@@ -360,3 +360,16 @@ def test_ficoco_calibrate_refuses_bad_arguments_before_loading_anything(tmp_path
     error = capsys.readouterr().err
     assert error.startswith("ficoco calibrate: ") and message in error
     assert not (tmp_path / "fit.json").exists()
+
+
+def test_a_toy_benchmark_of_an_unknown_split_is_refused(tmp_path):
+    import yaml
+
+    from ficoco.config import REPO_ROOT, ConfigError, validate
+
+    registry = yaml.safe_load((REPO_ROOT / "config/benchmarks.yaml").read_text())
+    registry["toy-shapes-train"]["split"] = "tran"
+    path = tmp_path / "benchmarks.yaml"
+    path.write_text(yaml.safe_dump(registry))
+    with pytest.raises(ConfigError, match=r"toy-shapes-train\.split: 'tran' is not a toy split; valid: train, test, val"):
+        validate({**TOY_GRID, "calibration": {"benchmark": "toy-shapes-train"}, "registries": {"benchmarks": str(path)}})

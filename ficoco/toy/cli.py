@@ -324,6 +324,8 @@ def measure(model_dir, benchmark_dir, keep: list[int], rows: int | None = None, 
 # --------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
+    from ficoco.toy import shapes
+
     parser = argparse.ArgumentParser(prog="ficoco toy", description="Build the embedded toy world.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -331,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--out", required=True, help="benchmark directory to write")
     bench.add_argument("--seed", type=int, default=1234)
     bench.add_argument("--rows", type=int, default=500)
-    bench.add_argument("--split", default="test", choices=["test", "val", "train"],
+    bench.add_argument("--split", default="test", choices=list(shapes.SPLITS),
                        help="the toy world's split (default: test, held out)")
 
     model = commands.add_parser("build-model", help="build (and train) the tiny LLaVA into a model directory")
