@@ -205,9 +205,34 @@ def test_recipes_and_their_defaults():
     staged = toy_train.TrainSettings.for_recipe("staged", seed=4, steps=7)
     assert (staged.recipe, staged.steps, staged.batch_size, staged.attention_heads) == ("staged", 7, 32, None)
     assert staged.clip == toy_clip.ClipSettings(seed=4) and staged.align_steps > 0
+    assert staged.projector_lr_scale == 10.0 and toy_train.TrainSettings.for_recipe("staged").steps == 500
     assert toy_train.TrainSettings.for_recipe("end-to-end") == toy_train.TrainSettings()
     with pytest.raises(ValueError, match=r"recipe='clip': valid recipes are \['end-to-end', 'staged'\]"):
         toy_train.TrainSettings.for_recipe("clip")
+
+
+@pytest.mark.parametrize("scale", [0.0, 3.0])
+def test_the_projector_learns_at_its_own_rate(scale):
+    """One step from the same start, so the same gradients: Adam's first step moves a weight by about its
+    learning rate, so the projector moves `scale` times as far as at scale 1 (not at all at 0), and the
+    LLM exactly as at scale 1."""
+    processor = toy_model.build_processor()
+    moved = {}
+    for run_scale in (scale, 1.0):
+        model = toy_model.build_model(0, size="small")
+        before = {name: value.clone() for name, value in model.state_dict().items()}
+        settings = toy_train.TrainSettings(steps=1, batch_size=2, size="small", weight_decay=0.0,
+                                           projector_lr_scale=run_scale)       # Adam's step alone
+        toy_train.train(model, processor, settings, progress=False)
+        moved[run_scale] = {name: (value - before[name]).abs().max().item()
+                            for name, value in model.state_dict().items()}
+    projector = [name for name in moved[1.0] if name.startswith("model.multi_modal_projector.")]
+    llm = [name for name in moved[1.0] if name.startswith("model.language_model.") and moved[1.0][name] > 0]
+    assert projector and llm
+    for name in projector:
+        assert moved[scale][name] == pytest.approx(scale * moved[1.0][name], rel=1e-3, abs=1e-12), name
+    for name in llm:                                     # one step: the LLM's update does not depend on it
+        assert moved[scale][name] == moved[1.0][name], name
 
 
 def test_staged_build_pretrains_aligns_and_keeps_the_tower_frozen(tmp_path, monkeypatch, capsys):

@@ -66,18 +66,22 @@ class TrainSettings:
     attention_heads: int | None = 1  # heads 0..n-1 of each supervised layer the attention aids train; None = all
     clip: ClipSettings | None = None     # staged: stage 1, the tower's contrastive pretraining
     align_steps: int = 0            # staged: stage 2, projector-only alignment steps (tower and LLM frozen)
+    projector_lr_scale: float = 1.0  # the projector's learning rate relative to `lr` in instruction tuning
 
     @classmethod
     def for_recipe(cls, recipe: str, **overrides) -> "TrainSettings":
         """The settings of a recipe, with `overrides` (e.g. steps) on top of its defaults.
 
         staged: the tower frozen after its CLIP-style pretraining trains the LLM far more slowly, so
-        the attention aids supervise every head of their layers and steps take 32 images
+        the attention aids supervise every head of their layers, steps take 32 images, and the
+        projector learns 10 times faster than the LLM (it must turn the frozen tower's features into
+        tokens the LLM can read before the LLM can learn to answer); 500 steps then suffice
         (docs/toy.md, "The staged recipe", for the measurements behind these defaults).
         """
         if recipe not in toy_model.RECIPES:
             raise ValueError(f"recipe={recipe!r}: valid recipes are {list(toy_model.RECIPES)}")
-        defaults = {"staged": dict(batch_size=32, attention_heads=None, align_steps=100,
+        defaults = {"staged": dict(steps=500, batch_size=32, attention_heads=None, align_steps=100,
+                                   projector_lr_scale=10.0,
                                    clip=ClipSettings(seed=overrides.get("seed", 0)))}.get(recipe, {})
         return cls(recipe=recipe, **{**defaults, **overrides})
 
@@ -274,11 +278,17 @@ def train(model, processor, settings: TrainSettings, progress: bool = True) -> d
     if settings.probe_weight > 0:
         probe = torch.nn.Linear(model.config.text_config.hidden_size, sum(PROBE_CLASSES))
         named += [("probe." + n, p) for n, p in probe.named_parameters()]
-    decay = [p for n, p in named if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in named if not (p.ndim >= 2 and "embed" not in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=settings.lr, betas=(0.9, 0.98))
+    # weight decay on matrices but embeddings; the projector's learning rate scaled (1 but in the staged
+    # recipe) and its decay divided by the same factor, so its weights decay per step like every other matrix
+    groups = []
+    for in_projector in (False, True):
+        chosen = [(n, p) for n, p in named if n.startswith("model.multi_modal_projector.") == in_projector]
+        scale = settings.projector_lr_scale if in_projector else 1.0
+        groups += [{"params": [p for n, p in chosen if p.ndim >= 2 and "embed" not in n],
+                    "weight_decay": settings.weight_decay / scale if scale > 0 else 0.0, "lr_scale": scale},
+                   {"params": [p for n, p in chosen if not (p.ndim >= 2 and "embed" not in n)],
+                    "weight_decay": 0.0, "lr_scale": scale}]
+    optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.98))
 
     layers = model.model.language_model.layers
     grounding_layer = len(layers) // 2 if settings.grounding_layer is None else settings.grounding_layer
@@ -313,7 +323,7 @@ def train(model, processor, settings: TrainSettings, progress: bool = True) -> d
             batch = training_batch(rows, processor, settings.turns, np.random.default_rng([settings.seed, step]))
             targets = {key: batch.pop(key) for key in ("grounding", "asked")}
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, settings)
+                group["lr"] = learning_rate(step, settings) * group["lr_scale"]
             output = model(**batch, output_hidden_states=probe is not None)
             terms = {"answer": output.loss}
             if probe is not None:     # read where the grounding layer reads: its input
