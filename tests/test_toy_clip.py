@@ -233,6 +233,9 @@ def test_the_projector_learns_at_its_own_rate(scale):
         assert moved[scale][name] == pytest.approx(scale * moved[1.0][name], rel=1e-3, abs=1e-12), name
     for name in llm:                                     # one step: the LLM's update does not depend on it
         assert moved[scale][name] == moved[1.0][name], name
+    with pytest.raises(ValueError, match=r"projector_lr_scale=-1.0: valid: a factor >= 0"):
+        toy_train.train(toy_model.build_model(0, size="small"), processor,
+                        toy_train.TrainSettings(steps=1, size="small", projector_lr_scale=-1.0), progress=False)
 
 
 def test_staged_build_pretrains_aligns_and_keeps_the_tower_frozen(tmp_path, monkeypatch, capsys):

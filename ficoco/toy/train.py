@@ -278,6 +278,8 @@ def train(model, processor, settings: TrainSettings, progress: bool = True) -> d
     if settings.probe_weight > 0:
         probe = torch.nn.Linear(model.config.text_config.hidden_size, sum(PROBE_CLASSES))
         named += [("probe." + n, p) for n, p in probe.named_parameters()]
+    if settings.projector_lr_scale < 0:
+        raise ValueError(f"projector_lr_scale={settings.projector_lr_scale}: valid: a factor >= 0")
     # weight decay on matrices but embeddings; the projector's learning rate scaled (1 but in the staged
     # recipe) and its decay divided by the same factor, so its weights decay per step like every other matrix
     groups = []
