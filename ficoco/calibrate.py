@@ -64,7 +64,7 @@ def fit_fitprune(model, prompts: list[dict], budget: int, epsilon: float, progre
     masses = []
     for inputs in prompts:
         recorded: dict = {}
-        prefill(fitprune.statistics_step(n_layers, n0, recorded), inputs)
+        prefill(fitprune.statistics_step(n_layers, recorded), inputs)
         masses.append(recorded)
 
     trials: list[dict] = []

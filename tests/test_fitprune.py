@@ -259,7 +259,7 @@ def test_the_fitting_pass_deletes_at_layer_0_what_the_mass_rule_allows(model):
         lowest_cross = sorted(range(16), key=lambda j: (received_cross[j], j))[
             :reference_deletions(received_cross, sum(received_cross), alpha)]
         masses, deleted = {}, {}
-        with ficoco.apply(model, fitprune.fit_method(fitprune.statistics_step(4, 16, masses))), torch.no_grad():
+        with ficoco.apply(model, fitprune.fit_method(fitprune.statistics_step(4, masses))), torch.no_grad():
             model(**inputs)
         with ficoco.apply(model, fitprune.fit_method(fitprune.fitting_step(4, alpha, masses, deleted))), \
                 torch.no_grad():

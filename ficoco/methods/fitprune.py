@@ -118,6 +118,14 @@ def build(plan) -> tuple:
 # ------------------------------------------------------------------------------------------------
 # The fit (run by ficoco/calibrate.py through the adapter, one prompt at a time)
 
+def one_prompt_scores(tokens: LLMTokens, scores: LLMScores) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,) self and (N,) cross scores of the one prompt a fitting pass runs (counts differ per prompt)."""
+    if tokens.visual.shape[0] != 1:
+        raise ValueError(f"the FitPrune fit runs one prompt at a time; got a batch of {tokens.visual.shape[0]}")
+    received_self, received_cross = self_cross_scores(tokens, scores)
+    return received_self[0], received_cross[0]
+
+
 @dataclass(frozen=True)
 class MassReduce:
     """Statistics pass: record each layer's self and cross mass (S_l, C_l) in `masses`; keep every token."""
@@ -125,9 +133,7 @@ class MassReduce:
     masses: dict[int, tuple[float, float]]
 
     def __call__(self, layer: int, tokens: LLMTokens, scores: LLMScores) -> LLMKept:
-        if tokens.visual.shape[0] != 1:
-            raise ValueError(f"the FitPrune fit runs one prompt at a time; got a batch of {tokens.visual.shape[0]}")
-        received_self, received_cross = self_cross_scores(tokens, scores)
+        received_self, received_cross = one_prompt_scores(tokens, scores)
         self.masses[layer] = (float(received_self.double().sum()), float(received_cross.double().sum()))
         return LLMKept(hidden=tokens.hidden, visual=tokens.visual)
 
@@ -145,9 +151,7 @@ class FitReduce:
     deleted: dict[int, int]
 
     def __call__(self, layer: int, tokens: LLMTokens, scores: LLMScores) -> LLMKept:
-        if tokens.visual.shape[0] != 1:
-            raise ValueError(f"the FitPrune fit runs one prompt at a time; got a batch of {tokens.visual.shape[0]}")
-        received_self, received_cross = (score[0] for score in self_cross_scores(tokens, scores))   # (N,), (N,)
+        received_self, received_cross = one_prompt_scores(tokens, scores)                 # (N,), (N,)
         mass_self, mass_cross = self.masses[layer]
         both = (lowest(received_self, mass_deletions(received_self, mass_self, self.alpha))
                 & lowest(received_cross, mass_deletions(received_cross, mass_cross, self.alpha)))
@@ -162,23 +166,20 @@ class FitReduce:
         return 0
 
 
-def fit_layers(n_layers: int) -> tuple[int, ...]:
-    """The layers a fit may delete after: every one but the last (nothing runs after it)."""
-    return tuple(range(n_layers - 1))
-
-
-def statistics_step(n_layers: int, n0: int, masses: dict) -> LLMLayerStep:
-    reduce = MassReduce(masses)
-    layers = fit_layers(n_layers)
-    return LLMLayerStep(layers=layers, reduce=reduce, tokens_out={layer: n0 for layer in layers},
+def fit_step(n_layers: int, reduce) -> LLMLayerStep:
+    """A pass of the fit: `reduce` after the attention of every layer but the last (nothing runs after
+    it), choosing its own count (the pass runs one prompt at a time)."""
+    layers = tuple(range(n_layers - 1))
+    return LLMLayerStep(layers=layers, reduce=reduce, tokens_out={layer: None for layer in layers},
                         overhead=reduce.overhead, placement="attention")
+
+
+def statistics_step(n_layers: int, masses: dict) -> LLMLayerStep:
+    return fit_step(n_layers, MassReduce(masses))
 
 
 def fitting_step(n_layers: int, alpha: float, masses: dict, deleted: dict) -> LLMLayerStep:
-    reduce = FitReduce(alpha, masses, deleted)
-    layers = fit_layers(n_layers)
-    return LLMLayerStep(layers=layers, reduce=reduce, tokens_out={layer: None for layer in layers},
-                        overhead=reduce.overhead, placement="attention")
+    return fit_step(n_layers, FitReduce(alpha, masses, deleted))
 
 
 def schedule_counts(deletions: list[int], n0: int) -> list[int]:

@@ -151,18 +151,18 @@ class LlamaScores:
 
 
 class LayerProbabilities:
-    """`LLMScores` of a reduction between a layer's attention and its MLP: the probabilities
-    (B, H, L, L) that attention computed (causal and padding masks included), reduced over heads on
-    first use; nothing is recomputed."""
+    """`LLMScores` of a reduction between a layer's attention and its MLP, for the batch rows `batch_rows`:
+    the probabilities (B, H, L, L) that attention computed (causal and padding masks included), reduced
+    over heads on first use into `reduced` (heads -> (B, L, L)), which every row group of the layer
+    shares; nothing is recomputed."""
 
-    def __init__(self, probs: torch.Tensor, norm):
-        self.probs, self.norm = probs, norm
-        self._reduced: dict[str, torch.Tensor] = {}
+    def __init__(self, probs: torch.Tensor, batch_rows: torch.Tensor, reduced: dict, norm):
+        self.probs, self.batch_rows, self.reduced, self.norm = probs, batch_rows, reduced, norm
 
     def rows(self, queries: torch.Tensor, keys: torch.Tensor | None = None, heads: str = "mean") -> torch.Tensor:
-        if heads not in self._reduced:
-            self._reduced[heads] = reduce_heads(self.probs.float(), heads)                   # (B, L, L)
-        reduced = self._reduced[heads]
+        if heads not in self.reduced:
+            self.reduced[heads] = reduce_heads(self.probs.float(), heads)                    # (B, L, L)
+        reduced = self.reduced[heads][self.batch_rows]                                       # (b, L, L)
         length = reduced.shape[-1]
         rows = reduced.gather(1, queries[..., None].expand(-1, -1, length))                  # (B, R, L)
         if keys is None:
@@ -294,8 +294,9 @@ class LlamaPatch:
                 raise RuntimeError(f"decoder layer {index}'s attention returned no probabilities; the in-layer "
                                    f"reduction needs its eager attention")
             hidden = hidden_states + attention_out                         # (B, L, D) the attention residual
+            reduced: dict = {}                                             # once per layer, for every row group
             hidden = self._reduce(index, hidden, llm_pass,
-                                  lambda rows: LayerProbabilities(probs[rows], self.norm), keep_from=index + 1)
+                                  lambda rows: LayerProbabilities(probs, rows, reduced, self.norm), keep_from=index + 1)
             llm_pass.mlp_dropped[index] = llm_pass.dropped
             return hidden + layer.mlp(layer.post_attention_layernorm(hidden))   # (B, L', D)
 
