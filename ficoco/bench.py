@@ -157,6 +157,17 @@ def bench_configs(names, budgets, dims, variants=(), overrides=scaled_overrides)
     return configs, unreachable
 
 
+def text_towers(model, dims, configs):
+    """`method -> text tower`: one random-weight CLIP text tower (ficoco/models/companion.py) for the
+    methods of `configs` that read the instruction (CDPruner), None for the others."""
+    from ficoco import methods
+    from ficoco.models.companion import random_text_tower
+
+    readers = {method for method, _, _ in configs if methods.get(method).needs_text_tower}
+    tower = random_text_tower(model, dims.last_vision_layer) if readers else None
+    return lambda method: tower if method in readers else None
+
+
 def bench_inputs(model, text_before: int, text_after: int, seed: int = 0):
     """BOS + text + 576 image placeholders + instruction, and one random image."""
     import torch
@@ -246,6 +257,7 @@ def run(args) -> dict:
     ids, mask, pixels = (t.to(device) for t in bench_inputs(model, args.text_before, args.text_after))
 
     configs, unreachable = bench_configs(args.methods, args.budgets, dims, args.variants)
+    text_tower = text_towers(model, dims, configs)
 
     def prefill():
         synchronize()
@@ -259,7 +271,7 @@ def run(args) -> dict:
     with torch.inference_mode():
         for round_index in range(args.warmup + args.repeats):
             for index, (method, budget, overrides) in enumerate(configs):
-                with ficoco.apply(model, method, budget, **overrides) as handle:
+                with ficoco.apply(model, method, budget, text_tower=text_tower(method), **overrides) as handle:
                     seconds = prefill()
                     counts[index] = handle.last_counts()[0]
                 if round_index >= args.warmup:
@@ -289,7 +301,7 @@ def run(args) -> dict:
             try:
                 timed = timed_method(methods.get(method), step_seconds, synchronize, clock)
                 for _ in range(args.step_repeats):
-                    with ficoco.apply(model, timed, budget, **overrides):
+                    with ficoco.apply(model, timed, budget, text_tower=text_tower(method), **overrides):
                         model(input_ids=ids, attention_mask=mask, pixel_values=pixels, logits_to_keep=1,
                               use_cache=True)
             finally:

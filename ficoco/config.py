@@ -505,6 +505,13 @@ def _check_model_entry(name: str, entry: dict, registry: str) -> None:
     if entry["source"] == "hub" and not entry.get("id"):
         raise ConfigError(f"{entry.get('id')!r} is not a model id; valid: a Hugging Face id such as "
                           f"llava-hf/llava-1.5-7b-hf", [name, "id"], registry)
+    text_tower = entry.get("text_tower")
+    if text_tower is not None and (entry["source"] != "hub" or not isinstance(text_tower, dict)
+                                   or set(text_tower) != {"id", "revision"}
+                                   or not all(isinstance(value, str) and value for value in text_tower.values())):
+        raise ConfigError(f"{text_tower!r} is not a text tower; valid: on a hub model, {{id: <the CLIP checkpoint its "
+                          f"vision tower came from>, revision: <commit>}} (a toy model's is built with it)",
+                          [name, "text_tower"], registry)
     if entry["source"] == "toy":
         from ficoco.toy.model import RECIPES, SIZES
 
@@ -762,12 +769,26 @@ def _check_shards(config: dict, benchmarks: dict) -> None:
                               f"({why}); valid: 1..{rows} (a shard needs at least one row)", key)
 
 
+def has_text_tower(entry: dict) -> bool:
+    """Whether a model registry entry comes with the CLIP text tower of its vision tower's checkpoint: a hub
+    model that names one (fetched into its clip/), a toy model of the staged recipe (trained or not)."""
+    if entry.get("source") == "toy":
+        return entry.get("recipe", "end-to-end") == "staged"
+    return bool(entry.get("text_tower"))
+
+
 def _check_needs(config: dict, models: dict, model_registry: str, method_registry) -> None:
     """Every method of the grid must find what it needs in every model's image layout (a CLS token,
-    one crop, a square grid, 1-D positions: `Method.needs`, ficoco/contract.py)."""
+    one crop, a square grid, 1-D positions: `Method.needs`, ficoco/contract.py), and a method that reads
+    the instruction through CLIP's text tower a model that has one."""
     for model in config["models"]:
         dims = model_dims(model, models[model], model_registry)
         for index, method in enumerate(config["methods"]):
+            if method_registry.get(method).needs_text_tower and not has_text_tower(models[model]):
+                raise ConfigError(f"{method} cannot run on model {model}: it reads the instruction through the CLIP "
+                                  f"text tower of the vision tower's checkpoint, and {model} has none; valid: a model "
+                                  f"with a text_tower in {model_registry} (a toy model: recipe staged)",
+                                  ["methods", index])
             unmet = method_registry.get(method).unmet_needs(dims)
             if unmet:
                 runnable = [name for name in method_registry.names() if not method_registry.get(name).unmet_needs(dims)]

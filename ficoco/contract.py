@@ -14,7 +14,7 @@ hidden states and attention at that place. The boundary between the two is a sma
 | `VisionInputStep`   | the vision tower's input: the image is resized to fewer patches       | the pixel values              |
 | `LLMLayerStep`      | at the input of LLM decoder layers, during prefill                    | `LLMTokens`, `LLMScores`      |
 | `VisionOutputStep`  | the output of the vision layer LLaVA reads (CLS first), before the projector | `VisionTokens`, `VisionOutputScores` |
-| `ProjectorStep`     | the projected visual tokens of each image, before the LLM             | `ImageTokens`                 |
+| `ProjectorStep`     | the projected visual tokens of each image, before the LLM             | `ImageTokens`, `InstructionScores` (CDPruner) |
 
 A step's `reduce` is a plain function of tensors (built from ficoco.paradigm); it never sees a
 module. Attention is offered through a *scores* object whose methods compute only what is asked
@@ -23,7 +23,7 @@ pays for the matrix, and the layer's own output keeps its fused attention kernel
 
 Sites still to come (methods.md §8) slot in as further step classes without touching the
 existing ones, as `VisionOutputStep` (VisionZip, PruMerge, TopK-CLS, Random, pooling) and
-`ProjectorStep` (DivPrune) did. `LLMLayerStep.scores_from="previous"`
+`ProjectorStep` (DivPrune, CDPruner) did. `LLMLayerStep.scores_from="previous"`
 hands a step the attention and keys of the layer before the reducing one (FastV, DART,
 SparseVLM). `VisionTokens.key_bias` already carries ToMe's proportional attention.
 
@@ -130,6 +130,8 @@ class StepShape:
     instruction: int = 0                    # LLM: prompt tokens M after the image
     keys_cached: bool = False               # LLM: the scoring layer's keys were read from its KV cache (a step
                                             # scoring from the previous layer, which ran already), not projected
+    companion_macs: int = 0                 # projector: MACs of the CLIP companion's work for this image that the
+                                            # step asked for (`InstructionScores`: image and text embeddings, cosines)
 
 
 Overhead = Callable[[Any, StepShape], int]   # (ModelDims, StepShape) -> multiply-accumulates
@@ -274,19 +276,32 @@ class VisionOutputStep:
     site: str = field(default="vision", init=False)
 
 
+class InstructionScores(Protocol):
+    """What a projector step that reads the instruction may ask about each image (`ProjectorStep.
+    reads_instruction`), from the CLIP checkpoint the vision tower came from (its text tower is a
+    companion of the model, ficoco/models/companion.py)."""
+
+    def instruction_cosines(self) -> list[torch.Tensor]:
+        """Per image, (N, M) float32: the cosine of each visual token's CLIP image embedding (the
+        feature layer's patch output, CLIP's post-layernorm and visual projection) with each of the M
+        CLIP text embeddings of its prompt's instruction (one per text-tower segment of the text)."""
+
+
 @dataclass(frozen=True)
 class ProjectorStep:
     """Reduce the projected visual tokens of each image before they enter the LLM (contiguous positions).
 
-    `reduce(0, tokens, None)` gets `ImageTokens(hidden (B, N, D_llm), positions (B, N))` and returns
-    (B, tokens_out, D_llm). (A variant keeping the original RoPE positions is an `LLMLayerStep` at layer 0.)
+    `reduce(0, tokens, scores)` gets `ImageTokens(hidden (B, N, D_llm), positions (B, N))` and returns
+    (B, tokens_out, D_llm); `scores` is an `InstructionScores` when the step reads the instruction, else
+    None. (A variant keeping the original RoPE positions is an `LLMLayerStep` at layer 0.)
     """
 
     WHERE: ClassVar[str] = "projector output (before the LLM)"   # for `ficoco methods`
 
-    reduce: Callable[[int, ImageTokens, None], ImageTokens]
+    reduce: Callable[[int, ImageTokens, "InstructionScores | None"], ImageTokens]
     tokens_out: int                         # tokens per image the LLM receives
     overhead: Overhead                      # MACs of one image's step (`StepShape`)
+    reads_instruction: bool = False         # reduce reads `InstructionScores` (the model needs its CLIP text tower)
     site: str = field(default="projector", init=False)
 
 

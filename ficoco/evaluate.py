@@ -201,6 +201,7 @@ def evaluate_shard(*, model_dir, benchmark_dir, benchmark: str, method: str, bud
     from ficoco.dims import ModelDims
     from ficoco.fingerprint import job_fingerprint
     from ficoco.invariants import check_record
+    from ficoco.models.companion import model_text_tower
 
     budget_value = method_registry.budget_from_label(method, budget)   # a label that does not fit fails first
     # a calibrated method's fitted parameters join the overrides (and so the fingerprint); a stale fit fails here
@@ -223,7 +224,7 @@ def evaluate_shard(*, model_dir, benchmark_dir, benchmark: str, method: str, bud
         model_dir=model_dir, benchmark_dir=benchmark_dir, benchmark_module=benchmark_module or benchmark,
         options=options or {}, method=method, budget=budget, params=params, template=template, dtype=dtype,
         image_preprocessing=image_preprocessing, batch_size=batch_size, device=device, shard=shard, shards=shards,
-        limit=limit)
+        limit=limit, text_tower=method_registry.get(method).needs_text_tower)
     header = _open_journal(journal, fingerprint, job)
     done = journal.read()
     sample_ids = {index: str(dataset[index]["id"]) for index in rows}     # the journal's keys
@@ -233,9 +234,12 @@ def evaluate_shard(*, model_dir, benchmark_dir, benchmark: str, method: str, bud
     if todo:
         torch.manual_seed(0)
         model, processor = load_model(model_dir, device, dtype)
-        handle = ficoco.apply(model, method, budget_value, **overrides)
-        generator = Generator(model, processor, handle, bench, options or {}, template, image_preprocessing,
-                              ModelDims.from_config(model.config), judge=judge)
+        dims = ModelDims.from_config(model.config)
+        text_tower = model_text_tower(model_dir, processor.tokenizer, template, model, dims.last_vision_layer) \
+            if method_registry.get(method).needs_text_tower else None
+        handle = ficoco.apply(model, method, budget_value, text_tower=text_tower, **overrides)
+        generator = Generator(model, processor, handle, bench, options or {}, template, image_preprocessing, dims,
+                              judge=judge)
         recorded = len(rows) - len(todo)
         bar = tqdm(total=len(rows), initial=recorded, desc=f"{benchmark}/{method}/b{budget}",
                    unit="sample", disable=not progress)

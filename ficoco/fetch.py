@@ -18,6 +18,8 @@ from ficoco.journal import atomic_write_json, staged_directory
 COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
 # what an evaluate job needs; the original (non-HF) weights and other formats are skipped
 MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+# the CLIP companion: openai's checkpoints keep their PyTorch weights as pytorch_model.bin
+COMPANION_FILES = [*MODEL_FILES, "pytorch_model.bin"]
 
 
 def is_pinned(revision: str | None) -> bool:
@@ -27,35 +29,53 @@ def is_pinned(revision: str | None) -> bool:
 def fetch_model(name: str, entry: dict, out_dir: str | Path, endpoint_dir: str | Path | None = None) -> dict:
     """Snapshot a hub model at its pinned revision into `out_dir` and write `out_dir/manifest.json`.
 
-    `endpoint_dir` replaces the hub with a local directory (tests; mirrors). The manifest is
-    written last, so a directory without one is incomplete and is fetched again.
+    A `text_tower` entry (the CLIP checkpoint the vision tower came from) is snapshotted into
+    `out_dir/clip/` at its own revision and recorded under the manifest's "clip". `endpoint_dir`
+    replaces the hub with a local directory holding the model (and its companion in clip/; tests,
+    mirrors). The manifest is written last, so a directory without one is incomplete and is fetched again.
     """
+    from ficoco.models.companion import COMPANION_DIR
+
     out_dir = Path(out_dir)
     repo_id, revision = entry["id"], entry.get("revision", "main")
-    if not is_pinned(revision):
-        warnings.warn(f"model {name}: revision {revision!r} is not a 40-hex commit; the resolved commit is "
-                      f"recorded in the manifest, pin it in config/models.yaml", stacklevel=2)
+    text_tower = entry.get("text_tower")
     with staged_directory(out_dir) as staging:   # the manifest is written last, inside the staged copy
-        if endpoint_dir is not None:
-            source = Path(endpoint_dir)
-            if not source.is_dir():
-                raise FileNotFoundError(f"model {name}: local source {source} is not a directory")
-            shutil.copytree(source, staging, dirs_exist_ok=True)
-            resolved = revision
-        else:
-            from huggingface_hub import HfApi, snapshot_download
-
-            resolved = HfApi().model_info(repo_id, revision=revision).sha or revision
-            snapshot_download(repo_id, revision=resolved, local_dir=staging, allow_patterns=MODEL_FILES)
-        shutil.rmtree(staging / ".cache", ignore_errors=True)
+        resolved = _snapshot(name, repo_id, revision, staging, endpoint_dir)
+        companion = None
+        if text_tower:
+            source = None if endpoint_dir is None else Path(endpoint_dir) / COMPANION_DIR
+            companion = {"dir": COMPANION_DIR, "id": text_tower["id"], "revision": text_tower["revision"],
+                         "resolved_revision": _snapshot(f"{name} text tower", text_tower["id"], text_tower["revision"],
+                                                        staging / COMPANION_DIR, source, COMPANION_FILES)}
         files = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
         manifest = {
             "name": name, "id": repo_id, "revision": revision, "resolved_revision": resolved,
             "source": entry.get("source", "hub"), "files": files,
             "fetched_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            **({"clip": companion} if companion else {}),
         }
         atomic_write_json(staging / "manifest.json", manifest)
     return manifest
+
+
+def _snapshot(what: str, repo_id: str, revision: str, destination: Path, endpoint_dir: Path | str | None,
+              patterns: list[str] = MODEL_FILES) -> str:
+    """One hub repository at `revision` into `destination` (or a local copy); returns the resolved commit."""
+    if not is_pinned(revision):
+        warnings.warn(f"model {what}: revision {revision!r} is not a 40-hex commit; the resolved commit is "
+                      f"recorded in the manifest, pin it in config/models.yaml", stacklevel=3)
+    if endpoint_dir is not None:
+        source = Path(endpoint_dir)
+        if not (source / "config.json").is_file():
+            raise FileNotFoundError(f"model {what}: local source {source} is not a model directory (no config.json)")
+        shutil.copytree(source, destination, dirs_exist_ok=True)
+        return revision
+    from huggingface_hub import HfApi, snapshot_download
+
+    resolved = HfApi().model_info(repo_id, revision=revision).sha or revision
+    snapshot_download(repo_id, revision=resolved, local_dir=destination, allow_patterns=patterns)
+    shutil.rmtree(destination / ".cache", ignore_errors=True)
+    return resolved
 
 
 def _registry(path: str) -> dict:

@@ -9,7 +9,8 @@ What is in it: the model (manifest id, revision, resolved revision), the benchma
 checksum, row count, subset; the prompt/scoring module and its options), the method, the budget
 label, the method's resolved parameters (defaults merged with overrides), the prompt template, dtype,
 image preprocessing, batch size (it sets the padding of every batch), the device kind, which rows
-(shard, shards, limit), and the ficoco, torch and transformers versions.
+(shard, shards, limit), the model's CLIP companion for a method that reads it (CDPruner's text
+tower), and the ficoco, torch and transformers versions.
 
 The digest is the sha256 of the canonical JSON (sorted keys, no whitespace) of those fields.
 """
@@ -56,6 +57,8 @@ class Fingerprint:
     shard: int
     shards: int
     limit: int | None
+    text_tower: Any                        # the model's CLIP companion (manifest "clip") for a method that reads
+                                           # it (CDPruner), else None
     ficoco: str
     torch: str
     transformers: str
@@ -94,8 +97,9 @@ def library_versions() -> dict[str, str]:
 def job_fingerprint(*, model_dir: str | Path, benchmark_dir: str | Path, benchmark_module: str, options: Mapping,
                     method: str, budget: str, params: Mapping, template: str, dtype: str,
                     image_preprocessing: str, batch_size: int, device: str, shard: int, shards: int,
-                    limit: int | None) -> Fingerprint:
-    """The fingerprint of one evaluate job, from the fetched directories' manifests and its arguments."""
+                    limit: int | None, text_tower: bool = False) -> Fingerprint:
+    """The fingerprint of one evaluate job, from the fetched directories' manifests and its arguments
+    (`text_tower`: the method reads the model's CLIP companion, whose identity joins it)."""
     model, bench = read_manifest(model_dir), read_manifest(benchmark_dir)
     return Fingerprint(
         model_id=model.get("id"), model_revision=model.get("revision"),
@@ -104,7 +108,7 @@ def job_fingerprint(*, model_dir: str | Path, benchmark_dir: str | Path, benchma
         benchmark_subset=bench.get("subset"), benchmark_module=benchmark_module, benchmark_options=dict(options),
         method=method, budget=str(budget), params=dict(params), template=template, dtype=dtype,
         image_preprocessing=image_preprocessing, batch_size=int(batch_size), device=device, shard=int(shard),
-        shards=int(shards), limit=limit, **library_versions(),
+        shards=int(shards), limit=limit, text_tower=model.get("clip") if text_tower else None, **library_versions(),
     )
 
 

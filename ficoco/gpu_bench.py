@@ -114,16 +114,17 @@ def _prefill_seconds(model, inputs: dict, synchronize) -> float:
     return time.perf_counter() - start
 
 
-def run_config(model, inputs: dict, method: str, budget, overrides: dict, args, cuda: bool) -> dict:
+def run_config(model, inputs: dict, method: str, budget, overrides: dict, args, cuda: bool, text_tower=None) -> dict:
     """One configuration: warm-up, prefill repeats at batch 1, generate repeats at each batch size.
-    inputs: batch size -> model inputs (input_ids (B, 636), pixel_values (B, 3, 336, 336))."""
+    inputs: batch size -> model inputs (input_ids (B, 636), pixel_values (B, 3, 336, 336)); text_tower:
+    the CLIP text tower of a method that reads the instruction."""
     import torch
 
     import ficoco
     from ficoco.measure import _peak_rss_bytes, _timed_generate
 
     synchronize = torch.cuda.synchronize if cuda else (lambda: None)
-    with ficoco.apply(model, method, budget, **overrides) as handle:
+    with ficoco.apply(model, method, budget, text_tower=text_tower, **overrides) as handle:
         for _ in range(args.warmup):
             _prefill_seconds(model, inputs[1], synchronize)
             for batch in BATCH_SIZES:
@@ -240,7 +241,7 @@ def run(args, started: float) -> dict:
     import torch
     import transformers
 
-    from ficoco.bench import bench_configs
+    from ficoco.bench import bench_configs, text_towers
     from ficoco.dims import ModelDims
     from ficoco.measure import build_random_model, synthetic_inputs
 
@@ -259,13 +260,14 @@ def run(args, started: float) -> dict:
 
     configs, unreachable = bench_configs(args.methods, args.budgets, dims, overrides=overrides_for(args.shape))
     plan = configs + [("vanilla", None, {})]                 # bench_configs puts vanilla first
+    text_tower = text_towers(model, dims, plan)
     runs, skipped = [], []
     for index, (method, budget, overrides) in enumerate(plan):
         reference = index in (0, len(plan) - 1)           # the vanilla runs always run
         if not reference and time.perf_counter() - started > args.time_limit:
             skipped.append((method, budget, overrides))
             continue
-        runs.append(run_config(model, inputs, method, budget, overrides, args, cuda))
+        runs.append(run_config(model, inputs, method, budget, overrides, args, cuda, text_tower(method)))
         print(f"[{index + 1}/{len(plan)}] {method} B={budget}: prefill {_prefill(runs[-1]) * 1e3:.1f} ms, batch "
               f"{BATCH_SIZES[-1]} {_throughput(runs[-1], BATCH_SIZES[-1]):.2f} img/s ({time.perf_counter() - started:.0f} s)",
               file=sys.stderr, flush=True)

@@ -56,6 +56,18 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def random_companion(model, config_path: Path, dims):
+    """A random-weight CLIP text tower beside the random model, shaped as the model directory's companion
+    (`clip/config.json`) when it has one, else as CLIP ViT-L/14-336's."""
+    from transformers import CLIPConfig
+
+    from ficoco.models.companion import COMPANION_DIR, random_text_tower
+
+    clip_config = config_path.parent / COMPANION_DIR / "config.json"
+    return random_text_tower(model, dims.last_vision_layer,
+                             CLIPConfig.from_json_file(str(clip_config)) if clip_config.is_file() else None)
+
+
 def build_random_model(config_path: Path, dtype: str, device: str, attn_implementation: str, seed: int):
     """LlavaForConditionalGeneration with random weights from config.json, in eval mode on `device`."""
     import torch
@@ -194,6 +206,7 @@ def measure(
     import ficoco
     from ficoco.dims import ModelDims
     from ficoco.flops import sample_cost
+    from ficoco import methods
     from ficoco.methods import budget_label
 
     if repeats < 1 or warmup < 0 or batch_size < 1 or new_tokens < 1:
@@ -204,9 +217,10 @@ def measure(
     device = resolve_device(device)
     cuda = device == "cuda"
     model = build_random_model(config_path, dtype, device, attn_implementation, seed)
-    handle = ficoco.apply(model, method, budget, **overrides)
-    inputs = synthetic_inputs(model, batch_size, prompt_tokens, seed)
     dims = ModelDims.from_config(model.config)
+    text_tower = random_companion(model, config_path, dims) if methods.get(method).needs_text_tower else None
+    handle = ficoco.apply(model, method, budget, text_tower=text_tower, **overrides)
+    inputs = synthetic_inputs(model, batch_size, prompt_tokens, seed)
 
     for _ in range(warmup):
         _timed_generate(model, inputs, new_tokens, cuda)

@@ -170,3 +170,58 @@ def reference_quantile(values, q: float) -> float:
     low = math.floor(position)
     high = min(low + 1, len(ordered) - 1)
     return ordered[low] + (position - low) * (ordered[high] - ordered[low])
+
+
+TEXT_END = 3        # the tiny text tower pools at this id ("."), as the toy's pools at its captions' "."
+
+
+def tiny_word_tokenizer(vocab_size: int = 64):
+    """A word-level tokenizer over the tiny models' ids: <pad> <s> </s> . <unk> <image> w6 .. w{n-1}."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", ".", "<unk>", "<image>", *(f"w{i}" for i in range(6, vocab_size))]
+    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
+
+
+def text_tower_for(model, method: str, **options):
+    """The tiny text tower (`tiny_text_tower`) a method that reads the instruction needs; None for any other."""
+    import tempfile
+
+    from ficoco import methods
+
+    if not methods.get(method).needs_text_tower:
+        return None
+    with tempfile.TemporaryDirectory() as directory:        # loading reads everything into memory
+        return tiny_text_tower(model, directory, **options)
+
+
+def tiny_text_tower(model, directory, template: str = "<image>{prompt}", context: int = 8, seed: int = 0,
+                    vision_weights: bool = True):
+    """A random CLIP checkpoint beside a tiny LLaVA, saved to `directory` and loaded as its text tower.
+
+    Its vision model carries the LLaVA tower's weights (`vision_weights=False`: its own random ones);
+    its text tower has `context` positions, so a longer instruction is split into segments.
+    """
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig
+
+    from ficoco.dims import ModelDims
+    from ficoco.models.companion import load_text_tower
+
+    vocab = model.config.text_config.vocab_size
+    text = CLIPTextConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                          num_attention_heads=2, max_position_embeddings=context, pad_token_id=PAD, bos_token_id=BOS,
+                          eos_token_id=TEXT_END, initializer_range=0.1)
+    vision = model.config.vision_config.to_dict()
+    torch.manual_seed(seed)
+    clip = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision, projection_dim=16)).eval()
+    if vision_weights:
+        clip.vision_model.load_state_dict(model.model.vision_tower.state_dict())
+    tokenizer = tiny_word_tokenizer(vocab)
+    clip.save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+    return load_text_tower(directory, tokenizer, template, model.model.vision_tower,
+                           ModelDims.from_config(model.config).last_vision_layer)

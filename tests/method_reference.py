@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers_tiny import images, llava_shaped, n_placeholders, prompt  # noqa: E402
+from helpers_tiny import images, llava_shaped, n_placeholders, prompt, text_tower_for  # noqa: E402
 
 REFERENCE = Path(__file__).resolve().parent / "data" / "method_reference.json"
 ENVIRONMENT = {"OMP_NUM_THREADS": "1", "MKL_CBWR": "COMPATIBLE", "ATEN_CPU_CAPABILITY": "default"}
@@ -68,6 +68,7 @@ SETTINGS = {
     "random": (64, {}),
     "pooling": (64, {}),
     "divprune": (64, {}),
+    "cdpruner": (64, {}),
     "vscan": (128, {"local_layer": 1}),
     "fitprune": (300, {"deletions": [300, 150, 50, 0]}),          # attention sees 576, 276, 126, 76
 }
@@ -84,7 +85,8 @@ def outputs(shaped, method: str) -> dict:
     budget, overrides = SETTINGS[method]
     ids = torch.tensor([prompt(n_placeholders(shaped), [10, 11], [12, 13, 14])])
     mask, pixels = torch.ones_like(ids), images(1, 336, seed=3)
-    with ficoco.apply(shaped, method, budget, **overrides) as handle, torch.no_grad():
+    with ficoco.apply(shaped, method, budget, text_tower=text_tower_for(shaped, method), **overrides) as handle, \
+            torch.no_grad():
         logits = shaped(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
         counts = handle.last_counts()
         trace = handle.last_trace()

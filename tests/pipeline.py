@@ -18,7 +18,8 @@ WORKFLOW_PARTS = ("workflow", "config", "slurm", "report")
 
 # The golden grid (tests/test_golden_pipeline.py; tests/test_slurm.py compares Slurm's results with it):
 # one or two methods of every phase (vision, projector, LLM, both) and an adaptive (count per image) one
-GOLDEN_METHODS = ["vanilla", "ficoco-v", "divprune", "fastv", "ficoco-l", "ficoco-vl", "prumerge-adaptive", "fitprune"]
+GOLDEN_METHODS = ["vanilla", "ficoco-v", "divprune", "cdpruner", "fastv", "ficoco-l", "ficoco-vl", "prumerge-adaptive",
+                  "fitprune"]
 GOLDEN_BUDGETS = [96, 72]            # of 144 visual tokens; the small toy model has 4 LLM layers
 GOLDEN_LIMIT = 4
 

@@ -130,7 +130,7 @@ def test_a_method_a_model_cannot_run_is_refused_before_any_job(monkeypatch):
               "benchmarks": ["gqa"]}
     with pytest.raises(ConfigError, match=r"methods\[2\]: evit cannot run on model llava-1.5-7b: it needs a CLS "
                                           r"token first in the vision tower .*valid: the methods this model can run "
-                                          r"\(vanilla, ficoco-l, .*divprune, fitprune\)"):
+                                          r"\(vanilla, ficoco-l, .*divprune, cdpruner, fitprune\)"):
         validate(config)
     validate({**config, "methods": ["vanilla", "fastv"]})
     from ficoco.flops import dims_for

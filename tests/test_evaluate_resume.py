@@ -126,7 +126,7 @@ FINGERPRINT = Fingerprint(
     benchmark_checksum="c" * 64, benchmark_rows=64, benchmark_subset=None, benchmark_module="toy-shapes",
     benchmark_options={}, method="ficoco-v", budget="36", params={"start": 2, "lam": 0.35}, template="USER: {prompt}",
     dtype="float32", image_preprocessing="none", batch_size=4, device="cpu", shard=0, shards=1, limit=None,
-    ficoco="0.1.0", torch="2.13.0", transformers="5.24.0")
+    text_tower=None, ficoco="0.1.0", torch="2.13.0", transformers="5.24.0")
 JOB = {"model": "toy-llava", "method": "ficoco-v", "phase": "vision", "budget": "36", "benchmark": "toy-shapes",
        "shard": 0, "shards": 1}
 

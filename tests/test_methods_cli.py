@@ -31,3 +31,14 @@ def test_the_listing_says_what_each_method_needs_of_the_image_layout(capsys):
     assert "  needs:     a CLS token first in the tower, one crop per image" in listing
     assert "  needs:     rope-1d LLM positions" in listing
     assert "  needs:     nothing of the image layout" in listing
+
+
+def test_the_listing_says_which_method_reads_the_clip_text_tower(capsys):
+    import json
+
+    assert main(["cdpruner", "divprune"]) == 0
+    listing = capsys.readouterr().out.split("\n\n")
+    assert "the CLIP text tower of the vision tower's checkpoint" in listing[0]
+    assert "text tower" not in listing[1]
+    assert main(["--json", "cdpruner", "divprune"]) == 0
+    assert [entry["needs_text_tower"] for entry in json.loads(capsys.readouterr().out)] == [True, False]

@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import ficoco
 from ficoco.methods import get as get_method, names as method_names
 from ficoco.models.llava import install_llava
-from helpers_tiny import images, left_padded, n_placeholders, prompt
+from helpers_tiny import images, left_padded, n_placeholders, prompt, text_tower_for
 from method_reference import SETTINGS, SPARSE, model
 
 # further settings whose overhead formulas take other branches (pruning instead of merging, a fixed
@@ -83,7 +83,8 @@ def counted(method_name: str, counter: list[int]):
 def run_counted(shaped, method_name: str, budget, overrides: dict, ids: torch.Tensor, mask: torch.Tensor,
                 pixels: torch.Tensor, use_cache: bool = True) -> tuple[list[dict], int]:
     flops: list[int] = []
-    with install_llava(shaped, counted(method_name, flops), budget, **overrides) as handle, torch.no_grad():
+    with install_llava(shaped, counted(method_name, flops), budget, text_tower=text_tower_for(shaped, method_name),
+                       **overrides) as handle, torch.no_grad():
         shaped(input_ids=ids, attention_mask=mask, pixel_values=pixels, use_cache=use_cache)
         counts = handle.last_counts()
     return counts, sum(flops)

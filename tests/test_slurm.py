@@ -28,6 +28,7 @@ from pipeline import (GOLDEN_LIMIT, REPO_ROOT, copy_workflow, pipeline_env, plan
 
 SUBMITTED = re.compile(r"Job (\d+) has been submitted with SLURM jobid (\d+) \(log: (\S+)\)")
 FINISHED = re.compile(r"Finished jobid: (\d+) \(Rule: (\w+)\)")
+INTERRUPTED = "Terminating processes on user request"      # snakemake's answer to SIGINT
 PARTITION = "debug"
 SLURM_ENV = {"FICOCO_SLURM_ACCOUNT": "ficoco-test", "FICOCO_GPU_PARTITION": PARTITION,
              "FICOCO_CPU_PARTITION": PARTITION, "FICOCO_LOCAL_PARTITION": PARTITION}
@@ -93,10 +94,21 @@ def run_until_one_evaluate_job_finished(repo: Path, config: str, env: dict) -> t
                                if (match := FINISHED.search(line)) and match.group(2) == "evaluate"), None)
         time.sleep(0.5)
     assert finished_jobid is not None, "".join(lines)[-3000:]
-    process.send_signal(signal.SIGINT)
+    # Ctrl-C, again only while snakemake has not acknowledged it: a SIGINT that lands while snakemake runs
+    # a local job can be lost, and the run then finishes every job (a second one during the
+    # acknowledged termination could stop it from cancelling the running Slurm job)
+    for _ in range(30):
+        process.send_signal(signal.SIGINT)
+        acknowledged = time.time() + 5
+        while time.time() < acknowledged and process.poll() is None \
+                and not any(INTERRUPTED in line for line in list(lines)):
+            time.sleep(0.2)
+        if process.poll() is not None or any(INTERRUPTED in line for line in list(lines)):
+            break
     process.wait(timeout=120)
     reader.join(timeout=30)
     output = "".join(lines)
+    assert INTERRUPTED in output, output[-3000:]
     by_jobid = {snakemake_id: folder for snakemake_id, _, rule, folder in submissions(output) if rule == "evaluate"}
     for _ in range(60):                                     # the cancelled job leaves the queue
         if not subprocess.run(["squeue", "-h", "-t", "PENDING,RUNNING,COMPLETING"], capture_output=True,

@@ -11,7 +11,7 @@ from types import MappingProxyType
 from ficoco.budget_labels import ADAPTIVE, FULL, is_label, tflops_target
 from ficoco.methods import downsample, evit, ficoco_l, ficoco_v, ficoco_v_code, ficoco_vl, tome, vanilla
 from ficoco.methods import dart, fastv, pdrop, sparsevlm
-from ficoco.methods import divprune, fitprune, pooling, prumerge, random_keep, topk_cls, visionzip, vispruner, vscan
+from ficoco.methods import cdpruner, divprune, fitprune, pooling, prumerge, random_keep, topk_cls, visionzip, vispruner, vscan
 from ficoco.contract import LLMKept, LLMLayerStep, LLMTokens, VisionLayerStep, VisionTokens
 from ficoco.methods.base import Method, Param
 
@@ -23,7 +23,7 @@ _REGISTRY = MappingProxyType({
                    sparsevlm.MATCHED,
                    visionzip.METHOD, vispruner.METHOD, prumerge.METHOD, prumerge.PLUS, prumerge.ADAPTIVE,
                    prumerge.PLUS_ADAPTIVE, topk_cls.METHOD, random_keep.METHOD,
-                   pooling.METHOD, divprune.METHOD, vscan.METHOD, fitprune.METHOD)
+                   pooling.METHOD, divprune.METHOD, cdpruner.METHOD, vscan.METHOD, fitprune.METHOD)
 })
 
 

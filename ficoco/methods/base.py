@@ -76,6 +76,10 @@ class Method:
     realised them, `handle.last_counts()`), and any other budget is a ValueError naming the method.
     The grid runs such a method once, under the budget label "adaptive".
 
+    `needs_text_tower=True` marks a method that reads each prompt's instruction through CLIP's text
+    tower (CDPruner): `ficoco.apply(..., text_tower=...)` hands it the companion model
+    (ficoco/models/companion.py), which the pipeline loads from the model directory's `clip/`.
+
     `calibrated=True` marks a method whose plan for a budget needs parameters fitted on calibration
     prompts (FitPrune's deletion schedule): the pipeline fits them per model and budget (rule
     `calibrate`, `ficoco calibrate`) and each job reads the artifact (`ficoco run --calibration`).
@@ -96,6 +100,8 @@ class Method:
     fitted_where: str = ""                      # a calibrated method: where its fitted steps act, in words
                                                 # (`ficoco methods`; it builds none before its fit)
     needs: Needs = Needs()                      # what it assumes of an image's layout (ficoco.contract)
+    needs_text_tower: bool = False              # reads the instruction through the CLIP text tower of the vision
+                                                # tower's checkpoint, a companion of the model (CDPruner)
 
     def __post_init__(self):
         if self.calibrated != bool(self.fitted_where):

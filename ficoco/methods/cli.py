@@ -44,7 +44,9 @@ def describe(method) -> str:
         f"  {method.summary}",
         f"  acts on:   {where}",
         f"  attention: {method.needs_attention}",
-        f"  needs:     {needs_text(method.needs)}",
+        f"  needs:     {needs_text(method.needs)}"
+        + ("; the CLIP text tower of the vision tower's checkpoint (the model's clip/; "
+           "ficoco.apply(..., text_tower=...))" if method.needs_text_tower else ""),
     ]
     if not method.budgeted:
         lines.append("  budget:    none (adaptive: a token count per image, realised counts logged; grid label "
@@ -78,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [methods.get(name) for name in (args.names or methods.names())]
     if args.json:
         print(json.dumps([{"name": m.name, "phase": m.phase, "acts_on": list(m.acts_on), "where": sites(m),
-                           "needs_attention": m.needs_attention, "needs": asdict(m.needs), "budgeted": m.budgeted,
+                           "needs_attention": m.needs_attention, "needs": asdict(m.needs),
+                           "needs_text_tower": m.needs_text_tower, "budgeted": m.budgeted,
                            "stages": dict(m.stages),
                            "defaults": m.defaults, "summary": m.summary} for m in chosen], indent=2))
     elif args.markdown:

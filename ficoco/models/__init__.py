@@ -8,17 +8,18 @@ FICOCO_ALLOW_UNTESTED_TRANSFORMERS=1 (docs/contracts.md §7).
 from __future__ import annotations
 
 
-def apply(model, method, budget: int | None = None, **overrides):
+def apply(model, method, budget: int | None = None, text_tower=None, **overrides):
     """Install `method` (a `ficoco.methods.base.Method`) at `budget` on `model`; returns the handle.
 
     Adapters never import the method registry or a method's module (tests/test_contract.py):
-    `ficoco.apply` resolves a method's name before it gets here."""
+    `ficoco.apply` resolves a method's name before it gets here. `text_tower`: the CLIP text tower a
+    method that reads the instruction needs (ficoco/models/companion.py)."""
     from transformers import LlavaForConditionalGeneration
 
     if isinstance(model, LlavaForConditionalGeneration):
         from ficoco.models.llava import apply_llava
 
-        return apply_llava(model, method, budget, **overrides)
+        return apply_llava(model, method, budget, text_tower=text_tower, **overrides)
     raise TypeError(f"ficoco.apply: unsupported model class {type(model).__name__}; supported: "
                     f"LlavaForConditionalGeneration")
 

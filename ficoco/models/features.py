@@ -29,7 +29,7 @@ import hashlib
 import torch
 
 from ficoco.contract import ImageTokens, ProjectorStep, StepShape, VisionOutputStep, VisionTokens
-from ficoco.paradigm.attention import head_mean_probs
+from ficoco.paradigm.attention import head_mean_probs, pairwise_cosine
 
 PROJECTOR_TRACE = "projector"        # key of a projector step's kept positions in the vision trace
 
@@ -99,10 +99,36 @@ class FeatureScores:
         return [pixel_digest(image) for image in self._pass.pixel_values]
 
 
+class ProjectorInstructionScores:
+    """`InstructionScores` of one batch of images: CLIP cosines of each image's patches with its prompt's
+    instruction, computed on first use; `companion_macs()` says what that cost per image."""
+
+    def __init__(self, text_tower, patches: torch.Tensor, instructions: list[list[int]]):
+        self._tower, self._patches, self._instructions = text_tower, patches, instructions   # (B, N, D_vision)
+        self._segments: list[int] | None = None
+
+    def instruction_cosines(self) -> list[torch.Tensor]:
+        cosines, self._segments = [], []
+        for patches, ids in zip(self._patches, self._instructions):
+            text = self._tower.instruction_text(ids)
+            text_embeds = self._tower.text_embeddings(text)                                  # (M, C)
+            image_embeds = self._tower.image_embeddings(patches)                             # (N, C)
+            cosines.append(pairwise_cosine(image_embeds[None], text_embeds[None])[0])       # (N, M)
+            self._segments.append(text_embeds.shape[0])
+        return cosines
+
+    def companion_macs(self) -> list[int]:
+        """Per image, the MACs of what was asked for (0 when nothing was)."""
+        if self._segments is None:
+            return [0] * len(self._instructions)
+        return [self._tower.macs(self._patches.shape[1], segments) for segments in self._segments]
+
+
 class FeaturePatch:
     """Hooks for at most one `VisionOutputStep` and one `ProjectorStep` on a `LlavaModel`."""
 
-    def __init__(self, llava_model, feature_layer: int, steps, current_vision_pass):
+    def __init__(self, llava_model, feature_layer: int, steps, current_vision_pass, text_tower=None,
+                 current_instructions=None):
         output_steps = [step for step in steps if isinstance(step, VisionOutputStep)]
         projector_steps = [step for step in steps if isinstance(step, ProjectorStep)]
         if len(output_steps) > 1 or len(projector_steps) > 1 or len(output_steps) + len(projector_steps) != len(steps):
@@ -112,6 +138,8 @@ class FeaturePatch:
         self.projector_step = projector_steps[0] if projector_steps else None
         self.feature_index = feature_layer
         self.current_vision_pass = current_vision_pass          # () -> VisionPass | None
+        self.text_tower = text_tower                            # companion.TextTower for a step reading the instruction
+        self.current_instructions = current_instructions        # () -> per image, LLM ids after its image
         self.current: FeaturePass | None = None
         self.realised: list[int] | None = None                  # per-image counts of the last adaptive reduction
         self._handles = []
@@ -131,6 +159,11 @@ class FeaturePatch:
                               self.feature_layer.register_forward_hook(self._record("output")),
                               projector.register_forward_pre_hook(self._reduce_features)]
         if self.projector_step is not None:
+            if self.projector_step.reads_instruction:          # CLIP image embeddings start at the feature layer
+                if text_tower is None or current_instructions is None:
+                    raise ValueError("this projector step reads the instruction through CLIP's text tower; none "
+                                     "was given (ficoco.apply(..., text_tower=...))")
+                self._handles.append(self.feature_layer.register_forward_hook(self._record("output")))
             self._handles.append(projector.register_forward_hook(self._reduce_projected))
 
     def remove(self) -> None:
@@ -191,13 +224,30 @@ class FeaturePatch:
         feature_pass, self.current = self.current, None           # one projector call per tower call
         batch, tokens, _ = output.shape                           # (B, N, D_llm)
         positions = torch.arange(tokens, device=output.device).expand(batch, -1)
-        out = self.projector_step.reduce(0, ImageTokens(output, positions), None)
+        scores = self._instruction_scores(feature_pass, output) if self.projector_step.reads_instruction else None
+        out = self.projector_step.reduce(0, ImageTokens(output, positions), scores)
         _check_tokens(out.hidden, batch, self.projector_step.tokens_out, "projector")
         vision_pass = feature_pass.vision_pass if feature_pass is not None else None
-        _record_shapes(vision_pass, "projector", [StepShape(None, tokens, self.projector_step.tokens_out)] * batch)
+        companion = scores.companion_macs() if scores is not None else [0] * batch
+        _record_shapes(vision_pass, "projector", [StepShape(None, tokens, self.projector_step.tokens_out,
+                                                            companion_macs=macs) for macs in companion])
         if out.positions is not None:          # _record_shapes: a pass is there
             vision_pass.trace[PROJECTOR_TRACE] = out.positions
         return out.hidden.to(output.dtype)
+
+    def _instruction_scores(self, feature_pass: FeaturePass | None, projected: torch.Tensor):
+        """The `InstructionScores` of the projected images: their feature-layer patches and instructions."""
+        if feature_pass is None or feature_pass.output is None:
+            raise RuntimeError("the projector ran without a vision-tower pass; reading the instruction needs the "
+                               "feature layer's output (pass pixel_values, not pre-computed features)")
+        patches = feature_pass.output[:, 1:]                       # (B, N, D_vision) CLS dropped, as LLaVA does
+        instructions = self.current_instructions()
+        if patches.shape[:2] != projected.shape[:2] or instructions is None or len(instructions) != len(patches):
+            raise RuntimeError(f"the projector's {tuple(projected.shape[:2])} tokens are not the feature layer's "
+                               f"{tuple(patches.shape[:2])} patches of the prompts' "
+                               f"{'no' if instructions is None else len(instructions)} images; reading the "
+                               f"instruction needs a forward call with input_ids and one image per placeholder run")
+        return ProjectorInstructionScores(self.text_tower, patches, instructions)
 
 
 def _record_shapes(vision_pass, site: str, shapes: list[StepShape]) -> None:

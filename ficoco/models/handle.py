@@ -39,6 +39,7 @@ class Call:
         self.images_per_row: list[int] = []
         self.placeholders_per_row: list[int] = []
         self.pads_per_row: list[int] = []
+        self.instructions: list[list[int]] | None = None   # per image, its row's token ids after the row's last image
 
 
 class Handle:

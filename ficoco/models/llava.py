@@ -44,36 +44,46 @@ from ficoco.models.features import FEATURE_STEPS, FeaturePatch
 from ficoco.models.guard import require_tested_transformers
 from ficoco.models.handle import Handle, Replacement
 from ficoco.models.llama import LlamaPatch
-from ficoco.models.placeholders import collapse_placeholders, collapsing_generate, images_per_row, pad_token_id
+from ficoco.models.placeholders import (collapse_placeholders, collapsing_generate, images_per_row, inputs_are_embeds,
+                                        pad_token_id)
 
 if TYPE_CHECKING:                    # for annotations only: an adapter never imports the methods package
     from ficoco.methods.base import Method
 
 
-def apply_llava(model, method: Method, budget: int | None = None, **overrides) -> "LlavaHandle":
+def apply_llava(model, method: Method, budget: int | None = None, text_tower=None, **overrides) -> "LlavaHandle":
     """Install `method` at `budget` on a `LlavaForConditionalGeneration`; returns the handle.
 
-    Refuses an untested transformers version first (ficoco/models/guard.py).
+    `text_tower` (ficoco/models/companion.py) is the CLIP text tower a method that reads the
+    instruction needs (`Method.needs_text_tower`, CDPruner). Refuses an untested transformers version
+    first (ficoco/models/guard.py).
     """
     require_tested_transformers()
-    return install_llava(model, method, budget, **overrides)
+    return install_llava(model, method, budget, text_tower=text_tower, **overrides)
 
 
-def install_llava(model, method: Method, budget: int | None = None, **overrides) -> "LlavaHandle":
+def install_llava(model, method: Method, budget: int | None = None, text_tower=None, **overrides) -> "LlavaHandle":
     """`apply_llava` without the version guard: for the self-check, which is what the guard runs."""
     if not callable(getattr(method, "plan", None)):
         raise TypeError(f"install_llava: method {method!r} is not a Method; ficoco.apply resolves a name "
                         f"(`ficoco methods` lists them) to one")
+    if method.needs_text_tower and text_tower is None:
+        raise ValueError(f"{method.name} reads the instruction through the CLIP text tower of the vision tower's "
+                         f"checkpoint: pass text_tower=ficoco.models.companion.load_text_tower(...) (the pipeline "
+                         f"loads it from the model directory's clip/)")
+    if text_tower is not None and not method.needs_text_tower:
+        raise ValueError(f"{method.name} does not read a text tower; pass text_tower only to a method that does "
+                         f"(`ficoco methods`: needs_text_tower)")
     dims = ModelDims.from_config(model.config)
     plan = method.plan(dims, budget, **overrides)
-    return LlavaHandle(model, method, dims, plan)
+    return LlavaHandle(model, method, dims, plan, text_tower)
 
 
 class LlavaHandle(Handle):
     """The installed method on a LLaVA model: the tower, LLM and feature patches, the forward hooks
     that prepare each call's inputs, and (when the prompt shrinks) the collapsing `generate`."""
 
-    def __init__(self, model, method: Method, dims: ModelDims, plan: dict):
+    def __init__(self, model, method: Method, dims: ModelDims, plan: dict, text_tower=None):
         steps = method.steps(plan)
         super().__init__(model, method, dims, plan, steps)
         unknown = [type(step).__name__ for step in steps
@@ -81,6 +91,7 @@ class LlavaHandle(Handle):
         if unknown:
             raise ValueError(f"{method.name}: the LLaVA adapter has no site for {unknown}")
         self.image_token_id = model.config.image_token_id
+        self.reads_instruction = text_tower is not None             # a projector step reads each prompt's instruction
         self.full_per_image = dims.visual_tokens
         self.delivered_per_image = plan.delivered                 # None: adaptive, a count per image
         self.adaptive = any(isinstance(step, VisionOutputStep) and step.tokens_out is None for step in steps)
@@ -96,17 +107,20 @@ class LlavaHandle(Handle):
         self._install(lambda: LlamaPatch(inner.language_model, self.llm_step, self._current_llm_pass))
         features = self._install(lambda: FeaturePatch(inner, dims.last_vision_layer,
                                                       [step for step in steps if isinstance(step, FEATURE_STEPS)],
-                                                      lambda: clip.current))
+                                                      lambda: clip.current, text_tower, self._image_instructions))
         self._install(lambda: inner.register_forward_pre_hook(self._before_forward, with_kwargs=True))
         self._install(lambda: inner.register_forward_hook(lambda module, args, output: self._close_call(),
                                                           always_call=True))
         if self.adaptive:                                         # trim each image to its realised count
             self._install(lambda: Replacement(inner, "get_image_features",
                                               _trimming_image_features(inner.get_image_features, features)))
-        if self.adaptive or self.delivered_per_image != self.full_per_image:
+        self._generate_instructions: list[list[int]] | None = None    # per image, while `generate` runs
+        if self.adaptive or self.delivered_per_image != self.full_per_image or self.reads_instruction:
             collapse = functools.partial(self._collapse_inputs, pad_side="left")
-            self._install(lambda: Replacement(model, "generate", types.MethodType(
-                collapsing_generate(collapse, type(model).generate), model)))
+            generate = collapsing_generate(collapse, type(model).generate)
+            if self.reads_instruction:
+                generate = self._telling_instructions(generate)
+            self._install(lambda: Replacement(model, "generate", types.MethodType(generate, model)))
         self._installed()
 
     # -- hooks on LlavaModel ----------------------------------------------------------------------
@@ -138,9 +152,35 @@ class LlavaHandle(Handle):
         else:
             call.images_per_row = [n // self.delivered_per_image for n in call.placeholders_per_row]
         call.pads_per_row = [0] * batch if valid is None else (~valid).sum(1).tolist()
+        if self.reads_instruction and input_ids is not None:
+            call.instructions = _instructions_per_image(input_ids, is_image, valid, self.delivered_per_image)
         call.llm = self._prefill_pass(is_image, valid, length)
         self._remember_prefill(call, cache)
         return (), kwargs
+
+    def _image_instructions(self) -> list[list[int]] | None:
+        """Per image being encoded, its row's token ids after the row's last image: those of the current
+        prefill, or of the `generate` call that encodes its images first; None outside both."""
+        call = self._call
+        if call is not None and call.prefill:
+            return call.instructions
+        return self._generate_instructions
+
+    def _telling_instructions(self, generate):
+        """`generate` that gives the projector step each image's instruction: transformers encodes the
+        images before the first forward call, outside the per-call state the hooks keep."""
+        def run(model, inputs=None, *args, **kwargs):
+            input_ids = kwargs.get("input_ids") if inputs is None else inputs
+            mask = kwargs.get("attention_mask")
+            if input_ids is not None and not inputs_are_embeds(input_ids):
+                valid = mask.bool() if mask is not None and mask.dim() == 2 else None
+                self._generate_instructions = _instructions_per_image(
+                    input_ids, input_ids == self.image_token_id, valid, self.full_per_image)
+            try:
+                return generate(model, inputs, *args, **kwargs)
+            finally:
+                self._generate_instructions = None
+        return run
 
     # -- input preparation ---------------------------------------------------------------------
     def _collapse_inputs(self, kwargs: dict, inner, pad_side: str | None = None) -> dict:
@@ -168,6 +208,21 @@ class LlavaHandle(Handle):
                                           attention_mask=mask, position_ids=kwargs.get("position_ids"),
                                           pad_side=pad_side, pad_token_id=self.pad_token_id)
         return {**kwargs, **collapsed}
+
+
+def _instructions_per_image(input_ids: torch.Tensor, is_image: torch.Tensor, valid: torch.Tensor | None,
+                            placeholders_per_image: int) -> list[list[int]]:
+    """Per image (in reading order), the token ids of its row after the row's last image token, padding
+    excluded: the instruction that image's prompt asks about."""
+    per_image = []
+    for row, row_ids in enumerate(input_ids):
+        image_positions = is_image[row].nonzero()
+        if not len(image_positions):
+            continue
+        start = int(image_positions[-1]) + 1
+        ids = row_ids[start:] if valid is None else row_ids[start:][valid[row, start:]]
+        per_image += [ids.tolist()] * (len(image_positions) // placeholders_per_image)
+    return per_image
 
 
 def _image_features(kwargs: dict):

@@ -422,3 +422,65 @@ def rater_scores(attn_tv: torch.Tensor, raters: torch.Tensor) -> torch.Tensor:
     weights = raters.float()  # (B, Nt)
     total = (weights.unsqueeze(-1) * attn_tv.float()).sum(dim=1)  # (B, Nv)
     return total / weights.sum(dim=-1, keepdim=True).clamp(min=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Instruction-conditioned diversity (CDPruner, §8.13)
+
+def instruction_relevance(cosines: torch.Tensor) -> torch.Tensor:
+    """CDPruner's relevance of each visual token of one image to its instruction, as the authors' code
+    computes it: the mean over the instruction's text embeddings of the *negative* CLIP cosine,
+    min–max normalised over the image's tokens with 1e-6 added to the numerator (so the least relevant
+    token keeps a small nonzero weight). A relevance that is the same for every token conditions
+    nothing: every token then weighs 1.
+
+    cosines: (N, M) cosine of each token's CLIP image embedding with each of the M text embeddings
+    -> (N,) float32 in (0, 1].
+    """
+    relevance = (-_float32(cosines)).mean(dim=-1)  # (N,)
+    low, high = relevance.min(), relevance.max()
+    if not bool(high > low):
+        return torch.ones_like(relevance)
+    return (relevance - low + 1e-6) / (high - low)
+
+
+def conditional_kernel(x: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
+    """CDPruner's conditional DPP kernel L = diag(r)·S·diag(r), S the cosine similarity of the tokens.
+
+    x: (B, N, D) tokens; relevance: (B, N) -> (B, N, N) float32, symmetric positive semi-definite.
+    """
+    relevance = _float32(relevance)
+    return relevance[:, :, None] * pairwise_cosine(x, x) * relevance[:, None, :]
+
+
+def dpp_greedy_map(kernel: torch.Tensor, k: int) -> torch.Tensor:
+    """Greedy MAP inference of a DPP with kernel L: k items, each adding the most to log det L_S.
+
+    The fast form of Chen, Zhang & Zhou (NeurIPS 2018), as CDPruner's code runs it: an incremental
+    Cholesky factor `factors` of the chosen items, and per item its gain d_j² = L_jj − ‖c_j‖² (the
+    determinant grows by that factor when j joins), updated once per pick; ties to the lower position.
+    Once L's rank is used up every remaining gain is 0 (clamped; float error could make it negative),
+    and the rest are taken in position order, as the tie rule says (the authors' code divides by the
+    square root of such a gain).
+
+    kernel: (B, N, N) symmetric PSD -> (B, k) int64, sorted ascending.
+    """
+    batch, n, _ = kernel.shape
+    _check_count("k", k, n)
+    kernel = _float32(kernel)
+    rows = torch.arange(batch, device=kernel.device)
+    factors = kernel.new_zeros(k, batch, n)  # (k, B, N) row i: the i-th chosen item's Cholesky column
+    gains = torch.diagonal(kernel, dim1=1, dim2=2).clamp_min(0)  # (B, N) d_j²
+    taken = torch.zeros(batch, n, dtype=torch.bool, device=kernel.device)
+    chosen = []
+    for i in range(k):
+        pick = argmax_lowest(gains.masked_fill(taken, float("-inf")))  # (B,)
+        chosen.append(pick)
+        taken[rows, pick] = True
+        gain = gains[rows, pick]  # (B,)
+        # (B, 1, i) @ (B, i, N): c_pick · c_j for every item j
+        projected = torch.bmm(factors[:i, rows, pick].T[:, None], factors[:i].transpose(0, 1))[:, 0]  # (B, N)
+        inverse_root = torch.where(gain > 0, gain.clamp_min(torch.finfo(gain.dtype).tiny).rsqrt(), 0.0)  # (B,)
+        factors[i] = (kernel[rows, pick] - projected) * inverse_root[:, None]
+        gains = (gains - factors[i].square()).clamp_min(0)
+    return torch.stack(chosen, dim=1).sort(dim=-1).values

@@ -22,9 +22,9 @@ import sys
 from pathlib import Path
 
 from ficoco.journal import staged_directory
+from ficoco.models.companion import COMPANION_DIR as CLIP_DIR   # a staged toy model's pretrained CLIPModel
 
 GENERATOR_VERSION = 1           # bump when shapes.py changes what a (seed, index) renders
-CLIP_DIR = "clip"               # a staged toy model's pretrained CLIPModel, inside its directory
 
 
 def _now() -> str:
@@ -136,7 +136,8 @@ def build_model(out, seed: int = 0, train: bool = True, steps: int | None = None
 
     recipe: "end-to-end" or "staged" (ficoco/toy/train.py); overrides: TrainSettings fields on top
     of the recipe's defaults (tests use them for short runs). A staged build also writes its
-    pretrained CLIP model (tower + text encoder) to `out/clip/`.
+    pretrained CLIP model (tower + text encoder) to `out/clip/`; untrained, a random CLIP model
+    whose tower the LLaVA takes (so CDPruner's text tower is there on random weights too).
     """
     from ficoco.toy import model as toy_model
     from ficoco.toy import shapes
@@ -150,7 +151,8 @@ def build_model(out, seed: int = 0, train: bool = True, steps: int | None = None
         raise ValueError(f"steps={settings.steps}: must be at least 1")
     request = {"seed": int(seed), "train": bool(train), "size": size,
                "config_hash": toy_model.config_hash(config),
-               "training": settings.to_dict() if train else None}
+               "training": settings.to_dict() if train else None,
+               **({} if train else {"recipe": settings.recipe})}   # untrained staged: a random CLIP companion
     existing = _built_for(out, request)
     if existing:
         print(f"toy model {out} is up to date ({'trained' if train else 'random weights'}, seed {seed})")
@@ -160,6 +162,9 @@ def build_model(out, seed: int = 0, train: bool = True, steps: int | None = None
     processor = toy_model.build_processor()
     model = toy_model.build_model(seed, size)
     training, clip = None, None
+    if not train and settings.recipe == "staged":     # the tower is its CLIP's, as when trained: random weights
+        clip, clip_processor = toy_model.build_clip(settings.clip.seed, size), toy_model.build_clip_processor()
+        model.model.vision_tower.load_state_dict(clip.vision_model.state_dict())
     if train:
         stages = {}
         if settings.recipe == "staged":
