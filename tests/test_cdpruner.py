@@ -273,3 +273,13 @@ def test_the_companion_is_part_of_the_fingerprint_of_a_job_that_reads_it(tmp_pat
     (model_dir / "manifest.json").write_text(json.dumps({"id": "m", "revision": "r",
                                                           "clip": {"dir": "clip", "revision": "c2"}}))
     assert differences(before.as_dict(), fingerprint("cdpruner", True).as_dict()) == ["text_tower"]
+
+
+def test_the_llava_text_towers_are_pinned_to_a_commit():
+    from ficoco.fetch import is_pinned
+
+    models = yaml.safe_load(open("config/models.yaml"))
+    towers = {name: entry["text_tower"] for name, entry in models.items() if entry.get("text_tower")}
+    assert set(towers) == {"llava-1.5-7b", "llava-1.5-13b"}
+    assert all(tower["id"] == "openai/clip-vit-large-patch14-336" and is_pinned(tower["revision"])
+               for tower in towers.values())
