@@ -157,14 +157,14 @@ def bench_configs(names, budgets, dims, variants=(), overrides=scaled_overrides)
     return configs, unreachable
 
 
-def text_towers(model, dims, configs):
+def text_towers(model, configs):
     """`method -> text tower`: one random-weight CLIP text tower (ficoco/models/companion.py) for the
     methods of `configs` that read the instruction (CDPruner), None for the others."""
     from ficoco import methods
     from ficoco.models.companion import random_text_tower
 
     readers = {method for method, _, _ in configs if methods.get(method).needs_text_tower}
-    tower = random_text_tower(model, dims.last_vision_layer) if readers else None
+    tower = random_text_tower(model) if readers else None
     return lambda method: tower if method in readers else None
 
 
@@ -257,7 +257,7 @@ def run(args) -> dict:
     ids, mask, pixels = (t.to(device) for t in bench_inputs(model, args.text_before, args.text_after))
 
     configs, unreachable = bench_configs(args.methods, args.budgets, dims, args.variants)
-    text_tower = text_towers(model, dims, configs)
+    text_tower = text_towers(model, configs)
 
     def prefill():
         synchronize()

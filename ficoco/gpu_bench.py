@@ -260,7 +260,7 @@ def run(args, started: float) -> dict:
 
     configs, unreachable = bench_configs(args.methods, args.budgets, dims, overrides=overrides_for(args.shape))
     plan = configs + [("vanilla", None, {})]                 # bench_configs puts vanilla first
-    text_tower = text_towers(model, dims, plan)
+    text_tower = text_towers(model, plan)
     runs, skipped = [], []
     for index, (method, budget, overrides) in enumerate(plan):
         reference = index in (0, len(plan) - 1)           # the vanilla runs always run

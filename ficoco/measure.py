@@ -56,7 +56,7 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def random_companion(model, config_path: Path, dims):
+def random_companion(model, config_path: Path):
     """A random-weight CLIP text tower beside the random model, shaped as the model directory's companion
     (`clip/config.json`) when it has one, else as CLIP ViT-L/14-336's."""
     from transformers import CLIPConfig
@@ -64,8 +64,7 @@ def random_companion(model, config_path: Path, dims):
     from ficoco.models.companion import COMPANION_DIR, random_text_tower
 
     clip_config = config_path.parent / COMPANION_DIR / "config.json"
-    return random_text_tower(model, dims.last_vision_layer,
-                             CLIPConfig.from_json_file(str(clip_config)) if clip_config.is_file() else None)
+    return random_text_tower(model, CLIPConfig.from_json_file(str(clip_config)) if clip_config.is_file() else None)
 
 
 def build_random_model(config_path: Path, dtype: str, device: str, attn_implementation: str, seed: int):
@@ -218,7 +217,7 @@ def measure(
     cuda = device == "cuda"
     model = build_random_model(config_path, dtype, device, attn_implementation, seed)
     dims = ModelDims.from_config(model.config)
-    text_tower = random_companion(model, config_path, dims) if methods.get(method).needs_text_tower else None
+    text_tower = random_companion(model, config_path) if methods.get(method).needs_text_tower else None
     handle = ficoco.apply(model, method, budget, text_tower=text_tower, **overrides)
     inputs = synthetic_inputs(model, batch_size, prompt_tokens, seed)
 

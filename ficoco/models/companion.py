@@ -93,9 +93,6 @@ class TextTower:
         return self.visual_projection(self.post_layernorm(patches.to(weight.device, torch.float32)))
 
     # -- cost -----------------------------------------------------------------------------------------
-    def segments(self, text: str) -> int:
-        return -(-len(self.text_ids(text)) // self.context)
-
     def macs(self, tokens: int, segments: int) -> int:
         """Multiply-accumulates of `tokens` image embeddings, the text tower on `segments` padded
         segments (attention over the whole context, masked or not), and the (N, M) cosines."""
@@ -166,7 +163,7 @@ def model_text_tower(model_dir: str | Path, tokenizer, template: str, model, fea
                            feature_layer)
 
 
-def random_text_tower(model, feature_layer: int, clip_config=None, seed: int = 0) -> TextTower:
+def random_text_tower(model, clip_config=None, seed: int = 0) -> TextTower:
     """A random-weight text tower beside a random-weight LLaVA (timings: the cost does not depend on the
     weights). Its vision weights are the tower's; `clip_config` (a `CLIPConfig`, e.g. the fetched
     companion's) gives the text tower's shape, by default CLIP ViT-L/14-336's. The prompts are random
