@@ -207,6 +207,7 @@ def evaluate_shard(*, model_dir, benchmark_dir, benchmark: str, method: str, bud
     # a calibrated method's fitted parameters join the overrides (and so the fingerprint); a stale fit fails here
     overrides = with_calibration(method, budget_value, overrides or {}, calibration, model_dir)
     params = method_registry.get(method).resolve(overrides)            # so do unknown or bad overrides
+    reads_text_tower = method_registry.get(method).needs_text_tower
 
     out = Path(out)
     journal = Journal(out.parent / "journal.jsonl")
@@ -224,7 +225,7 @@ def evaluate_shard(*, model_dir, benchmark_dir, benchmark: str, method: str, bud
         model_dir=model_dir, benchmark_dir=benchmark_dir, benchmark_module=benchmark_module or benchmark,
         options=options or {}, method=method, budget=budget, params=params, template=template, dtype=dtype,
         image_preprocessing=image_preprocessing, batch_size=batch_size, device=device, shard=shard, shards=shards,
-        limit=limit, text_tower=method_registry.get(method).needs_text_tower)
+        limit=limit, text_tower=reads_text_tower)
     header = _open_journal(journal, fingerprint, job)
     done = journal.read()
     sample_ids = {index: str(dataset[index]["id"]) for index in rows}     # the journal's keys
@@ -236,7 +237,7 @@ def evaluate_shard(*, model_dir, benchmark_dir, benchmark: str, method: str, bud
         model, processor = load_model(model_dir, device, dtype)
         dims = ModelDims.from_config(model.config)
         text_tower = model_text_tower(model_dir, processor.tokenizer, template, model, dims.last_vision_layer) \
-            if method_registry.get(method).needs_text_tower else None
+            if reads_text_tower else None
         handle = ficoco.apply(model, method, budget_value, text_tower=text_tower, **overrides)
         generator = Generator(model, processor, handle, bench, options or {}, template, image_preprocessing, dims,
                               judge=judge)

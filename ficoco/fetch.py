@@ -40,7 +40,7 @@ def fetch_model(name: str, entry: dict, out_dir: str | Path, endpoint_dir: str |
     repo_id, revision = entry["id"], entry.get("revision", "main")
     text_tower = entry.get("text_tower")
     with staged_directory(out_dir) as staging:   # the manifest is written last, inside the staged copy
-        resolved = _snapshot(name, repo_id, revision, staging, endpoint_dir)
+        resolved = _snapshot(name, repo_id, revision, staging, endpoint_dir, exclude=(COMPANION_DIR,))
         companion = None
         if text_tower:
             source = None if endpoint_dir is None else Path(endpoint_dir) / COMPANION_DIR
@@ -59,8 +59,9 @@ def fetch_model(name: str, entry: dict, out_dir: str | Path, endpoint_dir: str |
 
 
 def _snapshot(what: str, repo_id: str, revision: str, destination: Path, endpoint_dir: Path | str | None,
-              patterns: list[str] = MODEL_FILES) -> str:
-    """One hub repository at `revision` into `destination` (or a local copy); returns the resolved commit."""
+              patterns: list[str] = MODEL_FILES, exclude: tuple[str, ...] = ()) -> str:
+    """One hub repository at `revision` into `destination` (or a local copy without the top-level folders
+    `exclude`); returns the resolved commit."""
     if not is_pinned(revision):
         warnings.warn(f"model {what}: revision {revision!r} is not a 40-hex commit; the resolved commit is "
                       f"recorded in the manifest, pin it in config/models.yaml", stacklevel=3)
@@ -68,7 +69,11 @@ def _snapshot(what: str, repo_id: str, revision: str, destination: Path, endpoin
         source = Path(endpoint_dir)
         if not (source / "config.json").is_file():
             raise FileNotFoundError(f"model {what}: local source {source} is not a model directory (no config.json)")
-        shutil.copytree(source, destination, dirs_exist_ok=True)
+
+        def excluded(folder, names):
+            return [name for name in names if Path(folder) == source and name in exclude]
+
+        shutil.copytree(source, destination, dirs_exist_ok=True, ignore=excluded)
         return revision
     from huggingface_hub import HfApi, snapshot_download
 

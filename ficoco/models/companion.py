@@ -146,7 +146,8 @@ def load_text_tower(directory: str | Path, tokenizer, template: str, tower, feat
                                      attn_implementation=TEXT_ATTENTION).eval()
     _require_tower_weights(clip.vision_model, tower, feature_layer, directory)
     clip_tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-    return _text_tower(clip, clip_tokenizer, tokenizer, template, tower, image_token)
+    return _text_tower(clip.text_model, clip.text_projection, clip.vision_model.post_layernorm, clip.visual_projection,
+                       clip_tokenizer, tokenizer, template, tower, image_token)
 
 
 def model_text_tower(model_dir: str | Path, tokenizer, template: str, model, feature_layer: int) -> TextTower:
@@ -165,29 +166,30 @@ def model_text_tower(model_dir: str | Path, tokenizer, template: str, model, fea
 
 def random_text_tower(model, clip_config=None, seed: int = 0) -> TextTower:
     """A random-weight text tower beside a random-weight LLaVA (timings: the cost does not depend on the
-    weights). Its vision weights are the tower's; `clip_config` (a `CLIPConfig`, e.g. the fetched
-    companion's) gives the text tower's shape, by default CLIP ViT-L/14-336's. The prompts are random
-    ids, so a word-level tokenizer over the LLM's ids ("w<id>") serves as both tokenizers and the
-    template is "<image>{prompt}"."""
-    from transformers import CLIPConfig, CLIPModel
+    weights). Its post-layernorm is the tower's own; `clip_config` (a `CLIPConfig`, e.g. the fetched
+    companion's) gives the text tower's shape, by default CLIP ViT-L/14-336's. No vision model is built:
+    the random LLaVA's tower stands for it. The prompts are random ids, so a word-level tokenizer over
+    the LLM's ids ("w<id>") serves as both tokenizers and the template is "<image>{prompt}"."""
+    import copy
 
-    vision = model.config.vision_config
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
     if clip_config is None:
-        clip_config = CLIPConfig(text_config={"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-                                              "num_attention_heads": 12, "max_position_embeddings": 77,
-                                              "vocab_size": 49408},
-                                 vision_config=vision.to_dict(), projection_dim=768)
+        text_config = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                     num_attention_heads=12, max_position_embeddings=77, vocab_size=49408,
+                                     projection_dim=768)
     else:
-        clip_config = CLIPConfig(text_config=clip_config.text_config.to_dict(), vision_config=vision.to_dict(),
-                                 projection_dim=clip_config.projection_dim)
+        text_config = CLIPTextConfig(**{**clip_config.text_config.to_dict(),
+                                        "projection_dim": clip_config.projection_dim})
     vocab = model.config.get_text_config().vocab_size
-    if clip_config.text_config.vocab_size < vocab:
-        clip_config.text_config.vocab_size = vocab
+    text_config.vocab_size = max(text_config.vocab_size, vocab)
+    tower = model.model.vision_tower
     torch.manual_seed(seed)
-    clip = CLIPModel._from_config(clip_config, attn_implementation=TEXT_ATTENTION).eval()
-    clip.vision_model.load_state_dict(model.model.vision_tower.state_dict())
+    text = CLIPTextModelWithProjection._from_config(text_config, attn_implementation=TEXT_ATTENTION).eval()
+    visual_projection = torch.nn.Linear(tower.config.hidden_size, text_config.projection_dim, bias=False)
     tokenizer = id_tokenizer(vocab, model.config.image_token_id)
-    return _text_tower(clip, tokenizer, tokenizer, "<image>{prompt}", model.model.vision_tower, "<image>")
+    return _text_tower(text.text_model, text.text_projection, copy.deepcopy(tower.post_layernorm).float(),
+                       visual_projection, tokenizer, tokenizer, "<image>{prompt}", tower, "<image>")
 
 
 def id_tokenizer(vocab_size: int, image_token_id: int):
@@ -201,13 +203,15 @@ def id_tokenizer(vocab_size: int, image_token_id: int):
     return PreTrainedTokenizerFast(tokenizer_object=backend, extra_special_tokens={"image_token": "<image>"})
 
 
-def _text_tower(clip, clip_tokenizer, llm_tokenizer, template: str, tower, image_token: str) -> TextTower:
+def _text_tower(text_model, text_projection, post_layernorm, visual_projection, clip_tokenizer, llm_tokenizer,
+                template: str, tower, image_token: str) -> TextTower:
+    """The parts on the tower's device, with the template's edges read from the LLM tokenizer."""
     device = next(tower.parameters()).device
     head, tail = template_edges(llm_tokenizer, template, image_token)
-    return TextTower(text_model=clip.text_model.to(device), text_projection=clip.text_projection.to(device),
-                     post_layernorm=clip.vision_model.post_layernorm.to(device),
-                     visual_projection=clip.visual_projection.to(device), clip_tokenizer=clip_tokenizer,
-                     llm_tokenizer=llm_tokenizer, template_head=head, template_tail=tail, template=template)
+    return TextTower(text_model=text_model.to(device), text_projection=text_projection.to(device),
+                     post_layernorm=post_layernorm.to(device), visual_projection=visual_projection.to(device),
+                     clip_tokenizer=clip_tokenizer, llm_tokenizer=llm_tokenizer, template_head=head,
+                     template_tail=tail, template=template)
 
 
 def _require_tower_weights(clip_vision, tower, feature_layer: int, directory: Path) -> None:

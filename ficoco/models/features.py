@@ -105,23 +105,22 @@ class ProjectorInstructionScores:
 
     def __init__(self, text_tower, patches: torch.Tensor, instructions: list[list[int]]):
         self._tower, self._patches, self._instructions = text_tower, patches, instructions   # (B, N, D_vision)
-        self._segments: list[int] | None = None
+        self._cosines: list[torch.Tensor] | None = None
 
     def instruction_cosines(self) -> list[torch.Tensor]:
-        cosines, self._segments = [], []
-        for patches, ids in zip(self._patches, self._instructions):
-            text = self._tower.instruction_text(ids)
-            text_embeds = self._tower.text_embeddings(text)                                  # (M, C)
-            image_embeds = self._tower.image_embeddings(patches)                             # (N, C)
-            cosines.append(pairwise_cosine(image_embeds[None], text_embeds[None])[0])       # (N, M)
-            self._segments.append(text_embeds.shape[0])
-        return cosines
+        if self._cosines is None:
+            self._cosines = []
+            for patches, ids in zip(self._patches, self._instructions):
+                text_embeds = self._tower.text_embeddings(self._tower.instruction_text(ids))   # (M, C)
+                image_embeds = self._tower.image_embeddings(patches)                          # (N, C)
+                self._cosines.append(pairwise_cosine(image_embeds[None], text_embeds[None])[0])   # (N, M)
+        return self._cosines
 
     def companion_macs(self) -> list[int]:
         """Per image, the MACs of what was asked for (0 when nothing was)."""
-        if self._segments is None:
+        if self._cosines is None:
             return [0] * len(self._instructions)
-        return [self._tower.macs(self._patches.shape[1], segments) for segments in self._segments]
+        return [self._tower.macs(*cosines.shape) for cosines in self._cosines]
 
 
 class FeaturePatch:
