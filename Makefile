@@ -22,8 +22,9 @@ $(STAMP): pyproject.toml requirements/lock.txt requirements/torch.txt tools/inst
 	tools/install.sh $(BIN)/python
 	touch $(STAMP)
 
+# `ficoco warm`: each local job forks an interpreter that has imported torch & co. once (docs/pipeline.md)
 demo: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --cores $(CORES)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m ficoco.cli warm -- $(BIN)/snakemake --cores $(CORES)
 
 test: $(STAMP)
 	tools/ensure-chromium.sh

@@ -22,6 +22,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ficoco.evaluate import offline_environment
 from ficoco.journal import atomic_write_json
 
 FITTED = ("deletions",)          # the parameters a fit sets (FitPrune's schedule)
@@ -154,10 +155,10 @@ def calibrate(*, model_dir, benchmark_dir, benchmark_module: str, method: str, b
     from ficoco.benchmarks.fetch import load_local
     from ficoco.benchmarks.rows import check_row
     from ficoco.dims import ModelDims
-    from ficoco.evaluate import Generator, _offline, load_model, pick_device
+    from ficoco.evaluate import Generator, load_model, pick_device
     from ficoco.fingerprint import library_versions, read_manifest
 
-    _offline()
+    offline_environment()
     registered = method_registry.get(method)
     if not registered.calibrated:
         calibrated = [name for name in method_registry.names() if method_registry.get(name).calibrated]
@@ -221,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    offline_environment()                       # before the first Hugging Face import
     try:
         overrides, options, template = json.loads(args.overrides), json.loads(args.options), json.loads(args.template)
         artifact = calibrate(model_dir=args.model_dir, benchmark_dir=args.benchmark_dir,

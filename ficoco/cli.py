@@ -6,7 +6,10 @@ Every target is a `main(argv: list[str]) -> int | None` that parses its own argu
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+
+from ficoco.warm import DELEGATED, SOCKET_ENV, delegate
 
 # name -> (module:function, one-line description)
 COMMANDS = {
@@ -26,6 +29,7 @@ COMMANDS = {
     "report": ("ficoco.report:main_report", "render the HTML report from the results table"),
     "grid": ("ficoco.config:main", "validate a config and print its job grid"),
     "doctor": ("ficoco.doctor:main", "check the environment: versions, CUDA, adapter self-check, W&B mode, HF caches"),
+    "warm": ("ficoco.warm:main", "run a command (e.g. snakemake) whose local jobs fork a warm interpreter: no imports"),
 }
 
 
@@ -46,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"ficoco: unknown command {name!r}; valid commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    if name in DELEGATED and os.environ.get(SOCKET_ENV):    # under `ficoco warm`: a warm child runs it
+        code = delegate(argv)
+        if code is not None:
+            return code
     module_name, function_name = COMMANDS[name][0].split(":")
     function = getattr(importlib.import_module(module_name), function_name)
     return int(function(rest) or 0)

@@ -27,9 +27,13 @@ from ficoco.budget_labels import ADAPTIVE, FULL, run_label_problem
 from ficoco.journal import Journal, atomic_write_json, read_jsonl, remove_stale_temporaries, write_jsonl_atomic
 
 
-def _offline() -> None:
-    # evaluate jobs read only local copies; never reach for the hub by accident
-    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def offline_environment() -> None:
+    """Jobs read only local copies and never reach for the hub by accident. Called before the first
+    Hugging Face import: huggingface_hub and datasets read these variables once, when imported."""
+    for name in OFFLINE_VARIABLES:
         os.environ.setdefault(name, "1")
 
 
@@ -189,7 +193,7 @@ def evaluate_shard(*, model_dir, benchmark_dir, benchmark: str, method: str, bud
     any other journal is set aside (`set-aside/` beside it) and the job starts fresh, saying why on
     stderr (the job's log). Each record is checked against the method's plan before it is journaled.
     """
-    _offline()
+    offline_environment()
     import torch
     from tqdm import tqdm
 
@@ -458,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     # a job is its own process: it never attaches to a W&B service inherited from whatever started it
     # (WANDB_SERVICE), where a killed job's run would stay "in use" and its rerun could not resume it
     os.environ.pop("WANDB_SERVICE", None)
+    offline_environment()                       # before the doctor's self-check imports transformers
     from ficoco.doctor import log_environment
 
     # the environment first in every job's log: versions, devices, the adapter self-check, W&B mode

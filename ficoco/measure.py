@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from ficoco.budget_labels import ADAPTIVE, FULL, run_label_problem
+from ficoco.evaluate import offline_environment
 
 DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -329,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="results/measure/{model}/{method}/b{budget}.json")
     args = parser.parse_args(argv)
+    offline_environment()                       # random weights from config.json: nothing to download
     if args.method == "vanilla" and args.budget != FULL:
         parser.error(f"--method vanilla takes --budget full; got {args.budget}")
     problem = run_label_problem(args.budget_label, args.budget)

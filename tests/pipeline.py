@@ -58,9 +58,13 @@ def pipeline_env(**extra) -> dict:
             **extra}
 
 
-def snakemake(cwd: Path, *args, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=env or pipeline_env())
+def snakemake(cwd: Path, *args, env: dict | None = None, timeout: int = 900, warm: bool = False
+              ) -> subprocess.CompletedProcess:
+    """Snakemake in a subprocess; `warm`: under `ficoco warm`, as `make demo` runs it."""
+    command = [sys.executable, "-m", "snakemake", *args]
+    if warm:
+        command = [sys.executable, "-m", "ficoco.cli", "warm", "--", *command]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env or pipeline_env())
 
 
 def planned_jobs(repo: Path, configfile: str) -> list[dict]:
@@ -76,10 +80,12 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def run_golden(repo: Path) -> str:
-    """The golden grid run through Snakemake (W&B offline) from an empty results folder; returns its config."""
+    """The golden grid run through Snakemake (W&B offline) from an empty results folder, under `ficoco warm` as
+    `make demo` runs it (tests/test_slurm.py runs part of it cold, through Slurm, and compares); returns its config."""
     copy_workflow(repo)
     config = write_toy_config(repo, "golden", methods=GOLDEN_METHODS, budgets=GOLDEN_BUDGETS, limit=GOLDEN_LIMIT,
                               measure_methods=["vanilla"])
-    result = snakemake(repo, "--cores", "2", "--configfile", config, env=pipeline_env(WANDB_MODE="offline"))
+    result = snakemake(repo, "--cores", "2", "--configfile", config, env=pipeline_env(WANDB_MODE="offline"),
+                       warm=True)
     assert result.returncode == 0, result.stderr[-4000:]
     return config

@@ -235,11 +235,14 @@ def test_the_report_in_chromium_shows_the_same_nonzero_numbers(golden):
 
 
 def test_every_evaluate_log_starts_with_the_environment(golden):
-    """`ficoco doctor` at the head of each job's log: versions, the adapter self-check, the W&B mode."""
+    """Each job ran in a warm child (the grid runs under `ficoco warm`), then `ficoco doctor` at the head of its
+    log: versions, the adapter self-check, the W&B mode."""
     logs = sorted((golden["repo"] / "logs/evaluate").glob("**/*.log"))
     assert len(logs) == len(golden["jobs"])
     for log in logs:
         head = log.read_text().splitlines()[:20]
+        assert head[0].startswith("ficoco warm: running in a warm child (pid "), (log, head[:3])
+        head = head[1:]
         assert head[0].startswith("ficoco doctor: python: "), (log, head[:3])
         assert any(line.startswith("ficoco doctor: transformers: ") and "(tested;" in line for line in head), log
         assert "ficoco doctor: adapter self-check: passed" in " ".join(head), log

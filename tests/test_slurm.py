@@ -165,10 +165,16 @@ def test_every_evaluate_job_went_through_sbatch_and_slurm_records_it(runs):
 
 
 def test_slurm_results_equal_the_local_run(runs):
+    """The local (golden) run's jobs ran in warm children (`ficoco warm`), Slurm's in fresh processes: the same
+    predictions, counts, costs and metrics."""
     stable = ("id", "prediction", "score", "counts", "cost", "generated_tokens", "error")
     for job in planned_jobs(runs["cluster"], runs["config"]):
         run = Path("results/runs") / job["model"] / job["benchmark"] / job["method"] / f"b{job['budget']}"
         shard = run / f"shard{job['shard']}of{job['shards']}" / "predictions.jsonl"
+        log = Path("logs/evaluate") / job["model"] / job["benchmark"] / job["method"] / f"b{job['budget']}" / \
+            f"shard{job['shard']}of{job['shards']}.log"
+        assert (runs["local"] / log).read_text().startswith("ficoco warm: running in a warm child")
+        assert "ficoco warm" not in (runs["cluster"] / log).read_text()
         local, cluster = read_jsonl(runs["local"] / shard), read_jsonl(runs["cluster"] / shard)
         assert [{key: r[key] for key in stable} for r in cluster] == [{key: r[key] for key in stable} for r in local]
         local_metrics = yaml.safe_load((runs["local"] / run / "metrics.json").read_text())
