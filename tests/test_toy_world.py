@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections import deque
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,8 @@ from ficoco.toy import cli as toy_cli
 from ficoco.toy import model as toy_model
 from ficoco.toy import shapes
 from ficoco.toy import train as toy_train
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # The palette is part of the world's definition (what "red" means); shape names are recognised
 # from blob areas worked out by hand from the drawing rules in docs/toy.md:
@@ -190,6 +193,34 @@ def test_fetch_builds_the_same_benchmark_and_rejects_unknown_options(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- model dir
+
+def test_a_change_to_the_toy_code_rebuilds_the_model_and_reruns_its_rule(tmp_path, capsys, monkeypatch):
+    """A model built by other toy code is never reused: its request carries the code's digest, and so do the
+    Snakemake rule's params."""
+    import ficoco.toy
+
+    digest = ficoco.toy.model_code_digest()
+    assert len(digest) == 16 and "code=model_code_digest()," in (REPO_ROOT / "workflow/rules/fetch.smk").read_text()
+    out = tmp_path / "toy"
+    toy_cli.main(["build-model", "--out", str(out), "--no-train", "--size", "small", "--seed", "3"])
+    assert json.loads((out / "manifest.json").read_text())["request"]["code"] == digest
+    capsys.readouterr()
+    toy_cli.main(["build-model", "--out", str(out), "--no-train", "--size", "small", "--seed", "3"])
+    assert "up to date" in capsys.readouterr().out
+    # the same digest from edited source: one byte more in train.py
+    source = {name: (Path(ficoco.toy.__file__).parent / name).read_bytes() for name in ficoco.toy.MODEL_MODULES}
+    edited = tmp_path / "toy-source"
+    edited.mkdir()
+    for name, text in source.items():
+        (edited / name).write_bytes(text + (b"#" if name == "train.py" else b""))
+    monkeypatch.setattr(ficoco.toy, "__file__", str(edited / "__init__.py"))
+    changed = ficoco.toy.model_code_digest()
+    assert changed != digest
+    monkeypatch.setattr(toy_cli, "model_code_digest", lambda: changed)
+    toy_cli.main(["build-model", "--out", str(out), "--no-train", "--size", "small", "--seed", "3"])
+    assert "up to date" not in capsys.readouterr().out
+    assert json.loads((out / "manifest.json").read_text())["request"]["code"] == changed
+
 
 def test_built_model_and_processor_load_offline_and_generate(tmp_path, capsys):
     from transformers import AutoProcessor, LlavaForConditionalGeneration

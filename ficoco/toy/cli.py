@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from ficoco.journal import staged_directory
+from ficoco.toy import model_code_digest
 from ficoco.models.companion import COMPANION_DIR as CLIP_DIR   # a staged toy model's pretrained CLIPModel
 
 GENERATOR_VERSION = 1           # bump when shapes.py changes what a (seed, index) renders
@@ -150,7 +151,7 @@ def build_model(out, seed: int = 0, train: bool = True, steps: int | None = None
     if settings.steps < 1:
         raise ValueError(f"steps={settings.steps}: must be at least 1")
     request = {"seed": int(seed), "train": bool(train), "size": size,
-               "config_hash": toy_model.config_hash(config),
+               "config_hash": toy_model.config_hash(config), "code": model_code_digest(),
                "training": settings.to_dict() if train else None,
                **({} if train else {"recipe": settings.recipe})}   # untrained staged: a random CLIP companion
     existing = _built_for(out, request)

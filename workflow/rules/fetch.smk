@@ -1,5 +1,6 @@
 # Models and benchmarks into resources/: downloaded at pinned revisions, or built for the toy world.
 # Each output is a manifest written last, so an interrupted fetch is redone.
+from ficoco.toy import model_code_digest
 
 
 rule fetch_model:
@@ -24,6 +25,7 @@ rule build_toy_model:
         train=lambda wc: "--train" if MODELS[wc.model].get("train", True) else "--no-train",
         size=lambda wc: MODELS[wc.model].get("size", "default"),
         recipe=lambda wc: MODELS[wc.model].get("recipe", "end-to-end"),
+        code=model_code_digest(),       # the toy code that trains it: a change rebuilds (Snakemake's params trigger)
     log:
         "logs/build_toy_model/{model}.log",
     threads: 2
