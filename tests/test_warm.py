@@ -7,7 +7,6 @@ with it and the rerun resumes the journal; a job that cannot run warm runs cold 
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
