@@ -85,10 +85,14 @@ def delegate(argv: list[str]) -> int | None:
         _say(f"running cold: no warm interpreter at {path} ({error.strerror or error})")
         return None
     payload = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ)}).encode()
-    socket.send_fds(connection, [len(payload).to_bytes(_LENGTH_BYTES, "big")], [0, 1, 2])
-    connection.sendall(payload)
     replies = connection.makefile("r")
-    first = replies.readline()
+    try:
+        socket.send_fds(connection, [len(payload).to_bytes(_LENGTH_BYTES, "big")], [0, 1, 2])
+        connection.sendall(payload)
+        first = replies.readline()
+    except OSError as error:                        # the server went away before the job started
+        first = ""
+        _say(f"the warm interpreter failed: {error}")
     if not first:
         _say("running cold: the warm interpreter closed the connection before the job started")
         return None

@@ -4,7 +4,7 @@ import hashlib
 from pathlib import Path
 
 # the modules whose code decides a built toy model's weights
-MODEL_MODULES = ("model.py", "shapes.py", "clip.py", "train.py")
+MODEL_MODULES = ("model.py", "shapes.py", "clip.py", "train.py", "cli.py")   # cli.py: the build's stages
 
 
 def model_code_digest() -> str:

@@ -22,8 +22,8 @@ import sys
 from pathlib import Path
 
 from ficoco.journal import staged_directory
-from ficoco.toy import model_code_digest
 from ficoco.models.companion import COMPANION_DIR as CLIP_DIR   # a staged toy model's pretrained CLIPModel
+from ficoco.toy import model_code_digest
 
 GENERATOR_VERSION = 1           # bump when shapes.py changes what a (seed, index) renders
 
