@@ -17,7 +17,8 @@ How:
   tests/test_warm.py checks that a job's predictions, metrics and costs are identical run either way.
 
 When a job runs cold instead (it says so in its log and then runs as usual, in its own process):
-- no server answers at FICOCO_WARM_SOCKET, e.g. on a Slurm node;
+- it runs inside a Slurm job (SLURM_JOB_ID), which must compute in its own allocation;
+- no server answers at FICOCO_WARM_SOCKET;
 - the job's environment differs from the server's in a variable that libraries read when they are
   imported (`IMPORT_TIME_PREFIXES`), or its thread counts disagree.
 
@@ -78,6 +79,9 @@ def import_time_differences(job_env: dict[str, str], server_env: dict[str, str])
 def delegate(argv: list[str]) -> int | None:
     """Run `ficoco ARGV` in a warm child; its exit status, or None when the job must run cold (said on stderr)."""
     path = os.environ[SOCKET_ENV]
+    if os.environ.get("SLURM_JOB_ID"):             # Slurm placed this job: it runs there, in its allocation
+        _say(f"running cold: inside Slurm job {os.environ['SLURM_JOB_ID']}")
+        return None
     connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         connection.connect(path)

@@ -195,6 +195,14 @@ def test_without_a_server_a_job_runs_cold_and_says_why(toy_world, tmp_path):
     assert warm_child(log) is None and len(read_jsonl(out)) == ROWS
 
 
+def test_a_job_inside_a_slurm_allocation_runs_cold_there(tmp_path):
+    log = tmp_path / "slurm.log"
+    result = warm(f"SLURM_JOB_ID=42 {shell_line(['run', '--method', 'vanilla'], log)}; echo status=$?")
+    assert "status=2" in result.stdout                      # then argparse's error, in this process
+    assert log.read_text().startswith("ficoco warm: running cold: inside Slurm job 42\n")
+    assert warm_child(log) is None
+
+
 def test_a_job_whose_import_time_environment_differs_runs_cold(toy_world, tmp_path):
     out, log = tmp_path / "other-home" / "predictions.jsonl", tmp_path / "other-home.log"
     line = f"HF_HOME='{tmp_path / 'hf'}' " + shell_line(run_args(toy_world, out, "vanilla", "full"), log)
