@@ -143,9 +143,9 @@ def serve(path: str) -> None:
     # what importing set (torch sets TORCHINDUCTOR_CACHE_DIR): a fresh job's imports set the same
     import_effects = {name: value for name, value in os.environ.items() if server_env.get(name) != value}
     _say(f"ready in {time.perf_counter() - start:.1f} s (pid {os.getpid()}; {', '.join(PRELOADED[:4])} imported)")
+    listener.settimeout(1.0)                        # wake once a second to reap finished children
     while True:
         _reap_children()
-        listener.settimeout(1.0)
         try:
             connection, _ = listener.accept()
         except TimeoutError:

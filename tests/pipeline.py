@@ -75,6 +75,16 @@ def planned_jobs(repo: Path, configfile: str) -> list[dict]:
     return [json.loads(line) for line in result.stdout.splitlines()]
 
 
+def build_toy_world(root: Path, *, rows: int, seed: int) -> Path:
+    """`root/bench` (`rows` test rows) and `root/model` (the untrained small toy model) built with `ficoco toy`,
+    as a job reads them; returns `root`."""
+    for args in (("build-benchmark", "--out", str(root / "bench"), "--rows", str(rows), "--seed", str(seed)),
+                 ("build-model", "--out", str(root / "model"), "--no-train", "--size", "small", "--seed", str(seed))):
+        subprocess.run([sys.executable, "-m", "ficoco.cli", "toy", *args], check=True, capture_output=True,
+                       text=True, timeout=600)
+    return root
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 

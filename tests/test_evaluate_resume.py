@@ -16,22 +16,15 @@ from ficoco.fingerprint import Fingerprint
 from ficoco.invariants import InvariantViolation
 from ficoco.journal import Journal, read_jsonl
 from ficoco.tracking import run_folders
+from pipeline import build_toy_world
 
 ROWS = 64
 BATCH = 4
 
 
-def ficoco_cli(*args, **kwargs):
-    return subprocess.run([sys.executable, "-m", "ficoco.cli", *args], capture_output=True, text=True,
-                          timeout=600, check=True, **kwargs)
-
-
 @pytest.fixture(scope="module")
 def toy_world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy-world")
-    ficoco_cli("toy", "build-benchmark", "--out", str(root / "bench"), "--rows", str(ROWS), "--seed", "3")
-    ficoco_cli("toy", "build-model", "--out", str(root / "model"), "--no-train", "--size", "small", "--seed", "3")
-    return root
+    return build_toy_world(tmp_path_factory.mktemp("toy-world"), rows=ROWS, seed=3)
 
 
 def run_command(toy_world, out, *extra):

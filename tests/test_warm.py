@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from ficoco.journal import read_jsonl
+from pipeline import build_toy_world
 from ficoco.warm import SOCKET_ENV, import_time_differences
 
 ROWS = 48
@@ -30,11 +31,7 @@ def ficoco(*args: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def toy_world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy-world")
-    for args in (("toy", "build-benchmark", "--out", str(root / "bench"), "--rows", str(ROWS), "--seed", "5"),
-                 ("toy", "build-model", "--out", str(root / "model"), "--no-train", "--size", "small", "--seed", "5")):
-        subprocess.run(ficoco(*args), check=True, capture_output=True, timeout=600)
-    return root
+    return build_toy_world(tmp_path_factory.mktemp("toy-world"), rows=ROWS, seed=5)
 
 
 def run_args(toy_world: Path, out: Path, method: str = "divprune", budget: str = "36") -> list[str]:
@@ -130,10 +127,7 @@ def test_a_client_killed_outright_takes_its_job_and_the_rerun_resumes_it(toy_wor
     client = int(pid_file.read_text())
     os.kill(client, signal.SIGKILL)
     launcher.communicate(timeout=120)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and Path(f"/proc/{child}").exists() and "Z" not in _state(child):
-        time.sleep(0.05)
-    assert not Path(f"/proc/{child}").exists() or "Z" in _state(child), "the warm child outlived its client"
+    assert ended(child), "the warm child outlived its client"
     recorded = journal.read_text().count('"row"')
     assert 0 < recorded < ROWS and not out.exists()
 
@@ -147,11 +141,19 @@ def test_a_client_killed_outright_takes_its_job_and_the_rerun_resumes_it(toy_wor
     assert comparable(read_jsonl(out)) == comparable(read_jsonl(clean))
 
 
-def _state(pid: int) -> str:
-    try:
-        return next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("State"))
-    except (FileNotFoundError, StopIteration):
-        return "gone"
+def ended(pid: int, timeout: float = 30) -> bool:
+    """Whether process `pid` has ended within `timeout` s: gone, or a zombie that nobody has reaped yet."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                         if line.startswith("State"))
+        except FileNotFoundError:
+            return True
+        if "Z" in state:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def test_sigterm_to_the_client_ends_the_job_and_the_client_by_sigterm(toy_world, tmp_path):
@@ -168,10 +170,7 @@ def test_sigterm_to_the_client_ends_the_job_and_the_client_by_sigterm(toy_world,
     os.kill(client, signal.SIGTERM)
     stdout, _ = launcher.communicate(timeout=120)
     assert f"status={128 + signal.SIGTERM}" in stdout        # as bash reports a job killed by SIGTERM
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and Path(f"/proc/{child}").exists() and "Z" not in _state(child):
-        time.sleep(0.05)
-    assert not Path(f"/proc/{child}").exists() or "Z" in _state(child)
+    assert ended(child)
     assert not out.exists()
 
 
