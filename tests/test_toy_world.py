@@ -276,6 +276,24 @@ def test_training_pixels_and_tokens_match_the_processor():
     assert (batch["labels"][0, :n_prompt] == -100).all()
 
 
+def test_a_shared_token_cache_builds_the_batches_a_fresh_tokenizer_builds():
+    """Training reuses one `token_ids` cache for every step: later batches must not see earlier ones' lists."""
+    processor = toy_model.build_processor()
+    tokens = toy_train.token_ids(processor.tokenizer)
+    for step in range(3):
+        rows = [shapes.sample(0, "train", 8 * step + i) for i in range(8)]
+        cached = toy_train.training_batch(rows, processor, turns=3, rng=np.random.default_rng(step), tokens=tokens)
+        fresh = toy_train.training_batch(rows, processor, turns=3, rng=np.random.default_rng(step))
+        for key in ("input_ids", "labels", "attention_mask"):
+            assert torch.equal(cached[key], fresh[key])
+        assert cached["grounding"] == fresh["grounding"] and cached["asked"] == fresh["asked"]
+        for row, ids in zip(rows, cached["input_ids"].tolist()):      # the first turn: the tokenizer's own ids
+            prompt = toy_model.prompt_text(row.question).replace("<image>", "<image>" * shapes.GRID ** 2)
+            expected = processor.tokenizer(prompt)["input_ids"]
+            assert ids[:len(expected)] == expected
+    assert tokens.cache_info().hits > 0
+
+
 def test_attention_targets_point_at_the_asked_word_and_the_target_patches():
     """The training-only attention losses' targets, checked from the decoded tokens and the pixels."""
     processor = toy_model.build_processor()

@@ -31,6 +31,7 @@ chosen at random (the "random" baseline) by passing `inputs_embeds` without the 
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, asdict
@@ -89,16 +90,21 @@ class TrainSettings:
         return asdict(self)
 
 
-def _prompt_ids(question: str, processor) -> list[int]:
-    """Token ids of the full first-turn prompt with `<image>` expanded, as the processor makes them."""
-    n_image = shapes.GRID * shapes.GRID
-    text = toy_model.prompt_text(question).replace("<image>", "<image>" * n_image)
-    return processor.tokenizer(text)["input_ids"]
+def token_ids(tokenizer):
+    """(text, special_tokens) -> the text's token ids as a tuple, each distinct text tokenised once.
+
+    A training run asks for the same few dozen prompts, turns and answers thousands of times; the
+    tokenizer took about 6 % of a step.
+    """
+    @functools.lru_cache(maxsize=None)
+    def ids(text: str, special_tokens: bool) -> tuple[int, ...]:
+        return tuple(tokenizer(text, add_special_tokens=special_tokens)["input_ids"])
+    return ids
 
 
 def training_batch(rows: list[shapes.ToySample], processor, turns: int = 1,
-                   rng: np.random.Generator | None = None) -> dict:
-    """Right-padded batch for one training step.
+                   rng: np.random.Generator | None = None, tokens=None) -> dict:
+    """Right-padded batch for one training step; `tokens` is a `token_ids` cache (None: a new one).
 
     Returns input_ids / labels / attention_mask (B, T) and pixel_values (B, 3, H, W) for the model,
     "grounding": a list of (batch row, answer-predicting position, [image positions of the target
@@ -106,6 +112,7 @@ def training_batch(rows: list[shapes.ToySample], processor, turns: int = 1,
     asked-about word, the last one before "?"]), one entry per question.
     """
     tokenizer = processor.tokenizer
+    tokens = token_ids(tokenizer) if tokens is None else tokens
     n_patches = shapes.GRID * shapes.GRID
     question_mark = tokenizer.convert_tokens_to_ids("?")
     sequences, label_rows, grounding, asked = [], [], [], []
@@ -116,19 +123,20 @@ def training_batch(rows: list[shapes.ToySample], processor, turns: int = 1,
                 raise ValueError("turns > 1 needs an rng to draw the extra questions")
             others = [q for q in row.all_questions() if q[1] != row.question]
             conversation += [others[int(i)] for i in rng.permutation(len(others))[:turns - 1]]
-        ids = _prompt_ids(row.question, processor)
+        # the full first-turn prompt with `<image>` expanded, as the processor makes it
+        ids = list(tokens(toy_model.prompt_text(row.question).replace("<image>", "<image>" * n_patches), True))
         image_start = ids.index(toy_model.image_token_id())
         labels = [-100] * len(ids)
         for turn, (kind, question, answer, target) in enumerate(conversation):
             if turn > 0:
-                turn_ids = tokenizer(TURN_TEMPLATE.format(prompt=question), add_special_tokens=False)["input_ids"]
+                turn_ids = list(tokens(TURN_TEMPLATE.format(prompt=question), False))
                 ids, labels = ids + turn_ids, labels + [-100] * len(turn_ids)
             answer_position = len(ids) - 1
             asked.append((b, answer_position, [answer_position - ids[::-1].index(question_mark) - 1]))
             if kind in GROUNDED_KINDS:
                 patches = [image_start + row.objects[i].patch_index for i in target]
                 grounding.append((b, answer_position, patches))
-            answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            answer_ids = [*tokens(answer, False), tokenizer.eos_token_id]
             ids, labels = ids + answer_ids, labels + answer_ids
         assert ids[image_start:image_start + n_patches] == [toy_model.image_token_id()] * n_patches
         sequences.append(ids)
@@ -316,6 +324,7 @@ def train(model, processor, settings: TrainSettings, progress: bool = True) -> d
 
     hooks = [layers[index].register_forward_pre_hook(capture(store), with_kwargs=True)
              for index, (_, store) in supervised.items()]
+    tokens = token_ids(processor.tokenizer)
 
     losses: list[float] = []
     parts: dict[str, list[float]] = {"answer": [], "probe": [], "asked": [], "grounding": []}   # per step
@@ -327,7 +336,8 @@ def train(model, processor, settings: TrainSettings, progress: bool = True) -> d
             max_others = distractor_cap(step, settings)
             rows = [shapes.sample(settings.seed, "train", first + i, max_others=max_others)
                     for i in range(settings.batch_size)]
-            batch = training_batch(rows, processor, settings.turns, np.random.default_rng([settings.seed, step]))
+            batch = training_batch(rows, processor, settings.turns, np.random.default_rng([settings.seed, step]),
+                                   tokens)
             targets = {key: batch.pop(key) for key in ("grounding", "asked")}
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, settings) * group["lr_scale"]
