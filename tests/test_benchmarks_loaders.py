@@ -255,6 +255,31 @@ def llava_wild_repo(root):
     return write_repo(root, [(None, "train", Dataset.from_dict(data, features=features))])
 
 
+def mmmu_repo(root):
+    """MMMU/MMMU's layout: one config per subject, two validation questions in each."""
+    from ficoco.benchmarks.mmmu import SUBJECTS
+
+    image_columns = {f"image_{k}": Image() for k in range(1, 8)}
+    features = Features({"id": S, "question": S, "options": S, "explanation": S, **image_columns, "img_type": S,
+                         "answer": S, "topic_difficulty": S, "question_type": S, "subfield": S})
+    tables = []
+    for subject in SUBJECTS:
+        data = {"id": [f"validation_{subject}_1", f"validation_{subject}_2"],
+                "question": [f"<image 1> Which {subject}?", "How many? <image 1> <image 2>"],
+                "options": ["['red', 'blue', 'green']", "[]"], "explanation": ["", ""],
+                "image_1": [img(RED), img(GREEN)], "image_2": [None, img(BLUE)],
+                **{f"image_{k}": [None, None] for k in range(3, 8)},
+                "img_type": ["['Photos']", "['Diagrams']"], "answer": ["B", "['12', '12.0']"],
+                "topic_difficulty": ["Easy", "Hard"], "question_type": ["multiple-choice", "open"],
+                "subfield": ["a", "b"]}
+        if subject == "Math":
+            data["answer"][0] = "Z"                              # not an option's letter: a bad row
+        if subject == "Music":
+            data["image_1"][1] = None                            # no image: a bad row
+        tables.append((subject, "validation", Dataset.from_dict(data, features=features)))
+    return write_repo(root, tables)
+
+
 # ---------------------------------------------------------------------------------------------
 # one test per benchmark: normalised rows, bad rows, prompts
 
@@ -425,6 +450,31 @@ def test_mmvet_and_llava_wild_rows(tmp_path):
     assert benchmarks.get("mmvet").max_new_tokens == benchmarks.get("llava_wild").max_new_tokens == 1024
 
 
+def test_mmmu_reads_every_subject_config_in_order(tmp_path):
+    from ficoco.benchmarks.mmmu import SUBJECTS
+
+    manifest, ds, _ = fetch("mmmu", mmmu_repo(tmp_path / "repo"), tmp_path, rows=60)
+    assert manifest["rows"] == 60 and ds["id"][:2] == [f"validation_{SUBJECTS[0]}_1", f"validation_{SUBJECTS[0]}_2"]
+    assert [row_meta(r)["subject"] for r in ds][::2] == list(SUBJECTS)
+    rows = rows_by_id(ds)
+    choice, open_question = rows["validation_Art_1"], rows["validation_Art_2"]
+    assert choice["choices"] == ["red", "blue", "green"] and choice["answers"] == ["B"]
+    assert pixel(choice["image"]) == RED and row_meta(choice)["images"] == 1
+    assert row_meta(choice)["discipline"] == "Art and Design" and row_meta(choice)["question_type"] == "multiple-choice"
+    assert open_question["choices"] == [] and open_question["answers"] == ["12", "12.0"]
+    assert pixel(open_question["image"]) == GREEN and row_meta(open_question)["images"] == 2   # image_1 only is shown
+    bench = benchmarks.get("mmmu")
+    assert bench.prompt(choice, {}) == ("<image 1> Which Art?\n(A) red\n(B) blue\n(C) green\n\n"
+                                        "Answer with the option's letter from the given choices directly.")
+    assert bench.prompt(open_question, {}) == "How many? <image 1> <image 2>" + SHORT
+    assert row_meta(rows["validation_Math_1"])["bad_row"] == "answer_not_an_option_letter"
+    assert row_meta(rows["validation_Music_2"])["bad_row"] == "missing_image"
+    assert manifest["bad_rows"]["count"] == 2
+    assert bench.score_sample("(B)", choice)["score"] == 1.0
+    assert bench.score_sample("The answer is 12", open_question)["score"] == 1.0
+    assert bench.score_sample("(B)", rows["validation_Math_1"])["score"] is None
+
+
 # ---------------------------------------------------------------------------------------------
 # fetch machinery
 
@@ -552,8 +602,12 @@ def test_registry_matches_the_modules_and_the_yaml():
         module = entry.get("module", name)
         if entry.get("source", "hub") == "hub":
             bench = benchmarks.get(module)
-            assert bench.name == name and entry["id"].startswith("lmms-lab/")
-            assert entry["fallback_id"] == entry["id"].replace("lmms-lab/", "lmms-lab-encoder/")
+            assert bench.name == name
+            if name == "mmmu":                 # the MMMU authors' own dataset, one config per subject
+                assert entry["id"] == "MMMU/MMMU" and "fallback_id" not in entry
+            else:
+                assert entry["id"].startswith("lmms-lab/")
+                assert entry["fallback_id"] == entry["id"].replace("lmms-lab/", "lmms-lab-encoder/")
             assert entry["split"] and entry.get("revision")
         else:
             assert module in benchmarks.names()
@@ -563,7 +617,7 @@ def test_registry_matches_the_modules_and_the_yaml():
         benchmarks.get("nope")
     expected_tokens = {"gqa": 128, "textvqa": 128, "pope": 128, "mme": 128, "seed_image": 128, "vizwiz": 128,
                        "vqav2": 128, "scienceqa_img": 1024, "scienceqa_full": 1024, "mmbench": 1024,
-                       "mmbench_cn": 1024, "mmvet": 1024, "llava_wild": 1024}
+                       "mmbench_cn": 1024, "mmvet": 1024, "llava_wild": 1024, "mmmu": 128}
     assert {n: benchmarks.get(n).max_new_tokens for n in expected_tokens} == expected_tokens
 
 

@@ -30,6 +30,7 @@ _REGISTRY = MappingProxyType({
     "vqav2": "ficoco.benchmarks.vqav2:VQAV2",
     "mmvet": "ficoco.benchmarks.mmvet:MMVET",
     "llava_wild": "ficoco.benchmarks.llava_wild:LLAVA_WILD",
+    "mmmu": "ficoco.benchmarks.mmmu:MMMU",
     "toy-shapes": "ficoco.benchmarks.toy",
 })
 

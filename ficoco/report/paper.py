@@ -25,6 +25,7 @@ PAPER_BENCHMARKS = {
     "llava_wild": "LLaVA-W",
     "mmbench": "MMB",
     "vqav2": "VQAv2",
+    "mmmu": "MMMU",
 }
 # Columns the paper scored on an evaluation server's test-dev split; ours are local validation splits.
 SERVER_ONLY_COLUMNS = ("VizWiz", "VQAv2")
