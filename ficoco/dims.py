@@ -1,10 +1,62 @@
-"""Model dimensions that budgets, schedules and FLOPs need, read from a HF LLaVA config.
+"""Model dimensions that budgets, schedules and FLOPs need, read from a HF LLaVA or LLaVA-NeXT config.
 
-One place knows how to read them, so `budget.py`, `flops.py` and the adapters agree.
+One place knows how to read them, so `budget.py`, `flops.py` and the adapters agree. LLaVA-NeXT's
+AnyRes layout of one image (`ModelDims.anyres_layout`) is here too: how many tower passes an image
+of a given size costs and how many tokens its packed features hand the LLM.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, asdict
+
+MODEL_TYPES = ("llava", "llava_next")      # config.model_type values `from_config` reads
+
+
+def best_canvas(image_size: tuple[int, int], canvases) -> tuple[int, int]:
+    """The (height, width) canvas LLaVA-NeXT tiles an image of `image_size` (height, width) onto: the one
+    that keeps most of the image's pixels after fitting it in, then the one that wastes the fewest
+    (transformers' `select_best_resolution`; tests/test_llava_next_dims.py checks them equal)."""
+    height, width = image_size
+    best, best_kept, best_wasted = None, 0, float("inf")      # a sliver may keep 0 pixels anywhere
+    for canvas_height, canvas_width in canvases:
+        scale = min(canvas_width / width, canvas_height / height)
+        kept = min(int(width * scale) * int(height * scale), width * height)
+        wasted = canvas_width * canvas_height - kept
+        if kept > best_kept or (kept == best_kept and wasted < best_wasted):
+            best, best_kept, best_wasted = (canvas_height, canvas_width), kept, wasted
+    return best
+
+
+@dataclass(frozen=True)
+class AnyresLayout:
+    """What LLaVA-NeXT makes of one image (transformers' `LlavaNextModel.get_image_features` and
+    `pack_image_features`, "spatial_unpad"): the tower runs on a base image and on `crop_grid` crops of
+    the canvas, the projector on every pass's patches; the LLM gets the base image's patches, then the
+    crops' patch grid with the rows and columns that only cover the canvas's padding removed, each of
+    its rows followed by one image-newline token."""
+
+    canvas: tuple[int, int]          # (height, width) pixels the image was fitted into
+    crop_grid: tuple[int, int]       # crops per column and per row of the canvas
+    feature_grid: tuple[int, int]    # (rows, columns) of crop patches the LLM gets, padding removed
+    patches_per_pass: int            # patches one tower pass hands on (576 for CLIP-L/336, CLS dropped)
+
+    @property
+    def tower_passes(self) -> int:
+        """Base image + crops."""
+        return 1 + self.crop_grid[0] * self.crop_grid[1]
+
+    @property
+    def projector_tokens(self) -> int:
+        """The projector runs on every pass's patches, padding included (2,880 for a 2x2 canvas on LLaVA-NeXT-7B)."""
+        return self.tower_passes * self.patches_per_pass
+
+    @property
+    def newline_tokens(self) -> int:
+        return self.feature_grid[0]
+
+    @property
+    def delivered(self) -> int:
+        """Tokens in the LLM's image span: base patches + unpadded crop patches + one newline per row."""
+        return self.patches_per_pass + self.feature_grid[0] * self.feature_grid[1] + self.newline_tokens
 
 
 @dataclass(frozen=True)
@@ -26,6 +78,8 @@ class ModelDims:
     llm_kv_heads: int
     vocab_size: int
     projector_hidden: int       # width of the projector's hidden layer (= llm_hidden in LLaVA-1.5)
+    # LLaVA-NeXT's AnyRes canvases, (height, width) in pixels; () = one crop per image (LLaVA-1.5)
+    image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
 
     @property
     def grid_side(self) -> int:
@@ -64,6 +118,29 @@ class ModelDims:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def anyres_layout(self, image_height: int, image_width: int) -> AnyresLayout:
+        """The `AnyresLayout` of an image of this size on a LLaVA-NeXT model (ValueError on LLaVA-1.5).
+
+        The unpadding is computed on the crop patch grid as transformers does it: the image, scaled to
+        fit the canvas, covers `round(side * scale)` patches of the shorter direction (7 decimals, then
+        int); the padding split evenly on both sides, its integer half, is dropped from each side.
+        """
+        if not self.image_grid_pinpoints:
+            raise ValueError("anyres_layout: this model has one crop per image (no image_grid_pinpoints)")
+        if image_height < 1 or image_width < 1:
+            raise ValueError(f"image size {image_height}x{image_width}: both sides must be at least 1 pixel")
+        canvas = best_canvas((image_height, image_width), self.image_grid_pinpoints)
+        crop_grid = (canvas[0] // self.image_size, canvas[1] // self.image_size)
+        rows, columns = crop_grid[0] * self.grid_side, crop_grid[1] * self.grid_side
+        if image_width / image_height > columns / rows:            # wider than the grid: rows of padding
+            kept = int(round(image_height * (columns / image_width), 7))
+            rows -= 2 * ((rows - kept) // 2)
+        else:                                                      # taller (or as wide): columns of padding
+            kept = int(round(image_width * (rows / image_height), 7))
+            columns -= 2 * ((columns - kept) // 2)
+        return AnyresLayout(canvas=canvas, crop_grid=crop_grid, feature_grid=(rows, columns),
+                            patches_per_pass=self.num_patches)
+
     def image_layout(self):
         """The `ficoco.contract.ImageLayout` of one image (LLaVA-1.5: one square crop behind a CLS token)."""
         from ficoco.contract import CropLayout, ImageLayout
@@ -73,14 +150,29 @@ class ModelDims:
 
     @classmethod
     def from_config(cls, config) -> "ModelDims":
-        """From a `LlavaConfig` (object or dict, as in config.json)."""
+        """From a `LlavaConfig` or `LlavaNextConfig` (object, or dict as in config.json: its `model_type`
+        picks the class; a config of any other model type is refused)."""
         if isinstance(config, dict):
-            from transformers import LlavaConfig
-            config = LlavaConfig(**config)
+            from transformers import LlavaConfig, LlavaNextConfig
+
+            model_type = config.get("model_type", "llava")
+            if model_type not in MODEL_TYPES:
+                raise ValueError(f"model_type {model_type!r}: ModelDims reads {', '.join(MODEL_TYPES)} configs")
+            config = (LlavaNextConfig if model_type == "llava_next" else LlavaConfig)(**config)
+        model_type = getattr(config, "model_type", None)
+        if model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type {model_type!r}: ModelDims reads {', '.join(MODEL_TYPES)} configs")
         vision, text = config.vision_config, config.text_config
         feature_layer = config.vision_feature_layer
         if isinstance(feature_layer, (list, tuple)):
             raise ValueError(f"vision_feature_layer={feature_layer!r}: only a single layer is supported")
+        pinpoints = ()
+        if model_type == "llava_next":
+            pinpoints = tuple((int(height), int(width)) for height, width in config.image_grid_pinpoints)
+            uneven = [p for p in pinpoints if p[0] % vision.image_size or p[1] % vision.image_size]
+            if uneven:
+                raise ValueError(f"image_grid_pinpoints {uneven}: every canvas side must be a multiple of the "
+                                 f"tower's image size {vision.image_size}")
         return cls(
             vision_layers=vision.num_hidden_layers,
             vision_hidden=vision.hidden_size,
@@ -97,6 +189,7 @@ class ModelDims:
             llm_kv_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
             vocab_size=text.vocab_size,
             projector_hidden=text.hidden_size,
+            image_grid_pinpoints=pinpoints,
         )
 
 
@@ -112,3 +205,14 @@ def llava_1_5_dims(size: str = "7b") -> ModelDims:
         llm_layers=layers, llm_hidden=hidden, llm_mlp=mlp, llm_heads=heads, llm_kv_heads=heads,
         vocab_size=32000, projector_hidden=hidden,
     )
+
+
+# llava-hf/llava-v1.6-vicuna-7b-hf's canvases: 1x2, 2x1, 2x2, 3x1 and 1x3 crops of 336 px
+LLAVA_NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+
+
+def llava_next_dims(size: str = "7b") -> ModelDims:
+    """LLaVA-NeXT (v1.6, Vicuna): LLaVA-1.5's tower, projector and LLM shapes with AnyRes canvases."""
+    from dataclasses import replace
+
+    return replace(llava_1_5_dims(size), image_grid_pinpoints=LLAVA_NEXT_PINPOINTS)

@@ -334,9 +334,26 @@ def counts_from_schedule(
     }
 
 
-def vanilla_counts(dims: ModelDims, text_tokens: int = NOMINAL_TEXT_TOKENS) -> dict:
-    """The §2 record of the unreduced model: vision_layers_run × [577, 577]; every LLM layer 576 + text."""
-    return counts_from_schedule(dims, text_tokens, [dims.visual_tokens] * dims.llm_layers)
+def vanilla_counts(dims: ModelDims, text_tokens: int = NOMINAL_TEXT_TOKENS,
+                   image_size: tuple[int, int] | None = None) -> dict:
+    """The §2 record of the unreduced model: vision_layers_run × [577, 577]; every LLM layer 576 + text.
+
+    On LLaVA-NeXT the record depends on the image's (height, width), `image_size`: the tower runs once
+    per pass of its `anyres_layout` (`vision_crops` passes, their layers listed one pass after the
+    other), the projector on every pass's patches, and the LLM gets the packed span."""
+    if not dims.image_grid_pinpoints:
+        if image_size is not None:
+            raise ValueError("image_size: a model with one crop per image costs the same for every image size")
+        return counts_from_schedule(dims, text_tokens, [dims.visual_tokens] * dims.llm_layers)
+    if image_size is None:
+        raise ValueError("image_size: a LLaVA-NeXT image's cost depends on its (height, width); pass it")
+    layout = dims.anyres_layout(*image_size)
+    one_pass = [[dims.vision_tokens, dims.vision_tokens]] * dims.vision_layers_run
+    counts = counts_from_schedule(dims, text_tokens, [layout.delivered] * dims.llm_layers,
+                                  vision=one_pass * layout.tower_passes)
+    counts["vision_crops"] = layout.tower_passes
+    counts["projector_tokens"] = layout.projector_tokens
+    return counts
 
 
 def counts_from_plan(dims: ModelDims, plan: Plan, text_tokens: int = NOMINAL_TEXT_TOKENS) -> dict:
@@ -382,6 +399,10 @@ def _check_counts(dims: ModelDims, counts: dict) -> None:
     for index, pair in enumerate(counts["vision"]):
         if len(pair) != 2:
             raise ValueError(f"counts['vision'][{index}] = {pair!r}: expected a pair [n_attn, n_mlp]")
+    crops = counts.get("vision_crops", 1)
+    if not isinstance(crops, int) or crops < 1 or len(counts["vision"]) % crops:
+        raise ValueError(f"counts['vision_crops'] = {crops!r}: expected a whole number >= 1 that divides the "
+                         f"{len(counts['vision'])} tower layer passes in counts['vision']")
 
 
 def sample_cost(dims: ModelDims, counts: dict, generated_tokens: int, logits_positions: int = 1) -> dict:
@@ -393,17 +414,21 @@ def sample_cost(dims: ModelDims, counts: dict, generated_tokens: int, logits_pos
     logits_positions: prefill positions whose logits were computed (1 for `generate`).
     Optional counts keys: `projector_tokens` (tokens the projector ran on, if not
     visual_delivered), `llm_mlp` (tokens each LLM layer's MLP ran on, if not `llm`: a reduction
-    between a layer's attention and MLP) and `overhead_macs` (selection overhead, reported separately).
+    between a layer's attention and MLP), `vision_crops` (tower passes per sample, 1 if absent:
+    LLaVA-NeXT's base image and crops, whose layers `vision` lists one pass after the other) and
+    `overhead_macs` (selection overhead, reported separately).
     """
     _check_counts(dims, counts)
     if generated_tokens < 0:
         raise ValueError(f"generated_tokens must be >= 0; got {generated_tokens}")
     vision_pairs = counts["vision"]
+    crops = counts.get("vision_crops", 1)
+    layers_per_crop = len(vision_pairs) // crops
     llm, llm_visual = list(counts["llm"]), list(counts["llm_visual"])
     L = dims.llm_layers
 
-    # 1. vision tower: patch embedding (patches = the first layer's tokens minus CLS) + executed layers
-    patches = vision_pairs[0][0] - 1 if vision_pairs else 0
+    # 1. vision tower: patch embedding (patches = each pass's first-layer tokens minus CLS) + executed layers
+    patches = sum(vision_pairs[crop * layers_per_crop][0] - 1 for crop in range(crops)) if vision_pairs else 0
     patch_embed = patch_embedding_macs(dims, patches)
     vision_layers = sum(clip_layer_macs(dims, n_attn, n_mlp) for n_attn, n_mlp in vision_pairs)
     vision = patch_embed + vision_layers
@@ -468,7 +493,8 @@ def sample_cost(dims: ModelDims, counts: dict, generated_tokens: int, logits_pos
     cost["visual_tokens_delivered"] = float(counts["visual_delivered"])
     cost["text_tokens"] = float(llm[0] - llm_visual[0])
     cost["prefill_tokens_layer_average"] = float(sum(llm) / L)
-    cost["vision_layers_executed"] = float(len(vision_pairs))
+    cost["vision_layers_executed"] = float(layers_per_crop)
+    cost["vision_crops"] = float(crops)
     return cost
 
 

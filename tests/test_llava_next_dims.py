@@ -1,0 +1,151 @@
+"""LLaVA-NeXT's AnyRes layout and exact FLOPs (issue 18, item 3), against transformers and FlopCounterMode.
+
+- `best_canvas` against transformers' `select_best_resolution`, and `ModelDims.anyres_layout` against
+  what a tiny random `LlavaNextForConditionalGeneration` actually packs (`get_image_features`: the
+  span each image hands the LLM) and how many tower passes it runs (`image_size_to_num_patches`),
+  over many image sizes;
+- the exact cost of an unreduced sample (`flops.vanilla_counts(..., image_size)`, `sample_cost`)
+  against FlopCounterMode on that model's forward, for a square, a wide and a tall image;
+- the paper's nominal LLaVA-NeXT-7B labels (v4 Table 2: 42.7 → 5.0 / 2.9 TFLOPs).
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ficoco import flops
+from ficoco.dims import LLAVA_NEXT_PINPOINTS, ModelDims, best_canvas, llava_1_5_dims, llava_next_dims
+
+IMAGE = 5
+TINY_PINPOINTS = [[28, 56], [56, 28], [56, 56], [84, 28], [28, 84]]      # 1x2, 2x1, 2x2, 3x1, 1x3 crops of 28 px
+
+
+def tiny_llava_next(attention: str = "eager"):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                              image_size=28, patch_size=7, projection_dim=32)          # 4x4 patches + CLS
+    text = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=IMAGE,
+                             image_grid_pinpoints=TINY_PINPOINTS, vision_feature_layer=-2,
+                             vision_feature_select_strategy="default")
+    model = LlavaNextForConditionalGeneration(config).eval()
+    model.set_attn_implementation(attention)
+    return model, ModelDims.from_config(config)
+
+
+def random_sizes(count: int, largest: int, seed: int) -> list[tuple[int, int]]:
+    rng = random.Random(seed)
+    sizes = [(rng.randint(1, largest), rng.randint(1, largest)) for _ in range(count)]
+    return sizes + [(largest, largest), (1, largest), (largest, 1), (7, 7)]
+
+
+def test_best_canvas_is_transformers_select_best_resolution():
+    from transformers.image_processing_utils import select_best_resolution
+
+    for canvases, largest in ((LLAVA_NEXT_PINPOINTS, 3000), (tuple(map(tuple, TINY_PINPOINTS)), 200)):
+        for size in random_sizes(3000, largest, seed=len(canvases) + largest):
+            assert best_canvas(size, canvases) == tuple(select_best_resolution(size, [list(c) for c in canvases]))
+
+
+def test_anyres_layout_is_what_the_model_packs():
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    model, dims = tiny_llava_next()
+    checked = set()
+    for height, width in random_sizes(150, 200, seed=3):
+        layout = dims.anyres_layout(height, width)
+        passes = image_size_to_num_patches((height, width), TINY_PINPOINTS, 28)
+        assert layout.tower_passes == passes
+        with torch.no_grad():
+            features = model.model.get_image_features(
+                pixel_values=torch.zeros(1, passes, 3, 28, 28), image_sizes=torch.tensor([[height, width]]),
+                vision_feature_layer=-2, vision_feature_select_strategy="default").pooler_output
+        assert features[0].shape[0] == layout.delivered, (height, width, layout)
+        checked.add((layout.crop_grid, layout.feature_grid))
+    assert len(checked) > 8                         # many canvases and unpadded grids, not one case
+
+
+def test_llava_next_7b_layouts():
+    dims = llava_next_dims("7b")
+    square = dims.anyres_layout(672, 672)
+    assert (square.tower_passes, square.projector_tokens, square.delivered) == (5, 2880, 576 + 48 * 48 + 48)
+    wide = dims.anyres_layout(480, 640)              # fits 672x672 as 504x672: 36 of 48 patch rows remain
+    assert wide.crop_grid == (2, 2) and wide.feature_grid == (36, 48) and wide.delivered == 576 + 36 * 48 + 36
+    with pytest.raises(ValueError, match="one crop per image"):
+        llava_1_5_dims("7b").anyres_layout(336, 336)
+    with pytest.raises(ValueError, match="at least 1 pixel"):
+        dims.anyres_layout(0, 336)
+
+
+def test_from_config_reads_llava_next_and_refuses_other_types():
+    model, dims = tiny_llava_next()
+    assert dims.image_grid_pinpoints == tuple(map(tuple, TINY_PINPOINTS))
+    assert ModelDims.from_config(model.config.to_dict()) == dims
+    one_crop = llava_1_5_dims("7b")
+    assert one_crop.image_grid_pinpoints == ()
+    with pytest.raises(ValueError, match="model_type 'qwen2_vl': ModelDims reads llava, llava_next"):
+        ModelDims.from_config({"model_type": "qwen2_vl"})
+    broken = model.config.to_dict() | {"image_grid_pinpoints": [[28, 50]]}
+    with pytest.raises(ValueError, match=r"\[\(28, 50\)\]: every canvas side must be a multiple of .* 28"):
+        ModelDims.from_config(broken)
+
+
+def counted(counter: FlopCounterMode) -> dict:
+    by_module = counter.get_flop_counts()
+
+    def part(suffix: str) -> int:
+        return sum(sum(ops.values()) for name, ops in by_module.items() if name.endswith(suffix))
+
+    layers = sum(sum(ops.values()) for name, ops in by_module.items()
+                 if name.rsplit(".", 1)[-1] in ("self_attn", "mlp") and ".language_model.layers." in name)
+    return {"ops": {str(op) for op in by_module["Global"]}, "total": part("Global"),
+            "vision": part("model.vision_tower"), "projector": part("model.multi_modal_projector"),
+            "prefill": layers + part("lm_head")}
+
+
+@pytest.mark.parametrize("image_size", [(56, 56), (30, 80), (90, 25)])
+def test_unreduced_forward_matches_the_exact_count(image_size):
+    model, dims = tiny_llava_next()
+    layout = dims.anyres_layout(*image_size)
+    before, after = [1, 10, 11], [12, 13]
+    ids = torch.tensor([before + [IMAGE] * layout.delivered + after])
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), image_sizes=torch.tensor([image_size]),
+              pixel_values=torch.randn(1, layout.tower_passes, 3, 28, 28), logits_to_keep=1)
+    measured = counted(counter)
+    assert measured["ops"] <= {"aten.mm", "aten.addmm", "aten.bmm", "aten.convolution"}
+
+    counts = flops.vanilla_counts(dims, text_tokens=len(before + after), image_size=image_size)
+    assert counts["vision_crops"] == layout.tower_passes and counts["llm"][0] == ids.shape[1]
+    counts["vision"] = [[17, 17]] * dims.vision_layers * layout.tower_passes   # HF runs every CLIP layer (4 of 4)
+    cost = flops.sample_cost(dims, counts, generated_tokens=1, logits_positions=1)
+    for part in ("vision", "projector", "prefill"):
+        assert measured[part] == cost[f"{part}_flops"], part        # every product is counted: exactly equal
+    assert measured["total"] == cost["total_flops"]
+    assert cost["vision_crops"] == layout.tower_passes
+
+
+def test_vanilla_counts_need_the_image_size_exactly_when_it_matters():
+    with pytest.raises(ValueError, match="depends on its \\(height, width\\)"):
+        flops.vanilla_counts(llava_next_dims("7b"))
+    with pytest.raises(ValueError, match="costs the same for every image size"):
+        flops.vanilla_counts(llava_1_5_dims("7b"), image_size=(336, 336))
+    with pytest.raises(ValueError, match="vision_crops.*divides the 23"):
+        flops.sample_cost(llava_1_5_dims("7b"), {**flops.vanilla_counts(llava_1_5_dims("7b")), "vision_crops": 2},
+                          generated_tokens=1)
+
+
+def test_the_papers_llava_next_labels_are_nominal_counts():
+    """v4 Table 2 prints 42.7 (vanilla), 5.0 (PDrop) and 2.9 TFLOPs (FiCoCo, SparseVLM) for LLaVA-NeXT-7B:
+    the LLM-Viewer count of 2,880 visual tokens (5 passes x 576, before unpadding), 320 and 160, with the
+    text length of LLaVA-1.5's labels (60): 42.6, 5.0, 2.9. With 64 text tokens 42.7 and 2.9 (5.1)."""
+    dims = llava_next_dims("7b")
+    assert [round(flops.nominal_tflops(dims, visual, 60), 1) for visual in (2880, 320, 160)] == [42.6, 5.0, 2.9]
+    assert [round(flops.nominal_tflops(dims, visual, 64), 1) for visual in (2880, 160)] == [42.7, 2.9]
