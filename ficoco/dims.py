@@ -142,11 +142,20 @@ class ModelDims:
                             patches_per_pass=self.num_patches)
 
     def image_layout(self):
-        """The `ficoco.contract.ImageLayout` of one image (LLaVA-1.5: one square crop behind a CLS token)."""
+        """The `ficoco.contract.ImageLayout` of one image (LLaVA-1.5: one square crop behind a CLS token).
+
+        LLaVA-NeXT: the layout of an image on its largest canvas (the base image and the most crops, one
+        image-newline per patch row of the crops), the one a method must handle to run on every image."""
         from ficoco.contract import CropLayout, ImageLayout
 
-        return ImageLayout(crops=(CropLayout(grid=(self.grid_side, self.grid_side), prefix=1),),
-                           prefix_delivered=self.select_strategy != "default", layout_tokens=0, positions="rope-1d")
+        crop = CropLayout(grid=(self.grid_side, self.grid_side), prefix=1)
+        crops, newlines = 1, 0
+        if self.image_grid_pinpoints:
+            rows, columns = max(((h // self.image_size, w // self.image_size) for h, w in self.image_grid_pinpoints),
+                                key=lambda grid: grid[0] * grid[1])
+            crops, newlines = 1 + rows * columns, rows * self.grid_side
+        return ImageLayout(crops=(crop,) * crops, prefix_delivered=self.select_strategy != "default",
+                           layout_tokens=newlines, positions="rope-1d")
 
     @classmethod
     def from_config(cls, config) -> "ModelDims":

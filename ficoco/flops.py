@@ -22,7 +22,7 @@ from typing import Sequence
 from ficoco.budget import InfeasibleBudget
 from ficoco.budget_labels import TFLOPS_CONVENTIONS, TflopsTarget
 from ficoco.contract import Plan
-from ficoco.dims import ModelDims, llava_1_5_dims
+from ficoco.dims import ModelDims, llava_1_5_dims, llava_next_dims
 
 # Bytes per stored value for weights and the KV cache. Read-only so no module state can change.
 BYTES_PER_VALUE = MappingProxyType({
@@ -35,7 +35,7 @@ BYTES_PER_VALUE = MappingProxyType({
 # The text length FiCoCo's TFLOPs labels assume for LLaVA-1.5-7B (flops.md §6.1, v4 App. Table 10).
 NOMINAL_TEXT_TOKENS = 60
 
-SHAPES = ("llava-1.5-7b", "llava-1.5-13b")
+SHAPES = ("llava-1.5-7b", "llava-1.5-13b", "llava-next-7b", "llava-next-13b")
 
 
 def bytes_per_value(dtype: str) -> float:
@@ -651,7 +651,8 @@ def dims_for(model_config: str | None, shape: str | None) -> ModelDims:
     shape = shape or "llava-1.5-7b"
     if shape not in SHAPES:
         raise ValueError(f"--shape {shape!r}: valid choices are {list(SHAPES)}")
-    return llava_1_5_dims(shape.rsplit("-", 1)[1])
+    family, _, size = shape.rpartition("-")
+    return (llava_next_dims if family == "llava-next" else llava_1_5_dims)(size)
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
@@ -693,13 +694,17 @@ def _overrides(text: str | None) -> dict:
 
 
 def flops_table(dims: ModelDims, method: str, budgets: Sequence[int], text_tokens: int, generated: int,
-                overrides: dict | None = None) -> tuple[str, list[dict], list[str]]:
+                overrides: dict | None = None,
+                image_size: tuple[int, int] | None = None) -> tuple[str, list[dict], list[str]]:
     """(table text, per-row sample_cost dicts, infeasible-budget messages): vanilla first, then
-    the method at every budget it can reach."""
+    the method at every budget it can reach. `image_size` (height, width): a LLaVA-NeXT image's size."""
     from ficoco.budget import InfeasibleBudget
 
+    if dims.image_grid_pinpoints and method != "vanilla":
+        raise ValueError(f"--method {method}: methods are planned for one crop per image; on LLaVA-NeXT (a "
+                         f"span per image size) only the unreduced cost is computed so far: --method vanilla")
     rows, costs, infeasible = [], [], []
-    vanilla = sample_cost(dims, vanilla_counts(dims, text_tokens), generated)
+    vanilla = sample_cost(dims, vanilla_counts(dims, text_tokens, image_size), generated)
     rows.append(_cost_row("vanilla", vanilla))
     costs.append({"method": "vanilla", "budget": None, **vanilla})
     if method != "vanilla":
@@ -882,6 +887,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--generated", type=int, default=1, help="generated tokens per sample (1 = prefill only)")
     parser.add_argument("--overrides", default=None, help="method hyperparameter overrides as a JSON object")
     parser.add_argument("--json", action="store_true", help="print the sample_cost dicts as JSON instead of a table")
+    parser.add_argument("--image-size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"), default=None,
+                        help="the image's size in pixels: needed on LLaVA-NeXT, whose cost depends on it")
     parser.add_argument("--paper", action="store_true", help="reproduce FiCoCo's TFLOPs and memory figures (LLaVA-1.5-7B)")
     args = parser.parse_args(argv)
 
@@ -893,15 +900,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         dims = dims_for(args.model_config, args.shape)
         table, costs, infeasible = flops_table(dims, args.method, args.budgets, args.text_tokens, args.generated,
-                                               _overrides(args.overrides))
+                                               _overrides(args.overrides),
+                                               None if args.image_size is None else tuple(args.image_size))
     except ValueError as error:
         print(f"ficoco flops: {error}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(costs, indent=2))
     else:
+        image = "" if args.image_size is None else f", a {args.image_size[0]}x{args.image_size[1]} image"
         print(f"{args.model_config or args.shape or 'llava-1.5-7b'}: method {args.method}, "
-              f"{args.text_tokens} text tokens, {args.generated} generated token(s)")
+              f"{args.text_tokens} text tokens, {args.generated} generated token(s){image}")
         print(table)
     for message in infeasible:
         print(f"ficoco flops: {message}", file=sys.stderr)

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -149,3 +150,29 @@ def test_the_papers_llava_next_labels_are_nominal_counts():
     dims = llava_next_dims("7b")
     assert [round(flops.nominal_tflops(dims, visual, 60), 1) for visual in (2880, 320, 160)] == [42.6, 5.0, 2.9]
     assert [round(flops.nominal_tflops(dims, visual, 64), 1) for visual in (2880, 160)] == [42.7, 2.9]
+
+
+def test_image_layout_of_llava_next_is_its_largest_canvas():
+    """Methods that need one crop per image are refused on LLaVA-NeXT before any job (issue 18 item 1)."""
+    from ficoco.contract import Needs, unmet_needs
+
+    layout = llava_next_dims("7b").image_layout()
+    assert len(layout.crops) == 5 and layout.layout_tokens == 48
+    assert layout.visual_tokens == 5 * 576 + 48                     # 2x2 crops unpadded nowhere: the most tokens
+    assert unmet_needs(Needs(single_crop=True), layout) == ["one crop per image (this model encodes 5)"]
+    assert unmet_needs(Needs(single_crop=True), llava_1_5_dims("7b").image_layout()) == []
+
+
+def test_flops_command_prints_a_llava_next_image_cost(capsys):
+    assert flops.main(["--shape", "llava-next-7b", "--image-size", "480", "640", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    expected = flops.sample_cost(llava_next_dims("7b"), flops.vanilla_counts(llava_next_dims("7b"), 60, (480, 640)), 1)
+    assert row["visual_tokens_delivered"] == 2340 and row["total_flops"] == expected["total_flops"]
+    assert row["vision_crops"] == 5 and row["projector_macs"] == expected["projector_macs"]
+    assert flops.main(["--shape", "llava-next-7b"]) == 2
+    assert "depends on its (height, width)" in capsys.readouterr().err
+    assert flops.main(["--shape", "llava-next-7b", "--image-size", "336", "336", "--method", "fastv",
+                       "--budgets", "160"]) == 2
+    assert "only the unreduced cost" in capsys.readouterr().err
+    assert flops.main(["--shape", "llava-1.5-7b", "--image-size", "336", "336"]) == 2
+    assert "costs the same for every image size" in capsys.readouterr().err
