@@ -225,11 +225,7 @@ class Handle:
                              f"prompt is supported, in every row of the batch)")
         batch = is_image.shape[0]
         visual = is_image.nonzero()[:, 1].view(batch, -1)                              # (B, N)
-        positions = torch.arange(length, device=is_image.device)
-        after_image = positions[None, :] > visual[:, -1:]                                # (B, L)
-        if valid is not None:
-            after_image = after_image & valid
-        instruction = [positions[after_image[row]] for row in range(batch)]
+        instruction = after_last_image(is_image, valid)
         empty = [row for row, index in enumerate(instruction) if index.numel() == 0]
         if empty and self.llm_step.needs_instruction:
             if batch == 1:
@@ -278,6 +274,20 @@ def _checked_overhead(method, step: Step, dims: ModelDims, shape: StepShape) -> 
         raise ValueError(f"{method.name}: the {type(step).__name__} overhead at {shape} is {macs!r}; it must be an "
                          f"integer number of multiply-accumulates >= 0")
     return macs
+
+
+def after_last_image(is_image: torch.Tensor, valid: torch.Tensor | None) -> list[torch.Tensor]:
+    """Per row, the positions after its last image token that are not padding (the instruction its
+    prompt asks about); every position of a row without an image token that is not padding.
+
+    is_image, valid: (B, L) booleans (valid None: no padding)."""
+    length = is_image.shape[1]
+    positions = torch.arange(length, device=is_image.device)                           # (L,)
+    last_image = torch.where(is_image, positions, -1).amax(dim=1, keepdim=True)          # (B, 1); -1: no image
+    after_image = positions[None, :] > last_image                                      # (B, L)
+    if valid is not None:
+        after_image = after_image & valid
+    return [positions[row] for row in after_image]
 
 
 def _at_most_one(method, steps: tuple[Step, ...], kind: type):

@@ -42,7 +42,7 @@ from ficoco.dims import ModelDims
 from ficoco.models.clip import ClipPatch
 from ficoco.models.features import FEATURE_STEPS, FeaturePatch
 from ficoco.models.guard import require_tested_transformers
-from ficoco.models.handle import Handle, Replacement
+from ficoco.models.handle import Handle, Replacement, after_last_image
 from ficoco.models.llama import LlamaPatch
 from ficoco.models.placeholders import (collapse_placeholders, collapsing_generate, images_per_row, inputs_are_embeds,
                                         pad_token_id)
@@ -215,13 +215,9 @@ def _instructions_per_image(input_ids: torch.Tensor, is_image: torch.Tensor, val
     """Per image (in reading order), the token ids of its row after the row's last image token, padding
     excluded: the instruction that image's prompt asks about."""
     per_image = []
-    for row, row_ids in enumerate(input_ids):
-        image_positions = is_image[row].nonzero()
-        if not len(image_positions):
-            continue
-        start = int(image_positions[-1]) + 1
-        ids = row_ids[start:] if valid is None else row_ids[start:][valid[row, start:]]
-        per_image += [ids.tolist()] * (len(image_positions) // placeholders_per_image)
+    for row_ids, row_is_image, after in zip(input_ids, is_image, after_last_image(is_image, valid)):
+        images = int(row_is_image.sum()) // placeholders_per_image
+        per_image += [row_ids[after].tolist()] * images
     return per_image
 
 
