@@ -109,7 +109,7 @@ def test_registry_is_fixed_and_describes_every_method():
     names.append("x")
     assert "x" not in methods.names()
     assert methods.get("ficoco-v").defaults == {"lam": 0.35, "coef": 2.0, "penalty_window": 2, "eps": 0.998,
-                                                "k": None, "start": 12, "end": None}
+                                                "k": None, "semantic": "cls", "start": 12, "end": None}
     assert methods.get("ficoco-l").defaults == {"beta": 0.6, "gamma": 0.6, "eps": 0.998, "k": None, "start": 4,
                                                 "window": 4, "placement": "input"}
     assert methods.get("ficoco-vl").defaults["vision_factor"] == 2
@@ -131,14 +131,17 @@ def test_methods_cli_lists_sites_attention_stages_parameters(capsys):
 # ------------------------------------------------------------------------------------------------
 # FiCoCo-V step: a float64 loop reference of methods.md §3 for one layer
 
-def _reference_vision_layer(x, attn, positions, n_discard, grid_w, lam=0.35, coef=2.0, eps=0.998):
-    """One FiCoCo-V layer for one image, written from the spec with Python loops in float64."""
+def _reference_vision_layer(x, attn, positions, n_discard, grid_w, lam=0.35, coef=2.0, eps=0.998, semantic=None):
+    """One FiCoCo-V layer for one image, written from the spec with Python loops in float64.
+
+    semantic: the semantic term per patch (default: CLS attention, attn[0, i])."""
     x, attn = x.double(), attn.double()
     n = attn.shape[0] - 1
+    semantic = [attn[0, i].item() for i in range(1, n + 1)] if semantic is None else semantic
     scores = []
     for i in range(1, n + 1):
         received = sum(attn[j, i].item() for j in range(1, n + 1) if j != i) / (n - 1)
-        scores.append(lam * received - (1 - lam) * attn[0, i].item())
+        scores.append(lam * received - (1 - lam) * semantic[i - 1])
     windows = {}
     for index, position in enumerate(positions):
         key = (position // grid_w // 2, position % grid_w // 2)
@@ -188,6 +191,44 @@ def test_ficoco_v_step_matches_float64_reference_and_never_touches_cls():
     torch.testing.assert_close(out.hidden[0].double(), expected, rtol=1e-5, atol=1e-6)
 
 
+def _reference_key_mean(keys):
+    """−cos(μ, P_i) for one image in float64 loops: P_i = patch i's key averaged over heads, μ = mean P_i."""
+    heads, tokens, width = keys.shape
+    patch_keys = [[sum(keys[h, i, c].item() for h in range(heads)) / heads for c in range(width)]
+                  for i in range(1, tokens)]
+    mean = [sum(key[c] for key in patch_keys) / len(patch_keys) for c in range(width)]
+    mean_norm = math.sqrt(sum(v * v for v in mean))
+    return [-sum(a * b for a, b in zip(key, mean)) / (math.sqrt(sum(a * a for a in key)) * mean_norm)
+            for key in patch_keys]
+
+
+def test_ficoco_v_key_mean_step_matches_float64_reference():
+    """The CLS-free semantic term (v4 App. Table 9): the step's sources and merges follow the spec's layer
+    with a_i = −cos(μ, P_i) in place of CLS attention, and differ from the CLS step's."""
+    generator = torch.Generator().manual_seed(1)
+    n, width, grid = 36, 8, (6, 6)
+    attn = (torch.randn(1, 1 + n, 1 + n, generator=generator) * 3).softmax(-1)
+    keys = torch.randn(1, 4, 1 + n, 5, generator=generator) + torch.randn(1, 1, 1, 5, generator=generator)
+    x = torch.randn(1, 1 + n, width, generator=generator)
+    positions = torch.arange(n)[None]
+
+    class Scores:
+        def probs(self):
+            return attn
+
+        def keys(self):
+            return keys
+
+    settings = dict(discards={0: 20}, grid_hw=grid, lam=0.35, coef=2.0, penalty_window=2, eps=0.998, k=None)
+    out = FicocoVisionReduce(**settings, semantic="key-mean")(0, VisionTokens(x, positions), Scores())
+    expected, kept = _reference_vision_layer(x[0], attn[0], positions[0].tolist(), 20, grid[1],
+                                             semantic=_reference_key_mean(keys[0]))
+    assert out.positions[0].tolist() == kept
+    torch.testing.assert_close(out.hidden[0].double(), expected, rtol=1e-5, atol=1e-6)
+    with_cls = FicocoVisionReduce(**settings)(0, VisionTokens(x, positions), Scores())
+    assert with_cls.positions[0].tolist() != kept
+
+
 # ------------------------------------------------------------------------------------------------
 # FiCoCo-V on a LLaVA-shaped model (336 px / patch 14: 577 vision tokens, 576 placeholders)
 
@@ -225,6 +266,20 @@ def test_ficoco_v_delivers_budget_in_order_on_llava_shape(shaped):
         previous = set(kept)
     assert len(previous) == 64
     assert counts["vision"] == [[577, 577], [577, 406], [406, 235], [235, 65]]   # spread(512, 3); CLS kept
+
+
+def test_ficoco_v_key_mean_runs_on_the_model_at_its_budget(shaped):
+    ids, mask, pixels = _shaped_inputs(shaped)
+    kept = {}
+    for semantic in ("cls", "key-mean"):
+        with ficoco.apply(shaped, "ficoco-v", 64, start=1, semantic=semantic) as handle, torch.no_grad():
+            shaped(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+            counts = handle.last_counts()[0]
+            kept[semantic] = handle.last_trace()["vision"][3][0].tolist()
+        assert counts["visual_delivered"] == 64 and counts["llm_visual"] == [64, 64]
+    assert len(kept["key-mean"]) == 64 and kept["key-mean"] != kept["cls"]
+    with pytest.raises(ValueError, match="semantic"):
+        methods.get("ficoco-v").check_budget(llava_1_5_dims("7b"), 64, semantic="mean")
 
 
 def test_ficoco_v_pruning_keeps_vanilla_features_at_reference_positions(shaped):

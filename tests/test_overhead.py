@@ -26,6 +26,7 @@ from method_reference import SETTINGS, SPARSE, model
 VARIANTS = {
     "ficoco-v-prune": ("ficoco-v", 128, {"start": 1, "k": 0}),
     "ficoco-v-k2": ("ficoco-v", 128, {"start": 1, "k": 2}),
+    "ficoco-v-key-mean": ("ficoco-v", 128, {"start": 1, "semantic": "key-mean"}),
     "ficoco-l-prune": ("ficoco-l", 300, {"start": 0, "window": 3, "k": 0}),
     "ficoco-l-k3": ("ficoco-l", 300, {"start": 1, "window": 2, "k": 3}),
     "ficoco-vl-k1": ("ficoco-vl", 200, {"v_start": 1, "l_start": 1, "l_window": 2, "k": 1}),

@@ -17,7 +17,8 @@ from ficoco.contract import (LLM_PLACEMENTS, ImageTokens, LLMKept, LLMLayerStep,
 from ficoco.methods.base import Param, one_of, optional_non_negative_int, positive_int, positive_number, unit_interval
 from ficoco.paradigm.compress import gather_tokens, self_preserving_merge
 from ficoco.paradigm.correlate import adaptive_quantile_weights, ficoco_l_correlation, fixed_k_weights, take
-from ficoco.paradigm.filter import ficoco_l_scores, ficoco_v_scores, local_penalty, split_by_score, top_k_positions
+from ficoco.paradigm.filter import (ficoco_l_scores, ficoco_v_scores, key_mean_semantic, local_penalty,
+                                   split_by_score, top_k_positions)
 
 
 # What the methods' schedules and steps assume of an image (`unmet_needs` refuses a model that lacks it):
@@ -205,10 +206,12 @@ class FicocoVisionReduce:
     penalty_window: int
     eps: float
     k: int | None
+    semantic: str = "cls"
 
     def __call__(self, layer: int, tokens: VisionTokens, scores: VisionScores) -> VisionTokens:
         attn = scores.probs()                                                   # (B, 1+N, 1+N)
-        redundancy = ficoco_v_scores(attn, self.lam)                            # (B, N)
+        semantic = key_mean_semantic(scores.keys()) if self.semantic == "key-mean" else None   # (B, N) or A[CLS]
+        redundancy = ficoco_v_scores(attn, self.lam, semantic)                  # (B, N)
         redundancy = local_penalty(redundancy, tokens.positions, self.grid_hw, self.penalty_window, self.coef)
         sources, targets = split_by_score(redundancy, self.discards[layer])     # (B, S), (B, T) into patches
         weights = None if self.k == 0 else merge_weights(take(attn, sources + 1, targets + 1), self.eps, self.k)
@@ -223,9 +226,13 @@ class FicocoVisionReduce:
         )
 
     def overhead(self, dims, shape: StepShape) -> int:
-        # the probabilities come with the layer's output; what remains is the merge of S sources into T targets
+        # the probabilities and keys come with the layer's output; what remains is the merge of S sources
+        # into T targets, and for the key-mean term each patch's cosine with the mean key
         sources, targets = shape.tokens - shape.kept, shape.kept - 1
-        return 0 if self.k == 0 else merge_macs(sources, targets, dims.vision_hidden)
+        merge = 0 if self.k == 0 else merge_macs(sources, targets, dims.vision_hidden)
+        semantic = cosine_macs(shape.tokens - 1, 1, dims.vision_hidden // dims.vision_heads) \
+            if self.semantic == "key-mean" else 0
+        return merge + semantic
 
 
 VISION_PARAMS = {
@@ -235,6 +242,8 @@ VISION_PARAMS = {
     "eps": Param(0.998, "ε, quantile of each source's correlations that selects its targets", unit_interval),
     "k": Param(None, "targets per source: None = token-adaptive ε-quantile, 0 = prune, k >= 1 = fixed k",
                optional_non_negative_int),
+    "semantic": Param("cls", "the semantic term: cls = CLS attention to the patch; key-mean = −cos(mean patch key, "
+                      "patch key), the paper's CLS-free proxy (v4 App. Table 9)", one_of(("cls", "key-mean"))),
 }
 
 
@@ -242,7 +251,8 @@ def vision_step(vision: VisionSchedule, params: Mapping) -> VisionLayerStep:
     """The FiCoCo-V step of a plan's vision schedule."""
     discards = dict(zip(vision.layers, vision.discards))
     reduce = FicocoVisionReduce(discards=discards, grid_hw=tuple(vision.grid_hw), lam=params["lam"], coef=params["coef"],
-                                penalty_window=params["penalty_window"], eps=params["eps"], k=params["k"])
+                                penalty_window=params["penalty_window"], eps=params["eps"], k=params["k"],
+                                semantic=params["semantic"])
     return VisionLayerStep(layers=tuple(vision.layers), reduce=reduce,
                            tokens_out=dict(zip(vision.layers, vision.patches_out)), overhead=reduce.overhead)
 

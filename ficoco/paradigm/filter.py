@@ -99,14 +99,26 @@ def received_attention(attn: torch.Tensor) -> torch.Tensor:
     return (column_sums - self_attention) / (n - 1)
 
 
-def ficoco_v_scores(attn: torch.Tensor, lam: float) -> torch.Tensor:
-    """FiCoCo-V redundancy s_i = λ·vr_i − (1−λ)·A[0, i] over the patches (CLS is not a candidate).
+def ficoco_v_scores(attn: torch.Tensor, lam: float, semantic: torch.Tensor | None = None) -> torch.Tensor:
+    """FiCoCo-V redundancy s_i = λ·vr_i − (1−λ)·a_i over the patches (CLS is not a candidate).
 
     attn: (B, 1+N, 1+N) head-mean probabilities with CLS at position 0 -> (B, N) float32.
+    semantic: (B, N) the semantic term a_i; None = A[0, i], how much CLS attends to patch i.
     """
     patch_attn = attn[:, 1:, 1:]  # (B, N, N)
-    cls_attn = _float32(attn[:, 0, 1:])  # (B, N): how much CLS attends to each patch
-    return lam * received_attention(patch_attn) - (1.0 - lam) * cls_attn
+    semantic = _float32(attn[:, 0, 1:] if semantic is None else semantic)  # (B, N)
+    return lam * received_attention(patch_attn) - (1.0 - lam) * semantic
+
+
+def key_mean_semantic(keys: torch.Tensor) -> torch.Tensor:
+    """FiCoCo-V's semantic term without CLS (v4 App. Table 9): a_i = −cos(μ, P_i), with P_i patch i's key
+    averaged over heads and μ the mean of the P_i: a patch like the average one is deemed redundant.
+
+    keys: (B, H, 1+N, d) the layer's keys, CLS at position 0 -> (B, N) float32.
+    """
+    patch_keys = keys[:, :, 1:].float().mean(dim=1)                     # (B, N, d): P_i
+    mean_key = patch_keys.mean(dim=1, keepdim=True)                     # (B, 1, d): μ
+    return -pairwise_cosine(patch_keys, mean_key)[..., 0]                # (B, N)
 
 
 def ficoco_l_scores(attn_vv: torch.Tensor, attn_qv: torch.Tensor, beta: float) -> torch.Tensor:
