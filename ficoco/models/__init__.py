@@ -1,7 +1,8 @@
 """Model adapters: attach a method (ficoco.methods) to a model family through hooks.
 
 All knowledge of HF internals lives here. Supported: transformers' `LlavaForConditionalGeneration`
-(LLaVA-1.5: CLIP vision tower + Llama decoder), on the transformers versions in
+(LLaVA-1.5: CLIP vision tower + Llama decoder) and, unreduced only so far, `LlavaNextForConditionalGeneration`
+(llava_next.py), on the transformers versions in
 `guard.TESTED_TRANSFORMERS`; any other version is refused, or self-checked (selfcheck.py) when
 FICOCO_ALLOW_UNTESTED_TRANSFORMERS=1 (docs/contracts.md §7).
 """
@@ -14,14 +15,18 @@ def apply(model, method, budget: int | None = None, text_tower=None, **overrides
     Adapters never import the method registry or a method's module (tests/test_contract.py):
     `ficoco.apply` resolves a method's name before it gets here. `text_tower`: the CLIP text tower a
     method that reads the instruction needs (ficoco/models/companion.py)."""
-    from transformers import LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
     if isinstance(model, LlavaForConditionalGeneration):
         from ficoco.models.llava import apply_llava
 
         return apply_llava(model, method, budget, text_tower=text_tower, **overrides)
+    if isinstance(model, LlavaNextForConditionalGeneration):
+        from ficoco.models.llava_next import apply_llava_next
+
+        return apply_llava_next(model, method, budget, text_tower=text_tower, **overrides)
     raise TypeError(f"ficoco.apply: unsupported model class {type(model).__name__}; supported: "
-                    f"LlavaForConditionalGeneration")
+                    f"LlavaForConditionalGeneration, LlavaNextForConditionalGeneration (unreduced only)")
 
 
 __all__ = ["apply"]

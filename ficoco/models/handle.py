@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from transformers.cache_utils import Cache
 
-from ficoco.contract import (LLMLayerStep, ProjectorStep, Step, StepShape, VisionInputStep, VisionLayerStep,
+from ficoco.contract import (LLMLayerStep, Plan, ProjectorStep, Step, StepShape, VisionInputStep, VisionLayerStep,
                              VisionOutputStep)
 from ficoco.dims import ModelDims
 from ficoco.models.clip import VisionPass
@@ -40,12 +40,13 @@ class Call:
         self.placeholders_per_row: list[int] = []
         self.pads_per_row: list[int] = []
         self.instructions: list[list[int]] | None = None   # per image, its row's token ids after the row's last image
+        self.image_layouts: list = []                     # per image: LLaVA-NeXT's AnyresLayout (ficoco.dims)
 
 
 class Handle:
     """The installed method. `remove()`, `last_counts()`, `last_trace()`, `plan`; also a context manager."""
 
-    def __init__(self, model, method: Method, dims: ModelDims, plan: dict, steps: tuple[Step, ...]):
+    def __init__(self, model, method: Method, dims: ModelDims, plan: Plan | None, steps: tuple[Step, ...]):
         if getattr(model, INSTALLED, None) is not None:
             raise RuntimeError("a ficoco method is already installed on this model; call its handle.remove() first")
         self.model, self.method, self.dims, self.plan = model, method, dims, plan
@@ -54,7 +55,7 @@ class Handle:
         self.llm_step = _at_most_one(method, steps, LLMLayerStep)
         self.steps_by_site = {"layer": self.vision_step, "output": _at_most_one(method, steps, VisionOutputStep),
                               "projector": _at_most_one(method, steps, ProjectorStep)}   # VisionPass.step_shapes
-        self.llm_n0 = plan.llm.n0 if plan.llm else None
+        self.llm_n0 = plan.llm.n0 if plan is not None and plan.llm else None
         self._undo: list[Callable[[], None]] = []
         self._call: Call | None = None
         self._last_prefill: Call | None = None

@@ -1,0 +1,114 @@
+"""The unreduced LLaVA-NeXT under ficoco.apply (issue 18, first part of the LLaVA-NeXT adapter).
+
+On a tiny random `LlavaNextForConditionalGeneration` (tests/test_llava_next_dims.py): the counts of a
+prefill equal `flops.vanilla_counts` of each image's size (an independent computation from the
+AnyRes layout), a batch of two images of different aspect ratios gives each row what it gives alone,
+the logits are the unpatched model's, a decode step does not overwrite the prefill's counts,
+`remove()` restores the model, and a method with a reduction is refused.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from test_llava_next_dims import IMAGE, tiny_llava_next
+
+import ficoco
+from ficoco import flops
+
+BEFORE, AFTER = [1, 10, 11], [12, 13, 14, 15]
+
+
+def one_prompt(dims, image_size):
+    layout = dims.anyres_layout(*image_size)
+    return BEFORE + [IMAGE] * layout.delivered + AFTER, layout.tower_passes
+
+
+def batch(dims, image_sizes, left_pad=True):
+    """Left-padded input_ids / attention_mask, pixel_values (B, most passes, 3, 28, 28) and image_sizes."""
+    prompts = [one_prompt(dims, size) for size in image_sizes]
+    length = max(len(ids) for ids, _ in prompts)
+    most = max(passes for _, passes in prompts)
+    ids = torch.zeros(len(prompts), length, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, (prompt, _) in enumerate(prompts):
+        span = slice(length - len(prompt), length) if left_pad else slice(0, len(prompt))
+        ids[row, span], mask[row, span] = torch.tensor(prompt), 1
+    generator = torch.Generator().manual_seed(len(image_sizes))
+    pixels = torch.randn(len(prompts), most, 3, 28, 28, generator=generator)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels,
+            "image_sizes": torch.tensor(image_sizes)}
+
+
+@pytest.fixture(scope="module")
+def model_and_dims():
+    return tiny_llava_next(attention="sdpa")
+
+
+def expected_counts(dims, image_size):
+    counts = flops.vanilla_counts(dims, text_tokens=len(BEFORE + AFTER), image_size=image_size)
+    counts["overhead_macs"] = 0
+    return counts
+
+
+@pytest.mark.parametrize("image_size", [(56, 56), (30, 80), (90, 25)])
+def test_counts_of_one_image_are_the_vanilla_counts_of_its_size(model_and_dims, image_size):
+    model, dims = model_and_dims
+    inputs = batch(dims, [image_size])
+    with ficoco.apply(model, "vanilla") as handle, torch.no_grad():
+        model(**inputs)
+        (counts,) = handle.last_counts()
+    assert handle.plan is None
+    assert counts == expected_counts(dims, image_size)
+    assert counts["vision"][:dims.vision_layers_run] == [[17, 17]] * dims.vision_layers_run   # layer 3 is skipped
+
+
+def test_a_batch_of_two_aspect_ratios_equals_each_alone(model_and_dims):
+    model, dims = model_and_dims
+    sizes = [(30, 80), (90, 25)]
+    together = batch(dims, sizes)
+    with torch.no_grad():
+        plain = model(**together).logits
+    with ficoco.apply(model, "vanilla") as handle, torch.no_grad():
+        patched = model(**together).logits
+        rows = handle.last_counts()
+        alone = []
+        for size in sizes:
+            model(**batch(dims, [size]))
+            alone += handle.last_counts()
+    assert torch.equal(patched, plain)                      # the unreduced model, untouched
+    assert rows == alone == [expected_counts(dims, size) for size in sizes]
+    assert rows[0]["visual_delivered"] != rows[1]["visual_delivered"]      # two span lengths in one batch
+
+
+def test_generation_keeps_the_prefill_counts_and_remove_restores(model_and_dims):
+    model, dims = model_and_dims
+    inputs = batch(dims, [(56, 56)])
+    with torch.no_grad():
+        before = model(**inputs).logits
+        plain = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    handle = ficoco.apply(model, "vanilla")
+    with torch.no_grad():
+        generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert torch.equal(generated, plain)
+    assert handle.last_counts() == [expected_counts(dims, (56, 56))]        # decode steps did not overwrite it
+    handle.remove()
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, before)
+    assert handle.last_counts() == [expected_counts(dims, (56, 56))]
+
+
+def test_reductions_are_refused_on_llava_next(model_and_dims):
+    model, _ = model_and_dims
+    for method, budget in (("ficoco-v", 8), ("fastv", 8), ("vanilla", 8)):
+        with pytest.raises(ValueError, match="only the unreduced model .* runs so far"):
+            ficoco.apply(model, method, budget)
+    with ficoco.apply(model, "vanilla"):                    # nothing was left installed by the refusals
+        pass
+
+
+def test_image_tokens_that_are_not_the_images_spans_are_refused(model_and_dims):
+    model, dims = model_and_dims
+    inputs = batch(dims, [(56, 56)])
+    inputs["image_sizes"] = torch.tensor([[30, 80]])        # another size: another span length
+    with ficoco.apply(model, "vanilla"), torch.no_grad(), pytest.raises(ValueError, match="not the spans"):
+        model(**inputs)
