@@ -26,8 +26,7 @@ which part it follows.
 - Open (`parse_open`, `open_correct`): the reference's key-phrase and number extraction, and its
   match (a number equal after rounding to 2 decimals, or a gold string contained in a predicted one).
 - Metric: accuracy over all questions (the reference's micro average), per discipline and per
-  subject. Decoding is greedy with 128 new tokens, like every benchmark here (the reference script's
-  own decoding settings are not used: the paper's numbers come from its own runs).
+  subject. Decoding is greedy with at most 128 new tokens, as for every benchmark here.
 """
 from __future__ import annotations
 
