@@ -110,5 +110,5 @@ def test_image_tokens_that_are_not_the_images_spans_are_refused(model_and_dims):
     model, dims = model_and_dims
     inputs = batch(dims, [(56, 56)])
     inputs["image_sizes"] = torch.tensor([[30, 80]])        # another size: another span length
-    with ficoco.apply(model, "vanilla"), torch.no_grad(), pytest.raises(ValueError, match="not the spans"):
+    with ficoco.apply(model, "vanilla"), torch.no_grad(), pytest.raises(ValueError, match="do not split into the images"):
         model(**inputs)

@@ -27,6 +27,7 @@ from ficoco.models.clip import ClipPatch
 from ficoco.models.guard import require_tested_transformers
 from ficoco.models.handle import Handle, Replacement
 from ficoco.models.llama import LlamaPatch
+from ficoco.models.placeholders import images_per_row
 
 if TYPE_CHECKING:                    # for annotations only: an adapter never imports the methods package
     from ficoco.methods.base import Method
@@ -93,7 +94,8 @@ class LlavaNextHandle(Handle):
             if self._vision_outside_call is not None:
                 call.vision.append(self._vision_outside_call)
         call.image_layouts = [] if sizes is None else [self.dims.anyres_layout(int(h), int(w)) for h, w in sizes.tolist()]
-        call.images_per_row = _images_per_row(call.placeholders_per_row, [l.delivered for l in call.image_layouts])
+        call.images_per_row = images_per_row(call.placeholders_per_row,
+                                             [layout.delivered for layout in call.image_layouts])
         call.llm = self._prefill_pass(is_image, valid, input_ids.shape[1])
         self._remember_prefill(call, cache)
         return (), kwargs
@@ -119,20 +121,3 @@ class LlavaNextHandle(Handle):
                 row["projector_tokens"] = sum(layout.projector_tokens for layout in layouts)
             counts.append(row)
         return counts
-
-
-def _images_per_row(placeholders_per_row: list[int], delivered_per_image: list[int]) -> list[int]:
-    """How many of the images (in order) each row holds: each row's placeholders are its images' spans."""
-    per_row, image = [], 0
-    for placeholders in placeholders_per_row:
-        images, covered = 0, 0
-        while covered < placeholders and image < len(delivered_per_image):
-            covered += delivered_per_image[image]
-            images, image = images + 1, image + 1
-        if covered != placeholders:
-            raise ValueError(f"LLaVA-NeXT: a row has {placeholders} image tokens, which are not the spans of the "
-                             f"images given (their image_sizes make {delivered_per_image} tokens each)")
-        per_row.append(images)
-    if image != len(delivered_per_image):
-        raise ValueError(f"LLaVA-NeXT: {len(delivered_per_image)} images given, {image} of them have image tokens")
-    return per_row
