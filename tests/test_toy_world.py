@@ -10,6 +10,7 @@ from collections import deque
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 
@@ -274,6 +275,25 @@ def test_training_pixels_and_tokens_match_the_processor():
     answer = processor.tokenizer(row.answer, add_special_tokens=False)["input_ids"]
     assert batch["labels"][0, n_prompt:].tolist() == answer + [processor.tokenizer.eos_token_id]
     assert (batch["labels"][0, :n_prompt] == -100).all()
+
+
+def test_pixel_values_are_the_float32_arithmetic_exactly():
+    """The looked-up normalisation equals (v · rescale − mean) / std computed in float32 per pixel, for
+    arrays (what training passes) and PIL images alike; the arrays are the rendered images' pixels."""
+    processor = toy_model.build_processor()
+    ip = processor.image_processor
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, size=(96, 96, 3), dtype=np.uint8) for _ in range(3)]
+    arrays[0][0, 0] = [0, 255, 128]
+    plain = (np.stack(arrays).astype(np.float32) * np.float32(ip.rescale_factor)
+             - np.asarray(ip.image_mean, np.float32)) / np.asarray(ip.image_std, np.float32)
+    expected = torch.from_numpy(plain).permute(0, 3, 1, 2)
+    assert torch.equal(toy_model.pixel_values(arrays, processor), expected)
+    assert torch.equal(toy_model.pixel_values([PIL.Image.fromarray(a) for a in arrays], processor), expected)
+    rows = [shapes.sample(0, "train", i) for i in range(6)]
+    assert all(np.array_equal(a, np.asarray(r.image())) for a, r in zip(shapes.batch_pixels(rows), rows))
+    with pytest.raises(ValueError, match="RGB uint8"):
+        toy_model.pixel_values([arrays[0].astype(np.float32)], processor)
 
 
 def test_a_shared_token_cache_builds_the_batches_a_fresh_tokenizer_builds():

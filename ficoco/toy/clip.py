@@ -85,7 +85,7 @@ def pretrain(clip_model, processor, settings: ClipSettings, progress: bool = Tru
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, settings)
         output = clip_model(**caption_batch(rows, processor.tokenizer),
-                            pixel_values=toy_model.pixel_values([row.image() for row in rows], processor))
+                            pixel_values=toy_model.pixel_values(shapes.batch_pixels(rows), processor))
         loss = contrastive_loss(output.logits_per_image, [row.caption() for row in rows])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -102,7 +102,7 @@ def pretrain(clip_model, processor, settings: ClipSettings, progress: bool = Tru
 def retrieval_accuracy(clip_model, processor, rows: list[shapes.ToySample]) -> float:
     """Fraction of images whose highest-scoring caption among the rows' captions reads as their own."""
     output = clip_model(**caption_batch(rows, processor.tokenizer),
-                        pixel_values=toy_model.pixel_values([row.image() for row in rows], processor))
+                        pixel_values=toy_model.pixel_values(shapes.batch_pixels(rows), processor))
     best = output.logits_per_image.argmax(dim=1).tolist()                  # (B,) caption index per image
     return float(np.mean([rows[j].caption() == row.caption() for row, j in zip(rows, best)]))
 
@@ -133,7 +133,7 @@ def cls_attention(tower, pixel_values: torch.Tensor, feature_layer: int) -> torc
 
 def cls_object_share(tower, processor, rows: list[shapes.ToySample], feature_layer: int = -2) -> dict:
     """Mean share of the CLS attention on each scene's object patches, and those patches' share of all patches."""
-    row = cls_attention(tower, toy_model.pixel_values([r.image() for r in rows], processor), feature_layer)   # (B, N)
+    row = cls_attention(tower, toy_model.pixel_values(shapes.batch_pixels(rows), processor), feature_layer)   # (B, N)
     n_patches = row.shape[1]
     on_objects = [float(row[i, [o.patch_index for o in r.objects]].sum()) for i, r in enumerate(rows)]
     patch_share = [len(r.objects) / n_patches for r in rows]

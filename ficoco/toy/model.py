@@ -196,16 +196,23 @@ def build_clip_processor():
 def pixel_values(images: list, processor) -> torch.Tensor:
     """(B, 3, H, W) float32, exactly the CLIP processor's rescale + normalise (no resize: size matches).
 
-    Training builds its batches with this instead of calling the processor per image (faster).
+    images: PIL images or (H, W, 3) uint8 arrays (`shapes.batch_pixels`). Training builds its batches
+    with this instead of calling the processor per image (faster). A uint8 pixel has 256 values, so
+    each channel's (v · rescale − mean) / std is computed once per value, in float32 as the processor
+    computes it, and looked up.
     """
     import numpy as np
     import torch
 
     ip = processor.image_processor
-    array = np.stack([np.asarray(image, dtype=np.float32) for image in images])     # (B, H, W, 3)
-    array = (array * np.float32(ip.rescale_factor) - np.asarray(ip.image_mean, np.float32)) \
-        / np.asarray(ip.image_std, np.float32)
-    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+    array = np.stack([np.asarray(image) for image in images])                       # (B, H, W, 3)
+    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] != 3:
+        raise ValueError(f"pixel_values: images must be RGB uint8 (H, W, 3); got {array.dtype} {array.shape[1:]}")
+    values = np.arange(256, dtype=np.float32)[:, None]                              # (256, 1)
+    table = ((values * np.float32(ip.rescale_factor) - np.asarray(ip.image_mean, np.float32))
+             / np.asarray(ip.image_std, np.float32)).T.copy()                       # (3, 256)
+    return torch.from_numpy(np.stack([np.take(table[channel], array[..., channel]) for channel in range(3)],
+                                     axis=1))                                       # (B, 3, H, W)
 
 
 def prompt_text(question: str) -> str:

@@ -180,16 +180,30 @@ def scene_questions(objects) -> list[tuple[str, str, str, tuple[int, ...]]]:
     return questions
 
 
-def render(objects) -> Image.Image:
-    """Draw the objects on the background; RGB, IMAGE_SIZE x IMAGE_SIZE."""
-    masks = _shape_masks()
+def render_pixels(objects, masks: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """Draw the objects on the background: (IMAGE_SIZE, IMAGE_SIZE, 3) uint8 RGB.
+
+    masks: `_shape_masks()`, passed by callers that draw many scenes (training draws tens of thousands)."""
+    masks = _shape_masks() if masks is None else masks
     pixels = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)   # (H, W, 3)
     pixels[:, :IMAGE_SIZE // 2] = BACKGROUND_LEFT
     pixels[:, IMAGE_SIZE // 2:] = BACKGROUND_RIGHT
     for obj in objects:
         cell = pixels[obj.row * CELL:(obj.row + 1) * CELL, obj.col * CELL:(obj.col + 1) * CELL]
         cell[masks[obj.shape]] = COLORS[obj.color]
-    return Image.fromarray(pixels, mode="RGB")
+    return pixels
+
+
+def render(objects) -> Image.Image:
+    """Draw the objects on the background; RGB, IMAGE_SIZE x IMAGE_SIZE."""
+    return Image.fromarray(render_pixels(objects), mode="RGB")
+
+
+def batch_pixels(rows) -> list[np.ndarray]:
+    """Every row's image as its uint8 array (`render_pixels`), the masks built once: what training feeds
+    `ficoco.toy.model.pixel_values`, without a round trip through PIL."""
+    masks = _shape_masks()
+    return [render_pixels(row.objects, masks) for row in rows]
 
 
 def _rng(seed: int, split: str, index: int) -> np.random.Generator:

@@ -150,7 +150,7 @@ def training_batch(rows: list[shapes.ToySample], processor, turns: int = 1,
         labels[i, :len(lab)] = torch.tensor(lab)
         attention_mask[i, :len(ids)] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-            "pixel_values": toy_model.pixel_values([row.image() for row in rows], processor), "grounding": grounding,
+            "pixel_values": toy_model.pixel_values(shapes.batch_pixels(rows), processor), "grounding": grounding,
             "asked": asked}
 
 
@@ -267,7 +267,7 @@ def align_projector(model, processor, settings: TrainSettings, progress: bool = 
         rows = [shapes.sample(settings.seed, "train", step * settings.batch_size + i)
                 for i in range(settings.batch_size)]
         with torch.no_grad():
-            hidden = tower(pixel_values=toy_model.pixel_values([row.image() for row in rows], processor),
+            hidden = tower(pixel_values=toy_model.pixel_values(shapes.batch_pixels(rows), processor),
                            output_hidden_states=True).hidden_states[model.config.vision_feature_layer]
         projected = projector(hidden[:, 1:])                                    # (B, N, D): LLaVA drops CLS
         loss = ((projected - projector_targets(model, rows, processor.tokenizer)) ** 2).sum(-1).mean()
