@@ -161,16 +161,13 @@ class ModelDims:
     def from_config(cls, config) -> "ModelDims":
         """From a `LlavaConfig` or `LlavaNextConfig` (object, or dict as in config.json: its `model_type`
         picks the class; a config of any other model type is refused)."""
+        model_type = config.get("model_type", "llava") if isinstance(config, dict) else getattr(config, "model_type", None)
+        if model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type {model_type!r}: ModelDims reads {', '.join(MODEL_TYPES)} configs")
         if isinstance(config, dict):
             from transformers import LlavaConfig, LlavaNextConfig
 
-            model_type = config.get("model_type", "llava")
-            if model_type not in MODEL_TYPES:
-                raise ValueError(f"model_type {model_type!r}: ModelDims reads {', '.join(MODEL_TYPES)} configs")
             config = (LlavaNextConfig if model_type == "llava_next" else LlavaConfig)(**config)
-        model_type = getattr(config, "model_type", None)
-        if model_type not in MODEL_TYPES:
-            raise ValueError(f"model_type {model_type!r}: ModelDims reads {', '.join(MODEL_TYPES)} configs")
         vision, text = config.vision_config, config.text_config
         feature_layer = config.vision_feature_layer
         if isinstance(feature_layer, (list, tuple)):

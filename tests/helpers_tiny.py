@@ -9,6 +9,7 @@ enough for scores to differ.
 from __future__ import annotations
 
 import math
+import re
 from contextlib import contextmanager
 
 import torch
@@ -41,6 +42,61 @@ def tiny_llava(*, image_size: int = 28, patch_size: int = 7, vision_layers: int 
     model.set_attn_implementation(attn_implementation)
     model.generation_config.pad_token_id = PAD
     return model
+
+
+# LLaVA-NeXT canvases of the tiny tower: 1x2, 2x1, 2x2, 3x1 and 1x3 crops of 28 px (as llava-v1.6's of 336 px)
+TINY_NEXT_PINPOINTS = [[28, 56], [56, 28], [56, 56], [84, 28], [28, 84]]
+
+
+def tiny_llava_next(attention: str = "eager"):
+    """A random LlavaNextForConditionalGeneration (28 px crops, patch 7: 16 patches + CLS a pass; GQA
+    LLM) in eval mode, and its ModelDims."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    from ficoco.dims import ModelDims
+
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                              image_size=28, patch_size=7, projection_dim=32)
+    text = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
+    config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=IMAGE,
+                             image_grid_pinpoints=TINY_NEXT_PINPOINTS, vision_feature_layer=-2,
+                             vision_feature_select_strategy="default")
+    model = LlavaNextForConditionalGeneration(config).eval()
+    model.set_attn_implementation(attention)
+    return model, ModelDims.from_config(config)
+
+
+# FlopCounterMode counts only these (matmuls and convolutions): element-wise work is out on both sides
+COUNTED_OPS = {"aten.mm", "aten.addmm", "aten.bmm", "aten.convolution"}
+
+
+def counted(counter) -> dict:
+    """FLOPs of the parts our formula covers, the global total, and the ops that contributed.
+
+    Module names differ between a plain forward ("LlavaForConditionalGeneration.model.vision_tower...")
+    and an adapter that encodes images itself inside generate ("CLIPVisionModel..."), so parts are
+    matched by the end of the name.
+    """
+    by_module = counter.get_flop_counts()
+
+    def total(pattern: str) -> int:
+        return sum(sum(ops.values()) for name, ops in by_module.items() if re.search(pattern, name))
+
+    vision = total(r"(\.vision_tower|^CLIPVisionModel)$")
+    projector = total(r"(multi_modal_projector|^LlavaMultiModalProjector)$")
+    prefill = total(r"language_model\.layers\.\d+\.(self_attn|mlp)$") + total(r"lm_head$")
+    return {
+        "ops": {str(op) for op in by_module["Global"]},
+        "total": total(r"^Global$"),
+        "vision": vision,
+        "projector": projector,
+        "prefill": prefill,
+        "covered": vision + projector + prefill,
+    }
+
 
 
 @contextmanager

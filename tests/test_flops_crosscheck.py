@@ -18,18 +18,17 @@ hooks (a CLIP layer that reduces between attention and MLP; an LLM drop at layer
 """
 from __future__ import annotations
 
-import re
 import types
 
 import pytest
 import torch
+from helpers_tiny import COUNTED_OPS, counted
 from torch.utils.flop_counter import FlopCounterMode
 
 from ficoco import flops
 from ficoco.dims import ModelDims
 
 IMAGE = 5
-COUNTED_OPS = {"aten.mm", "aten.addmm", "aten.bmm", "aten.convolution"}
 TOLERANCE = 0.02
 
 
@@ -47,31 +46,6 @@ def tiny_llava():
     model = LlavaForConditionalGeneration(config).eval()
     model.set_attn_implementation("eager")
     return model, ModelDims.from_config(config)
-
-
-def counted(counter: FlopCounterMode) -> dict:
-    """FLOPs of the parts our formula covers, the global total, and the ops that contributed.
-
-    Module names differ between a plain forward ("LlavaForConditionalGeneration.model.vision_tower...")
-    and an adapter that encodes images itself inside generate ("CLIPVisionModel..."), so parts are
-    matched by the end of the name.
-    """
-    by_module = counter.get_flop_counts()
-
-    def total(pattern: str) -> int:
-        return sum(sum(ops.values()) for name, ops in by_module.items() if re.search(pattern, name))
-
-    vision = total(r"(\.vision_tower|^CLIPVisionModel)$")
-    projector = total(r"(multi_modal_projector|^LlavaMultiModalProjector)$")
-    prefill = total(r"language_model\.layers\.\d+\.(self_attn|mlp)$") + total(r"lm_head$")
-    return {
-        "ops": {str(op) for op in by_module["Global"]},
-        "total": total(r"^Global$"),
-        "vision": vision,
-        "projector": projector,
-        "prefill": prefill,
-        "covered": vision + projector + prefill,
-    }
 
 
 def assert_close(measured: float, ours: float, what: str) -> None:

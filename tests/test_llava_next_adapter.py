@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_llava_next_dims import IMAGE, tiny_llava_next
+from helpers_tiny import IMAGE, tiny_llava_next
 
 import ficoco
 from ficoco import flops

@@ -178,11 +178,7 @@ def parse_open(response: str) -> list:
     """The normalised candidates of an open answer: key phrases and every number in them (no duplicates)."""
     phrases = key_phrases(response)
     candidates = phrases + [number for phrase in phrases for number in numbers_in(phrase)]
-    unique = []
-    for value in (form for candidate in candidates for form in normalised(candidate)):
-        if value not in unique:
-            unique.append(value)
-    return unique
+    return list(dict.fromkeys(form for candidate in candidates for form in normalised(candidate)))
 
 
 def open_correct(candidates: list, answers: list[str]) -> bool:
