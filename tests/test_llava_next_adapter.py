@@ -112,3 +112,19 @@ def test_image_tokens_that_are_not_the_images_spans_are_refused(model_and_dims):
     inputs["image_sizes"] = torch.tensor([[30, 80]])        # another size: another span length
     with ficoco.apply(model, "vanilla"), torch.no_grad(), pytest.raises(ValueError, match="do not split into the images"):
         model(**inputs)
+
+
+def test_a_tower_that_runs_other_passes_than_the_layouts_say_fails_loudly(model_and_dims, monkeypatch):
+    """The counts rest on transformers encoding every crop of `anyres_layout`: a changed packing must fail,
+    not give wrong FLOPs."""
+    from transformers.models.llava_next import modeling_llava_next
+
+    model, dims = model_and_dims
+    inputs = batch(dims, [(56, 56)])                       # a 2x2 canvas: 5 passes
+    monkeypatch.setattr(modeling_llava_next, "image_size_to_num_patches", lambda **kwargs: 4)
+    inputs["pixel_values"] = inputs["pixel_values"][:, :4]
+    with ficoco.apply(model, "vanilla") as handle, torch.no_grad():
+        with pytest.raises(RuntimeError):                  # transformers cannot pack 4 passes as a 2x2 canvas ...
+            model(**inputs)
+        with pytest.raises(RuntimeError, match="the tower ran 4 passes for images whose layouts make 5"):
+            handle.last_counts()                           # ... and the prefill it recorded gives no counts

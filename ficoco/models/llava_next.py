@@ -106,6 +106,11 @@ class LlavaNextHandle(Handle):
         call = self._last_prefill
         if call is None:
             return []
+        passes_run = sum(vision_pass.n_images for vision_pass in call.vision)
+        passes_planned = sum(layout.tower_passes for layout in call.image_layouts)
+        if passes_run != passes_planned:     # transformers encodes crops otherwise than anyres_layout says
+            raise RuntimeError(f"LLaVA-NeXT: the tower ran {passes_run} passes for images whose layouts make "
+                               f"{passes_planned}; the counts would be wrong")
         one_pass = call.vision[0].layer_counts if call.vision else []
         lengths = call.llm.layer_lengths if call.llm else []
         counts, first_image = [], 0
