@@ -434,7 +434,8 @@ def check_schema(config: dict, schema_path: Path = SCHEMA_PATH) -> dict:
 
 
 MODEL_SOURCES = ("hub", "toy")
-MODEL_SHAPES = ("llava-1.5-7b", "llava-1.5-13b", "toy")
+# source-dir: the dimensions of the config.json in the entry's `source_dir` (a local copy of the model)
+MODEL_SHAPES = ("llava-1.5-7b", "llava-1.5-13b", "llava-next-7b", "toy", "source-dir")
 BENCHMARK_SOURCES = ("hub", "toy")
 
 
@@ -474,11 +475,21 @@ def load_registries(config: dict, root: Path = REPO_ROOT) -> tuple[dict, dict]:
 
 def model_dims(name: str, entry: dict, registry: str = "config/models.yaml"):
     """Model dimensions from the registry entry, without downloading anything."""
-    from ficoco.dims import ModelDims, llava_1_5_dims
+    from ficoco.dims import ModelDims, llava_1_5_dims, llava_next_dims
 
     shape = entry.get("shape")
     if shape in ("llava-1.5-7b", "llava-1.5-13b"):
         return llava_1_5_dims(shape.rsplit("-", 1)[1])
+    if shape == "llava-next-7b":
+        return llava_next_dims("7b")
+    if shape == "source-dir":
+        config = Path(entry.get("source_dir") or "") / "config.json"
+        try:
+            return ModelDims.from_config(json.loads(config.read_text()))
+        except (OSError, ValueError, TypeError) as error:
+            raise ConfigError(f"shape source-dir reads {display_path(config)}: {error}; valid: a source_dir holding "
+                              f"the model's config.json (a LLaVA or LLaVA-NeXT config)", [name, "shape"],
+                              registry) from None
     if shape == "toy":
         from ficoco.toy.model import toy_llava_config
 
@@ -502,6 +513,15 @@ def _check_model_entry(name: str, entry: dict, registry: str) -> None:
     if isinstance(text_tokens, bool) or not isinstance(text_tokens, int) or text_tokens < 1:
         raise ConfigError(f"{text_tokens!r} is not a number of text tokens; valid: an integer >= 1 (a typical "
                           f"prompt's text tokens; default {NOMINAL_TEXT_TOKENS})", [name, "text_tokens"], registry)
+    source_dir = entry.get("source_dir")
+    if source_dir is not None and (entry["source"] != "hub" or not isinstance(source_dir, str)
+                                   or not (Path(source_dir) / "config.json").is_file()):
+        raise ConfigError(f"{source_dir!r} is not a source directory; valid: on a hub model, a local directory "
+                          f"holding the model at its revision (config.json, weights, processor), which fetch_model "
+                          f"copies instead of downloading", [name, "source_dir"], registry)
+    if entry.get("shape") == "source-dir" and source_dir is None:
+        raise ConfigError("shape source-dir reads the model's dimensions from its source_dir, and this entry has "
+                          "none; valid: a known shape, or a source_dir", [name, "shape"], registry)
     if entry["source"] == "hub" and not entry.get("id"):
         raise ConfigError(f"{entry.get('id')!r} is not a model id; valid: a Hugging Face id such as "
                           f"llava-hf/llava-1.5-7b-hf", [name, "id"], registry)

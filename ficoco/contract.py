@@ -440,6 +440,8 @@ class Plan:
                                              # falls between a layer's attention and MLP; None = llm_visual
     projector_tokens: int | None = None      # tokens per image the projector runs on, where a projector step
                                              # reduces its output afterwards; None = delivered
+    vision_crops: int = 1                    # tower passes per image, `vision_counts` listing them one after
+                                             # the other (LLaVA-NeXT: base image + crops)
 
     @classmethod
     def from_schedule(cls, method: str, phase: str, budget: int | None, params: Mapping[str, Any],
@@ -450,11 +452,12 @@ class Plan:
         vision, llm, post = entries.pop("vision", None), entries.pop("llm", None), entries.pop("post_vision", None)
         llm_mlp_visual = entries.pop("llm_mlp_visual", None)
         projector_tokens = entries.pop("projector_tokens", None)
+        vision_crops = entries.pop("vision_crops", 1)
         known = {"vision_counts", "delivered", "llm_visual", "layer_average"}
         if set(entries) != known:
             raise ValueError(f"{method}: its schedule has keys {sorted(entries)}; a plan holds vision, vision_counts, "
-                             f"delivered, llm, llm_visual, layer_average, post_vision, llm_mlp_visual and "
-                             f"projector_tokens")
+                             f"delivered, llm, llm_visual, layer_average, post_vision, llm_mlp_visual, "
+                             f"projector_tokens and vision_crops")
         llm_visual = entries["llm_visual"]
         return cls(
             method=method, phase=phase, budget=budget, params=dict(params),
@@ -466,7 +469,7 @@ class Plan:
             layer_average=entries["layer_average"],
             post_vision=None if post is None else _output_schedule(post),
             llm_mlp_visual=None if llm_mlp_visual is None else list(llm_mlp_visual),
-            projector_tokens=projector_tokens,
+            projector_tokens=projector_tokens, vision_crops=vision_crops,
         )
 
     def to_dict(self) -> dict:
@@ -483,7 +486,7 @@ class Plan:
                 "llm_visual": None if self.llm_visual is None else list(self.llm_visual),
                 "layer_average": self.layer_average, "post_vision": flat(self.post_vision),
                 "llm_mlp_visual": None if self.llm_mlp_visual is None else list(self.llm_mlp_visual),
-                "projector_tokens": self.projector_tokens}
+                "projector_tokens": self.projector_tokens, "vision_crops": self.vision_crops}
 
 
 def _llm_schedule(entry: Mapping[str, Any]) -> LLMSchedule:

@@ -97,8 +97,19 @@ class ModelDims:
 
     @property
     def visual_tokens(self) -> int:
-        """Visual tokens the unreduced LLM receives per image (576 for LLaVA-1.5)."""
-        return self.num_patches + (0 if self.select_strategy == "default" else 1)
+        """Visual tokens the unreduced LLM receives per image (576 for LLaVA-1.5).
+
+        LLaVA-NeXT, where the count depends on the image's size: the *nominal* image's, every tower pass of
+        the largest canvas before unpadding and without image-newlines (5 × 576 = 2,880 on LLaVA-NeXT-7B).
+        The paper's labels count so (docs/flops.md), and so do the budget label "full" and budget bounds."""
+        return (self.num_patches + (0 if self.select_strategy == "default" else 1)) * self.max_tower_passes
+
+    @property
+    def max_tower_passes(self) -> int:
+        """Tower passes of the costliest image: 1 for LLaVA-1.5; LLaVA-NeXT: the base image and the crops
+        of its largest canvas (5 on LLaVA-NeXT-7B)."""
+        return 1 + max((h // self.image_size) * (w // self.image_size) for h, w in self.image_grid_pinpoints) \
+            if self.image_grid_pinpoints else 1
 
     @property
     def last_vision_layer(self) -> int:
@@ -149,12 +160,12 @@ class ModelDims:
         from ficoco.contract import CropLayout, ImageLayout
 
         crop = CropLayout(grid=(self.grid_side, self.grid_side), prefix=1)
-        crops, newlines = 1, 0
+        newlines = 0
         if self.image_grid_pinpoints:
-            rows, columns = max(((h // self.image_size, w // self.image_size) for h, w in self.image_grid_pinpoints),
-                                key=lambda grid: grid[0] * grid[1])
-            crops, newlines = 1 + rows * columns, rows * self.grid_side
-        return ImageLayout(crops=(crop,) * crops, prefix_delivered=self.select_strategy != "default",
+            rows = max(((h // self.image_size, w // self.image_size) for h, w in self.image_grid_pinpoints),
+                       key=lambda grid: grid[0] * grid[1])[0]
+            newlines = rows * self.grid_side
+        return ImageLayout(crops=(crop,) * self.max_tower_passes, prefix_delivered=self.select_strategy != "default",
                            layout_tokens=newlines, positions="rope-1d")
 
     @classmethod
@@ -222,3 +233,20 @@ def llava_next_dims(size: str = "7b") -> ModelDims:
     from dataclasses import replace
 
     return replace(llava_1_5_dims(size), image_grid_pinpoints=LLAVA_NEXT_PINPOINTS)
+
+
+def unreduced_plan(dims: ModelDims, layouts: list[AnyresLayout], method: str = "vanilla"):
+    """The `ficoco.contract.Plan` of the unreduced model on LLaVA-NeXT images with these AnyRes layouts (a
+    batch row's): every pass of every image through the tower unreduced, the projector on every pass's
+    patches, the packed spans in every LLM layer. No image: nothing through the tower, no visual token."""
+    from ficoco.contract import Plan
+
+    passes = sum(layout.tower_passes for layout in layouts)
+    delivered = sum(layout.delivered for layout in layouts)
+    one_pass = [[dims.vision_tokens, dims.vision_tokens]] * dims.vision_layers_run
+    return Plan(method=method, phase="none", budget=None, params={}, vision=None, vision_counts=one_pass * passes,
+                delivered=delivered, llm=None, llm_visual=[delivered] * dims.llm_layers,
+                layer_average=float(delivered),
+                projector_tokens=sum(layout.projector_tokens for layout in layouts) if layouts else None,
+                vision_crops=max(passes, 1))
+

@@ -63,12 +63,16 @@ def pad_to_square(image, background: tuple[int, int, int]):
 def load_model(model_dir: str | Path, device: str, dtype: str):
     """A fetched (or toy-built) model directory, local files only."""
     import torch
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoProcessor
 
     torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
     processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
     processor.tokenizer.padding_side = "left"       # batched generation appends on the right
-    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch_dtype, local_files_only=True)
+    from ficoco.models import model_class
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    model = model_class(config.get("model_type", "llava")).from_pretrained(model_dir, dtype=torch_dtype,
+                                                                           local_files_only=True)
     return model.to(device).eval(), processor
 
 
@@ -111,6 +115,7 @@ class Generator:
         import torch
 
         from ficoco.flops import sample_cost
+        from ficoco.invariants import InvariantViolation, check_record
 
         inputs = self.inputs(rows)
         tokenizer = self.processor.tokenizer
@@ -121,14 +126,20 @@ class Generator:
         if self.model.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        counts = self.handle.last_counts()
+        counts, plans = self.handle.last_counts(), self.handle.row_plans()
+        if not len(counts) == len(plans) == len(rows):
+            raise InvariantViolation(f"{self.handle.method.name}: a batch of {len(rows)} rows recorded {len(counts)} "
+                                     f"counts and {len(plans)} plans")
         new_tokens = output[:, inputs["input_ids"].shape[1]:]
         records = []
-        for row, tokens, sample_counts in zip(rows, new_tokens, counts):
+        for row, tokens, sample_counts, plan in zip(rows, new_tokens, counts, plans):
             generated = int((tokens != tokenizer.pad_token_id).sum()) if tokenizer.pad_token_id is not None else len(tokens)
             prediction = tokenizer.decode(tokens, skip_special_tokens=True).strip()
-            records.append(self._record(row, prediction, sample_counts, generated, seconds / len(rows),
-                                        sample_cost(self.dims, sample_counts, generated)))
+            record = self._record(row, prediction, sample_counts, generated, seconds / len(rows),
+                                  sample_cost(self.dims, sample_counts, generated))
+            # a count or cost that cannot be true fails the job here, before the record is journaled
+            check_record(self.handle.method.name, plan, record, row["image"] is not None)
+            records.append(record)
         return records
 
     def _record(self, row, prediction, counts, generated, seconds, cost, error=None) -> dict:
@@ -172,8 +183,12 @@ class Generator:
 
     def _generate_isolating_errors(self, rows: list[dict]) -> list[dict]:
         """`generate(rows)`; when it raises, each row alone, so only the failing row becomes a failure."""
+        from ficoco.invariants import InvariantViolation
+
         try:
             return self.generate(rows)
+        except InvariantViolation:
+            raise                     # numbers that cannot be true fail the job, never become a counted failure
         except Exception as error:  # noqa: BLE001 - isolate the failing sample, keep the job going
             if len(rows) == 1:
                 return [self.failed(rows[0], f"{type(error).__name__}: {error}")]
@@ -204,7 +219,6 @@ def evaluate_shard(*, model_dir, benchmark_dir, benchmark: str, method: str, bud
     from ficoco.calibrate import with_calibration
     from ficoco.dims import ModelDims
     from ficoco.fingerprint import job_fingerprint
-    from ficoco.invariants import check_record
     from ficoco.models.companion import model_text_tower
 
     budget_value = method_registry.budget_from_label(method, budget)   # a label that does not fit fails first
@@ -250,10 +264,7 @@ def evaluate_shard(*, model_dir, benchmark_dir, benchmark: str, method: str, bud
                    unit="sample", disable=not progress)
         for batch in _batches(todo, batch_size):
             batch_rows = [dict(dataset[index], _row=index) for index in batch]
-            records = generator.records_for(batch_rows)
-            has_image = {index: row["image"] is not None for index, row in zip(batch, batch_rows)}
-            for record in records:            # a count or cost that cannot be true fails the job here
-                check_record(handle.plan.method, handle.plan, record, has_image[record["row"]])
+            records = generator.records_for(batch_rows)     # each checked against its plan (ficoco.invariants)
             journal.append(records)           # durable before we move on: a kill loses at most this batch
             recorded += len(records)
             bar.update(len(records))

@@ -31,12 +31,16 @@ def fetch_model(name: str, entry: dict, out_dir: str | Path, endpoint_dir: str |
 
     A `text_tower` entry (the CLIP checkpoint the vision tower came from) is snapshotted into
     `out_dir/clip/` at its own revision and recorded under the manifest's "clip". `endpoint_dir`
-    replaces the hub with a local directory holding the model (and its companion in clip/; tests,
-    mirrors). The manifest is written last, so a directory without one is incomplete and is fetched again.
+    (default: the entry's `source_dir`) replaces the hub with a local directory holding the model at
+    that revision (and its companion in clip/; tests, mirrors, a cluster without internet); the
+    manifest records it. The manifest is written last, so a directory without one is incomplete and
+    is fetched again.
     """
     from ficoco.models.companion import COMPANION_DIR
 
     out_dir = Path(out_dir)
+    if endpoint_dir is None:
+        endpoint_dir = entry.get("source_dir")
     repo_id, revision = entry["id"], entry.get("revision", "main")
     text_tower = entry.get("text_tower")
     with staged_directory(out_dir) as staging:   # the manifest is written last, inside the staged copy
@@ -51,6 +55,7 @@ def fetch_model(name: str, entry: dict, out_dir: str | Path, endpoint_dir: str |
         manifest = {
             "name": name, "id": repo_id, "revision": revision, "resolved_revision": resolved,
             "source": entry.get("source", "hub"), "files": files,
+            **({"source_dir": str(Path(endpoint_dir).resolve())} if endpoint_dir is not None else {}),
             "fetched_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             **({"clip": companion} if companion else {}),
         }

@@ -22,7 +22,7 @@ from typing import Sequence
 from ficoco.budget import InfeasibleBudget
 from ficoco.budget_labels import TFLOPS_CONVENTIONS, TflopsTarget
 from ficoco.contract import Plan
-from ficoco.dims import ModelDims, llava_1_5_dims, llava_next_dims
+from ficoco.dims import ModelDims, llava_1_5_dims, llava_next_dims, unreduced_plan
 
 # Bytes per stored value for weights and the KV cache. Read-only so no module state can change.
 BYTES_PER_VALUE = MappingProxyType({
@@ -347,13 +347,7 @@ def vanilla_counts(dims: ModelDims, text_tokens: int = NOMINAL_TEXT_TOKENS,
         return counts_from_schedule(dims, text_tokens, [dims.visual_tokens] * dims.llm_layers)
     if image_size is None:
         raise ValueError("image_size: a LLaVA-NeXT image's cost depends on its (height, width); pass it")
-    layout = dims.anyres_layout(*image_size)
-    one_pass = [[dims.vision_tokens, dims.vision_tokens]] * dims.vision_layers_run
-    counts = counts_from_schedule(dims, text_tokens, [layout.delivered] * dims.llm_layers,
-                                  vision=one_pass * layout.tower_passes)
-    counts["vision_crops"] = layout.tower_passes
-    counts["projector_tokens"] = layout.projector_tokens
-    return counts
+    return counts_from_plan(dims, unreduced_plan(dims, [dims.anyres_layout(*image_size)]), text_tokens)
 
 
 def counts_from_plan(dims: ModelDims, plan: Plan, text_tokens: int = NOMINAL_TEXT_TOKENS) -> dict:
@@ -366,6 +360,8 @@ def counts_from_plan(dims: ModelDims, plan: Plan, text_tokens: int = NOMINAL_TEX
         counts["llm_mlp"] = [text_tokens + visual for visual in plan.llm_mlp_visual]
     if plan.projector_tokens is not None:
         counts["projector_tokens"] = plan.projector_tokens
+    if plan.vision_crops != 1:
+        counts["vision_crops"] = plan.vision_crops
     return counts
 
 

@@ -1,8 +1,9 @@
 """The numbers an evaluate job checks before it records a sample (DESIGN.md, "Invariants worth keeping").
 
-A record's token counts (contracts §2) are checked against the method's plan (`handle.plan`):
-- a non-adaptive method realises its planned schedule exactly: every executed vision layer's
-  [attention, MLP] tokens, the visual tokens delivered to the LLM, and the visual tokens of every
+A record's token counts (contracts §2) are checked against the plan its batch row was held to
+(`handle.row_plans()`: the method's plan; on LLaVA-NeXT, the plan of the row's image size):
+- a non-adaptive method realises its planned schedule exactly: the tower passes, every executed
+  vision layer's [attention, MLP] tokens, the visual tokens delivered to the LLM, and the visual tokens of every
   LLM layer (and of its MLP, for a plan that reduces between an LLM layer's attention and MLP);
 - an adaptive method (plan.delivered None: PruMerge's IQR originals) delivers a count within its
   bounds (plan.post_vision.tokens_min / tokens_max, else 1 .. the tower's patches), the same
@@ -56,6 +57,8 @@ def check_counts(method: str, plan: Plan, counts: Mapping, has_image: bool, samp
     planned_projected = delivered if plan.projector_tokens is None else plan.projector_tokens
     if has_image and projected != planned_projected:
         fail("tokens the projector ran on", planned_projected, projected)
+    if has_image and counts.get("vision_crops", 1) != plan.vision_crops:
+        fail("vision tower passes (vision_crops)", plan.vision_crops, counts.get("vision_crops", 1))
     if not llm:
         fail("LLM layers recorded", ">= 1", 0)
     if len(llm_visual) != len(llm):

@@ -69,23 +69,39 @@ def random_companion(model, config_path: Path):
 
 
 def build_random_model(config_path: Path, dtype: str, device: str, attn_implementation: str, seed: int):
-    """LlavaForConditionalGeneration with random weights from config.json, in eval mode on `device`."""
+    """The model of config.json's family (LLaVA or LLaVA-NeXT) with random weights, in eval mode on `device`."""
     import torch
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    from transformers import AutoConfig
+
+    from ficoco.models import model_class
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: valid choices are {list(DTYPES)}")
-    config = LlavaConfig.from_json_file(str(config_path))
+    config_dict = json.loads(config_path.read_text())
+    model_type = config_dict.pop("model_type", "llava")
+    cls = model_class(model_type)
+    config = AutoConfig.for_model(model_type, **config_dict)
     torch.manual_seed(seed)
     with torch.device(device):  # initialise on the device: a 7B model never passes through host memory
-        model = LlavaForConditionalGeneration._from_config(
-            config, dtype=getattr(torch, dtype), attn_implementation=attn_implementation)
+        model = cls._from_config(config, dtype=getattr(torch, dtype), attn_implementation=attn_implementation)
     return model.eval()
 
 
-def synthetic_inputs(model, batch_size: int, prompt_tokens: int, seed: int) -> dict:
+def typical_image_size(dims) -> tuple[int, int] | None:
+    """The image size measured on a LLaVA-NeXT model unless one is given: its largest canvas (the most
+    tower passes; 672 x 672 on LLaVA-NeXT-7B). None on a model with one crop per image."""
+    if not dims.image_grid_pinpoints:
+        return None
+    return max(dims.image_grid_pinpoints, key=lambda canvas: canvas[0] * canvas[1])
+
+
+def synthetic_inputs(model, batch_size: int, prompt_tokens: int, seed: int,
+                     image_size: tuple[int, int] | None = None) -> dict:
     """input_ids = BOS + text + image placeholders + text (prompt_tokens text tokens incl. BOS;
-    at least one after the image, as an instruction), attention mask and random pixel values."""
+    at least one after the image, as an instruction), attention mask and random pixel values.
+
+    LLaVA-NeXT: an image of `image_size` (height, width) pixels: its AnyRes layout's placeholders, one
+    random pixel crop per tower pass, and `image_sizes`."""
     import torch
 
     from ficoco.dims import ModelDims
@@ -94,6 +110,12 @@ def synthetic_inputs(model, batch_size: int, prompt_tokens: int, seed: int) -> d
         raise ValueError(f"prompt_tokens={prompt_tokens}: need >= 2 (BOS and one instruction token after the image)")
     config = model.config
     dims = ModelDims.from_config(config)
+    if dims.image_grid_pinpoints and image_size is None:
+        raise ValueError("image_size: a LLaVA-NeXT model's prompt depends on the image's (height, width); pass it")
+    if not dims.image_grid_pinpoints and image_size is not None:
+        raise ValueError(f"image_size={image_size}: this model encodes every image at {dims.image_size} px; "
+                         f"image sizes are for LLaVA-NeXT models")
+    layout = dims.anyres_layout(*image_size) if image_size is not None else None
     text_config = config.text_config
     generator = torch.Generator().manual_seed(seed)
     reserved = {config.image_token_id, text_config.pad_token_id, text_config.bos_token_id, text_config.eos_token_id}
@@ -108,15 +130,19 @@ def synthetic_inputs(model, batch_size: int, prompt_tokens: int, seed: int) -> d
     input_ids = torch.cat([
         torch.full((batch_size, 1), bos),
         text(before),
-        torch.full((batch_size, dims.visual_tokens), config.image_token_id),
+        torch.full((batch_size, dims.visual_tokens if layout is None else layout.delivered), config.image_token_id),
         text(after),
     ], dim=1)
-    pixel_values = torch.randn(batch_size, 3, dims.image_size, dims.image_size, generator=generator)
-    return {
+    crops = () if layout is None else (layout.tower_passes,)                   # LLaVA-NeXT: (B, passes, 3, S, S)
+    pixel_values = torch.randn(batch_size, *crops, 3, dims.image_size, dims.image_size, generator=generator)
+    inputs = {
         "input_ids": input_ids.to(model.device),
         "attention_mask": torch.ones_like(input_ids).to(model.device),
         "pixel_values": pixel_values.to(model.device, model.dtype),
     }
+    if layout is not None:
+        inputs["image_sizes"] = torch.tensor([list(image_size)] * batch_size, device=model.device)
+    return inputs
 
 
 class _StepClock:
@@ -193,11 +219,13 @@ def measure(
     seed: int = 0,
     model_name: str | None = None,
     progress: bool = True,
+    image_size: tuple[int, int] | None = None,
 ) -> dict:
     """Latency (prefill, per decode token, end-to-end; medians), peak memory and throughput.
 
     budget None = unreduced (method "vanilla"), or the adaptive reduction of an adaptive method (job
-    budget "adaptive"; its costs come from the realised counts). Returns a JSON-able dict (see docs/flops.md).
+    budget "adaptive"; its costs come from the realised counts). `image_size` (height, width): the
+    image of a LLaVA-NeXT model (default `typical_image_size`). Returns a JSON-able dict (see docs/flops.md).
     """
     import torch
     import transformers
@@ -220,7 +248,8 @@ def measure(
     dims = ModelDims.from_config(model.config)
     text_tower = random_companion(model, config_path) if methods.get(method).needs_text_tower else None
     handle = ficoco.apply(model, method, budget, text_tower=text_tower, **overrides)
-    inputs = synthetic_inputs(model, batch_size, prompt_tokens, seed)
+    image_size = typical_image_size(dims) if image_size is None and dims.image_grid_pinpoints else image_size
+    inputs = synthetic_inputs(model, batch_size, prompt_tokens, seed, image_size)
 
     for _ in range(warmup):
         _timed_generate(model, inputs, new_tokens, cuda)
@@ -235,7 +264,7 @@ def measure(
     else:
         peak_memory, peak_source = _peak_rss_bytes(), "resource.getrusage(RUSAGE_SELF).ru_maxrss (process lifetime)"
 
-    counts = handle.last_counts()[0]
+    counts, plan = handle.last_counts()[0], handle.row_plans()[0]
     handle.remove()
     medians = {key: None if runs[0][key] is None else statistics.median(run[key] for run in runs)
                for key in ("prefill_s", "per_token_s", "end_to_end_s")}
@@ -260,10 +289,11 @@ def measure(
         "repeats": repeats,
         "prompt_tokens": prompt_tokens,
         "visual_tokens": dims.visual_tokens,
+        "image_size": None if image_size is None else list(image_size),
         "input_tokens": int(inputs["input_ids"].shape[1]),
         "new_tokens": new_tokens,
         "adapter": "ficoco.apply",
-        "plan": handle.plan.to_dict(),
+        "plan": plan.to_dict(),
         "counts": counts,
         "cost": sample_cost(dims, counts, new_tokens),
         "versions": {"ficoco": ficoco.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
@@ -328,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=60, help="text tokens around the image, BOS included")
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--image-size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
+                        help="LLaVA-NeXT: the image's size in pixels (default: its largest canvas)")
     parser.add_argument("--out", required=True, help="results/measure/{model}/{method}/b{budget}.json")
     args = parser.parse_args(argv)
     offline_environment()                       # random weights from config.json: nothing to download
@@ -347,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     result = measure(args.model_config, args.method, budget, overrides, args.device, args.dtype,
                      args.batch_size, args.warmup, args.repeats, args.prompt_tokens, args.new_tokens,
-                     args.attn_implementation, args.seed, args.model_name)
+                     args.attn_implementation, args.seed, args.model_name,
+                     image_size=None if args.image_size is None else tuple(args.image_size))
     result["job"].update(budget=args.budget_label or result["job"]["budget"], run_budget=args.budget)
     write_json_atomic(result, args.out)
     per_token = "n/a" if result["per_token_s"] is None else f"{result['per_token_s'] * 1e3:.2f} ms"

@@ -69,6 +69,39 @@ def tiny_llava_next(attention: str = "eager"):
     return model, ModelDims.from_config(config)
 
 
+def save_tiny_llava_next(directory) -> str:
+    """A tiny random LLaVA-NeXT model directory as a hub snapshot holds one (config, weights, processor) for
+    the toy world's 96 px scenes: 32 px crops of 8 px patches (16 patches + CLS a pass), canvases of 1x2,
+    2x1 and 2x2 crops, the toy word-level tokenizer. A 96 px square image: 5 passes, 88 visual tokens
+    (16 base + 8x8 crop patches + 8 image-newlines). Returns the directory."""
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                              LlavaNextImageProcessor, LlavaNextProcessor)
+
+    from ficoco.toy.model import CLIP_MEAN, CLIP_STD, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    pinpoints = [[32, 64], [64, 32], [64, 64]]
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=32, patch_size=8, projection_dim=32, initializer_range=0.1)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, initializer_range=0.1)
+    config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=tokenizer.image_token_id,
+                             image_grid_pinpoints=pinpoints, vision_feature_layer=-2,
+                             vision_feature_select_strategy="default")
+    torch.manual_seed(0)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    image_processor = LlavaNextImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                              image_grid_pinpoints=pinpoints, image_mean=CLIP_MEAN, image_std=CLIP_STD)
+    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    model.save_pretrained(str(directory))
+    processor.save_pretrained(str(directory))
+    return str(directory)
+
+
 # FlopCounterMode counts only these (matmuls and convolutions): element-wise work is out on both sides
 COUNTED_OPS = {"aten.mm", "aten.addmm", "aten.bmm", "aten.convolution"}
 

@@ -33,6 +33,7 @@ from ficoco import benchmarks
 from ficoco.benchmarks.base import normalised_features
 from ficoco.benchmarks.fetch import fetch_benchmark, load_local
 from ficoco.evaluate import evaluate_shard, score, summarise
+from ficoco.invariants import InvariantViolation
 from ficoco.journal import read_jsonl, write_jsonl_atomic
 
 S = Value("string")
@@ -292,6 +293,18 @@ def test_a_generation_error_fails_only_its_row(world, generator, monkeypatch):
     records = generator.records_for(rows)
     assert records[1]["error"] == "RuntimeError: prompt exploded"
     assert [comparable(r) for r in (records[0], records[2])] == [comparable(r) for r in world["baseline"]]
+
+
+def test_numbers_that_cannot_be_true_fail_the_job_and_never_become_a_counted_failure(world, generator, monkeypatch):
+    """A record off its plan is an InvariantViolation out of `records_for` (the job fails), not one more
+    failure record among the generation errors that are isolated per row."""
+    from dataclasses import replace
+
+    first, _ = world["good"]
+    wrong = replace(generator.handle.plan, delivered=generator.handle.plan.delivered - 1)
+    monkeypatch.setattr(generator.handle, "row_plans", lambda: [wrong, wrong])
+    with pytest.raises(InvariantViolation, match="visual tokens delivered to the LLM: expected 143, found 144"):
+        generator.records_for([dict(first, _row=0), dict(first, id="second", _row=1)])
 
 
 def test_safe_rows_never_raise_and_always_have_the_normalised_columns(tmp_path):

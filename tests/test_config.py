@@ -1,10 +1,15 @@
 """Bad config fails before any job starts, with one line naming the key, the value and the valid choices."""
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import yaml
 
-from ficoco.config import ConfigError, FULL, job_grid, validate
+from ficoco.config import ConfigError, FULL, job_grid, model_dims, validate
+from ficoco.dims import ModelDims
+from helpers_tiny import tiny_llava_next
 
 
 def paper_like(**changes):
@@ -119,3 +124,36 @@ def test_a_paper_label_for_a_model_without_stated_budgets_is_refused():
     message = error_of(paper_like(models=["llava-1.5-13b"], budgets=[{"paper": 3.3}]))
     assert "budgets[0]" in message and "only for LLaVA-1.5-7B" in message and "llava-1.5-13b" in message
     assert "valid: an integer budget or {reduction: r}" in message
+
+
+# ---------------------------------------------------------------------------------------------
+# a model copied from a local directory (source_dir), its shape read from that directory's config.json
+
+
+def mirror_registry(tmp_path, config: dict) -> str:
+    source = tmp_path / "mirror"
+    source.mkdir()
+    (source / "config.json").write_text(json.dumps(config))
+    entry = {"source": "hub", "id": "a/b", "revision": "r", "source_dir": str(source), "shape": "source-dir",
+             "prompt_template": "USER: <image>\n{prompt} ASSISTANT:"}
+    (tmp_path / "models.yaml").write_text(yaml.safe_dump({"mirror": entry}))
+    return str(tmp_path / "models.yaml")
+
+
+def test_a_source_dir_shape_reads_the_copied_models_config(tmp_path):
+    model, dims = tiny_llava_next()
+    registry = mirror_registry(tmp_path, model.config.to_dict())
+    config = validate(paper_like(models=["mirror"], methods=["vanilla"], budgets=[40], benchmarks=["toy-shapes-mini"],
+                                 registries={"models": registry}))
+    assert [(job.model, job.method, job.budget) for job in job_grid(config)] == [("mirror", "vanilla", FULL)]
+    assert model_dims("mirror", yaml.safe_load(Path(registry).read_text())["mirror"]) == dims == ModelDims.from_config(model.config)
+    message = error_of(paper_like(models=["mirror"], methods=["vanilla"], budgets=[81], benchmarks=["toy-shapes-mini"],
+                                  registries={"models": registry}))
+    assert "81 is above the 80 visual tokens of model mirror" in message      # nominal: 5 passes x 16 patches
+
+
+def test_a_source_dir_of_another_model_family_is_refused(tmp_path):
+    registry = mirror_registry(tmp_path, {"model_type": "qwen2_vl"})
+    message = error_of(paper_like(models=["mirror"], methods=["vanilla"], benchmarks=["toy-shapes-mini"],
+                                  registries={"models": registry}))
+    assert "mirror.shape" in message and "model_type 'qwen2_vl'" in message and "valid: a source_dir" in message

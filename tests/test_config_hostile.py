@@ -210,7 +210,8 @@ HOSTILE = [
             ("models.yaml:4", "'toy-llava' is given twice", "valid: each key once"), where="models.yaml",
             files={"models.yaml": "toy-llava:\n  source: toy\n  shape: toy\ntoy-llava:\n  source: hub\n"}),
     Hostile("registry-bad-shape", base("models: [toy-llava]", "registries: {models: REGISTRY}", drop="models"),
-            ("toy-llava.shape", "'toy2'", "valid: llava-1.5-7b, llava-1.5-13b, toy"), where="models.yaml",
+            ("toy-llava.shape", "'toy2'", "valid: llava-1.5-7b, llava-1.5-13b, llava-next-7b, toy, source-dir"),
+            where="models.yaml",
             files={"models.yaml": "toy-llava:\n  source: toy\n  shape: toy2\n  prompt_template: 'USER: <image>\\n{prompt}'\n"}),
     Hostile("registry-bad-toy-recipe", base("models: [toy-llava]", "registries: {models: REGISTRY}", drop="models"),
             ("toy-llava.recipe", "'clip'", "valid: end-to-end, staged"), where="models.yaml",
@@ -225,6 +226,20 @@ HOSTILE = [
             ("toy-llava.text_tokens", "0 is not a number of text tokens", "valid: an integer >= 1"), where="models.yaml",
             files={"models.yaml": "toy-llava:\n  source: toy\n  shape: toy\n  text_tokens: 0\n"
                                   "  prompt_template: 'USER: <image>\\n{prompt}'\n"}),
+    Hostile("registry-missing-source-dir", base("models: [mirror]", "registries: {models: REGISTRY}", drop="models"),
+            ("mirror.source_dir", "'/no/such/mirror' is not a source directory", "valid: on a hub model, a local "
+             "directory holding the model"), where="models.yaml",
+            files={"models.yaml": "mirror:\n  source: hub\n  id: a/b\n  shape: llava-1.5-7b\n"
+                                  "  source_dir: /no/such/mirror\n  prompt_template: 'USER: <image>\\n{prompt}'\n"}),
+    Hostile("registry-source-dir-shape-without-one", base("models: [mirror]", "registries: {models: REGISTRY}",
+                                                          drop="models"),
+            ("mirror.shape", "shape source-dir reads the model's dimensions from its source_dir",
+             "valid: a known shape, or a source_dir"), where="models.yaml",
+            files={"models.yaml": "mirror:\n  source: hub\n  id: a/b\n  shape: source-dir\n"
+                                  "  prompt_template: 'USER: <image>\\n{prompt}'\n"}),
+    Hostile("reduction-on-llava-next", base("models: [llava-next-7b]", drop="models"),
+            ("methods[1]", "fastv cannot run on model llava-next-7b", "one crop per image (this model encodes 5",
+             "valid: the methods this model can run (vanilla)")),
     Hostile("tflops-budget-out-of-reach", base("budgets: [{tflops: 50}]", drop="budgets"),
             ("budgets[0]", "model llava-1.5-7b: 50 TFLOPs (exact) is out of reach for", "cost", "valid: a target in "
              "that range")),

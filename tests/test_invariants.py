@@ -95,6 +95,25 @@ def test_the_tokens_the_projector_ran_on_are_checked_against_the_plan():
                      ).endswith("tokens the projector ran on: expected 64, found 576")
 
 
+def test_the_tower_passes_of_a_multi_crop_image_are_checked_against_its_plan():
+    """LLaVA-NeXT: a 672 x 672 image is 5 tower passes; a record of other passes (transformers packing the
+    crops otherwise, a hook counting one pass) cannot be true."""
+    from ficoco.dims import llava_next_dims, unreduced_plan
+    from ficoco.flops import counts_from_plan
+
+    dims = llava_next_dims("7b")
+    planned = unreduced_plan(dims, [dims.anyres_layout(672, 672)])
+    counts = {**counts_from_plan(dims, planned, TEXT), "overhead_macs": 0}
+    assert counts["vision_crops"] == planned.vision_crops == 5 and counts["visual_delivered"] == 2928
+    check_counts("vanilla", planned, counts, has_image=True)
+    assert violation("vanilla", planned, {**counts, "vision_crops": 1}).endswith(
+        "vision tower passes (vision_crops): expected 5, found 1")
+    one_pass = {**counts, "vision": counts["vision"][:dims.vision_layers_run]}
+    assert violation("vanilla", planned, one_pass).endswith(f"vision layers executed: expected {5 * 23}, found 23")
+    assert violation("vanilla", plan("vanilla"), {**counts_of(plan("vanilla")), "vision_crops": 5}).endswith(
+        "vision tower passes (vision_crops): expected 1, found 5")
+
+
 def test_overhead_without_a_reduction_is_refused():
     planned = plan("vanilla")
     assert violation("vanilla", planned, {**counts_of(planned), "overhead_macs": 10}).endswith(

@@ -14,6 +14,7 @@ from helpers_tiny import IMAGE, tiny_llava_next
 
 import ficoco
 from ficoco import flops
+from ficoco.invariants import InvariantViolation, check_counts
 
 BEFORE, AFTER = [1, 10, 11], [12, 13, 14, 15]
 
@@ -78,6 +79,23 @@ def test_a_batch_of_two_aspect_ratios_equals_each_alone(model_and_dims):
     assert torch.equal(patched, plain)                      # the unreduced model, untouched
     assert rows == alone == [expected_counts(dims, size) for size in sizes]
     assert rows[0]["visual_delivered"] != rows[1]["visual_delivered"]      # two span lengths in one batch
+
+
+def test_each_row_is_held_to_the_plan_of_its_image_size(model_and_dims):
+    """`row_plans()`: per row, the unreduced plan of its image's layout, which its counts realise (what an
+    evaluate job checks every record against, ficoco.invariants); another row's plan does not fit."""
+    model, dims = model_and_dims
+    sizes = [(56, 56), (30, 80)]                                            # 5 and 4 tower passes
+    with ficoco.apply(model, "vanilla") as handle, torch.no_grad():
+        model(**batch(dims, sizes))
+        plans, counts = handle.row_plans(), handle.last_counts()
+    assert [plan.vision_crops for plan in plans] == [5, 4]
+    for plan, row, size in zip(plans, counts, sizes):
+        check_counts("vanilla", plan, row, has_image=True)
+        assert {**flops.counts_from_plan(dims, plan, len(BEFORE + AFTER)), "overhead_macs": 0} == \
+            expected_counts(dims, size)
+    with pytest.raises(InvariantViolation, match="tokens the projector ran on: expected 64, found 80"):
+        check_counts("vanilla", plans[1], counts[0], has_image=True)
 
 
 def test_generation_keeps_the_prefill_counts_and_remove_restores(model_and_dims):

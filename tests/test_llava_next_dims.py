@@ -119,6 +119,13 @@ def test_the_papers_llava_next_labels_are_nominal_counts():
     assert [round(flops.nominal_tflops(dims, visual, 64), 1) for visual in (2880, 160)] == [42.7, 2.9]
 
 
+def test_the_nominal_image_of_llava_next_is_every_pass_of_its_largest_canvas():
+    """`visual_tokens` (budget bounds, the label "full", nominal FLOPs) counts as the paper's labels do."""
+    assert (llava_next_dims("7b").max_tower_passes, llava_next_dims("7b").visual_tokens) == (5, 2880)
+    assert (llava_1_5_dims("7b").max_tower_passes, llava_1_5_dims("7b").visual_tokens) == (1, 576)
+    assert round(flops.nominal_tflops(llava_next_dims("7b"), llava_next_dims("7b").visual_tokens), 1) == 42.6
+
+
 def test_image_layout_of_llava_next_is_its_largest_canvas():
     """Methods that need one crop per image are refused on LLaVA-NeXT before any job (issue 18 item 1)."""
     from ficoco.contract import Needs, unmet_needs

@@ -87,6 +87,26 @@ def test_write_json_atomic_leaves_old_file_on_failure(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["b64.json"]
 
 
+def test_measure_llava_next_at_an_image_size_costs_that_images_layout(tmp_path):
+    """LLaVA-NeXT: the prompt holds the placeholders of the image's AnyRes span, the tower runs its passes;
+    the counts equal `vanilla_counts` of that size (the layout computed independently of the model)."""
+    from helpers_tiny import tiny_llava, tiny_llava_next
+
+    from ficoco import flops
+
+    model, dims = tiny_llava_next()
+    model.config.save_pretrained(tmp_path)
+    for image_size, passes in (((30, 70), 4), (None, 5)):       # None: the largest canvas, 56 x 56
+        result = measure_module.measure(tmp_path, "vanilla", None, device="cpu", warmup=0, repeats=1, prompt_tokens=6,
+                                        new_tokens=2, progress=False, image_size=image_size)
+        layout = dims.anyres_layout(*(image_size or (56, 56)))
+        assert result["image_size"] == list(image_size or (56, 56)) and result["input_tokens"] == 6 + layout.delivered
+        assert result["counts"] == {**flops.vanilla_counts(dims, 6, image_size or (56, 56)), "overhead_macs": 0}
+        assert result["counts"]["vision_crops"] == result["plan"]["vision_crops"] == passes
+    with pytest.raises(ValueError, match=r"image_size=\(30, 70\): this model encodes every image at 28 px"):
+        measure_module.synthetic_inputs(tiny_llava(), 1, 6, 0, (30, 70))        # one crop: no image sizes
+
+
 def test_bad_arguments_name_the_value(model_dir):
     with pytest.raises(ValueError, match="dtype='float8'.*valid choices"):
         measure_module.build_random_model(model_dir / "config.json", "float8", "cpu", "sdpa", 0)

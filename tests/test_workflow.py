@@ -42,7 +42,7 @@ def job_blocks(output: str) -> list[tuple[str, str]]:
             for i, match in enumerate(starts)]
 
 
-@pytest.mark.parametrize("configfile", ["config/paper.yaml", "config/paper-tflops.yaml"])
+@pytest.mark.parametrize("configfile", ["config/paper.yaml", "config/paper-tflops.yaml", "config/paper-next.yaml"])
 def test_paper_dry_run_lists_every_job(repo_copy, configfile):
     result = snakemake(repo_copy, "-n", "-p", "--cores", "1", "--configfile", configfile)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -158,8 +158,16 @@ class Method:
         return Plan.from_schedule(self.name, self.phase, budget, params, plan)
 
     def unmet_needs(self, dims) -> list[str]:
-        """What the model of shape `dims` lacks of this method's needs, in words ([] when it can run)."""
-        return unmet_needs(self.needs, dims.image_layout())
+        """What the model of shape `dims` lacks of this method's needs, in words ([] when it can run).
+
+        Reductions of images of several crops (LLaVA-NeXT) have no adapter sites yet, so every method
+        but the unreduced model needs one crop there, for now (docs/contracts.md §3)."""
+        layout = dims.image_layout()
+        unmet = unmet_needs(self.needs, layout)
+        if self.phase != "none" and not self.needs.single_crop and len(layout.crops) > 1:
+            unmet.append(f"one crop per image (this model encodes {len(layout.crops)}; reductions of multi-crop "
+                         f"images are not supported yet, only the unreduced model runs on them)")
+        return unmet
 
     def check_budget(self, dims, budget: int | None, **overrides) -> Plan:
         """Validate a (budget, overrides) pair without a model; returns the planned schedule."""

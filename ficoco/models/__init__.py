@@ -8,6 +8,19 @@ FICOCO_ALLOW_UNTESTED_TRANSFORMERS=1 (docs/contracts.md §7).
 """
 from __future__ import annotations
 
+# a config's model_type -> the transformers class of that family that `apply` supports
+MODEL_CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}
+
+
+def model_class(model_type: str):
+    """The transformers class to load a model of `model_type` with (ValueError for another family)."""
+    import transformers
+
+    if model_type not in MODEL_CLASSES:
+        raise ValueError(f"model_type {model_type!r} is not a supported model family; valid: "
+                         f"{', '.join(MODEL_CLASSES)}")
+    return getattr(transformers, MODEL_CLASSES[model_type])
+
 
 def apply(model, method, budget: int | None = None, text_tower=None, **overrides):
     """Install `method` (a `ficoco.methods.base.Method`) at `budget` on `model`; returns the handle.
@@ -29,4 +42,4 @@ def apply(model, method, budget: int | None = None, text_tower=None, **overrides
                     f"LlavaForConditionalGeneration, LlavaNextForConditionalGeneration (unreduced only)")
 
 
-__all__ = ["apply"]
+__all__ = ["MODEL_CLASSES", "apply", "model_class"]

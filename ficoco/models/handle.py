@@ -129,6 +129,12 @@ class Handle:
             first_image += images
         return counts
 
+    def row_plans(self) -> list[Plan]:
+        """The plan each batch row of the most recent prefill is held to (ficoco.invariants checks its
+        counts against it): the method's plan, the same for every row."""
+        call = self._last_prefill
+        return [] if call is None else [self.plan] * len(call.images_per_row)
+
     def _image_overhead(self, call: Call) -> list[int]:
         """Selection overhead of each image of a prefill's vision passes (`StepShape`), in image order."""
         overhead = []

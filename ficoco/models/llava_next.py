@@ -11,8 +11,8 @@ listed one pass after the other (contracts §2), and `projector_tokens`.
 
 Methods are planned for one crop per image, so only the unreduced model (`vanilla`) is installed
 here; a method with a reduction is refused with a message until its sites exist for crops and
-variable spans. There is no plan either (`handle.plan` is None): the unreduced counts vary per image
-and are `ficoco.flops.vanilla_counts(dims, text_tokens, image_size)`.
+variable spans. There is no single plan either (`handle.plan` is None): the unreduced counts vary per
+image, and `row_plans()` gives each batch row the plan of its image sizes (`ficoco.dims.unreduced_plan`).
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ficoco.dims import ModelDims
+from ficoco.contract import Plan
+from ficoco.dims import ModelDims, unreduced_plan
 from ficoco.models.clip import ClipPatch
 from ficoco.models.guard import require_tested_transformers
 from ficoco.models.handle import Handle, Replacement
@@ -99,6 +100,19 @@ class LlavaNextHandle(Handle):
         call.llm = self._prefill_pass(is_image, valid, input_ids.shape[1])
         self._remember_prefill(call, cache)
         return (), kwargs
+
+    def row_plans(self) -> list[Plan]:
+        """Per batch row of the most recent prefill: the unreduced plan of its images' AnyRes layouts (the
+        image sizes the model got), which its counts must realise."""
+        call = self._last_prefill
+        if call is None:
+            return []
+        plans, first_image = [], 0
+        for images in call.images_per_row:
+            plans.append(unreduced_plan(self.dims, call.image_layouts[first_image:first_image + images],
+                                        self.method.name))
+            first_image += images
+        return plans
 
     def last_counts(self) -> list[dict]:
         """Per batch row of the most recent prefill: contracts §2 counts with `vision_crops` and

@@ -1,0 +1,89 @@
+"""A tiny random LLaVA-NeXT through the real pipeline (issue 18): fetched by Snakemake from a local source
+directory, evaluated on toy scenes, scored, measured, aggregated and reported; every sample's counts
+and costs are those of its image's AnyRes layout, computed here independently of the adapter."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from ficoco import flops
+from ficoco.dims import ModelDims
+from helpers_tiny import save_tiny_llava_next
+from pipeline import copy_workflow, pipeline_env, read_jsonl, snakemake
+
+TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
+
+
+def tiny_next_entry(source_dir) -> dict:
+    return {"source": "hub", "id": "tests/tiny-llava-next", "revision": "tiny-v1", "source_dir": str(source_dir),
+            "shape": "source-dir", "dtype": "float32", "image_preprocessing": "none", "prompt_template": TEMPLATE,
+            "text_tokens": 11}
+
+
+def write_next_config(repo, source_dir, name="next", methods=("vanilla",)) -> str:
+    models = yaml.safe_load((repo / "config/models.yaml").read_text())
+    models["tiny-next"] = tiny_next_entry(source_dir)
+    (repo / "config/test_models.yaml").write_text(yaml.safe_dump(models))
+    config = {"models": ["tiny-next"], "methods": list(methods), "budgets": [40], "benchmarks": ["toy-shapes-mini"],
+              "limit": 4, "batch_size": 2, "device": "cpu", "registries": {"models": "config/test_models.yaml"},
+              "measure": {"enabled": True, "methods": ["vanilla"], "warmup": 0, "repeats": 1, "new_tokens": 2,
+                          "prompt_tokens": 8},
+              "wandb": {"project": "ficoco-test"}}
+    (repo / f"config/{name}.yaml").write_text(yaml.safe_dump(config))
+    return f"config/{name}.yaml"
+
+
+@pytest.fixture(scope="module")
+def next_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("next")
+    source = save_tiny_llava_next(root / "hub-copy")
+    repo = copy_workflow(root / "repo")
+    config = write_next_config(repo, source)
+    result = snakemake(repo, "--cores", "2", "--configfile", config)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return repo, source
+
+
+def test_a_tiny_llava_next_runs_end_to_end_through_snakemake(next_run):
+    repo, source = next_run
+    manifest = json.loads((repo / "resources/models/tiny-next/manifest.json").read_text())
+    assert manifest["source_dir"] == source and manifest["resolved_revision"] == "tiny-v1"
+    config = json.loads((repo / "resources/models/tiny-next/config.json").read_text())
+    assert config["model_type"] == "llava_next"
+    dims = ModelDims.from_config(config)
+
+    run_dir = repo / "results/runs/tiny-next/toy-shapes-mini/vanilla/bfull"
+    records = read_jsonl(next(run_dir.glob("shard*/predictions.jsonl")))
+    assert len(records) == 4 and all(record["error"] is None for record in records)
+    for record in records:                         # toy scenes are 96 x 96: a 2x2 canvas, 5 tower passes
+        counts = record["counts"]
+        text = counts["llm"][0] - counts["visual_delivered"]
+        expected = flops.vanilla_counts(dims, text, image_size=(96, 96))
+        assert {key: counts[key] for key in expected} == expected
+        assert counts["vision_crops"] == 5 and counts["visual_delivered"] == 16 + 8 * 8 + 8
+        assert record["cost"] == pytest.approx(flops.sample_cost(dims, expected, record["generated_tokens"]))
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["samples"] == 4 and metrics["visual_tokens"]["delivered"] == 88
+    measured = json.loads((repo / "results/measure/tiny-next/vanilla/bfull.json").read_text())
+    assert measured["image_size"] == [64, 64] and measured["counts"]["vision_crops"] == 5
+    assert measured["plan"]["vision_crops"] == 5 and measured["visual_tokens"] == 80    # nominal: 5 x 16
+    html = (repo / "report/report.html").read_text()
+    assert "tiny-next" in html
+
+
+def test_nothing_is_left_to_do_after_the_run(next_run):
+    repo, _ = next_run
+    result = snakemake(repo, "-n", "--cores", "2", "--configfile", "config/next.yaml")
+    assert result.returncode == 0 and "Nothing to be done" in result.stdout, result.stdout[-2000:]
+
+
+def test_a_reduction_on_llava_next_is_refused_before_any_job(next_run):
+    repo, source = next_run
+    config = write_next_config(repo, source, "next-pdrop", methods=("vanilla", "pdrop"))
+    result = snakemake(repo, "-n", "--cores", "2", "--configfile", config, env=pipeline_env())
+    assert result.returncode != 0
+    assert "pdrop cannot run on model tiny-next" in result.stderr + result.stdout
+    assert "one crop per image (this model encodes 5" in result.stderr + result.stdout
