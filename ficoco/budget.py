@@ -24,6 +24,16 @@ def round_half_up(value: float) -> int:
     return math.floor(value + 0.5)
 
 
+def span_budget(budget: int, span: int, nominal: int) -> int:
+    """The budget of one image whose LLM span holds `span` visual tokens, for a budget stated on the nominal
+    image of `nominal` tokens (LLaVA-NeXT, `ModelDims.visual_tokens`): the same kept fraction,
+    budget·span/nominal, rounded half up, at least 1 and at most the span."""
+    if not 1 <= budget <= nominal or span < 1:
+        raise ValueError(f"span_budget: budget {budget} of a nominal {nominal} tokens on a span of {span}: need "
+                         f"1 <= budget <= nominal and span >= 1")
+    return min(max(round_half_up(budget * span / nominal), 1), span)
+
+
 def spread(total: int, n: int) -> list[int]:
     """Split `total` discards over n layers as evenly as possible; earlier layers take the remainder."""
     if n < 1:

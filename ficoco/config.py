@@ -823,6 +823,11 @@ def _check_budgets(config: dict, models: dict, model_registry: str, method_regis
     for model, dims in dims_of.items():
         for index, raw in enumerate(config["budgets"]):
             if isinstance(raw, dict) and "tflops" in raw:       # solved per method below
+                if dims.image_grid_pinpoints:
+                    raise ConfigError(f"{_show(raw)}: a TFLOPs target is solved for one image shape, and model {model} "
+                                      f"costs differently per image size; valid: a token budget of its nominal "
+                                      f"{dims.visual_tokens}-token image (on LLaVA-NeXT-7B 160 is the paper's 2.9 TFLOPs)",
+                                      ["budgets", index])
                 labels.append(budget_label(raw, dims.visual_tokens, model))
                 continue
             try:

@@ -6,7 +6,9 @@ of a given size costs and how many tokens its packed features hand the LLM.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass, replace
+
+from ficoco.budget import span_budget
 
 MODEL_TYPES = ("llava", "llava_next")      # config.model_type values `from_config` reads
 
@@ -80,6 +82,9 @@ class ModelDims:
     projector_hidden: int       # width of the projector's hidden layer (= llm_hidden in LLaVA-1.5)
     # LLaVA-NeXT's AnyRes canvases, (height, width) in pixels; () = one crop per image (LLaVA-1.5)
     image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
+    # LLaVA-NeXT, in the dims a method plans one image's LLM reduction with (`for_image_span`): that image's
+    # visual tokens in the LLM; None = the nominal image
+    image_span: int | None = None
 
     @property
     def grid_side(self) -> int:
@@ -101,8 +106,18 @@ class ModelDims:
 
         LLaVA-NeXT, where the count depends on the image's size: the *nominal* image's, every tower pass of
         the largest canvas before unpadding and without image-newlines (5 × 576 = 2,880 on LLaVA-NeXT-7B).
-        The paper's labels count so (docs/flops.md), and so do the budget label "full" and budget bounds."""
+        The paper's labels count so (docs/flops.md), and so do the budget label "full" and budget bounds.
+        In `for_image_span(n)`'s dims: n, one image's own span."""
+        if self.image_span is not None:
+            return self.image_span
         return (self.num_patches + (0 if self.select_strategy == "default" else 1)) * self.max_tower_passes
+
+    def for_image_span(self, span: int) -> "ModelDims":
+        """These dims for planning an LLM reduction of one LLaVA-NeXT image whose LLM span (patches and
+        image-newlines) holds `span` tokens: `visual_tokens` is `span`, everything else unchanged."""
+        if not self.image_grid_pinpoints:
+            raise ValueError("for_image_span: a model with one crop per image has one span, visual_tokens")
+        return replace(self, image_span=span)
 
     @property
     def max_tower_passes(self) -> int:
@@ -230,23 +245,34 @@ LLAVA_NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1
 
 def llava_next_dims(size: str = "7b") -> ModelDims:
     """LLaVA-NeXT (v1.6, Vicuna): LLaVA-1.5's tower, projector and LLM shapes with AnyRes canvases."""
-    from dataclasses import replace
-
     return replace(llava_1_5_dims(size), image_grid_pinpoints=LLAVA_NEXT_PINPOINTS)
+
+
+def span_plan(method, dims: ModelDims, span: int, budget: int | None, **overrides):
+    """`method`'s plan (a `ficoco.contract.Plan`; `method` a `ficoco.methods.base.Method`) for one LLaVA-NeXT
+    image span of `span` LLM tokens: at the kept fraction the budget `budget` is of the nominal image
+    (`ficoco.budget.span_budget`), planned on `for_image_span` dims. Its tower part is one pass:
+    `anyres_plan` gives the image's passes."""
+    scaled = None if budget is None else span_budget(budget, span, dims.visual_tokens)
+    return method.plan(dims.for_image_span(span), scaled, **overrides)
+
+
+def anyres_plan(plan, dims: ModelDims, layouts: list[AnyresLayout]):
+    """`plan` (a `ficoco.contract.Plan` of the LLM side of a batch row's images, planned on their span) with
+    the tower and projector work of their AnyRes layouts: every pass of every image through the tower
+    unreduced, the projector on every pass's patches. No image: nothing through the tower."""
+    passes = sum(layout.tower_passes for layout in layouts)
+    one_pass = [[dims.vision_tokens, dims.vision_tokens]] * dims.vision_layers_run
+    return replace(plan, vision_counts=one_pass * passes, vision_crops=max(passes, 1),
+                   projector_tokens=sum(layout.projector_tokens for layout in layouts) if layouts else None)
 
 
 def unreduced_plan(dims: ModelDims, layouts: list[AnyresLayout], method: str = "vanilla"):
     """The `ficoco.contract.Plan` of the unreduced model on LLaVA-NeXT images with these AnyRes layouts (a
-    batch row's): every pass of every image through the tower unreduced, the projector on every pass's
-    patches, the packed spans in every LLM layer. No image: nothing through the tower, no visual token."""
+    batch row's): `anyres_plan` with their packed spans in every LLM layer."""
     from ficoco.contract import Plan
 
-    passes = sum(layout.tower_passes for layout in layouts)
     delivered = sum(layout.delivered for layout in layouts)
-    one_pass = [[dims.vision_tokens, dims.vision_tokens]] * dims.vision_layers_run
-    return Plan(method=method, phase="none", budget=None, params={}, vision=None, vision_counts=one_pass * passes,
-                delivered=delivered, llm=None, llm_visual=[delivered] * dims.llm_layers,
-                layer_average=float(delivered),
-                projector_tokens=sum(layout.projector_tokens for layout in layouts) if layouts else None,
-                vision_crops=max(passes, 1))
-
+    return anyres_plan(Plan(method=method, phase="none", budget=None, params={}, vision=None, vision_counts=[],
+                            delivered=delivered, llm=None, llm_visual=[delivered] * dims.llm_layers,
+                            layer_average=float(delivered)), dims, layouts)

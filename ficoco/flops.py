@@ -22,7 +22,7 @@ from typing import Sequence
 from ficoco.budget import InfeasibleBudget
 from ficoco.budget_labels import TFLOPS_CONVENTIONS, TflopsTarget
 from ficoco.contract import Plan
-from ficoco.dims import ModelDims, llava_1_5_dims, llava_next_dims, unreduced_plan
+from ficoco.dims import ModelDims, anyres_plan, llava_1_5_dims, llava_next_dims, span_plan, unreduced_plan
 
 # Bytes per stored value for weights and the KV cache. Read-only so no module state can change.
 BYTES_PER_VALUE = MappingProxyType({
@@ -365,18 +365,26 @@ def counts_from_plan(dims: ModelDims, plan: Plan, text_tokens: int = NOMINAL_TEX
     return counts
 
 
-def planned_counts(dims: ModelDims, method: str, budget, text_tokens: int = NOMINAL_TEXT_TOKENS, **overrides) -> dict:
+def planned_counts(dims: ModelDims, method: str, budget, text_tokens: int = NOMINAL_TEXT_TOKENS,
+                   image_size: tuple[int, int] | None = None, **overrides) -> dict:
     """The §2 record a method plans for a budget, from `ficoco.methods.get(method).check_budget`.
 
     Budget None is the method's plan without a budget: unreduced for most, but a fixed published
     schedule for ficoco-v-official and pdrop-official. An adaptive method (`Method.budgeted` False)
-    has no planned record: ValueError."""
+    has no planned record: ValueError. LLaVA-NeXT: the plan of an image of `image_size` (height, width),
+    its span keeping the budget's fraction of the nominal image (`ficoco.dims.span_plan`)."""
     from ficoco import methods
 
     if method != "vanilla" and not methods.get(method).budgeted:
         raise ValueError(f"{methods.get(method).name}: {ADAPTIVE_NOTE}")
     if method == "vanilla":
-        return vanilla_counts(dims, text_tokens)
+        return vanilla_counts(dims, text_tokens, image_size)
+    if dims.image_grid_pinpoints:
+        if image_size is None:
+            raise ValueError("image_size: a LLaVA-NeXT image's plan depends on its (height, width); pass it")
+        layout = dims.anyres_layout(*image_size)
+        plan = anyres_plan(span_plan(methods.get(method), dims, layout.delivered, budget, **overrides), dims, [layout])
+        return counts_from_plan(dims, plan, text_tokens)
     plan = methods.get(method).check_budget(dims, budget, **overrides)
     return counts_from_plan(dims, plan, text_tokens)
 
@@ -694,11 +702,11 @@ def flops_table(dims: ModelDims, method: str, budgets: Sequence[int], text_token
                 image_size: tuple[int, int] | None = None) -> tuple[str, list[dict], list[str]]:
     """(table text, per-row sample_cost dicts, infeasible-budget messages): vanilla first, then
     the method at every budget it can reach. `image_size` (height, width): a LLaVA-NeXT image's size."""
+    from ficoco import methods
     from ficoco.budget import InfeasibleBudget
 
-    if dims.image_grid_pinpoints and method != "vanilla":
-        raise ValueError(f"--method {method}: methods are planned for one crop per image; on LLaVA-NeXT (a "
-                         f"span per image size) only the unreduced cost is computed so far: --method vanilla")
+    if dims.image_grid_pinpoints and method != "vanilla" and methods.get(method).unmet_needs(dims):
+        raise ValueError(f"--method {method}: on LLaVA-NeXT it needs {'; '.join(methods.get(method).unmet_needs(dims))}")
     rows, costs, infeasible = [], [], []
     vanilla = sample_cost(dims, vanilla_counts(dims, text_tokens, image_size), generated)
     rows.append(_cost_row("vanilla", vanilla))
@@ -706,7 +714,7 @@ def flops_table(dims: ModelDims, method: str, budgets: Sequence[int], text_token
     if method != "vanilla":
         for budget in budgets:
             try:
-                counts = planned_counts(dims, method, budget, text_tokens, **(overrides or {}))
+                counts = planned_counts(dims, method, budget, text_tokens, image_size, **(overrides or {}))
             except InfeasibleBudget as error:
                 infeasible.append(str(error))
                 continue

@@ -69,6 +69,33 @@ def tiny_llava_next(attention: str = "eager"):
     return model, ModelDims.from_config(config)
 
 
+NEXT_BEFORE, NEXT_AFTER = [1, 10, 11], [12, 13, 14, 15]   # a LLaVA-NeXT prompt's text around the image
+NEXT_TEXT = len(NEXT_BEFORE + NEXT_AFTER)
+
+
+def next_prompt(dims, image_size):
+    """Token ids of one prompt with the image span of an image of `image_size` on a LLaVA-NeXT of `dims`, and
+    the image's tower passes."""
+    layout = dims.anyres_layout(*image_size)
+    return NEXT_BEFORE + [IMAGE] * layout.delivered + NEXT_AFTER, layout.tower_passes
+
+
+def next_batch(dims, image_sizes, left_pad=True):
+    """Left-padded input_ids / attention_mask, pixel_values (B, most passes, 3, 28, 28) and image_sizes."""
+    prompts = [next_prompt(dims, size) for size in image_sizes]
+    length = max(len(ids) for ids, _ in prompts)
+    most = max(passes for _, passes in prompts)
+    ids = torch.zeros(len(prompts), length, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, (prompt, _) in enumerate(prompts):
+        span = slice(length - len(prompt), length) if left_pad else slice(0, len(prompt))
+        ids[row, span], mask[row, span] = torch.tensor(prompt), 1
+    generator = torch.Generator().manual_seed(len(image_sizes))
+    pixels = torch.randn(len(prompts), most, 3, 28, 28, generator=generator)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels,
+            "image_sizes": torch.tensor(image_sizes)}
+
+
 def save_tiny_llava_next(directory) -> str:
     """A tiny random LLaVA-NeXT model directory as a hub snapshot holds one (config, weights, processor) for
     the toy world's 96 px scenes: 32 px crops of 8 px patches (16 patches + CLS a pass), canvases of 1x2,
@@ -100,6 +127,54 @@ def save_tiny_llava_next(directory) -> str:
     model.save_pretrained(str(directory))
     processor.save_pretrained(str(directory))
     return str(directory)
+
+
+def masked_forward(model, ids, pixels, select=None, hidden_from=None, overwrite=None, **model_inputs):
+    """The unmodified model without cache, keeping every token; dropped tokens are hidden as keys.
+
+    `select[l](layer, hidden, kwargs, current_image, dropped) -> kept image positions` runs at the input
+    of layer l (on this run's hidden states) and drops the rest from layer l on; `hidden_from[l]`
+    gives a fixed set of dropped positions from layer l on instead; `overwrite[l]` maps positions
+    to the values they hold at the input of layer l (new tokens). `model_inputs`: more inputs of the
+    model (LLaVA-NeXT's image_sizes). Returns the logits (L, V), the kept image positions per reducing
+    layer and the dropped positions.
+    """
+    length = ids.shape[1]
+    image = [p for p in range(length) if ids[0, p] == IMAGE]
+    dropped: set[int] = set()
+    kept_at: dict[int, list[int]] = {}
+
+    def mask_now():
+        allowed = torch.tril(torch.ones(length, length, dtype=torch.bool))
+        allowed[:, sorted(dropped)] = False
+        allowed |= torch.eye(length, dtype=torch.bool)  # a dropped query still sees itself (its output is unused)
+        return allowed[None, None]
+
+    def hook_for(index, layer):
+        def pre_hook(module, args, kwargs):
+            hidden = args[0]
+            if overwrite and index in overwrite:
+                hidden = hidden.clone()
+                for position, value in overwrite[index].items():
+                    hidden[0, position] = value
+            if select and index in select:
+                current = [p for p in image if p not in dropped]
+                kept_at[index] = select[index](layer, hidden, kwargs, current, dropped)
+                dropped.update(set(current) - set(kept_at[index]))
+            if hidden_from and index in hidden_from:
+                dropped.update(hidden_from[index])
+            return ((hidden, *args[1:]), {**kwargs, "attention_mask": mask_now()}) if dropped else None
+        return pre_hook
+
+    hooks = [layer.register_forward_pre_hook(hook_for(i, layer), with_kwargs=True)
+             for i, layer in enumerate(model.model.language_model.layers)]
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=ids, pixel_values=pixels, use_cache=False, **model_inputs).logits[0]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return logits, kept_at, dropped
 
 
 # FlopCounterMode counts only these (matmuls and convolutions): element-wise work is out on both sides

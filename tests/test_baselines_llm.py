@@ -18,7 +18,7 @@ import math
 
 import pytest
 import torch
-from helpers_tiny import IMAGE, eager_attention, images, left_padded, llava_shaped, prompt
+from helpers_tiny import IMAGE, eager_attention, images, left_padded, llava_shaped, masked_forward, prompt
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import ficoco
@@ -218,53 +218,6 @@ def test_fastv_keeps_top_k_of_layer_k_minus_1_last_row_eager_attention(model):
         assert list(trace) == [layer] and trace[layer][0].tolist() == expected
 
 
-def _masked_forward(model, ids, pixels, select=None, hidden_from=None, overwrite=None):
-    """The unmodified model without cache, keeping every token; dropped tokens are hidden as keys.
-
-    `select[l](layer, hidden, kwargs, current_image, dropped) -> kept image positions` runs at the input
-    of layer l (on this run's hidden states) and drops the rest from layer l on; `hidden_from[l]`
-    gives a fixed set of dropped positions from layer l on instead; `overwrite[l]` maps positions
-    to the values they hold at the input of layer l (new tokens). Returns the logits (L, V), the
-    kept image positions per reducing layer and the dropped positions.
-    """
-    length = ids.shape[1]
-    image = [p for p in range(length) if ids[0, p] == IMAGE]
-    dropped: set[int] = set()
-    kept_at: dict[int, list[int]] = {}
-
-    def mask_now():
-        allowed = torch.tril(torch.ones(length, length, dtype=torch.bool))
-        allowed[:, sorted(dropped)] = False
-        allowed |= torch.eye(length, dtype=torch.bool)  # a dropped query still sees itself (its output is unused)
-        return allowed[None, None]
-
-    def hook_for(index, layer):
-        def pre_hook(module, args, kwargs):
-            hidden = args[0]
-            if overwrite and index in overwrite:
-                hidden = hidden.clone()
-                for position, value in overwrite[index].items():
-                    hidden[0, position] = value
-            if select and index in select:
-                current = [p for p in image if p not in dropped]
-                kept_at[index] = select[index](layer, hidden, kwargs, current, dropped)
-                dropped.update(set(current) - set(kept_at[index]))
-            if hidden_from and index in hidden_from:
-                dropped.update(hidden_from[index])
-            return ((hidden, *args[1:]), {**kwargs, "attention_mask": mask_now()}) if dropped else None
-        return pre_hook
-
-    hooks = [layer.register_forward_pre_hook(hook_for(i, layer), with_kwargs=True)
-             for i, layer in enumerate(model.model.language_model.layers)]
-    try:
-        with torch.no_grad():
-            logits = model(input_ids=ids, pixel_values=pixels, use_cache=False).logits[0]
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return logits, kept_at, dropped
-
-
 def _pdrop_select(keep):
     """Layer b's own float64 softmax of the last token's query against every key still present."""
     def select(layer, hidden, kwargs, current, dropped):
@@ -286,7 +239,7 @@ def test_pdrop_kept_sets_and_logits_match_an_independent_softmax(model):
     ids, pixels = _inputs()
     logits, _, trace, plan = _run(model, "pdrop", 200, ids, pixels, boundaries=[1, 2, 3])
     keep = dict(zip(plan.llm.layers, plan.llm.visual_out))
-    expected, kept_at, dropped = _masked_forward(model, ids, pixels, select={b: _pdrop_select(keep) for b in keep})
+    expected, kept_at, dropped = masked_forward(model, ids, pixels, select={b: _pdrop_select(keep) for b in keep})
     for layer in (1, 2, 3):
         assert trace[layer][0].tolist() == kept_at[layer]
     assert [len(kept_at[b]) for b in (1, 2, 3)] == plan.llm.visual_out
@@ -424,7 +377,7 @@ def test_cached_generation_equals_full_recompute_without_cache(model, name, budg
     sequence = out.sequences[0]
     for step, step_logits in enumerate(out.logits):
         prefix = sequence[: ids.shape[1] + step][None]
-        recomputed, _, _ = _masked_forward(model, prefix, pixels, hidden_from=hidden_from, overwrite=overwrite)
+        recomputed, _, _ = masked_forward(model, prefix, pixels, hidden_from=hidden_from, overwrite=overwrite)
         torch.testing.assert_close(step_logits[0], recomputed[-1], rtol=1e-4, atol=1e-5)
         assert int(recomputed[-1].argmax()) == int(sequence[ids.shape[1] + step])
 

@@ -282,3 +282,25 @@ def test_sparsevlm_matched_is_within_budget(budget, schedule):
     assert all(m <= s for m, s in zip(matched, schedule))
     # a common factor: the ratios agree up to rounding
     assert max(m / s for m, s in zip(matched, schedule)) - min(m / s for m, s in zip(matched, schedule)) < 0.1
+
+
+@pytest.mark.parametrize("budget, span, nominal, expected", [
+    (160, 2880, 2880, 160),       # the nominal image: the budget itself
+    (160, 2928, 2880, 163),       # a 672 x 672 image (newlines included): 162.67
+    (160, 2340, 2880, 130),       # 480 x 640: exactly 130
+    (320, 2340, 2880, 260),
+    (41, 34, 80, 17),             # 17.425
+    (1, 10, 2880, 1),             # never below one token
+    (2880, 2928, 2880, 2928),     # "everything" keeps the whole span
+])
+def test_a_span_keeps_the_nominal_budgets_fraction(budget, span, nominal, expected):
+    from fractions import Fraction
+
+    assert bud.span_budget(budget, span, nominal) == expected
+    assert abs(expected - Fraction(budget * span, nominal)) <= Fraction(1, 2) or expected == 1
+
+
+@pytest.mark.parametrize("budget, span, nominal", [(0, 100, 80), (81, 100, 80), (10, 0, 80)])
+def test_a_span_budget_out_of_range_is_refused(budget, span, nominal):
+    with pytest.raises(ValueError, match="need 1 <= budget <= nominal and span >= 1"):
+        bud.span_budget(budget, span, nominal)

@@ -237,9 +237,14 @@ HOSTILE = [
              "valid: a known shape, or a source_dir"), where="models.yaml",
             files={"models.yaml": "mirror:\n  source: hub\n  id: a/b\n  shape: source-dir\n"
                                   "  prompt_template: 'USER: <image>\\n{prompt}'\n"}),
-    Hostile("reduction-on-llava-next", base("models: [llava-next-7b]", drop="models"),
-            ("methods[1]", "fastv cannot run on model llava-next-7b", "one crop per image (this model encodes 5",
-             "valid: the methods this model can run (vanilla)")),
+    Hostile("vision-method-on-llava-next", base("models: [llava-next-7b]", "methods: [vanilla, tome]",
+                                                drop="m"),
+            ("methods[1]", "tome cannot run on model llava-next-7b", "one crop per image (this model encodes 5",
+             "valid: the methods this model can run (vanilla, ficoco-l, fastv,")),
+    Hostile("tflops-budget-on-llava-next", "models: [llava-next-7b]\nmethods: [vanilla, pdrop]\n"
+                                           "budgets: [{tflops: 5}]\nbenchmarks: [toy-shapes-mini]\n",
+            ("budgets[0]", "{tflops: 5}: a TFLOPs target is solved for one image shape", "model llava-next-7b costs "
+             "differently per image size", "valid: a token budget of its nominal 2880-token image")),
     Hostile("tflops-budget-out-of-reach", base("budgets: [{tflops: 50}]", drop="budgets"),
             ("budgets[0]", "model llava-1.5-7b: 50 TFLOPs (exact) is out of reach for", "cost", "valid: a target in "
              "that range")),

@@ -163,6 +163,13 @@ def test_collapse_placeholders_per_image_and_positions():
     assert collapse_placeholders(out["input_ids"], 4, IMAGE, full=3, kept=2) == {}     # already collapsed
     with pytest.raises(ValueError, match=r"hold 4 image tokens .* for 1 image\(s\); expected 3 per image"):
         collapse_placeholders(ids[:1, :7], 1, IMAGE, full=3, kept=2)
+    # images with spans of their own (LLaVA-NeXT): 3 and 2 placeholders, then 3 and 3
+    spans = torch.tensor([[BOS, IMAGE, IMAGE, IMAGE, 9, IMAGE, IMAGE, 8], [BOS, IMAGE, IMAGE, IMAGE, IMAGE, IMAGE, IMAGE, 8]])
+    out = collapse_placeholders(spans, 4, IMAGE, full=[3, 2, 3, 3], kept=[1, 2, 2, 0])
+    assert out["input_ids"].tolist() == [[BOS, IMAGE, 9, IMAGE, IMAGE, 8], [PAD, PAD, BOS, IMAGE, IMAGE, 8]]
+    assert out["attention_mask"].tolist() == [[1] * 6, [0, 0, 1, 1, 1, 1]]
+    with pytest.raises(ValueError, match=r"kept=\[4, 1, 1, 1\]: need one count in \[0, full\]"):
+        collapse_placeholders(spans, 4, IMAGE, full=[3, 2, 3, 3], kept=[4, 1, 1, 1])
 
 
 def test_errors_name_the_problem(model):

@@ -4,41 +4,17 @@ On a tiny random `LlavaNextForConditionalGeneration` (tests/test_llava_next_dims
 prefill equal `flops.vanilla_counts` of each image's size (an independent computation from the
 AnyRes layout), a batch of two images of different aspect ratios gives each row what it gives alone,
 the logits are the unpatched model's, a decode step does not overwrite the prefill's counts,
-`remove()` restores the model, and a method with a reduction is refused.
+and `remove()` restores the model. The methods that reduce: tests/test_llava_next_reductions.py.
 """
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers_tiny import IMAGE, tiny_llava_next
+from helpers_tiny import NEXT_TEXT, next_batch, tiny_llava_next
 
 import ficoco
 from ficoco import flops
 from ficoco.invariants import InvariantViolation, check_counts
-
-BEFORE, AFTER = [1, 10, 11], [12, 13, 14, 15]
-
-
-def one_prompt(dims, image_size):
-    layout = dims.anyres_layout(*image_size)
-    return BEFORE + [IMAGE] * layout.delivered + AFTER, layout.tower_passes
-
-
-def batch(dims, image_sizes, left_pad=True):
-    """Left-padded input_ids / attention_mask, pixel_values (B, most passes, 3, 28, 28) and image_sizes."""
-    prompts = [one_prompt(dims, size) for size in image_sizes]
-    length = max(len(ids) for ids, _ in prompts)
-    most = max(passes for _, passes in prompts)
-    ids = torch.zeros(len(prompts), length, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, (prompt, _) in enumerate(prompts):
-        span = slice(length - len(prompt), length) if left_pad else slice(0, len(prompt))
-        ids[row, span], mask[row, span] = torch.tensor(prompt), 1
-    generator = torch.Generator().manual_seed(len(image_sizes))
-    pixels = torch.randn(len(prompts), most, 3, 28, 28, generator=generator)
-    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels,
-            "image_sizes": torch.tensor(image_sizes)}
-
 
 @pytest.fixture(scope="module")
 def model_and_dims():
@@ -46,7 +22,7 @@ def model_and_dims():
 
 
 def expected_counts(dims, image_size):
-    counts = flops.vanilla_counts(dims, text_tokens=len(BEFORE + AFTER), image_size=image_size)
+    counts = flops.vanilla_counts(dims, text_tokens=NEXT_TEXT, image_size=image_size)
     counts["overhead_macs"] = 0
     return counts
 
@@ -54,7 +30,7 @@ def expected_counts(dims, image_size):
 @pytest.mark.parametrize("image_size", [(56, 56), (30, 80), (90, 25)])
 def test_counts_of_one_image_are_the_vanilla_counts_of_its_size(model_and_dims, image_size):
     model, dims = model_and_dims
-    inputs = batch(dims, [image_size])
+    inputs = next_batch(dims, [image_size])
     with ficoco.apply(model, "vanilla") as handle, torch.no_grad():
         model(**inputs)
         (counts,) = handle.last_counts()
@@ -66,7 +42,7 @@ def test_counts_of_one_image_are_the_vanilla_counts_of_its_size(model_and_dims, 
 def test_a_batch_of_two_aspect_ratios_equals_each_alone(model_and_dims):
     model, dims = model_and_dims
     sizes = [(30, 80), (90, 25)]
-    together = batch(dims, sizes)
+    together = next_batch(dims, sizes)
     with torch.no_grad():
         plain = model(**together).logits
     with ficoco.apply(model, "vanilla") as handle, torch.no_grad():
@@ -74,7 +50,7 @@ def test_a_batch_of_two_aspect_ratios_equals_each_alone(model_and_dims):
         rows = handle.last_counts()
         alone = []
         for size in sizes:
-            model(**batch(dims, [size]))
+            model(**next_batch(dims, [size]))
             alone += handle.last_counts()
     assert torch.equal(patched, plain)                      # the unreduced model, untouched
     assert rows == alone == [expected_counts(dims, size) for size in sizes]
@@ -87,12 +63,12 @@ def test_each_row_is_held_to_the_plan_of_its_image_size(model_and_dims):
     model, dims = model_and_dims
     sizes = [(56, 56), (30, 80)]                                            # 5 and 4 tower passes
     with ficoco.apply(model, "vanilla") as handle, torch.no_grad():
-        model(**batch(dims, sizes))
+        model(**next_batch(dims, sizes))
         plans, counts = handle.row_plans(), handle.last_counts()
     assert [plan.vision_crops for plan in plans] == [5, 4]
     for plan, row, size in zip(plans, counts, sizes):
         check_counts("vanilla", plan, row, has_image=True)
-        assert {**flops.counts_from_plan(dims, plan, len(BEFORE + AFTER)), "overhead_macs": 0} == \
+        assert {**flops.counts_from_plan(dims, plan, NEXT_TEXT), "overhead_macs": 0} == \
             expected_counts(dims, size)
     with pytest.raises(InvariantViolation, match="tokens the projector ran on: expected 64, found 80"):
         check_counts("vanilla", plans[1], counts[0], has_image=True)
@@ -100,7 +76,7 @@ def test_each_row_is_held_to_the_plan_of_its_image_size(model_and_dims):
 
 def test_generation_keeps_the_prefill_counts_and_remove_restores(model_and_dims):
     model, dims = model_and_dims
-    inputs = batch(dims, [(56, 56)])
+    inputs = next_batch(dims, [(56, 56)])
     with torch.no_grad():
         before = model(**inputs).logits
         plain = model.generate(**inputs, max_new_tokens=4, do_sample=False)
@@ -115,18 +91,9 @@ def test_generation_keeps_the_prefill_counts_and_remove_restores(model_and_dims)
     assert handle.last_counts() == [expected_counts(dims, (56, 56))]
 
 
-def test_reductions_are_refused_on_llava_next(model_and_dims):
-    model, _ = model_and_dims
-    for method, budget in (("ficoco-v", 8), ("fastv", 8), ("vanilla", 8)):
-        with pytest.raises(ValueError, match="only the unreduced model .* runs so far"):
-            ficoco.apply(model, method, budget)
-    with ficoco.apply(model, "vanilla"):                    # nothing was left installed by the refusals
-        pass
-
-
 def test_image_tokens_that_are_not_the_images_spans_are_refused(model_and_dims):
     model, dims = model_and_dims
-    inputs = batch(dims, [(56, 56)])
+    inputs = next_batch(dims, [(56, 56)])
     inputs["image_sizes"] = torch.tensor([[30, 80]])        # another size: another span length
     with ficoco.apply(model, "vanilla"), torch.no_grad(), pytest.raises(ValueError, match="do not split into the images"):
         model(**inputs)
@@ -138,7 +105,7 @@ def test_a_tower_that_runs_other_passes_than_the_layouts_say_fails_loudly(model_
     from transformers.models.llava_next import modeling_llava_next
 
     model, dims = model_and_dims
-    inputs = batch(dims, [(56, 56)])                       # a 2x2 canvas: 5 passes
+    inputs = next_batch(dims, [(56, 56)])                       # a 2x2 canvas: 5 passes
     monkeypatch.setattr(modeling_llava_next, "image_size_to_num_patches", lambda **kwargs: 4)
     inputs["pixel_values"] = inputs["pixel_values"][:, :4]
     with ficoco.apply(model, "vanilla") as handle, torch.no_grad():

@@ -145,8 +145,14 @@ def test_flops_command_prints_a_llava_next_image_cost(capsys):
     assert row["vision_crops"] == 5 and row["projector_macs"] == expected["projector_macs"]
     assert flops.main(["--shape", "llava-next-7b"]) == 2
     assert "depends on its (height, width)" in capsys.readouterr().err
-    assert flops.main(["--shape", "llava-next-7b", "--image-size", "336", "336", "--method", "fastv",
+    # an LLM method: the 2,340-token span keeps 320 / 2,880 of itself, 260 on average over the layers
+    assert flops.main(["--shape", "llava-next-7b", "--image-size", "480", "640", "--method", "fastv",
+                       "--budgets", "320", "--json"]) == 0
+    vanilla, fastv = json.loads(capsys.readouterr().out)
+    assert fastv["visual_tokens_delivered"] == 2340 and fastv["visual_tokens_layer_average"] <= 260
+    assert fastv["vision_flops"] == vanilla["vision_flops"] and fastv["prefill_flops"] < vanilla["prefill_flops"] / 5
+    assert flops.main(["--shape", "llava-next-7b", "--image-size", "336", "336", "--method", "visionzip",
                        "--budgets", "160"]) == 2
-    assert "only the unreduced cost" in capsys.readouterr().err
+    assert "needs one crop per image" in capsys.readouterr().err
     assert flops.main(["--shape", "llava-1.5-7b", "--image-size", "336", "336"]) == 2
     assert "costs the same for every image size" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """A tiny random LLaVA-NeXT through the real pipeline (issue 18): fetched by Snakemake from a local source
-directory, evaluated on toy scenes, scored, measured, aggregated and reported; every sample's counts
-and costs are those of its image's AnyRes layout, computed here independently of the adapter."""
+directory, evaluated unreduced and with FastV on toy scenes, scored, measured, aggregated and reported;
+every sample's counts and costs are those of its image's AnyRes layout and span budget, computed here
+independently of the adapter."""
 from __future__ import annotations
 
 import json
@@ -19,10 +20,10 @@ TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
 def tiny_next_entry(source_dir) -> dict:
     return {"source": "hub", "id": "tests/tiny-llava-next", "revision": "tiny-v1", "source_dir": str(source_dir),
             "shape": "source-dir", "dtype": "float32", "image_preprocessing": "none", "prompt_template": TEMPLATE,
-            "text_tokens": 11}
+            "text_tokens": 11, "method_params": {"fastv": {"layer": 1}}}      # 3 LLM layers
 
 
-def write_next_config(repo, source_dir, name="next", methods=("vanilla",)) -> str:
+def write_next_config(repo, source_dir, name="next", methods=("vanilla", "fastv")) -> str:
     models = yaml.safe_load((repo / "config/models.yaml").read_text())
     models["tiny-next"] = tiny_next_entry(source_dir)
     (repo / "config/test_models.yaml").write_text(yaml.safe_dump(models))
@@ -67,6 +68,17 @@ def test_a_tiny_llava_next_runs_end_to_end_through_snakemake(next_run):
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["samples"] == 4 and metrics["visual_tokens"]["delivered"] == 88
+
+    # FastV at 40 of the nominal 80: 44 of each 88-token span on average over 3 layers, pruned after layer 1:
+    # 88 + 2k = 3 x 44 -> k = 22
+    fastv_dir = repo / "results/runs/tiny-next/toy-shapes-mini/fastv/b40"
+    for record in read_jsonl(next(fastv_dir.glob("shard*/predictions.jsonl"))):
+        counts = record["counts"]
+        assert record["error"] is None and counts["llm_visual"] == [88, 22, 22] and counts["vision_crops"] == 5
+        assert counts["overhead_macs"] > 0 and counts["llm"][0] - counts["llm"][1] == 88 - 22
+    fastv = json.loads((fastv_dir / "metrics.json").read_text())
+    assert fastv["visual_tokens"]["layer_average"] == 44
+    assert fastv["cost_mean"]["prefill_flops"] < metrics["cost_mean"]["prefill_flops"]
     measured = json.loads((repo / "results/measure/tiny-next/vanilla/bfull.json").read_text())
     assert measured["image_size"] == [64, 64] and measured["counts"]["vision_crops"] == 5
     assert measured["plan"]["vision_crops"] == 5 and measured["visual_tokens"] == 80    # nominal: 5 x 16
@@ -80,10 +92,10 @@ def test_nothing_is_left_to_do_after_the_run(next_run):
     assert result.returncode == 0 and "Nothing to be done" in result.stdout, result.stdout[-2000:]
 
 
-def test_a_reduction_on_llava_next_is_refused_before_any_job(next_run):
+def test_a_method_without_a_llava_next_site_is_refused_before_any_job(next_run):
     repo, source = next_run
-    config = write_next_config(repo, source, "next-pdrop", methods=("vanilla", "pdrop"))
+    config = write_next_config(repo, source, "next-vision", methods=("vanilla", "ficoco-v"))
     result = snakemake(repo, "-n", "--cores", "2", "--configfile", config, env=pipeline_env())
     assert result.returncode != 0
-    assert "pdrop cannot run on model tiny-next" in result.stderr + result.stdout
+    assert "ficoco-v cannot run on model tiny-next" in result.stderr + result.stdout
     assert "one crop per image (this model encodes 5" in result.stderr + result.stdout

@@ -229,8 +229,26 @@ def test_names_map_onto_the_paper():
     # the paper's SQA is overall accuracy: the full set compares, the IMG subset does not
     assert paper.paper_benchmark("scienceqa_full") == "SQA" and paper.paper_benchmark("scienceqa_img") is None
     assert paper.paper_model("llava-1.5-13b") == "LLaVA-1.5-13B" and paper.paper_model("toy-llava") is None
-    assert [paper.paper_budget_label(b) for b in ("full", "192", "128", "64", "100")] == [
+    assert [paper.paper_budget_label("llava-1.5-7b", b) for b in ("full", "192", "128", "64", "100")] == [
         "vanilla", "3.3T", "2.4T", "1.5T", None]
+    # LLaVA-NeXT-7B (v4 Table 2): 320 / 160 of the nominal 2,880-token image are its 5.0 / 2.9 TFLOPs rows
+    assert paper.paper_model("llava-next-7b") == "LLaVA-NeXT-7B"
+    assert [paper.paper_budget_label("llava-next-7b", b) for b in ("full", "320", "160", "192")] == [
+        "vanilla", "5.0T", "2.9T", None]
+    assert paper.paper_budget_label("llava-1.5-13b", "192") is None and paper.paper_budget_label("toy", "full") is None
+
+
+def test_llava_next_runs_find_the_papers_table_2_cells():
+    """The v4 Table 2 values (spec paper-results.md §5) beside our LLaVA-NeXT-7B runs of config/paper-next.yaml."""
+    runs = pd.DataFrame({"model": ["llava-next-7b"] * 4 + ["llava-1.5-7b"],
+                         "method": ["vanilla", "ficoco-l", "pdrop", "ficoco-l", "ficoco-l"],
+                         "budget": ["full", "160", "320", "320", "160"],
+                         "benchmark": ["mmbench", "mmmu", "textvqa", "mmmu", "mmmu"]})
+    joined = paper.with_paper_values(runs, paper.paper_reference(paper.load_paper_results()))
+    assert joined["paper_value"].tolist()[:3] == [67.9, 34.8, 54.4]
+    assert joined["paper_value"].iloc[3:].isna().all()          # FiCoCo-L at 5.0T and LLaVA-1.5 at 160: no cell
+    assert paper.printed_tflops(paper.paper_reference(paper.load_paper_results()), "llava-next-7b", "ficoco-l",
+                                "160") == 2.9
 
 
 # ---------------------------------------------------------------------------------------------- tables

@@ -160,13 +160,14 @@ class Method:
     def unmet_needs(self, dims) -> list[str]:
         """What the model of shape `dims` lacks of this method's needs, in words ([] when it can run).
 
-        Reductions of images of several crops (LLaVA-NeXT) have no adapter sites yet, so every method
-        but the unreduced model needs one crop there, for now (docs/contracts.md §3)."""
+        On images of several crops (LLaVA-NeXT) the adapter has sites inside the LLM only so far, for a
+        method planned from its budget: any other needs one crop there, for now (docs/contracts.md §3)."""
         layout = dims.image_layout()
         unmet = unmet_needs(self.needs, layout)
-        if self.phase != "none" and not self.needs.single_crop and len(layout.crops) > 1:
-            unmet.append(f"one crop per image (this model encodes {len(layout.crops)}; reductions of multi-crop "
-                         f"images are not supported yet, only the unreduced model runs on them)")
+        if (self.phase not in ("none", "llm") or self.calibrated) and not self.needs.single_crop \
+                and len(layout.crops) > 1:
+            unmet.append(f"one crop per image (this model encodes {len(layout.crops)}; on multi-crop images only "
+                         f"the unreduced model and the LLM methods planned from a budget run so far)")
         return unmet
 
     def check_budget(self, dims, budget: int | None, **overrides) -> Plan:

@@ -1,8 +1,8 @@
 """Model adapters: attach a method (ficoco.methods) to a model family through hooks.
 
 All knowledge of HF internals lives here. Supported: transformers' `LlavaForConditionalGeneration`
-(LLaVA-1.5: CLIP vision tower + Llama decoder) and, unreduced only so far, `LlavaNextForConditionalGeneration`
-(llava_next.py), on the transformers versions in
+(LLaVA-1.5: CLIP vision tower + Llama decoder) and `LlavaNextForConditionalGeneration` (llava_next.py:
+unreduced, or a method inside the LLM), on the transformers versions in
 `guard.TESTED_TRANSFORMERS`; any other version is refused, or self-checked (selfcheck.py) when
 FICOCO_ALLOW_UNTESTED_TRANSFORMERS=1 (docs/contracts.md §7).
 """
@@ -39,7 +39,7 @@ def apply(model, method, budget: int | None = None, text_tower=None, **overrides
 
         return apply_llava_next(model, method, budget, text_tower=text_tower, **overrides)
     raise TypeError(f"ficoco.apply: unsupported model class {type(model).__name__}; supported: "
-                    f"LlavaForConditionalGeneration, LlavaNextForConditionalGeneration (unreduced only)")
+                    f"LlavaForConditionalGeneration, LlavaNextForConditionalGeneration")
 
 
 __all__ = ["MODEL_CLASSES", "apply", "model_class"]

@@ -164,7 +164,7 @@ class Handle:
         """Selection overhead of batch row `row`'s LLM steps, on its own length (padding excluded)."""
         if llm_pass is None:
             return 0
-        return sum(_checked_overhead(self.method, self.llm_step, self.dims,
+        return sum(_checked_overhead(self.method, llm_pass.step, self.dims,
                                      StepShape(layer, visual, kept, length=length - pads, instruction=instruction[row],
                                                keys_cached=keys_cached))
                    for layer, length, visual, kept, instruction, keys_cached in llm_pass.step_shapes)
@@ -218,30 +218,34 @@ class Handle:
             self._last_prefill = self._call
         self._call = None
 
-    def _prefill_pass(self, is_image: torch.Tensor, valid: torch.Tensor | None, length: int) -> LLMPass:
-        """The LLM state of a prefill: visual and instruction positions when this call reduces."""
+    def _prefill_pass(self, is_image: torch.Tensor, valid: torch.Tensor | None, length: int,
+                      step: LLMLayerStep | None = None, n0: int | None = None) -> LLMPass:
+        """The LLM state of a prefill: visual and instruction positions when this call reduces. `step` and
+        `n0` (the visual tokens per prompt it is planned for): the installed step's, unless given (a family
+        whose plan depends on the image span, LLaVA-NeXT)."""
+        step, n0 = (self.llm_step, self.llm_n0) if step is None else (step, n0)
         counts = is_image.sum(1)
-        reduce = self.llm_step is not None and bool(counts.any())
-        if self.llm_step is not None and not reduce:
+        reduce = step is not None and bool(counts.any())
+        if step is not None and not reduce:
             log.info("%s: no image tokens in this prefill; the LLM reduction is skipped", self.method.name)
         if not reduce:
             return LLMPass(True, length, valid, None, None, reduce=False)
-        if not bool((counts == self.llm_n0).all()):
-            raise ValueError(f"{self.method.name}: the LLM reduction is planned for {self.llm_n0} visual tokens "
+        if not bool((counts == n0).all()):
+            raise ValueError(f"{self.method.name}: the LLM reduction is planned for {n0} visual tokens "
                              f"per prompt; this batch has {counts.tolist()} image tokens per row (one image per "
                              f"prompt is supported, in every row of the batch)")
         batch = is_image.shape[0]
         visual = is_image.nonzero()[:, 1].view(batch, -1)                              # (B, N)
         instruction = after_last_image(is_image, valid)
         empty = [row for row, index in enumerate(instruction) if index.numel() == 0]
-        if empty and self.llm_step.needs_instruction:
+        if empty and step.needs_instruction:
             if batch == 1:
                 log.info("%s: no instruction tokens after the image; the LLM reduction is skipped",
                          self.method.name)
                 return LLMPass(True, length, valid, None, None, reduce=False)
             raise ValueError(f"{self.method.name}: rows {empty} have no prompt tokens after the image, so FiCoCo-L "
                              f"cannot score them; run them alone (they are then left unreduced)")
-        return LLMPass(True, length, valid, visual, instruction, reduce=True)
+        return LLMPass(True, length, valid, visual, instruction, reduce=True, step=step)
 
     @staticmethod
     def _decode_inputs(kwargs: dict, cache, decode: LLMPass) -> dict:

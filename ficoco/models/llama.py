@@ -41,8 +41,10 @@ class LLMPass:
     """
 
     def __init__(self, prefill: bool, full_len: int, valid: torch.Tensor | None, visual: torch.Tensor | None,
-                 instruction: list[torch.Tensor] | None, reduce: bool):
+                 instruction: list[torch.Tensor] | None, reduce: bool, step: LLMLayerStep | None = None):
         self.prefill = prefill
+        self.step = step                              # the step this prefill runs (None when it does not reduce):
+                                                      # LLaVA-NeXT plans one per image span
         self.full_len = full_len
         self.valid = valid
         self.visual = visual
@@ -184,12 +186,14 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 
 class LlamaPatch:
-    """Pre-hooks on every decoder layer of a `LlamaModel`; `remove()` undoes them."""
+    """Pre-hooks on every decoder layer of a `LlamaModel`; `remove()` undoes them.
+
+    `step` fixes which layers reduce and where (its layers and placement); each prefill runs the step
+    its `LLMPass` carries: this one, or on LLaVA-NeXT one planned for its image span, on the same layers."""
 
     def __init__(self, language_model, step: LLMLayerStep | None, current_pass):
         self.layers = language_model.layers
         self.norm = language_model.norm
-        self.step = step
         self.current_pass = current_pass                  # () -> LLMPass | None
         reducing = tuple(step.layers) if step else ()
         bad = [layer for layer in reducing if not 0 <= layer < len(self.layers)]
@@ -239,13 +243,13 @@ class LlamaPatch:
     # -- prefill --------------------------------------------------------------------------------
     def _prefill(self, index, layer, args, kwargs, llm_pass: LLMPass):
         hidden = args[0] if args else kwargs["hidden_states"]
-        if index == 0 and llm_pass.reduce and self.step.needs_inputs:
+        if index == 0 and llm_pass.reduce and llm_pass.step.needs_inputs:
             llm_pass.inputs = hidden                       # the embeddings, before any reduction
         if llm_pass.reduce and index in self.reducing:
             cos, sin = _sliced_kwargs(kwargs, llm_pass)["position_embeddings"]
             scores_for, keys_cached = self._input_scores(index, layer, hidden, cos, sin, llm_pass, cache_of(kwargs))
             hidden = self._reduce(index, hidden, llm_pass, scores_for, keep_from=index, keys_cached=keys_cached)
-        if llm_pass.reduce and self.step.scores_from == "previous" and index + 1 in self.reducing:
+        if llm_pass.reduce and llm_pass.step.scores_from == "previous" and index + 1 in self.reducing:
             cos, sin = _sliced_kwargs(kwargs, llm_pass)["position_embeddings"]
             llm_pass.previous_input = (layer, hidden, cos, sin, llm_pass.valid)
         llm_pass.layer_lengths.append(hidden.shape[1])
@@ -265,7 +269,7 @@ class LlamaPatch:
         from that previous layer's KV cache (it ran on exactly these positions), so none are projected."""
         score_layer, score_hidden, score_valid = layer, hidden, llm_pass.valid
         cached = None
-        if self.step.scores_from == "previous":
+        if llm_pass.step.scores_from == "previous":
             score_layer, score_hidden, cos, sin, score_valid = llm_pass.previous_input
             llm_pass.previous_input = None
             cached = _prefill_keys(cache, index - 1, score_hidden.shape[:2])
@@ -314,9 +318,9 @@ class LlamaPatch:
         for rows in _rows_by_instruction_length(llm_pass.instruction):
             tokens = LLMTokens(hidden=hidden[rows], visual=llm_pass.visual[rows],
                                instruction=torch.stack([llm_pass.instruction[r] for r in rows.tolist()]),
-                               **(_input_embeddings(llm_pass, rows) if self.step.needs_inputs else {}))
-            kept: LLMKept = self.step.reduce(index, tokens, scores_for(rows))
-            planned = self.step.tokens_out[index]               # None: the reduce chose the count
+                               **(_input_embeddings(llm_pass, rows) if llm_pass.step.needs_inputs else {}))
+            kept: LLMKept = llm_pass.step.reduce(index, tokens, scores_for(rows))
+            planned = llm_pass.step.tokens_out[index]           # None: the reduce chose the count
             if kept_visual is None:
                 kept_visual = llm_pass.visual.new_empty(batch, kept.visual.shape[1] if planned is None else planned)
             if kept.visual.shape[1] != kept_visual.shape[1]:

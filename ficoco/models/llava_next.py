@@ -1,5 +1,5 @@
 """LLaVA-NeXT (`LlavaNextForConditionalGeneration`, AnyRes) under the model-neutral `Handle`: the unreduced
-model with its counts, the first part of issue 18's LLaVA-NeXT adapter.
+model and the methods that act inside the LLM, with their counts (issue 18's LLaVA-NeXT adapter).
 
 An image of LLaVA-NeXT is a base image and the crops of a canvas chosen by its size
 (`ModelDims.anyres_layout`): the tower runs once per pass, the projector on every pass's patches, and
@@ -9,10 +9,14 @@ record what ran: `ClipPatch` on the tower (one `VisionPass` holds every pass of 
 per-call state. `last_counts()` gives each row's record with `vision_crops` passes, their layers
 listed one pass after the other (contracts §2), and `projector_tokens`.
 
-Methods are planned for one crop per image, so only the unreduced model (`vanilla`) is installed
-here; a method with a reduction is refused with a message until its sites exist for crops and
-variable spans. There is no single plan either (`handle.plan` is None): the unreduced counts vary per
-image, and `row_plans()` gives each batch row the plan of its image sizes (`ficoco.dims.unreduced_plan`).
+LLM-side methods (phase "llm": FastV, PDrop, SparseVLM, DART, FiCoCo-L) act on the whole visual span,
+image-newline tokens included (they are visual tokens of the span like any patch: scored, kept or
+dropped alike). A budget is stated for the nominal image (`ModelDims.visual_tokens`, 2,880 on
+LLaVA-NeXT-7B) and each span keeps the same fraction (`ficoco.budget.span_budget`): a prefill's step is
+the method's plan for its span (`ModelDims.for_image_span`), on the layers the installed step hooks.
+Every image row of a batch must have the same span then. The vision and projector sites of crops are
+not there yet: methods that act there are refused with a message. There is no single plan
+(`handle.plan` is None); `row_plans()` gives each row the plan of its image sizes.
 """
 from __future__ import annotations
 
@@ -22,8 +26,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ficoco.contract import Plan
-from ficoco.dims import ModelDims, unreduced_plan
+from ficoco.contract import LLMLayerStep, Plan
+from ficoco.dims import ModelDims, anyres_plan, span_plan, unreduced_plan
 from ficoco.models.clip import ClipPatch
 from ficoco.models.guard import require_tested_transformers
 from ficoco.models.handle import Handle, Replacement
@@ -33,31 +37,39 @@ from ficoco.models.placeholders import images_per_row
 if TYPE_CHECKING:                    # for annotations only: an adapter never imports the methods package
     from ficoco.methods.base import Method
 
+PHASES = ("none", "llm")             # the methods' phases LLaVA-NeXT has sites for
+
 
 def apply_llava_next(model, method: Method, budget: int | None = None, text_tower=None,
                      **overrides) -> "LlavaNextHandle":
-    """Install `method` on a `LlavaNextForConditionalGeneration`; only the unreduced model so far."""
+    """Install `method` at `budget` (visual tokens of the nominal image) on a `LlavaNextForConditionalGeneration`:
+    the unreduced model or a method that acts inside the LLM."""
     require_tested_transformers()
     if not callable(getattr(method, "plan", None)):
         raise TypeError(f"apply_llava_next: method {method!r} is not a Method; ficoco.apply resolves a name "
                         f"(`ficoco methods` lists them) to one")
-    if method.phase != "none" or budget is not None or overrides or text_tower is not None:
-        raise ValueError(f"{method.name} at budget {budget}: on LLaVA-NeXT only the unreduced model (method "
-                         f"vanilla, budget None, no options) runs so far; the reduction sites for its crops and "
-                         f"variable image spans are not there yet (docs/contracts.md §3)")
-    return LlavaNextHandle(model, method, ModelDims.from_config(model.config))
+    if method.phase not in PHASES or method.calibrated or text_tower is not None:
+        raise ValueError(f"{method.name} (phase {method.phase}): on LLaVA-NeXT the unreduced model and the methods "
+                         f"that act inside the LLM from a budget run (phases {', '.join(PHASES)}, not calibrated); the "
+                         f"vision and projector sites of its crops are not there yet (docs/contracts.md §3)")
+    dims = ModelDims.from_config(model.config)
+    nominal = method.plan(dims, budget, **overrides)      # the budget and options are checked before any patch
+    return LlavaNextHandle(model, method, dims, nominal, overrides)
 
 
 class LlavaNextHandle(Handle):
-    """The unreduced LLaVA-NeXT model with its counts: the tower and LLM patches, and the forward hooks."""
+    """A method on LLaVA-NeXT with its counts: the tower and LLM patches, and the forward hooks. `nominal`: the
+    method's plan on the nominal image, whose step fixes the reducing layers."""
 
-    def __init__(self, model, method: Method, dims: ModelDims):
-        super().__init__(model, method, dims, None, ())
+    def __init__(self, model, method: Method, dims: ModelDims, nominal: Plan, overrides: dict):
+        super().__init__(model, method, dims, None, method.steps(nominal))
+        self.budget, self.overrides = nominal.budget, dict(overrides)
+        self._span_plans: dict[int, tuple[Plan, LLMLayerStep | None]] = {}     # span -> its plan and LLM step
         self.image_token_id = model.config.image_token_id
         self._parameter_names = list(inspect.signature(type(model.model).forward).parameters)[1:]
         inner = model.model
         self._install(lambda: ClipPatch(inner.vision_tower, dims.last_vision_layer, None, self._on_vision_pass))
-        self._install(lambda: LlamaPatch(inner.language_model, None, self._current_llm_pass))
+        self._install(lambda: LlamaPatch(inner.language_model, self.llm_step, self._current_llm_pass))
         self._install(lambda: inner.register_forward_pre_hook(self._before_forward, with_kwargs=True))
         self._install(lambda: inner.register_forward_hook(lambda module, args, output: self._close_call(),
                                                           always_call=True))
@@ -80,6 +92,8 @@ class LlavaNextHandle(Handle):
         kwargs = {**dict(zip(self._parameter_names, args)), **kwargs}
         call, cache = self._open_call(kwargs)
         if not call.prefill:
+            if call.llm is not None:                        # a cache reduced from layer 0: its mask and positions
+                kwargs = self._decode_inputs(kwargs, cache, call.llm)
             return (), kwargs
         input_ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
         if input_ids is None:
@@ -97,26 +111,50 @@ class LlavaNextHandle(Handle):
         call.image_layouts = [] if sizes is None else [self.dims.anyres_layout(int(h), int(w)) for h, w in sizes.tolist()]
         call.images_per_row = images_per_row(call.placeholders_per_row,
                                              [layout.delivered for layout in call.image_layouts])
-        call.llm = self._prefill_pass(is_image, valid, input_ids.shape[1])
+        spans = sorted({span for span in call.placeholders_per_row if span})
+        if self.llm_step is not None and len(spans) > 1:
+            raise ValueError(f"{self.method.name}: the image spans of this batch's rows hold {spans} tokens; an LLM "
+                             f"reduction is planned for one span per batch: batch images of one size, or one at a time")
+        step = self.span_plan(spans[0])[1] if spans and self.llm_step is not None else None
+        call.llm = self._prefill_pass(is_image, valid, input_ids.shape[1], step, spans[0] if step else None)
         self._remember_prefill(call, cache)
         return (), kwargs
 
+    def span_plan(self, span: int) -> tuple[Plan, LLMLayerStep | None]:
+        """The method's plan for an image span of `span` LLM tokens (its budget: the nominal budget's kept
+        fraction of the span), and its LLM step, which must reduce on the layers installed."""
+        if span not in self._span_plans:
+            plan = span_plan(self.method, self.dims, span, self.budget, **self.overrides)
+            steps = [step for step in self.method.steps(plan) if isinstance(step, LLMLayerStep)]
+            step = steps[0] if steps else None
+            installed = self.llm_step
+            if (step is None) != (installed is None) or step is not None and (
+                    step.layers, step.placement, step.scores_from) != (installed.layers, installed.placement,
+                                                                       installed.scores_from):
+                raise ValueError(f"{self.method.name} at budget {plan.budget} on a span of {span} tokens plans its LLM "
+                                 f"reduction at layers {None if step is None else list(step.layers)}, and the nominal "
+                                 f"image's at {None if installed is None else list(installed.layers)}: one set of "
+                                 f"layers is installed")
+            self._span_plans[span] = (plan, step)
+        return self._span_plans[span]
+
     def row_plans(self) -> list[Plan]:
-        """Per batch row of the most recent prefill: the unreduced plan of its images' AnyRes layouts (the
-        image sizes the model got), which its counts must realise."""
+        """Per batch row of the most recent prefill: the plan of its images' span (`span_plan`) with the tower
+        passes of their AnyRes layouts (the image sizes the model got), which its counts must realise."""
         call = self._last_prefill
         if call is None:
             return []
         plans, first_image = [], 0
-        for images in call.images_per_row:
-            plans.append(unreduced_plan(self.dims, call.image_layouts[first_image:first_image + images],
-                                        self.method.name))
+        for images, span in zip(call.images_per_row, call.placeholders_per_row):
+            layouts = call.image_layouts[first_image:first_image + images]
             first_image += images
+            plans.append(anyres_plan(self.span_plan(span)[0], self.dims, layouts) if span
+                         else unreduced_plan(self.dims, [], self.method.name))
         return plans
 
     def last_counts(self) -> list[dict]:
-        """Per batch row of the most recent prefill: contracts §2 counts with `vision_crops` and
-        `projector_tokens` (padding excluded)."""
+        """Per batch row of the most recent prefill: contracts §2 counts (`Handle.last_counts`) with every tower
+        pass of its images (`vision_crops`, their layers one pass after the other) and `projector_tokens`."""
         call = self._last_prefill
         if call is None:
             return []
@@ -126,17 +164,13 @@ class LlavaNextHandle(Handle):
             raise RuntimeError(f"LLaVA-NeXT: the tower ran {passes_run} passes for images whose layouts make "
                                f"{passes_planned}; the counts would be wrong")
         one_pass = call.vision[0].layer_counts if call.vision else []
-        lengths = call.llm.layer_lengths if call.llm else []
-        counts, first_image = [], 0
-        for images, placeholders, pads in zip(call.images_per_row, call.placeholders_per_row, call.pads_per_row):
+        counts, first_image = super().last_counts(), 0
+        for row, images in zip(counts, call.images_per_row):
             layouts = call.image_layouts[first_image:first_image + images]
             first_image += images
             passes = sum(layout.tower_passes for layout in layouts)
-            row = {"vision": [list(pair) for pair in one_pass] * passes, "visual_delivered": placeholders,
-                   "llm": [length - pads for length in lengths], "llm_visual": [placeholders] * len(lengths),
-                   "overhead_macs": 0}
+            row["vision"] = [list(pair) for pair in one_pass] * passes
             if passes:
                 row["vision_crops"] = passes
                 row["projector_tokens"] = sum(layout.projector_tokens for layout in layouts)
-            counts.append(row)
         return counts

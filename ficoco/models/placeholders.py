@@ -14,38 +14,43 @@ from typing import Callable, Sequence
 import torch
 
 
-def collapse_placeholders(input_ids: torch.Tensor, n_images: int, image_token_id: int, full: int,
+def collapse_placeholders(input_ids: torch.Tensor, n_images: int, image_token_id: int, full: int | Sequence[int],
                           kept: int | Sequence[int], attention_mask: torch.Tensor | None = None,
                           position_ids: torch.Tensor | None = None, *, pad_side: str = "left",
                           pad_token_id: int = 0) -> dict:
     """Keep the first `kept` of every image's `full` placeholders (input_ids (B, L) -> (B, L')).
 
-    `kept` is one count for every image, or one count per image (images in reading order: row by
-    row, left to right). Returns the new input_ids and, when given, attention_mask and position_ids
-    (renumbered so the positions stay contiguous). Rows left with different lengths are padded to
-    the longest on `pad_side` ("left" or "right") with `pad_token_id`, attention mask 0 (a mask is
-    built when none was given) and position 0. Input that already holds the kept counts is returned
-    unchanged ({}); any other count raises ValueError.
+    `full` and `kept` are each one count for every image, or one count per image (images in reading
+    order: row by row, left to right; LLaVA-NeXT's images have spans of their own). Returns the new
+    input_ids and, when given, attention_mask and position_ids (renumbered so the positions stay
+    contiguous). Rows left with different lengths are padded to the longest on `pad_side` ("left" or
+    "right") with `pad_token_id`, attention mask 0 (a mask is built when none was given) and position 0.
+    Input that already holds the kept counts is returned unchanged ({}); any other count raises ValueError.
     """
     if pad_side not in ("left", "right"):
         raise ValueError(f"pad_side={pad_side!r}; valid choices are 'left' and 'right'")
     per_image = [int(kept)] * n_images if isinstance(kept, int) else [int(count) for count in kept]
-    if len(per_image) != n_images or not all(0 <= count <= full for count in per_image):
-        raise ValueError(f"kept={per_image}: need one count in [0, {full}] for each of the {n_images} image(s)")
+    full_per_image = [int(full)] * n_images if isinstance(full, int) else [int(count) for count in full]
+    if len(per_image) != n_images or len(full_per_image) != n_images or not all(
+            0 <= count <= most for count, most in zip(per_image, full_per_image)):
+        raise ValueError(f"kept={per_image}: need one count in [0, full] for each of the {n_images} image(s) "
+                         f"(full={full_per_image})")
     is_image = input_ids == image_token_id                                        # (B, L)
     total = int(is_image.sum())
     if total == sum(per_image):
         return {}
     reduced = f"{kept} per image" if isinstance(kept, int) else f"{sum(per_image)} in all ({per_image})"
     per_row = is_image.sum(1)
-    if total != n_images * full or bool((per_row % full != 0).any()):
+    if total != sum(full_per_image) or isinstance(full, int) and bool((per_row % full != 0).any()):
         raise ValueError(f"input_ids hold {total} image tokens (id {image_token_id}) for {n_images} image(s); "
                          f"expected {full} per image (as the processor inserts) or {reduced} (already reduced); "
                          f"image tokens per row: {per_row.tolist()}")
     batch, length = input_ids.shape
     order = is_image.reshape(-1).cumsum(0).view(batch, length) - 1                 # placeholder index, reading order
-    limit = torch.tensor(per_image, device=input_ids.device)[(order // full).clamp(min=0, max=n_images - 1)]
-    drop = is_image & (order % full >= limit)                                      # (B, L)
+    ends = torch.tensor(full_per_image, device=input_ids.device).cumsum(0)           # (n_images,)
+    image = torch.searchsorted(ends, order.clamp(min=0), right=True).clamp(max=n_images - 1)   # (B, L)
+    offset = order - (ends - torch.tensor(full_per_image, device=input_ids.device))[image]     # within its image
+    drop = is_image & (offset >= torch.tensor(per_image, device=input_ids.device)[image])      # (B, L)
     keep = ~drop
     lengths = keep.sum(1)                                                          # (B,)
     new_length = int(lengths.max())

@@ -30,11 +30,16 @@ PAPER_BENCHMARKS = {
 # Columns the paper scored on an evaluation server's test-dev split; ours are local validation splits.
 SERVER_ONLY_COLUMNS = ("VizWiz", "VQAv2")
 
-PAPER_MODELS = {"llava-1.5-7b": "LLaVA-1.5-7B", "llava-1.5-13b": "LLaVA-1.5-13B"}
+PAPER_MODELS = {"llava-1.5-7b": "LLaVA-1.5-7B", "llava-1.5-13b": "LLaVA-1.5-13B", "llava-next-7b": "LLaVA-NeXT-7B"}
 
-# Our budget (average visual tokens per LLM layer) -> the paper's nominal TFLOPs label (issue #3).
-# The 13B rows share one unstated budget ("13B budget"), so reduced 13B runs find no paper cell.
-PAPER_BUDGET_LABELS = {"full": "vanilla", "192": "3.3T", "128": "2.4T", "64": "1.5T"}
+# Per paper model, our budget (average visual tokens per LLM layer; LLaVA-NeXT: of its nominal 2,880-token
+# image, docs/flops.md) -> the paper's nominal TFLOPs label (issue #3). The 13B rows share one unstated
+# budget ("13B budget"), so reduced 13B runs find no paper cell.
+PAPER_BUDGET_LABELS = {
+    "LLaVA-1.5-7B": {"full": "vanilla", "192": "3.3T", "128": "2.4T", "64": "1.5T"},
+    "LLaVA-1.5-13B": {"full": "vanilla"},
+    "LLaVA-NeXT-7B": {"full": "vanilla", "320": "5.0T", "160": "2.9T"},
+}
 
 # Method names, compared after `name_key` (lower case, letters and digits only): ours -> paper's.
 PAPER_METHODS = {
@@ -82,15 +87,15 @@ def paper_method(method: str) -> str | None:
     return PAPER_METHODS.get(name_key(method))
 
 
-def paper_budget_label(budget: str) -> str | None:
-    return PAPER_BUDGET_LABELS.get(str(budget))
+def paper_budget_label(model: str, budget: str) -> str | None:
+    return PAPER_BUDGET_LABELS.get(paper_model(model), {}).get(str(budget))
 
 
 def budget_of_paper_label(model: str, tflops: float) -> int:
     """The token budget the authors state for one of the paper's TFLOPs labels of `model` (a label, not
     a cost: 64 tokens cost 1.61 T under the nominal convention, labelled 1.5). ValueError naming the
     valid labels when the model or the label has none."""
-    budgets = {float(label.rstrip("T")): int(budget) for budget, label in PAPER_BUDGET_LABELS.items()
+    budgets = {float(label.rstrip("T")): int(budget) for budget, label in PAPER_BUDGET_LABELS["LLaVA-1.5-7B"].items()
                if budget.isdigit()}
     if paper_model(model) != "LLaVA-1.5-7B":
         raise ValueError(f"{{paper: {tflops:g}}}: the paper states which token budget its TFLOPs labels stand for "
@@ -130,9 +135,9 @@ def paper_reference(paper: pd.DataFrame, preferred_version: str = "v4") -> pd.Da
 
 
 def paper_averages(reference: pd.DataFrame, model: str = "LLaVA-1.5-7B") -> dict[str, list[float]]:
-    """paper method -> its printed Avg at each reduced budget, largest first (192, 128, 64 tokens),
-    for the methods the paper prints at all of them."""
-    labels = [label for budget, label in PAPER_BUDGET_LABELS.items() if budget != "full"]
+    """paper method -> its printed Avg at each reduced budget of `model`, largest first (LLaVA-1.5-7B: 192,
+    128, 64 tokens), for the methods the paper prints at all of them."""
+    labels = [label for budget, label in PAPER_BUDGET_LABELS[model].items() if budget != "full"]
     rows = reference[(reference["model"] == model) & (reference["benchmark"] == "Avg")
                      & reference["budget_label"].isin(labels)]
     table = rows.pivot_table(index="method", columns="budget_label", values="value").reindex(columns=labels)
@@ -144,7 +149,7 @@ def attach_paper_keys(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.assign(
         paper_model=frame["model"].map(paper_model),
         paper_method=frame["method"].map(paper_method),
-        paper_budget_label=frame["budget"].map(paper_budget_label),
+        paper_budget_label=[paper_budget_label(model, budget) for model, budget in zip(frame["model"], frame["budget"])],
         paper_benchmark=frame["benchmark"].map(paper_benchmark),
     )
 
@@ -166,7 +171,7 @@ def with_paper_values(frame: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFr
 
 def printed_tflops(reference: pd.DataFrame, model: str, method: str, budget: str) -> float:
     """The TFLOPs the paper printed for that row (7B rows only), or NaN."""
-    keys = (paper_model(model), paper_method(method), paper_budget_label(budget))
+    keys = (paper_model(model), paper_method(method), paper_budget_label(model, budget))
     if None in keys:
         return float("nan")
     hit = reference[(reference["model"] == keys[0]) & (reference["method"] == keys[1])

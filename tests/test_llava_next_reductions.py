@@ -1,0 +1,170 @@
+"""LLM-side methods on a tiny random LLaVA-NeXT (issue 18 item 4): each image span keeps the nominal budget's
+fraction, counts follow each span's plan layer by layer, cached generation equals a full recompute that
+hides the dropped tokens as keys (the unmodified model, no cache), a batch of two aspect ratios with one
+span equals each alone, spans that differ in a batch are refused, `remove()` restores the model, and
+the methods with no LLaVA-NeXT site yet are refused by name.
+
+Tiny model (tests/helpers_tiny.py): 28 px crops of 16 patches, canvases of up to 5 passes; the nominal
+image holds 5 x 16 = 80 visual tokens. A 30 x 80 image is 4 passes and a 60-token span (image-newlines
+included); 31 x 34 and 34 x 31 are two aspect ratios with one 88-token span.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers_tiny import IMAGE, NEXT_TEXT, masked_forward, next_batch, tiny_llava_next
+
+import ficoco
+from ficoco import flops
+from ficoco.invariants import check_counts
+
+NOMINAL = 80
+CASES = [("fastv", 40, {"layer": 1}), ("dart", 40, {"layer": 1}), ("pdrop", 40, {"boundaries": [1, 2, 3]}),
+         ("pdrop", 50, {"boundaries": [0, 2]}),                                 # the cache is reduced from layer 0
+         ("ficoco-l", 40, {"start": 0, "window": 2})]
+
+
+@pytest.fixture(scope="module")
+def model_and_dims():
+    return tiny_llava_next(attention="sdpa")
+
+
+def test_the_nominal_image_of_the_tiny_model():
+    _, dims = tiny_llava_next()
+    assert dims.visual_tokens == NOMINAL and dims.anyres_layout(30, 80).delivered == 60
+    assert dims.anyres_layout(31, 34).delivered == dims.anyres_layout(34, 31).delivered == 88
+
+
+@pytest.mark.parametrize("name, budget, overrides", CASES)
+@pytest.mark.parametrize("image_size", [(30, 80), (31, 34)])
+def test_each_span_keeps_the_nominal_budgets_fraction_layer_by_layer(model_and_dims, name, budget, overrides,
+                                                                      image_size):
+    model, dims = model_and_dims
+    span = dims.anyres_layout(*image_size).delivered
+    with ficoco.apply(model, name, budget, **overrides) as handle, torch.no_grad():
+        model(**next_batch(dims, [image_size]))
+        (counts,), (plan,) = handle.last_counts(), handle.row_plans()
+    assert handle.plan is None
+    assert plan.budget == math.floor(budget * span / NOMINAL + 0.5)           # the same kept fraction, rounded
+    assert plan.llm.n0 == plan.delivered == counts["visual_delivered"] == span
+    check_counts(name, plan, counts, has_image=True)                            # every layer, passes, projector
+    assert sum(counts["llm_visual"]) / len(counts["llm_visual"]) <= plan.budget + 0.5
+    assert counts["llm"][0] - counts["llm_visual"][0] == NEXT_TEXT    # text untouched
+    assert counts["overhead_macs"] > 0
+    unreduced = flops.vanilla_counts(dims, NEXT_TEXT, image_size)
+    assert counts["vision"] == unreduced["vision"] and counts["vision_crops"] == unreduced["vision_crops"]
+    assert flops.sample_cost(dims, counts, 1)["prefill_flops"] < flops.sample_cost(dims, unreduced, 1)["prefill_flops"]
+
+
+@pytest.mark.parametrize("name, budget, overrides", CASES)
+def test_flops_plans_an_image_as_the_adapter_runs_it(model_and_dims, name, budget, overrides):
+    """`ficoco flops --image-size` (flops.planned_counts) and a run on that image record the same counts."""
+    model, dims = model_and_dims
+    with ficoco.apply(model, name, budget, **overrides) as handle, torch.no_grad():
+        model(**next_batch(dims, [(30, 80)]))
+        (counts,) = handle.last_counts()
+    planned = flops.planned_counts(dims, name, budget, NEXT_TEXT, (30, 80), **overrides)
+    assert planned == {key: value for key, value in counts.items() if key != "overhead_macs"}
+
+
+def generate(model, name, budget, inputs, overrides):
+    with ficoco.apply(model, name, budget, **overrides) as handle, torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+        return out, handle.last_trace()["llm"], handle.last_counts()
+
+
+@pytest.mark.parametrize("name, budget, overrides", [case for case in CASES if case[0] != "ficoco-l"])
+def test_cached_generation_equals_full_recompute_without_cache(model_and_dims, name, budget, overrides):
+    """Every decoding step of the cached run against the unmodified LLaVA-NeXT re-run on the whole sequence
+    without a cache, the prefill's dropped tokens hidden as keys from their layer on. (FiCoCo-L merges
+    into the kept tokens, which a mask cannot express; its cache is checked against its own recompute on
+    LLaVA-1.5, tests/test_ficoco_methods.py.)"""
+    model, dims = model_and_dims
+    inputs = next_batch(dims, [(30, 80)])
+    del inputs["attention_mask"]
+    ids = inputs["input_ids"]
+    out, trace, _ = generate(model, name, budget, inputs, overrides)
+    assert trace, "the method reduced nothing"
+    image = {p for p in range(ids.shape[1]) if ids[0, p] == IMAGE}
+    hidden_from, alive = {}, image
+    for layer in sorted(trace):
+        kept = set(trace[layer][0].tolist())
+        hidden_from[layer], alive = alive - kept, kept
+    sequence = out.sequences[0]
+    for step, step_logits in enumerate(out.logits):
+        prefix = sequence[: ids.shape[1] + step][None]
+        recomputed, _, _ = masked_forward(model, prefix, inputs["pixel_values"], hidden_from=hidden_from,
+                                          image_sizes=inputs["image_sizes"])
+        torch.testing.assert_close(step_logits[0], recomputed[-1], rtol=1e-4, atol=1e-5)
+        assert int(recomputed[-1].argmax()) == int(sequence[ids.shape[1] + step])
+
+
+@pytest.mark.parametrize("name, budget, overrides", CASES)
+def test_a_batch_of_two_aspect_ratios_with_one_span_equals_each_alone(model_and_dims, name, budget, overrides):
+    model, dims = model_and_dims
+    sizes = [(31, 34), (34, 31)]
+    together, trace, counts = generate(model, name, budget, next_batch(dims, sizes), overrides)
+    for row, size in enumerate(sizes):
+        inputs = next_batch(dims, [size])
+        inputs["pixel_values"] = next_batch(dims, sizes)["pixel_values"][row:row + 1]
+        alone, alone_trace, alone_counts = generate(model, name, budget, inputs, overrides)
+        assert together.sequences[row].tolist() == alone.sequences[0].tolist()          # one length: no padding
+        for step_together, step_alone in zip(together.logits, alone.logits):
+            torch.testing.assert_close(step_together[row], step_alone[0], rtol=1e-4, atol=1e-5)
+        assert counts[row] == alone_counts[0]
+        assert {layer: kept[row].tolist() for layer, kept in trace.items()} == \
+            {layer: kept[0].tolist() for layer, kept in alone_trace.items()}
+
+
+def test_spans_that_differ_in_one_batch_are_refused_with_a_message(model_and_dims):
+    model, dims = model_and_dims
+    with ficoco.apply(model, "fastv", 40, layer=1), torch.no_grad():
+        with pytest.raises(ValueError, match=r"fastv: the image spans of this batch's rows hold \[60, 88\] tokens; "
+                                             r"an LLM reduction is planned for one span per batch"):
+            model(**next_batch(dims, [(30, 80), (31, 34)]))
+    with ficoco.apply(model, "vanilla") as handle, torch.no_grad():           # the unreduced model batches any
+        model(**next_batch(dims, [(30, 80), (31, 34)]))
+        assert [row["visual_delivered"] for row in handle.last_counts()] == [60, 88]
+
+
+def test_remove_restores_the_model_exactly(model_and_dims):
+    model, dims = model_and_dims
+    inputs = next_batch(dims, [(30, 80)])
+    with torch.no_grad():
+        before = model(**inputs).logits
+        for name, budget, overrides in CASES:
+            with ficoco.apply(model, name, budget, **overrides), torch.no_grad():
+                reduced = model(**inputs).logits
+            assert not torch.equal(reduced, before)
+        after = model(**inputs).logits
+    assert torch.equal(before, after)
+    assert all(not layer._forward_pre_hooks for layer in model.model.language_model.layers)
+    assert "get_image_features" not in model.model.__dict__
+
+
+@pytest.mark.parametrize("name, budget, overrides, message", [
+    ("ficoco-v", 40, {"start": 1}, "ficoco-v (phase vision): on LLaVA-NeXT the unreduced model and the methods that "
+                                   "act inside the LLM from a budget run"),
+    ("divprune", 40, {}, "divprune (phase projector)"),
+    ("fitprune", 40, {}, "fitprune (phase llm)"),
+])
+def test_methods_without_a_llava_next_site_are_refused(model_and_dims, name, budget, overrides, message):
+    model, _ = model_and_dims
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        ficoco.apply(model, name, budget, **overrides)
+    assert not any(layer._forward_pre_hooks for layer in model.model.language_model.layers)
+
+
+def test_an_infeasible_span_budget_fails_its_prefill_with_the_methods_message(model_and_dims):
+    """A budget the nominal image reaches but a smaller span does not: that prefill fails (an evaluate job
+    records the sample as a counted failure); other spans still run."""
+    model, dims = model_and_dims
+    assert dims.anyres_layout(10, 28).delivered == 34           # 41 of 80 -> 17 of 34, below FastV's 17.5 at K=2
+    with ficoco.apply(model, "fastv", 41, layer=2) as handle, torch.no_grad():
+        with pytest.raises(ValueError, match="fastv: budget B=17 is infeasible with pruning at layer K=2"):
+            model(**next_batch(dims, [(10, 28)]))
+        model(**next_batch(dims, [(31, 34)]))
+        assert handle.row_plans()[0].budget == 45
