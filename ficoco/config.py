@@ -1090,7 +1090,7 @@ def planned_schedule(config: dict, models: dict, job: Job) -> dict:
         return {"visual_tokens": dims.visual_tokens, "delivered": None, "llm_visual": None, "layer_average": None,
                 "fitted": True}
     budget = methods.budget_from_label(job.method, job.run_budget)
-    plan = method.plan(dims, budget, **method_overrides(config, models, job.model, job.method, job.budget))
+    plan = method.check_budget(dims, budget, **method_overrides(config, models, job.model, job.method, job.budget))
     return {"visual_tokens": dims.visual_tokens, "delivered": plan.delivered,
             "llm_visual": None if plan.llm_visual is None else list(plan.llm_visual), "layer_average": plan.layer_average,
             "fitted": False}

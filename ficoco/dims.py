@@ -120,6 +120,19 @@ class ModelDims:
         return replace(self, image_span=span)
 
     @property
+    def largest_canvas(self) -> tuple[int, int]:
+        """(height, width) of the canvas with the most crops: the costliest image (672 x 672 on LLaVA-NeXT-7B:
+        5 passes, 2,928 tokens); the tower's image size on a model with one crop per image."""
+        if not self.image_grid_pinpoints:
+            return (self.image_size, self.image_size)
+        return max(self.image_grid_pinpoints, key=lambda canvas: canvas[0] * canvas[1])
+
+    def tower_pass(self) -> "ModelDims":
+        """The dims of one tower pass of a LLaVA-NeXT image, as a method that reduces inside the tower plans
+        it: LLaVA-1.5's geometry, one square crop behind a CLS token."""
+        return replace(self, image_grid_pinpoints=(), image_span=None)
+
+    @property
     def max_tower_passes(self) -> int:
         """Tower passes of the costliest image: 1 for LLaVA-1.5; LLaVA-NeXT: the base image and the crops
         of its largest canvas (5 on LLaVA-NeXT-7B)."""
@@ -246,6 +259,38 @@ LLAVA_NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1
 def llava_next_dims(size: str = "7b") -> ModelDims:
     """LLaVA-NeXT (v1.6, Vicuna): LLaVA-1.5's tower, projector and LLM shapes with AnyRes canvases."""
     return replace(llava_1_5_dims(size), image_grid_pinpoints=LLAVA_NEXT_PINPOINTS)
+
+
+def image_plan(method, dims: ModelDims, layouts: list[AnyresLayout], budget: int | None, **overrides):
+    """`method`'s plan (a `ficoco.contract.Plan`) for a batch row's LLaVA-NeXT images with these layouts, at a
+    budget of the nominal image: a method that reduces inside the tower (phase "vision") on every pass
+    alike (`crops_plan`), any other on their span (`span_plan`, `anyres_plan`). No image: unreduced."""
+    if not layouts:
+        return unreduced_plan(dims, [], method.name)
+    if method.phase == "vision":
+        return crops_plan(pass_plan(method, dims, budget, **overrides), dims, layouts)
+    span = sum(layout.delivered for layout in layouts)
+    return anyres_plan(span_plan(method, dims, span, budget, **overrides), dims, layouts)
+
+
+def pass_plan(method, dims: ModelDims, budget: int | None, **overrides):
+    """`method`'s plan for one tower pass (`tower_pass` dims) at the kept fraction the budget `budget` is of
+    the nominal image: 32 of 576 patches a pass for 160 of 2,880 on LLaVA-NeXT-7B."""
+    one_pass = dims.tower_pass()
+    scaled = None if budget is None else span_budget(budget, one_pass.visual_tokens, dims.visual_tokens)
+    return method.plan(one_pass, scaled, **overrides)
+
+
+def crops_plan(plan, dims: ModelDims, layouts: list[AnyresLayout]):
+    """A tower method's plan for one pass (`pass_plan`) as the plan of a batch row's LLaVA-NeXT images: every
+    pass of every image reduced alike, the projector on each pass's kept tokens, and the LLM given them
+    pass after pass (base image, then the crops in raster order) without image-newlines, the patch grid
+    being gone (the adapter's packing, docs/contracts.md)."""
+    passes = sum(layout.tower_passes for layout in layouts)
+    delivered = plan.delivered * passes
+    return replace(plan, vision_counts=[list(pair) for pair in plan.vision_counts] * passes, vision_crops=passes,
+                   delivered=delivered, llm_visual=[delivered] * dims.llm_layers, layer_average=float(delivered),
+                   projector_tokens=None)
 
 
 def span_plan(method, dims: ModelDims, span: int, budget: int | None, **overrides):

@@ -22,7 +22,7 @@ from typing import Sequence
 from ficoco.budget import InfeasibleBudget
 from ficoco.budget_labels import TFLOPS_CONVENTIONS, TflopsTarget
 from ficoco.contract import Plan
-from ficoco.dims import ModelDims, anyres_plan, llava_1_5_dims, llava_next_dims, span_plan, unreduced_plan
+from ficoco.dims import ModelDims, image_plan, llava_1_5_dims, llava_next_dims, unreduced_plan
 
 # Bytes per stored value for weights and the KV cache. Read-only so no module state can change.
 BYTES_PER_VALUE = MappingProxyType({
@@ -372,7 +372,7 @@ def planned_counts(dims: ModelDims, method: str, budget, text_tokens: int = NOMI
     Budget None is the method's plan without a budget: unreduced for most, but a fixed published
     schedule for ficoco-v-official and pdrop-official. An adaptive method (`Method.budgeted` False)
     has no planned record: ValueError. LLaVA-NeXT: the plan of an image of `image_size` (height, width),
-    its span keeping the budget's fraction of the nominal image (`ficoco.dims.span_plan`)."""
+    keeping the budget's fraction of the nominal image (`ficoco.dims.image_plan`)."""
     from ficoco import methods
 
     if method != "vanilla" and not methods.get(method).budgeted:
@@ -382,8 +382,7 @@ def planned_counts(dims: ModelDims, method: str, budget, text_tokens: int = NOMI
     if dims.image_grid_pinpoints:
         if image_size is None:
             raise ValueError("image_size: a LLaVA-NeXT image's plan depends on its (height, width); pass it")
-        layout = dims.anyres_layout(*image_size)
-        plan = anyres_plan(span_plan(methods.get(method), dims, layout.delivered, budget, **overrides), dims, [layout])
+        plan = image_plan(methods.get(method), dims, [dims.anyres_layout(*image_size)], budget, **overrides)
         return counts_from_plan(dims, plan, text_tokens)
     plan = methods.get(method).check_budget(dims, budget, **overrides)
     return counts_from_plan(dims, plan, text_tokens)

@@ -87,14 +87,6 @@ def build_random_model(config_path: Path, dtype: str, device: str, attn_implemen
     return model.eval()
 
 
-def typical_image_size(dims) -> tuple[int, int] | None:
-    """The image size measured on a LLaVA-NeXT model unless one is given: its largest canvas (the most
-    tower passes; 672 x 672 on LLaVA-NeXT-7B). None on a model with one crop per image."""
-    if not dims.image_grid_pinpoints:
-        return None
-    return max(dims.image_grid_pinpoints, key=lambda canvas: canvas[0] * canvas[1])
-
-
 def synthetic_inputs(model, batch_size: int, prompt_tokens: int, seed: int,
                      image_size: tuple[int, int] | None = None) -> dict:
     """input_ids = BOS + text + image placeholders + text (prompt_tokens text tokens incl. BOS;
@@ -225,7 +217,7 @@ def measure(
 
     budget None = unreduced (method "vanilla"), or the adaptive reduction of an adaptive method (job
     budget "adaptive"; its costs come from the realised counts). `image_size` (height, width): the
-    image of a LLaVA-NeXT model (default `typical_image_size`). Returns a JSON-able dict (see docs/flops.md).
+    image of a LLaVA-NeXT model (default `ModelDims.largest_canvas`). Returns a JSON-able dict (see docs/flops.md).
     """
     import torch
     import transformers
@@ -248,7 +240,8 @@ def measure(
     dims = ModelDims.from_config(model.config)
     text_tower = random_companion(model, config_path) if methods.get(method).needs_text_tower else None
     handle = ficoco.apply(model, method, budget, text_tower=text_tower, **overrides)
-    image_size = typical_image_size(dims) if image_size is None and dims.image_grid_pinpoints else image_size
+    # LLaVA-NeXT: unless given, an image of the largest canvas (the most tower passes; 672 x 672 on LLaVA-NeXT-7B)
+    image_size = dims.largest_canvas if image_size is None and dims.image_grid_pinpoints else image_size
     inputs = synthetic_inputs(model, batch_size, prompt_tokens, seed, image_size)
 
     for _ in range(warmup):

@@ -237,10 +237,13 @@ HOSTILE = [
              "valid: a known shape, or a source_dir"), where="models.yaml",
             files={"models.yaml": "mirror:\n  source: hub\n  id: a/b\n  shape: source-dir\n"
                                   "  prompt_template: 'USER: <image>\\n{prompt}'\n"}),
-    Hostile("vision-method-on-llava-next", base("models: [llava-next-7b]", "methods: [vanilla, tome]",
+    Hostile("output-method-on-llava-next", base("models: [llava-next-7b]", "methods: [vanilla, visionzip]",
                                                 drop="m"),
-            ("methods[1]", "tome cannot run on model llava-next-7b", "one crop per image (this model encodes 5",
-             "valid: the methods this model can run (vanilla, ficoco-l, fastv,")),
+            ("methods[1]", "visionzip cannot run on model llava-next-7b", "one crop per image (this model encodes 5",
+             "valid: the methods this model can run (vanilla, ficoco-v, ficoco-l,")),
+    Hostile("tower-budget-on-llava-next", base("models: [llava-next-7b]", "methods: [vanilla, tome]", drop="m"),
+            ("budgets[0]", "64 for method tome on model llava-next-7b", "budget B=13 is infeasible",
+             "budget 64 of the nominal 2880-token image is 13 a tower pass", "valid: a budget of at least 118")),
     Hostile("tflops-budget-on-llava-next", "models: [llava-next-7b]\nmethods: [vanilla, pdrop]\n"
                                            "budgets: [{tflops: 5}]\nbenchmarks: [toy-shapes-mini]\n",
             ("budgets[0]", "{tflops: 5}: a TFLOPs target is solved for one image shape", "model llava-next-7b costs "

@@ -1,7 +1,7 @@
 """A tiny random LLaVA-NeXT through the real pipeline (issue 18): fetched by Snakemake from a local source
-directory, evaluated unreduced and with FastV on toy scenes, scored, measured, aggregated and reported;
-every sample's counts and costs are those of its image's AnyRes layout and span budget, computed here
-independently of the adapter."""
+directory, evaluated unreduced, with FiCoCo-V (in the tower, on each crop) and with FastV (in the LLM) on
+toy scenes, scored, measured, aggregated and reported; every sample's counts and costs are those of its
+image's AnyRes layout and budget, computed here independently of the adapter."""
 from __future__ import annotations
 
 import json
@@ -20,10 +20,10 @@ TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
 def tiny_next_entry(source_dir) -> dict:
     return {"source": "hub", "id": "tests/tiny-llava-next", "revision": "tiny-v1", "source_dir": str(source_dir),
             "shape": "source-dir", "dtype": "float32", "image_preprocessing": "none", "prompt_template": TEMPLATE,
-            "text_tokens": 11, "method_params": {"fastv": {"layer": 1}}}      # 3 LLM layers
+            "text_tokens": 11, "method_params": {"fastv": {"layer": 1}, "ficoco-v": {"start": 1}}}   # 3 layers each
 
 
-def write_next_config(repo, source_dir, name="next", methods=("vanilla", "fastv")) -> str:
+def write_next_config(repo, source_dir, name="next", methods=("vanilla", "ficoco-v", "fastv")) -> str:
     models = yaml.safe_load((repo / "config/models.yaml").read_text())
     models["tiny-next"] = tiny_next_entry(source_dir)
     (repo / "config/test_models.yaml").write_text(yaml.safe_dump(models))
@@ -79,6 +79,15 @@ def test_a_tiny_llava_next_runs_end_to_end_through_snakemake(next_run):
     fastv = json.loads((fastv_dir / "metrics.json").read_text())
     assert fastv["visual_tokens"]["layer_average"] == 44
     assert fastv["cost_mean"]["prefill_flops"] < metrics["cost_mean"]["prefill_flops"]
+
+    # FiCoCo-V at 40 of the nominal 80: 8 of each pass's 16 patches, 5 passes -> 40 tokens, no image-newline
+    ficoco_v_dir = repo / "results/runs/tiny-next/toy-shapes-mini/ficoco-v/b40"
+    for record in read_jsonl(next(ficoco_v_dir.glob("shard*/predictions.jsonl"))):
+        counts = record["counts"]
+        assert record["error"] is None and counts["visual_delivered"] == 40 and counts["llm_visual"] == [40] * 3
+        assert counts["vision_crops"] == 5 and counts["vision"][-1] == [17, 9] and len(counts["vision"]) == 5 * 2
+    ficoco_v = json.loads((ficoco_v_dir / "metrics.json").read_text())
+    assert ficoco_v["cost_mean"]["vision_flops"] < metrics["cost_mean"]["vision_flops"]
     measured = json.loads((repo / "results/measure/tiny-next/vanilla/bfull.json").read_text())
     assert measured["image_size"] == [64, 64] and measured["counts"]["vision_crops"] == 5
     assert measured["plan"]["vision_crops"] == 5 and measured["visual_tokens"] == 80    # nominal: 5 x 16
@@ -94,8 +103,8 @@ def test_nothing_is_left_to_do_after_the_run(next_run):
 
 def test_a_method_without_a_llava_next_site_is_refused_before_any_job(next_run):
     repo, source = next_run
-    config = write_next_config(repo, source, "next-vision", methods=("vanilla", "ficoco-v"))
+    config = write_next_config(repo, source, "next-output", methods=("vanilla", "visionzip"))
     result = snakemake(repo, "-n", "--cores", "2", "--configfile", config, env=pipeline_env())
     assert result.returncode != 0
-    assert "ficoco-v cannot run on model tiny-next" in result.stderr + result.stdout
+    assert "visionzip cannot run on model tiny-next" in result.stderr + result.stdout
     assert "one crop per image (this model encodes 5" in result.stderr + result.stdout

@@ -1,8 +1,12 @@
-"""LLM-side methods on a tiny random LLaVA-NeXT (issue 18 item 4): each image span keeps the nominal budget's
-fraction, counts follow each span's plan layer by layer, cached generation equals a full recompute that
-hides the dropped tokens as keys (the unmodified model, no cache), a batch of two aspect ratios with one
-span equals each alone, spans that differ in a batch are refused, `remove()` restores the model, and
-the methods with no LLaVA-NeXT site yet are refused by name.
+"""Reductions on a tiny random LLaVA-NeXT (issue 18 item 4).
+
+LLM-side methods: each image span keeps the nominal budget's fraction, counts follow each span's plan
+layer by layer, cached generation equals a full recompute that hides the dropped tokens as keys (the
+unmodified model, no cache), a batch of two aspect ratios with one span equals each alone, spans that
+differ in a batch are refused. Tower methods (FiCoCo-V, ToMe, EViT) on each crop: the model equals a
+LLaVA-1.5 with the same weights given the image's passes as separate images under the same method
+(logits, generated tokens, counts), and a batch of two aspect ratios equals each alone. `remove()`
+restores the model, and the methods with no LLaVA-NeXT site yet are refused by name.
 
 Tiny model (tests/helpers_tiny.py): 28 px crops of 16 patches, canvases of up to 5 passes; the nominal
 image holds 5 x 16 = 80 visual tokens. A 30 x 80 image is 4 passes and a 60-token span (image-newlines
@@ -21,6 +25,7 @@ from ficoco import flops
 from ficoco.invariants import check_counts
 
 NOMINAL = 80
+TOWER_CASES = [("ficoco-v", 40, {"start": 1}), ("tome", 40, {"start": 1}), ("evit", 40, {"layers": [1, 2]})]
 CASES = [("fastv", 40, {"layer": 1}), ("dart", 40, {"layer": 1}), ("pdrop", 40, {"boundaries": [1, 2, 3]}),
          ("pdrop", 50, {"boundaries": [0, 2]}),                                 # the cache is reduced from layer 0
          ("ficoco-l", 40, {"start": 0, "window": 2})]
@@ -130,25 +135,95 @@ def test_spans_that_differ_in_one_batch_are_refused_with_a_message(model_and_dim
         assert [row["visual_delivered"] for row in handle.last_counts()] == [60, 88]
 
 
+def llava_twin(model):
+    """A LLaVA-1.5 with the LLaVA-NeXT model's tower, projector and LLM weights (all but its image-newline)."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    config = model.config
+    twin = LlavaForConditionalGeneration(LlavaConfig(
+        vision_config=config.vision_config, text_config=config.text_config, image_token_id=IMAGE,
+        image_seq_length=16, vision_feature_layer=-2, vision_feature_select_strategy="default")).eval()
+    unused = twin.load_state_dict(model.state_dict(), strict=False)
+    assert unused.missing_keys == [] and unused.unexpected_keys == ["model.image_newline"]
+    twin.set_attn_implementation("sdpa")
+    twin.generation_config.pad_token_id = model.generation_config.pad_token_id
+    return twin
+
+
+@pytest.mark.parametrize("name, budget, overrides", TOWER_CASES)
+def test_a_tower_method_acts_on_each_crop_as_on_an_image_of_its_own(model_and_dims, name, budget, overrides):
+    """LLaVA-NeXT under a tower method = LLaVA-1.5 (same weights) under that method at the per-pass budget,
+    given the image's passes as separate images (base image first, then the crops): the LLM sees each pass's
+    kept tokens pass after pass, without image-newlines. Compared: logits, generated tokens, counts."""
+    model, dims = model_and_dims
+    twin = llava_twin(model)
+    inputs = next_batch(dims, [(30, 80)])                       # 4 passes, 8 of 16 patches kept in each
+    passes = dims.anyres_layout(30, 80).tower_passes
+    per_pass = math.floor(budget * 16 / NOMINAL + 0.5)
+    separate = {"input_ids": torch.tensor([[1, 10, 11] + [IMAGE] * 16 * passes + [12, 13, 14, 15]]),
+                "pixel_values": inputs["pixel_values"][0, :passes]}
+    with ficoco.apply(model, name, budget, **overrides) as handle, torch.no_grad():
+        logits = model(**inputs).logits
+        (counts,), (plan,) = handle.last_counts(), handle.row_plans()
+        generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    with ficoco.apply(twin, name, per_pass, **overrides) as twin_handle, torch.no_grad():
+        twin_logits = twin(**separate).logits
+        (twin_counts,) = twin_handle.last_counts()
+        twin_generated = twin.generate(**separate, max_new_tokens=4, do_sample=False)
+    assert logits.shape[1] == twin_logits.shape[1] == NEXT_TEXT + passes * per_pass     # placeholders collapsed
+    torch.testing.assert_close(logits, twin_logits, rtol=1e-4, atol=1e-5)
+    assert generated[0, inputs["input_ids"].shape[1]:].tolist() == twin_generated[0, separate["input_ids"].shape[1]:].tolist()
+    assert generated[0, :inputs["input_ids"].shape[1]].tolist() == inputs["input_ids"][0].tolist()   # the caller's prompt
+    # LLaVA-1.5 sums its images' tokens per layer; LLaVA-NeXT lists the passes one after the other
+    one_pass = [[tokens // passes for tokens in pair] for pair in twin_counts["vision"]]
+    assert counts["vision"] == one_pass * passes and counts["vision_crops"] == passes
+    assert counts["visual_delivered"] == twin_counts["visual_delivered"] == passes * per_pass
+    assert counts["llm"] == twin_counts["llm"] and counts["overhead_macs"] == twin_counts["overhead_macs"] > 0
+    check_counts(name, plan, counts, has_image=True)
+    planned = flops.planned_counts(dims, name, budget, NEXT_TEXT, (30, 80), **overrides)
+    assert planned == {key: value for key, value in counts.items() if key != "overhead_macs"}
+
+
+@pytest.mark.parametrize("name, budget, overrides", TOWER_CASES[:2])
+def test_a_tower_method_batches_two_aspect_ratios_as_each_alone(model_and_dims, name, budget, overrides):
+    """Under a tower method every pass keeps the same count, so images of different spans batch together."""
+    model, dims = model_and_dims
+    sizes = [(31, 34), (30, 80)]                               # 5 and 4 passes: 40 and 32 tokens
+    together, _, counts = generate(model, name, budget, next_batch(dims, sizes), overrides)
+    assert [row["visual_delivered"] for row in counts] == [40, 32]
+    for row, size in enumerate(sizes):
+        inputs = next_batch(dims, [size])
+        inputs["pixel_values"] = next_batch(dims, sizes)["pixel_values"][row:row + 1, :inputs["pixel_values"].shape[1]]
+        alone, _, alone_counts = generate(model, name, budget, inputs, overrides)
+        pad = together.sequences.shape[1] - alone.sequences.shape[1]
+        assert together.sequences[row, pad:].tolist() == alone.sequences[0].tolist()
+        for step_together, step_alone in zip(together.logits, alone.logits):
+            torch.testing.assert_close(step_together[row], step_alone[0], rtol=1e-4, atol=1e-5)
+        assert counts[row] == alone_counts[0]
+
+
 def test_remove_restores_the_model_exactly(model_and_dims):
     model, dims = model_and_dims
     inputs = next_batch(dims, [(30, 80)])
     with torch.no_grad():
         before = model(**inputs).logits
-        for name, budget, overrides in CASES:
+        for name, budget, overrides in CASES + TOWER_CASES:
             with ficoco.apply(model, name, budget, **overrides), torch.no_grad():
                 reduced = model(**inputs).logits
             assert not torch.equal(reduced, before)
         after = model(**inputs).logits
     assert torch.equal(before, after)
     assert all(not layer._forward_pre_hooks for layer in model.model.language_model.layers)
-    assert "get_image_features" not in model.model.__dict__
+    assert not {"get_image_features", "pack_image_features"} & set(model.model.__dict__)
+    assert "generate" not in model.__dict__
 
 
 @pytest.mark.parametrize("name, budget, overrides, message", [
-    ("ficoco-v", 40, {"start": 1}, "ficoco-v (phase vision): on LLaVA-NeXT the unreduced model and the methods that "
-                                   "act inside the LLM from a budget run"),
+    ("visionzip", 40, {}, "visionzip (phase vision): on LLaVA-NeXT the unreduced model and the methods planned from a "
+                          "budget that reduce inside the tower's layers or inside the LLM run; it needs one crop per "
+                          "image (this model encodes 5)"),
     ("divprune", 40, {}, "divprune (phase projector)"),
+    ("ficoco-vl", 40, {}, "ficoco-vl (phase both)"),
     ("fitprune", 40, {}, "fitprune (phase llm)"),
 ])
 def test_methods_without_a_llava_next_site_are_refused(model_and_dims, name, budget, overrides, message):

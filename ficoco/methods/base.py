@@ -14,6 +14,8 @@ from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
 from ficoco.contract import Needs, Plan, Step, unmet_needs
+from ficoco.budget import span_budget
+from ficoco.dims import image_plan
 
 PHASES = ("none", "vision", "projector", "llm", "both")
 SITES = ("vision", "projector", "llm")
@@ -160,19 +162,37 @@ class Method:
     def unmet_needs(self, dims) -> list[str]:
         """What the model of shape `dims` lacks of this method's needs, in words ([] when it can run).
 
-        On images of several crops (LLaVA-NeXT) the adapter has sites inside the LLM only so far, for a
-        method planned from its budget: any other needs one crop there, for now (docs/contracts.md §3)."""
+        On images of several crops (LLaVA-NeXT) the adapter has sites inside the tower (on each crop) and
+        inside the LLM so far, for a method planned from its budget: a method that acts after the tower,
+        or both in the tower and the LLM, needs one crop there, for now (docs/contracts.md §3)."""
         layout = dims.image_layout()
         unmet = unmet_needs(self.needs, layout)
-        if (self.phase not in ("none", "llm") or self.calibrated) and not self.needs.single_crop \
+        if (self.phase in ("projector", "both") or self.calibrated) and not self.needs.single_crop \
                 and len(layout.crops) > 1:
             unmet.append(f"one crop per image (this model encodes {len(layout.crops)}; on multi-crop images only "
-                         f"the unreduced model and the LLM methods planned from a budget run so far)")
+                         f"reductions inside the tower or inside the LLM, planned from a budget, run so far)")
         return unmet
 
     def check_budget(self, dims, budget: int | None, **overrides) -> Plan:
-        """Validate a (budget, overrides) pair without a model; returns the planned schedule."""
-        return self.plan(dims, budget, **overrides)
+        """Validate a (budget, overrides) pair without a model; returns the planned schedule. On a model with
+        several crops per image (LLaVA-NeXT), the plan of its costliest image, the largest canvas
+        (`ficoco.dims.image_plan`: a budget of the nominal image, kept per pass or per span)."""
+        if not dims.image_grid_pinpoints:
+            return self.plan(dims, budget, **overrides)
+        unmet = self.unmet_needs(dims)
+        if unmet:
+            raise ValueError(f"{self.name} cannot run on this model: it needs {'; '.join(unmet)}")
+        layout = dims.anyres_layout(*dims.largest_canvas)
+        try:
+            return image_plan(self, dims, [layout], budget, **overrides)
+        except ValueError as error:        # say what the method was asked for on one pass or span
+            if budget is None or not 1 <= budget <= dims.visual_tokens:
+                raise
+            where = f"{span_budget(budget, dims.num_patches, dims.visual_tokens)} a tower pass" \
+                if self.phase == "vision" else \
+                f"{span_budget(budget, layout.delivered, dims.visual_tokens)} of the {layout.delivered} tokens of its largest image"
+            raise type(error)(f"{str(error).rstrip('.')} (budget {budget} of the nominal {dims.visual_tokens}-token "
+                              f"image is {where})") from None
 
     def steps(self, plan: Plan) -> tuple[Step, ...]:
         """The reduction steps that realise `plan` (returned by `plan`)."""

@@ -25,6 +25,8 @@ from ficoco.paradigm.filter import (ficoco_l_scores, ficoco_v_scores, key_mean_s
 # a CLS-first tower and one patch grid per image (every reduction in or right after the tower), and
 # kept LLM tokens that keep their 1-D RoPE positions (every reduction inside the LLM).
 TOWER_NEEDS = Needs(cls_first=True, single_crop=True)
+# a reduction inside the tower that runs on each crop (tower pass) as on an image of its own
+PER_CROP_NEEDS = Needs(cls_first=True)
 LLM_NEEDS = Needs(positions=("rope-1d",))
 
 

@@ -9,66 +9,83 @@ record what ran: `ClipPatch` on the tower (one `VisionPass` holds every pass of 
 per-call state. `last_counts()` gives each row's record with `vision_crops` passes, their layers
 listed one pass after the other (contracts §2), and `projector_tokens`.
 
-LLM-side methods (phase "llm": FastV, PDrop, SparseVLM, DART, FiCoCo-L) act on the whole visual span,
-image-newline tokens included (they are visual tokens of the span like any patch: scored, kept or
-dropped alike). A budget is stated for the nominal image (`ModelDims.visual_tokens`, 2,880 on
-LLaVA-NeXT-7B) and each span keeps the same fraction (`ficoco.budget.span_budget`): a prefill's step is
-the method's plan for its span (`ModelDims.for_image_span`), on the layers the installed step hooks.
-Every image row of a batch must have the same span then. The vision and projector sites of crops are
-not there yet: methods that act there are refused with a message. There is no single plan
-(`handle.plan` is None); `row_plans()` gives each row the plan of its image sizes.
+A budget is stated for the nominal image (`ModelDims.visual_tokens`, 2,880 on LLaVA-NeXT-7B) and every
+image keeps the same fraction (`ficoco.budget.span_budget`):
+- tower methods (FiCoCo-V, ToMe, EViT: `VisionLayerStep`s) run on every pass alike, the plan of one pass
+  (`ficoco.dims.pass_plan`); the kept tokens go to the LLM pass after pass without image-newlines
+  (`concatenated_passes` replaces `pack_image_features`), each image's placeholders cut to match;
+- LLM-side methods (phase "llm": FastV, PDrop, SparseVLM, DART, FiCoCo-L) act on the whole visual span,
+  image-newline tokens included (visual tokens of the span like any patch): a prefill's step is the
+  method's plan for its span (`ModelDims.for_image_span`), on the layers the installed step hooks, so
+  every image row of a batch must have the same span.
+The sites after the tower are not there yet: methods that act there are refused with a message. There
+is no single plan (`handle.plan` is None); `row_plans()` gives each row the plan of its image sizes.
 """
 from __future__ import annotations
 
 import functools
 import inspect
+import types
 from typing import TYPE_CHECKING
 
 import torch
 
-from ficoco.contract import LLMLayerStep, Plan
-from ficoco.dims import ModelDims, anyres_plan, span_plan, unreduced_plan
+from ficoco.contract import LLMLayerStep, Plan, VisionLayerStep
+from ficoco.dims import ModelDims, image_plan, pass_plan, span_plan
 from ficoco.models.clip import ClipPatch
 from ficoco.models.guard import require_tested_transformers
 from ficoco.models.handle import Handle, Replacement
 from ficoco.models.llama import LlamaPatch
-from ficoco.models.placeholders import images_per_row
+from ficoco.models.placeholders import collapse_placeholders, collapsing_generate, images_per_row, pad_token_id
 
 if TYPE_CHECKING:                    # for annotations only: an adapter never imports the methods package
     from ficoco.methods.base import Method
 
-PHASES = ("none", "llm")             # the methods' phases LLaVA-NeXT has sites for
+PHASES = ("none", "vision", "llm")   # the methods' phases LLaVA-NeXT has sites for (vision: inside the tower)
 
 
 def apply_llava_next(model, method: Method, budget: int | None = None, text_tower=None,
                      **overrides) -> "LlavaNextHandle":
     """Install `method` at `budget` (visual tokens of the nominal image) on a `LlavaNextForConditionalGeneration`:
-    the unreduced model or a method that acts inside the LLM."""
+    the unreduced model, a method that reduces inside the tower's layers (on each crop), or one inside the LLM."""
     require_tested_transformers()
     if not callable(getattr(method, "plan", None)):
         raise TypeError(f"apply_llava_next: method {method!r} is not a Method; ficoco.apply resolves a name "
                         f"(`ficoco methods` lists them) to one")
-    if method.phase not in PHASES or method.calibrated or text_tower is not None:
-        raise ValueError(f"{method.name} (phase {method.phase}): on LLaVA-NeXT the unreduced model and the methods "
-                         f"that act inside the LLM from a budget run (phases {', '.join(PHASES)}, not calibrated); the "
-                         f"vision and projector sites of its crops are not there yet (docs/contracts.md §3)")
     dims = ModelDims.from_config(model.config)
-    nominal = method.plan(dims, budget, **overrides)      # the budget and options are checked before any patch
-    return LlavaNextHandle(model, method, dims, nominal, overrides)
+    unmet = method.unmet_needs(dims)
+    if method.phase not in PHASES or method.calibrated or text_tower is not None or unmet:
+        raise ValueError(f"{method.name} (phase {method.phase}): on LLaVA-NeXT the unreduced model and the methods "
+                         f"planned from a budget that reduce inside the tower's layers or inside the LLM run; "
+                         + (f"it needs {'; '.join(unmet)}" if unmet else "the sites after the tower are not there "
+                            "yet") + " (docs/contracts.md §3)")
+    # the budget and options are checked before any patch: a tower method on one pass, any other on the nominal image
+    plan = pass_plan(method, dims, budget, **overrides) if method.phase == "vision" else \
+        method.plan(dims, budget, **overrides)
+    steps = method.steps(plan)
+    if method.phase == "vision" and not all(isinstance(step, VisionLayerStep) for step in steps):
+        raise ValueError(f"{method.name}: on LLaVA-NeXT a tower method runs inside the tower's layers, on each crop; "
+                         f"its {[type(step).__name__ for step in steps]} sites are not there yet")
+    return LlavaNextHandle(model, method, dims, plan, steps, budget, overrides)
 
 
 class LlavaNextHandle(Handle):
-    """A method on LLaVA-NeXT with its counts: the tower and LLM patches, and the forward hooks. `nominal`: the
-    method's plan on the nominal image, whose step fixes the reducing layers."""
+    """A method on LLaVA-NeXT with its counts: the tower and LLM patches, and the forward hooks. `plan`: the
+    method's plan of one tower pass (a tower method, whose step every pass runs) or of the nominal image
+    (whose LLM step fixes the reducing layers); `budget`: of the nominal image."""
 
-    def __init__(self, model, method: Method, dims: ModelDims, nominal: Plan, overrides: dict):
-        super().__init__(model, method, dims, None, method.steps(nominal))
-        self.budget, self.overrides = nominal.budget, dict(overrides)
+    def __init__(self, model, method: Method, dims: ModelDims, plan: Plan, steps: tuple, budget: int | None,
+                 overrides: dict):
+        super().__init__(model, method, dims, None, steps)
+        self.budget, self.overrides = budget, dict(overrides)
+        self.pass_delivered = plan.delivered if self.vision_step is not None else None   # tokens a reduced pass keeps
         self._span_plans: dict[int, tuple[Plan, LLMLayerStep | None]] = {}     # span -> its plan and LLM step
         self.image_token_id = model.config.image_token_id
+        self.pad_token_id = pad_token_id(model, self.image_token_id)
         self._parameter_names = list(inspect.signature(type(model.model).forward).parameters)[1:]
         inner = model.model
-        self._install(lambda: ClipPatch(inner.vision_tower, dims.last_vision_layer, None, self._on_vision_pass))
+        self._install(lambda: ClipPatch(inner.vision_tower, dims.last_vision_layer, self.vision_step,
+                                        self._on_vision_pass))
         self._install(lambda: LlamaPatch(inner.language_model, self.llm_step, self._current_llm_pass))
         self._install(lambda: inner.register_forward_pre_hook(self._before_forward, with_kwargs=True))
         self._install(lambda: inner.register_forward_hook(lambda module, args, output: self._close_call(),
@@ -76,7 +93,34 @@ class LlavaNextHandle(Handle):
         self._sizes_outside_call: torch.Tensor | None = None     # generate encodes the images before the prefill
         self._install(lambda: Replacement(inner, "get_image_features",
                                           self._recording_sizes(inner.get_image_features)))
+        if self.vision_step is not None:         # fewer tokens a pass: packed pass after pass, fewer placeholders
+            self._install(lambda: Replacement(inner, "pack_image_features", concatenated_passes))
+            generate = collapsing_generate(self._collapsed_for_generate, type(model).generate)
+            self._install(lambda: Replacement(model, "generate", types.MethodType(generate, model)))
         self._installed()
+
+    def delivered(self, layout) -> int:
+        """The LLM tokens of an image with this AnyRes layout: its packed span, or under a tower reduction the
+        kept tokens of each of its passes."""
+        return layout.delivered if self.pass_delivered is None else layout.tower_passes * self.pass_delivered
+
+    def _collapsed(self, kwargs: dict, layouts: list, pad_side: str | None) -> dict:
+        """`kwargs` with each image's placeholder run (the span the processor inserted) cut to `delivered`,
+        rows re-padded on `pad_side` (None: on the left when a row's mask starts with 0, else the right)."""
+        mask = kwargs.get("attention_mask")
+        if pad_side is None:
+            pad_side = "left" if mask is not None and mask.dim() == 2 and bool((mask[:, 0] == 0).any()) else "right"
+        collapsed = collapse_placeholders(kwargs["input_ids"], len(layouts), self.image_token_id,
+                                          [layout.delivered for layout in layouts],
+                                          [self.delivered(layout) for layout in layouts], mask,
+                                          kwargs.get("position_ids"), pad_side=pad_side, pad_token_id=self.pad_token_id)
+        return {**kwargs, **collapsed}
+
+    def _collapsed_for_generate(self, kwargs: dict, inner) -> dict:
+        sizes = kwargs.get("image_sizes")
+        if sizes is None:
+            raise ValueError(f"{self.method.name}: LLaVA-NeXT's generate needs image_sizes with pixel_values")
+        return self._collapsed(kwargs, [self.dims.anyres_layout(int(h), int(w)) for h, w in sizes.tolist()], "left")
 
     def _recording_sizes(self, get_image_features):
         """`get_image_features` that remembers the image sizes it encodes outside a forward call (`generate`
@@ -95,22 +139,24 @@ class LlavaNextHandle(Handle):
             if call.llm is not None:                        # a cache reduced from layer 0: its mask and positions
                 kwargs = self._decode_inputs(kwargs, cache, call.llm)
             return (), kwargs
-        input_ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
-        if input_ids is None:
+        if kwargs.get("input_ids") is None:
             raise ValueError("LLaVA-NeXT: pass input_ids (not inputs_embeds) so the image spans can be located from "
                              f"config.image_token_id={self.image_token_id}")
-        is_image = input_ids == self.image_token_id                                  # (B, L)
-        valid = None if mask is None or mask.dim() != 2 else mask.bool()
-        call.placeholders_per_row = is_image.sum(1).tolist()
-        call.pads_per_row = [0] * input_ids.shape[0] if valid is None else (~valid).sum(1).tolist()
         sizes = kwargs.get("image_sizes")
         if kwargs.get("pixel_values") is None and (kwargs.get("mm_encoder_outputs") or {}).get("image") is not None:
             sizes = self._sizes_outside_call                        # the features generate encoded beforehand
             if self._vision_outside_call is not None:
                 call.vision.append(self._vision_outside_call)
         call.image_layouts = [] if sizes is None else [self.dims.anyres_layout(int(h), int(w)) for h, w in sizes.tolist()]
+        if self.vision_step is not None and call.image_layouts:
+            kwargs = self._collapsed(kwargs, call.image_layouts, pad_side=None)
+        input_ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
+        is_image = input_ids == self.image_token_id                                  # (B, L)
+        valid = None if mask is None or mask.dim() != 2 else mask.bool()
+        call.placeholders_per_row = is_image.sum(1).tolist()
+        call.pads_per_row = [0] * input_ids.shape[0] if valid is None else (~valid).sum(1).tolist()
         call.images_per_row = images_per_row(call.placeholders_per_row,
-                                             [layout.delivered for layout in call.image_layouts])
+                                             [self.delivered(layout) for layout in call.image_layouts])
         spans = sorted({span for span in call.placeholders_per_row if span})
         if self.llm_step is not None and len(spans) > 1:
             raise ValueError(f"{self.method.name}: the image spans of this batch's rows hold {spans} tokens; an LLM "
@@ -139,17 +185,16 @@ class LlavaNextHandle(Handle):
         return self._span_plans[span]
 
     def row_plans(self) -> list[Plan]:
-        """Per batch row of the most recent prefill: the plan of its images' span (`span_plan`) with the tower
-        passes of their AnyRes layouts (the image sizes the model got), which its counts must realise."""
+        """Per batch row of the most recent prefill: the plan of its images (`ficoco.dims.image_plan` of their
+        AnyRes layouts, the image sizes the model got), which its counts must realise."""
         call = self._last_prefill
         if call is None:
             return []
         plans, first_image = [], 0
-        for images, span in zip(call.images_per_row, call.placeholders_per_row):
+        for images in call.images_per_row:
             layouts = call.image_layouts[first_image:first_image + images]
             first_image += images
-            plans.append(anyres_plan(self.span_plan(span)[0], self.dims, layouts) if span
-                         else unreduced_plan(self.dims, [], self.method.name))
+            plans.append(image_plan(self.method, self.dims, layouts, self.budget, **self.overrides))
         return plans
 
     def last_counts(self) -> list[dict]:
@@ -164,13 +209,26 @@ class LlavaNextHandle(Handle):
             raise RuntimeError(f"LLaVA-NeXT: the tower ran {passes_run} passes for images whose layouts make "
                                f"{passes_planned}; the counts would be wrong")
         one_pass = call.vision[0].layer_counts if call.vision else []
-        counts, first_image = super().last_counts(), 0
-        for row, images in zip(counts, call.images_per_row):
+        pass_overhead = self._image_overhead(call)               # per tower pass, in the images' order
+        projected_per_pass = self.dims.num_patches if self.pass_delivered is None else self.pass_delivered
+        counts, first_image, first_pass = super().last_counts(), 0, 0
+        for row_index, (row, images) in enumerate(zip(counts, call.images_per_row)):
             layouts = call.image_layouts[first_image:first_image + images]
-            first_image += images
             passes = sum(layout.tower_passes for layout in layouts)
             row["vision"] = [list(pair) for pair in one_pass] * passes
+            row["overhead_macs"] = sum(pass_overhead[first_pass:first_pass + passes]) \
+                + self._llm_overhead(call.llm, row_index, call.pads_per_row[row_index])
             if passes:
                 row["vision_crops"] = passes
-                row["projector_tokens"] = sum(layout.projector_tokens for layout in layouts)
+            if passes and passes * projected_per_pass != row["visual_delivered"]:   # contracts §2: when they differ
+                row["projector_tokens"] = passes * projected_per_pass
+            first_image, first_pass = first_image + images, first_pass + passes
         return counts
+
+
+def concatenated_passes(image_features, image_sizes, vision_feature_select_strategy, image_newline=None):
+    """`LlavaNextModel.pack_image_features` once a tower reduction kept k tokens of each pass: each image's
+    (passes, k, D) features pass after pass (base image, then the crops in raster order) as (passes·k, D),
+    without unpadding or image-newlines (the patch grid is gone); and their lengths."""
+    packed = [features.flatten(0, 1) for features in image_features]
+    return packed, torch.tensor([len(features) for features in packed], dtype=torch.long, device=packed[0].device)
