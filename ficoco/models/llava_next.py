@@ -1,5 +1,5 @@
 """LLaVA-NeXT (`LlavaNextForConditionalGeneration`, AnyRes) under the model-neutral `Handle`: the unreduced
-model and the methods that act inside the LLM, with their counts (issue 18's LLaVA-NeXT adapter).
+model and the methods that reduce inside the tower (on each crop) or inside the LLM, with their counts.
 
 An image of LLaVA-NeXT is a base image and the crops of a canvas chosen by its size
 (`ModelDims.anyres_layout`): the tower runs once per pass, the projector on every pass's patches, and
@@ -79,7 +79,7 @@ class LlavaNextHandle(Handle):
         super().__init__(model, method, dims, None, steps)
         self.budget, self.overrides = budget, dict(overrides)
         self.pass_delivered = plan.delivered if self.vision_step is not None else None   # tokens a reduced pass keeps
-        self._span_plans: dict[int, tuple[Plan, LLMLayerStep | None]] = {}     # span -> its plan and LLM step
+        self._span_steps: dict[int, LLMLayerStep | None] = {}     # image span -> the LLM step planned for it
         self.image_token_id = model.config.image_token_id
         self.pad_token_id = pad_token_id(model, self.image_token_id)
         self._parameter_names = list(inspect.signature(type(model.model).forward).parameters)[1:]
@@ -161,15 +161,15 @@ class LlavaNextHandle(Handle):
         if self.llm_step is not None and len(spans) > 1:
             raise ValueError(f"{self.method.name}: the image spans of this batch's rows hold {spans} tokens; an LLM "
                              f"reduction is planned for one span per batch: batch images of one size, or one at a time")
-        step = self.span_plan(spans[0])[1] if spans and self.llm_step is not None else None
+        step = self._span_step(spans[0]) if spans and self.llm_step is not None else None
         call.llm = self._prefill_pass(is_image, valid, input_ids.shape[1], step, spans[0] if step else None)
         self._remember_prefill(call, cache)
         return (), kwargs
 
-    def span_plan(self, span: int) -> tuple[Plan, LLMLayerStep | None]:
-        """The method's plan for an image span of `span` LLM tokens (its budget: the nominal budget's kept
-        fraction of the span), and its LLM step, which must reduce on the layers installed."""
-        if span not in self._span_plans:
+    def _span_step(self, span: int) -> LLMLayerStep | None:
+        """The LLM step of the method's plan for an image span of `span` LLM tokens (`ficoco.dims.span_plan`: the
+        nominal budget's kept fraction of the span), which must reduce on the layers installed."""
+        if span not in self._span_steps:
             plan = span_plan(self.method, self.dims, span, self.budget, **self.overrides)
             steps = [step for step in self.method.steps(plan) if isinstance(step, LLMLayerStep)]
             step = steps[0] if steps else None
@@ -181,8 +181,8 @@ class LlavaNextHandle(Handle):
                                  f"reduction at layers {None if step is None else list(step.layers)}, and the nominal "
                                  f"image's at {None if installed is None else list(installed.layers)}: one set of "
                                  f"layers is installed")
-            self._span_plans[span] = (plan, step)
-        return self._span_plans[span]
+            self._span_steps[span] = step
+        return self._span_steps[span]
 
     def row_plans(self) -> list[Plan]:
         """Per batch row of the most recent prefill: the plan of its images (`ficoco.dims.image_plan` of their
