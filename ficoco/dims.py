@@ -11,6 +11,9 @@ from dataclasses import asdict, dataclass, replace
 from ficoco.budget import span_budget
 
 MODEL_TYPES = ("llava", "llava_next")      # config.model_type values `from_config` reads
+# the methods' phases that reduce each tower pass of a LLaVA-NeXT image alike: in the tower, at its output,
+# after the projector (`pass_plan`, `crops_plan`)
+PER_PASS_PHASES = ("vision", "projector")
 
 
 def best_canvas(image_size: tuple[int, int], canvases) -> tuple[int, int]:
@@ -263,11 +266,12 @@ def llava_next_dims(size: str = "7b") -> ModelDims:
 
 def image_plan(method, dims: ModelDims, layouts: list[AnyresLayout], budget: int | None, **overrides):
     """`method`'s plan (a `ficoco.contract.Plan`) for a batch row's LLaVA-NeXT images with these layouts, at a
-    budget of the nominal image: a method that reduces inside the tower (phase "vision") on every pass
-    alike (`crops_plan`), any other on their span (`span_plan`, `anyres_plan`). No image: unreduced."""
+    budget of the nominal image: a method that reduces in or right after the tower (`PER_PASS_PHASES`) on
+    every pass alike (`crops_plan`), any other on their span (`span_plan`, `anyres_plan`). No image:
+    unreduced."""
     if not layouts:
         return unreduced_plan(dims, [], method.name)
-    if method.phase == "vision":
+    if method.phase in PER_PASS_PHASES:
         return crops_plan(pass_plan(method, dims, budget, **overrides), dims, layouts)
     span = sum(layout.delivered for layout in layouts)
     return anyres_plan(span_plan(method, dims, span, budget, **overrides), dims, layouts)
@@ -282,15 +286,15 @@ def pass_plan(method, dims: ModelDims, budget: int | None, **overrides):
 
 
 def crops_plan(plan, dims: ModelDims, layouts: list[AnyresLayout]):
-    """A tower method's plan for one pass (`pass_plan`) as the plan of a batch row's LLaVA-NeXT images: every
-    pass of every image reduced alike, the projector on each pass's kept tokens, and the LLM given them
-    pass after pass (base image, then the crops in raster order) without image-newlines, the patch grid
-    being gone (the adapter's packing, docs/contracts.md)."""
+    """A per-pass method's plan for one pass (`pass_plan`) as the plan of a batch row's LLaVA-NeXT images:
+    every pass of every image reduced alike, and the LLM given each pass's kept tokens pass after pass
+    (base image, then the crops in raster order) without image-newlines, the patch grid being gone (the
+    adapter's packing, docs/contracts.md)."""
     passes = sum(layout.tower_passes for layout in layouts)
     delivered = plan.delivered * passes
     return replace(plan, vision_counts=[list(pair) for pair in plan.vision_counts] * passes, vision_crops=passes,
                    delivered=delivered, llm_visual=[delivered] * dims.llm_layers, layer_average=float(delivered),
-                   projector_tokens=None)
+                   projector_tokens=None if plan.projector_tokens is None else plan.projector_tokens * passes)
 
 
 def span_plan(method, dims: ModelDims, span: int, budget: int | None, **overrides):

@@ -237,9 +237,9 @@ HOSTILE = [
              "valid: a known shape, or a source_dir"), where="models.yaml",
             files={"models.yaml": "mirror:\n  source: hub\n  id: a/b\n  shape: source-dir\n"
                                   "  prompt_template: 'USER: <image>\\n{prompt}'\n"}),
-    Hostile("output-method-on-llava-next", base("models: [llava-next-7b]", "methods: [vanilla, visionzip]",
-                                                drop="m"),
-            ("methods[1]", "visionzip cannot run on model llava-next-7b", "one crop per image (this model encodes 5",
+    Hostile("tower-and-llm-method-on-llava-next", base("models: [llava-next-7b]", "methods: [vanilla, ficoco-vl]",
+                                                       drop="m"),
+            ("methods[1]", "ficoco-vl cannot run on model llava-next-7b", "one crop per image (this model encodes 5",
              "valid: the methods this model can run (vanilla, ficoco-v, ficoco-l,")),
     Hostile("tower-budget-on-llava-next", base("models: [llava-next-7b]", "methods: [vanilla, tome]", drop="m"),
             ("budgets[0]", "64 for method tome on model llava-next-7b", "budget B=13 is infeasible",

@@ -26,7 +26,7 @@ def test_listing_and_markdown_table_cover_every_method(capsys):
 
 
 def test_the_listing_says_what_each_method_needs_of_the_image_layout(capsys):
-    assert main(["evit", "visionzip", "fastv", "divprune"]) == 0
+    assert main(["evit", "vscan", "fastv", "divprune"]) == 0
     listing = capsys.readouterr().out.split("\n\n")
     assert "  needs:     a CLS token first in the tower\n" in listing[0]             # EViT runs on each crop
     assert "  needs:     a CLS token first in the tower, one crop per image" in listing[1]

@@ -162,15 +162,16 @@ class Method:
     def unmet_needs(self, dims) -> list[str]:
         """What the model of shape `dims` lacks of this method's needs, in words ([] when it can run).
 
-        On images of several crops (LLaVA-NeXT) the adapter has sites inside the tower (on each crop) and
-        inside the LLM so far, for a method planned from its budget: a method that acts after the tower,
-        or both in the tower and the LLM, needs one crop there, for now (docs/contracts.md §3)."""
+        On images of several crops (LLaVA-NeXT) the adapter reduces each crop in or right after the tower,
+        or the whole span inside the LLM, for a method planned from its budget: a method that acts in both
+        the tower and the LLM, chooses its count per image, is fitted, or reads the instruction needs one
+        crop there, for now (docs/contracts.md §3)."""
         layout = dims.image_layout()
         unmet = unmet_needs(self.needs, layout)
-        if (self.phase in ("projector", "both") or self.calibrated) and not self.needs.single_crop \
-                and len(layout.crops) > 1:
+        if (self.phase == "both" or self.calibrated or not self.budgeted or self.needs_text_tower) \
+                and not self.needs.single_crop and len(layout.crops) > 1:
             unmet.append(f"one crop per image (this model encodes {len(layout.crops)}; on multi-crop images only "
-                         f"reductions inside the tower or inside the LLM, planned from a budget, run so far)")
+                         f"reductions of each crop or inside the LLM, planned from a budget, run so far)")
         return unmet
 
     def check_budget(self, dims, budget: int | None, **overrides) -> Plan:

@@ -19,7 +19,7 @@ import torch
 from ficoco.budget import evit_stage_counts
 from ficoco.contract import StepShape, VisionScores, VisionTokens
 from ficoco.methods.base import Method, Param
-from ficoco.methods.shared import PER_CROP_NEEDS, encoder_plan, patches_for, vision_layer_build, vision_rows_macs
+from ficoco.methods.shared import TOWER_NEEDS, encoder_plan, patches_for, vision_layer_build, vision_rows_macs
 from ficoco.paradigm.compress import fused_token, gather_tokens
 from ficoco.paradigm.filter import complement_positions, top_k_positions
 
@@ -86,7 +86,7 @@ METHOD = Method(
     summary="EViT: keep the most CLS-attended tokens at CLIP layers 7, 13, 19 and fuse the rest into one token",
     phase="vision",
     acts_on=("vision",),
-    needs=PER_CROP_NEEDS,
+    needs=TOWER_NEEDS,
     needs_attention="the CLS attention row of each reducing CLIP layer (computed next to fused attention)",
     stages={
         "filter": "importance = CLS attention A[0, i] over all non-CLS tokens (earlier fused token included); "

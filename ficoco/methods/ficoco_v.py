@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from ficoco.budget import encoder_discards
 from ficoco.methods.base import Method, Param, non_negative_int, optional_non_negative_int, positive_int
-from ficoco.methods.shared import (PER_CROP_NEEDS, VISION_PARAMS, encoder_plan, patches_for, planned_vision_layers,
+from ficoco.methods.shared import (TOWER_NEEDS, VISION_PARAMS, encoder_plan, patches_for, planned_vision_layers,
                                    vision_layers, vision_step)
 
 
@@ -59,7 +59,7 @@ METHOD = Method(
     summary="FiCoCo-V: filter-correlate-compress inside CLIP layers 12..22 (between attention and MLP)",
     phase="vision",
     acts_on=("vision",),
-    needs=PER_CROP_NEEDS,
+    needs=TOWER_NEEDS,
     needs_attention="full head-mean attention matrix of each reducing vision layer",
     stages=STAGES,
     params={**VISION_PARAMS, **RANGE_PARAMS},
@@ -72,7 +72,7 @@ OFFICIAL = Method(
     summary="FiCoCo-V with the author's setting: 42 discards per layer from layer 12 (delivers 114 on LLaVA-1.5)",
     phase="vision",
     acts_on=("vision",),
-    needs=PER_CROP_NEEDS,
+    needs=TOWER_NEEDS,
     needs_attention="full head-mean attention matrix of each reducing vision layer",
     stages=STAGES,
     params={**VISION_PARAMS, **RANGE_PARAMS, "r": Param(42, "patches discarded at every reducing layer", positive_int)},

@@ -22,11 +22,10 @@ from ficoco.paradigm.filter import (ficoco_l_scores, ficoco_v_scores, key_mean_s
 
 
 # What the methods' schedules and steps assume of an image (`unmet_needs` refuses a model that lacks it):
-# a CLS-first tower and one patch grid per image (every reduction in or right after the tower), and
-# kept LLM tokens that keep their 1-D RoPE positions (every reduction inside the LLM).
-TOWER_NEEDS = Needs(cls_first=True, single_crop=True)
-# a reduction inside the tower that runs on each crop (tower pass) as on an image of its own
-PER_CROP_NEEDS = Needs(cls_first=True)
+# a CLS-first tower (every reduction in or right after the tower, which runs on each crop of a LLaVA-NeXT
+# image as on an image of its own), and kept LLM tokens that keep their 1-D RoPE positions (every
+# reduction inside the LLM).
+TOWER_NEEDS = Needs(cls_first=True)
 LLM_NEEDS = Needs(positions=("rope-1d",))
 
 

@@ -27,7 +27,7 @@ import torch
 from ficoco.budget import InfeasibleBudget, tome_merges
 from ficoco.contract import StepShape, VisionScores, VisionTokens
 from ficoco.methods.base import Method, Param, non_negative_int, one_of, optional_non_negative_int
-from ficoco.methods.shared import (PER_CROP_NEEDS, cosine_macs, encoder_plan, patches_for, vision_layer_build,
+from ficoco.methods.shared import (TOWER_NEEDS, cosine_macs, encoder_plan, patches_for, vision_layer_build,
                                   vision_layers)
 from ficoco.paradigm.attention import head_mean_keys, proportional_attention_bias
 from ficoco.paradigm.compress import size_weighted_merge
@@ -127,7 +127,7 @@ METHOD = Method(
     summary="ToMe: bipartite key-similarity merging in every executed CLIP layer, proportional attention",
     phase="vision",
     acts_on=("vision",),
-    needs=PER_CROP_NEEDS,
+    needs=TOWER_NEEDS,
     needs_attention="none: the keys of each CLIP layer (plus a log-size key bias); fused attention is kept",
     stages={
         "filter": "bipartite A (even) / B (odd) split; A-tokens scored by max key cosine to B; CLS protected; "

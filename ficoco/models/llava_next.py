@@ -1,5 +1,5 @@
 """LLaVA-NeXT (`LlavaNextForConditionalGeneration`, AnyRes) under the model-neutral `Handle`: the unreduced
-model and the methods that reduce inside the tower (on each crop) or inside the LLM, with their counts.
+model and the methods that reduce each crop (in or right after the tower) or the span inside the LLM.
 
 An image of LLaVA-NeXT is a base image and the crops of a canvas chosen by its size
 (`ModelDims.anyres_layout`): the tower runs once per pass, the projector on every pass's patches, and
@@ -11,15 +11,16 @@ listed one pass after the other (contracts §2), and `projector_tokens`.
 
 A budget is stated for the nominal image (`ModelDims.visual_tokens`, 2,880 on LLaVA-NeXT-7B) and every
 image keeps the same fraction (`ficoco.budget.span_budget`):
-- tower methods (FiCoCo-V, ToMe, EViT: `VisionLayerStep`s) run on every pass alike, the plan of one pass
-  (`ficoco.dims.pass_plan`); the kept tokens go to the LLM pass after pass without image-newlines
-  (`concatenated_passes` replaces `pack_image_features`), each image's placeholders cut to match;
+- per-pass methods (in the tower's layers, at its output, after the projector: `ClipPatch` and
+  `FeaturePatch` as on LLaVA-1.5) run on every pass alike, the plan of one pass (`ficoco.dims.pass_plan`);
+  the kept tokens go to the LLM pass after pass without image-newlines (`concatenated_passes` replaces
+  `pack_image_features`), each image's placeholders cut to match;
 - LLM-side methods (phase "llm": FastV, PDrop, SparseVLM, DART, FiCoCo-L) act on the whole visual span,
   image-newline tokens included (visual tokens of the span like any patch): a prefill's step is the
   method's plan for its span (`ModelDims.for_image_span`), on the layers the installed step hooks, so
   every image row of a batch must have the same span.
-The sites after the tower are not there yet: methods that act there are refused with a message. There
-is no single plan (`handle.plan` is None); `row_plans()` gives each row the plan of its image sizes.
+Any other method is refused with a message. There is no single plan (`handle.plan` is None);
+`row_plans()` gives each row the plan of its image sizes.
 """
 from __future__ import annotations
 
@@ -30,9 +31,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ficoco.contract import LLMLayerStep, Plan, VisionLayerStep
-from ficoco.dims import ModelDims, image_plan, pass_plan, span_plan
+from ficoco.contract import LLMLayerStep, Plan, ProjectorStep, VisionLayerStep, VisionOutputStep
+from ficoco.dims import PER_PASS_PHASES, ModelDims, image_plan, pass_plan, span_plan
 from ficoco.models.clip import ClipPatch
+from ficoco.models.features import FEATURE_STEPS, FeaturePatch
 from ficoco.models.guard import require_tested_transformers
 from ficoco.models.handle import Handle, Replacement
 from ficoco.models.llama import LlamaPatch
@@ -41,7 +43,8 @@ from ficoco.models.placeholders import collapse_placeholders, collapsing_generat
 if TYPE_CHECKING:                    # for annotations only: an adapter never imports the methods package
     from ficoco.methods.base import Method
 
-PHASES = ("none", "vision", "llm")   # the methods' phases LLaVA-NeXT has sites for (vision: inside the tower)
+PHASES = ("none", *PER_PASS_PHASES, "llm")     # the methods' phases LLaVA-NeXT has sites for
+PER_PASS_STEPS = (VisionLayerStep, *FEATURE_STEPS)   # the steps of a per-pass method it installs
 
 
 def apply_llava_next(model, method: Method, budget: int | None = None, text_tower=None,
@@ -56,36 +59,45 @@ def apply_llava_next(model, method: Method, budget: int | None = None, text_towe
     unmet = method.unmet_needs(dims)
     if method.phase not in PHASES or method.calibrated or text_tower is not None or unmet:
         raise ValueError(f"{method.name} (phase {method.phase}): on LLaVA-NeXT the unreduced model and the methods "
-                         f"planned from a budget that reduce inside the tower's layers or inside the LLM run; "
-                         + (f"it needs {'; '.join(unmet)}" if unmet else "the sites after the tower are not there "
-                            "yet") + " (docs/contracts.md §3)")
-    # the budget and options are checked before any patch: a tower method on one pass, any other on the nominal image
-    plan = pass_plan(method, dims, budget, **overrides) if method.phase == "vision" else \
-        method.plan(dims, budget, **overrides)
+                         f"planned from a budget that reduce each crop (in or right after the tower) or the span "
+                         f"inside the LLM run; " + (f"it needs {'; '.join(unmet)}" if unmet else "this one has no "
+                                                   "site there yet") + " (docs/contracts.md §3)")
+    # the budget and options are checked before any patch: a per-pass method on one pass, any other on the
+    # nominal image
+    per_pass = method.phase in PER_PASS_PHASES
+    plan = pass_plan(method, dims, budget, **overrides) if per_pass else method.plan(dims, budget, **overrides)
     steps = method.steps(plan)
-    if method.phase == "vision" and not all(isinstance(step, VisionLayerStep) for step in steps):
-        raise ValueError(f"{method.name}: on LLaVA-NeXT a tower method runs inside the tower's layers, on each crop; "
-                         f"its {[type(step).__name__ for step in steps]} sites are not there yet")
+    unsupported = [type(step).__name__ for step in steps if per_pass and not isinstance(step, PER_PASS_STEPS)
+                   or isinstance(step, VisionOutputStep) and step.tokens_out is None
+                   or isinstance(step, ProjectorStep) and step.reads_instruction]
+    if unsupported:
+        raise ValueError(f"{method.name}: on LLaVA-NeXT its {unsupported} steps have no site (a count per image, an "
+                         f"input step, or one reading the instruction); docs/contracts.md §3")
     return LlavaNextHandle(model, method, dims, plan, steps, budget, overrides)
 
 
 class LlavaNextHandle(Handle):
-    """A method on LLaVA-NeXT with its counts: the tower and LLM patches, and the forward hooks. `plan`: the
-    method's plan of one tower pass (a tower method, whose step every pass runs) or of the nominal image
-    (whose LLM step fixes the reducing layers); `budget`: of the nominal image."""
+    """A method on LLaVA-NeXT with its counts: the tower, feature and LLM patches, and the forward hooks. `plan`:
+    the method's plan of one tower pass (a per-pass method, whose steps every pass runs) or of the nominal
+    image (whose LLM step fixes the reducing layers); `budget`: of the nominal image."""
 
     def __init__(self, model, method: Method, dims: ModelDims, plan: Plan, steps: tuple, budget: int | None,
                  overrides: dict):
         super().__init__(model, method, dims, None, steps)
         self.budget, self.overrides = budget, dict(overrides)
-        self.pass_delivered = plan.delivered if self.vision_step is not None else None   # tokens a reduced pass keeps
+        per_pass = method.phase in PER_PASS_PHASES
+        self.pass_delivered = plan.delivered if per_pass else None          # tokens each reduced pass delivers
+        self.pass_projected = (plan.projector_tokens or plan.delivered) if per_pass else dims.num_patches
         self._span_steps: dict[int, LLMLayerStep | None] = {}     # image span -> the LLM step planned for it
         self.image_token_id = model.config.image_token_id
         self.pad_token_id = pad_token_id(model, self.image_token_id)
         self._parameter_names = list(inspect.signature(type(model.model).forward).parameters)[1:]
         inner = model.model
-        self._install(lambda: ClipPatch(inner.vision_tower, dims.last_vision_layer, self.vision_step,
-                                        self._on_vision_pass))
+        clip = self._install(lambda: ClipPatch(inner.vision_tower, dims.last_vision_layer, self.vision_step,
+                                               self._on_vision_pass))
+        self._install(lambda: FeaturePatch(inner, dims.last_vision_layer,
+                                           [step for step in steps if isinstance(step, FEATURE_STEPS)],
+                                           lambda: clip.current))
         self._install(lambda: LlamaPatch(inner.language_model, self.llm_step, self._current_llm_pass))
         self._install(lambda: inner.register_forward_pre_hook(self._before_forward, with_kwargs=True))
         self._install(lambda: inner.register_forward_hook(lambda module, args, output: self._close_call(),
@@ -93,7 +105,7 @@ class LlavaNextHandle(Handle):
         self._sizes_outside_call: torch.Tensor | None = None     # generate encodes the images before the prefill
         self._install(lambda: Replacement(inner, "get_image_features",
                                           self._recording_sizes(inner.get_image_features)))
-        if self.vision_step is not None:         # fewer tokens a pass: packed pass after pass, fewer placeholders
+        if per_pass:                             # fewer tokens a pass: packed pass after pass, fewer placeholders
             self._install(lambda: Replacement(inner, "pack_image_features", concatenated_passes))
             generate = collapsing_generate(self._collapsed_for_generate, type(model).generate)
             self._install(lambda: Replacement(model, "generate", types.MethodType(generate, model)))
@@ -148,7 +160,7 @@ class LlavaNextHandle(Handle):
             if self._vision_outside_call is not None:
                 call.vision.append(self._vision_outside_call)
         call.image_layouts = [] if sizes is None else [self.dims.anyres_layout(int(h), int(w)) for h, w in sizes.tolist()]
-        if self.vision_step is not None and call.image_layouts:
+        if self.pass_delivered is not None and call.image_layouts:
             kwargs = self._collapsed(kwargs, call.image_layouts, pad_side=None)
         input_ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
         is_image = input_ids == self.image_token_id                                  # (B, L)
@@ -210,7 +222,6 @@ class LlavaNextHandle(Handle):
                                f"{passes_planned}; the counts would be wrong")
         one_pass = call.vision[0].layer_counts if call.vision else []
         pass_overhead = self._image_overhead(call)               # per tower pass, in the images' order
-        projected_per_pass = self.dims.num_patches if self.pass_delivered is None else self.pass_delivered
         counts, first_image, first_pass = super().last_counts(), 0, 0
         for row_index, (row, images) in enumerate(zip(counts, call.images_per_row)):
             layouts = call.image_layouts[first_image:first_image + images]
@@ -220,8 +231,8 @@ class LlavaNextHandle(Handle):
                 + self._llm_overhead(call.llm, row_index, call.pads_per_row[row_index])
             if passes:
                 row["vision_crops"] = passes
-            if passes and passes * projected_per_pass != row["visual_delivered"]:   # contracts §2: when they differ
-                row["projector_tokens"] = passes * projected_per_pass
+            if passes and passes * self.pass_projected != row["visual_delivered"]:   # contracts §2: when they differ
+                row["projector_tokens"] = passes * self.pass_projected
             first_image, first_pass = first_image + images, first_pass + passes
         return counts
 
