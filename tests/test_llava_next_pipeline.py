@@ -29,7 +29,7 @@ def write_next_config(repo, source_dir, name="next", methods=("vanilla", "ficoco
     (repo / "config/test_models.yaml").write_text(yaml.safe_dump(models))
     config = {"models": ["tiny-next"], "methods": list(methods), "budgets": [40], "benchmarks": ["toy-shapes-mini"],
               "limit": 4, "batch_size": 2, "device": "cpu", "registries": {"models": "config/test_models.yaml"},
-              "measure": {"enabled": True, "methods": ["vanilla"], "warmup": 0, "repeats": 1, "new_tokens": 2,
+              "measure": {"enabled": True, "methods": list(methods), "warmup": 0, "repeats": 1, "new_tokens": 2,
                           "prompt_tokens": 8},
               "wandb": {"project": "ficoco-test"}}
     (repo / f"config/{name}.yaml").write_text(yaml.safe_dump(config))
@@ -91,6 +91,10 @@ def test_a_tiny_llava_next_runs_end_to_end_through_snakemake(next_run):
     measured = json.loads((repo / "results/measure/tiny-next/vanilla/bfull.json").read_text())
     assert measured["image_size"] == [64, 64] and measured["counts"]["vision_crops"] == 5
     assert measured["plan"]["vision_crops"] == 5 and measured["visual_tokens"] == 80    # nominal: 5 x 16
+    # the measured 64 x 64 image has the toy scenes' layout: 5 passes, an 88-token span
+    for method, llm_visual in (("ficoco-v", [40] * 3), ("fastv", [88, 22, 22])):
+        measured = json.loads((repo / f"results/measure/tiny-next/{method}/b40.json").read_text())
+        assert measured["counts"]["llm_visual"] == measured["plan"]["llm_visual"] == llm_visual
     html = (repo / "report/report.html").read_text()
     assert "tiny-next" in html
 
