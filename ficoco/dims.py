@@ -139,8 +139,8 @@ class ModelDims:
     def max_tower_passes(self) -> int:
         """Tower passes of the costliest image: 1 for LLaVA-1.5; LLaVA-NeXT: the base image and the crops
         of its largest canvas (5 on LLaVA-NeXT-7B)."""
-        return 1 + max((h // self.image_size) * (w // self.image_size) for h, w in self.image_grid_pinpoints) \
-            if self.image_grid_pinpoints else 1
+        height, width = self.largest_canvas
+        return 1 + (height // self.image_size) * (width // self.image_size) if self.image_grid_pinpoints else 1
 
     @property
     def last_vision_layer(self) -> int:
@@ -191,11 +191,7 @@ class ModelDims:
         from ficoco.contract import CropLayout, ImageLayout
 
         crop = CropLayout(grid=(self.grid_side, self.grid_side), prefix=1)
-        newlines = 0
-        if self.image_grid_pinpoints:
-            rows = max(((h // self.image_size, w // self.image_size) for h, w in self.image_grid_pinpoints),
-                       key=lambda grid: grid[0] * grid[1])[0]
-            newlines = rows * self.grid_side
+        newlines = (self.largest_canvas[0] // self.image_size) * self.grid_side if self.image_grid_pinpoints else 0
         return ImageLayout(crops=(crop,) * self.max_tower_passes, prefix_delivered=self.select_strategy != "default",
                            layout_tokens=newlines, positions="rope-1d")
 

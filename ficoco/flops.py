@@ -704,8 +704,9 @@ def flops_table(dims: ModelDims, method: str, budgets: Sequence[int], text_token
     from ficoco import methods
     from ficoco.budget import InfeasibleBudget
 
-    if dims.image_grid_pinpoints and method != "vanilla" and methods.get(method).unmet_needs(dims):
-        raise ValueError(f"--method {method}: on LLaVA-NeXT it needs {'; '.join(methods.get(method).unmet_needs(dims))}")
+    unmet = methods.get(method).unmet_needs(dims) if dims.image_grid_pinpoints else []
+    if unmet:
+        raise ValueError(f"--method {method}: on LLaVA-NeXT it needs {'; '.join(unmet)}")
     rows, costs, infeasible = [], [], []
     vanilla = sample_cost(dims, vanilla_counts(dims, text_tokens, image_size), generated)
     rows.append(_cost_row("vanilla", vanilla))

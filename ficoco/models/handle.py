@@ -106,8 +106,8 @@ class Handle:
         image_overhead = self._image_overhead(call)
         image_projected = self._image_projected(call)
         counts, first_image = [], 0
-        for row, (images, placeholders, pads) in enumerate(zip(call.images_per_row, call.placeholders_per_row,
-                                                                call.pads_per_row)):
+        for row, (images, passes, placeholders, pads) in enumerate(zip(
+                call.images_per_row, self._tower_images_per_row(call), call.placeholders_per_row, call.pads_per_row)):
             llm_pass = call.llm
             lengths = llm_pass.layer_lengths if llm_pass else []
             dropped = llm_pass.layer_dropped if llm_pass else []
@@ -116,18 +116,23 @@ class Handle:
                 "visual_delivered": placeholders,
                 "llm": [length - pads for length in lengths],
                 "llm_visual": [placeholders - n for n in dropped] if placeholders else [0] * len(lengths),
-                "overhead_macs": sum(image_overhead[first_image:first_image + images])
+                "overhead_macs": sum(image_overhead[first_image:first_image + passes])
                                  + self._llm_overhead(llm_pass, row, pads),
             }
-            projected = image_projected[first_image:first_image + images]
+            projected = image_projected[first_image:first_image + passes]
             if any(tokens is not None for tokens in projected):   # a projector step: the projector ran on more
                 row_counts["projector_tokens"] = sum(tokens for tokens in projected if tokens is not None)
             if llm_pass is not None and llm_pass.mlp_dropped:     # reductions between a layer's attention and MLP
                 row_counts["llm_mlp"] = [length - pads - (llm_pass.mlp_dropped.get(layer, before) - before)
                                          for layer, (length, before) in enumerate(zip(lengths, dropped))]
             counts.append(row_counts)
-            first_image += images
+            first_image += passes
         return counts
+
+    def _tower_images_per_row(self, call: Call) -> list[int]:
+        """How many images each batch row put through the tower (its vision passes' rows): one per image
+        here; a family that encodes an image in several passes (LLaVA-NeXT) counts the passes."""
+        return call.images_per_row
 
     def row_plans(self) -> list[Plan]:
         """The plan each batch row of the most recent prefill is held to (ficoco.invariants checks its

@@ -221,20 +221,22 @@ class LlavaNextHandle(Handle):
             raise RuntimeError(f"LLaVA-NeXT: the tower ran {passes_run} passes for images whose layouts make "
                                f"{passes_planned}; the counts would be wrong")
         one_pass = call.vision[0].layer_counts if call.vision else []
-        pass_overhead = self._image_overhead(call)               # per tower pass, in the images' order
-        counts, first_image, first_pass = super().last_counts(), 0, 0
-        for row_index, (row, images) in enumerate(zip(counts, call.images_per_row)):
-            layouts = call.image_layouts[first_image:first_image + images]
-            passes = sum(layout.tower_passes for layout in layouts)
+        counts = super().last_counts()
+        for row, passes in zip(counts, self._tower_images_per_row(call)):
             row["vision"] = [list(pair) for pair in one_pass] * passes
-            row["overhead_macs"] = sum(pass_overhead[first_pass:first_pass + passes]) \
-                + self._llm_overhead(call.llm, row_index, call.pads_per_row[row_index])
             if passes:
                 row["vision_crops"] = passes
             if passes and passes * self.pass_projected != row["visual_delivered"]:   # contracts §2: when they differ
                 row["projector_tokens"] = passes * self.pass_projected
-            first_image, first_pass = first_image + images, first_pass + passes
         return counts
+
+    def _tower_images_per_row(self, call) -> list[int]:
+        """Tower passes per batch row: the base image and the crops of each of its images."""
+        passes, first_image = [], 0
+        for images in call.images_per_row:
+            passes.append(sum(layout.tower_passes for layout in call.image_layouts[first_image:first_image + images]))
+            first_image += images
+        return passes
 
 
 def concatenated_passes(image_features, image_sizes, vision_feature_select_strategy, image_newline=None):

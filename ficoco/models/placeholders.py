@@ -47,9 +47,10 @@ def collapse_placeholders(input_ids: torch.Tensor, n_images: int, image_token_id
                          f"image tokens per row: {per_row.tolist()}")
     batch, length = input_ids.shape
     order = is_image.reshape(-1).cumsum(0).view(batch, length) - 1                 # placeholder index, reading order
-    ends = torch.tensor(full_per_image, device=input_ids.device).cumsum(0)           # (n_images,)
+    spans = torch.tensor(full_per_image, device=input_ids.device)                  # (n_images,)
+    ends = spans.cumsum(0)
     image = torch.searchsorted(ends, order.clamp(min=0), right=True).clamp(max=n_images - 1)   # (B, L)
-    offset = order - (ends - torch.tensor(full_per_image, device=input_ids.device))[image]     # within its image
+    offset = order - (ends - spans)[image]                                         # within its image
     drop = is_image & (offset >= torch.tensor(per_image, device=input_ids.device)[image])      # (B, L)
     keep = ~drop
     lengths = keep.sum(1)                                                          # (B,)
