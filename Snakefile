@@ -1,7 +1,6 @@
 # ficoco: filter -> correlate -> compress, measured the same way for every method.
 #   snakemake --cores 2                                                   # the toy world, offline
-#   snakemake --profile slurm --configfile config/paper.yaml              # the paper's grid on Slurm
-#   snakemake --profile slurm --configfile config/paper-next.yaml         # its LLaVA-NeXT-7B benchmarks (unreduced so far)
+#   snakemake --profile slurm --configfile config/paper.yaml              # the paper's grid on Slurm (LLaVA-1.5, LLaVA-NeXT)
 from snakemake.utils import min_version
 
 min_version("9.0")

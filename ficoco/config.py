@@ -312,10 +312,20 @@ def _load_schema(schema_path: Path) -> dict:
         return yaml.safe_load(handle)
 
 
+def _followed(schema: dict, node: dict) -> dict:
+    """`node` with a local reference ({$ref: "#/properties/models"}) replaced by what it names."""
+    while "$ref" in node:
+        reference, node = node["$ref"], schema
+        for part in reference.removeprefix("#/").split("/"):
+            node = node[part]
+    return node
+
+
 def _schema_at(schema: dict, parts) -> dict:
     """The sub-schema that describes the value at `parts` (best effort, for hints)."""
     node = schema
     for part in parts:
+        node = _followed(schema, node)
         if isinstance(part, int) and "items" in node:
             node = node["items"]
         elif "oneOf" in node and any(part in branch.get("properties", {}) for branch in node["oneOf"]):
@@ -326,7 +336,7 @@ def _schema_at(schema: dict, parts) -> dict:
             node = node["additionalProperties"]
         else:
             break
-    return node
+    return _followed(schema, node)
 
 
 def _describe(node: dict) -> str:
@@ -584,6 +594,39 @@ def _unknown(key: Sequence, value, valid) -> ConfigError:
     return ConfigError(f"{value!r} is not known{_did_you_mean(value, valid)}; valid: {', '.join(valid)}", key)
 
 
+def grids(config: dict) -> list[dict]:
+    """The grids a config runs, each as a whole config: the top-level grid, then each entry of `grids`
+    with its own models, methods, budgets, benchmarks and method_params (every other key shared)."""
+    top = {key: value for key, value in config.items() if key != "grids"}
+    return [top] + [{**top, "method_params": {}, **grid} for grid in config.get("grids", [])]
+
+
+def grid_of(config: dict, model: str) -> dict:
+    """The grid that runs `model` (each model belongs to one; the top-level grid for any other)."""
+    return next((grid for grid in grids(config) if model in grid.get("models", ())), grids(config)[0])
+
+
+def grid_names(config: dict, kind: str) -> list[str]:
+    """Every name of `kind` ("models", "methods", "benchmarks") some grid runs, in config order, once each."""
+    return list(dict.fromkeys(name for grid in grids(config) for name in grid[kind]))
+
+
+def _grid_key(index: int) -> list:
+    """Where grid `index` of `grids(config)` sits in the config file."""
+    return [] if index == 0 else ["grids", index - 1]
+
+
+def _check_one_grid_per_model(config: dict) -> None:
+    first: dict[str, list] = {}
+    for index, grid in enumerate(grids(config)):
+        for position, model in enumerate(grid["models"]):
+            key = _grid_key(index) + ["models", position]
+            if model in first:                       # twice in one grid was refused by _check_names
+                raise ConfigError(f"{model!r} is also in the grid at {_key_path(first[model])}; valid: each model in "
+                                  f"one grid (its methods, budgets, benchmarks and method_params are that grid's)", key)
+            first.setdefault(model, key)
+
+
 def _check_names(config: dict, key: str, valid: Iterable[str]) -> None:
     valid = list(valid)
     first: dict[str, int] = {}
@@ -624,10 +667,10 @@ def _max_reduction(visual_tokens: int) -> float:
 
 
 def method_overrides(config: dict, models: dict, model: str, method: str, budget: str) -> dict:
-    """Hyperparameter overrides for one job: model registry < config < config per_budget."""
+    """Hyperparameter overrides for one job: model registry < the model's grid < that grid's per_budget."""
     merged: dict = {}
     for source in (models[model].get("method_params", {}).get(method, {}),
-                   config.get("method_params", {}).get(method, {})):
+                   grid_of(config, model).get("method_params", {}).get(method, {})):
         merged.update({k: v for k, v in source.items() if k != "per_budget"})
         if str(budget).isdigit():                  # "full" and "adaptive" take no per-budget overrides
             merged.update(source.get("per_budget", {}).get(int(budget), {}))
@@ -938,28 +981,38 @@ def _validate(config: dict, root: Path) -> dict:
     paths = _registry_paths(config, root)
     models, benchmarks = load_registries(config, root)
     model_registry, benchmark_registry = display_path(paths["models"][1]), display_path(paths["benchmarks"][1])
-    _check_names(config, "models", models)
-    _check_names(config, "benchmarks", benchmarks)
-    for name in config["models"]:
-        _check_model_entry(name, models[name], model_registry)
-    for name in config["benchmarks"]:
-        _check_benchmark_entry(name, benchmarks[name], benchmark_registry)
-        _benchmark_object(name, benchmarks[name], benchmark_registry)
-    _check_benchmark_options(config, benchmarks, benchmark_registry)
-    _check_shards(config, benchmarks)
-
     from ficoco import methods as method_registry
 
-    _check_names(config, "methods", method_registry.names())
+    for index, grid in enumerate(grids(config)):
+        try:
+            _check_names(grid, "models", models)
+            _check_names(grid, "benchmarks", benchmarks)
+            _check_names(grid, "methods", method_registry.names())
+        except ConfigError as error:
+            raise ConfigError(error.text, _grid_key(index) + list(error.key)) from None
+    _check_one_grid_per_model(config)
+    for name in grid_names(config, "models"):
+        _check_model_entry(name, models[name], model_registry)
+    for name in grid_names(config, "benchmarks"):
+        _check_benchmark_entry(name, benchmarks[name], benchmark_registry)
+        _benchmark_object(name, benchmarks[name], benchmark_registry)
+    # the shared keys name what any grid runs
+    shared = {**config, **{kind: grid_names(config, kind) for kind in ("models", "methods", "benchmarks")}}
+    _check_benchmark_options(shared, benchmarks, benchmark_registry)
+    _check_shards(shared, benchmarks)
     for index, name in enumerate(config["measure"]["methods"] or []):
-        if name not in config["methods"]:
-            raise ConfigError(f"{name!r} is not in methods{_did_you_mean(name, config['methods'])}; valid: "
-                              f"methods of the grid ({', '.join(config['methods'])}), or null for all",
+        if name not in shared["methods"]:
+            raise ConfigError(f"{name!r} is not in methods{_did_you_mean(name, shared['methods'])}; valid: "
+                              f"methods of the grid ({', '.join(shared['methods'])}), or null for all",
                               ["measure", "methods", index])
-    _check_method_params(config, method_registry)
-    _check_needs(config, models, model_registry, method_registry)
-    _check_budgets(config, models, model_registry, method_registry)
-    _check_calibration(config, benchmarks, benchmark_registry, method_registry)
+    for index, grid in enumerate(grids(config)):
+        try:
+            _check_method_params(grid, method_registry)
+            _check_needs(grid, models, model_registry, method_registry)
+            _check_budgets(grid, models, model_registry, method_registry)
+        except ConfigError as error:
+            raise ConfigError(error.text, _grid_key(index) + list(error.key)) from None
+    _check_calibration(shared, benchmarks, benchmark_registry, method_registry)
     return config
 
 
@@ -967,7 +1020,7 @@ def calibrated_methods(config: dict) -> list[str]:
     """The configured methods whose plans need a fit on the calibration set (`Method.calibrated`)."""
     from ficoco import methods as method_registry
 
-    return [method for method in config["methods"] if method_registry.get(method).calibrated]
+    return [method for method in grid_names(config, "methods") if method_registry.get(method).calibrated]
 
 
 def _check_calibration(config: dict, benchmarks: dict, registry: str, method_registry) -> None:
@@ -1049,26 +1102,28 @@ def job_grid(config: dict, root: Path = REPO_ROOT) -> list[Job]:
 
     models, _ = load_registries(config, root)
     jobs = []
-    for model in config["models"]:
-        dims = model_dims(model, models[model])
-        runs: dict[str, list[tuple[str, str, float | None]]] = {}   # method -> (label, run budget, cost)
-        for method in config["methods"]:
-            registered = method_registry.get(method)
-            # vanilla runs once unreduced ("full"), an adaptive method once with its own counts ("adaptive")
-            labels = [FULL] if method == "vanilla" else [ADAPTIVE] if not registered.budgeted \
-                else budgets_for(config, dims, model)
-            runs[method] = []
-            for label in labels:
-                solved = solve_budget(config, models, model, method, label) if tflops_target(label) else None
-                runs[method].append((label, str(solved.tokens), solved.predicted_tflops) if solved
-                                    else (label, label, None))
-        for benchmark in config["benchmarks"]:
-            shards = shards_for(config, benchmark)
-            for method in config["methods"]:
-                phase = method_registry.get(method).phase
-                for label, run_budget, predicted in runs[method]:
-                    for shard in range(shards):
-                        jobs.append(Job(model, method, phase, label, benchmark, shard, shards, run_budget, predicted))
+    for grid in grids(config):
+        for model in grid["models"]:
+            dims = model_dims(model, models[model])
+            runs: dict[str, list[tuple[str, str, float | None]]] = {}   # method -> (label, run budget, cost)
+            for method in grid["methods"]:
+                registered = method_registry.get(method)
+                # vanilla runs once unreduced ("full"), an adaptive method once with its own counts ("adaptive")
+                labels = [FULL] if method == "vanilla" else [ADAPTIVE] if not registered.budgeted \
+                    else budgets_for(grid, dims, model)
+                runs[method] = []
+                for label in labels:
+                    solved = solve_budget(grid, models, model, method, label) if tflops_target(label) else None
+                    runs[method].append((label, str(solved.tokens), solved.predicted_tflops) if solved
+                                        else (label, label, None))
+            for benchmark in grid["benchmarks"]:
+                shards = shards_for(grid, benchmark)
+                for method in grid["methods"]:
+                    phase = method_registry.get(method).phase
+                    for label, run_budget, predicted in runs[method]:
+                        for shard in range(shards):
+                            jobs.append(Job(model, method, phase, label, benchmark, shard, shards, run_budget,
+                                            predicted))
     return jobs
 
 

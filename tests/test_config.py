@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ficoco.config import ConfigError, FULL, job_grid, model_dims, validate
+from ficoco.config import ConfigError, FULL, grid_names, job_grid, method_overrides, model_dims, validate
 from ficoco.dims import ModelDims
 from helpers_tiny import tiny_llava_next
 
@@ -157,3 +157,52 @@ def test_a_source_dir_of_another_model_family_is_refused(tmp_path):
     message = error_of(paper_like(models=["mirror"], methods=["vanilla"], benchmarks=["toy-shapes-mini"],
                                   registries={"models": registry}))
     assert "mirror.shape" in message and "model_type 'qwen2_vl'" in message and "valid: a source_dir" in message
+
+
+# ---------------------------------------------------------------------------------------------
+# further grids (another model family with its own methods, budgets and benchmarks)
+
+
+def with_next_grid(**grid_changes):
+    grid = {"models": ["llava-next-7b"], "methods": ["vanilla", "ficoco-l"], "budgets": [320],
+            "benchmarks": ["mmmu"], "method_params": {"ficoco-l": {"start": 1, "window": 1}}}
+    grid.update(grid_changes)
+    return paper_like(grids=[grid], method_params={"ficoco-v": {"lam": 0.5}})
+
+
+def test_each_grid_runs_its_own_methods_budgets_benchmarks_and_parameters():
+    config = validate(with_next_grid())
+    jobs = job_grid(config)
+    assert [(j.model, j.method, j.budget, j.benchmark) for j in jobs] == [
+        ("llava-1.5-7b", "vanilla", FULL, "gqa"), ("llava-1.5-7b", "ficoco-v", "192", "gqa"),
+        ("llava-1.5-7b", "ficoco-v", "64", "gqa"),
+        ("llava-next-7b", "vanilla", FULL, "mmmu"), ("llava-next-7b", "ficoco-l", "320", "mmmu")]
+    models = yaml.safe_load(Path("config/models.yaml").read_text())
+    assert method_overrides(config, models, "llava-next-7b", "ficoco-l", "320") == {"start": 1, "window": 1}
+    assert method_overrides(config, models, "llava-1.5-7b", "ficoco-v", "64")["lam"] == 0.5
+    assert "lam" not in method_overrides(config, models, "llava-next-7b", "ficoco-v", "320")
+    assert grid_names(config, "benchmarks") == ["gqa", "mmmu"]
+    assert grid_names(config, "models") == ["llava-1.5-7b", "llava-next-7b"]
+
+
+def test_a_grids_problem_names_its_place_in_the_grids_list():
+    message = error_of(with_next_grid(methods=["vanilla", "ficoco-l", "ficoco-vl"]))
+    assert message.startswith("config error: grids[0].methods[2]:") and "ficoco-vl cannot run on model llava-next-7b" in message
+    message = error_of(with_next_grid(budgets=[3000]))
+    assert message.startswith("config error: grids[0].budgets[0]:") and "2880" in message
+    message = error_of(with_next_grid(budgets=["x"]))
+    assert message.startswith("config error: grids[0].budgets[0]:") and "reduction" in message   # schema via $ref
+    message = error_of(with_next_grid(method_params={"ficoco-v": {"lam": 0.5}}))
+    assert message.startswith("config error: grids[0].method_params.ficoco-v:") and "not in methods" in message
+    message = error_of(with_next_grid(shards=2))
+    assert message.startswith("config error: grids[0].shards:") and "unknown key" in message
+    message = error_of(with_next_grid(models=["llava-next-7b", "llava-1.5-7b"]))
+    assert message.startswith("config error: grids[0].models[1]:") and "also in the grid at models[0]" in message
+
+
+def test_shared_keys_name_benchmarks_and_methods_of_any_grid():
+    config = validate({**with_next_grid(benchmarks=["mmmu", "textvqa"]), "shards": {"mmmu": 2},
+                       "measure": {"methods": ["ficoco-l"]}, "benchmark_options": {"textvqa": {"ocr": True}}})
+    assert [j.shards for j in job_grid(config) if j.benchmark == "mmmu"] == [2] * 4
+    message = error_of({**with_next_grid(), "measure": {"methods": ["pdrop"]}})
+    assert "measure.methods[0]" in message and "ficoco-l" in message.split("valid:")[1]

@@ -239,7 +239,7 @@ def test_names_map_onto_the_paper():
 
 
 def test_llava_next_runs_find_the_papers_table_2_cells():
-    """The v4 Table 2 values (spec paper-results.md §5) beside our LLaVA-NeXT-7B runs of config/paper-next.yaml."""
+    """The v4 Table 2 values (spec paper-results.md §5) beside our LLaVA-NeXT-7B runs of config/paper.yaml."""
     runs = pd.DataFrame({"model": ["llava-next-7b"] * 4 + ["llava-1.5-7b"],
                          "method": ["vanilla", "ficoco-l", "pdrop", "ficoco-l", "ficoco-l"],
                          "budget": ["full", "160", "320", "320", "160"],

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from ficoco import methods
-from ficoco.config import job_grid, load_and_validate
+from ficoco.config import grid_names, job_grid, load_and_validate
 from pipeline import copy_workflow
 
 
@@ -42,7 +42,7 @@ def job_blocks(output: str) -> list[tuple[str, str]]:
             for i, match in enumerate(starts)]
 
 
-@pytest.mark.parametrize("configfile", ["config/paper.yaml", "config/paper-tflops.yaml", "config/paper-next.yaml"])
+@pytest.mark.parametrize("configfile", ["config/paper.yaml", "config/paper-tflops.yaml"])
 def test_paper_dry_run_lists_every_job(repo_copy, configfile):
     result = snakemake(repo_copy, "-n", "-p", "--cores", "1", "--configfile", configfile)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -51,10 +51,10 @@ def test_paper_dry_run_lists_every_job(repo_copy, configfile):
     counts = job_counts(result.stdout)
     assert counts["evaluate"] == len(grid)
     assert counts["score"] == len({(j.model, j.benchmark, j.method, j.budget) for j in grid})
-    assert counts["fetch_model"] == len(config["models"])
-    calibrated = {method for method in config["methods"] if methods.get(method).calibrated}
+    assert counts["fetch_model"] == len(grid_names(config, "models"))
+    calibrated = {method for method in grid_names(config, "methods") if methods.get(method).calibrated}
     # the calibration set is fetched too, and each calibrated method is fitted once per model and budget
-    assert counts["fetch_benchmark"] == len(config["benchmarks"]) + bool(calibrated)
+    assert counts["fetch_benchmark"] == len(grid_names(config, "benchmarks")) + bool(calibrated)
     assert counts.get("calibrate", 0) == len({(j.model, j.method, j.budget) for j in grid if j.method in calibrated})
     assert counts["measure"] == len({(j.model, j.method, j.budget) for j in grid})
     assert counts["aggregate"] == counts["report"] == 1
@@ -62,6 +62,16 @@ def test_paper_dry_run_lists_every_job(repo_copy, configfile):
     ran = re.findall(r"--method (\S+) --phase \S+ --budget (\S+) --budget-label (\S+)", result.stdout)
     assert len(ran) == len(grid)
     assert sorted(ran) == sorted((j.method, j.run_budget, j.budget) for j in grid)
+
+
+def test_the_paper_grid_holds_the_v4_llava_next_grid():
+    """Issue 18: config/paper.yaml lists LLaVA-NeXT-7B's Table 2 jobs beside LLaVA-1.5's, with its own budgets."""
+    jobs = job_grid(load_and_validate("config/paper.yaml"))
+    next_jobs = [job for job in jobs if job.model == "llava-next-7b"]
+    assert {(job.method, job.budget) for job in next_jobs} == {
+        ("vanilla", "full"), *((method, budget) for method in ("ficoco-v", "ficoco-l", "pdrop") for budget in ("320", "160"))}
+    assert {job.benchmark for job in next_jobs} == {"mmbench", "scienceqa_img", "scienceqa_full", "textvqa", "mmmu"}
+    assert {job.budget for job in jobs if job.model == "llava-1.5-7b" and job.method == "ficoco-v"} == {"192", "128", "64"}
 
 
 def test_slurm_profile_gives_gpus_to_gpu_jobs_only(repo_copy):

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from ficoco.budget_labels import LABEL_PATTERN
-from ficoco.config import calibrated_methods, job_grid, load_registries, method_overrides
+from ficoco.config import calibrated_methods, grid_names, job_grid, load_registries, method_overrides
 
 # The Snakefile read the config files strictly and validated them with the --config overrides
 # (ficoco.config.load_config); the validated config, defaults filled in, replaces Snakemake's reading.
@@ -27,12 +27,14 @@ def _names_regex(names):
     return "|".join(map(re.escape, names)) if names else "(?!)"
 
 
-HUB_MODELS = [m for m in config["models"] if MODELS[m]["source"] == "hub"]
-TOY_MODELS = [m for m in config["models"] if MODELS[m]["source"] == "toy"]
+GRID_MODELS = grid_names(config, "models")          # of the top-level grid and every entry of `grids`
+GRID_BENCHMARKS = grid_names(config, "benchmarks")
+HUB_MODELS = [m for m in GRID_MODELS if MODELS[m]["source"] == "hub"]
+TOY_MODELS = [m for m in GRID_MODELS if MODELS[m]["source"] == "toy"]
 # the benchmarks to fetch or build: the evaluated ones and the calibration set of calibrated methods
 CALIBRATED = calibrated_methods(config)
 CALIBRATION_BENCHMARK = config["calibration"]["benchmark"] if CALIBRATED else None
-PREPARED_BENCHMARKS = config["benchmarks"] + ([CALIBRATION_BENCHMARK] if CALIBRATION_BENCHMARK else [])
+PREPARED_BENCHMARKS = GRID_BENCHMARKS + ([CALIBRATION_BENCHMARK] if CALIBRATION_BENCHMARK else [])
 HUB_BENCHMARKS = [b for b in PREPARED_BENCHMARKS if BENCHMARKS[b].get("source", "hub") == "hub"]
 TOY_BENCHMARKS = [b for b in PREPARED_BENCHMARKS if BENCHMARKS[b].get("source", "hub") == "toy"]
 
@@ -41,7 +43,7 @@ RUN_BUDGETS = {(j.model, j.method, j.budget): j for j in JOBS}
 RUN_DIR = "results/runs/{model}/{benchmark}/{method}/b{budget}"
 RUNS = sorted({(j.model, j.benchmark, j.method, j.phase, j.budget, j.shards) for j in JOBS})
 METRICS = [RUN_DIR.format(model=m, benchmark=b, method=me, budget=bu) + "/metrics.json" for m, b, me, _, bu, _ in RUNS]
-MEASURED_METHODS = config["measure"]["methods"] or config["methods"]
+MEASURED_METHODS = config["measure"]["methods"] or grid_names(config, "methods")
 MEASURES = sorted({f"results/measure/{j.model}/{j.method}/b{j.budget}.json" for j in JOBS
                    if j.method in MEASURED_METHODS}) if config["measure"]["enabled"] else []
 SUMMARY = "results/summary/results.csv"

@@ -24,8 +24,8 @@ rule aggregate:
 rule report:
     input:
         summary=rules.aggregate.output,
-        models=expand(MODEL_MANIFEST, model=config["models"]),
-        benchmarks=expand(BENCHMARK_MANIFEST, benchmark=config["benchmarks"]),
+        models=expand(MODEL_MANIFEST, model=GRID_MODELS),
+        benchmarks=expand(BENCHMARK_MANIFEST, benchmark=GRID_BENCHMARKS),
     output:
         html=REPORT_HTML,
         figures=[report(f"results/report/{name}.png", category="Figures", caption=f"../../report/captions/{name}.rst")
