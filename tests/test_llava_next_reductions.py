@@ -32,7 +32,12 @@ TOWER_CASES = [("ficoco-v", 40, {"start": 1}), ("tome", 40, {"start": 1}), ("evi
                ("random", 40, {}), ("pooling", 20, {}), ("divprune", 40, {})]
 CASES = [("fastv", 40, {"layer": 1}), ("dart", 40, {"layer": 1}), ("pdrop", 40, {"boundaries": [1, 2, 3]}),
          ("pdrop", 50, {"boundaries": [0, 2]}),                                 # the cache is reduced from layer 0
-         ("ficoco-l", 40, {"start": 0, "window": 2})]
+         ("ficoco-l", 40, {"start": 0, "window": 2}),
+         # the same counts for every span (config/paper.yaml's LLaVA-NeXT grid), dropped tokens recycled
+         ("sparsevlm", 40, {"layers": [0, 2], "keeps": [12, 6]})]
+# FiCoCo-L and SparseVLM's recycling merge into kept tokens, which a key mask cannot express
+MASKABLE = [case for case in CASES if case[0] not in ("ficoco-l", "sparsevlm")] + [
+    ("sparsevlm", 40, {"layers": [0, 2], "keeps": [12, 6], "recycle": False})]
 
 
 @pytest.fixture(scope="module")
@@ -85,12 +90,12 @@ def generate(model, name, budget, inputs, overrides):
         return out, handle.last_trace()["llm"], handle.last_counts()
 
 
-@pytest.mark.parametrize("name, budget, overrides", [case for case in CASES if case[0] != "ficoco-l"])
+@pytest.mark.parametrize("name, budget, overrides", MASKABLE)
 def test_cached_generation_equals_full_recompute_without_cache(model_and_dims, name, budget, overrides):
     """Every decoding step of the cached run against the unmodified LLaVA-NeXT re-run on the whole sequence
-    without a cache, the prefill's dropped tokens hidden as keys from their layer on. (FiCoCo-L merges
-    into the kept tokens, which a mask cannot express; its cache is checked against its own recompute on
-    LLaVA-1.5, tests/test_ficoco_methods.py.)"""
+    without a cache, the prefill's dropped tokens hidden as keys from their layer on. (FiCoCo-L and
+    SparseVLM's recycling merge into kept tokens, which a mask cannot express; their caches are checked
+    against their own recompute on LLaVA-1.5, tests/test_ficoco_methods.py and test_baselines_llm.py.)"""
     model, dims = model_and_dims
     inputs = next_batch(dims, [(30, 80)])
     del inputs["attention_mask"]

@@ -240,13 +240,13 @@ def test_names_map_onto_the_paper():
 
 def test_llava_next_runs_find_the_papers_table_2_cells():
     """The v4 Table 2 values (spec paper-results.md §5) beside our LLaVA-NeXT-7B runs of config/paper.yaml."""
-    runs = pd.DataFrame({"model": ["llava-next-7b"] * 4 + ["llava-1.5-7b"],
-                         "method": ["vanilla", "ficoco-l", "pdrop", "ficoco-l", "ficoco-l"],
-                         "budget": ["full", "160", "320", "320", "160"],
-                         "benchmark": ["mmbench", "mmmu", "textvqa", "mmmu", "mmmu"]})
+    runs = pd.DataFrame({"model": ["llava-next-7b"] * 5 + ["llava-1.5-7b"],
+                         "method": ["vanilla", "ficoco-l", "pdrop", "sparsevlm", "ficoco-l", "ficoco-l"],
+                         "budget": ["full", "160", "320", "160", "320", "160"],
+                         "benchmark": ["mmbench", "mmmu", "textvqa", "textvqa", "mmmu", "mmmu"]})
     joined = paper.with_paper_values(runs, paper.paper_reference(paper.load_paper_results()))
-    assert joined["paper_value"].tolist()[:3] == [67.9, 34.8, 54.4]
-    assert joined["paper_value"].iloc[3:].isna().all()          # FiCoCo-L at 5.0T and LLaVA-1.5 at 160: no cell
+    assert joined["paper_value"].tolist()[:4] == [67.9, 34.8, 54.4, 46.3]
+    assert joined["paper_value"].iloc[4:].isna().all()          # FiCoCo-L at 5.0T and LLaVA-1.5 at 160: no cell
     assert paper.printed_tflops(paper.paper_reference(paper.load_paper_results()), "llava-next-7b", "ficoco-l",
                                 "160") == 2.9
 

@@ -69,7 +69,8 @@ def test_the_paper_grid_holds_the_v4_llava_next_grid():
     jobs = job_grid(load_and_validate("config/paper.yaml"))
     next_jobs = [job for job in jobs if job.model == "llava-next-7b"]
     assert {(job.method, job.budget) for job in next_jobs} == {
-        ("vanilla", "full"), *((method, budget) for method in ("ficoco-v", "ficoco-l", "pdrop") for budget in ("320", "160"))}
+        ("vanilla", "full"),
+        *((method, budget) for method in ("ficoco-v", "ficoco-l", "pdrop", "sparsevlm") for budget in ("320", "160"))}
     assert {job.benchmark for job in next_jobs} == {"mmbench", "scienceqa_img", "scienceqa_full", "textvqa", "mmmu"}
     assert {job.budget for job in jobs if job.model == "llava-1.5-7b" and job.method == "ficoco-v"} == {"192", "128", "64"}
 
