@@ -263,12 +263,16 @@ def llava_next_dims(size: str = "7b") -> ModelDims:
 def image_plan(method, dims: ModelDims, layouts: list[AnyresLayout], budget: int | None, **overrides):
     """`method`'s plan (a `ficoco.contract.Plan`) for a batch row's LLaVA-NeXT images with these layouts, at a
     budget of the nominal image: a method that reduces in or right after the tower (`PER_PASS_PHASES`) on
-    every pass alike (`crops_plan`), any other on their span (`span_plan`, `anyres_plan`). No image:
+    every pass alike (`crops_plan`), one that reduces in the tower and the LLM on every pass and then on
+    the passes' tokens (`passes_plan`), any other on their span (`span_plan`, `anyres_plan`). No image:
     unreduced."""
     if not layouts:
         return unreduced_plan(dims, [], method.name)
+    passes = sum(layout.tower_passes for layout in layouts)
     if method.phase in PER_PASS_PHASES:
-        return crops_plan(pass_plan(method, dims, budget, **overrides), dims, layouts)
+        return crops_plan(pass_plan(method, dims, budget, **overrides), dims, passes)
+    if method.phase == "both":
+        return passes_plan(method, dims, passes, budget, **overrides)
     span = sum(layout.delivered for layout in layouts)
     return anyres_plan(span_plan(method, dims, span, budget, **overrides), dims, layouts)
 
@@ -281,16 +285,36 @@ def pass_plan(method, dims: ModelDims, budget: int | None, **overrides):
     return method.plan(one_pass, scaled, **overrides)
 
 
-def crops_plan(plan, dims: ModelDims, layouts: list[AnyresLayout]):
-    """A per-pass method's plan for one pass (`pass_plan`) as the plan of a batch row's LLaVA-NeXT images:
-    every pass of every image reduced alike, and the LLM given each pass's kept tokens pass after pass
-    (base image, then the crops in raster order) without image-newlines, the patch grid being gone (the
-    adapter's packing, docs/contracts.md)."""
-    passes = sum(layout.tower_passes for layout in layouts)
+def crops_plan(plan, dims: ModelDims, passes: int):
+    """A per-pass method's plan for one pass (`pass_plan`) as the plan of a batch row's LLaVA-NeXT images of
+    `passes` tower passes in all: every pass reduced alike, and the LLM given each pass's kept tokens pass
+    after pass (base image, then the crops in raster order) without image-newlines, the patch grid being
+    gone (the adapter's packing, docs/contracts.md)."""
     delivered = plan.delivered * passes
     return replace(plan, vision_counts=[list(pair) for pair in plan.vision_counts] * passes, vision_crops=passes,
                    delivered=delivered, llm_visual=[delivered] * dims.llm_layers, layer_average=float(delivered),
                    projector_tokens=None if plan.projector_tokens is None else plan.projector_tokens * passes)
+
+
+def passes_plan(method, dims: ModelDims, passes: int, budget: int | None, **overrides):
+    """The plan of a method that reduces in the tower and the LLM (phase "both", with `Method.tower_schedule`
+    and `Method.llm_schedule`) on `passes` LLaVA-NeXT tower passes: every pass reduced by the tower part
+    at its share b of the nominal budget, then the LLM part on the passes' tokens (packed pass after pass,
+    as `crops_plan` says) to a layer average of passes·b. No budget: unreduced."""
+    from ficoco.contract import Plan
+
+    if budget is not None and not 1 <= budget <= dims.visual_tokens:
+        raise ValueError(f"{method.name}: budget {budget} must be in [1, {dims.visual_tokens}] (the nominal image's "
+                         f"visual tokens), or None for unreduced")
+    params = method.resolve(overrides)
+    one_pass = dims.tower_pass()
+    share = None if budget is None else span_budget(budget, one_pass.visual_tokens, dims.visual_tokens)
+    tower = method.tower_schedule(one_pass, share, params)
+    delivered = tower["delivered"] * passes
+    llm_budget = None if budget is None else passes * share
+    return Plan.from_schedule(method.name, method.phase, llm_budget, params, {
+        **tower, "vision_counts": tower["vision_counts"] * passes, "vision_crops": passes, "delivered": delivered,
+        **method.llm_schedule(dims.for_image_span(delivered), delivered, llm_budget, params)})
 
 
 def span_plan(method, dims: ModelDims, span: int, budget: int | None, **overrides):

@@ -217,7 +217,7 @@ def test_remove_restores_the_model_exactly(model_and_dims):
     inputs = next_batch(dims, [(30, 80)])
     with torch.no_grad():
         before = model(**inputs).logits
-        for name, budget, overrides in CASES + TOWER_CASES:
+        for name, budget, overrides in CASES + TOWER_CASES + [("ficoco-vl", 20, VL)]:
             with ficoco.apply(model, name, budget, **overrides), torch.no_grad():
                 reduced = model(**inputs).logits
             assert not torch.equal(reduced, before)
@@ -228,10 +228,81 @@ def test_remove_restores_the_model_exactly(model_and_dims):
     assert "generate" not in model.__dict__
 
 
+# FiCoCo-VL: FiCoCo-V on each pass, then FiCoCo-L on the passes' tokens
+
+
+VL = {"v_start": 1, "l_start": 0, "l_window": 2}
+
+
+def test_ficoco_vl_is_ficoco_v_on_each_pass_then_ficoco_l_on_the_passes_tokens(model_and_dims):
+    """B = 10 of the nominal 80 is b = 2 a pass: FiCoCo-V keeps 2·b = 4 patches of each of the 4 passes of a
+    30 x 80 image (its LLM input equals FiCoCo-V's at 20, which keeps 4 a pass), and FiCoCo-L brings those 16
+    tokens to a layer average of 4·b = 8 (logits and LLM counts equal LLaVA-1.5's under FiCoCo-L at 8, given
+    the 16 tokens as its one image)."""
+    model, dims = model_and_dims
+    inputs = next_batch(dims, [(30, 80)])
+    llm_inputs = []
+    probe = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: llm_inputs.append(kwargs["inputs_embeds"]), with_kwargs=True)
+    try:
+        with ficoco.apply(model, "ficoco-vl", 10, **VL) as handle, torch.no_grad():
+            logits = model(**inputs).logits
+            (counts,), (plan,) = handle.last_counts(), handle.row_plans()
+        with ficoco.apply(model, "ficoco-v", 20, start=1), torch.no_grad():
+            model(**inputs)
+    finally:
+        probe.remove()
+    vl_input, v_input = llm_inputs
+    assert torch.equal(vl_input, v_input) and vl_input.shape[1] == NEXT_TEXT + 16
+    check_counts("ficoco-vl", plan, counts, has_image=True)
+    assert plan.budget == 8 and counts["visual_delivered"] == 16 and sum(counts["llm_visual"]) / dims.llm_layers <= 8
+
+    twin = llava_twin(model)
+    image = vl_input[0, 3:3 + 16]                       # the prompt is [1, 10, 11] + image + [12, 13, 14, 15]
+    swap = twin.model.multi_modal_projector.register_forward_hook(lambda module, args, output: image[None])
+    try:
+        with ficoco.apply(twin, "ficoco-l", 8, start=0, window=2) as twin_handle, torch.no_grad():
+            twin_logits = twin(input_ids=torch.tensor([[1, 10, 11] + [IMAGE] * 16 + [12, 13, 14, 15]]),
+                               pixel_values=inputs["pixel_values"][0, :1]).logits
+            (twin_counts,) = twin_handle.last_counts()
+    finally:
+        swap.remove()
+    torch.testing.assert_close(logits, twin_logits, rtol=1e-4, atol=1e-5)
+    assert counts["llm"] == twin_counts["llm"] and counts["llm_visual"] == twin_counts["llm_visual"]
+
+
+@pytest.mark.parametrize("image_size", [(30, 80), (31, 34)])
+def test_ficoco_vl_plans_each_image_as_it_runs(model_and_dims, image_size):
+    model, dims = model_and_dims
+    with ficoco.apply(model, "ficoco-vl", 20, **VL) as handle, torch.no_grad():
+        model(**next_batch(dims, [image_size]))
+        (counts,), (plan,) = handle.last_counts(), handle.row_plans()
+    passes = dims.anyres_layout(*image_size).tower_passes
+    assert plan.vision_crops == counts["vision_crops"] == passes and plan.budget == passes * 4
+    check_counts("ficoco-vl", plan, counts, has_image=True)
+    planned = flops.planned_counts(dims, "ficoco-vl", 20, NEXT_TEXT, image_size, **VL)
+    assert planned == {key: value for key, value in counts.items() if key != "overhead_macs"}
+    assert counts["overhead_macs"] > 0
+
+
+def test_ficoco_vl_batches_two_aspect_ratios_with_one_pass_count_as_each_alone(model_and_dims):
+    model, dims = model_and_dims
+    sizes = [(31, 34), (34, 31)]
+    together, _, counts = generate(model, "ficoco-vl", 20, next_batch(dims, sizes), VL)
+    for row, size in enumerate(sizes):
+        inputs = next_batch(dims, [size])
+        inputs["pixel_values"] = next_batch(dims, sizes)["pixel_values"][row:row + 1]
+        alone, _, alone_counts = generate(model, "ficoco-vl", 20, inputs, VL)
+        assert together.sequences[row].tolist() == alone.sequences[0].tolist()
+        for step_together, step_alone in zip(together.logits, alone.logits):
+            torch.testing.assert_close(step_together[row], step_alone[0], rtol=1e-4, atol=1e-5)
+        assert counts[row] == alone_counts[0]
+
+
 @pytest.mark.parametrize("name, budget, overrides, message", [
-    ("ficoco-vl", 40, {}, "ficoco-vl (phase both): on LLaVA-NeXT the unreduced model and the methods planned from a "
-                          "budget that reduce each crop (in or right after the tower) or the span inside the LLM run; "
-                          "it needs one crop per image (this model encodes 5)"),
+    ("vscan", 40, {}, "vscan (phase both): on LLaVA-NeXT the unreduced model and the methods planned from a "
+                      "budget that reduce each crop (in or right after the tower), the span inside the LLM, or both "
+                      "run; it needs one crop per image (this model encodes 5)"),
     ("prumerge-adaptive", None, {}, "prumerge-adaptive (phase vision)"),
     ("downsample", 40, {}, "downsample (phase vision)"),
     ("fitprune", 40, {}, "fitprune (phase llm)"),

@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 
 from ficoco.contract import Needs, Plan, Step, unmet_needs
 from ficoco.budget import span_budget
-from ficoco.dims import image_plan
+from ficoco.dims import PER_PASS_PHASES, image_plan
 
 PHASES = ("none", "vision", "projector", "llm", "both")
 SITES = ("vision", "projector", "llm")
@@ -82,6 +82,13 @@ class Method:
     tower (CDPruner): `ficoco.apply(..., text_tower=...)` hands it the companion model
     (ficoco/models/companion.py), which the pipeline loads from the model directory's `clip/`.
 
+    `tower_schedule(dims, budget, params)` and `llm_schedule(dims, delivered, budget, params)` (a method
+    that reduces in both the tower and the LLM, FiCoCo-VL, whose `schedule` is the two in turn): the tower
+    part's plan entries ("vision", "vision_counts", "delivered") for one image at `budget`, and the LLM
+    part's ("llm", "llm_visual", "layer_average", ...) for `delivered` visual tokens arriving at the LLM.
+    With them the method runs on images of several crops (LLaVA-NeXT): the tower part on each crop, the
+    LLM part on the crops' tokens (`ficoco.dims.passes_plan`).
+
     `calibrated=True` marks a method whose plan for a budget needs parameters fitted on calibration
     prompts (FitPrune's deletion schedule): the pipeline fits them per model and budget (rule
     `calibrate`, `ficoco calibrate`) and each job reads the artifact (`ficoco run --calibration`).
@@ -104,8 +111,13 @@ class Method:
     needs: Needs = Needs()                      # what it assumes of an image's layout (ficoco.contract)
     needs_text_tower: bool = False              # reads the instruction through the CLIP text tower of the vision
                                                 # tower's checkpoint, a companion of the model (CDPruner)
+    tower_schedule: Callable[[Any, int | None, dict], dict] | None = None      # phase "both": the tower part alone
+    llm_schedule: Callable[[Any, int, int | None, dict], dict] | None = None   # phase "both": the LLM part alone
 
     def __post_init__(self):
+        if (self.tower_schedule is None) != (self.llm_schedule is None) or self.llm_schedule and self.phase != "both":
+            raise ValueError(f"{self.name}: tower_schedule and llm_schedule are the two parts of a method of phase "
+                             f"'both', given together")
         if self.calibrated != bool(self.fitted_where):
             raise ValueError(f"{self.name}: a calibrated method, and only one, says where it acts once fitted "
                              f"(fitted_where)")
@@ -163,12 +175,13 @@ class Method:
         """What the model of shape `dims` lacks of this method's needs, in words ([] when it can run).
 
         On images of several crops (LLaVA-NeXT) the adapter reduces each crop in or right after the tower,
-        or the whole span inside the LLM, for a method planned from its budget: a method that acts in both
-        the tower and the LLM, chooses its count per image, is fitted, or reads the instruction needs one
-        crop there, for now (docs/contracts.md §3)."""
+        or the whole span inside the LLM, or both (a method with its two parts), for a method planned from
+        its budget: one that acts in the tower and the LLM without its parts, chooses its count
+        per image, is fitted, or reads the instruction needs one crop there, for now (docs/contracts.md §3)."""
         layout = dims.image_layout()
         unmet = unmet_needs(self.needs, layout)
-        if (self.phase == "both" or self.calibrated or not self.budgeted or self.needs_text_tower) \
+        both_without_parts = self.phase == "both" and self.llm_schedule is None
+        if (both_without_parts or self.calibrated or not self.budgeted or self.needs_text_tower) \
                 and not self.needs.single_crop and len(layout.crops) > 1:
             unmet.append(f"one crop per image (this model encodes {len(layout.crops)}; on multi-crop images only "
                          f"reductions of each crop or inside the LLM, planned from a budget, run so far)")
@@ -189,9 +202,13 @@ class Method:
         except ValueError as error:        # say what the method was asked for on one pass or span
             if budget is None or not 1 <= budget <= dims.visual_tokens:
                 raise
-            where = f"{span_budget(budget, dims.num_patches, dims.visual_tokens)} a tower pass" \
-                if self.phase == "vision" else \
-                f"{span_budget(budget, layout.delivered, dims.visual_tokens)} of the {layout.delivered} tokens of its largest image"
+            share = span_budget(budget, dims.num_patches, dims.visual_tokens)
+            if self.phase in PER_PASS_PHASES:
+                where = f"{share} a tower pass"
+            elif self.phase == "both":
+                where = f"{share} a tower pass, {share * layout.tower_passes} in the LLM for its largest image's passes"
+            else:
+                where = f"{span_budget(budget, layout.delivered, dims.visual_tokens)} of the {layout.delivered} tokens of its largest image"
             raise type(error)(f"{str(error).rstrip('.')} (budget {budget} of the nominal {dims.visual_tokens}-token "
                               f"image is {where})") from None
 

@@ -1,7 +1,8 @@
 """FiCoCo-VL (methods.md §5): FiCoCo-V in the encoder, then FiCoCo-L in the LLM.
 
 Budget split: FiCoCo-V reduces the patches to F_V = min(vision_factor·B, 576); FiCoCo-L then starts
-from those tokens and brings the LLM layer average to B.
+from those tokens and brings the LLM layer average to B. On LLaVA-NeXT each tower pass is reduced so, at
+the pass's share b of B, and FiCoCo-L brings the passes' tokens to p·b (`ficoco.dims.passes_plan`).
 """
 from __future__ import annotations
 
@@ -15,15 +16,22 @@ from ficoco.methods.shared import VISION_PARAMS, vision_step
 
 
 def schedule(dims, budget, params) -> dict:
+    plan = tower_schedule(dims, budget, params)
+    return {**plan, **llm_schedule(dims, plan["delivered"], budget, params)}
+
+
+def tower_schedule(dims, budget, params) -> dict:
+    """FiCoCo-V's reduction of the patches to min(vision_factor·B, visual tokens)."""
     layers = vision_layers("ficoco-vl", dims, params["v_start"], params["v_end"], "v_start", "v_end")
     if budget is None:
-        discards = {}
-    else:
-        delivered = min(round_half_up(params["vision_factor"] * budget), dims.visual_tokens)
-        discards = encoder_discards(dims.num_patches, patches_for(dims, delivered), layers)
-    plan = vision_plan(dims, discards)
-    return {**plan, **llm_plan("ficoco-vl", dims, plan["delivered"], budget, params["l_start"], params["l_window"],
-                               params["placement"])}
+        return vision_plan(dims, {})
+    delivered = min(round_half_up(params["vision_factor"] * budget), dims.visual_tokens)
+    return vision_plan(dims, encoder_discards(dims.num_patches, patches_for(dims, delivered), layers))
+
+
+def llm_schedule(dims, delivered: int, budget: int | None, params) -> dict:
+    """FiCoCo-L's progressive schedule from the `delivered` tokens FiCoCo-V left to layer average `budget`."""
+    return llm_plan("ficoco-vl", dims, delivered, budget, params["l_start"], params["l_window"], params["placement"])
 
 
 def build(plan: dict) -> tuple:
@@ -41,7 +49,7 @@ METHOD = Method(
     summary="FiCoCo-VL: FiCoCo-V to min(2·B, 576) tokens in CLIP, then FiCoCo-L to layer average B in the LLM",
     phase="both",
     acts_on=("vision", "llm"),
-    needs=Needs(cls_first=True, single_crop=True, positions=LLM_NEEDS.positions),
+    needs=Needs(cls_first=True, positions=LLM_NEEDS.positions),
     needs_attention="those of FiCoCo-V (full matrix per reducing vision layer) and FiCoCo-L (visual and "
                     "instruction rows per reducing LLM layer)",
     stages={
@@ -61,4 +69,6 @@ METHOD = Method(
     },
     schedule=schedule,
     build=build,
+    tower_schedule=tower_schedule,
+    llm_schedule=llm_schedule,
 )

@@ -2,7 +2,7 @@
 
 All knowledge of HF internals lives here. Supported: transformers' `LlavaForConditionalGeneration`
 (LLaVA-1.5: CLIP vision tower + Llama decoder) and `LlavaNextForConditionalGeneration` (llava_next.py:
-unreduced, a method on each crop, or one inside the LLM), on the transformers versions in
+unreduced, a method on each crop, inside the LLM, or both), on the transformers versions in
 `guard.TESTED_TRANSFORMERS`; any other version is refused, or self-checked (selfcheck.py) when
 FICOCO_ALLOW_UNTESTED_TRANSFORMERS=1 (docs/contracts.md §7).
 """

@@ -18,7 +18,9 @@ image keeps the same fraction (`ficoco.budget.span_budget`):
 - LLM-side methods (phase "llm": FastV, PDrop, SparseVLM, DART, FiCoCo-L) act on the whole visual span,
   image-newline tokens included (visual tokens of the span like any patch): a prefill's step is the
   method's plan for its span (`ModelDims.for_image_span`), on the layers the installed step hooks, so
-  every image row of a batch must have the same span.
+  every image row of a batch must have the same span;
+- a method of both (FiCoCo-VL, with its `llm_schedule`) reduces every pass in the tower as a per-pass
+  method, then the passes' tokens in the LLM as an LLM-side method does a span (`ficoco.dims.passes_plan`).
 Any other method is refused with a message. There is no single plan (`handle.plan` is None);
 `row_plans()` gives each row the plan of its image sizes.
 """
@@ -32,7 +34,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ficoco.contract import LLMLayerStep, Plan, ProjectorStep, VisionLayerStep, VisionOutputStep
-from ficoco.dims import PER_PASS_PHASES, ModelDims, image_plan, pass_plan, span_plan
+from ficoco.dims import PER_PASS_PHASES, ModelDims, image_plan, pass_plan, passes_plan, span_plan
 from ficoco.models.clip import ClipPatch
 from ficoco.models.features import FEATURE_STEPS, FeaturePatch
 from ficoco.models.guard import require_tested_transformers
@@ -43,8 +45,9 @@ from ficoco.models.placeholders import collapse_placeholders, collapsing_generat
 if TYPE_CHECKING:                    # for annotations only: an adapter never imports the methods package
     from ficoco.methods.base import Method
 
-PHASES = ("none", *PER_PASS_PHASES, "llm")     # the methods' phases LLaVA-NeXT has sites for
+PHASES = ("none", *PER_PASS_PHASES, "llm", "both")     # the methods' phases LLaVA-NeXT has sites for
 PER_PASS_STEPS = (VisionLayerStep, *FEATURE_STEPS)   # the steps of a per-pass method it installs
+TOWER_PHASES = (*PER_PASS_PHASES, "both")        # the phases that reduce each tower pass
 
 
 def apply_llava_next(model, method: Method, budget: int | None = None, text_tower=None,
@@ -59,14 +62,19 @@ def apply_llava_next(model, method: Method, budget: int | None = None, text_towe
     unmet = method.unmet_needs(dims)
     if method.phase not in PHASES or method.calibrated or text_tower is not None or unmet:
         raise ValueError(f"{method.name} (phase {method.phase}): on LLaVA-NeXT the unreduced model and the methods "
-                         f"planned from a budget that reduce each crop (in or right after the tower) or the span "
-                         f"inside the LLM run; " + (f"it needs {'; '.join(unmet)}" if unmet else "this one has no "
-                                                   "site there yet") + " (docs/contracts.md §3)")
-    # the budget and options are checked before any patch: a per-pass method on one pass, any other on the
-    # nominal image
-    per_pass = method.phase in PER_PASS_PHASES
-    plan = pass_plan(method, dims, budget, **overrides) if per_pass else method.plan(dims, budget, **overrides)
+                         f"planned from a budget that reduce each crop (in or right after the tower), the span "
+                         f"inside the LLM, or both run; " + (f"it needs {'; '.join(unmet)}" if unmet else "this one "
+                                                             "has no site there yet") + " (docs/contracts.md §3)")
+    # the budget and options are checked before any patch: a per-pass method on one pass, a method of both on
+    # the passes of the largest canvas, an LLM-side one on the nominal image
+    if method.phase == "both":
+        plan = passes_plan(method, dims, dims.max_tower_passes, budget, **overrides)
+    elif method.phase in PER_PASS_PHASES:
+        plan = pass_plan(method, dims, budget, **overrides)
+    else:
+        plan = method.plan(dims, budget, **overrides)
     steps = method.steps(plan)
+    per_pass = method.phase in PER_PASS_PHASES
     unsupported = [type(step).__name__ for step in steps if per_pass and not isinstance(step, PER_PASS_STEPS)
                    or isinstance(step, VisionOutputStep) and step.tokens_out is None
                    or isinstance(step, ProjectorStep) and step.reads_instruction]
@@ -78,16 +86,18 @@ def apply_llava_next(model, method: Method, budget: int | None = None, text_towe
 
 class LlavaNextHandle(Handle):
     """A method on LLaVA-NeXT with its counts: the tower, feature and LLM patches, and the forward hooks. `plan`:
-    the method's plan of one tower pass (a per-pass method, whose steps every pass runs) or of the nominal
-    image (whose LLM step fixes the reducing layers); `budget`: of the nominal image."""
+    the method's plan of one tower pass (a per-pass method, whose steps every pass runs), of the largest
+    canvas's passes (a method of both) or of the nominal image (an LLM-side one): its LLM step fixes the
+    reducing layers; `budget`: of the nominal image."""
 
     def __init__(self, model, method: Method, dims: ModelDims, plan: Plan, steps: tuple, budget: int | None,
                  overrides: dict):
         super().__init__(model, method, dims, None, steps)
         self.budget, self.overrides = budget, dict(overrides)
-        per_pass = method.phase in PER_PASS_PHASES
-        self.pass_delivered = plan.delivered if per_pass else None          # tokens each reduced pass delivers
-        self.pass_projected = (plan.projector_tokens or plan.delivered) if per_pass else dims.num_patches
+        tower = method.phase in TOWER_PHASES
+        passes = plan.vision_crops                                           # 1 for a per-pass method's plan
+        self.pass_delivered = plan.delivered // passes if tower else None   # tokens each reduced pass delivers
+        self.pass_projected = (plan.projector_tokens or plan.delivered) // passes if tower else dims.num_patches
         self._span_steps: dict[int, LLMLayerStep | None] = {}     # image span -> the LLM step planned for it
         self.image_token_id = model.config.image_token_id
         self.pad_token_id = pad_token_id(model, self.image_token_id)
@@ -105,7 +115,7 @@ class LlavaNextHandle(Handle):
         self._sizes_outside_call: torch.Tensor | None = None     # generate encodes the images before the prefill
         self._install(lambda: Replacement(inner, "get_image_features",
                                           self._recording_sizes(inner.get_image_features)))
-        if per_pass:                             # fewer tokens a pass: packed pass after pass, fewer placeholders
+        if tower:                                # fewer tokens a pass: packed pass after pass, fewer placeholders
             self._install(lambda: Replacement(inner, "pack_image_features", concatenated_passes))
             generate = collapsing_generate(self._collapsed_for_generate, type(model).generate)
             self._install(lambda: Replacement(model, "generate", types.MethodType(generate, model)))
@@ -180,9 +190,13 @@ class LlavaNextHandle(Handle):
 
     def _span_step(self, span: int) -> LLMLayerStep | None:
         """The LLM step of the method's plan for an image span of `span` LLM tokens (`ficoco.dims.span_plan`: the
-        nominal budget's kept fraction of the span), which must reduce on the layers installed."""
+        nominal budget's kept fraction of the span; a method of both: `passes_plan` of the passes whose kept
+        tokens the span holds), which must reduce on the layers installed."""
         if span not in self._span_steps:
-            plan = span_plan(self.method, self.dims, span, self.budget, **self.overrides)
+            if self.method.phase == "both":
+                plan = passes_plan(self.method, self.dims, span // self.pass_delivered, self.budget, **self.overrides)
+            else:
+                plan = span_plan(self.method, self.dims, span, self.budget, **self.overrides)
             steps = [step for step in self.method.steps(plan) if isinstance(step, LLMLayerStep)]
             step = steps[0] if steps else None
             installed = self.llm_step
