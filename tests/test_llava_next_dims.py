@@ -151,7 +151,7 @@ def test_flops_command_prints_a_llava_next_image_cost(capsys):
     vanilla, fastv = json.loads(capsys.readouterr().out)
     assert fastv["visual_tokens_delivered"] == 2340 and fastv["visual_tokens_layer_average"] <= 260
     assert fastv["vision_flops"] == vanilla["vision_flops"] and fastv["prefill_flops"] < vanilla["prefill_flops"] / 5
-    assert flops.main(["--shape", "llava-next-7b", "--image-size", "336", "336", "--method", "downsample",
+    assert flops.main(["--shape", "llava-next-7b", "--image-size", "336", "336", "--method", "vscan",
                        "--budgets", "160"]) == 2
     assert "needs one crop per image" in capsys.readouterr().err
     assert flops.main(["--shape", "llava-1.5-7b", "--image-size", "336", "336"]) == 2

@@ -73,7 +73,7 @@ METHOD = Method(
             "interpolated position embeddings",
     phase="vision",
     acts_on=("vision",),
-    needs=Needs(single_crop=True, square_grid=True),
+    needs=Needs(square_grid=True),
     needs_attention="none",
     stages={
         "filter": "none: the resized image yields g x g patches, g = floor(sqrt(B))",

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ficoco.contract import LLMLayerStep, Plan, ProjectorStep, VisionLayerStep, VisionOutputStep
+from ficoco.contract import LLMLayerStep, Plan, ProjectorStep, VisionInputStep, VisionLayerStep, VisionOutputStep
 from ficoco.dims import PER_PASS_PHASES, ModelDims, image_plan, pass_plan, passes_plan, span_plan
 from ficoco.models.clip import ClipPatch
 from ficoco.models.features import FEATURE_STEPS, FeaturePatch
@@ -46,7 +46,7 @@ if TYPE_CHECKING:                    # for annotations only: an adapter never im
     from ficoco.methods.base import Method
 
 PHASES = ("none", *PER_PASS_PHASES, "llm", "both")     # the methods' phases LLaVA-NeXT has sites for
-PER_PASS_STEPS = (VisionLayerStep, *FEATURE_STEPS)   # the steps of a per-pass method it installs
+PER_PASS_STEPS = (VisionInputStep, VisionLayerStep, *FEATURE_STEPS)   # the steps of a per-pass method it installs
 TOWER_PHASES = (*PER_PASS_PHASES, "both")        # the phases that reduce each tower pass
 
 
@@ -79,8 +79,8 @@ def apply_llava_next(model, method: Method, budget: int | None = None, text_towe
                    or isinstance(step, VisionOutputStep) and step.tokens_out is None
                    or isinstance(step, ProjectorStep) and step.reads_instruction]
     if unsupported:
-        raise ValueError(f"{method.name}: on LLaVA-NeXT its {unsupported} steps have no site (a count per image, an "
-                         f"input step, or one reading the instruction); docs/contracts.md §3")
+        raise ValueError(f"{method.name}: on LLaVA-NeXT its {unsupported} steps have no site (a count per image, or "
+                         f"one reading the instruction); docs/contracts.md §3")
     return LlavaNextHandle(model, method, dims, plan, steps, budget, overrides)
 
 
@@ -104,7 +104,7 @@ class LlavaNextHandle(Handle):
         self._parameter_names = list(inspect.signature(type(model.model).forward).parameters)[1:]
         inner = model.model
         clip = self._install(lambda: ClipPatch(inner.vision_tower, dims.last_vision_layer, self.vision_step,
-                                               self._on_vision_pass))
+                                               self._on_vision_pass, input_step=self.input_step))
         self._install(lambda: FeaturePatch(inner, dims.last_vision_layer,
                                            [step for step in steps if isinstance(step, FEATURE_STEPS)],
                                            lambda: clip.current))
