@@ -352,7 +352,6 @@ class Needs:
     """What a method assumes about an image's layout; `unmet_needs` says which a model does not meet."""
 
     cls_first: bool = False                 # the tower's tokens start with a CLS token (CLS attention, CLS kept)
-    single_crop: bool = False               # one crop per image (a reduction over the image's one patch grid)
     square_grid: bool = False               # that crop's grid is square (image resizing)
     positions: tuple[str, ...] = POSITION_SCHEMES   # LLM position schemes its LLM steps keep correctly
 
@@ -363,8 +362,6 @@ def unmet_needs(needs: Needs, layout: ImageLayout) -> list[str]:
     if needs.cls_first and any(crop.prefix != 1 for crop in layout.crops):
         unmet.append("a CLS token first in the vision tower (this model's tower has "
                      f"{sorted({crop.prefix for crop in layout.crops})} prefix tokens)")
-    if needs.single_crop and len(layout.crops) != 1:
-        unmet.append(f"one crop per image (this model encodes {len(layout.crops)})")
     if needs.square_grid and any(rows != cols for rows, cols in (crop.grid for crop in layout.crops)):
         unmet.append(f"a square patch grid (this model's: {[crop.grid for crop in layout.crops]})")
     if layout.positions not in needs.positions:

@@ -311,9 +311,11 @@ def passes_plan(method, dims: ModelDims, passes: int, budget: int | None, **over
     share = None if budget is None else span_budget(budget, one_pass.visual_tokens, dims.visual_tokens)
     tower = method.tower_schedule(one_pass, share, params)
     delivered = tower["delivered"] * passes
+    projected = tower.get("projector_tokens")         # where a projector step reduces after the projector
     llm_budget = None if budget is None else passes * share
     return Plan.from_schedule(method.name, method.phase, llm_budget, params, {
         **tower, "vision_counts": tower["vision_counts"] * passes, "vision_crops": passes, "delivered": delivered,
+        "projector_tokens": None if projected is None else projected * passes,
         **method.llm_schedule(dims.for_image_span(delivered), delivered, llm_budget, params)})
 
 

@@ -114,8 +114,6 @@ def test_unmet_needs_name_what_is_missing():
         "a CLS token first in the vision tower (this model's tower has [0] prefix tokens)",
         "a square patch grid (this model's: [(36, 28)])",
         "rope-1d positions in the LLM (this model uses mrope-3d)"]
-    assert unmet_needs(Needs(single_crop=True), layout(crops=(((24, 24), 1),) * 5)) == [
-        "one crop per image (this model encodes 5)"]
 
 
 def test_a_method_a_model_cannot_run_is_refused_before_any_job(monkeypatch):

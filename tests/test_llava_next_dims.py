@@ -127,14 +127,16 @@ def test_the_nominal_image_of_llava_next_is_every_pass_of_its_largest_canvas():
 
 
 def test_image_layout_of_llava_next_is_its_largest_canvas():
-    """Methods that need one crop per image are refused on LLaVA-NeXT before any job (issue 18 item 1)."""
-    from ficoco.contract import Needs, unmet_needs
+    """Methods without a multi-crop site are refused on LLaVA-NeXT before any job (issue 18 item 1)."""
+    from ficoco import methods
 
     layout = llava_next_dims("7b").image_layout()
     assert len(layout.crops) == 5 and layout.layout_tokens == 48
     assert layout.visual_tokens == 5 * 576 + 48                     # 2x2 crops unpadded nowhere: the most tokens
-    assert unmet_needs(Needs(single_crop=True), layout) == ["one crop per image (this model encodes 5)"]
-    assert unmet_needs(Needs(single_crop=True), llava_1_5_dims("7b").image_layout()) == []
+    (unmet,) = methods.get("fitprune").unmet_needs(llava_next_dims("7b"))
+    assert unmet.startswith("one crop per image (this model encodes 5;")
+    assert methods.get("fitprune").unmet_needs(llava_1_5_dims("7b")) == []
+    assert methods.get("ficoco-vl").unmet_needs(llava_next_dims("7b")) == []
 
 
 def test_flops_command_prints_a_llava_next_image_cost(capsys):
@@ -151,7 +153,7 @@ def test_flops_command_prints_a_llava_next_image_cost(capsys):
     vanilla, fastv = json.loads(capsys.readouterr().out)
     assert fastv["visual_tokens_delivered"] == 2340 and fastv["visual_tokens_layer_average"] <= 260
     assert fastv["vision_flops"] == vanilla["vision_flops"] and fastv["prefill_flops"] < vanilla["prefill_flops"] / 5
-    assert flops.main(["--shape", "llava-next-7b", "--image-size", "336", "336", "--method", "vscan",
+    assert flops.main(["--shape", "llava-next-7b", "--image-size", "336", "336", "--method", "fitprune",
                        "--budgets", "160"]) == 2
     assert "needs one crop per image" in capsys.readouterr().err
     assert flops.main(["--shape", "llava-1.5-7b", "--image-size", "336", "336"]) == 2

@@ -107,8 +107,8 @@ def test_nothing_is_left_to_do_after_the_run(next_run):
 
 def test_a_method_without_a_llava_next_site_is_refused_before_any_job(next_run):
     repo, source = next_run
-    config = write_next_config(repo, source, "next-both", methods=("vanilla", "vscan"))
+    config = write_next_config(repo, source, "next-both", methods=("vanilla", "prumerge-adaptive"))
     result = snakemake(repo, "-n", "--cores", "2", "--configfile", config, env=pipeline_env())
     assert result.returncode != 0
-    assert "vscan cannot run on model tiny-next" in result.stderr + result.stdout
+    assert "prumerge-adaptive cannot run on model tiny-next" in result.stderr + result.stdout
     assert "one crop per image (this model encodes 5" in result.stderr + result.stdout

@@ -218,7 +218,7 @@ def test_remove_restores_the_model_exactly(model_and_dims):
     inputs = next_batch(dims, [(30, 80)])
     with torch.no_grad():
         before = model(**inputs).logits
-        for name, budget, overrides in CASES + TOWER_CASES + [("ficoco-vl", 20, VL)]:
+        for name, budget, overrides in CASES + TOWER_CASES + BOTH_CASES:
             with ficoco.apply(model, name, budget, **overrides), torch.no_grad():
                 reduced = model(**inputs).logits
             assert not torch.equal(reduced, before)
@@ -229,10 +229,26 @@ def test_remove_restores_the_model_exactly(model_and_dims):
     assert "generate" not in model.__dict__
 
 
-# FiCoCo-VL: FiCoCo-V on each pass, then FiCoCo-L on the passes' tokens
+# Methods of both: FiCoCo-VL and VScan, on each pass in the tower, then on the passes' tokens in the LLM
 
 
 VL = {"v_start": 1, "l_start": 0, "l_window": 2}
+VSCAN = {"window": 2, "local_layer": 1, "layer": 2}            # 2 x 2 windows of the 4 x 4 grid
+BOTH_CASES = [("ficoco-vl", 20, VL), ("vscan", 40, VSCAN)]
+
+
+def llm_inputs_under(model, runs):
+    """The LLM's input embeddings of each (name, budget, overrides, inputs) run, in turn."""
+    captured = []
+    probe = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: captured.append(kwargs["inputs_embeds"]), with_kwargs=True)
+    try:
+        for name, budget, overrides, inputs in runs:
+            with ficoco.apply(model, name, budget, **overrides), torch.no_grad():
+                model(**inputs)
+    finally:
+        probe.remove()
+    return captured
 
 
 def test_ficoco_vl_is_ficoco_v_on_each_pass_then_ficoco_l_on_the_passes_tokens(model_and_dims):
@@ -242,18 +258,10 @@ def test_ficoco_vl_is_ficoco_v_on_each_pass_then_ficoco_l_on_the_passes_tokens(m
     the 16 tokens as its one image)."""
     model, dims = model_and_dims
     inputs = next_batch(dims, [(30, 80)])
-    llm_inputs = []
-    probe = model.model.language_model.register_forward_pre_hook(
-        lambda module, args, kwargs: llm_inputs.append(kwargs["inputs_embeds"]), with_kwargs=True)
-    try:
-        with ficoco.apply(model, "ficoco-vl", 10, **VL) as handle, torch.no_grad():
-            logits = model(**inputs).logits
-            (counts,), (plan,) = handle.last_counts(), handle.row_plans()
-        with ficoco.apply(model, "ficoco-v", 20, start=1), torch.no_grad():
-            model(**inputs)
-    finally:
-        probe.remove()
-    vl_input, v_input = llm_inputs
+    with ficoco.apply(model, "ficoco-vl", 10, **VL) as handle, torch.no_grad():
+        logits = model(**inputs).logits
+        (counts,), (plan,) = handle.last_counts(), handle.row_plans()
+    vl_input, v_input = llm_inputs_under(model, [("ficoco-vl", 10, VL, inputs), ("ficoco-v", 20, {"start": 1}, inputs)])
     assert torch.equal(vl_input, v_input) and vl_input.shape[1] == NEXT_TEXT + 16
     check_counts("ficoco-vl", plan, counts, has_image=True)
     assert plan.budget == 8 and counts["visual_delivered"] == 16 and sum(counts["llm_visual"]) / dims.llm_layers <= 8
@@ -272,28 +280,55 @@ def test_ficoco_vl_is_ficoco_v_on_each_pass_then_ficoco_l_on_the_passes_tokens(m
     assert counts["llm"] == twin_counts["llm"] and counts["llm_visual"] == twin_counts["llm_visual"]
 
 
-@pytest.mark.parametrize("image_size", [(30, 80), (31, 34)])
-def test_ficoco_vl_plans_each_image_as_it_runs(model_and_dims, image_size):
+def test_vscan_scans_each_pass_as_on_an_image_of_its_own_then_prunes_the_passes_tokens(model_and_dims):
+    """B = 40 is b = 8 a pass: the scans keep V = 12 of each pass's 16 patches, the others merged in (the LLM
+    input equals LLaVA-1.5's under VScan at 8, given each pass as an image of its own prompt), and layer 2
+    keeps k = (4·32 − 48·2) / 2 = 16 of the 4 passes' 48 tokens, so the layer average is 32 = 4·b."""
     model, dims = model_and_dims
-    with ficoco.apply(model, "ficoco-vl", 20, **VL) as handle, torch.no_grad():
+    inputs = next_batch(dims, [(30, 80)])
+    passes = dims.anyres_layout(30, 80).tower_passes
+    with ficoco.apply(model, "vscan", 40, **VSCAN) as handle, torch.no_grad():
+        model(**inputs)
+        (counts,), (plan,) = handle.last_counts(), handle.row_plans()
+        kept = handle.last_trace()["llm"][2]
+    assert counts["llm_visual"] == [48, 48, 16, 16] and kept.shape == (1, 16) and plan.budget == 32
+    assert counts["projector_tokens"] == passes * 16
+    twin = llava_twin(model)
+    prompts = {"input_ids": torch.tensor([[1, 10, 11] + [IMAGE] * 16 + [12, 13, 14, 15]] * passes),
+               "pixel_values": inputs["pixel_values"][0, :passes]}
+    (next_input,) = llm_inputs_under(model, [("vscan", 40, VSCAN, inputs)])
+    (twin_input,) = llm_inputs_under(twin, [("vscan", 8, VSCAN, prompts)])
+    assert twin_input.shape == (passes, NEXT_TEXT + 12, dims.llm_hidden)
+    torch.testing.assert_close(next_input[0, 3:3 + 48], twin_input[:, 3:3 + 12].flatten(0, 1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name, budget, overrides", BOTH_CASES)
+@pytest.mark.parametrize("image_size", [(30, 80), (31, 34)])
+def test_a_method_of_both_plans_each_image_as_it_runs(model_and_dims, name, budget, overrides, image_size):
+    model, dims = model_and_dims
+    with ficoco.apply(model, name, budget, **overrides) as handle, torch.no_grad():
         model(**next_batch(dims, [image_size]))
         (counts,), (plan,) = handle.last_counts(), handle.row_plans()
     passes = dims.anyres_layout(*image_size).tower_passes
-    assert plan.vision_crops == counts["vision_crops"] == passes and plan.budget == passes * 4
-    check_counts("ficoco-vl", plan, counts, has_image=True)
-    planned = flops.planned_counts(dims, "ficoco-vl", 20, NEXT_TEXT, image_size, **VL)
+    share = math.floor(budget * 16 / NOMINAL + 0.5)
+    assert plan.vision_crops == counts["vision_crops"] == passes and plan.budget == passes * share
+    assert sum(counts["llm_visual"]) / dims.llm_layers <= plan.budget
+    check_counts(name, plan, counts, has_image=True)
+    planned = flops.planned_counts(dims, name, budget, NEXT_TEXT, image_size, **overrides)
     assert planned == {key: value for key, value in counts.items() if key != "overhead_macs"}
     assert counts["overhead_macs"] > 0
 
 
-def test_ficoco_vl_batches_two_aspect_ratios_with_one_pass_count_as_each_alone(model_and_dims):
+@pytest.mark.parametrize("name, budget, overrides", BOTH_CASES)
+def test_a_method_of_both_batches_two_aspect_ratios_with_one_pass_count_as_each_alone(model_and_dims, name, budget,
+                                                                                       overrides):
     model, dims = model_and_dims
     sizes = [(31, 34), (34, 31)]
-    together, _, counts = generate(model, "ficoco-vl", 20, next_batch(dims, sizes), VL)
+    together, _, counts = generate(model, name, budget, next_batch(dims, sizes), overrides)
     for row, size in enumerate(sizes):
         inputs = next_batch(dims, [size])
         inputs["pixel_values"] = next_batch(dims, sizes)["pixel_values"][row:row + 1]
-        alone, _, alone_counts = generate(model, "ficoco-vl", 20, inputs, VL)
+        alone, _, alone_counts = generate(model, name, budget, inputs, overrides)
         assert together.sequences[row].tolist() == alone.sequences[0].tolist()
         for step_together, step_alone in zip(together.logits, alone.logits):
             torch.testing.assert_close(step_together[row], step_alone[0], rtol=1e-4, atol=1e-5)
@@ -301,10 +336,11 @@ def test_ficoco_vl_batches_two_aspect_ratios_with_one_pass_count_as_each_alone(m
 
 
 @pytest.mark.parametrize("name, budget, overrides, message", [
-    ("vscan", 40, {}, "vscan (phase both): on LLaVA-NeXT the unreduced model and the methods planned from a "
-                      "budget that reduce each crop (in or right after the tower), the span inside the LLM, or both "
-                      "run; it needs one crop per image (this model encodes 5)"),
-    ("prumerge-adaptive", None, {}, "prumerge-adaptive (phase vision)"),
+    ("prumerge-adaptive", None, {}, "prumerge-adaptive (phase vision): on LLaVA-NeXT the unreduced model and the "
+                                    "methods planned from a budget that reduce each crop (in or right after the "
+                                    "tower), the span inside the LLM, or both run; it needs one crop per image (this "
+                                    "model encodes 5; on multi-crop images only reductions of each crop, inside the "
+                                    "LLM, or both, planned from a budget, run so far)"),
     ("fitprune", 40, {}, "fitprune (phase llm)"),
     ("cdpruner", 40, {}, "cdpruner (phase projector)"),
 ])

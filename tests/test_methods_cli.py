@@ -29,7 +29,7 @@ def test_the_listing_says_what_each_method_needs_of_the_image_layout(capsys):
     assert main(["evit", "vscan", "fastv", "divprune"]) == 0
     listing = capsys.readouterr().out.split("\n\n")
     assert "  needs:     a CLS token first in the tower\n" in listing[0]             # EViT runs on each crop
-    assert "  needs:     a CLS token first in the tower, one crop per image" in listing[1]
+    assert "  needs:     a CLS token first in the tower, rope-1d LLM positions\n" in listing[1]   # VScan: tower and LLM
     listing = "\n\n".join(listing)
     assert "  needs:     rope-1d LLM positions" in listing
     assert "  needs:     nothing of the image layout" in listing

@@ -182,9 +182,9 @@ class Method:
         unmet = unmet_needs(self.needs, layout)
         both_without_parts = self.phase == "both" and self.llm_schedule is None
         if (both_without_parts or self.calibrated or not self.budgeted or self.needs_text_tower) \
-                and not self.needs.single_crop and len(layout.crops) > 1:
+                and len(layout.crops) > 1:
             unmet.append(f"one crop per image (this model encodes {len(layout.crops)}; on multi-crop images only "
-                         f"reductions of each crop or inside the LLM, planned from a budget, run so far)")
+                         f"reductions of each crop, inside the LLM, or both, planned from a budget, run so far)")
         return unmet
 
     def check_budget(self, dims, budget: int | None, **overrides) -> Plan:

@@ -29,7 +29,6 @@ def sites(method) -> list[str]:
 def needs_text(needs: Needs) -> str:
     """What a method assumes of an image's layout, in words (ficoco.contract.Needs)."""
     words = [text for wanted, text in ((needs.cls_first, "a CLS token first in the tower"),
-                                       (needs.single_crop, "one crop per image"),
                                        (needs.square_grid, "a square patch grid")) if wanted]
     if set(needs.positions) != set(Needs().positions):
         words.append(f"{' or '.join(needs.positions)} LLM positions")

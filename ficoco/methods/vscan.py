@@ -32,7 +32,7 @@ from ficoco.contract import (ImageTokens, LLMLayerStep, Needs, Plan, ProjectorSt
                              VisionOutputScores, VisionOutputStep, VisionScores, VisionTokens)
 from ficoco.methods.base import (Method, Param, non_negative_int, optional_non_negative_int, positive_int,
                                  positive_number, unit_interval)
-from ficoco.methods.shared import (LLM_NEEDS, LastQueryTopK, cosine_macs, delivered_plan, vision_layer_counts,
+from ficoco.methods.shared import (LLM_NEEDS, LastQueryTopK, cosine_macs, unreduced_llm_plan, vision_layer_counts,
                                    vision_rows_macs)
 from ficoco.paradigm.compress import average_into_targets, gather_tokens
 from ficoco.paradigm.correlate import cosine_argmax
@@ -119,6 +119,12 @@ def prune_layer(dims, layer: int | None) -> int:
 
 
 def schedule(dims, budget, params) -> dict:
+    tower = tower_schedule(dims, budget, params)
+    return {**tower, **llm_schedule(dims, tower["delivered"], budget, params)}
+
+
+def tower_schedule(dims, budget, params) -> dict:
+    """The two scans and the merge: V = min(round(vision_factor·B), patches) tokens from the tower."""
     grid, last, window = dims.grid_side, dims.last_vision_layer, params["window"]
     if params["local_layer"] >= last:
         raise ValueError(f"vscan: local_layer={params['local_layer']}: need 0 <= local_layer <= {last - 1} (a CLIP "
@@ -127,20 +133,14 @@ def schedule(dims, budget, params) -> dict:
         divisors = [side for side in range(1, grid + 1) if grid % side == 0]
         raise ValueError(f"vscan: window={window} must divide the side of the {grid}x{grid} patch grid; "
                          f"valid: {divisors}")
-    layer = prune_layer(dims, params["layer"])
     if budget is None:
-        return {**delivered_plan(dims, dims.visual_tokens), "post_vision": None}
+        return {"vision": None, "vision_counts": vision_layer_counts(dims, {}), "delivered": dims.visual_tokens,
+                "post_vision": None}
     delivered = min(round_half_up(params["vision_factor"] * budget), dims.num_patches)
     if delivered < 1:
         raise ValueError(f"vscan: vision_factor={params['vision_factor']} x budget {budget} rounds to {delivered} "
                          f"tokens from the tower; need >= 1")
     per_window, global_count = split(delivered, params["local_ratio"], (grid // window) ** 2)
-    try:
-        keep = keep_for_budget(budget, layer, dims.llm_layers, delivered, method="vscan")
-    except InfeasibleBudget as error:
-        raise InfeasibleBudget(f"{str(error).rstrip('.')} (the LLM starts from the V={delivered} tokens the tower "
-                               f"delivers, vision_factor={params['vision_factor']})") from None
-    counts = step_counts(delivered, dims.llm_layers, {layer: keep})
     return {
         "vision": {"layers": [params["local_layer"]], "grid_hw": [grid, grid], "discards": [0],
                    "patches_out": [dims.num_patches]},
@@ -148,19 +148,32 @@ def schedule(dims, budget, params) -> dict:
         "delivered": delivered,
         "post_vision": {"site": "vision_output", "layer": last, "tokens_out": delivered,
                         "local": delivered - global_count, "global": global_count, "per_window": per_window},
-        "llm": {"layers": [layer], "discards": [delivered - keep], "n0": delivered, "final": keep,
-                "visual_out": [keep]},
-        "llm_visual": counts,
-        "layer_average": layer_average(counts),
         "projector_tokens": dims.num_patches,              # the merge follows the projector, which runs on all
     }
+
+
+def llm_schedule(dims, delivered: int, budget: int | None, params) -> dict:
+    """The prune at LLM layer K: keep k = ⌊(L·B − V·K)/(L − K)⌋ of the V `delivered` tokens."""
+    layer = prune_layer(dims, params["layer"])
+    if budget is None:
+        return unreduced_llm_plan(dims, {"delivered": delivered})
+    try:
+        keep = keep_for_budget(budget, layer, dims.llm_layers, delivered, method="vscan")
+    except InfeasibleBudget as error:
+        raise InfeasibleBudget(f"{str(error).rstrip('.')} (the LLM starts from the V={delivered} tokens the tower "
+                               f"delivers, vision_factor={params['vision_factor']})") from None
+    counts = step_counts(delivered, dims.llm_layers, {layer: keep})
+    return {"llm": {"layers": [layer], "discards": [delivered - keep], "n0": delivered, "final": keep,
+                    "visual_out": [keep]},
+            "llm_visual": counts, "layer_average": layer_average(counts)}
 
 
 def build(plan: Plan) -> tuple:
     if plan.post_vision is None:
         return ()
     vision, post, llm = plan.vision, plan.post_vision.details, plan.llm
-    patches, delivered = vision.patches_out[0], plan.delivered
+    # per image (per tower pass on LLaVA-NeXT, where plan.delivered counts every pass's tokens)
+    patches, delivered = vision.patches_out[0], plan.post_vision.tokens_out
     local = LocalScan(per_window=post["per_window"], window=plan.params["window"], grid_hw=tuple(vision.grid_hw))
     scan = GlobalScan(local_count=post["local"], global_count=post["global"])
     merge = MergeProjected(kept=delivered)
@@ -180,7 +193,7 @@ METHOD = Method(
             "LLM layer keeps the k most attended by the last instruction token, so the layer average is <= B",
     phase="both",
     acts_on=("vision", "projector", "llm"),
-    needs=Needs(cls_first=True, single_crop=True, positions=LLM_NEEDS.positions),
+    needs=Needs(cls_first=True, positions=LLM_NEEDS.positions),
     needs_attention="the CLS rows of CLIP layer 5 (next to its fused attention) and of the feature layer 22 (from "
                     "its recorded q/k); one row (the last instruction token) of the pruning LLM layer on its own "
                     "input, recomputed from its q/k (the layer keeps SDPA)",
@@ -207,4 +220,6 @@ METHOD = Method(
     },
     schedule=schedule,
     build=build,
+    tower_schedule=tower_schedule,
+    llm_schedule=llm_schedule,
 )

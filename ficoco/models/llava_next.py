@@ -19,8 +19,8 @@ image keeps the same fraction (`ficoco.budget.span_budget`):
   image-newline tokens included (visual tokens of the span like any patch): a prefill's step is the
   method's plan for its span (`ModelDims.for_image_span`), on the layers the installed step hooks, so
   every image row of a batch must have the same span;
-- a method of both (FiCoCo-VL, with its `llm_schedule`) reduces every pass in the tower as a per-pass
-  method, then the passes' tokens in the LLM as an LLM-side method does a span (`ficoco.dims.passes_plan`).
+- a method of both (FiCoCo-VL, VScan: its `tower_schedule` and `llm_schedule`) reduces every pass in the
+  tower (and after the projector) as a per-pass method, then the passes' tokens in the LLM as an LLM-side method does a span (`ficoco.dims.passes_plan`).
 Any other method is refused with a message. There is no single plan (`handle.plan` is None);
 `row_plans()` gives each row the plan of its image sizes.
 """
