@@ -280,6 +280,6 @@ def test_the_llava_text_towers_are_pinned_to_a_commit():
 
     models = yaml.safe_load(open("config/models.yaml"))
     towers = {name: entry["text_tower"] for name, entry in models.items() if entry.get("text_tower")}
-    assert set(towers) == {"llava-1.5-7b", "llava-1.5-13b"}
+    assert set(towers) == {"llava-1.5-7b", "llava-1.5-13b", "llava-next-7b"}
     assert all(tower["id"] == "openai/clip-vit-large-patch14-336" and is_pinned(tower["revision"])
                for tower in towers.values())

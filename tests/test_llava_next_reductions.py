@@ -195,6 +195,40 @@ def test_a_tower_method_acts_on_each_crop_as_on_an_image_of_its_own(model_and_di
     assert planned == {key: value for key, value in counts.items() if key != "overhead_macs"}
 
 
+def test_cdpruner_reads_each_crops_instruction_as_llava_1_5_reads_each_images(model_and_dims, tmp_path):
+    """CDPruner on every pass, conditioned on the instruction of the pass's prompt (the CLIP companion of the
+    tower), equals LLaVA-1.5 under CDPruner given the passes as separate images of one prompt: logits, the
+    generated tokens (generate encodes the images before its first forward) and counts."""
+    from helpers_tiny import tiny_text_tower, tiny_word_tokenizer
+
+    from ficoco.models.companion import load_text_tower
+
+    model, dims = model_and_dims
+    twin = llava_twin(model)
+    next_tower = tiny_text_tower(model, tmp_path)
+    twin_tower = load_text_tower(tmp_path, tiny_word_tokenizer(), "<image>{prompt}", twin.model.vision_tower,
+                                 dims.last_vision_layer)
+    inputs = next_batch(dims, [(30, 80)])
+    passes = dims.anyres_layout(30, 80).tower_passes
+    separate = {"input_ids": torch.tensor([[1, 10, 11] + [IMAGE] * 16 * passes + [12, 13, 14, 15]]),
+                "pixel_values": inputs["pixel_values"][0, :passes]}
+    with ficoco.apply(model, "cdpruner", 40, text_tower=next_tower) as handle, torch.no_grad():
+        logits = model(**inputs).logits
+        (counts,), (plan,) = handle.last_counts(), handle.row_plans()
+        generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    with ficoco.apply(twin, "cdpruner", 8, text_tower=twin_tower) as twin_handle, torch.no_grad():
+        twin_logits = twin(**separate).logits
+        (twin_counts,) = twin_handle.last_counts()
+        twin_generated = twin.generate(**separate, max_new_tokens=4, do_sample=False)
+    torch.testing.assert_close(logits, twin_logits, rtol=1e-4, atol=1e-5)
+    assert generated[0, inputs["input_ids"].shape[1]:].tolist() == twin_generated[0, separate["input_ids"].shape[1]:].tolist()
+    assert counts["visual_delivered"] == passes * 8 and counts["projector_tokens"] == passes * 16
+    assert counts["overhead_macs"] == twin_counts["overhead_macs"] > 0
+    check_counts("cdpruner", plan, counts, has_image=True)
+    with pytest.raises(ValueError, match="pass text_tower"):
+        ficoco.apply(model, "cdpruner", 40)
+
+
 @pytest.mark.parametrize("name, budget, overrides", TOWER_CASES[:2])
 def test_a_tower_method_batches_two_aspect_ratios_as_each_alone(model_and_dims, name, budget, overrides):
     """Under a tower method every pass keeps the same count, so images of different spans batch together."""
@@ -342,7 +376,6 @@ def test_a_method_of_both_batches_two_aspect_ratios_with_one_pass_count_as_each_
                                     "model encodes 5; on multi-crop images only reductions of each crop, inside the "
                                     "LLM, or both, planned from a budget, run so far)"),
     ("fitprune", 40, {}, "fitprune (phase llm)"),
-    ("cdpruner", 40, {}, "cdpruner (phase projector)"),
 ])
 def test_methods_without_a_llava_next_site_are_refused(model_and_dims, name, budget, overrides, message):
     model, _ = model_and_dims

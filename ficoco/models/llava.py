@@ -44,8 +44,8 @@ from ficoco.models.features import FEATURE_STEPS, FeaturePatch
 from ficoco.models.guard import require_tested_transformers
 from ficoco.models.handle import Handle, Replacement, after_last_image
 from ficoco.models.llama import LlamaPatch
-from ficoco.models.placeholders import (collapse_placeholders, collapsing_generate, images_per_row, inputs_are_embeds,
-                                        pad_token_id)
+from ficoco.models.placeholders import (collapse_placeholders, collapsing_generate, images_per_row,
+                                        instructing_generate, pad_token_id)
 
 if TYPE_CHECKING:                    # for annotations only: an adapter never imports the methods package
     from ficoco.methods.base import Method
@@ -119,7 +119,7 @@ class LlavaHandle(Handle):
             collapse = functools.partial(self._collapse_inputs, pad_side="left")
             generate = collapsing_generate(collapse, type(model).generate)
             if self.reads_instruction:
-                generate = self._telling_instructions(generate)
+                generate = instructing_generate(generate, self._remember_instructions)
             self._install(lambda: Replacement(model, "generate", types.MethodType(generate, model)))
         self._installed()
 
@@ -166,21 +166,15 @@ class LlavaHandle(Handle):
             return call.instructions
         return self._generate_instructions
 
-    def _telling_instructions(self, generate):
-        """`generate` that gives the projector step each image's instruction: transformers encodes the
-        images before the first forward call, outside the per-call state the hooks keep."""
-        def run(model, inputs=None, *args, **kwargs):
-            input_ids = kwargs.get("input_ids") if inputs is None else inputs
-            mask = kwargs.get("attention_mask")
-            if input_ids is not None and not inputs_are_embeds(input_ids):
-                valid = mask.bool() if mask is not None and mask.dim() == 2 else None
-                self._generate_instructions = _instructions_per_image(
-                    input_ids, input_ids == self.image_token_id, valid, self.full_per_image)
-            try:
-                return generate(model, inputs, *args, **kwargs)
-            finally:
-                self._generate_instructions = None
-        return run
+    def _remember_instructions(self, kwargs: dict | None) -> None:
+        """Each image's instruction in the prompts of a `generate` call (`instructing_generate`); None after."""
+        if kwargs is None:
+            self._generate_instructions = None
+            return
+        input_ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
+        valid = mask.bool() if mask is not None and mask.dim() == 2 else None
+        self._generate_instructions = _instructions_per_image(input_ids, input_ids == self.image_token_id, valid,
+                                                              self.full_per_image)
 
     # -- input preparation ---------------------------------------------------------------------
     def _collapse_inputs(self, kwargs: dict, inner, pad_side: str | None = None) -> dict:

@@ -33,14 +33,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ficoco.contract import LLMLayerStep, Plan, ProjectorStep, VisionInputStep, VisionLayerStep, VisionOutputStep
+from ficoco.contract import LLMLayerStep, Plan, VisionInputStep, VisionLayerStep, VisionOutputStep
 from ficoco.dims import PER_PASS_PHASES, ModelDims, image_plan, pass_plan, passes_plan, span_plan
 from ficoco.models.clip import ClipPatch
 from ficoco.models.features import FEATURE_STEPS, FeaturePatch
 from ficoco.models.guard import require_tested_transformers
-from ficoco.models.handle import Handle, Replacement
+from ficoco.models.handle import Handle, Replacement, after_last_image
 from ficoco.models.llama import LlamaPatch
-from ficoco.models.placeholders import collapse_placeholders, collapsing_generate, images_per_row, pad_token_id
+from ficoco.models.placeholders import (collapse_placeholders, collapsing_generate, images_per_row,
+                                        instructing_generate, pad_token_id)
 
 if TYPE_CHECKING:                    # for annotations only: an adapter never imports the methods package
     from ficoco.methods.base import Method
@@ -58,9 +59,12 @@ def apply_llava_next(model, method: Method, budget: int | None = None, text_towe
     if not callable(getattr(method, "plan", None)):
         raise TypeError(f"apply_llava_next: method {method!r} is not a Method; ficoco.apply resolves a name "
                         f"(`ficoco methods` lists them) to one")
+    if method.needs_text_tower != (text_tower is not None):
+        raise ValueError(f"{method.name}: pass text_tower (ficoco.models.companion) to a method that reads the "
+                         f"instruction through CLIP's text tower, and only to one (`ficoco methods`: needs_text_tower)")
     dims = ModelDims.from_config(model.config)
     unmet = method.unmet_needs(dims)
-    if method.phase not in PHASES or method.calibrated or text_tower is not None or unmet:
+    if method.phase not in PHASES or method.calibrated or unmet:
         raise ValueError(f"{method.name} (phase {method.phase}): on LLaVA-NeXT the unreduced model and the methods "
                          f"planned from a budget that reduce each crop (in or right after the tower), the span "
                          f"inside the LLM, or both run; " + (f"it needs {'; '.join(unmet)}" if unmet else "this one "
@@ -76,12 +80,11 @@ def apply_llava_next(model, method: Method, budget: int | None = None, text_towe
     steps = method.steps(plan)
     per_pass = method.phase in PER_PASS_PHASES
     unsupported = [type(step).__name__ for step in steps if per_pass and not isinstance(step, PER_PASS_STEPS)
-                   or isinstance(step, VisionOutputStep) and step.tokens_out is None
-                   or isinstance(step, ProjectorStep) and step.reads_instruction]
+                   or isinstance(step, VisionOutputStep) and step.tokens_out is None]
     if unsupported:
-        raise ValueError(f"{method.name}: on LLaVA-NeXT its {unsupported} steps have no site (a count per image, or "
-                         f"one reading the instruction); docs/contracts.md §3")
-    return LlavaNextHandle(model, method, dims, plan, steps, budget, overrides)
+        raise ValueError(f"{method.name}: on LLaVA-NeXT its {unsupported} steps have no site (a count per image); "
+                         f"docs/contracts.md §3")
+    return LlavaNextHandle(model, method, dims, plan, steps, budget, overrides, text_tower)
 
 
 class LlavaNextHandle(Handle):
@@ -91,7 +94,7 @@ class LlavaNextHandle(Handle):
     reducing layers; `budget`: of the nominal image."""
 
     def __init__(self, model, method: Method, dims: ModelDims, plan: Plan, steps: tuple, budget: int | None,
-                 overrides: dict):
+                 overrides: dict, text_tower=None):
         super().__init__(model, method, dims, None, steps)
         self.budget, self.overrides = budget, dict(overrides)
         tower = method.phase in TOWER_PHASES
@@ -107,7 +110,9 @@ class LlavaNextHandle(Handle):
                                                self._on_vision_pass, input_step=self.input_step))
         self._install(lambda: FeaturePatch(inner, dims.last_vision_layer,
                                            [step for step in steps if isinstance(step, FEATURE_STEPS)],
-                                           lambda: clip.current))
+                                           lambda: clip.current, text_tower, self._pass_instructions))
+        self.reads_instruction = text_tower is not None           # a projector step reads each prompt's instruction
+        self._generate_instructions: list[list[int]] | None = None    # per tower pass, while `generate` runs
         self._install(lambda: LlamaPatch(inner.language_model, self.llm_step, self._current_llm_pass))
         self._install(lambda: inner.register_forward_pre_hook(self._before_forward, with_kwargs=True))
         self._install(lambda: inner.register_forward_hook(lambda module, args, output: self._close_call(),
@@ -118,6 +123,8 @@ class LlavaNextHandle(Handle):
         if tower:                                # fewer tokens a pass: packed pass after pass, fewer placeholders
             self._install(lambda: Replacement(inner, "pack_image_features", concatenated_passes))
             generate = collapsing_generate(self._collapsed_for_generate, type(model).generate)
+            if self.reads_instruction:
+                generate = instructing_generate(generate, self._remember_instructions)
             self._install(lambda: Replacement(model, "generate", types.MethodType(generate, model)))
         self._installed()
 
@@ -179,6 +186,8 @@ class LlavaNextHandle(Handle):
         call.pads_per_row = [0] * input_ids.shape[0] if valid is None else (~valid).sum(1).tolist()
         call.images_per_row = images_per_row(call.placeholders_per_row,
                                              [self.delivered(layout) for layout in call.image_layouts])
+        if self.reads_instruction:
+            call.instructions = self._instructions_per_pass(input_ids, valid, call.image_layouts, call.images_per_row)
         spans = sorted({span for span in call.placeholders_per_row if span})
         if self.llm_step is not None and len(spans) > 1:
             raise ValueError(f"{self.method.name}: the image spans of this batch's rows hold {spans} tokens; an LLM "
@@ -187,6 +196,39 @@ class LlavaNextHandle(Handle):
         call.llm = self._prefill_pass(is_image, valid, input_ids.shape[1], step, spans[0] if step else None)
         self._remember_prefill(call, cache)
         return (), kwargs
+
+    # -- the instruction, for a projector step that reads it ------------------------------------------
+    def _pass_instructions(self) -> list[list[int]] | None:
+        """Per tower pass being encoded, its row's token ids after the row's last image: those of the current
+        prefill, or of the `generate` call that encodes its images first; None outside both."""
+        call = self._call
+        if call is not None and call.prefill:
+            return call.instructions
+        return self._generate_instructions
+
+    def _remember_instructions(self, kwargs: dict | None) -> None:
+        """Each tower pass's instruction in the prompts of a `generate` call (`instructing_generate`); None after."""
+        if kwargs is None or kwargs.get("image_sizes") is None:
+            self._generate_instructions = None
+            return
+        input_ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
+        layouts = [self.dims.anyres_layout(int(h), int(w)) for h, w in kwargs["image_sizes"].tolist()]
+        images_in_rows = images_per_row((input_ids == self.image_token_id).sum(1).tolist(),
+                                        [layout.delivered for layout in layouts])      # the caller's full spans
+        valid = mask.bool() if mask is not None and mask.dim() == 2 else None
+        self._generate_instructions = self._instructions_per_pass(input_ids, valid, layouts, images_in_rows)
+
+    def _instructions_per_pass(self, input_ids: torch.Tensor, valid: torch.Tensor | None, layouts: list,
+                               images_in_rows: list[int]) -> list[list[int]]:
+        """Per tower pass (images in reading order, each its base image and crops), the token ids of its row
+        after the row's last image, padding excluded: the instruction its prompt asks about."""
+        per_pass, first_image = [], 0
+        after = after_last_image(input_ids == self.image_token_id, valid)
+        for row, images in enumerate(images_in_rows):
+            passes = sum(layout.tower_passes for layout in layouts[first_image:first_image + images])
+            per_pass += [input_ids[row, after[row]].tolist()] * passes
+            first_image += images
+        return per_pass
 
     def _span_step(self, span: int) -> LLMLayerStep | None:
         """The LLM step of the method's plan for an image span of `span` LLM tokens (`ficoco.dims.span_plan`: the

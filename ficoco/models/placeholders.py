@@ -124,6 +124,24 @@ def collapsing_generate(collapse: Callable[[dict, object], dict], generate):
     return generate_collapsed
 
 
+def instructing_generate(generate, remember: Callable[[dict | None], None]):
+    """`model.generate` that calls `remember(kwargs)` with the call's keyword arguments (its prompt ids as
+    `input_ids`) before it runs and `remember(None)` once it is done: transformers encodes the images
+    before the first forward call, so a projector step that reads each image's instruction learns the
+    prompts from here."""
+
+    def run(model, inputs=None, *args, **kwargs):
+        input_ids = kwargs.get("input_ids") if inputs is None else inputs
+        if input_ids is not None and not inputs_are_embeds(input_ids):
+            remember({**kwargs, "input_ids": input_ids})
+        try:
+            return generate(model, inputs, *args, **kwargs)
+        finally:
+            remember(None)
+
+    return run
+
+
 def inputs_are_embeds(inputs) -> bool:
     return isinstance(inputs, torch.Tensor) and inputs.dim() == 3
 
