@@ -10,9 +10,10 @@ import pytest
 import yaml
 
 from ficoco import flops
+from ficoco.config import ConfigError, load_config
 from ficoco.dims import ModelDims
 from helpers_tiny import save_tiny_llava_next
-from pipeline import copy_workflow, pipeline_env, read_jsonl, snakemake
+from pipeline import copy_workflow, read_jsonl, snakemake
 
 TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
 
@@ -106,9 +107,11 @@ def test_nothing_is_left_to_do_after_the_run(next_run):
 
 
 def test_a_method_without_a_llava_next_site_is_refused_before_any_job(next_run):
+    """The config check the Snakefile runs first (tests/test_config.py: Snakemake stops on its line), on the
+    copied model's source-dir shape."""
     repo, source = next_run
     config = write_next_config(repo, source, "next-both", methods=("vanilla", "prumerge-adaptive"))
-    result = snakemake(repo, "-n", "--cores", "2", "--configfile", config, env=pipeline_env())
-    assert result.returncode != 0
-    assert "prumerge-adaptive cannot run on model tiny-next" in result.stderr + result.stdout
-    assert "one crop per image (this model encodes 5" in result.stderr + result.stdout
+    with pytest.raises(ConfigError) as refused:
+        load_config([repo / config], root=repo)
+    assert "prumerge-adaptive cannot run on model tiny-next" in str(refused.value)
+    assert "one crop per image (this model encodes 5" in str(refused.value)
