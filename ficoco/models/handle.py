@@ -60,6 +60,7 @@ class Handle:
         self._call: Call | None = None
         self._last_prefill: Call | None = None
         self._vision_outside_call: VisionPass | None = None   # generate encodes images before the prefill
+        self._generate_instructions: list[list[int]] | None = None   # per image encoded while `generate` runs
         self._prefill_by_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     # -- installing ---------------------------------------------------------------------------------
@@ -191,6 +192,14 @@ class Handle:
                 "llm": dict(call.llm.trace) if call.llm else {}}
 
     # -- what the patches ask for ---------------------------------------------------------------
+    def _encoding_instructions(self) -> list[list[int]] | None:
+        """Per image (tower pass) being encoded, its row's token ids after the row's last image: those of the
+        current prefill, or of the `generate` call that encodes its images first; None outside both."""
+        call = self._call
+        if call is not None and call.prefill:
+            return call.instructions
+        return self._generate_instructions
+
     def _current_llm_pass(self) -> LLMPass | None:
         return self._call.llm if self._call is not None else None
 

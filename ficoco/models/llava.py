@@ -107,14 +107,13 @@ class LlavaHandle(Handle):
         self._install(lambda: LlamaPatch(inner.language_model, self.llm_step, self._current_llm_pass))
         features = self._install(lambda: FeaturePatch(inner, dims.last_vision_layer,
                                                       [step for step in steps if isinstance(step, FEATURE_STEPS)],
-                                                      lambda: clip.current, text_tower, self._image_instructions))
+                                                      lambda: clip.current, text_tower, self._encoding_instructions))
         self._install(lambda: inner.register_forward_pre_hook(self._before_forward, with_kwargs=True))
         self._install(lambda: inner.register_forward_hook(lambda module, args, output: self._close_call(),
                                                           always_call=True))
         if self.adaptive:                                         # trim each image to its realised count
             self._install(lambda: Replacement(inner, "get_image_features",
                                               _trimming_image_features(inner.get_image_features, features)))
-        self._generate_instructions: list[list[int]] | None = None    # per image, while `generate` runs
         if self.adaptive or self.delivered_per_image != self.full_per_image or self.reads_instruction:
             collapse = functools.partial(self._collapse_inputs, pad_side="left")
             generate = collapsing_generate(collapse, type(model).generate)
@@ -157,14 +156,6 @@ class LlavaHandle(Handle):
         call.llm = self._prefill_pass(is_image, valid, length)
         self._remember_prefill(call, cache)
         return (), kwargs
-
-    def _image_instructions(self) -> list[list[int]] | None:
-        """Per image being encoded, its row's token ids after the row's last image: those of the current
-        prefill, or of the `generate` call that encodes its images first; None outside both."""
-        call = self._call
-        if call is not None and call.prefill:
-            return call.instructions
-        return self._generate_instructions
 
     def _remember_instructions(self, kwargs: dict | None) -> None:
         """Each image's instruction in the prompts of a `generate` call (`instructing_generate`); None after."""

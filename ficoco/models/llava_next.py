@@ -110,9 +110,8 @@ class LlavaNextHandle(Handle):
                                                self._on_vision_pass, input_step=self.input_step))
         self._install(lambda: FeaturePatch(inner, dims.last_vision_layer,
                                            [step for step in steps if isinstance(step, FEATURE_STEPS)],
-                                           lambda: clip.current, text_tower, self._pass_instructions))
+                                           lambda: clip.current, text_tower, self._encoding_instructions))
         self.reads_instruction = text_tower is not None           # a projector step reads each prompt's instruction
-        self._generate_instructions: list[list[int]] | None = None    # per tower pass, while `generate` runs
         self._install(lambda: LlamaPatch(inner.language_model, self.llm_step, self._current_llm_pass))
         self._install(lambda: inner.register_forward_pre_hook(self._before_forward, with_kwargs=True))
         self._install(lambda: inner.register_forward_hook(lambda module, args, output: self._close_call(),
@@ -198,14 +197,6 @@ class LlavaNextHandle(Handle):
         return (), kwargs
 
     # -- the instruction, for a projector step that reads it ------------------------------------------
-    def _pass_instructions(self) -> list[list[int]] | None:
-        """Per tower pass being encoded, its row's token ids after the row's last image: those of the current
-        prefill, or of the `generate` call that encodes its images first; None outside both."""
-        call = self._call
-        if call is not None and call.prefill:
-            return call.instructions
-        return self._generate_instructions
-
     def _remember_instructions(self, kwargs: dict | None) -> None:
         """Each tower pass's instruction in the prompts of a `generate` call (`instructing_generate`); None after."""
         if kwargs is None or kwargs.get("image_sizes") is None:
