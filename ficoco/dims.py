@@ -289,11 +289,17 @@ def crops_plan(plan, dims: ModelDims, passes: int):
     """A per-pass method's plan for one pass (`pass_plan`) as the plan of a batch row's LLaVA-NeXT images of
     `passes` tower passes in all: every pass reduced alike, and the LLM given each pass's kept tokens pass
     after pass (base image, then the crops in raster order) without image-newlines, the patch grid being
-    gone (the adapter's packing, docs/contracts.md)."""
+    gone (the adapter's packing, docs/contracts.md). An adaptive method's passes each realise a count of
+    their own within the pass's bounds, so the image's count is within `passes` times them."""
+    vision_counts = [list(pair) for pair in plan.vision_counts] * passes
+    if plan.delivered is None:
+        post = plan.post_vision
+        bounds = replace(post, tokens_min=(post.tokens_min or 1) * passes,
+                         tokens_max=(post.tokens_max or dims.num_patches) * passes)
+        return replace(plan, vision_counts=vision_counts, vision_crops=passes, post_vision=bounds)
     delivered = plan.delivered * passes
-    return replace(plan, vision_counts=[list(pair) for pair in plan.vision_counts] * passes, vision_crops=passes,
-                   delivered=delivered, llm_visual=[delivered] * dims.llm_layers, layer_average=float(delivered),
-                   projector_tokens=None if plan.projector_tokens is None else plan.projector_tokens * passes)
+    return replace(plan, vision_counts=vision_counts, vision_crops=passes, delivered=delivered,
+                   llm_visual=[delivered] * dims.llm_layers, layer_average=float(delivered), projector_tokens=None if plan.projector_tokens is None else plan.projector_tokens * passes)
 
 
 def passes_plan(method, dims: ModelDims, passes: int, budget: int | None, **overrides):

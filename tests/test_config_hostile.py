@@ -237,9 +237,9 @@ HOSTILE = [
              "valid: a known shape, or a source_dir"), where="models.yaml",
             files={"models.yaml": "mirror:\n  source: hub\n  id: a/b\n  shape: source-dir\n"
                                   "  prompt_template: 'USER: <image>\\n{prompt}'\n"}),
-    Hostile("adaptive-method-on-llava-next", base("models: [llava-next-7b]", "methods: [vanilla, prumerge-adaptive]",
-                                                  drop="m"),
-            ("methods[1]", "prumerge-adaptive cannot run on model llava-next-7b", "one crop per image (this model "
+    Hostile("fitted-method-on-llava-next", base("models: [llava-next-7b]", "methods: [vanilla, fitprune]",
+                                            drop="m"),
+            ("methods[1]", "fitprune cannot run on model llava-next-7b", "one crop per image (this model "
              "encodes 5", "valid: the methods this model can run (vanilla, ficoco-v, ficoco-l, ficoco-vl,")),
     Hostile("tower-budget-on-llava-next", base("models: [llava-next-7b]", "methods: [vanilla, tome]", drop="m"),
             ("budgets[0]", "64 for method tome on model llava-next-7b", "budget B=13 is infeasible",

@@ -110,8 +110,8 @@ def test_a_method_without_a_llava_next_site_is_refused_before_any_job(next_run):
     """The config check the Snakefile runs first (tests/test_config.py: Snakemake stops on its line), on the
     copied model's source-dir shape."""
     repo, source = next_run
-    config = write_next_config(repo, source, "next-both", methods=("vanilla", "prumerge-adaptive"))
+    config = write_next_config(repo, source, "next-both", methods=("vanilla", "fitprune"))
     with pytest.raises(ConfigError) as refused:
         load_config([repo / config], root=repo)
-    assert "prumerge-adaptive cannot run on model tiny-next" in str(refused.value)
+    assert "fitprune cannot run on model tiny-next" in str(refused.value)
     assert "one crop per image (this model encodes 5" in str(refused.value)

@@ -233,13 +233,41 @@ def test_cdpruner_reads_each_crops_instruction_as_llava_1_5_reads_each_images(mo
         ficoco.apply(model, "cdpruner", 40)
 
 
-@pytest.mark.parametrize("name, budget, overrides", TOWER_CASES[:2])
+@pytest.mark.parametrize("name", ["prumerge-adaptive", "prumerge-plus-adaptive"])
+def test_an_adaptive_method_chooses_each_crops_count_as_llava_1_5_each_images(model_and_dims, name):
+    """PruMerge's IQR originals on every pass, each pass keeping a count of its own: equal to LLaVA-1.5 under
+    the same method given the passes as separate images (logits, generated tokens, counts), and each
+    image's count within its passes' bounds (ficoco.invariants, against the row's plan)."""
+    model, dims = model_and_dims
+    twin = llava_twin(model)
+    inputs = next_batch(dims, [(30, 80)])
+    passes = dims.anyres_layout(30, 80).tower_passes
+    separate = {"input_ids": torch.tensor([[1, 10, 11] + [IMAGE] * 16 * passes + [12, 13, 14, 15]]),
+                "pixel_values": inputs["pixel_values"][0, :passes]}
+    with ficoco.apply(model, name, None, knn=4) as handle, torch.no_grad():
+        logits = model(**inputs).logits
+        (counts,), (plan,) = handle.last_counts(), handle.row_plans()
+        generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    with ficoco.apply(twin, name, None, knn=4) as twin_handle, torch.no_grad():
+        twin_logits = twin(**separate).logits
+        (twin_counts,) = twin_handle.last_counts()
+        twin_generated = twin.generate(**separate, max_new_tokens=4, do_sample=False)
+    torch.testing.assert_close(logits, twin_logits, rtol=1e-4, atol=1e-5)
+    assert generated[0, inputs["input_ids"].shape[1]:].tolist() == twin_generated[0, separate["input_ids"].shape[1]:].tolist()
+    assert counts["visual_delivered"] == twin_counts["visual_delivered"] < passes * 16
+    assert counts["llm"] == twin_counts["llm"] and counts["overhead_macs"] == twin_counts["overhead_macs"] > 0
+    assert plan.delivered is None and plan.vision_crops == passes
+    check_counts(name, plan, counts, has_image=True)
+
+
+@pytest.mark.parametrize("name, budget, overrides", TOWER_CASES[:2] + [("prumerge-plus-adaptive", None, {"knn": 4})])
 def test_a_tower_method_batches_two_aspect_ratios_as_each_alone(model_and_dims, name, budget, overrides):
-    """Under a tower method every pass keeps the same count, so images of different spans batch together."""
+    """Under a tower method each pass keeps a count of its own reduction, so images of different spans batch
+    together (an adaptive method: the rows' counts differ, and the batch is re-padded)."""
     model, dims = model_and_dims
     sizes = [(31, 34), (30, 80)]                               # 5 and 4 passes: 40 and 32 tokens
     together, _, counts = generate(model, name, budget, next_batch(dims, sizes), overrides)
-    assert [row["visual_delivered"] for row in counts] == [40, 32]
+    assert [row["visual_delivered"] for row in counts] == [40, 32] or budget is None
     for row, size in enumerate(sizes):
         inputs = next_batch(dims, [size])
         inputs["pixel_values"] = next_batch(dims, sizes)["pixel_values"][row:row + 1, :inputs["pixel_values"].shape[1]]
@@ -256,7 +284,7 @@ def test_remove_restores_the_model_exactly(model_and_dims):
     inputs = next_batch(dims, [(30, 80)])
     with torch.no_grad():
         before = model(**inputs).logits
-        for name, budget, overrides in CASES + TOWER_CASES + BOTH_CASES:
+        for name, budget, overrides in CASES + TOWER_CASES + BOTH_CASES + [("prumerge-adaptive", None, {"knn": 4})]:
             with ficoco.apply(model, name, budget, **overrides), torch.no_grad():
                 reduced = model(**inputs).logits
             assert not torch.equal(reduced, before)
@@ -354,12 +382,10 @@ def test_a_method_of_both_plans_each_image_as_it_runs(model_and_dims, name, budg
 
 
 @pytest.mark.parametrize("name, budget, overrides, message", [
-    ("prumerge-adaptive", None, {}, "prumerge-adaptive (phase vision): on LLaVA-NeXT the unreduced model and the "
-                                    "methods planned from a budget that reduce each crop (in or right after the "
-                                    "tower), the span inside the LLM, or both run; it needs one crop per image (this "
-                                    "model encodes 5; on multi-crop images only reductions of each crop, inside the "
-                                    "LLM, or both, planned from a budget, run so far)"),
-    ("fitprune", 40, {}, "fitprune (phase llm)"),
+    ("fitprune", 40, {}, "fitprune (phase llm): on LLaVA-NeXT the unreduced model and the methods planned from a "
+                         "budget that reduce each crop (in or right after the tower), the span inside the LLM, or both "
+                         "run; it needs one crop per image (this model encodes 5; on multi-crop images only reductions "
+                         "of each crop, inside the LLM, or both, without a fitted schedule, run so far)"),
 ])
 def test_methods_without_a_llava_next_site_are_refused(model_and_dims, name, budget, overrides, message):
     model, _ = model_and_dims

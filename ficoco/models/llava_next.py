@@ -20,8 +20,12 @@ image keeps the same fraction (`ficoco.budget.span_budget`):
   method's plan for its span (`ModelDims.for_image_span`), on the layers the installed step hooks, so
   every image row of a batch must have the same span;
 - a method of both (FiCoCo-VL, VScan: its `tower_schedule` and `llm_schedule`) reduces every pass in the
-  tower (and after the projector) as a per-pass method, then the passes' tokens in the LLM as an LLM-side method does a span (`ficoco.dims.passes_plan`).
-Any other method is refused with a message. There is no single plan (`handle.plan` is None);
+  tower (and after the projector) as a per-pass method, then the passes' tokens in the LLM as an
+  LLM-side method does a span (`ficoco.dims.passes_plan`);
+- an adaptive per-pass method (PruMerge's IQR originals) gives every pass a count of its own: the images
+  are encoded first (`_encoded_first`), each image's placeholders cut to its passes' counts, and the
+  passes trimmed to them before packing (`realised_passes`).
+A fitted method (FitPrune) is refused with a message. There is no single plan (`handle.plan` is None);
 `row_plans()` gives each row the plan of its image sizes.
 """
 from __future__ import annotations
@@ -79,10 +83,9 @@ def apply_llava_next(model, method: Method, budget: int | None = None, text_towe
         plan = method.plan(dims, budget, **overrides)
     steps = method.steps(plan)
     per_pass = method.phase in PER_PASS_PHASES
-    unsupported = [type(step).__name__ for step in steps if per_pass and not isinstance(step, PER_PASS_STEPS)
-                   or isinstance(step, VisionOutputStep) and step.tokens_out is None]
+    unsupported = [type(step).__name__ for step in steps if per_pass and not isinstance(step, PER_PASS_STEPS)]
     if unsupported:
-        raise ValueError(f"{method.name}: on LLaVA-NeXT its {unsupported} steps have no site (a count per image); "
+        raise ValueError(f"{method.name}: on LLaVA-NeXT its {unsupported} steps have no per-pass site; "
                          f"docs/contracts.md §3")
     return LlavaNextHandle(model, method, dims, plan, steps, budget, overrides, text_tower)
 
@@ -98,9 +101,15 @@ class LlavaNextHandle(Handle):
         super().__init__(model, method, dims, None, steps)
         self.budget, self.overrides = budget, dict(overrides)
         tower = method.phase in TOWER_PHASES
+        # an adaptive vision-output step (PruMerge's originals) chooses a count per pass while it runs
+        self.adaptive = any(isinstance(step, VisionOutputStep) and step.tokens_out is None for step in steps)
         passes = plan.vision_crops                                           # 1 for a per-pass method's plan
-        self.pass_delivered = plan.delivered // passes if tower else None   # tokens each reduced pass delivers
-        self.pass_projected = (plan.projector_tokens or plan.delivered) // passes if tower else dims.num_patches
+        fixed = tower and not self.adaptive
+        self.pass_delivered = plan.delivered // passes if fixed else None   # tokens each reduced pass delivers
+        # the tokens the projector runs on a pass: all patches, but after a tower reduction its output
+        # (an adaptive one's realised counts, the visual tokens delivered)
+        self.pass_projected = (plan.projector_tokens or plan.delivered) // passes if fixed else \
+            None if self.adaptive else dims.num_patches
         self._span_steps: dict[int, LLMLayerStep | None] = {}     # image span -> the LLM step planned for it
         self.image_token_id = model.config.image_token_id
         self.pad_token_id = pad_token_id(model, self.image_token_id)
@@ -108,9 +117,9 @@ class LlavaNextHandle(Handle):
         inner = model.model
         clip = self._install(lambda: ClipPatch(inner.vision_tower, dims.last_vision_layer, self.vision_step,
                                                self._on_vision_pass, input_step=self.input_step))
-        self._install(lambda: FeaturePatch(inner, dims.last_vision_layer,
-                                           [step for step in steps if isinstance(step, FEATURE_STEPS)],
-                                           lambda: clip.current, text_tower, self._encoding_instructions))
+        features = self._install(lambda: FeaturePatch(inner, dims.last_vision_layer,
+                                                      [step for step in steps if isinstance(step, FEATURE_STEPS)],
+                                                      lambda: clip.current, text_tower, self._encoding_instructions))
         self.reads_instruction = text_tower is not None           # a projector step reads each prompt's instruction
         self._install(lambda: LlamaPatch(inner.language_model, self.llm_step, self._current_llm_pass))
         self._install(lambda: inner.register_forward_pre_hook(self._before_forward, with_kwargs=True))
@@ -120,17 +129,35 @@ class LlavaNextHandle(Handle):
         self._install(lambda: Replacement(inner, "get_image_features",
                                           self._recording_sizes(inner.get_image_features)))
         if tower:                                # fewer tokens a pass: packed pass after pass, fewer placeholders
-            self._install(lambda: Replacement(inner, "pack_image_features", concatenated_passes))
+            pack = functools.partial(realised_passes, features) if self.adaptive else concatenated_passes
+            self._install(lambda: Replacement(inner, "pack_image_features", pack))
             generate = collapsing_generate(self._collapsed_for_generate, type(model).generate)
             if self.reads_instruction:
                 generate = instructing_generate(generate, self._remember_instructions)
             self._install(lambda: Replacement(model, "generate", types.MethodType(generate, model)))
         self._installed()
 
-    def delivered(self, layout) -> int:
-        """The LLM tokens of an image with this AnyRes layout: its packed span, or under a tower reduction the
-        kept tokens of each of its passes."""
-        return layout.delivered if self.pass_delivered is None else layout.tower_passes * self.pass_delivered
+    def _delivered(self, kwargs: dict, layouts: list) -> list[int]:
+        """The LLM tokens of each image of a call with these AnyRes layouts: its packed span, under a tower
+        reduction the kept tokens of each of its passes, under an adaptive one those its passes realised
+        (the call's pre-encoded features)."""
+        if self.adaptive:
+            return [len(image) for image in kwargs["mm_encoder_outputs"]["image"].pooler_output]
+        if self.pass_delivered is None:
+            return [layout.delivered for layout in layouts]
+        return [layout.tower_passes * self.pass_delivered for layout in layouts]
+
+    def _encoded_first(self, kwargs: dict, inner) -> dict:
+        """An adaptive reduction's call with its images encoded (`mm_encoder_outputs`) instead of pixel values:
+        each image's count is known only once its passes are reduced, and the placeholders must match it."""
+        if not self.adaptive or kwargs.get("pixel_values") is None:
+            return kwargs
+        encoded = inner.get_image_features(pixel_values=kwargs["pixel_values"], image_sizes=kwargs["image_sizes"],
+                                           vision_feature_layer=kwargs.get("vision_feature_layer"),
+                                           vision_feature_select_strategy=kwargs.get("vision_feature_select_strategy"),
+                                           return_dict=True)
+        encoders = {**(kwargs.get("mm_encoder_outputs") or {}), "image": encoded}
+        return {**{key: value for key, value in kwargs.items() if key != "pixel_values"}, "mm_encoder_outputs": encoders}
 
     def _collapsed(self, kwargs: dict, layouts: list, pad_side: str | None) -> dict:
         """`kwargs` with each image's placeholder run (the span the processor inserted) cut to `delivered`,
@@ -139,8 +166,7 @@ class LlavaNextHandle(Handle):
         if pad_side is None:
             pad_side = "left" if mask is not None and mask.dim() == 2 and bool((mask[:, 0] == 0).any()) else "right"
         collapsed = collapse_placeholders(kwargs["input_ids"], len(layouts), self.image_token_id,
-                                          [layout.delivered for layout in layouts],
-                                          [self.delivered(layout) for layout in layouts], mask,
+                                          [layout.delivered for layout in layouts], self._delivered(kwargs, layouts), mask,
                                           kwargs.get("position_ids"), pad_side=pad_side, pad_token_id=self.pad_token_id)
         return {**kwargs, **collapsed}
 
@@ -148,6 +174,7 @@ class LlavaNextHandle(Handle):
         sizes = kwargs.get("image_sizes")
         if sizes is None:
             raise ValueError(f"{self.method.name}: LLaVA-NeXT's generate needs image_sizes with pixel_values")
+        kwargs = self._encoded_first(kwargs, inner)
         return self._collapsed(kwargs, [self.dims.anyres_layout(int(h), int(w)) for h, w in sizes.tolist()], "left")
 
     def _recording_sizes(self, get_image_features):
@@ -176,15 +203,15 @@ class LlavaNextHandle(Handle):
             if self._vision_outside_call is not None:
                 call.vision.append(self._vision_outside_call)
         call.image_layouts = [] if sizes is None else [self.dims.anyres_layout(int(h), int(w)) for h, w in sizes.tolist()]
-        if self.pass_delivered is not None and call.image_layouts:
-            kwargs = self._collapsed(kwargs, call.image_layouts, pad_side=None)
+        if self.method.phase in TOWER_PHASES and call.image_layouts:
+            kwargs = self._collapsed(self._encoded_first(kwargs, module), call.image_layouts, pad_side=None)
         input_ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
         is_image = input_ids == self.image_token_id                                  # (B, L)
         valid = None if mask is None or mask.dim() != 2 else mask.bool()
         call.placeholders_per_row = is_image.sum(1).tolist()
         call.pads_per_row = [0] * input_ids.shape[0] if valid is None else (~valid).sum(1).tolist()
-        call.images_per_row = images_per_row(call.placeholders_per_row,
-                                             [self.delivered(layout) for layout in call.image_layouts])
+        call.images_per_row = images_per_row(call.placeholders_per_row, self._delivered(kwargs, call.image_layouts)
+                                             if call.image_layouts else [])
         if self.reads_instruction:
             call.instructions = self._instructions_per_pass(input_ids, valid, call.image_layouts, call.images_per_row)
         spans = sorted({span for span in call.placeholders_per_row if span})
@@ -273,8 +300,8 @@ class LlavaNextHandle(Handle):
             row["vision"] = [list(pair) for pair in one_pass] * passes
             if passes:
                 row["vision_crops"] = passes
-            if passes and passes * self.pass_projected != row["visual_delivered"]:   # contracts §2: when they differ
-                row["projector_tokens"] = passes * self.pass_projected
+            if passes and self.pass_projected and passes * self.pass_projected != row["visual_delivered"]:
+                row["projector_tokens"] = passes * self.pass_projected              # contracts §2: when they differ
         return counts
 
     def _tower_images_per_row(self, call) -> list[int]:
@@ -284,6 +311,22 @@ class LlavaNextHandle(Handle):
             passes.append(sum(layout.tower_passes for layout in call.image_layouts[first_image:first_image + images]))
             first_image += images
         return passes
+
+
+def realised_passes(feature_patch: FeaturePatch, image_features, image_sizes, vision_feature_select_strategy,
+                    image_newline=None):
+    """`concatenated_passes` after an adaptive vision-output step, whose passes come padded to the largest
+    count: each pass trimmed to the count it realised (`FeaturePatch.take_realised`), then packed."""
+    realised = feature_patch.take_realised()
+    passes = [len(features) for features in image_features]
+    if realised is None or len(realised) != sum(passes):
+        raise RuntimeError(f"LLaVA-NeXT: {sum(passes)} tower passes to pack, and {realised} realised counts")
+    trimmed, first = [], 0
+    for features in image_features:                               # (passes, max count, D)
+        counts = realised[first:first + len(features)]
+        first += len(features)
+        trimmed.append(torch.cat([one_pass[:count] for one_pass, count in zip(features, counts)])[None])
+    return concatenated_passes(trimmed, image_sizes, vision_feature_select_strategy, image_newline)
 
 
 def concatenated_passes(image_features, image_sizes, vision_feature_select_strategy, image_newline=None):
