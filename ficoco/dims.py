@@ -277,12 +277,15 @@ def image_plan(method, dims: ModelDims, layouts: list[AnyresLayout], budget: int
     return anyres_plan(span_plan(method, dims, span, budget, **overrides), dims, layouts)
 
 
+def pass_budget(dims: ModelDims, budget: int | None) -> int | None:
+    """One tower pass's share of a budget of the nominal LLaVA-NeXT image, the same kept fraction: 32 of 576
+    patches a pass for 160 of 2,880 on LLaVA-NeXT-7B (None: unreduced)."""
+    return None if budget is None else span_budget(budget, dims.tower_pass().visual_tokens, dims.visual_tokens)
+
+
 def pass_plan(method, dims: ModelDims, budget: int | None, **overrides):
-    """`method`'s plan for one tower pass (`tower_pass` dims) at the kept fraction the budget `budget` is of
-    the nominal image: 32 of 576 patches a pass for 160 of 2,880 on LLaVA-NeXT-7B."""
-    one_pass = dims.tower_pass()
-    scaled = None if budget is None else span_budget(budget, one_pass.visual_tokens, dims.visual_tokens)
-    return method.plan(one_pass, scaled, **overrides)
+    """`method`'s plan for one tower pass (`tower_pass` dims) at its share of the nominal budget (`pass_budget`)."""
+    return method.plan(dims.tower_pass(), pass_budget(dims, budget), **overrides)
 
 
 def crops_plan(plan, dims: ModelDims, passes: int):
@@ -299,7 +302,8 @@ def crops_plan(plan, dims: ModelDims, passes: int):
         return replace(plan, vision_counts=vision_counts, vision_crops=passes, post_vision=bounds)
     delivered = plan.delivered * passes
     return replace(plan, vision_counts=vision_counts, vision_crops=passes, delivered=delivered,
-                   llm_visual=[delivered] * dims.llm_layers, layer_average=float(delivered), projector_tokens=None if plan.projector_tokens is None else plan.projector_tokens * passes)
+                   llm_visual=[delivered] * dims.llm_layers, layer_average=float(delivered),
+                   projector_tokens=None if plan.projector_tokens is None else plan.projector_tokens * passes)
 
 
 def passes_plan(method, dims: ModelDims, passes: int, budget: int | None, **overrides):
@@ -313,9 +317,8 @@ def passes_plan(method, dims: ModelDims, passes: int, budget: int | None, **over
         raise ValueError(f"{method.name}: budget {budget} must be in [1, {dims.visual_tokens}] (the nominal image's "
                          f"visual tokens), or None for unreduced")
     params = method.resolve(overrides)
-    one_pass = dims.tower_pass()
-    share = None if budget is None else span_budget(budget, one_pass.visual_tokens, dims.visual_tokens)
-    tower = method.tower_schedule(one_pass, share, params)
+    share = pass_budget(dims, budget)
+    tower = method.tower_schedule(dims.tower_pass(), share, params)
     delivered = tower["delivered"] * passes
     projected = tower.get("projector_tokens")         # where a projector step reduces after the projector
     llm_budget = None if budget is None else passes * share

@@ -149,6 +149,12 @@ def test_spans_that_differ_in_one_batch_are_refused_with_a_message(model_and_dim
         assert [row["visual_delivered"] for row in handle.last_counts()] == [60, 88]
 
 
+def passes_as_images(inputs: dict, passes: int) -> dict:
+    """LLaVA-1.5 inputs of one prompt (the same text as `next_batch`'s) with the first image's passes as its images."""
+    return {"input_ids": torch.tensor([[1, 10, 11] + [IMAGE] * 16 * passes + [12, 13, 14, 15]]),
+            "pixel_values": inputs["pixel_values"][0, :passes]}
+
+
 def llava_twin(model):
     """A LLaVA-1.5 with the LLaVA-NeXT model's tower, projector and LLM weights (all but its image-newline)."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
@@ -174,8 +180,7 @@ def test_a_tower_method_acts_on_each_crop_as_on_an_image_of_its_own(model_and_di
     inputs = next_batch(dims, [(30, 80)])                       # 4 passes, 8 of 16 patches kept in each
     passes = dims.anyres_layout(30, 80).tower_passes
     per_pass = math.floor(budget * 16 / NOMINAL + 0.5)
-    separate = {"input_ids": torch.tensor([[1, 10, 11] + [IMAGE] * 16 * passes + [12, 13, 14, 15]]),
-                "pixel_values": inputs["pixel_values"][0, :passes]}
+    separate = passes_as_images(inputs, passes)
     with ficoco.apply(model, name, budget, **overrides) as handle, torch.no_grad():
         logits = model(**inputs).logits
         (counts,), (plan,) = handle.last_counts(), handle.row_plans()
@@ -214,8 +219,7 @@ def test_cdpruner_reads_each_crops_instruction_as_llava_1_5_reads_each_images(mo
                                  dims.last_vision_layer)
     inputs = next_batch(dims, [(30, 80)])
     passes = dims.anyres_layout(30, 80).tower_passes
-    separate = {"input_ids": torch.tensor([[1, 10, 11] + [IMAGE] * 16 * passes + [12, 13, 14, 15]]),
-                "pixel_values": inputs["pixel_values"][0, :passes]}
+    separate = passes_as_images(inputs, passes)
     with ficoco.apply(model, "cdpruner", 40, text_tower=next_tower) as handle, torch.no_grad():
         logits = model(**inputs).logits
         (counts,), (plan,) = handle.last_counts(), handle.row_plans()
@@ -242,8 +246,7 @@ def test_an_adaptive_method_chooses_each_crops_count_as_llava_1_5_each_images(mo
     twin = llava_twin(model)
     inputs = next_batch(dims, [(30, 80)])
     passes = dims.anyres_layout(30, 80).tower_passes
-    separate = {"input_ids": torch.tensor([[1, 10, 11] + [IMAGE] * 16 * passes + [12, 13, 14, 15]]),
-                "pixel_values": inputs["pixel_values"][0, :passes]}
+    separate = passes_as_images(inputs, passes)
     with ficoco.apply(model, name, None, knn=4) as handle, torch.no_grad():
         logits = model(**inputs).logits
         (counts,), (plan,) = handle.last_counts(), handle.row_plans()

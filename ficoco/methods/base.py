@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 
 from ficoco.contract import Needs, Plan, Step, unmet_needs
 from ficoco.budget import span_budget
-from ficoco.dims import PER_PASS_PHASES, image_plan
+from ficoco.dims import PER_PASS_PHASES, image_plan, pass_budget
 
 PHASES = ("none", "vision", "projector", "llm", "both")
 SITES = ("vision", "projector", "llm")
@@ -201,13 +201,15 @@ class Method:
         except ValueError as error:        # say what the method was asked for on one pass or span
             if budget is None or not 1 <= budget <= dims.visual_tokens:
                 raise
-            share = span_budget(budget, dims.num_patches, dims.visual_tokens)
+            share = pass_budget(dims, budget)
             if self.phase in PER_PASS_PHASES:
                 where = f"{share} a tower pass"
             elif self.phase == "both":
-                where = f"{share} a tower pass, {share * layout.tower_passes} in the LLM for its largest image's passes"
+                where = f"{share} a tower pass, {share * layout.tower_passes} in the LLM for its largest image's " \
+                        f"passes"
             else:
-                where = f"{span_budget(budget, layout.delivered, dims.visual_tokens)} of the {layout.delivered} tokens of its largest image"
+                span = layout.delivered
+                where = f"{span_budget(budget, span, dims.visual_tokens)} of the {span} tokens of its largest image"
             raise type(error)(f"{str(error).rstrip('.')} (budget {budget} of the nominal {dims.visual_tokens}-token "
                               f"image is {where})") from None
 

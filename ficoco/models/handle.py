@@ -315,6 +315,14 @@ def after_last_image(is_image: torch.Tensor, valid: torch.Tensor | None) -> list
     return [positions[row] for row in after_image]
 
 
+def row_instructions(input_ids: torch.Tensor, is_image: torch.Tensor, valid: torch.Tensor | None,
+                     repeats: list[int]) -> list[list[int]]:
+    """Each row's instruction (its token ids after its last image, padding excluded) `repeats[row]` times, row
+    after row: one per image the tower encodes for it (LLaVA-NeXT: per tower pass)."""
+    return [ids for row_ids, after, times in zip(input_ids, after_last_image(is_image, valid), repeats)
+            for ids in [row_ids[after].tolist()] * times]
+
+
 def _at_most_one(method, steps: tuple[Step, ...], kind: type):
     """The one step of `kind` among `steps` (None when there is none)."""
     found = [step for step in steps if isinstance(step, kind)]

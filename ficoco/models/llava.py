@@ -42,7 +42,7 @@ from ficoco.dims import ModelDims
 from ficoco.models.clip import ClipPatch
 from ficoco.models.features import FEATURE_STEPS, FeaturePatch
 from ficoco.models.guard import require_tested_transformers
-from ficoco.models.handle import Handle, Replacement, after_last_image
+from ficoco.models.handle import Handle, Replacement, row_instructions
 from ficoco.models.llama import LlamaPatch
 from ficoco.models.placeholders import (collapse_placeholders, collapsing_generate, images_per_row,
                                         instructing_generate, pad_token_id)
@@ -152,7 +152,7 @@ class LlavaHandle(Handle):
             call.images_per_row = [n // self.delivered_per_image for n in call.placeholders_per_row]
         call.pads_per_row = [0] * batch if valid is None else (~valid).sum(1).tolist()
         if self.reads_instruction and input_ids is not None:
-            call.instructions = _instructions_per_image(input_ids, is_image, valid, self.delivered_per_image)
+            call.instructions = row_instructions(input_ids, is_image, valid, call.images_per_row)
         call.llm = self._prefill_pass(is_image, valid, length)
         self._remember_prefill(call, cache)
         return (), kwargs
@@ -164,8 +164,9 @@ class LlavaHandle(Handle):
             return
         input_ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
         valid = mask.bool() if mask is not None and mask.dim() == 2 else None
-        self._generate_instructions = _instructions_per_image(input_ids, input_ids == self.image_token_id, valid,
-                                                              self.full_per_image)
+        is_image = input_ids == self.image_token_id
+        self._generate_instructions = row_instructions(input_ids, is_image, valid,
+                                                       (is_image.sum(1) // self.full_per_image).tolist())
 
     # -- input preparation ---------------------------------------------------------------------
     def _collapse_inputs(self, kwargs: dict, inner, pad_side: str | None = None) -> dict:
@@ -193,17 +194,6 @@ class LlavaHandle(Handle):
                                           attention_mask=mask, position_ids=kwargs.get("position_ids"),
                                           pad_side=pad_side, pad_token_id=self.pad_token_id)
         return {**kwargs, **collapsed}
-
-
-def _instructions_per_image(input_ids: torch.Tensor, is_image: torch.Tensor, valid: torch.Tensor | None,
-                            placeholders_per_image: int) -> list[list[int]]:
-    """Per image (in reading order), the token ids of its row after the row's last image token, padding
-    excluded: the instruction that image's prompt asks about."""
-    per_image = []
-    for row_ids, row_is_image, after in zip(input_ids, is_image, after_last_image(is_image, valid)):
-        images = int(row_is_image.sum()) // placeholders_per_image
-        per_image += [row_ids[after].tolist()] * images
-    return per_image
 
 
 def _image_features(kwargs: dict):

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import types
 from typing import TYPE_CHECKING
 
@@ -42,7 +43,7 @@ from ficoco.dims import PER_PASS_PHASES, ModelDims, image_plan, pass_plan, passe
 from ficoco.models.clip import ClipPatch
 from ficoco.models.features import FEATURE_STEPS, FeaturePatch
 from ficoco.models.guard import require_tested_transformers
-from ficoco.models.handle import Handle, Replacement, after_last_image
+from ficoco.models.handle import Handle, Replacement, row_instructions
 from ficoco.models.llama import LlamaPatch
 from ficoco.models.placeholders import (collapse_placeholders, collapsing_generate, images_per_row,
                                         instructing_generate, pad_token_id)
@@ -50,7 +51,6 @@ from ficoco.models.placeholders import (collapse_placeholders, collapsing_genera
 if TYPE_CHECKING:                    # for annotations only: an adapter never imports the methods package
     from ficoco.methods.base import Method
 
-PHASES = ("none", *PER_PASS_PHASES, "llm", "both")     # the methods' phases LLaVA-NeXT has sites for
 PER_PASS_STEPS = (VisionInputStep, VisionLayerStep, *FEATURE_STEPS)   # the steps of a per-pass method it installs
 TOWER_PHASES = (*PER_PASS_PHASES, "both")        # the phases that reduce each tower pass
 
@@ -67,12 +67,11 @@ def apply_llava_next(model, method: Method, budget: int | None = None, text_towe
         raise ValueError(f"{method.name}: pass text_tower (ficoco.models.companion) to a method that reads the "
                          f"instruction through CLIP's text tower, and only to one (`ficoco methods`: needs_text_tower)")
     dims = ModelDims.from_config(model.config)
-    unmet = method.unmet_needs(dims)
-    if method.phase not in PHASES or method.calibrated or unmet:
+    unmet = method.unmet_needs(dims)             # on multi-crop images: what the adapter has no site for
+    if unmet:
         raise ValueError(f"{method.name} (phase {method.phase}): on LLaVA-NeXT the unreduced model and the methods "
                          f"planned from a budget that reduce each crop (in or right after the tower), the span "
-                         f"inside the LLM, or both run; " + (f"it needs {'; '.join(unmet)}" if unmet else "this one "
-                                                             "has no site there yet") + " (docs/contracts.md §3)")
+                         f"inside the LLM, or both run; it needs {'; '.join(unmet)} (docs/contracts.md §3)")
     # the budget and options are checked before any patch: a per-pass method on one pass, a method of both on
     # the passes of the largest canvas, an LLM-side one on the nominal image
     if method.phase == "both":
@@ -103,13 +102,15 @@ class LlavaNextHandle(Handle):
         tower = method.phase in TOWER_PHASES
         # an adaptive vision-output step (PruMerge's originals) chooses a count per pass while it runs
         self.adaptive = any(isinstance(step, VisionOutputStep) and step.tokens_out is None for step in steps)
-        passes = plan.vision_crops                                           # 1 for a per-pass method's plan
-        fixed = tower and not self.adaptive
-        self.pass_delivered = plan.delivered // passes if fixed else None   # tokens each reduced pass delivers
-        # the tokens the projector runs on a pass: all patches, but after a tower reduction its output
-        # (an adaptive one's realised counts, the visual tokens delivered)
-        self.pass_projected = (plan.projector_tokens or plan.delivered) // passes if fixed else \
-            None if self.adaptive else dims.num_patches
+        # per tower pass: the tokens it delivers to the LLM (None: its span, or an adaptive count) and those the
+        # projector runs on (None: the delivered ones)
+        self.pass_delivered, self.pass_projected = None, dims.num_patches
+        if self.adaptive:
+            self.pass_projected = None
+        elif tower:
+            passes = plan.vision_crops                                       # 1 for a per-pass method's plan
+            self.pass_delivered = plan.delivered // passes
+            self.pass_projected = (plan.projector_tokens or plan.delivered) // passes
         self._span_steps: dict[int, LLMLayerStep | None] = {}     # image span -> the LLM step planned for it
         self.image_token_id = model.config.image_token_id
         self.pad_token_id = pad_token_id(model, self.image_token_id)
@@ -157,7 +158,8 @@ class LlavaNextHandle(Handle):
                                            vision_feature_select_strategy=kwargs.get("vision_feature_select_strategy"),
                                            return_dict=True)
         encoders = {**(kwargs.get("mm_encoder_outputs") or {}), "image": encoded}
-        return {**{key: value for key, value in kwargs.items() if key != "pixel_values"}, "mm_encoder_outputs": encoders}
+        without_pixels = {key: value for key, value in kwargs.items() if key != "pixel_values"}
+        return {**without_pixels, "mm_encoder_outputs": encoders}
 
     def _collapsed(self, kwargs: dict, layouts: list, pad_side: str | None) -> dict:
         """`kwargs` with each image's placeholder run (the span the processor inserted) cut to `delivered`,
@@ -166,8 +168,8 @@ class LlavaNextHandle(Handle):
         if pad_side is None:
             pad_side = "left" if mask is not None and mask.dim() == 2 and bool((mask[:, 0] == 0).any()) else "right"
         collapsed = collapse_placeholders(kwargs["input_ids"], len(layouts), self.image_token_id,
-                                          [layout.delivered for layout in layouts], self._delivered(kwargs, layouts), mask,
-                                          kwargs.get("position_ids"), pad_side=pad_side, pad_token_id=self.pad_token_id)
+                                          [layout.delivered for layout in layouts], self._delivered(kwargs, layouts),
+                                          mask, kwargs.get("position_ids"), pad_side=pad_side, pad_token_id=self.pad_token_id)
         return {**kwargs, **collapsed}
 
     def _collapsed_for_generate(self, kwargs: dict, inner) -> dict:
@@ -213,7 +215,8 @@ class LlavaNextHandle(Handle):
         call.images_per_row = images_per_row(call.placeholders_per_row, self._delivered(kwargs, call.image_layouts)
                                              if call.image_layouts else [])
         if self.reads_instruction:
-            call.instructions = self._instructions_per_pass(input_ids, valid, call.image_layouts, call.images_per_row)
+            call.instructions = row_instructions(input_ids, is_image, valid,
+                                                 passes_per_row(call.image_layouts, call.images_per_row))
         spans = sorted({span for span in call.placeholders_per_row if span})
         if self.llm_step is not None and len(spans) > 1:
             raise ValueError(f"{self.method.name}: the image spans of this batch's rows hold {spans} tokens; an LLM "
@@ -231,22 +234,12 @@ class LlavaNextHandle(Handle):
             return
         input_ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
         layouts = [self.dims.anyres_layout(int(h), int(w)) for h, w in kwargs["image_sizes"].tolist()]
-        images_in_rows = images_per_row((input_ids == self.image_token_id).sum(1).tolist(),
+        is_image = input_ids == self.image_token_id
+        images_in_rows = images_per_row(is_image.sum(1).tolist(),
                                         [layout.delivered for layout in layouts])      # the caller's full spans
         valid = mask.bool() if mask is not None and mask.dim() == 2 else None
-        self._generate_instructions = self._instructions_per_pass(input_ids, valid, layouts, images_in_rows)
-
-    def _instructions_per_pass(self, input_ids: torch.Tensor, valid: torch.Tensor | None, layouts: list,
-                               images_in_rows: list[int]) -> list[list[int]]:
-        """Per tower pass (images in reading order, each its base image and crops), the token ids of its row
-        after the row's last image, padding excluded: the instruction its prompt asks about."""
-        per_pass, first_image = [], 0
-        after = after_last_image(input_ids == self.image_token_id, valid)
-        for row, images in enumerate(images_in_rows):
-            passes = sum(layout.tower_passes for layout in layouts[first_image:first_image + images])
-            per_pass += [input_ids[row, after[row]].tolist()] * passes
-            first_image += images
-        return per_pass
+        self._generate_instructions = row_instructions(input_ids, is_image, valid,
+                                                       passes_per_row(layouts, images_in_rows))
 
     def _span_step(self, span: int) -> LLMLayerStep | None:
         """The LLM step of the method's plan for an image span of `span` LLM tokens (`ficoco.dims.span_plan`: the
@@ -276,12 +269,8 @@ class LlavaNextHandle(Handle):
         call = self._last_prefill
         if call is None:
             return []
-        plans, first_image = [], 0
-        for images in call.images_per_row:
-            layouts = call.image_layouts[first_image:first_image + images]
-            first_image += images
-            plans.append(image_plan(self.method, self.dims, layouts, self.budget, **self.overrides))
-        return plans
+        return [image_plan(self.method, self.dims, layouts, self.budget, **self.overrides)
+                for layouts in layouts_per_row(call.image_layouts, call.images_per_row)]
 
     def last_counts(self) -> list[dict]:
         """Per batch row of the most recent prefill: contracts §2 counts (`Handle.last_counts`) with every tower
@@ -306,11 +295,18 @@ class LlavaNextHandle(Handle):
 
     def _tower_images_per_row(self, call) -> list[int]:
         """Tower passes per batch row: the base image and the crops of each of its images."""
-        passes, first_image = [], 0
-        for images in call.images_per_row:
-            passes.append(sum(layout.tower_passes for layout in call.image_layouts[first_image:first_image + images]))
-            first_image += images
-        return passes
+        return passes_per_row(call.image_layouts, call.images_per_row)
+
+
+def layouts_per_row(layouts: list, images_in_rows: list[int]) -> list[list]:
+    """Each batch row's AnyRes layouts, given every image's (reading order) and each row's image count."""
+    ends = list(itertools.accumulate(images_in_rows))
+    return [layouts[end - images:end] for images, end in zip(images_in_rows, ends)]
+
+
+def passes_per_row(layouts: list, images_in_rows: list[int]) -> list[int]:
+    """Tower passes per batch row: the base image and the crops of each of its images."""
+    return [sum(layout.tower_passes for layout in row) for row in layouts_per_row(layouts, images_in_rows)]
 
 
 def realised_passes(feature_patch: FeaturePatch, image_features, image_sizes, vision_feature_select_strategy,
