@@ -35,9 +35,11 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 from ficoco.bench import prefill_macs
+from ficoco.measure import DTYPES
 
 # LLaVA-shaped models, 336 px / patch 14: 577 tokens in the tower, 576 image tokens for the LLM
 SHAPES = {
@@ -114,6 +116,22 @@ def _prefill_seconds(model, inputs: dict, synchronize) -> float:
     return time.perf_counter() - start
 
 
+def _append_profile(path: str, title: str, model, inputs: dict, synchronize, cuda: bool) -> None:
+    """One batch-1 prefill under torch.profiler, its busiest operators by host time appended to `path`:
+    where a configuration's time goes beyond its FLOPs (kernel launches, host-device synchronisations)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as profiler:
+        _prefill_seconds(model, inputs, synchronize)
+    events = profiler.key_averages()
+    syncs = sum(event.count for event in events if event.key in ("aten::_local_scalar_dense", "cudaStreamSynchronize"))
+    launches = sum(event.count for event in events if event.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    with open(path, "a") as file:
+        file.write(f"## {title}: {launches} kernel launches, {syncs} host reads of device values\n\n")
+        file.write(events.table(sort_by="self_cpu_time_total", row_limit=25) + "\n\n")
+
+
 def run_config(model, inputs: dict, method: str, budget, overrides: dict, args, cuda: bool, text_tower=None) -> dict:
     """One configuration: warm-up, prefill repeats at batch 1, generate repeats at each batch size.
     inputs: batch size -> model inputs (input_ids (B, 636), pixel_values (B, 3, 336, 336)); text_tower:
@@ -138,6 +156,8 @@ def run_config(model, inputs: dict, method: str, budget, overrides: dict, args, 
             generate[batch] = [_timed_generate(model, inputs[batch], NEW_TOKENS, cuda)
                                for _ in range(args.generate_repeats)]
         peak = torch.cuda.max_memory_allocated() if cuda else _peak_rss_bytes()
+        if args.profile:                                  # after the timed runs: the profiler slows what it sees
+            _append_profile(args.profile, f"{method} B={budget}", model, inputs[1], synchronize, cuda)
     return {"method": method, "budget": budget, "overrides": overrides, "prefill_s": prefill,
             "generate": generate, "counts": counts, "peak_memory_bytes": int(peak)}
 
@@ -150,6 +170,16 @@ def _prefill(run: dict) -> float:
 def _throughput(run: dict, batch: int) -> float:
     """Images per second of `generate` at this batch size (median end-to-end time)."""
     return batch / statistics.median(g["end_to_end_s"] for g in run["generate"][batch])
+
+
+def _first_token_ms(row: dict, batch: int) -> float:
+    """Median time to the first token of a summarised row's `generate` at this batch size (its prefill)."""
+    return statistics.median(g["prefill_s"] for g in row["generate_runs"][str(batch)]) * 1e3
+
+
+def _decode_ms(row: dict, batch: int) -> float:
+    """Median milliseconds per decode step of a summarised row's `generate` at this batch size."""
+    return statistics.median(g["per_token_s"] for g in row["generate_runs"][str(batch)]) * 1e3
 
 
 def summarise(runs: list[dict], dims) -> list[dict]:
@@ -220,6 +250,19 @@ def format_table(result: dict) -> str:
             f"{row['throughput_speedup']['1']:.2f} | {row['throughput'][str(largest)]:.2f} | "
             f"{row['throughput_speedup'][str(largest)]:.2f} | {row['predicted_generate_speedup']:.2f} | "
             f"{row['generate_measured_over_predicted'][str(largest)]:.2f} | {row['peak_memory_bytes'] / 2**30:.2f} |")
+    # the same runs split: time to first token at the largest batch (compute-bound on a GPU) against the
+    # prefill FLOPs ratio, and decode milliseconds per token (bound by kernel launches in eager decoding)
+    base_first_token = _first_token_ms(result["rows"][0], largest)
+    lines += ["", f"| method | B | b{largest} first token ms | b{largest} first token × | predicted prefill × | "
+                  f"measured / predicted | decode ms/token b1 | decode ms/token b{largest} |",
+              "|---|---|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        budget = row["budget"] or ("own" if row["own_schedule"] else "full")
+        first_token = _first_token_ms(row, largest)
+        speedup = base_first_token / first_token
+        lines.append(
+            f"| {row['method']} | {budget} | {first_token:.0f} | {speedup:.2f} | {row['predicted_prefill_speedup']:.2f} | "
+            f"{speedup / row['predicted_prefill_speedup']:.2f} | {_decode_ms(row, 1):.1f} | {_decode_ms(row, largest):.1f} |")
     first, last = result["vanilla_drift"]["first"], result["vanilla_drift"]["last"]
     lines += ["", f"vanilla drift, first → last run: prefill {first['prefill_ms']:.1f} → {last['prefill_ms']:.1f} ms, "
                   f"batch-{largest} throughput {first[f'throughput_b{largest}']:.2f} → "
@@ -231,6 +274,10 @@ def format_table(result: dict) -> str:
                      f"×{measured:.2f} against ≥ ×{goal}: {'met' if measured >= goal else 'not met'}")
     if result["unreachable"]:
         lines += ["", "Not run (unreachable with these settings):"] + [f"- {line}" for line in result["unreachable"]]
+    if result["failed"]:
+        lines += ["", "Failed (traceback on stderr):"]
+        lines += [f"- {method} at B={'own' if budget is None else budget}: {message}"
+                  for method, budget, message in result["failed"]]
     if result["skipped"]:
         lines += ["", f"Skipped (time limit {result['time_limit_s']:.0f} s reached):"]
         lines += [f"- {method} at B={'own' if budget is None else budget}" for method, budget, _ in result["skipped"]]
@@ -246,7 +293,7 @@ def run(args, started: float) -> dict:
     from ficoco.measure import build_random_model, synthetic_inputs
 
     cuda = args.device == "cuda"
-    dtype = "bfloat16" if cuda else "float32"
+    dtype = args.dtype or ("bfloat16" if cuda else "float32")
     config = shape_config(args.shape)
     with tempfile.TemporaryDirectory() as folder:
         config_path = Path(folder) / "config.json"
@@ -261,13 +308,22 @@ def run(args, started: float) -> dict:
     configs, unreachable = bench_configs(args.methods, args.budgets, dims, overrides=overrides_for(args.shape))
     plan = configs + [("vanilla", None, {})]                 # bench_configs puts vanilla first
     text_tower = text_towers(model, plan)
-    runs, skipped = [], []
+    runs, skipped, failed = [], [], []
     for index, (method, budget, overrides) in enumerate(plan):
         reference = index in (0, len(plan) - 1)           # the vanilla runs always run
         if not reference and time.perf_counter() - started > args.time_limit:
             skipped.append((method, budget, overrides))
             continue
-        runs.append(run_config(model, inputs, method, budget, overrides, args, cuda, text_tower(method)))
+        try:
+            runs.append(run_config(model, inputs, method, budget, overrides, args, cuda, text_tower(method)))
+        except Exception as error:
+            if reference:
+                raise
+            # one method's failure must not lose the others' timings: listed under the table, exit status 1
+            traceback.print_exc(file=sys.stderr)
+            failed.append((method, budget, f"{type(error).__name__}: {error}"))
+            print(f"[{index + 1}/{len(plan)}] {method} B={budget}: FAILED ({failed[-1][2]})", file=sys.stderr, flush=True)
+            continue
         print(f"[{index + 1}/{len(plan)}] {method} B={budget}: prefill {_prefill(runs[-1]) * 1e3:.1f} ms, batch "
               f"{BATCH_SIZES[-1]} {_throughput(runs[-1], BATCH_SIZES[-1]):.2f} img/s ({time.perf_counter() - started:.0f} s)",
               file=sys.stderr, flush=True)
@@ -283,6 +339,7 @@ def run(args, started: float) -> dict:
         else "resource.getrusage(RUSAGE_SELF).ru_maxrss (process lifetime)",
         "rows": summarise(runs, dims), "vanilla_drift": drift(runs), "unreachable": unreachable,
         "skipped": [list(config) for config in skipped],
+        "failed": [list(failure) for failure in failed],
         "elapsed_s": time.perf_counter() - started,
     }
 
@@ -297,12 +354,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budgets", nargs="+", type=int, default=[192, 128, 64], metavar="B",
                         help="average visual tokens per LLM layer, each in 1..575")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--dtype", default=None, choices=list(DTYPES),
+                        help="weights and activations (default: bfloat16 on a GPU, float32 on a CPU)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs of each measurement per configuration")
     parser.add_argument("--prefill-repeats", type=int, default=5, help="timed batch-1 prefills per configuration")
     parser.add_argument("--generate-repeats", type=int, default=2,
                         help="timed generate calls per batch size and configuration")
     parser.add_argument("--time-limit", type=float, default=480.0,
                         help="seconds after which no new configuration starts (both vanilla runs always run)")
+    parser.add_argument("--profile", metavar="FILE",
+                        help="also profile one batch-1 prefill per configuration (torch.profiler, after the timed "
+                             "runs) and append its busiest operators to FILE")
     parser.add_argument("--json", help="also write the full result (raw times included) to this file")
     args = parser.parse_args(argv)
     if args.warmup < 0 or args.prefill_repeats < 1 or args.generate_repeats < 1 or args.time_limit <= 0:
@@ -329,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         from ficoco.measure import write_json_atomic
 
         write_json_atomic(result, args.json)
-    return 0
+    return 1 if result["failed"] else 0
 
 
 if __name__ == "__main__":

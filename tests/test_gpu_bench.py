@@ -54,6 +54,16 @@ def test_every_requested_configuration_is_a_row_with_positive_times(bench):
     assert "| ficoco-v | 64 | start=2, end=None | 64.00 |" in table
     assert "| prumerge-adaptive | own | – |" in table
     assert "vanilla drift, first → last run: prefill" in table
+    # the second table: time to first token at batch 16 and per-token decode, medians of the raw runs
+    vanilla, reduced = result["rows"][0], result["rows"][1]
+    first_token = {row["method"]: sorted(g["prefill_s"] for g in row["generate_runs"]["16"]) for row in (vanilla, reduced)}
+    vanilla_ms = (first_token["vanilla"][0] + first_token["vanilla"][1]) / 2 * 1e3        # the median of two runs
+    reduced_ms = first_token["ficoco-v"][0] * 1e3
+    decode_ms = [reduced["generate_runs"][batch][0]["per_token_s"] * 1e3 for batch in ("1", "16")]
+    line, = [line for line in table.splitlines() if line.startswith(f"| ficoco-v | 64 | {reduced_ms:.0f} |")]
+    assert line.startswith(f"| ficoco-v | 64 | {reduced_ms:.0f} | {vanilla_ms / reduced_ms:.2f} | "
+                           f"{reduced['predicted_prefill_speedup']:.2f} |")
+    assert line.endswith(f"| {decode_ms[0]:.1f} | {decode_ms[1]:.1f} |")
     assert "- fastv at B=64: fastv: budget B=64 is infeasible" in table
     assert not result["skipped"]
 
@@ -90,6 +100,31 @@ def test_the_time_limit_skips_configurations_but_not_the_vanilla_runs(tmp_path):
     assert [(row["method"], len(row["prefill_ms_runs"])) for row in result["rows"]] == [("vanilla", 4)]
     assert [method for method, _, _ in result["skipped"]] == ["ficoco-v"]
     assert "Skipped (time limit 0 s reached):\n- ficoco-v at B=64" in table
+
+
+def test_a_failing_configuration_is_listed_and_fails_the_run_without_losing_the_others(tmp_path, monkeypatch, capsys):
+    """One method's error (on a GPU: a kernel, a dtype) is reported under the table and makes the exit
+    status 1, while vanilla's rows still come back; `--profile` appends one section per configuration run."""
+    import ficoco.gpu_bench as gpu_bench
+
+    real = gpu_bench.run_config
+
+    def failing(model, inputs, method, *rest, **kwargs):
+        if method == "evit":
+            raise RuntimeError("no kernel image is available for execution on the device")
+        return real(model, inputs, method, *rest, **kwargs)
+
+    monkeypatch.setattr(gpu_bench, "run_config", failing)
+    path, profile = tmp_path / "gpu-bench.json", tmp_path / "profile.txt"
+    assert main([*FAST, "--methods", "evit", "--budgets", "64", "--json", str(path), "--profile", str(profile)]) == 1
+    result, captured = json.loads(path.read_text()), capsys.readouterr()
+    assert [row["method"] for row in result["rows"]] == ["vanilla"]
+    assert result["failed"] == [["evit", 64, "RuntimeError: no kernel image is available for execution on the device"]]
+    assert "Failed (traceback on stderr):\n- evit at B=64: RuntimeError: no kernel image" in captured.out
+    assert "Traceback" in captured.err
+    sections = [line for line in profile.read_text().splitlines() if line.startswith("## ")]
+    assert len(sections) == 2 and all(line.startswith("## vanilla B=None: ") for line in sections)
+    assert "aten::" in profile.read_text()
 
 
 @pytest.mark.parametrize("argv, message", [
