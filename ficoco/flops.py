@@ -23,6 +23,8 @@ from ficoco.budget import InfeasibleBudget
 from ficoco.budget_labels import TFLOPS_CONVENTIONS, TflopsTarget
 from ficoco.contract import Plan
 from ficoco.dims import ModelDims, image_plan, llava_1_5_dims, llava_next_dims, unreduced_plan
+from ficoco.qwen_dims import MODEL_TYPES as QWEN_MODEL_TYPES
+from ficoco.qwen_dims import QwenVLDims, qwen_vl_dims
 
 # Bytes per stored value for weights and the KV cache. Read-only so no module state can change.
 BYTES_PER_VALUE = MappingProxyType({
@@ -35,7 +37,7 @@ BYTES_PER_VALUE = MappingProxyType({
 # The text length FiCoCo's TFLOPs labels assume for LLaVA-1.5-7B (flops.md §6.1, v4 App. Table 10).
 NOMINAL_TEXT_TOKENS = 60
 
-SHAPES = ("llava-1.5-7b", "llava-1.5-13b", "llava-next-7b", "llava-next-13b")
+SHAPES = ("llava-1.5-7b", "llava-1.5-13b", "llava-next-7b", "llava-next-13b", "qwen2-vl-7b", "qwen2.5-vl-7b")
 
 
 def bytes_per_value(dtype: str) -> float:
@@ -502,6 +504,57 @@ def sample_cost(dims: ModelDims, counts: dict, generated_tokens: int, logits_pos
 
 
 # ------------------------------------------------------------------------------------------------
+# Qwen2-VL and Qwen2.5-VL, unreduced (flops.md §9): a tower without CLS whose length follows the image
+
+
+def qwen_vision_layer_macs(dims: QwenVLDims, spans: Sequence[int]) -> int:
+    """One Qwen vision block over attention sequences of these lengths (one per image, or per window):
+    4·n·d² + 2·d·Σ s² + k·n·d·m, n = Σ s, k = 2 MLP matrices (Qwen2-VL) or 3 (Qwen2.5-VL)."""
+    n, d, m = sum(spans), dims.vision_hidden, dims.vision_mlp
+    attention_projections = 4 * n * d * d                      # qkv (one fused matrix of 3·d) and proj
+    attention_scores = 2 * d * sum(span * span for span in spans)   # QKᵀ and A·V inside each sequence
+    return attention_projections + attention_scores + dims.vision_mlp_matrices * n * d * m
+
+
+def qwen_merger_macs(dims: QwenVLDims, visual_tokens: int) -> int:
+    """The patch merger: per LLM token, merge² patches concatenated (w = merge²·d_v) through w×w and w×d."""
+    width = dims.merge_size ** 2 * dims.vision_hidden
+    return visual_tokens * (width * width + width * dims.llm_hidden)
+
+
+def qwen_vl_vanilla_cost(dims: QwenVLDims, image_size: tuple[int, int], text_tokens: int = NOMINAL_TEXT_TOKENS,
+                         generated_tokens: int = 1, logits_positions: int = 1) -> dict:
+    """Exact cost of one unreduced sample with one image of `image_size` (height, width) pixels: the
+    tower over its patch grid (every layer runs; the merger reads the last), the merger, the LLM prefill
+    over text_tokens + the image's visual tokens (the vision start/end markers are text tokens), the LM
+    head on `logits_positions`, and generated_tokens − 1 decode steps. Keys as `sample_cost`'s parts."""
+    if generated_tokens < 0 or text_tokens < 0 or logits_positions < 1:
+        raise ValueError(f"need generated_tokens >= 0, text_tokens >= 0, logits_positions >= 1; got "
+                         f"{generated_tokens}, {text_tokens}, {logits_positions}")
+    grid = dims.patch_grid(*image_size)
+    patches = grid[0] * grid[1]
+    visual = dims.visual_tokens(*image_size)
+    patch_embed = patches * dims.patch_features * dims.vision_hidden          # the Conv3d, one output per patch
+    vision_layers = sum(qwen_vision_layer_macs(dims, dims.attention_spans(grid, layer))
+                        for layer in range(dims.vision_layers))
+    merger = qwen_merger_macs(dims, visual)
+    llm = [text_tokens + visual] * dims.llm_layers
+    prefill_layers = sum(llama_layer_macs(dims, n) for n in llm)
+    prefill_lm_head = lm_head_macs(dims, logits_positions)
+    decode = sum(decode_step_macs(dims, llm, t) for t in range(1, max(generated_tokens - 1, 0) + 1))
+    macs = {
+        "vision_patch_embed": patch_embed, "vision_layers": vision_layers, "vision": patch_embed + vision_layers,
+        "projector": merger, "prefill_layers": prefill_layers, "prefill_lm_head": prefill_lm_head,
+        "prefill": prefill_layers + prefill_lm_head, "decode": decode,
+        "total": patch_embed + vision_layers + merger + prefill_layers + prefill_lm_head + decode,
+    }
+    cost = {f"{name}_{unit}": float(value * (2 if unit == "flops" else 1))
+            for name, value in macs.items() for unit in ("macs", "flops")}
+    return {**cost, "resized": dims.resized(*image_size), "patch_grid": grid, "vision_tokens": patches,
+            "visual_tokens": visual, "text_tokens": text_tokens}
+
+
+# ------------------------------------------------------------------------------------------------
 # Budgets stated as costs: a TFLOPs target solved into a token budget per (model, method)
 
 
@@ -646,14 +699,17 @@ PRECISION_BYTES = MappingProxyType({"FP16": 2.0, "INT8": 1.0, "INT4": 0.5})
 PAPER_LABELS = ((8.5, 576), (3.3, 192), (2.4, 128), (1.5, 64))
 
 
-def dims_for(model_config: str | None, shape: str | None) -> ModelDims:
-    """ModelDims from a config.json path, or a published shape name."""
+def dims_for(model_config: str | None, shape: str | None) -> ModelDims | QwenVLDims:
+    """ModelDims (LLaVA) or QwenVLDims (Qwen2-VL, Qwen2.5-VL) from a config.json path, or a published shape."""
     if model_config:
         with open(model_config) as handle:
-            return ModelDims.from_config(json.load(handle))
+            config = json.load(handle)
+        return (QwenVLDims if config.get("model_type") in QWEN_MODEL_TYPES else ModelDims).from_config(config)
     shape = shape or "llava-1.5-7b"
     if shape not in SHAPES:
         raise ValueError(f"--shape {shape!r}: valid choices are {list(SHAPES)}")
+    if shape.startswith("qwen"):
+        return qwen_vl_dims(shape)
     family, _, size = shape.rpartition("-")
     return (llava_next_dims if family == "llava-next" else llava_1_5_dims)(size)
 
@@ -722,6 +778,26 @@ def flops_table(dims: ModelDims, method: str, budgets: Sequence[int], text_token
             rows.append(_cost_row(budget, cost))
             costs.append({"method": method, "budget": budget, **cost})
     return _table(COST_HEADER, rows), costs, infeasible
+
+
+QWEN_HEADER = ("image", "resized", "patch grid", "tower tokens", "visual tokens", "vision GMAC", "merger GMAC",
+               "prefill TFLOPs", "decode GFLOPs", "total TFLOPs")
+
+
+def qwen_flops_table(dims: QwenVLDims, method: str, image_size: tuple[int, int] | None, text_tokens: int,
+                     generated: int) -> tuple[str, list[dict]]:
+    """(table text, [cost]) of one unreduced Qwen2-VL / Qwen2.5-VL sample with an image of `image_size`."""
+    if method != "vanilla":
+        raise ValueError(f"--method {method}: token reduction on Qwen2-VL and Qwen2.5-VL is not available yet "
+                         f"(issue 19: the adapter comes next); this shape gives vanilla's exact cost only")
+    if image_size is None:
+        raise ValueError("--image-size HEIGHT WIDTH: a Qwen2-VL image's cost depends on its size (dynamic resolution)")
+    cost = qwen_vl_vanilla_cost(dims, image_size, text_tokens, generated)
+    row = [f"{image_size[0]}x{image_size[1]}", "{}x{}".format(*cost["resized"]), "{}x{}".format(*cost["patch_grid"]),
+           cost["vision_tokens"], cost["visual_tokens"], f"{cost['vision_macs'] / 1e9:.1f}",
+           f"{cost['projector_macs'] / 1e9:.2f}", f"{cost['prefill_flops'] / 1e12:.3f}",
+           f"{cost['decode_flops'] / 1e9:.1f}", f"{cost['total_flops'] / 1e12:.3f}"]
+    return _table(QWEN_HEADER, [row]), [{"method": "vanilla", "budget": None, **cost}]
 
 
 def _pct(ours: float, reference: float) -> float:
@@ -883,7 +959,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Exact FLOPs (vision, projector, prefill, decode), the literature's conventions and the KV cache "
                     "for a model shape, method and budgets, from the planned schedule (no model needed).")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model-config", help="a HF LLaVA config.json")
+    source.add_argument("--model-config", help="a HF LLaVA, LLaVA-NeXT, Qwen2-VL or Qwen2.5-VL config.json")
     source.add_argument("--shape", choices=SHAPES, help="a published shape (default llava-1.5-7b)")
     parser.add_argument("--method", default="vanilla", help="method name (see `ficoco methods`); default vanilla")
     parser.add_argument("--budgets", type=int, nargs="*", default=[], help="visual-token budgets, e.g. 192 128 64")
@@ -903,9 +979,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--method {args.method} needs --budgets (e.g. --budgets 192 128 64)")
     try:
         dims = dims_for(args.model_config, args.shape)
-        table, costs, infeasible = flops_table(dims, args.method, args.budgets, args.text_tokens, args.generated,
-                                               _overrides(args.overrides),
-                                               None if args.image_size is None else tuple(args.image_size))
+        image_size = None if args.image_size is None else tuple(args.image_size)
+        if isinstance(dims, QwenVLDims):
+            table, costs = qwen_flops_table(dims, args.method, image_size, args.text_tokens, args.generated)
+            infeasible = []
+        else:
+            table, costs, infeasible = flops_table(dims, args.method, args.budgets, args.text_tokens, args.generated,
+                                                   _overrides(args.overrides), image_size)
     except ValueError as error:
         print(f"ficoco flops: {error}", file=sys.stderr)
         return 2

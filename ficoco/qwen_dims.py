@@ -1,0 +1,157 @@
+"""Shapes of the Qwen2-VL family (Qwen2-VL, Qwen2.5-VL), for exact FLOPs without weights.
+
+What differs from LLaVA (`ficoco.dims.ModelDims`), and what the cost depends on:
+- dynamic resolution: the image is resized to multiples of patch_size · merge_size (28 px) inside a pixel
+  range (`resized`, transformers' `smart_resize`), so the tower's patch grid and the LLM's visual token
+  count follow the image's size;
+- a tower without CLS: one token per patch of temporal_patch_size frames (a still image is repeated to 2)
+  × patch_size² pixels × in_channels, embedded by one Conv3d;
+- attention inside the tower per image (Qwen2-VL), or per window of window_size pixels in all layers but
+  `full_attention_layers` (Qwen2.5-VL);
+- a patch merger: each merge_size × merge_size block of patches becomes one LLM token through a norm and a
+  two-layer MLP (4·d_v → 4·d_v → d);
+- a Qwen2 LLM (GQA, SwiGLU), with the same field names as ModelDims so flops.py's LLM formulas apply.
+
+Issue 19, first part: the geometry and the unreduced cost (docs/flops.md, "Qwen2-VL and Qwen2.5-VL").
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+# transformers' Qwen2VLImageProcessor defaults: at least 56² pixels, at most 1,280 LLM tokens of 28² pixels
+MIN_PIXELS = 56 * 56
+MAX_PIXELS = 28 * 28 * 1280
+
+
+@dataclass(frozen=True)
+class QwenVLDims:
+    model_type: str                     # "qwen2_vl" or "qwen2_5_vl"
+    # vision tower (no CLS; one token per patch)
+    vision_layers: int                  # 32 in both 7B towers
+    vision_hidden: int                  # d_v (1280)
+    vision_mlp: int                     # m_v (5120 in Qwen2-VL, 3420 in Qwen2.5-VL)
+    vision_mlp_matrices: int            # 2: fc1, fc2 (Qwen2-VL, GELU); 3: gate, up, down (Qwen2.5-VL, SwiGLU)
+    vision_heads: int
+    patch_size: int                     # 14
+    temporal_patch_size: int            # 2: a still image counts as two frames
+    merge_size: int                     # 2: 2 × 2 patches per LLM token
+    in_channels: int                    # 3
+    window_size: int                    # attention window side in pixels (112); 0 = full attention everywhere
+    full_attention_layers: tuple[int, ...]   # Qwen2.5-VL: (7, 15, 23, 31); the other layers are windowed
+    # language model (Qwen2)
+    llm_layers: int
+    llm_hidden: int
+    llm_mlp: int
+    llm_heads: int
+    llm_kv_heads: int
+    vocab_size: int
+    # the processor's pixel range (dynamic resolution)
+    min_pixels: int = MIN_PIXELS
+    max_pixels: int = MAX_PIXELS
+
+    @property
+    def factor(self) -> int:
+        """Pixels per side of one LLM token (28): image sides are resized to multiples of it."""
+        return self.patch_size * self.merge_size
+
+    @property
+    def patch_features(self) -> int:
+        """Input features of one patch: in_channels · temporal_patch_size · patch_size² (1,176)."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
+
+    def resized(self, height: int, width: int) -> tuple[int, int]:
+        """The (height, width) the processor resizes an image to, as transformers' `smart_resize`: sides
+        rounded to multiples of `factor`, then scaled (keeping the aspect ratio) into [min_pixels, max_pixels]."""
+        if height < 1 or width < 1:
+            raise ValueError(f"image size {height}x{width}: both sides must be at least 1 pixel")
+        if max(height, width) / min(height, width) > 200:
+            raise ValueError(f"image size {height}x{width}: the aspect ratio must be at most 200 (the processor "
+                             f"refuses wider images)")
+        factor = self.factor
+        resized_height, resized_width = round(height / factor) * factor, round(width / factor) * factor
+        if resized_height * resized_width > self.max_pixels:
+            beta = math.sqrt(height * width / self.max_pixels)
+            resized_height = max(factor, math.floor(height / beta / factor) * factor)
+            resized_width = max(factor, math.floor(width / beta / factor) * factor)
+        elif resized_height * resized_width < self.min_pixels:
+            beta = math.sqrt(self.min_pixels / (height * width))
+            resized_height = math.ceil(height * beta / factor) * factor
+            resized_width = math.ceil(width * beta / factor) * factor
+        return resized_height, resized_width
+
+    def patch_grid(self, height: int, width: int) -> tuple[int, int]:
+        """(rows, columns) of the tower's patch grid for an image of this size: `image_grid_thw`'s h and w."""
+        resized_height, resized_width = self.resized(height, width)
+        return resized_height // self.patch_size, resized_width // self.patch_size
+
+    def visual_tokens(self, height: int, width: int) -> int:
+        """LLM visual tokens of an image of this size: its patches / merge_size²."""
+        rows, columns = self.patch_grid(height, width)
+        return rows * columns // self.merge_size ** 2
+
+    def attention_spans(self, grid: tuple[int, int], layer: int) -> list[int]:
+        """Lengths of the sequences one tower layer's attention runs over, for one image's patch grid.
+
+        Full attention: the whole image. Qwen2.5-VL's windowed layers: windows of
+        window_size / patch_size patches per side, cut from the top-left over the grid of merged 2 × 2 blocks
+        (the last row and column of windows hold the rest), as transformers' `get_vision_window_index`."""
+        rows, columns = grid
+        if not self.window_size or layer in self.full_attention_layers:
+            return [rows * columns]
+        side = self.window_size // self.factor                   # merged blocks per window side (4)
+        block_rows, block_columns = rows // self.merge_size, columns // self.merge_size
+
+        def cuts(blocks: int) -> list[int]:
+            return [side] * (blocks // side) + ([blocks % side] if blocks % side else [])
+        return [r * c * self.merge_size ** 2 for r in cuts(block_rows) for c in cuts(block_columns)]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_config(cls, config) -> "QwenVLDims":
+        """From a `Qwen2VLConfig` or `Qwen2_5_VLConfig` (object, or dict as in config.json)."""
+        model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
+        if model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type {model_type!r}: QwenVLDims reads {', '.join(MODEL_TYPES)} configs")
+        if isinstance(config, dict):
+            from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+
+            config = (Qwen2VLConfig if model_type == "qwen2_vl" else Qwen2_5_VLConfig)(
+                **{key: value for key, value in config.items() if key != "model_type"})
+        vision, text = config.vision_config, config.text_config
+        if model_type == "qwen2_vl":
+            hidden, mlp, matrices = vision.embed_dim, vision.embed_dim * vision.mlp_ratio, 2
+            window, full, merged_width = 0, (), vision.hidden_size
+        else:
+            hidden, mlp, matrices = vision.hidden_size, vision.intermediate_size, 3
+            window, full, merged_width = vision.window_size, tuple(vision.fullatt_block_indexes), vision.out_hidden_size
+        if merged_width != text.hidden_size:
+            raise ValueError(f"the patch merger's output width {merged_width} is not the LLM's hidden size "
+                             f"{text.hidden_size}: not a {model_type} model this code can cost")
+        return cls(
+            model_type=model_type, vision_layers=vision.depth, vision_hidden=hidden, vision_mlp=mlp,
+            vision_mlp_matrices=matrices, vision_heads=vision.num_heads, patch_size=vision.patch_size,
+            temporal_patch_size=vision.temporal_patch_size, merge_size=vision.spatial_merge_size,
+            in_channels=vision.in_channels, window_size=window, full_attention_layers=full,
+            llm_layers=text.num_hidden_layers, llm_hidden=text.hidden_size, llm_mlp=text.intermediate_size,
+            llm_heads=text.num_attention_heads, llm_kv_heads=text.num_key_value_heads, vocab_size=text.vocab_size,
+        )
+
+
+def qwen_vl_dims(shape: str) -> QwenVLDims:
+    """The published 7B shapes: Qwen/Qwen2-VL-7B-Instruct ("qwen2-vl-7b") and Qwen/Qwen2.5-VL-7B-Instruct
+    ("qwen2.5-vl-7b"), from their config.json; both LLMs are Qwen2-7B's (28 layers, d = 3584, 28 query heads
+    and 4 key/value heads of 128, MLP 18944, vocabulary 152064)."""
+    llm = dict(llm_layers=28, llm_hidden=3584, llm_mlp=18944, llm_heads=28, llm_kv_heads=4, vocab_size=152064)
+    tower = dict(vision_layers=32, vision_hidden=1280, vision_heads=16, patch_size=14, temporal_patch_size=2,
+                 merge_size=2, in_channels=3)
+    if shape == "qwen2-vl-7b":
+        return QwenVLDims(model_type="qwen2_vl", vision_mlp=5120, vision_mlp_matrices=2, window_size=0,
+                          full_attention_layers=(), **tower, **llm)
+    if shape == "qwen2.5-vl-7b":
+        return QwenVLDims(model_type="qwen2_5_vl", vision_mlp=3420, vision_mlp_matrices=3, window_size=112,
+                          full_attention_layers=(7, 15, 23, 31), **tower, **llm)
+    raise ValueError(f"shape {shape!r}: valid Qwen shapes are ['qwen2-vl-7b', 'qwen2.5-vl-7b']")
