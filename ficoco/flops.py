@@ -533,7 +533,7 @@ def qwen_vl_vanilla_cost(dims: QwenVLDims, image_size: tuple[int, int], text_tok
                          f"{generated_tokens}, {text_tokens}, {logits_positions}")
     grid = dims.patch_grid(*image_size)
     patches = grid[0] * grid[1]
-    visual = dims.visual_tokens(*image_size)
+    visual = dims.image_tokens(*image_size)
     patch_embed = patches * dims.patch_features * dims.vision_hidden          # the Conv3d, one output per patch
     vision_layers = sum(qwen_vision_layer_macs(dims, dims.attention_spans(grid, layer))
                         for layer in range(dims.vision_layers))
@@ -788,8 +788,8 @@ def qwen_flops_table(dims: QwenVLDims, method: str, image_size: tuple[int, int] 
                      generated: int) -> tuple[str, list[dict]]:
     """(table text, [cost]) of one unreduced Qwen2-VL / Qwen2.5-VL sample with an image of `image_size`."""
     if method != "vanilla":
-        raise ValueError(f"--method {method}: token reduction on Qwen2-VL and Qwen2.5-VL is not available yet "
-                         f"(issue 19: the adapter comes next); this shape gives vanilla's exact cost only")
+        raise ValueError(f"--method {method}: planned costs of reduced runs on Qwen2-VL and Qwen2.5-VL are not "
+                         f"available yet (issue 19); this shape gives vanilla's exact cost only")
     if image_size is None:
         raise ValueError("--image-size HEIGHT WIDTH: a Qwen2-VL image's cost depends on its size (dynamic resolution)")
     cost = qwen_vl_vanilla_cost(dims, image_size, text_tokens, generated)

@@ -17,7 +17,7 @@ Issue 19, first part: the geometry and the unreduced cost (docs/flops.md, "Qwen2
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 # transformers' Qwen2VLImageProcessor defaults: at least 56² pixels, at most 1,280 LLM tokens of 28² pixels
@@ -50,6 +50,57 @@ class QwenVLDims:
     # the processor's pixel range (dynamic resolution)
     min_pixels: int = MIN_PIXELS
     max_pixels: int = MAX_PIXELS
+    # in the dims a method plans one image's LLM reduction with (`for_image_span`): that image's visual tokens
+    # in the LLM; None = the nominal image
+    image_span: int | None = None
+
+    # -- what a method plans with (the names of ficoco.dims.ModelDims) ---------------------------------
+    @property
+    def nominal_grid(self) -> tuple[int, int]:
+        """The patch grid of the nominal image: the most LLM tokens the processor gives an image
+        (max_pixels / 28² = 1,280), on the squarest grid of merged blocks with that many (32 × 40 blocks,
+        64 × 80 patches, an 896 × 1120 image). Budgets are stated on it, as the paper's 600 / 500 / 400."""
+        tokens = self.max_pixels // self.factor ** 2
+        rows = max(divisor for divisor in range(1, math.isqrt(tokens) + 1) if tokens % divisor == 0)
+        return rows * self.merge_size, tokens // rows * self.merge_size
+
+    @property
+    def visual_tokens(self) -> int:
+        """Visual tokens the unreduced LLM receives for the image planned for: `image_span`, or the nominal
+        image's 1,280."""
+        if self.image_span is not None:
+            return self.image_span
+        rows, columns = self.nominal_grid
+        return rows * columns // self.merge_size ** 2
+
+    @property
+    def vision_tokens(self) -> int:
+        """Tokens inside the tower for the image planned for: its patches (merge² per visual token, no CLS)."""
+        return self.visual_tokens * self.merge_size ** 2
+
+    @property
+    def vision_layers_run(self) -> int:
+        """Tower blocks that run: all of them (the merger reads the last)."""
+        return self.vision_layers
+
+    @property
+    def image_grid_pinpoints(self) -> tuple:
+        """No AnyRes canvases: one image is one crop (the planning code's test for LLaVA-NeXT)."""
+        return ()
+
+    def for_image_span(self, span: int) -> "QwenVLDims":
+        """These dims for planning the LLM reduction of one image of `span` visual tokens."""
+        if span < 1:
+            raise ValueError(f"image span {span}: an image has at least one visual token")
+        return replace(self, image_span=int(span))
+
+    def image_layout(self):
+        """The `ficoco.contract.ImageLayout` a method must handle on this model: the nominal image, one crop of
+        patches without a CLS token, every merged token delivered, no layout tokens, 3-D M-RoPE positions."""
+        from ficoco.contract import CropLayout, ImageLayout
+
+        return ImageLayout(crops=(CropLayout(grid=self.nominal_grid, prefix=0),), prefix_delivered=False,
+                           layout_tokens=0, positions="mrope-3d")
 
     @property
     def factor(self) -> int:
@@ -86,7 +137,7 @@ class QwenVLDims:
         resized_height, resized_width = self.resized(height, width)
         return resized_height // self.patch_size, resized_width // self.patch_size
 
-    def visual_tokens(self, height: int, width: int) -> int:
+    def image_tokens(self, height: int, width: int) -> int:
         """LLM visual tokens of an image of this size: its patches / merge_size²."""
         rows, columns = self.patch_grid(height, width)
         return rows * columns // self.merge_size ** 2

@@ -129,6 +129,58 @@ def save_tiny_llava_next(directory) -> str:
     return str(directory)
 
 
+QWEN_VISION_START, QWEN_VISION_END, QWEN_VIDEO = 61, 62, 63
+
+
+def tiny_qwen(model_type: str, *, patch_size: int = 14, window_size: int = 112, llm_layers: int = 4,
+              attention: str = "eager", seed: int = 0):
+    """A random Qwen2-VL ("qwen2_vl": 2 full-attention tower blocks) or Qwen2.5-VL ("qwen2_5_vl": 3 blocks, the
+    middle one full, the others windowed) with a Qwen2 LLM of `llm_layers` layers (GQA 4/2 heads), patches
+    merged 2 × 2; the image token is IMAGE. Returns (model, QwenVLDims)."""
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
+                              Qwen2VLForConditionalGeneration)
+
+    from ficoco.qwen_dims import QwenVLDims
+
+    torch.manual_seed(seed)
+    text = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=llm_layers,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=BOS,
+                eos_token_id=EOS, pad_token_id=PAD, initializer_range=0.1,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]})
+    geometry = dict(patch_size=patch_size, spatial_merge_size=2, temporal_patch_size=2, initializer_range=0.1)
+    if model_type == "qwen2_vl":
+        vision = dict(depth=2, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, **geometry)
+        config_class, model_class = Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    else:
+        vision = dict(depth=3, hidden_size=16, intermediate_size=24, num_heads=2, out_hidden_size=32,
+                      window_size=window_size, fullatt_block_indexes=[1], **geometry)
+        config_class, model_class = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    config = config_class(vision_config=vision, text_config=text, image_token_id=IMAGE,
+                          vision_start_token_id=QWEN_VISION_START, vision_end_token_id=QWEN_VISION_END,
+                          video_token_id=QWEN_VIDEO)
+    model = model_class(config).eval()
+    model.set_attn_implementation(attention)
+    return model, QwenVLDims.from_config(config)
+
+
+def qwen_inputs(dims, image_sizes: list[tuple[int, int]], before=(7, 8), after=(9, 10, 11, 12), seed: int = 1) -> dict:
+    """What the processor hands a Qwen2-VL model: per row `before`, the image span between its start and end
+    markers, `after`; random pixels per patch. Rows of one length (no padding): images of one size per batch
+    unless the caller pads."""
+    generator = torch.Generator().manual_seed(seed)
+    rows, pixels, grids = [], [], []
+    for height, width in image_sizes:
+        grid = dims.patch_grid(height, width)
+        rows.append([*before, QWEN_VISION_START, *[IMAGE] * dims.image_tokens(height, width), QWEN_VISION_END, *after])
+        pixels.append(torch.randn(grid[0] * grid[1], dims.patch_features, generator=generator))
+        grids.append([1, *grid])
+    if len({len(row) for row in rows}) != 1:
+        raise ValueError(f"qwen_inputs: images {image_sizes} give rows of different lengths; batch one size")
+    ids = torch.tensor(rows)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": (ids == IMAGE).int(),
+            "pixel_values": torch.cat(pixels), "image_grid_thw": torch.tensor(grids)}
+
+
 def masked_forward(model, ids, pixels, select=None, hidden_from=None, overwrite=None, **model_inputs):
     """The unmodified model without cache, keeping every token; dropped tokens are hidden as keys.
 

@@ -48,11 +48,17 @@ def test_greedy_map_equals_the_log_determinant_greedy(seed):
 def test_once_the_rank_is_used_up_the_rest_are_taken_in_position_order():
     generator = torch.Generator().manual_seed(3)
     x = torch.randn(1, 12, 3, generator=generator)                    # L has rank 3
-    kernel = conditional_kernel(x, torch.ones(1, 12))
+    kernel = conditional_kernel(x, torch.rand(1, 12, generator=generator) + 0.05)
     kept = dpp_greedy_map(kernel, 8)[0].tolist()
     informative = brute_force_greedy(kernel[0], 3)
     rest = [j for j in range(12) if j not in informative][:5]
     assert kept == sorted(informative + rest)
+    # rounding noise (another processor's last bits) neither reorders the rest nor breaks exact ties
+    ties = conditional_kernel(torch.randn(1, 12, 3, generator=generator), torch.ones(1, 12))  # every L_jj = 1
+    assert dpp_greedy_map(ties, 1)[0].tolist() == [0]
+    for seed in range(5):
+        noise = torch.randn(12, 12, generator=torch.Generator().manual_seed(seed)) * 1e-7
+        assert dpp_greedy_map(kernel + (noise + noise.T) / 2, 8)[0].tolist() == kept
 
 
 def test_relevance_is_the_authors_min_max_of_the_negative_mean_cosine():

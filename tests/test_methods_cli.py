@@ -1,6 +1,7 @@
 """`ficoco methods`: every method with the site it really acts on (from the steps it builds)."""
 from ficoco import methods
-from ficoco.methods.cli import main, sites
+from ficoco.contract import Needs
+from ficoco.methods.cli import main, needs_text, sites
 
 
 def test_sites_come_from_the_steps_each_method_builds():
@@ -29,10 +30,10 @@ def test_the_listing_says_what_each_method_needs_of_the_image_layout(capsys):
     assert main(["evit", "vscan", "fastv", "divprune"]) == 0
     listing = capsys.readouterr().out.split("\n\n")
     assert "  needs:     a CLS token first in the tower\n" in listing[0]             # EViT runs on each crop
-    assert "  needs:     a CLS token first in the tower, rope-1d LLM positions\n" in listing[1]   # VScan: tower and LLM
-    listing = "\n\n".join(listing)
-    assert "  needs:     rope-1d LLM positions" in listing
-    assert "  needs:     nothing of the image layout" in listing
+    assert "  needs:     a CLS token first in the tower\n" in listing[1]             # VScan: tower and LLM
+    # LLM reductions keep 1-D RoPE and 3-D M-RoPE positions alike (Qwen2-VL), so they need nothing
+    assert "  needs:     nothing of the image layout" in listing[2] and "nothing of the image layout" in listing[3]
+    assert needs_text(Needs(positions=("rope-1d",))) == "rope-1d LLM positions"
 
 
 def test_the_listing_says_which_method_reads_the_clip_text_tower(capsys):

@@ -23,10 +23,10 @@ from ficoco.paradigm.filter import (ficoco_l_scores, ficoco_v_scores, key_mean_s
 
 # What the methods' schedules and steps assume of an image (`unmet_needs` refuses a model that lacks it):
 # a CLS-first tower (every reduction in or right after the tower, which runs on each crop of a LLaVA-NeXT
-# image as on an image of its own), and kept LLM tokens that keep their 1-D RoPE positions (every
-# reduction inside the LLM).
+# image as on an image of its own); a reduction inside the LLM keeps the kept tokens' positions in either
+# scheme (the adapter slices the rotary tables built from them: 1-D RoPE, or Qwen2-VL's 3-D M-RoPE).
 TOWER_NEEDS = Needs(cls_first=True)
-LLM_NEEDS = Needs(positions=("rope-1d",))
+LLM_NEEDS = Needs(positions=("rope-1d", "mrope-3d"))
 
 
 # ------------------------------------------------------------------------------------------------

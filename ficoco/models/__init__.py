@@ -1,15 +1,17 @@
 """Model adapters: attach a method (ficoco.methods) to a model family through hooks.
 
 All knowledge of HF internals lives here. Supported: transformers' `LlavaForConditionalGeneration`
-(LLaVA-1.5: CLIP vision tower + Llama decoder) and `LlavaNextForConditionalGeneration` (llava_next.py:
-unreduced, a method on each crop, inside the LLM, or both), on the transformers versions in
+(LLaVA-1.5: CLIP vision tower + Llama decoder), `LlavaNextForConditionalGeneration` (llava_next.py:
+unreduced, a method on each crop, inside the LLM, or both) and Qwen2-VL / Qwen2.5-VL (qwen_vl.py: unreduced
+or inside the LLM), on the transformers versions in
 `guard.TESTED_TRANSFORMERS`; any other version is refused, or self-checked (selfcheck.py) when
 FICOCO_ALLOW_UNTESTED_TRANSFORMERS=1 (docs/contracts.md §7).
 """
 from __future__ import annotations
 
 # a config's model_type -> the transformers class of that family that `apply` supports
-MODEL_CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}
+MODEL_CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
+                 "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
 
 
 def model_class(model_type: str):
@@ -28,7 +30,8 @@ def apply(model, method, budget: int | None = None, text_tower=None, **overrides
     Adapters never import the method registry or a method's module (tests/test_contract.py):
     `ficoco.apply` resolves a method's name before it gets here. `text_tower`: the CLIP text tower a
     method that reads the instruction needs (ficoco/models/companion.py)."""
-    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+    from transformers import (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration,
+                              Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration)
 
     if isinstance(model, LlavaForConditionalGeneration):
         from ficoco.models.llava import apply_llava
@@ -38,8 +41,12 @@ def apply(model, method, budget: int | None = None, text_tower=None, **overrides
         from ficoco.models.llava_next import apply_llava_next
 
         return apply_llava_next(model, method, budget, text_tower=text_tower, **overrides)
+    if isinstance(model, (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)):
+        from ficoco.models.qwen_vl import apply_qwen_vl
+
+        return apply_qwen_vl(model, method, budget, text_tower=text_tower, **overrides)
     raise TypeError(f"ficoco.apply: unsupported model class {type(model).__name__}; supported: "
-                    f"LlavaForConditionalGeneration, LlavaNextForConditionalGeneration")
+                    f"{', '.join(MODEL_CLASSES.values())}")
 
 
 __all__ = ["MODEL_CLASSES", "apply", "model_class"]

@@ -40,7 +40,8 @@ class Call:
         self.placeholders_per_row: list[int] = []
         self.pads_per_row: list[int] = []
         self.instructions: list[list[int]] | None = None   # per image, its row's token ids after the row's last image
-        self.image_layouts: list = []                     # per image: LLaVA-NeXT's AnyresLayout (ficoco.dims)
+        self.image_layouts: list = []                     # per image: LLaVA-NeXT's AnyresLayout (ficoco.dims),
+                                                          # Qwen2-VL's patch grid (rows, columns)
 
 
 class Handle:
@@ -219,6 +220,11 @@ class Handle:
         self._call = call = Call(prefill=prefill)
         if not prefill:
             prefill_call = self._prefill_by_cache.get(cache)
+            if prefill_call is None and self.llm_step is not None:
+                raise ValueError(f"{self.method.name}: a decode step on a KV cache whose prefill this handle did not "
+                                 f"see (the prefill made its own cache); the cache may be reduced, and this step's "
+                                 f"mask and positions could not be matched to it. Pass the prefill a cache "
+                                 f"(cache=transformers.DynamicCache(config=model.config)) or use generate")
             if prefill_call is not None and prefill_call.llm is not None and prefill_call.llm.keep_at:
                 call.llm = prefill_call.llm.decode_view()
         return call, cache

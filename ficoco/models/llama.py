@@ -442,6 +442,10 @@ def _sliced_kwargs(kwargs: dict, llm_pass: LLMPass) -> dict:
     if not llm_pass._sliced:
         keep = llm_pass.keep
         cos, sin = kwargs["position_embeddings"]                                   # (B|1, L, d) each
+        if cos.dim() != 3 or cos.shape[1] != llm_pass.full_len:    # e.g. M-RoPE tables left unmerged (3, B, L, d)
+            raise RuntimeError(f"the decoder layers' rotary tables have shape {tuple(cos.shape)}; the adapter slices "
+                               f"kept positions out of (B|1, L={llm_pass.full_len}, head_dim) tables: this "
+                               f"transformers version builds them otherwise (ficoco/models/guard.py)")
         sliced = {"position_embeddings": (_gather_seq(cos, keep, 1), _gather_seq(sin, keep, 1))}
         if kwargs.get("position_ids") is not None:
             sliced["position_ids"] = _gather_seq(kwargs["position_ids"], keep, 1)  # (B, L')

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import itertools
 import types
 from typing import TYPE_CHECKING
 
@@ -46,7 +45,7 @@ from ficoco.models.guard import require_tested_transformers
 from ficoco.models.handle import Handle, Replacement, row_instructions
 from ficoco.models.llama import LlamaPatch
 from ficoco.models.placeholders import (collapse_placeholders, collapsing_generate, images_per_row,
-                                        instructing_generate, pad_token_id)
+                                        instructing_generate, layouts_per_row, pad_token_id)
 
 if TYPE_CHECKING:                    # for annotations only: an adapter never imports the methods package
     from ficoco.methods.base import Method
@@ -296,12 +295,6 @@ class LlavaNextHandle(Handle):
     def _tower_images_per_row(self, call) -> list[int]:
         """Tower passes per batch row: the base image and the crops of each of its images."""
         return passes_per_row(call.image_layouts, call.images_per_row)
-
-
-def layouts_per_row(layouts: list, images_in_rows: list[int]) -> list[list]:
-    """Each batch row's AnyRes layouts, given every image's (reading order) and each row's image count."""
-    ends = list(itertools.accumulate(images_in_rows))
-    return [layouts[end - images:end] for images, end in zip(images_in_rows, ends)]
 
 
 def passes_per_row(layouts: list, images_in_rows: list[int]) -> list[int]:

@@ -9,6 +9,7 @@ generated tokens, so the cache, masks and positions are built for the reduced pr
 from __future__ import annotations
 
 import copy
+import itertools
 from typing import Callable, Sequence
 
 import torch
@@ -92,6 +93,13 @@ def images_per_row(placeholders_per_row: list[int], counts: list[int]) -> list[i
     if index != len(counts):
         raise ValueError(f"{len(counts)} image(s) for image tokens per row {placeholders_per_row}")
     return images
+
+
+def layouts_per_row(layouts: list, images_in_rows: list[int]) -> list[list]:
+    """Each batch row's share of a per-image list (LLaVA-NeXT's AnyRes layouts, Qwen2-VL's spans), given every
+    image's entry (reading order) and each row's image count."""
+    ends = list(itertools.accumulate(images_in_rows))
+    return [layouts[end - images:end] for images, end in zip(images_in_rows, ends)]
 
 
 def pad_token_id(model, image_token_id: int) -> int:

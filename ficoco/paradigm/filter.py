@@ -471,9 +471,11 @@ def dpp_greedy_map(kernel: torch.Tensor, k: int) -> torch.Tensor:
     The fast form of Chen, Zhang & Zhou (NeurIPS 2018), as CDPruner's code runs it: an incremental
     Cholesky factor `factors` of the chosen items, and per item its gain d_j² = L_jj − ‖c_j‖² (the
     determinant grows by that factor when j joins), updated once per pick; ties to the lower position.
-    Once L's rank is used up every remaining gain is 0 (clamped; float error could make it negative),
-    and the rest are taken in position order, as the tie rule says (the authors' code divides by the
-    square root of such a gain).
+    Once L's rank is used up every remaining gain is 0, and the rest are taken in position order, as
+    the tie rule says (the authors' code divides by the square root of such a gain). In floating point
+    ties and exhausted gains are rounding noise, whose order differs between processors, so differences
+    at the kernel's rounding level, noise = N · eps · max_j L_jj (numpy's `matrix_rank` tolerance), do
+    not count: a gain at or below it is 0, and every gain within it of the largest ties with it.
 
     kernel: (B, N, N) symmetric PSD -> (B, k) int64, sorted ascending.
     """
@@ -482,11 +484,19 @@ def dpp_greedy_map(kernel: torch.Tensor, k: int) -> torch.Tensor:
     kernel = _float32(kernel)
     rows = torch.arange(batch, device=kernel.device)
     factors = kernel.new_zeros(k, batch, n)  # (k, B, N) row i: the i-th chosen item's Cholesky column
-    gains = torch.diagonal(kernel, dim1=1, dim2=2).clamp_min(0)  # (B, N) d_j²
+    diagonal = torch.diagonal(kernel, dim1=1, dim2=2)  # (B, N) L_jj
+    noise = diagonal.amax(dim=1, keepdim=True).clamp_min(0) * n * torch.finfo(kernel.dtype).eps  # (B, 1)
+
+    def above_noise(values: torch.Tensor) -> torch.Tensor:
+        return torch.where(values > noise, values, 0.0)
+
+    gains = above_noise(diagonal)  # (B, N) d_j²
     taken = torch.zeros(batch, n, dtype=torch.bool, device=kernel.device)
     chosen = []
     for i in range(k):
-        pick = argmax_lowest(gains.masked_fill(taken, float("-inf")))  # (B,)
+        open_gains = gains.masked_fill(taken, float("-inf"))  # (B, N)
+        ties = open_gains >= open_gains.amax(dim=1, keepdim=True) - noise  # (B, N) within rounding of the best
+        pick = argmax_lowest(ties.to(torch.uint8))  # (B,) the lowest of them
         chosen.append(pick)
         taken[rows, pick] = True
         gain = gains[rows, pick]  # (B,)
@@ -494,5 +504,5 @@ def dpp_greedy_map(kernel: torch.Tensor, k: int) -> torch.Tensor:
         projected = torch.bmm(factors[:i, rows, pick].T[:, None], factors[:i].transpose(0, 1))[:, 0]  # (B, N)
         inverse_root = torch.where(gain > 0, gain.clamp_min(torch.finfo(gain.dtype).tiny).rsqrt(), 0.0)  # (B,)
         factors[i] = (kernel[rows, pick] - projected) * inverse_root[:, None]
-        gains = (gains - factors[i].square()).clamp_min(0)
+        gains = above_noise(gains - factors[i].square())
     return torch.stack(chosen, dim=1).sort(dim=-1).values

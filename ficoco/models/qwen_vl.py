@@ -1,0 +1,169 @@
+"""Attach a method to a transformers 5.x `Qwen2VLForConditionalGeneration` or `Qwen2_5_VLForConditionalGeneration`
+(issue 19; tested versions: guard.py). So far: unreduced, and the reductions inside the LLM.
+
+| part           | how                                                                                  |
+|----------------|--------------------------------------------------------------------------------------|
+| vision tower   | not patched: it runs unreduced over each image's patch grid (`image_grid_thw`)         |
+| Qwen2-VL model | pre-/post-hooks on `model.model`: locate the image span from `input_ids`, plan the     |
+|                | image's LLM reduction for its span, open/close the per-call state                    |
+| language model | `LlamaPatch` (ficoco/models/llama.py): counts, reduction, rotary/mask/cache slicing   |
+
+M-RoPE. The text model builds one rotary table per position from the 3-D (temporal, height, width) ids
+and hands every decoder layer the merged (cos, sin) of shape (B, L, head_dim); `LlamaPatch` slices those
+tables by the kept positions, so kept tokens keep their 3-D positions. A decode step's positions come
+from the length of layer 0's cache plus the prefill's `rope_deltas`; when layer 0 itself reduced, that
+length is the kept one, so this adapter passes the decode positions: the unreduced prompt's length plus
+the steps so far, plus `rope_deltas`, as the unreduced model numbers them.
+
+Budgets are stated on the nominal image (`QwenVLDims.nominal_grid`, 1,280 LLM tokens): an image keeps the
+budget's fraction of its own span (`ficoco.budget.span_budget`), as on LLaVA-NeXT. One image per prompt,
+and every image row of a batch with the same span, for an LLM reduction (planned for one span).
+"""
+from __future__ import annotations
+
+import inspect
+from typing import TYPE_CHECKING
+
+from ficoco.budget import span_budget
+from ficoco.contract import LLMLayerStep, Plan
+from ficoco.models.guard import require_tested_transformers
+from ficoco.models.handle import Handle
+from ficoco.models.llama import LlamaPatch
+from ficoco.models.placeholders import images_per_row, layouts_per_row
+from ficoco.qwen_dims import QwenVLDims
+
+if TYPE_CHECKING:                    # for annotations only: an adapter never imports the methods package
+    from ficoco.methods.base import Method
+
+
+def apply_qwen_vl(model, method: Method, budget: int | None = None, text_tower=None, **overrides) -> "QwenVLHandle":
+    """Install `method` at `budget` on a Qwen2-VL or Qwen2.5-VL model; returns the handle. Refuses an untested
+    transformers version first (ficoco/models/guard.py), then any method this adapter cannot place."""
+    require_tested_transformers()
+    if text_tower is not None:
+        raise ValueError(f"{method.name}: the Qwen2-VL adapter takes no text tower (no method that reads one runs "
+                         f"on Qwen2-VL yet)")
+    dims = QwenVLDims.from_config(model.config)
+    if method.calibrated:
+        raise ValueError(f"{method.name} cannot run on {dims.model_type} yet: its schedule is fitted in tokens for one "
+                         f"image span, and dynamic resolution gives every image its own span")
+    plan = method.plan(dims, budget, **overrides)
+    return QwenVLHandle(model, method, dims, plan, budget, overrides)
+
+
+class QwenVLHandle(Handle):
+    """The installed method on a Qwen2-VL-family model: the LLM patch and the hooks that plan each prefill."""
+
+    def __init__(self, model, method: Method, dims: QwenVLDims, plan: Plan, budget: int | None, overrides: dict):
+        steps = method.steps(plan)
+        placed_elsewhere = [type(step).__name__ for step in steps if not isinstance(step, LLMLayerStep)]
+        if placed_elsewhere:
+            raise ValueError(f"{method.name} cannot run on {dims.model_type} yet: only reductions inside the LLM do "
+                             f"so far (issue 19), and its {placed_elsewhere} act in or after the vision tower")
+        super().__init__(model, method, dims, plan, steps)
+        self.budget, self.overrides = budget, overrides
+        self.image_token_id = model.config.image_token_id
+        self._span_steps: dict[int, LLMLayerStep | None] = {}      # image span -> the LLM step planned for it
+        inner = model.model
+        self._parameter_names = list(inspect.signature(type(inner).forward).parameters)[1:]
+        self._install(lambda: LlamaPatch(inner.language_model, self.llm_step, self._current_llm_pass))
+        self._install(lambda: inner.register_forward_pre_hook(self._before_forward, with_kwargs=True))
+        self._install(lambda: inner.register_forward_hook(lambda module, args, output: self._close_call(),
+                                                          always_call=True))
+        self._installed()
+
+    # -- hooks on the Qwen2-VL model ------------------------------------------------------------------
+    def _before_forward(self, module, args, kwargs):
+        kwargs = {**dict(zip(self._parameter_names, args)), **kwargs}
+        call, cache = self._open_call(kwargs)
+        if not call.prefill:
+            if call.llm is not None:
+                kwargs = self._decode_inputs(kwargs, cache, call.llm)
+            return (), kwargs
+        input_ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+        if input_ids is None:
+            raise ValueError(f"{self.dims.model_type}: pass input_ids (not inputs_embeds) so the image spans can be "
+                             f"located from config.image_token_id={self.image_token_id}")
+        if kwargs.get("pixel_values_videos") is not None:
+            raise ValueError(f"{self.method.name}: videos are not supported on {self.dims.model_type} yet; images only")
+        is_image = input_ids == self.image_token_id                                  # (B, L)
+        valid = None if mask is None or mask.dim() != 2 else mask.bool()
+        call.placeholders_per_row = is_image.sum(1).tolist()
+        call.pads_per_row = [0] * input_ids.shape[0] if valid is None else (~valid).sum(1).tolist()
+        call.image_layouts = self._image_spans(kwargs)                              # each image's visual tokens
+        call.images_per_row = images_per_row(call.placeholders_per_row, call.image_layouts)
+        spans = sorted({span for span in call.placeholders_per_row if span})
+        step = None
+        if self.llm_step is not None and spans:
+            if len(spans) > 1 or any(images > 1 for images in call.images_per_row):
+                raise ValueError(f"{self.method.name}: an LLM reduction is planned for one image per prompt and one "
+                                 f"span per batch; this batch's rows hold {call.images_per_row} images of "
+                                 f"{spans} tokens: batch images of one size, or one at a time")
+            step = self._span_step(spans[0])
+        call.llm = self._prefill_pass(is_image, valid, input_ids.shape[1], step, spans[0] if step else None)
+        self._remember_prefill(call, cache)
+        return (), kwargs
+
+    def _image_spans(self, kwargs: dict) -> list[int]:
+        """Each image's visual tokens in the LLM, in order: from `image_grid_thw` (patches / merge²), or from the
+        features `generate` encoded before the prefill (`mm_encoder_outputs["image"]`, one tensor per image)."""
+        grids = kwargs.get("image_grid_thw")
+        if grids is not None:
+            if bool((grids[:, 0] != 1).any()):
+                raise ValueError(f"image_grid_thw {grids.tolist()}: an image has one temporal patch; more are a video")
+            return (grids.prod(dim=1) // self.dims.merge_size ** 2).tolist()
+        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        return [] if encoded is None else [int(image.shape[0]) for image in encoded.pooler_output]
+
+    def _span_step(self, span: int) -> LLMLayerStep | None:
+        """The LLM step of the method's plan for one image of `span` visual tokens (the nominal budget's kept
+        fraction of its span), which must reduce on the layers installed."""
+        if span not in self._span_steps:
+            plan = self._image_plan(span)
+            steps = [step for step in self.method.steps(plan) if isinstance(step, LLMLayerStep)]
+            step, installed = (steps[0] if steps else None), self.llm_step
+            if (step is None) != (installed is None) or step is not None and (
+                    step.layers, step.placement, step.scores_from) != (installed.layers, installed.placement,
+                                                                       installed.scores_from):
+                raise ValueError(f"{self.method.name} at budget {plan.budget} on an image of {span} tokens plans its "
+                                 f"LLM reduction at layers {None if step is None else list(step.layers)}, and the "
+                                 f"nominal image's at {None if installed is None else list(installed.layers)}: one "
+                                 f"set of layers is installed")
+            self._span_steps[span] = step
+        return self._span_steps[span]
+
+    def _image_plan(self, span: int) -> Plan:
+        """The method's plan for one image of `span` visual tokens, at the budget's kept fraction of its span."""
+        budget = None if self.budget is None else span_budget(self.budget, span, self.dims.visual_tokens)
+        return self.method.plan(self.dims.for_image_span(span), budget, **self.overrides)
+
+    def row_plans(self) -> list[Plan]:
+        """Per batch row of the most recent prefill: the plan of its image (unreduced for a row without one)."""
+        call = self._last_prefill
+        if call is None:
+            return []
+        return [self._image_plan(spans[0]) if spans else self.method.plan(self.dims, None, **self.overrides)
+                for spans in layouts_per_row(call.image_layouts, call.images_per_row)]
+
+    def last_counts(self) -> list[dict]:
+        """Per batch row of the most recent prefill: contracts §2 counts (`Handle.last_counts`), with the tower's
+        tokens per block, its images' patches (the tower is not patched: every block runs on every patch)."""
+        call = self._last_prefill
+        if call is None:
+            return []
+        counts = super().last_counts()
+        for row_counts, spans in zip(counts, layouts_per_row(call.image_layouts, call.images_per_row)):
+            patches = sum(spans) * self.dims.merge_size ** 2
+            row_counts["vision"] = [[patches, patches]] * self.dims.vision_layers if spans else []
+        return counts
+
+    def _decode_inputs(self, kwargs: dict, cache, decode) -> dict:
+        """A decode step whose cache was reduced from layer 0: `Handle._decode_inputs`'s mask and 1-D positions,
+        shifted by the prefill's `rope_deltas` (M-RoPE numbers text after an image from the image's largest
+        position id on, not from its index)."""
+        given = kwargs.get("position_ids")
+        kwargs = super()._decode_inputs(kwargs, cache, decode)
+        deltas = self.model.model.rope_deltas
+        if given is None and kwargs.get("position_ids") is not None and deltas is not None:
+            kwargs = {**kwargs, "position_ids": kwargs["position_ids"] + deltas.to(kwargs["position_ids"].device)}
+        return kwargs

@@ -1,0 +1,172 @@
+"""The Qwen2-VL adapter (issue 19) on tiny random Qwen2-VL and Qwen2.5-VL models: unreduced and with the
+reductions inside the LLM, whose kept tokens keep their 3-D M-RoPE positions.
+
+- vanilla through the adapter is the model itself, bit for bit, and `remove()` restores it exactly;
+- each method keeps, layer by layer, what its plan for the image's span says (the budget's kept fraction
+  of the nominal 1,280-token image), on images of two sizes;
+- cached generation, and a plain forward decode step (whose positions the model derives from the cache
+  length), equal the unmodified model re-run on the whole sequence without a cache with the dropped
+  tokens hidden as keys from their layer on, PDrop from layer 0 included;
+- a batch of two images of one size equals each alone; images of two sizes in one batch are refused;
+- methods this adapter cannot place are refused by name before anything runs.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers_tiny import IMAGE, masked_forward, qwen_inputs, tiny_qwen
+
+import ficoco
+from ficoco import methods
+from ficoco.budget import span_budget
+from transformers import DynamicCache
+
+FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
+SIZES = [(112, 224), (224, 224)]                      # 8 × 16 and 16 × 16 patches: 32 and 64 visual tokens
+BUDGET = 640                                          # of the nominal 1,280 tokens: half of every image
+CASES = [("fastv", {"layer": 1}), ("dart", {"layer": 1}), ("pdrop", {"boundaries": [1, 2, 3]}),
+         ("pdrop", {"boundaries": [0, 2]}),                                     # the cache is reduced from layer 0
+         ("ficoco-l", {"start": 0, "window": 2}), ("sparsevlm", {"layers": [0, 2], "keeps": [8, 4]})]
+MASKABLE = [case for case in CASES if case[0] not in ("ficoco-l", "sparsevlm")]   # no recycling merge
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def model_and_dims(request):
+    return tiny_qwen(request.param, attention="sdpa")
+
+
+def logits_of(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def test_vanilla_is_the_model_and_remove_restores_it(model_and_dims):
+    model, dims = model_and_dims
+    inputs = qwen_inputs(dims, [SIZES[1]])
+    before = logits_of(model, inputs)
+    with ficoco.apply(model, "vanilla") as handle:
+        assert torch.equal(logits_of(model, inputs), before)
+        counts, = handle.last_counts()
+    assert counts["vision"] == [[256, 256]] * dims.vision_layers and counts["visual_delivered"] == 64
+    assert counts["llm"] == [inputs["input_ids"].shape[1]] * dims.llm_layers and counts["llm_visual"] == [64] * 4
+    handle = ficoco.apply(model, "fastv", BUDGET, layer=1)
+    assert not torch.equal(logits_of(model, inputs), before)
+    handle.remove()
+    assert torch.equal(logits_of(model, inputs), before)
+
+
+@pytest.mark.parametrize("name, overrides", CASES)
+@pytest.mark.parametrize("image_size", SIZES)
+def test_each_image_keeps_its_plans_tokens_layer_by_layer(model_and_dims, name, overrides, image_size):
+    model, dims = model_and_dims
+    inputs = qwen_inputs(dims, [image_size])
+    span = dims.image_tokens(*image_size)
+    with ficoco.apply(model, name, BUDGET, **overrides) as handle:
+        logits_of(model, inputs)
+        counts, = handle.last_counts()
+        plan, = handle.row_plans()
+    # the plan of this image alone, from the method's own planner at the budget's share of its span
+    alone = methods.get(name).plan(dims.for_image_span(span),
+                                   span_budget(BUDGET, span, 1280), **overrides)
+    assert counts["llm_visual"] == list(alone.llm_visual) == list(plan.llm_visual)
+    assert counts["llm_visual"][0] <= span and sum(counts["llm_visual"]) / 4 <= span_budget(BUDGET, span, 1280)
+    assert counts["llm"] == [inputs["input_ids"].shape[1] - span + visual for visual in counts["llm_visual"]]
+
+
+def hidden_from(trace, ids):
+    """Dropped image positions per reducing layer, from the kept positions the handle traced."""
+    dropped, alive = {}, {p for p in range(ids.shape[1]) if ids[0, p] == IMAGE}
+    for layer in sorted(trace):
+        kept = set(trace[layer][0].tolist())
+        dropped[layer], alive = alive - kept, kept
+    return dropped
+
+
+def recompute(model, ids, inputs, dropped):
+    extra = {key: inputs[key] for key in ("image_grid_thw",)}
+    logits, _, _ = masked_forward(model, ids, inputs["pixel_values"], hidden_from=dropped,
+                                  mm_token_type_ids=(ids == IMAGE).int(), **extra)
+    return logits
+
+
+@pytest.mark.parametrize("name, overrides", MASKABLE)
+def test_cached_decoding_equals_a_full_recompute_that_hides_the_dropped_tokens(model_and_dims, name, overrides):
+    model, dims = model_and_dims
+    inputs = qwen_inputs(dims, [SIZES[0]])
+    ids = inputs["input_ids"]
+    with ficoco.apply(model, name, BUDGET, **overrides) as handle:
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                                 output_logits=True, return_dict_in_generate=True)
+            trace = handle.last_trace()["llm"]
+            # a plain decode step: the model numbers its positions from the cache (layer 0's length)
+            first = model(**inputs, cache=DynamicCache(config=model.config))
+            step = model(input_ids=first.logits[:, -1:].argmax(-1), cache=first.cache)
+            with pytest.raises(ValueError, match=f"{name}: a decode step on a KV cache whose prefill this handle "
+                                                 f"did not see"):
+                unseen = model(**inputs, use_cache=True).cache             # the model made this cache itself
+                model(input_ids=first.logits[:, -1:].argmax(-1), cache=unseen)
+    assert trace, "the method reduced nothing"
+    dropped = hidden_from(trace, ids)
+    sequence = out.sequences[0]
+    for index, step_logits in enumerate(out.logits):
+        prefix = sequence[: ids.shape[1] + index][None]
+        expected = recompute(model, prefix, inputs, dropped)[-1]
+        torch.testing.assert_close(step_logits[0], expected, rtol=1e-4, atol=1e-5)
+    prefix = torch.cat([ids, first.logits[:, -1:].argmax(-1)], dim=1)
+    torch.testing.assert_close(step.logits[0, -1], recompute(model, prefix, inputs, dropped)[-1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, overrides", CASES)
+def test_a_batch_of_two_images_of_one_size_equals_each_alone(model_and_dims, name, overrides):
+    model, dims = model_and_dims
+    batch = qwen_inputs(dims, [SIZES[0], SIZES[0]], seed=3)                    # two different random images
+    patches = batch["pixel_values"].shape[0] // 2
+    first = qwen_inputs(dims, [SIZES[0]], seed=3)
+    rows = [first, {**first, "pixel_values": batch["pixel_values"][patches:]}]
+    alone, alone_counts = [], []
+    with ficoco.apply(model, name, BUDGET, **overrides) as handle:
+        together = logits_of(model, batch)
+        counts = handle.last_counts()
+        for row in rows:
+            alone.append(logits_of(model, row))
+            alone_counts.append(handle.last_counts()[0])
+    assert not torch.equal(alone[0], alone[1])
+    for row in range(2):
+        torch.testing.assert_close(together[row], alone[row][0], rtol=1e-5, atol=1e-6)
+        assert counts[row] == alone_counts[row]
+
+
+def test_images_of_two_sizes_in_one_batch_are_refused_for_an_llm_reduction(model_and_dims):
+    model, dims = model_and_dims
+    small, large = qwen_inputs(dims, [SIZES[0]]), qwen_inputs(dims, [SIZES[1]])
+    width = large["input_ids"].shape[1]
+    padded = torch.cat([torch.zeros(1, width - small["input_ids"].shape[1], dtype=torch.long),
+                        small["input_ids"]], dim=1)
+    ids = torch.cat([padded, large["input_ids"]])
+    mask = (torch.arange(width)[None] >= width - small["input_ids"].shape[1]).long()
+    batch = {"input_ids": ids, "attention_mask": torch.cat([mask, torch.ones(1, width, dtype=torch.long)]),
+             "mm_token_type_ids": (ids == IMAGE).int(),
+             "pixel_values": torch.cat([small["pixel_values"], large["pixel_values"]]),
+             "image_grid_thw": torch.cat([small["image_grid_thw"], large["image_grid_thw"]])}
+    with ficoco.apply(model, "fastv", BUDGET, layer=1):
+        with pytest.raises(ValueError, match=r"fastv: an LLM reduction is planned for one image per prompt and one "
+                                             r"span per batch; this batch's rows hold \[1, 1\] images of \[32, 64\]"):
+            logits_of(model, batch)
+    with ficoco.apply(model, "vanilla") as handle:                 # unreduced, any sizes batch together
+        logits_of(model, batch)
+        assert [counts["visual_delivered"] for counts in handle.last_counts()] == [32, 64]
+
+
+@pytest.mark.parametrize("name, overrides, message", [
+    ("ficoco-v", {}, "ficoco-v cannot run on this model: it needs a CLS token first in the vision tower"),
+    ("visionzip", {}, "visionzip cannot run on this model: it needs a CLS token first in the vision tower"),
+    ("divprune", {}, "divprune cannot run on qwen2_vl yet: only reductions inside the LLM do so far"),
+    ("fitprune", {"deletions": [300, 0]}, "fitprune cannot run on qwen2_vl yet: its schedule "
+                                                               "is fitted in tokens for one image span"),
+])
+def test_what_the_adapter_cannot_place_is_refused_by_name(name, overrides, message):
+    model, _ = tiny_qwen("qwen2_vl", llm_layers=2)
+    with pytest.raises(ValueError, match=message):
+        ficoco.apply(model, name, BUDGET, **overrides)
+    assert not hasattr(model, "_ficoco_handle")
