@@ -1,9 +1,9 @@
 """The model-neutral part of an installed method: patches it owns, per-call state, counts, `remove()`.
 
-A model family (llava.py) subclasses `Handle`: it installs its tower and LLM patches through
-`_install` (each with the callable that reverts it) and hooks the multimodal forward, calling
-`_open_call` first and `_close_call` last. Everything a call records lives in a `Call`; a decode
-step finds the prefill that filled its KV cache through the cache object, so no state is
+A model family (llava.py, llava_next.py, qwen_vl.py) subclasses `Handle`: it installs its tower and LLM
+patches through `_install` (each with the callable that reverts it) and hooks the multimodal forward,
+calling `_open_forward` first and `_close_call` last. Everything a call records lives in a `Call`; a
+decode step finds the prefill that filled its KV cache through the cache object, so no state is
 module-level and two handles on two models never meet.
 """
 from __future__ import annotations
@@ -228,6 +228,29 @@ class Handle:
             if prefill_call is not None and prefill_call.llm is not None and prefill_call.llm.keep_at:
                 call.llm = prefill_call.llm.decode_view()
         return call, cache
+
+    def _open_forward(self, parameter_names: list[str], args: tuple, kwargs: dict) -> tuple[Call, Cache | None, dict]:
+        """The start of a family's forward pre-hook: the call's keyword arguments (positional ones named by
+        `parameter_names`), opened as `_open_call` does; a decode step whose cache was reduced from layer 0
+        gets its mask and positions to match (`_decode_inputs`). Returns the call, its cache and the kwargs."""
+        kwargs = {**dict(zip(parameter_names, args)), **kwargs}
+        call, cache = self._open_call(kwargs)
+        if not call.prefill and call.llm is not None:
+            kwargs = self._decode_inputs(kwargs, cache, call.llm)
+        return call, cache, kwargs
+
+    def _span_llm_step(self, plan: Plan, where: str) -> LLMLayerStep | None:
+        """The LLM step of `plan`, planned for one image span (`where`, in words), which must reduce on the
+        layers installed (those of the nominal image's plan)."""
+        steps = [step for step in self.method.steps(plan) if isinstance(step, LLMLayerStep)]
+        step, installed = (steps[0] if steps else None), self.llm_step
+        if (step is None) != (installed is None) or step is not None and (
+                step.layers, step.placement, step.scores_from) != (installed.layers, installed.placement,
+                                                                   installed.scores_from):
+            raise ValueError(f"{self.method.name} at budget {plan.budget} on {where} plans its LLM reduction at layers "
+                             f"{None if step is None else list(step.layers)}, and the nominal image's at "
+                             f"{None if installed is None else list(installed.layers)}: one set of layers is installed")
+        return step
 
     def _remember_prefill(self, call: Call, cache: Cache | None) -> None:
         if cache is not None:

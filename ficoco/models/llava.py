@@ -124,11 +124,8 @@ class LlavaHandle(Handle):
 
     # -- hooks on LlavaModel ----------------------------------------------------------------------
     def _before_forward(self, module, args, kwargs):
-        kwargs = {**dict(zip(self._parameter_names, args)), **kwargs}
-        call, cache = self._open_call(kwargs)
+        call, cache, kwargs = self._open_forward(self._parameter_names, args, kwargs)
         if not call.prefill:
-            if call.llm is not None:
-                kwargs = self._decode_inputs(kwargs, cache, call.llm)
             return (), kwargs
         kwargs = self._collapse_inputs(kwargs, module)
         if kwargs.get("pixel_values") is None and _image_features(kwargs) is not None \

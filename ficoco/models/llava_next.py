@@ -189,11 +189,8 @@ class LlavaNextHandle(Handle):
         return recording
 
     def _before_forward(self, module, args, kwargs):
-        kwargs = {**dict(zip(self._parameter_names, args)), **kwargs}
-        call, cache = self._open_call(kwargs)
+        call, cache, kwargs = self._open_forward(self._parameter_names, args, kwargs)
         if not call.prefill:
-            if call.llm is not None:                        # a cache reduced from layer 0: its mask and positions
-                kwargs = self._decode_inputs(kwargs, cache, call.llm)
             return (), kwargs
         if kwargs.get("input_ids") is None:
             raise ValueError("LLaVA-NeXT: pass input_ids (not inputs_embeds) so the image spans can be located from "
@@ -249,17 +246,7 @@ class LlavaNextHandle(Handle):
                 plan = passes_plan(self.method, self.dims, span // self.pass_delivered, self.budget, **self.overrides)
             else:
                 plan = span_plan(self.method, self.dims, span, self.budget, **self.overrides)
-            steps = [step for step in self.method.steps(plan) if isinstance(step, LLMLayerStep)]
-            step = steps[0] if steps else None
-            installed = self.llm_step
-            if (step is None) != (installed is None) or step is not None and (
-                    step.layers, step.placement, step.scores_from) != (installed.layers, installed.placement,
-                                                                       installed.scores_from):
-                raise ValueError(f"{self.method.name} at budget {plan.budget} on a span of {span} tokens plans its LLM "
-                                 f"reduction at layers {None if step is None else list(step.layers)}, and the nominal "
-                                 f"image's at {None if installed is None else list(installed.layers)}: one set of "
-                                 f"layers is installed")
-            self._span_steps[span] = step
+            self._span_steps[span] = self._span_llm_step(plan, f"a span of {span} tokens")
         return self._span_steps[span]
 
     def row_plans(self) -> list[Plan]:

@@ -74,11 +74,8 @@ class QwenVLHandle(Handle):
 
     # -- hooks on the Qwen2-VL model ------------------------------------------------------------------
     def _before_forward(self, module, args, kwargs):
-        kwargs = {**dict(zip(self._parameter_names, args)), **kwargs}
-        call, cache = self._open_call(kwargs)
+        call, cache, kwargs = self._open_forward(self._parameter_names, args, kwargs)
         if not call.prefill:
-            if call.llm is not None:
-                kwargs = self._decode_inputs(kwargs, cache, call.llm)
             return (), kwargs
         input_ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
         if input_ids is None:
@@ -119,17 +116,7 @@ class QwenVLHandle(Handle):
         """The LLM step of the method's plan for one image of `span` visual tokens (the nominal budget's kept
         fraction of its span), which must reduce on the layers installed."""
         if span not in self._span_steps:
-            plan = self._image_plan(span)
-            steps = [step for step in self.method.steps(plan) if isinstance(step, LLMLayerStep)]
-            step, installed = (steps[0] if steps else None), self.llm_step
-            if (step is None) != (installed is None) or step is not None and (
-                    step.layers, step.placement, step.scores_from) != (installed.layers, installed.placement,
-                                                                       installed.scores_from):
-                raise ValueError(f"{self.method.name} at budget {plan.budget} on an image of {span} tokens plans its "
-                                 f"LLM reduction at layers {None if step is None else list(step.layers)}, and the "
-                                 f"nominal image's at {None if installed is None else list(installed.layers)}: one "
-                                 f"set of layers is installed")
-            self._span_steps[span] = step
+            self._span_steps[span] = self._span_llm_step(self._image_plan(span), f"an image of {span} tokens")
         return self._span_steps[span]
 
     def _image_plan(self, span: int) -> Plan:
