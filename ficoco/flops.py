@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Sequence
 
-from ficoco.budget import InfeasibleBudget
+from ficoco.budget import InfeasibleBudget, span_budget
 from ficoco.budget_labels import TFLOPS_CONVENTIONS, TflopsTarget
 from ficoco.contract import Plan
 from ficoco.dims import ModelDims, image_plan, llava_1_5_dims, llava_next_dims, unreduced_plan
 from ficoco.qwen_dims import MODEL_TYPES as QWEN_MODEL_TYPES
-from ficoco.qwen_dims import QwenVLDims, qwen_vl_dims
+from ficoco.qwen_dims import QwenVLDims, qwen_refusal, qwen_vl_dims
 
 # Bytes per stored value for weights and the KV cache. Read-only so no module state can change.
 BYTES_PER_VALUE = MappingProxyType({
@@ -410,6 +410,16 @@ def _check_counts(dims: ModelDims, counts: dict) -> None:
                          f"{len(counts['vision'])} tower layer passes in counts['vision']")
 
 
+def llm_macs(dims, llm: Sequence[int], llm_mlp: Sequence[int], generated_tokens: int,
+             logits_positions: int) -> tuple[int, int, list[int]]:
+    """The LLM part of one sample: (prefill layers, LM head on the computed positions, each decode step), with
+    llm[l] tokens in layer l's attention and llm_mlp[l] in its MLP; `dims` any model's (LLM fields)."""
+    prefill_layers = sum(llama_layer_macs(dims, n, n_mlp) for n, n_mlp in zip(llm, llm_mlp))
+    steps = max(generated_tokens - 1, 0)
+    return prefill_layers, lm_head_macs(dims, logits_positions), [decode_step_macs(dims, llm, t)
+                                                                  for t in range(1, steps + 1)]
+
+
 def sample_cost(dims: ModelDims, counts: dict, generated_tokens: int, logits_positions: int = 1) -> dict:
     """Exact cost of one sample from the token counts it executed (contracts §2). See docs/flops.md.
 
@@ -442,14 +452,10 @@ def sample_cost(dims: ModelDims, counts: dict, generated_tokens: int, logits_pos
     projector = projector_macs(dims, counts.get("projector_tokens", counts["visual_delivered"]))
 
     # 3. LLM prefill: every layer with its own n_l, then the LM head on the computed positions
-    prefill_layers = sum(llama_layer_macs(dims, n, n_mlp) for n, n_mlp in zip(llm, counts.get("llm_mlp", llm)))
-    prefill_lm_head = lm_head_macs(dims, logits_positions)
-    prefill = prefill_layers + prefill_lm_head
-
     # 4. decode: steps t = 1..G-1, each Σ_l layer(n_l + t) + LM head; linear in t
-    steps = max(generated_tokens - 1, 0)
-    decode_steps = [decode_step_macs(dims, llm, t) for t in range(1, steps + 1)]
-    decode = sum(decode_steps)
+    prefill_layers, prefill_lm_head, decode_steps = llm_macs(dims, llm, counts.get("llm_mlp", llm), generated_tokens,
+                                                             logits_positions)
+    prefill, decode, steps = prefill_layers + prefill_lm_head, sum(decode_steps), len(decode_steps)
 
     # 5. selection overhead, if the adapter measured it
     overhead = counts.get("overhead_macs", 0)
@@ -522,36 +528,64 @@ def qwen_merger_macs(dims: QwenVLDims, visual_tokens: int) -> int:
     return visual_tokens * (width * width + width * dims.llm_hidden)
 
 
-def qwen_vl_vanilla_cost(dims: QwenVLDims, image_size: tuple[int, int], text_tokens: int = NOMINAL_TEXT_TOKENS,
-                         generated_tokens: int = 1, logits_positions: int = 1) -> dict:
-    """Exact cost of one unreduced sample with one image of `image_size` (height, width) pixels: the
-    tower over its patch grid (every layer runs; the merger reads the last), the merger, the LLM prefill
-    over text_tokens + the image's visual tokens (the vision start/end markers are text tokens), the LM
-    head on `logits_positions`, and generated_tokens − 1 decode steps. Keys as `sample_cost`'s parts."""
+def qwen_vl_sample_cost(dims: QwenVLDims, image_size: tuple[int, int], text_tokens: int = NOMINAL_TEXT_TOKENS,
+                        generated_tokens: int = 1, logits_positions: int = 1, llm_visual: Sequence[int] | None = None,
+                        llm_mlp_visual: Sequence[int] | None = None) -> dict:
+    """Exact cost of one sample with one image of `image_size` (height, width) pixels: the tower over its
+    patch grid (every block runs; the merger reads the last), the merger, the LLM prefill over text_tokens
+    plus the visual tokens each layer holds (`llm_visual`, one count per layer, from a plan or a run;
+    `llm_mlp_visual` those of its MLP where a reduction falls between; default: the image's, unreduced),
+    the LM head on `logits_positions`, and generated_tokens − 1 decode steps. The vision start/end markers
+    are text tokens. Keys as `sample_cost`'s parts."""
     if generated_tokens < 0 or text_tokens < 0 or logits_positions < 1:
         raise ValueError(f"need generated_tokens >= 0, text_tokens >= 0, logits_positions >= 1; got "
                          f"{generated_tokens}, {text_tokens}, {logits_positions}")
     grid = dims.patch_grid(*image_size)
-    patches = grid[0] * grid[1]
-    visual = dims.image_tokens(*image_size)
+    patches, visual = grid[0] * grid[1], dims.image_tokens(*image_size)
+    llm_visual = [visual] * dims.llm_layers if llm_visual is None else list(llm_visual)
+    llm_mlp_visual = llm_visual if llm_mlp_visual is None else list(llm_mlp_visual)
+    for name, counts in (("llm_visual", llm_visual), ("llm_mlp_visual", llm_mlp_visual)):
+        if len(counts) != dims.llm_layers or not all(0 <= count <= visual for count in counts):
+            raise ValueError(f"{name}={counts}: need one count per LLM layer ({dims.llm_layers}), each in "
+                             f"[0, {visual}] (the image's visual tokens)")
     patch_embed = patches * dims.patch_features * dims.vision_hidden          # the Conv3d, one output per patch
     vision_layers = sum(qwen_vision_layer_macs(dims, dims.attention_spans(grid, layer))
                         for layer in range(dims.vision_layers))
     merger = qwen_merger_macs(dims, visual)
-    llm = [text_tokens + visual] * dims.llm_layers
-    prefill_layers = sum(llama_layer_macs(dims, n) for n in llm)
-    prefill_lm_head = lm_head_macs(dims, logits_positions)
-    decode = sum(decode_step_macs(dims, llm, t) for t in range(1, max(generated_tokens - 1, 0) + 1))
+    prefill_layers, prefill_lm_head, decode_steps = llm_macs(
+        dims, [text_tokens + n for n in llm_visual], [text_tokens + n for n in llm_mlp_visual], generated_tokens,
+        logits_positions)
     macs = {
         "vision_patch_embed": patch_embed, "vision_layers": vision_layers, "vision": patch_embed + vision_layers,
         "projector": merger, "prefill_layers": prefill_layers, "prefill_lm_head": prefill_lm_head,
-        "prefill": prefill_layers + prefill_lm_head, "decode": decode,
-        "total": patch_embed + vision_layers + merger + prefill_layers + prefill_lm_head + decode,
+        "prefill": prefill_layers + prefill_lm_head, "decode": sum(decode_steps),
+        "total": patch_embed + vision_layers + merger + prefill_layers + prefill_lm_head + sum(decode_steps),
     }
     cost = {f"{name}_{unit}": float(value * (2 if unit == "flops" else 1))
             for name, value in macs.items() for unit in ("macs", "flops")}
     return {**cost, "resized": dims.resized(*image_size), "patch_grid": grid, "vision_tokens": patches,
-            "visual_tokens": visual, "text_tokens": text_tokens}
+            "visual_tokens": visual, "text_tokens": text_tokens,
+            "visual_tokens_layer_average": sum(llm_visual) / dims.llm_layers}
+
+
+def qwen_vl_planned_cost(dims: QwenVLDims, method: str, budget: int | None, image_size: tuple[int, int],
+                         text_tokens: int = NOMINAL_TEXT_TOKENS, generated_tokens: int = 1, **overrides) -> dict:
+    """`qwen_vl_sample_cost` of the counts `method` plans for one image of `image_size` at `budget` (of the
+    nominal 1,280-token image: the image keeps the budget's fraction of its span, as the adapter runs it)."""
+    from ficoco import methods
+
+    span = dims.image_tokens(*image_size)
+    if method == "vanilla":
+        return qwen_vl_sample_cost(dims, image_size, text_tokens, generated_tokens)
+    refusal = qwen_refusal(methods.get(method), dims)
+    if refusal:
+        raise ValueError(refusal)
+    scaled = None if budget is None else span_budget(budget, span, dims.visual_tokens)
+    plan = methods.get(method).plan(dims.for_image_span(span), scaled, **overrides)
+    if plan.llm_visual is None:
+        raise ValueError(f"{plan.method}: {ADAPTIVE_NOTE}")
+    return qwen_vl_sample_cost(dims, image_size, text_tokens, generated_tokens, llm_visual=plan.llm_visual,
+                               llm_mlp_visual=plan.llm_mlp_visual)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -758,7 +792,6 @@ def flops_table(dims: ModelDims, method: str, budgets: Sequence[int], text_token
     """(table text, per-row sample_cost dicts, infeasible-budget messages): vanilla first, then
     the method at every budget it can reach. `image_size` (height, width): a LLaVA-NeXT image's size."""
     from ficoco import methods
-    from ficoco.budget import InfeasibleBudget
 
     unmet = methods.get(method).unmet_needs(dims) if dims.image_grid_pinpoints else []
     if unmet:
@@ -780,24 +813,31 @@ def flops_table(dims: ModelDims, method: str, budgets: Sequence[int], text_token
     return _table(COST_HEADER, rows), costs, infeasible
 
 
-QWEN_HEADER = ("image", "resized", "patch grid", "tower tokens", "visual tokens", "vision GMAC", "merger GMAC",
-               "prefill TFLOPs", "decode GFLOPs", "total TFLOPs")
+QWEN_HEADER = ("budget", "image", "resized", "patch grid", "tower tokens", "visual tokens", "vis avg", "vision GMAC",
+               "merger GMAC", "prefill TFLOPs", "decode GFLOPs", "total TFLOPs")
 
 
-def qwen_flops_table(dims: QwenVLDims, method: str, image_size: tuple[int, int] | None, text_tokens: int,
-                     generated: int) -> tuple[str, list[dict]]:
-    """(table text, [cost]) of one unreduced Qwen2-VL / Qwen2.5-VL sample with an image of `image_size`."""
-    if method != "vanilla":
-        raise ValueError(f"--method {method}: planned costs of reduced runs on Qwen2-VL and Qwen2.5-VL are not "
-                         f"available yet (issue 19); this shape gives vanilla's exact cost only")
+def qwen_flops_table(dims: QwenVLDims, method: str, budgets: Sequence[int], image_size: tuple[int, int] | None,
+                     text_tokens: int, generated: int, overrides: dict | None = None) -> tuple[str, list[dict], list[str]]:
+    """(table text, per-row costs, infeasible-budget messages) of one Qwen2-VL / Qwen2.5-VL sample with an image
+    of `image_size`: vanilla first, then the method at every budget it can reach (`qwen_vl_planned_cost`)."""
     if image_size is None:
         raise ValueError("--image-size HEIGHT WIDTH: a Qwen2-VL image's cost depends on its size (dynamic resolution)")
-    cost = qwen_vl_vanilla_cost(dims, image_size, text_tokens, generated)
-    row = [f"{image_size[0]}x{image_size[1]}", "{}x{}".format(*cost["resized"]), "{}x{}".format(*cost["patch_grid"]),
-           cost["vision_tokens"], cost["visual_tokens"], f"{cost['vision_macs'] / 1e9:.1f}",
-           f"{cost['projector_macs'] / 1e9:.2f}", f"{cost['prefill_flops'] / 1e12:.3f}",
-           f"{cost['decode_flops'] / 1e9:.1f}", f"{cost['total_flops'] / 1e12:.3f}"]
-    return _table(QWEN_HEADER, [row]), [{"method": "vanilla", "budget": None, **cost}]
+    rows, costs, infeasible = [], [], []
+    for name, budget in [("vanilla", None)] + ([(method, budget) for budget in budgets] if method != "vanilla" else []):
+        try:
+            cost = qwen_vl_planned_cost(dims, name, budget, image_size, text_tokens, generated, **(overrides or {}))
+        except InfeasibleBudget as error:
+            infeasible.append(str(error))
+            continue
+        rows.append(["full" if budget is None else budget, f"{image_size[0]}x{image_size[1]}",
+                     "{}x{}".format(*cost["resized"]), "{}x{}".format(*cost["patch_grid"]), cost["vision_tokens"],
+                     cost["visual_tokens"], f"{cost['visual_tokens_layer_average']:.2f}",
+                     f"{cost['vision_macs'] / 1e9:.1f}", f"{cost['projector_macs'] / 1e9:.2f}",
+                     f"{cost['prefill_flops'] / 1e12:.3f}", f"{cost['decode_flops'] / 1e9:.1f}",
+                     f"{cost['total_flops'] / 1e12:.3f}"])
+        costs.append({"method": name, "budget": budget, **cost})
+    return _table(QWEN_HEADER, rows), costs, infeasible
 
 
 def _pct(ours: float, reference: float) -> float:
@@ -981,8 +1021,8 @@ def main(argv: list[str] | None = None) -> int:
         dims = dims_for(args.model_config, args.shape)
         image_size = None if args.image_size is None else tuple(args.image_size)
         if isinstance(dims, QwenVLDims):
-            table, costs = qwen_flops_table(dims, args.method, image_size, args.text_tokens, args.generated)
-            infeasible = []
+            table, costs, infeasible = qwen_flops_table(dims, args.method, args.budgets, image_size, args.text_tokens,
+                                                        args.generated, _overrides(args.overrides))
         else:
             table, costs, infeasible = flops_table(dims, args.method, args.budgets, args.text_tokens, args.generated,
                                                    _overrides(args.overrides), image_size)

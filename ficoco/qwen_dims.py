@@ -206,3 +206,19 @@ def qwen_vl_dims(shape: str) -> QwenVLDims:
         return QwenVLDims(model_type="qwen2_5_vl", vision_mlp=3420, vision_mlp_matrices=3, window_size=112,
                           full_attention_layers=(7, 15, 23, 31), **tower, **llm)
     raise ValueError(f"shape {shape!r}: valid Qwen shapes are ['qwen2-vl-7b', 'qwen2.5-vl-7b']")
+
+
+def qwen_refusal(method, dims: QwenVLDims) -> str | None:
+    """Why `method` (a `ficoco.methods.base.Method`) cannot run on this Qwen2-VL-family model yet, or None:
+    what its image layout lacks of the method's `needs` (a CLS token), a schedule fitted in tokens for one
+    span, or a reduction in or after the vision tower (the adapter places only those inside the LLM)."""
+    unmet = method.unmet_needs(dims)
+    if unmet:
+        return f"{method.name} cannot run on this model: it needs {'; '.join(unmet)}"
+    if method.calibrated:
+        return (f"{method.name} cannot run on {dims.model_type} yet: its schedule is fitted in tokens for one image "
+                f"span, and dynamic resolution gives every image its own span")
+    if method.phase not in ("none", "llm"):
+        return (f"{method.name} cannot run on {dims.model_type} yet: only reductions inside the LLM do so far "
+                f"(issue 19), and it acts in or after the vision tower (phase {method.phase!r})")
+    return None

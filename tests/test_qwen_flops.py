@@ -80,14 +80,14 @@ def test_vanilla_forward_matches_exact_count(model_type):
     measured = parts(counter)
     assert measured["ops"] <= COUNTED_OPS
     text_tokens = inputs["input_ids"].shape[1] - dims.image_tokens(*image_size)
-    cost = flops.qwen_vl_vanilla_cost(dims, image_size, text_tokens, generated_tokens=1)
+    cost = flops.qwen_vl_sample_cost(dims, image_size, text_tokens, generated_tokens=1)
     assert cost["visual_tokens"] == 120 and cost["vision_tokens"] == 480
     assert measured["vision"] == cost["vision_flops"]
     assert measured["merger"] == cost["projector_flops"]
     assert measured["prefill"] == cost["prefill_flops"]
     assert measured["total"] == cost["total_flops"] > 0
     if model_type == "qwen2_5_vl":                  # windows make the tower cheaper than full attention
-        full = flops.qwen_vl_vanilla_cost(QwenVLDims(**{**dims.to_dict(), "window_size": 0}), image_size, text_tokens)
+        full = flops.qwen_vl_sample_cost(QwenVLDims(**{**dims.to_dict(), "window_size": 0}), image_size, text_tokens)
         assert cost["vision_macs"] < full["vision_macs"]
 
 
@@ -100,8 +100,29 @@ def test_generate_matches_prefill_plus_decode(model_type):
         output = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     assert output.shape[1] - inputs["input_ids"].shape[1] == new_tokens
     text_tokens = inputs["input_ids"].shape[1] - dims.image_tokens(*image_size)
-    cost = flops.qwen_vl_vanilla_cost(dims, image_size, text_tokens, generated_tokens=new_tokens)
+    cost = flops.qwen_vl_sample_cost(dims, image_size, text_tokens, generated_tokens=new_tokens)
     assert cost["decode_macs"] > 0 and parts(counter)["total"] == cost["total_flops"]
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("name, overrides", [("fastv", {"layer": 1}), ("pdrop", {"boundaries": [0, 1]})])
+def test_a_reduced_forward_matches_its_planned_cost(model_type, name, overrides):
+    import ficoco
+
+    model, dims = tiny_qwen(model_type, patch_size=4, window_size=16, llm_layers=2)
+    image_size, budget = (64, 120), 8000                     # 120 of the nominal 15,680 tokens: 61 on average
+    inputs = qwen_inputs(dims, [image_size])
+    with ficoco.apply(model, name, budget, **overrides) as handle, torch.no_grad(), \
+            FlopCounterMode(display=False) as counter:
+        model(**inputs, logits_to_keep=1)
+    counts, = handle.last_counts()
+    measured = parts(counter)
+    text_tokens = inputs["input_ids"].shape[1] - dims.image_tokens(*image_size)
+    planned = flops.qwen_vl_planned_cost(dims, name, budget, image_size, text_tokens, **overrides)
+    assert planned["visual_tokens_layer_average"] == sum(counts["llm_visual"]) / 2 < 120
+    assert measured["vision"] == planned["vision_flops"] and measured["merger"] == planned["projector_flops"]
+    assert measured["prefill"] == planned["prefill_flops"]          # the scores' products run outside the layers
+    assert measured["total"] == planned["total_flops"] + 2 * counts["overhead_macs"]
 
 
 def test_the_published_qwen2_vl_tower_has_the_papers_675m_parameters():
@@ -118,7 +139,7 @@ def test_ficoco_flops_prints_a_qwen_images_cost_and_refuses_what_it_cannot_cost(
     assert flops.main(["--shape", "qwen2-vl-7b", "--image-size", "1000", "1000", "--json"]) == 0
     cost, = json.loads(capsys.readouterr().out)
     assert cost["resized"] == [980, 980] and cost["visual_tokens"] == 1225
-    expected = flops.qwen_vl_vanilla_cost(qwen_vl_dims("qwen2-vl-7b"), (1000, 1000))
+    expected = flops.qwen_vl_sample_cost(qwen_vl_dims("qwen2-vl-7b"), (1000, 1000))
     assert cost["total_flops"] == expected["total_flops"]
     # a config.json of the same shape gives the same dims
     config = Qwen2VLConfig(vision_config=dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16),
@@ -131,4 +152,11 @@ def test_ficoco_flops_prints_a_qwen_images_cost_and_refuses_what_it_cannot_cost(
     assert "--image-size HEIGHT WIDTH: a Qwen2-VL image's cost depends on its size" in capsys.readouterr().err
     assert flops.main(["--shape", "qwen2.5-vl-7b", "--method", "ficoco-v", "--budgets", "600",
                        "--image-size", "800", "600"]) == 2
-    assert "planned costs of reduced runs on Qwen2-VL and Qwen2.5-VL are not available yet" in capsys.readouterr().err
+    assert "ficoco-v cannot run on this model: it needs a CLS token first" in capsys.readouterr().err
+    assert flops.main(["--shape", "qwen2-vl-7b", "--method", "fastv", "--budgets", "600", "400", "--image-size",
+                       "1000", "1000", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(row["method"], row["budget"]) for row in rows] == [("vanilla", None), ("fastv", 600), ("fastv", 400)]
+    # 1,225 of the nominal 1,280 tokens: the image keeps the budget's fraction, 600·1225/1280 = 574.2 and 382.8
+    averages = [row["visual_tokens_layer_average"] for row in rows]
+    assert averages[0] == 1225 and 573 <= averages[1] <= 574 and 382 <= averages[2] <= 383

@@ -30,7 +30,7 @@ from ficoco.models.guard import require_tested_transformers
 from ficoco.models.handle import Handle
 from ficoco.models.llama import LlamaPatch
 from ficoco.models.placeholders import images_per_row, layouts_per_row
-from ficoco.qwen_dims import QwenVLDims
+from ficoco.qwen_dims import QwenVLDims, qwen_refusal
 
 if TYPE_CHECKING:                    # for annotations only: an adapter never imports the methods package
     from ficoco.methods.base import Method
@@ -44,9 +44,9 @@ def apply_qwen_vl(model, method: Method, budget: int | None = None, text_tower=N
         raise ValueError(f"{method.name}: the Qwen2-VL adapter takes no text tower (no method that reads one runs "
                          f"on Qwen2-VL yet)")
     dims = QwenVLDims.from_config(model.config)
-    if method.calibrated:
-        raise ValueError(f"{method.name} cannot run on {dims.model_type} yet: its schedule is fitted in tokens for one "
-                         f"image span, and dynamic resolution gives every image its own span")
+    refusal = qwen_refusal(method, dims)
+    if refusal:
+        raise ValueError(refusal)
     plan = method.plan(dims, budget, **overrides)
     return QwenVLHandle(model, method, dims, plan, budget, overrides)
 
@@ -56,10 +56,8 @@ class QwenVLHandle(Handle):
 
     def __init__(self, model, method: Method, dims: QwenVLDims, plan: Plan, budget: int | None, overrides: dict):
         steps = method.steps(plan)
-        placed_elsewhere = [type(step).__name__ for step in steps if not isinstance(step, LLMLayerStep)]
-        if placed_elsewhere:
-            raise ValueError(f"{method.name} cannot run on {dims.model_type} yet: only reductions inside the LLM do "
-                             f"so far (issue 19), and its {placed_elsewhere} act in or after the vision tower")
+        if not all(isinstance(step, LLMLayerStep) for step in steps):      # `qwen_refusal` admits LLM methods only
+            raise ValueError(f"{method.name}: the Qwen2-VL adapter has no site for {[type(s).__name__ for s in steps]}")
         super().__init__(model, method, dims, plan, steps)
         self.budget, self.overrides = budget, overrides
         self.image_token_id = model.config.image_token_id
