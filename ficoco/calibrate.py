@@ -70,13 +70,17 @@ def fit_fitprune(model, prompts: list[dict], budget: int, epsilon: float, progre
 
     trials: list[dict] = []
 
-    def deletions_at(alpha: float) -> list[list[int]]:
-        """Each prompt's deletions per layer when a layer may lose the share α of its mass."""
+    # each prompt's image span: the nominal image's on LLaVA-1.5; on LLaVA-NeXT its own, so its deletions
+    # count for the nominal image in proportion (n0 / span), as the fitted schedule is scaled back per span
+    scales = [n0 / int((inputs["input_ids"] == model.config.image_token_id).sum()) for inputs in prompts]
+
+    def deletions_at(alpha: float) -> list[list[float]]:
+        """Each prompt's deletions per layer when a layer may lose the share α of its mass, for the nominal image."""
         deleted = []
-        for inputs, prompt_masses in zip(prompts, masses):
+        for inputs, prompt_masses, scale in zip(prompts, masses, scales):
             counts: dict = {}
             prefill(fitprune.fitting_step(n_layers, alpha, prompt_masses, counts), inputs)
-            deleted.append([counts.get(layer, 0) for layer in range(n_layers)])
+            deleted.append([counts.get(layer, 0) * scale for layer in range(n_layers)])
         return deleted
 
     def schedule_at(alpha: float, deleted: list[list[int]] | None = None) -> list[int] | None:

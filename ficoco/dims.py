@@ -115,6 +115,12 @@ class ModelDims:
             return self.image_span
         return (self.num_patches + (0 if self.select_strategy == "default" else 1)) * self.max_tower_passes
 
+    @property
+    def nominal_visual_tokens(self) -> int:
+        """The nominal image's visual tokens, also in the dims of one image's span (`for_image_span`): what a
+        budget or a fitted schedule is stated on (576 for LLaVA-1.5, 2,880 for LLaVA-NeXT-7B)."""
+        return replace(self, image_span=None).visual_tokens
+
     def for_image_span(self, span: int) -> "ModelDims":
         """These dims for planning an LLM reduction of one LLaVA-NeXT image whose LLM span (patches and
         image-newlines) holds `span` tokens: `visual_tokens` is `span`, everything else unchanged."""

@@ -74,6 +74,12 @@ class QwenVLDims:
         return rows * columns // self.merge_size ** 2
 
     @property
+    def nominal_visual_tokens(self) -> int:
+        """The nominal image's visual tokens (1,280), also in the dims of one image's span: what a budget or a
+        fitted schedule is stated on."""
+        return replace(self, image_span=None).visual_tokens
+
+    @property
     def vision_tokens(self) -> int:
         """Tokens inside the tower for the image planned for: its patches (merge² per visual token, no CLS)."""
         return self.visual_tokens * self.merge_size ** 2
@@ -216,8 +222,8 @@ def qwen_refusal(method, dims: QwenVLDims) -> str | None:
     if unmet:
         return f"{method.name} cannot run on this model: it needs {'; '.join(unmet)}"
     if method.calibrated:
-        return (f"{method.name} cannot run on {dims.model_type} yet: its schedule is fitted in tokens for one image "
-                f"span, and dynamic resolution gives every image its own span")
+        return (f"{method.name} cannot run on {dims.model_type} yet: its schedule is fitted by `ficoco calibrate`, "
+                f"which runs on LLaVA models only so far")
     if method.phase not in ("none", "llm"):
         return (f"{method.name} cannot run on {dims.model_type} yet: only reductions inside the LLM do so far "
                 f"(issue 19), and it acts in or after the vision tower (phase {method.phase!r})")

@@ -237,10 +237,10 @@ HOSTILE = [
              "valid: a known shape, or a source_dir"), where="models.yaml",
             files={"models.yaml": "mirror:\n  source: hub\n  id: a/b\n  shape: source-dir\n"
                                   "  prompt_template: 'USER: <image>\\n{prompt}'\n"}),
-    Hostile("fitted-method-on-llava-next", base("models: [llava-next-7b]", "methods: [vanilla, fitprune]",
-                                            drop="m"),
-            ("methods[1]", "fitprune cannot run on model llava-next-7b", "one crop per image (this model "
-             "encodes 5", "valid: the methods this model can run (vanilla, ficoco-v, ficoco-l, ficoco-vl,")),
+    Hostile("fitted-method-on-llava-next-without-calibration-set",
+            base("models: [llava-next-7b]", "methods: [vanilla, fitprune]", drop="m"),
+            ("calibration.benchmark", "methods ['fitprune'] fit their parameters on a calibration set first",
+             "valid: a registered benchmark the grid does not evaluate")),
     Hostile("tower-budget-on-llava-next", base("models: [llava-next-7b]", "methods: [vanilla, tome]", drop="m"),
             ("budgets[0]", "64 for method tome on model llava-next-7b", "budget B=13 is infeasible",
              "budget 64 of the nominal 2880-token image is 13 a tower pass", "valid: a budget of at least 118")),

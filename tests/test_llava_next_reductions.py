@@ -7,7 +7,7 @@ differ in a batch are refused. Per-pass methods (in the tower, at its output, af
 each crop: the model equals a LLaVA-1.5 with the same weights given the image's passes as separate
 images under the same method (logits, generated tokens, counts), and a batch of two aspect ratios
 equals each alone. `remove()`
-restores the model, and the methods with no LLaVA-NeXT site yet are refused by name.
+restores the model, and FitPrune without its fit is refused by name.
 
 Tiny model (tests/helpers_tiny.py): 28 px crops of 16 patches, canvases of up to 5 passes; the nominal
 image holds 5 x 16 = 80 visual tokens. A 30 x 80 image is 4 passes and a 60-token span (image-newlines
@@ -384,16 +384,12 @@ def test_a_method_of_both_plans_each_image_as_it_runs(model_and_dims, name, budg
     assert counts["overhead_macs"] > 0
 
 
-@pytest.mark.parametrize("name, budget, overrides, message", [
-    ("fitprune", 40, {}, "fitprune (phase llm): on LLaVA-NeXT the unreduced model and the methods planned from a "
-                         "budget that reduce each crop (in or right after the tower), the span inside the LLM, or both "
-                         "run; it needs one crop per image (this model encodes 5; on multi-crop images only reductions "
-                         "of each crop, inside the LLM, or both, without a fitted schedule, run so far)"),
-])
-def test_methods_without_a_llava_next_site_are_refused(model_and_dims, name, budget, overrides, message):
+def test_a_fitted_method_without_its_fit_is_refused_before_any_hook(model_and_dims):
+    """Every registered method has a LLaVA-NeXT site (FitPrune: tests/test_fitprune_spans.py); FitPrune without
+    its fitted schedule says how to fit it."""
     model, _ = model_and_dims
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        ficoco.apply(model, name, budget, **overrides)
+    with pytest.raises(ValueError, match=r"fitprune: budget 40 needs its fitted deletion schedule"):
+        ficoco.apply(model, "fitprune", 40)
     assert not any(layer._forward_pre_hooks for layer in model.model.language_model.layers)
 
 

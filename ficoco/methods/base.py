@@ -175,15 +175,15 @@ class Method:
         """What the model of shape `dims` lacks of this method's needs, in words ([] when it can run).
 
         On images of several crops (LLaVA-NeXT) the adapter reduces each crop in or right after the tower,
-        or the whole span inside the LLM, or both (a method with its two parts), for a method planned from
-        its budget or adaptive (a count per crop): one that acts in the tower and the LLM without its
-        parts, or is fitted, needs one crop there, for now (docs/contracts.md §3)."""
+        or the whole span inside the LLM (a fitted schedule scaled to each span), or both (a method with its
+        two parts): one that acts in the tower and the LLM without its parts needs one crop there, for now
+        (docs/contracts.md §3)."""
         layout = dims.image_layout()
         unmet = unmet_needs(self.needs, layout)
         both_without_parts = self.phase == "both" and self.llm_schedule is None
-        if (both_without_parts or self.calibrated) and len(layout.crops) > 1:
+        if both_without_parts and len(layout.crops) > 1:
             unmet.append(f"one crop per image (this model encodes {len(layout.crops)}; on multi-crop images only "
-                         f"reductions of each crop, inside the LLM, or both, without a fitted schedule, run so far)")
+                         f"reductions of each crop, inside the LLM, or both with their two parts stated, run so far)")
         return unmet
 
     def check_budget(self, dims, budget: int | None, **overrides) -> Plan:

@@ -78,19 +78,40 @@ class FitPruneReduce:
         return 0          # sums over the probabilities the layer's attention computed: no matrix product
 
 
+def span_deletions(deletions: list[int], nominal: int, span: int, budget: int) -> list[int]:
+    """The schedule fitted for the nominal image (`nominal` visual tokens) on an image of `span` tokens, whose
+    budget is `budget` (its share of the nominal one): each count scaled by span / nominal and rounded up;
+    the latest trimmed while fewer than one token would stay; then, while the layer average is above the
+    budget, one more at the earliest layer that deletes. The deleting layers stay those of the fit."""
+    scaled = [math.ceil(deleted * span / nominal) for deleted in deletions]
+    for layer in reversed(range(len(scaled))):
+        scaled[layer] -= min(scaled[layer], max(sum(scaled) - (span - 1), 0))
+    deleting = [layer for layer, deleted in enumerate(scaled) if deleted > 0]
+    while deleting and sum(scaled) < span - 1 and layer_average(schedule_counts(scaled, span)) > budget:
+        scaled[deleting[0]] += 1
+    return scaled
+
+
 def schedule(dims, budget, params) -> dict:
     deletions = params["deletions"]
     if budget is None:
         return staged_llm_plan(dims, {})
+    if deletions is None and dims.visual_tokens != dims.nominal_visual_tokens:     # one image's span, its budget share
+        raise ValueError(f"fitprune: needs its fitted deletion schedule (parameter `deletions`, one count per LLM "
+                         f"layer, fitted for the nominal {dims.nominal_visual_tokens}-token image): fit it with "
+                         f"`ficoco calibrate --method fitprune --budget B ...` at the grid's budget B (the pipeline's "
+                         f"calibrate rule) and pass the artifact to `ficoco run --calibration FILE`")
     if deletions is None:
         raise ValueError(f"fitprune: budget {budget} needs its fitted deletion schedule (parameter `deletions`, "
                          f"one count per LLM layer): fit it with `ficoco calibrate --method fitprune --budget "
                          f"{budget} ...` (the pipeline's calibrate rule) and pass the artifact to `ficoco run "
                          f"--calibration FILE`")
-    n0, n_layers = dims.visual_tokens, dims.llm_layers
-    if len(deletions) != n_layers or deletions[-1] != 0 or sum(deletions) >= n0:
+    n0, n_layers, nominal = dims.visual_tokens, dims.llm_layers, dims.nominal_visual_tokens
+    if len(deletions) != n_layers or deletions[-1] != 0 or sum(deletions) >= nominal:
         raise ValueError(f"fitprune: deletions={list(deletions)}: need one count per LLM layer ({n_layers}), 0 at "
-                         f"the last layer (nothing runs after it), and fewer than {n0} in all (one token stays)")
+                         f"the last layer (nothing runs after it), and fewer than {nominal} in all (one token stays)")
+    if n0 != nominal:                     # one image's span (LLaVA-NeXT, Qwen2-VL): the fit is the nominal image's
+        deletions = span_deletions(deletions, nominal, n0, budget)
     attention_visual = schedule_counts(deletions, n0)     # each layer's attention (and KV cache) sees these
     mlp_visual = attention_visual[1:] + [attention_visual[-1] - deletions[-1]]   # its MLP and later layers the rest
     average = layer_average(attention_visual)
@@ -188,12 +209,13 @@ def schedule_counts(deletions: list[int], n0: int) -> list[int]:
     return [n0 - sum(deletions[:layer]) for layer in range(len(deletions))]
 
 
-def mean_deletions(deleted: list[list[int]]) -> list[int]:
-    """Each layer's mean count over the prompts (S prompts × L layers), rounded down."""
+def mean_deletions(deleted: list[list[float]]) -> list[int]:
+    """Each layer's mean count over the prompts (S prompts × L layers; on images of several spans, counts for
+    the nominal image), rounded down."""
     return [math.floor(sum(row[layer] for row in deleted) / len(deleted)) for layer in range(len(deleted[0]))]
 
 
-def fitted_schedule(deleted: list[list[int]], n0: int, budget: int) -> list[int] | None:
+def fitted_schedule(deleted: list[list[float]], n0: int, budget: int) -> list[int] | None:
     """The schedule of one α from each prompt's deletions per layer (S prompts × L layers), or None when
     it does not meet `budget`.
 
