@@ -1,7 +1,8 @@
 """A tiny random LLaVA-NeXT through the real pipeline (issue 18): fetched by Snakemake from a local source
 directory, evaluated unreduced, with FiCoCo-V (in the tower, on each crop) and with FastV (in the LLM) on
 toy scenes, scored, measured, aggregated and reported; every sample's counts and costs are those of its
-image's AnyRes layout and budget, computed here independently of the adapter."""
+image's AnyRes layout and budget, computed here independently of the adapter. FitPrune is fitted by the
+calibrate rule on prompts of several spans and run with its schedule scaled to each image's span."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,7 @@ import pytest
 import yaml
 
 from ficoco import flops
-from ficoco.config import ConfigError, load_config
+from ficoco.budget import span_budget
 from ficoco.dims import ModelDims
 from helpers_tiny import save_tiny_llava_next
 from pipeline import copy_workflow, read_jsonl, snakemake
@@ -106,12 +107,21 @@ def test_nothing_is_left_to_do_after_the_run(next_run):
     assert result.returncode == 0 and "Nothing to be done" in result.stdout, result.stdout[-2000:]
 
 
-def test_a_method_without_a_llava_next_site_is_refused_before_any_job(next_run):
-    """The config check the Snakefile runs first (tests/test_config.py: Snakemake stops on its line), on the
-    copied model's source-dir shape."""
+def test_fitprune_is_fitted_and_run_on_llava_next_through_snakemake(next_run):
+    """The calibrate rule fits FitPrune's schedule on the copied model (calibration prompts of several spans),
+    and the evaluate and measure jobs run each image with it scaled to its span, within its budget share."""
     repo, source = next_run
-    config = write_next_config(repo, source, "next-both", methods=("vanilla", "fitprune"))
-    with pytest.raises(ConfigError) as refused:
-        load_config([repo / config], root=repo)
-    assert "fitprune cannot run on model tiny-next" in str(refused.value)
-    assert "one crop per image (this model encodes 5" in str(refused.value)
+    config_path = write_next_config(repo, source, "next-fitprune", methods=("vanilla", "fitprune"))
+    config = yaml.safe_load((repo / config_path).read_text())
+    config["calibration"] = {"benchmark": "toy-shapes-train", "rows": 3}
+    (repo / config_path).write_text(yaml.safe_dump(config))
+    result = snakemake(repo, "--cores", "2", "--configfile", config_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    fit = json.loads((repo / "results/calibration/tiny-next/fitprune/b40.json").read_text())["fit"]
+    assert fit["layer_average"] <= 40 and fit["deletions"][-1] == 0
+    run_dir = repo / "results/runs/tiny-next/toy-shapes-mini/fitprune/b40"
+    records = read_jsonl(next(run_dir.glob("shard*/predictions.jsonl")))
+    assert len(records) == 4 and all(record["error"] is None for record in records)
+    for record in records:
+        visual = record["counts"]["llm_visual"]
+        assert sum(visual) / len(visual) <= span_budget(40, visual[0], 80) and visual[-1] < visual[0]
