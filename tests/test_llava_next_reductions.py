@@ -393,6 +393,21 @@ def test_a_fitted_method_without_its_fit_is_refused_before_any_hook(model_and_di
     assert not any(layer._forward_pre_hooks for layer in model.model.language_model.layers)
 
 
+def test_a_method_of_both_without_its_two_parts_is_refused_before_any_hook(model_and_dims):
+    """A method that acts in the tower and the LLM must state its two parts to run on several crops; no
+    registered one lacks them, so FiCoCo-VL stands in with its parts removed."""
+    import dataclasses
+
+    from ficoco import methods
+
+    model, _ = model_and_dims
+    whole = dataclasses.replace(methods.get("ficoco-vl"), name="vl-whole", tower_schedule=None, llm_schedule=None)
+    with pytest.raises(ValueError, match=r"vl-whole \(phase both\): on LLaVA-NeXT .* it needs one crop per image "
+                                         r"\(this model encodes 5; .*both with their two parts stated"):
+        ficoco.apply(model, whole, 20)
+    assert not any(layer._forward_pre_hooks for layer in model.model.language_model.layers)
+
+
 def test_an_infeasible_span_budget_fails_its_prefill_with_the_methods_message(model_and_dims):
     """A budget the nominal image reaches but a smaller span does not: that prefill fails (an evaluate job
     records the sample as a counted failure); other spans still run."""
