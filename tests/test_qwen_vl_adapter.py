@@ -135,6 +135,11 @@ def test_a_batch_of_two_images_of_one_size_equals_each_alone(model_and_dims, nam
     for row in range(2):
         torch.testing.assert_close(together[row], alone[row][0], rtol=1e-5, atol=1e-6)
         assert counts[row] == alone_counts[row]
+    # and through generate, whose decode steps number each row's positions with its own rope_deltas
+    with ficoco.apply(model, name, BUDGET, **overrides), torch.no_grad():
+        generated = model.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+        generated_alone = [model.generate(**row, max_new_tokens=3, min_new_tokens=3, do_sample=False) for row in rows]
+    assert all(torch.equal(generated[row], generated_alone[row][0]) for row in range(2))
 
 
 def test_images_of_two_sizes_in_one_batch_are_refused_for_an_llm_reduction(model_and_dims):
