@@ -12,7 +12,8 @@ What differs from LLaVA (`ficoco.dims.ModelDims`), and what the cost depends on:
   two-layer MLP (4·d_v → 4·d_v → d);
 - a Qwen2 LLM (GQA, SwiGLU), with the same field names as ModelDims so flops.py's LLM formulas apply.
 
-Issue 19, first part: the geometry and the unreduced cost (docs/flops.md, "Qwen2-VL and Qwen2.5-VL").
+Issue 19: the geometry and the exact cost (docs/flops.md §6), and what a method plans one image's LLM
+reduction with (`for_image_span`, `image_layout`; docs/methods.md, "On Qwen2-VL and Qwen2.5-VL").
 """
 from __future__ import annotations
 
