@@ -334,11 +334,12 @@ def passes_plan(method, dims: ModelDims, passes: int, budget: int | None, **over
         **method.llm_schedule(dims.for_image_span(delivered), delivered, llm_budget, params)})
 
 
-def span_plan(method, dims: ModelDims, span: int, budget: int | None, **overrides):
-    """`method`'s plan (a `ficoco.contract.Plan`; `method` a `ficoco.methods.base.Method`) for one LLaVA-NeXT
-    image span of `span` LLM tokens: at the kept fraction the budget `budget` is of the nominal image
-    (`ficoco.budget.span_budget`), planned on `for_image_span` dims. Its tower part is one pass:
-    `anyres_plan` gives the image's passes."""
+def span_plan(method, dims, span: int, budget: int | None, **overrides):
+    """`method`'s plan (a `ficoco.contract.Plan`; `method` a `ficoco.methods.base.Method`) for one image span
+    of `span` LLM tokens on a model whose spans differ per image (`dims`: LLaVA-NeXT's ModelDims, or
+    ficoco.qwen_dims.QwenVLDims), at the kept fraction the budget `budget` is of the nominal image
+    (`ficoco.budget.span_budget`), planned on `for_image_span` dims. On LLaVA-NeXT its tower part is one
+    pass: `anyres_plan` gives the image's passes."""
     scaled = None if budget is None else span_budget(budget, span, dims.visual_tokens)
     return method.plan(dims.for_image_span(span), scaled, **overrides)
 

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Sequence
 
-from ficoco.budget import InfeasibleBudget, span_budget
+from ficoco.budget import InfeasibleBudget
 from ficoco.budget_labels import TFLOPS_CONVENTIONS, TflopsTarget
 from ficoco.contract import Plan
-from ficoco.dims import ModelDims, image_plan, llava_1_5_dims, llava_next_dims, unreduced_plan
+from ficoco.dims import ModelDims, image_plan, llava_1_5_dims, llava_next_dims, span_plan, unreduced_plan
 from ficoco.qwen_dims import MODEL_TYPES as QWEN_MODEL_TYPES
 from ficoco.qwen_dims import QwenVLDims, qwen_refusal, qwen_vl_dims
 
@@ -420,6 +420,12 @@ def llm_macs(dims, llm: Sequence[int], llm_mlp: Sequence[int], generated_tokens:
                                                                   for t in range(1, steps + 1)]
 
 
+def macs_and_flops(macs: dict) -> dict:
+    """Each part of a cost in MACs as `{part}_macs` and `{part}_flops` (2 FLOPs per MAC), floats."""
+    return {f"{name}_{unit}": float(value * (2 if unit == "flops" else 1))
+            for name, value in macs.items() for unit in ("macs", "flops")}
+
+
 def sample_cost(dims: ModelDims, counts: dict, generated_tokens: int, logits_positions: int = 1) -> dict:
     """Exact cost of one sample from the token counts it executed (contracts §2). See docs/flops.md.
 
@@ -488,10 +494,7 @@ def sample_cost(dims: ModelDims, counts: dict, generated_tokens: int, logits_pos
         "legacy_sparsevlm": sparsevlm,
         "legacy_nominal": nominal,
     }
-    cost = {}
-    for name, value in macs.items():
-        cost[f"{name}_macs"] = float(value)
-        cost[f"{name}_flops"] = float(2 * value)
+    cost = macs_and_flops(macs)
     cost["legacy_nominal_tflops"] = float(2 * nominal / 1e12)
 
     prefill_cache, final_cache = llm, [n + steps for n in llm]
@@ -510,7 +513,7 @@ def sample_cost(dims: ModelDims, counts: dict, generated_tokens: int, logits_pos
 
 
 # ------------------------------------------------------------------------------------------------
-# Qwen2-VL and Qwen2.5-VL, unreduced (flops.md §9): a tower without CLS whose length follows the image
+# Qwen2-VL and Qwen2.5-VL (flops.md §6): a tower without CLS whose length follows the image
 
 
 def qwen_vision_layer_macs(dims: QwenVLDims, spans: Sequence[int]) -> int:
@@ -561,9 +564,7 @@ def qwen_vl_sample_cost(dims: QwenVLDims, image_size: tuple[int, int], text_toke
         "prefill": prefill_layers + prefill_lm_head, "decode": sum(decode_steps),
         "total": patch_embed + vision_layers + merger + prefill_layers + prefill_lm_head + sum(decode_steps),
     }
-    cost = {f"{name}_{unit}": float(value * (2 if unit == "flops" else 1))
-            for name, value in macs.items() for unit in ("macs", "flops")}
-    return {**cost, "resized": dims.resized(*image_size), "patch_grid": grid, "vision_tokens": patches,
+    return {**macs_and_flops(macs), "resized": dims.resized(*image_size), "patch_grid": grid, "vision_tokens": patches,
             "visual_tokens": visual, "text_tokens": text_tokens,
             "visual_tokens_layer_average": sum(llm_visual) / dims.llm_layers}
 
@@ -574,14 +575,12 @@ def qwen_vl_planned_cost(dims: QwenVLDims, method: str, budget: int | None, imag
     nominal 1,280-token image: the image keeps the budget's fraction of its span, as the adapter runs it)."""
     from ficoco import methods
 
-    span = dims.image_tokens(*image_size)
     if method == "vanilla":
         return qwen_vl_sample_cost(dims, image_size, text_tokens, generated_tokens)
     refusal = qwen_refusal(methods.get(method), dims)
     if refusal:
         raise ValueError(refusal)
-    scaled = None if budget is None else span_budget(budget, span, dims.visual_tokens)
-    plan = methods.get(method).plan(dims.for_image_span(span), scaled, **overrides)
+    plan = span_plan(methods.get(method), dims, dims.image_tokens(*image_size), budget, **overrides)
     if plan.llm_visual is None:
         raise ValueError(f"{plan.method}: {ADAPTIVE_NOTE}")
     return qwen_vl_sample_cost(dims, image_size, text_tokens, generated_tokens, llm_visual=plan.llm_visual,

@@ -41,7 +41,7 @@ class Call:
         self.pads_per_row: list[int] = []
         self.instructions: list[list[int]] | None = None   # per image, its row's token ids after the row's last image
         self.image_layouts: list = []                     # per image: LLaVA-NeXT's AnyresLayout (ficoco.dims),
-                                                          # Qwen2-VL's patch grid (rows, columns)
+                                                          # Qwen2-VL's span (its visual tokens in the LLM)
 
 
 class Handle:

@@ -24,8 +24,8 @@ from __future__ import annotations
 import inspect
 from typing import TYPE_CHECKING
 
-from ficoco.budget import span_budget
 from ficoco.contract import LLMLayerStep, Plan
+from ficoco.dims import span_plan
 from ficoco.models.guard import require_tested_transformers
 from ficoco.models.handle import Handle
 from ficoco.models.llama import LlamaPatch
@@ -119,8 +119,7 @@ class QwenVLHandle(Handle):
 
     def _image_plan(self, span: int) -> Plan:
         """The method's plan for one image of `span` visual tokens, at the budget's kept fraction of its span."""
-        budget = None if self.budget is None else span_budget(self.budget, span, self.dims.visual_tokens)
-        return self.method.plan(self.dims.for_image_span(span), budget, **self.overrides)
+        return span_plan(self.method, self.dims, span, self.budget, **self.overrides)
 
     def row_plans(self) -> list[Plan]:
         """Per batch row of the most recent prefill: the plan of its image (unreduced for a row without one)."""
