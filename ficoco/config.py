@@ -445,7 +445,7 @@ def check_schema(config: dict, schema_path: Path = SCHEMA_PATH) -> dict:
 
 MODEL_SOURCES = ("hub", "toy")
 # source-dir: the dimensions of the config.json in the entry's `source_dir` (a local copy of the model)
-MODEL_SHAPES = ("llava-1.5-7b", "llava-1.5-13b", "llava-next-7b", "toy", "source-dir")
+MODEL_SHAPES = ("llava-1.5-7b", "llava-1.5-13b", "llava-next-7b", "qwen2-vl-7b", "qwen2.5-vl-7b", "toy", "source-dir")
 BENCHMARK_SOURCES = ("hub", "toy")
 
 
@@ -485,21 +485,24 @@ def load_registries(config: dict, root: Path = REPO_ROOT) -> tuple[dict, dict]:
 
 def model_dims(name: str, entry: dict, registry: str = "config/models.yaml"):
     """Model dimensions from the registry entry, without downloading anything."""
-    from ficoco.dims import ModelDims, llava_1_5_dims, llava_next_dims
+    from ficoco.dims import ModelDims, dims_from_config, llava_1_5_dims, llava_next_dims
+    from ficoco.qwen_dims import qwen_vl_dims
 
     shape = entry.get("shape")
     if shape in ("llava-1.5-7b", "llava-1.5-13b"):
         return llava_1_5_dims(shape.rsplit("-", 1)[1])
     if shape == "llava-next-7b":
         return llava_next_dims("7b")
+    if shape in ("qwen2-vl-7b", "qwen2.5-vl-7b"):
+        return qwen_vl_dims(shape)
     if shape == "source-dir":
         config = Path(entry.get("source_dir") or "") / "config.json"
         try:
-            return ModelDims.from_config(json.loads(config.read_text()))
+            return dims_from_config(json.loads(config.read_text()))
         except (OSError, ValueError, TypeError) as error:
             raise ConfigError(f"shape source-dir reads {display_path(config)}: {error}; valid: a source_dir holding "
-                              f"the model's config.json (a LLaVA or LLaVA-NeXT config)", [name, "shape"],
-                              registry) from None
+                              f"the model's config.json (a LLaVA, LLaVA-NeXT, Qwen2-VL or Qwen2.5-VL config)",
+                              [name, "shape"], registry) from None
     if shape == "toy":
         from ficoco.toy.model import toy_llava_config
 
@@ -852,21 +855,33 @@ def _check_needs(config: dict, models: dict, model_registry: str, method_registr
                                   f"text tower of the vision tower's checkpoint, and {model} has none; valid: a model "
                                   f"with a text_tower in {model_registry} (a toy model: recipe staged)",
                                   ["methods", index])
-            unmet = method_registry.get(method).unmet_needs(dims)
-            if unmet:
-                runnable = [name for name in method_registry.names() if not method_registry.get(name).unmet_needs(dims)]
-                raise ConfigError(f"{method} cannot run on model {model}: it needs {'; '.join(unmet)}; valid: the "
-                                  f"methods this model can run ({', '.join(runnable)}), or another model",
-                                  ["methods", index])
+            refusal = cannot_run(method_registry.get(method), dims)
+            if refusal:
+                runnable = [name for name in method_registry.names() if not cannot_run(method_registry.get(name), dims)]
+                raise ConfigError(f"{method} cannot run on model {model}: {refusal}; valid: the methods this model "
+                                  f"can run ({', '.join(runnable)}), or another model", ["methods", index])
+
+
+def cannot_run(method, dims) -> str | None:
+    """Why `method` cannot run on a model of shape `dims` (what its image layout lacks; on the Qwen2-VL family
+    also what the adapter cannot place yet, `qwen_refusal`), or None."""
+    from ficoco.qwen_dims import QwenVLDims, qwen_cannot_run
+
+    if isinstance(dims, QwenVLDims):
+        return qwen_cannot_run(method, dims)
+    unmet = method.unmet_needs(dims)
+    return f"it needs {'; '.join(unmet)}" if unmet else None
 
 
 def _check_budgets(config: dict, models: dict, model_registry: str, method_registry) -> None:
+    from ficoco.qwen_dims import QwenVLDims
+
     dims_of = {name: model_dims(name, models[name], model_registry) for name in config["models"]}
     labels: list[str] = []
     for model, dims in dims_of.items():
         for index, raw in enumerate(config["budgets"]):
             if isinstance(raw, dict) and "tflops" in raw:       # solved per method below
-                if dims.image_grid_pinpoints:
+                if dims.image_grid_pinpoints or isinstance(dims, QwenVLDims):
                     raise ConfigError(f"{_show(raw)}: a TFLOPs target is solved for one image shape, and model {model} "
                                       f"costs differently per image size; valid: a token budget of its nominal "
                                       f"{dims.visual_tokens}-token image (on LLaVA-NeXT-7B 160 is the paper's 2.9 TFLOPs)",

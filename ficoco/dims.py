@@ -243,6 +243,16 @@ class ModelDims:
         )
 
 
+def dims_from_config(config):
+    """The dimensions of a model config (object, or dict as in config.json) of any supported family: `ModelDims`
+    (LLaVA-1.5, LLaVA-NeXT) or `ficoco.qwen_dims.QwenVLDims` (Qwen2-VL, Qwen2.5-VL), by its model_type."""
+    from ficoco.qwen_dims import MODEL_TYPES as QWEN_MODEL_TYPES
+    from ficoco.qwen_dims import QwenVLDims
+
+    model_type = config.get("model_type", "llava") if isinstance(config, dict) else getattr(config, "model_type", None)
+    return (QwenVLDims if model_type in QWEN_MODEL_TYPES else ModelDims).from_config(config)
+
+
 def llava_1_5_dims(size: str = "7b") -> ModelDims:
     """The published LLaVA-1.5 shapes (7b or 13b), for FLOPs tables and benchmarks without weights."""
     llm = {"7b": (32, 4096, 11008, 32), "13b": (40, 5120, 13824, 40)}

@@ -61,16 +61,22 @@ def pad_to_square(image, background: tuple[int, int, int]):
 
 
 def load_model(model_dir: str | Path, device: str, dtype: str):
-    """A fetched (or toy-built) model directory, local files only."""
+    """A fetched (or toy-built) model directory, local files only: the model and its processor (Qwen2-VL's
+    for images and text, ficoco/models/qwen_processor.py)."""
     import torch
     from transformers import AutoProcessor
 
-    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-    processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
-    processor.tokenizer.padding_side = "left"       # batched generation appends on the right
+    from ficoco.dims import dims_from_config
     from ficoco.models import model_class
+    from ficoco.models.qwen_processor import QwenVLImageTextProcessor
+    from ficoco.qwen_dims import QwenVLDims
 
+    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
     config = json.loads((Path(model_dir) / "config.json").read_text())
+    dims = dims_from_config(config)
+    processor = QwenVLImageTextProcessor.from_pretrained(model_dir, dims) if isinstance(dims, QwenVLDims) else \
+        AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+    processor.tokenizer.padding_side = "left"       # batched generation appends on the right
     model = model_class(config.get("model_type", "llava")).from_pretrained(model_dir, dtype=torch_dtype,
                                                                            local_files_only=True)
     return model.to(device).eval(), processor
@@ -89,12 +95,18 @@ class Generator:
         self.model, self.processor, self.handle, self.judge = model, processor, handle, judge
         self.benchmark, self.options, self.template = benchmark, options, template
         self.image_preprocessing, self.dims = image_preprocessing, dims
+        from ficoco.models import IMAGE_MARKERS
+
+        self.image_marker = IMAGE_MARKERS[model.config.model_type]
         mean = getattr(processor.image_processor, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073)
         self.background = tuple(int(255 * m) for m in mean)
 
     def _text(self, row: dict) -> str:
         prompt = self.benchmark.prompt(row, self.options)
-        template = self.template if row["image"] is not None else self.template.replace("<image>\n", "")
+        if row["image"] is not None:         # the template's <image> is the model family's image marker
+            template = self.template.replace("<image>", self.image_marker)
+        else:
+            template = self.template.replace("<image>\n", "").replace("<image>", "")
         return template.replace("{prompt}", prompt)
 
     def _image(self, row: dict):
@@ -217,7 +229,7 @@ def evaluate_shard(*, model_dir, benchmark_dir, benchmark: str, method: str, bud
     from ficoco import methods as method_registry
     from ficoco.benchmarks.fetch import load_local, shard_rows
     from ficoco.calibrate import with_calibration
-    from ficoco.dims import ModelDims
+    from ficoco.dims import dims_from_config
     from ficoco.fingerprint import job_fingerprint
     from ficoco.models.companion import model_text_tower
 
@@ -253,7 +265,7 @@ def evaluate_shard(*, model_dir, benchmark_dir, benchmark: str, method: str, bud
     if todo:
         torch.manual_seed(0)
         model, processor = load_model(model_dir, device, dtype)
-        dims = ModelDims.from_config(model.config)
+        dims = dims_from_config(model.config)
         text_tower = model_text_tower(model_dir, processor.tokenizer, template, model, dims.last_vision_layer) \
             if reads_text_tower else None
         handle = ficoco.apply(model, method, budget_value, text_tower=text_tower, **overrides)
@@ -330,9 +342,9 @@ def budget_number(label: str, model_dir: str | Path) -> int | None:
     if label == ADAPTIVE:
         return None
     if label == FULL:
-        from ficoco.dims import ModelDims
+        from ficoco.dims import dims_from_config
 
-        return ModelDims.from_config(json.loads((Path(model_dir) / "config.json").read_text())).visual_tokens
+        return dims_from_config(json.loads((Path(model_dir) / "config.json").read_text())).visual_tokens
     return int(label)
 
 

@@ -22,8 +22,7 @@ from typing import Sequence
 from ficoco.budget import InfeasibleBudget
 from ficoco.budget_labels import TFLOPS_CONVENTIONS, TflopsTarget
 from ficoco.contract import Plan
-from ficoco.dims import ModelDims, image_plan, llava_1_5_dims, llava_next_dims, span_plan, unreduced_plan
-from ficoco.qwen_dims import MODEL_TYPES as QWEN_MODEL_TYPES
+from ficoco.dims import ModelDims, dims_from_config, image_plan, llava_1_5_dims, llava_next_dims, span_plan, unreduced_plan
 from ficoco.qwen_dims import QwenVLDims, qwen_refusal, qwen_vl_dims
 
 # Bytes per stored value for weights and the KV cache. Read-only so no module state can change.
@@ -437,7 +436,8 @@ def sample_cost(dims: ModelDims, counts: dict, generated_tokens: int, logits_pos
     visual_delivered), `llm_mlp` (tokens each LLM layer's MLP ran on, if not `llm`: a reduction
     between a layer's attention and MLP), `vision_crops` (tower passes per sample, 1 if absent:
     LLaVA-NeXT's base image and crops, whose layers `vision` lists one pass after the other) and
-    `overhead_macs` (selection overhead, reported separately).
+    `overhead_macs` (selection overhead, reported separately). On Qwen2-VL-family dims (`QwenVLDims`) the
+    tower and merger are costed from `vision_grids` (each image's patch grid [rows, cols]; required there).
     """
     _check_counts(dims, counts)
     if generated_tokens < 0:
@@ -448,14 +448,17 @@ def sample_cost(dims: ModelDims, counts: dict, generated_tokens: int, logits_pos
     llm, llm_visual = list(counts["llm"]), list(counts["llm_visual"])
     L = dims.llm_layers
 
-    # 1. vision tower: patch embedding (patches = each pass's first-layer tokens minus CLS) + executed layers
-    patches = sum(vision_pairs[crop * layers_per_crop][0] - 1 for crop in range(crops)) if vision_pairs else 0
-    patch_embed = patch_embedding_macs(dims, patches)
-    vision_layers = sum(clip_layer_macs(dims, n_attn, n_mlp) for n_attn, n_mlp in vision_pairs)
+    if isinstance(dims, QwenVLDims):
+        # 1.-2. Qwen: the tower over each image's patch grid (windows from the grid), and the patch merger
+        patch_embed, vision_layers, projector = qwen_vision_and_merger_macs(dims, counts)
+    else:
+        # 1. vision tower: patch embedding (patches = each pass's first-layer tokens minus CLS) + executed layers
+        patches = sum(vision_pairs[crop * layers_per_crop][0] - 1 for crop in range(crops)) if vision_pairs else 0
+        patch_embed = patch_embedding_macs(dims, patches)
+        vision_layers = sum(clip_layer_macs(dims, n_attn, n_mlp) for n_attn, n_mlp in vision_pairs)
+        # 2. projector on the tokens it ran on
+        projector = projector_macs(dims, counts.get("projector_tokens", counts["visual_delivered"]))
     vision = patch_embed + vision_layers
-
-    # 2. projector on the tokens it ran on
-    projector = projector_macs(dims, counts.get("projector_tokens", counts["visual_delivered"]))
 
     # 3. LLM prefill: every layer with its own n_l, then the LM head on the computed positions
     # 4. decode: steps t = 1..G-1, each Σ_l layer(n_l + t) + LM head; linear in t
@@ -531,6 +534,28 @@ def qwen_merger_macs(dims: QwenVLDims, visual_tokens: int) -> int:
     return visual_tokens * (width * width + width * dims.llm_hidden)
 
 
+def qwen_vision_and_merger_macs(dims: QwenVLDims, counts: dict) -> tuple[int, int, int]:
+    """(patch embedding, tower blocks, merger) MACs of a Qwen sample's images, from `counts["vision_grids"]`
+    (each image's patch grid): every block runs on every patch, in windows of the grid where it is windowed,
+    and the merger makes one LLM token of merge² patches. The grids must account for `visual_delivered` and
+    for the patches `counts["vision"]` says each block ran on."""
+    grids = [tuple(grid) for grid in counts.get("vision_grids", ())]
+    patches = sum(rows * cols for rows, cols in grids)
+    if patches // dims.merge_size ** 2 != counts["visual_delivered"] or patches % dims.merge_size ** 2:
+        raise ValueError(f"counts['vision_grids'] = {counts.get('vision_grids')!r}: {patches} patches make "
+                         f"{patches / dims.merge_size ** 2:g} LLM tokens (merged {dims.merge_size}×{dims.merge_size}); "
+                         f"valid: one patch grid per image, together the {counts['visual_delivered']} visual tokens "
+                         f"delivered")
+    if any(pair != [patches, patches] for pair in map(list, counts["vision"])) or \
+            len(counts["vision"]) != (dims.vision_layers if grids else 0):
+        raise ValueError(f"counts['vision'] = {counts['vision']!r}: valid: [{patches}, {patches}] (every patch) for "
+                         f"each of the {dims.vision_layers} tower blocks" + ("" if grids else ", none without an image"))
+    patch_embed = patches * dims.patch_features * dims.vision_hidden           # the Conv3d, one output per patch
+    vision_layers = sum(qwen_vision_layer_macs(dims, [span for grid in grids for span in dims.attention_spans(grid, layer)])
+                        for layer in range(dims.vision_layers))
+    return patch_embed, vision_layers, qwen_merger_macs(dims, counts["visual_delivered"])
+
+
 def qwen_vl_sample_cost(dims: QwenVLDims, image_size: tuple[int, int], text_tokens: int = NOMINAL_TEXT_TOKENS,
                         generated_tokens: int = 1, logits_positions: int = 1, llm_visual: Sequence[int] | None = None,
                         llm_mlp_visual: Sequence[int] | None = None) -> dict:
@@ -551,21 +576,11 @@ def qwen_vl_sample_cost(dims: QwenVLDims, image_size: tuple[int, int], text_toke
         if len(counts) != dims.llm_layers or not all(0 <= count <= visual for count in counts):
             raise ValueError(f"{name}={counts}: need one count per LLM layer ({dims.llm_layers}), each in "
                              f"[0, {visual}] (the image's visual tokens)")
-    patch_embed = patches * dims.patch_features * dims.vision_hidden          # the Conv3d, one output per patch
-    vision_layers = sum(qwen_vision_layer_macs(dims, dims.attention_spans(grid, layer))
-                        for layer in range(dims.vision_layers))
-    merger = qwen_merger_macs(dims, visual)
-    prefill_layers, prefill_lm_head, decode_steps = llm_macs(
-        dims, [text_tokens + n for n in llm_visual], [text_tokens + n for n in llm_mlp_visual], generated_tokens,
-        logits_positions)
-    macs = {
-        "vision_patch_embed": patch_embed, "vision_layers": vision_layers, "vision": patch_embed + vision_layers,
-        "projector": merger, "prefill_layers": prefill_layers, "prefill_lm_head": prefill_lm_head,
-        "prefill": prefill_layers + prefill_lm_head, "decode": sum(decode_steps),
-        "total": patch_embed + vision_layers + merger + prefill_layers + prefill_lm_head + sum(decode_steps),
-    }
-    return {**macs_and_flops(macs), "resized": dims.resized(*image_size), "patch_grid": grid, "vision_tokens": patches,
-            "visual_tokens": visual, "text_tokens": text_tokens,
+    counts = {"vision": [[patches, patches]] * dims.vision_layers, "vision_grids": [list(grid)],
+              "visual_delivered": visual, "llm": [text_tokens + n for n in llm_visual], "llm_visual": llm_visual,
+              "llm_mlp": [text_tokens + n for n in llm_mlp_visual]}
+    return {**sample_cost(dims, counts, generated_tokens, logits_positions), "resized": dims.resized(*image_size),
+            "patch_grid": grid, "vision_tokens": patches, "visual_tokens": visual, "text_tokens": text_tokens,
             "visual_tokens_layer_average": sum(llm_visual) / dims.llm_layers}
 
 
@@ -737,7 +752,7 @@ def dims_for(model_config: str | None, shape: str | None) -> ModelDims | QwenVLD
     if model_config:
         with open(model_config) as handle:
             config = json.load(handle)
-        return (QwenVLDims if config.get("model_type") in QWEN_MODEL_TYPES else ModelDims).from_config(config)
+        return dims_from_config(config)
     shape = shape or "llava-1.5-7b"
     if shape not in SHAPES:
         raise ValueError(f"--shape {shape!r}: valid choices are {list(SHAPES)}")

@@ -68,8 +68,21 @@ def random_companion(model, config_path: Path):
     return random_text_tower(model, CLIPConfig.from_json_file(str(clip_config)) if clip_config.is_file() else None)
 
 
+def default_image_size(dims) -> tuple[int, int] | None:
+    """The image measured unless one is given: LLaVA-NeXT's largest canvas (the most tower passes; 672 × 672
+    on LLaVA-NeXT-7B), a Qwen2-VL-family model's nominal image (its largest: 1,280 tokens, 896 × 1120 px, what
+    budgets are stated on), and None for LLaVA-1.5 (every image is one size)."""
+    from ficoco.qwen_dims import QwenVLDims
+
+    if isinstance(dims, QwenVLDims):
+        rows, columns = dims.nominal_grid
+        return rows * dims.patch_size, columns * dims.patch_size
+    return dims.largest_canvas if dims.image_grid_pinpoints else None
+
+
 def build_random_model(config_path: Path, dtype: str, device: str, attn_implementation: str, seed: int):
-    """The model of config.json's family (LLaVA or LLaVA-NeXT) with random weights, in eval mode on `device`."""
+    """The model of config.json's family (LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL) with random weights, in eval
+    mode on `device`."""
     import torch
     from transformers import AutoConfig
 
@@ -93,20 +106,23 @@ def synthetic_inputs(model, batch_size: int, prompt_tokens: int, seed: int,
     at least one after the image, as an instruction), attention mask and random pixel values.
 
     LLaVA-NeXT: an image of `image_size` (height, width) pixels: its AnyRes layout's placeholders, one
-    random pixel crop per tower pass, and `image_sizes`."""
+    random pixel crop per tower pass, and `image_sizes`. Qwen2-VL family: `qwen_synthetic_inputs`."""
     import torch
 
-    from ficoco.dims import ModelDims
+    from ficoco.dims import dims_from_config
+    from ficoco.qwen_dims import QwenVLDims
 
     if prompt_tokens < 2:
         raise ValueError(f"prompt_tokens={prompt_tokens}: need >= 2 (BOS and one instruction token after the image)")
     config = model.config
-    dims = ModelDims.from_config(config)
+    dims = dims_from_config(config)
+    if isinstance(dims, QwenVLDims):
+        return qwen_synthetic_inputs(model, dims, batch_size, prompt_tokens, seed, image_size)
     if dims.image_grid_pinpoints and image_size is None:
         raise ValueError("image_size: a LLaVA-NeXT model's prompt depends on the image's (height, width); pass it")
     if not dims.image_grid_pinpoints and image_size is not None:
         raise ValueError(f"image_size={image_size}: this model encodes every image at {dims.image_size} px; "
-                         f"image sizes are for LLaVA-NeXT models")
+                         f"image sizes are for LLaVA-NeXT and Qwen2-VL-family models")
     layout = dims.anyres_layout(*image_size) if image_size is not None else None
     text_config = config.text_config
     generator = torch.Generator().manual_seed(seed)
@@ -135,6 +151,46 @@ def synthetic_inputs(model, batch_size: int, prompt_tokens: int, seed: int,
     if layout is not None:
         inputs["image_sizes"] = torch.tensor([list(image_size)] * batch_size, device=model.device)
     return inputs
+
+
+def qwen_synthetic_inputs(model, dims, batch_size: int, prompt_tokens: int, seed: int,
+                          image_size: tuple[int, int] | None) -> dict:
+    """A Qwen2-VL-family prompt as its processor gives one: text, the vision start marker, the placeholders of
+    an image of `image_size` (height, width; required), the end marker, text (`prompt_tokens` text tokens, the
+    markers among them, at least one after the image); random patches, `image_grid_thw`, `mm_token_type_ids`."""
+    import torch
+
+    if image_size is None:
+        raise ValueError("image_size: a Qwen2-VL-family model's prompt depends on the image's (height, width); pass it")
+    if prompt_tokens < 3:
+        raise ValueError(f"prompt_tokens={prompt_tokens}: need >= 3 (the vision start and end markers and one "
+                         f"instruction token after the image)")
+    config = model.config
+    markers = (config.vision_start_token_id, config.vision_end_token_id)
+    reserved = {config.image_token_id, config.video_token_id, *markers, config.text_config.pad_token_id,
+                config.text_config.eos_token_id}
+    allowed = torch.tensor([i for i in range(config.text_config.vocab_size) if i not in reserved])
+    generator = torch.Generator().manual_seed(seed)
+    before = prompt_tokens // 2 - 1          # text before the image's start marker
+    after = prompt_tokens - 2 - before       # instruction after its end marker (>= 1)
+    grid = dims.patch_grid(*image_size)
+
+    def text(n: int) -> torch.Tensor:
+        return allowed[torch.randint(len(allowed), (batch_size, n), generator=generator)]
+
+    input_ids = torch.cat([
+        text(before), torch.full((batch_size, 1), markers[0]),
+        torch.full((batch_size, dims.image_tokens(*image_size)), config.image_token_id),
+        torch.full((batch_size, 1), markers[1]), text(after),
+    ], dim=1)
+    pixel_values = torch.randn(batch_size * grid[0] * grid[1], dims.patch_features, generator=generator)
+    return {
+        "input_ids": input_ids.to(model.device),
+        "attention_mask": torch.ones_like(input_ids).to(model.device),
+        "mm_token_type_ids": (input_ids == config.image_token_id).int().to(model.device),
+        "pixel_values": pixel_values.to(model.device, model.dtype),
+        "image_grid_thw": torch.tensor([[1, *grid]] * batch_size, device=model.device),
+    }
 
 
 class _StepClock:
@@ -217,14 +273,15 @@ def measure(
 
     budget None = unreduced (method "vanilla"), or the adaptive reduction of an adaptive method (job
     budget "adaptive"; its costs come from the realised counts). `image_size` (height, width): the
-    image of a LLaVA-NeXT model (default `ModelDims.largest_canvas`). Returns a JSON-able dict (see docs/flops.md).
+    image of a LLaVA-NeXT or Qwen2-VL-family model (default: `default_image_size`). Returns a JSON-able dict (see
+    docs/flops.md).
     """
     import torch
     import transformers
     from tqdm import tqdm
 
     import ficoco
-    from ficoco.dims import ModelDims
+    from ficoco.dims import dims_from_config
     from ficoco.flops import sample_cost
     from ficoco import methods
     from ficoco.methods import budget_label
@@ -237,11 +294,11 @@ def measure(
     device = resolve_device(device)
     cuda = device == "cuda"
     model = build_random_model(config_path, dtype, device, attn_implementation, seed)
-    dims = ModelDims.from_config(model.config)
+    dims = dims_from_config(model.config)
     text_tower = random_companion(model, config_path) if methods.get(method).needs_text_tower else None
     handle = ficoco.apply(model, method, budget, text_tower=text_tower, **overrides)
-    # LLaVA-NeXT: unless given, an image of the largest canvas (the most tower passes; 672 x 672 on LLaVA-NeXT-7B)
-    image_size = dims.largest_canvas if image_size is None and dims.image_grid_pinpoints else image_size
+    if image_size is None:
+        image_size = default_image_size(dims)
     inputs = synthetic_inputs(model, batch_size, prompt_tokens, seed, image_size)
 
     for _ in range(warmup):
@@ -352,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image-size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
-                        help="LLaVA-NeXT: the image's size in pixels (default: its largest canvas)")
+                        help="LLaVA-NeXT, Qwen2-VL family: the image's size in pixels (default: LLaVA-NeXT's "
+                             "largest canvas, Qwen's nominal 1,280-token image)")
     parser.add_argument("--out", required=True, help="results/measure/{model}/{method}/b{budget}.json")
     args = parser.parse_args(argv)
     offline_environment()                       # random weights from config.json: nothing to download

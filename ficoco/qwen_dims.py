@@ -215,17 +215,23 @@ def qwen_vl_dims(shape: str) -> QwenVLDims:
     raise ValueError(f"shape {shape!r}: valid Qwen shapes are ['qwen2-vl-7b', 'qwen2.5-vl-7b']")
 
 
-def qwen_refusal(method, dims: QwenVLDims) -> str | None:
+def qwen_cannot_run(method, dims: QwenVLDims) -> str | None:
     """Why `method` (a `ficoco.methods.base.Method`) cannot run on this Qwen2-VL-family model yet, or None:
     what its image layout lacks of the method's `needs` (a CLS token), a schedule fitted in tokens for one
     span, or a reduction in or after the vision tower (the adapter places only those inside the LLM)."""
     unmet = method.unmet_needs(dims)
     if unmet:
-        return f"{method.name} cannot run on this model: it needs {'; '.join(unmet)}"
+        return f"it needs {'; '.join(unmet)}"
     if method.calibrated:
-        return (f"{method.name} cannot run on {dims.model_type} yet: its schedule is fitted by `ficoco calibrate`, "
-                f"which runs on LLaVA models only so far")
+        return (f"its schedule is fitted by `ficoco calibrate`, which runs on LLaVA models only so far, not yet on "
+                f"{dims.model_type}")
     if method.phase not in ("none", "llm"):
-        return (f"{method.name} cannot run on {dims.model_type} yet: only reductions inside the LLM do so far "
-                f"(issue 19), and it acts in or after the vision tower (phase {method.phase!r})")
+        return (f"only reductions inside the LLM run on {dims.model_type} so far (issue 19), and it acts in or after "
+                f"the vision tower (phase {method.phase!r})")
     return None
+
+
+def qwen_refusal(method, dims: QwenVLDims) -> str | None:
+    """`qwen_cannot_run` as a sentence about the method, or None."""
+    reason = qwen_cannot_run(method, dims)
+    return None if reason is None else f"{method.name} cannot run on {dims.model_type}: {reason}"

@@ -132,20 +132,43 @@ def save_tiny_llava_next(directory) -> str:
 QWEN_VISION_START, QWEN_VISION_END, QWEN_VIDEO = 61, 62, 63
 
 
+QWEN_TOKENS = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+               "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
+
+
+def qwen_tokenizer():
+    """The toy world's word-level tokenizer with Qwen2-VL's image, video and vision start/end tokens."""
+    from transformers import PreTrainedTokenizerFast
+
+    from ficoco.toy.model import build_tokenizer
+
+    toy = build_tokenizer()
+    return PreTrainedTokenizerFast(tokenizer_object=toy.backend_tokenizer, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", unk_token="<unk>", extra_special_tokens=QWEN_TOKENS)
+
+
 def tiny_qwen(model_type: str, *, patch_size: int = 14, window_size: int = 112, llm_layers: int = 4,
-              attention: str = "eager", seed: int = 0):
+              attention: str = "eager", seed: int = 0, tokenizer=None):
     """A random Qwen2-VL ("qwen2_vl": 2 full-attention tower blocks) or Qwen2.5-VL ("qwen2_5_vl": 3 blocks, the
     middle one full, the others windowed) with a Qwen2 LLM of `llm_layers` layers (GQA 4/2 heads), patches
-    merged 2 × 2; the image token is IMAGE. Returns (model, QwenVLDims)."""
+    merged 2 × 2; the image token is IMAGE, or `tokenizer`'s (`qwen_tokenizer()`: its vocabulary and special
+    tokens). Returns (model, QwenVLDims)."""
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
                               Qwen2VLForConditionalGeneration)
 
     from ficoco.qwen_dims import QwenVLDims
 
     torch.manual_seed(seed)
-    text = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=llm_layers,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=BOS,
-                eos_token_id=EOS, pad_token_id=PAD, initializer_range=0.1,
+    ids = dict(vocab_size=64, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, image_token_id=IMAGE,
+               vision_start_token_id=QWEN_VISION_START, vision_end_token_id=QWEN_VISION_END, video_token_id=QWEN_VIDEO)
+    if tokenizer is not None:
+        ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id,
+                   **{f"{name}_id": tokenizer.convert_tokens_to_ids(token) for name, token in QWEN_TOKENS.items()})
+    text = dict(vocab_size=ids["vocab_size"], hidden_size=32, intermediate_size=48, num_hidden_layers=llm_layers,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                bos_token_id=ids["bos_token_id"], eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"],
+                initializer_range=0.1,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]})
     geometry = dict(patch_size=patch_size, spatial_merge_size=2, temporal_patch_size=2, initializer_range=0.1)
     if model_type == "qwen2_vl":
@@ -155,12 +178,33 @@ def tiny_qwen(model_type: str, *, patch_size: int = 14, window_size: int = 112, 
         vision = dict(depth=3, hidden_size=16, intermediate_size=24, num_heads=2, out_hidden_size=32,
                       window_size=window_size, fullatt_block_indexes=[1], **geometry)
         config_class, model_class = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-    config = config_class(vision_config=vision, text_config=text, image_token_id=IMAGE,
-                          vision_start_token_id=QWEN_VISION_START, vision_end_token_id=QWEN_VISION_END,
-                          video_token_id=QWEN_VIDEO)
+    config = config_class(vision_config=vision, text_config=text, image_token_id=ids["image_token_id"],
+                          vision_start_token_id=ids["vision_start_token_id"],
+                          vision_end_token_id=ids["vision_end_token_id"], video_token_id=ids["video_token_id"])
     model = model_class(config).eval()
     model.set_attn_implementation(attention)
     return model, QwenVLDims.from_config(config)
+
+
+def save_tiny_qwen(directory, model_type: str) -> str:
+    """A tiny random Qwen2-VL-family model directory as a hub snapshot holds one (config, weights, image
+    processor, tokenizer) for the toy world's 96 px scenes: 8 px patches merged 2 × 2, so a scene is a 12 × 12
+    patch grid and 36 visual tokens; Qwen2.5-VL's windows are 64 px (4 × 4 merged tokens: four windows a scene).
+    Returns the directory."""
+    from transformers import Qwen2VLImageProcessor
+
+    from ficoco.toy.model import CLIP_MEAN, CLIP_STD
+
+    tokenizer = qwen_tokenizer()
+    model, _ = tiny_qwen(model_type, patch_size=8, window_size=64, llm_layers=3, attention="sdpa", tokenizer=tokenizer)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    image_processor = Qwen2VLImageProcessor(patch_size=8, merge_size=2, temporal_patch_size=2, image_mean=CLIP_MEAN,
+                                            image_std=CLIP_STD)
+    model.save_pretrained(str(directory))
+    image_processor.save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+    return str(directory)
 
 
 def qwen_inputs(dims, image_sizes: list[tuple[int, int]], before=(7, 8), after=(9, 10, 11, 12), seed: int = 1) -> dict:

@@ -153,10 +153,34 @@ def test_a_source_dir_shape_reads_the_copied_models_config(tmp_path):
 
 
 def test_a_source_dir_of_another_model_family_is_refused(tmp_path):
-    registry = mirror_registry(tmp_path, {"model_type": "qwen2_vl"})
+    registry = mirror_registry(tmp_path, {"model_type": "mllama"})
     message = error_of(paper_like(models=["mirror"], methods=["vanilla"], benchmarks=["toy-shapes-mini"],
                                   registries={"models": registry}))
-    assert "mirror.shape" in message and "model_type 'qwen2_vl'" in message and "valid: a source_dir" in message
+    assert "mirror.shape" in message and "model_type 'mllama'" in message and "valid: a source_dir" in message
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl"])
+def test_a_qwen_source_dir_is_planned_on_its_nominal_image_and_refuses_what_cannot_run(tmp_path, model_type):
+    from helpers_tiny import tiny_qwen
+
+    model, dims = tiny_qwen(model_type, patch_size=8, llm_layers=3)
+    registry = mirror_registry(tmp_path, model.config.to_dict())
+    config = validate(paper_like(models=["mirror"], methods=["vanilla", "fastv"], budgets=[1960],
+                                 benchmarks=["toy-shapes-mini"], registries={"models": registry},
+                                 method_params={"fastv": {"layer": 1}}))
+    assert [(job.method, job.budget) for job in job_grid(config)] == [("vanilla", FULL), ("fastv", "1960")]
+    assert model_dims("mirror", yaml.safe_load(Path(registry).read_text())["mirror"]) == dims
+    over = error_of(paper_like(models=["mirror"], methods=["vanilla"], budgets=[3921], benchmarks=["toy-shapes-mini"],
+                               registries={"models": registry}))
+    assert "3921 is above the 3920 visual tokens of model mirror" in over    # 896 x 1120 px in 8 px patches, 2 x 2
+    for method, reason in (("ficoco-v", "it needs a CLS token first in the vision tower"),
+                           ("divprune", f"only reductions inside the LLM run on {model_type} so far")):
+        message = error_of(paper_like(models=["mirror"], methods=["vanilla", method], budgets=[1960],
+                                      benchmarks=["toy-shapes-mini"], registries={"models": registry}))
+        assert f"{method} cannot run on model mirror: {reason}" in message and "fastv" in message, message
+    solved = error_of(paper_like(models=["mirror"], methods=["fastv"], budgets=[{"tflops": 1.0}],
+                                 benchmarks=["toy-shapes-mini"], registries={"models": registry}))
+    assert "costs differently per image size" in solved
 
 
 # ---------------------------------------------------------------------------------------------

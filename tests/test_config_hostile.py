@@ -210,7 +210,7 @@ HOSTILE = [
             ("models.yaml:4", "'toy-llava' is given twice", "valid: each key once"), where="models.yaml",
             files={"models.yaml": "toy-llava:\n  source: toy\n  shape: toy\ntoy-llava:\n  source: hub\n"}),
     Hostile("registry-bad-shape", base("models: [toy-llava]", "registries: {models: REGISTRY}", drop="models"),
-            ("toy-llava.shape", "'toy2'", "valid: llava-1.5-7b, llava-1.5-13b, llava-next-7b, toy, source-dir"),
+            ("toy-llava.shape", "'toy2'", "valid: llava-1.5-7b, llava-1.5-13b, llava-next-7b, qwen2-vl-7b, qwen2.5-vl-7b, toy, source-dir"),
             where="models.yaml",
             files={"models.yaml": "toy-llava:\n  source: toy\n  shape: toy2\n  prompt_template: 'USER: <image>\\n{prompt}'\n"}),
     Hostile("registry-bad-toy-recipe", base("models: [toy-llava]", "registries: {models: REGISTRY}", drop="models"),

@@ -152,7 +152,7 @@ def test_ficoco_flops_prints_a_qwen_images_cost_and_refuses_what_it_cannot_cost(
     assert "--image-size HEIGHT WIDTH: a Qwen2-VL image's cost depends on its size" in capsys.readouterr().err
     assert flops.main(["--shape", "qwen2.5-vl-7b", "--method", "ficoco-v", "--budgets", "600",
                        "--image-size", "800", "600"]) == 2
-    assert "ficoco-v cannot run on this model: it needs a CLS token first" in capsys.readouterr().err
+    assert "ficoco-v cannot run on qwen2_5_vl: it needs a CLS token first" in capsys.readouterr().err
     assert flops.main(["--shape", "qwen2-vl-7b", "--method", "fastv", "--budgets", "600", "400", "--image-size",
                        "1000", "1000", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
@@ -160,3 +160,27 @@ def test_ficoco_flops_prints_a_qwen_images_cost_and_refuses_what_it_cannot_cost(
     # 1,225 of the nominal 1,280 tokens: the image keeps the budget's fraction, 600·1225/1280 = 574.2 and 382.8
     averages = [row["visual_tokens_layer_average"] for row in rows]
     assert averages[0] == 1225 and 573 <= averages[1] <= 574 and 382 <= averages[2] <= 383
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl"])
+def test_the_cost_of_a_runs_counts_is_the_counted_cost_of_its_generate(model_type):
+    """What the pipeline records: `flops.sample_cost` of each row's counts (its image's patch grid from the
+    tower's call inside `generate`) sums to FlopCounterMode's count of the batch's `generate`."""
+    import ficoco
+
+    model, dims = tiny_qwen(model_type, patch_size=4, window_size=16, llm_layers=2)
+    image_size, budget, new_tokens = (40, 56), 8000, 3
+    inputs = qwen_inputs(dims, [image_size, image_size])
+    with ficoco.apply(model, "fastv", budget, layer=1) as handle, torch.no_grad(), \
+            FlopCounterMode(display=False) as counter:
+        model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    rows = handle.last_counts()
+    assert [row["vision_grids"] for row in rows] == [[list(dims.patch_grid(*image_size))]] * 2
+    costs = [flops.sample_cost(dims, row, new_tokens) for row in rows]
+    assert all(row["llm_visual"][1] < row["llm_visual"][0] for row in rows)
+    assert parts(counter)["total"] == sum(cost["total_flops"] + 2 * row["overhead_macs"]
+                                          for cost, row in zip(costs, rows))
+    # the grids must account for the visual tokens delivered
+    wrong = {**rows[0], "vision_grids": [[rows[0]["vision_grids"][0][0], 2]]}
+    with pytest.raises(ValueError, match="vision_grids.*visual tokens delivered"):
+        flops.sample_cost(dims, wrong, new_tokens)

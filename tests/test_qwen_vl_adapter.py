@@ -164,10 +164,10 @@ def test_images_of_two_sizes_in_one_batch_are_refused_for_an_llm_reduction(model
 
 
 @pytest.mark.parametrize("name, overrides, message", [
-    ("ficoco-v", {}, "ficoco-v cannot run on this model: it needs a CLS token first in the vision tower"),
-    ("visionzip", {}, "visionzip cannot run on this model: it needs a CLS token first in the vision tower"),
-    ("divprune", {}, "divprune cannot run on qwen2_vl yet: only reductions inside the LLM do so far"),
-    ("fitprune", {"deletions": [300, 0]}, "fitprune cannot run on qwen2_vl yet: its schedule "
+    ("ficoco-v", {}, "ficoco-v cannot run on qwen2_vl: it needs a CLS token first in the vision tower"),
+    ("visionzip", {}, "visionzip cannot run on qwen2_vl: it needs a CLS token first in the vision tower"),
+    ("divprune", {}, "divprune cannot run on qwen2_vl: only reductions inside the LLM run on qwen2_vl so far"),
+    ("fitprune", {"deletions": [300, 0]}, "fitprune cannot run on qwen2_vl: its schedule "
                                                                "is fitted by `ficoco calibrate`"),
 ])
 def test_what_the_adapter_cannot_place_is_refused_by_name(name, overrides, message):

@@ -13,6 +13,12 @@ from __future__ import annotations
 MODEL_CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
                  "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
 
+# a config's model_type -> the text that stands for one image in its prompts (the processor expands the image
+# token to the image's placeholders): a prompt template's `<image>` becomes it
+QWEN_IMAGE_MARKER = "<|vision_start|><|image_pad|><|vision_end|>"
+IMAGE_MARKERS = {"llava": "<image>", "llava_next": "<image>", "qwen2_vl": QWEN_IMAGE_MARKER,
+                 "qwen2_5_vl": QWEN_IMAGE_MARKER}
+
 
 def model_class(model_type: str):
     """The transformers class to load a model of `model_type` with (ValueError for another family)."""
@@ -49,4 +55,4 @@ def apply(model, method, budget: int | None = None, text_tower=None, **overrides
                     f"{', '.join(MODEL_CLASSES.values())}")
 
 
-__all__ = ["MODEL_CLASSES", "apply", "model_class"]
+__all__ = ["IMAGE_MARKERS", "MODEL_CLASSES", "apply", "model_class"]

@@ -42,6 +42,7 @@ class Call:
         self.instructions: list[list[int]] | None = None   # per image, its row's token ids after the row's last image
         self.image_layouts: list = []                     # per image: LLaVA-NeXT's AnyresLayout (ficoco.dims),
                                                           # Qwen2-VL's span (its visual tokens in the LLM)
+        self.image_grids: list[list[int]] = []            # per image: Qwen2-VL's patch grid [rows, cols]
 
 
 class Handle:

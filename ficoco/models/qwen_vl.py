@@ -64,6 +64,8 @@ class QwenVLHandle(Handle):
         self._span_steps: dict[int, LLMLayerStep | None] = {}      # image span -> the LLM step planned for it
         inner = model.model
         self._parameter_names = list(inspect.signature(type(inner).forward).parameters)[1:]
+        self._encoded_grids: list[list[int]] | None = None   # the tower's latest image grids, until a prefill reads them
+        self._install(lambda: inner.visual.register_forward_pre_hook(self._before_tower, with_kwargs=True))
         self._install(lambda: LlamaPatch(inner.language_model, self.llm_step, self._current_llm_pass))
         self._install(lambda: inner.register_forward_pre_hook(self._before_forward, with_kwargs=True))
         self._install(lambda: inner.register_forward_hook(lambda module, args, output: self._close_call(),
@@ -85,7 +87,8 @@ class QwenVLHandle(Handle):
         valid = None if mask is None or mask.dim() != 2 else mask.bool()
         call.placeholders_per_row = is_image.sum(1).tolist()
         call.pads_per_row = [0] * input_ids.shape[0] if valid is None else (~valid).sum(1).tolist()
-        call.image_layouts = self._image_spans(kwargs)                              # each image's visual tokens
+        call.image_grids = self._image_grids(kwargs)                                # each image's patch grid
+        call.image_layouts = [rows * cols // self.dims.merge_size ** 2 for rows, cols in call.image_grids]
         call.images_per_row = images_per_row(call.placeholders_per_row, call.image_layouts)
         spans = sorted({span for span in call.placeholders_per_row if span})
         step = None
@@ -99,16 +102,31 @@ class QwenVLHandle(Handle):
         self._remember_prefill(call, cache)
         return (), kwargs
 
-    def _image_spans(self, kwargs: dict) -> list[int]:
-        """Each image's visual tokens in the LLM, in order: from `image_grid_thw` (patches / merge²), or from the
-        features `generate` encoded before the prefill (`mm_encoder_outputs["image"]`, one tensor per image)."""
+    def _before_tower(self, module, args, kwargs):
+        """Remember the grids the tower encodes: `generate` encodes the images before the prefill and hands the
+        model their features (`mm_encoder_outputs`) without `image_grid_thw`."""
+        grids = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        self._encoded_grids = None if grids is None else grids.tolist()
+
+    def _image_grids(self, kwargs: dict) -> list[list[int]]:
+        """Each image's patch grid [rows, cols], in order: from `image_grid_thw`, or from the tower's call that
+        encoded the features `generate` hands over (`mm_encoder_outputs["image"]`, one tensor per image)."""
         grids = kwargs.get("image_grid_thw")
-        if grids is not None:
-            if bool((grids[:, 0] != 1).any()):
-                raise ValueError(f"image_grid_thw {grids.tolist()}: an image has one temporal patch; more are a video")
-            return (grids.prod(dim=1) // self.dims.merge_size ** 2).tolist()
         encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
-        return [] if encoded is None else [int(image.shape[0]) for image in encoded.pooler_output]
+        if grids is not None:
+            grids = grids.tolist()
+        elif encoded is not None:
+            grids, self._encoded_grids = self._encoded_grids, None
+            spans = [int(image.shape[0]) for image in encoded.pooler_output]
+            if grids is None or [t * h * w // self.dims.merge_size ** 2 for t, h, w in grids] != spans:
+                raise ValueError(f"{self.dims.model_type}: the encoded images hold {spans} tokens, and the tower's "
+                                 f"last call encoded grids {grids}: encode the images of this prefill with the "
+                                 f"model's own tower")
+        else:
+            return []
+        if any(t != 1 for t, _, _ in grids):
+            raise ValueError(f"image_grid_thw {grids}: an image has one temporal patch; more are a video")
+        return [[rows, cols] for _, rows, cols in grids]
 
     def _span_step(self, span: int) -> LLMLayerStep | None:
         """The LLM step of the method's plan for one image of `span` visual tokens (the nominal budget's kept
@@ -131,14 +149,16 @@ class QwenVLHandle(Handle):
 
     def last_counts(self) -> list[dict]:
         """Per batch row of the most recent prefill: contracts §2 counts (`Handle.last_counts`), with the tower's
-        tokens per block, its images' patches (the tower is not patched: every block runs on every patch)."""
+        tokens per block, its images' patches (the tower is not patched: every block runs on every patch), and
+        `vision_grids`, each image's patch grid (the windows of Qwen2.5-VL's blocks, and so their cost, follow it)."""
         call = self._last_prefill
         if call is None:
             return []
         counts = super().last_counts()
-        for row_counts, spans in zip(counts, layouts_per_row(call.image_layouts, call.images_per_row)):
-            patches = sum(spans) * self.dims.merge_size ** 2
-            row_counts["vision"] = [[patches, patches]] * self.dims.vision_layers if spans else []
+        for row_counts, grids in zip(counts, layouts_per_row(call.image_grids, call.images_per_row)):
+            patches = sum(rows * cols for rows, cols in grids)
+            row_counts["vision"] = [[patches, patches]] * self.dims.vision_layers if grids else []
+            row_counts["vision_grids"] = grids
         return counts
 
     def _decode_inputs(self, kwargs: dict, cache, decode) -> dict:

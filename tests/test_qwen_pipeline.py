@@ -1,0 +1,98 @@
+"""Tiny random Qwen2-VL and Qwen2.5-VL models through the real pipeline (issue 19): fetched by Snakemake from
+local source directories, evaluated unreduced and with FastV and FiCoCo-L (inside the LLM) on toy scenes
+through the model's own image processor and tokenizer, scored, measured on the nominal image, aggregated and
+reported. Every sample's counts come from its image's patch grid, computed here from the image size
+(`QwenVLDims`' smart_resize, checked against transformers' in test_qwen_flops.py), and its cost is the exact
+cost of that image (FlopCounterMode-checked in test_qwen_flops.py)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from ficoco import flops
+from ficoco.dims import dims_from_config
+from helpers_tiny import save_tiny_qwen
+from pipeline import copy_workflow, read_jsonl, snakemake
+
+TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
+MODELS = {"tiny-qwen2": "qwen2_vl", "tiny-qwen25": "qwen2_5_vl"}
+METHODS = ("vanilla", "fastv", "ficoco-l")
+BUDGET = 1960            # half of the tiny models' nominal 896 x 1120 px image: 3,920 tokens of 8 px patches, 2 x 2
+
+
+def tiny_qwen_entry(source_dir) -> dict:
+    return {"source": "hub", "id": "tests/tiny-qwen", "revision": "tiny-v1", "source_dir": str(source_dir),
+            "shape": "source-dir", "dtype": "float32", "image_preprocessing": "none", "prompt_template": TEMPLATE,
+            "text_tokens": 11, "method_params": {"fastv": {"layer": 1}, "ficoco-l": {"start": 1, "window": 1}}}
+
+
+@pytest.fixture(scope="module")
+def qwen_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qwen")
+    repo = copy_workflow(root / "repo")
+    models = yaml.safe_load((repo / "config/models.yaml").read_text())
+    sources = {}
+    for name, model_type in MODELS.items():
+        sources[name] = save_tiny_qwen(root / f"hub-{name}", model_type)
+        models[name] = tiny_qwen_entry(sources[name])
+    (repo / "config/test_models.yaml").write_text(yaml.safe_dump(models))
+    config = {"models": list(MODELS), "methods": list(METHODS), "budgets": [BUDGET], "benchmarks": ["toy-shapes-mini"],
+              "limit": 4, "batch_size": 2, "device": "cpu", "registries": {"models": "config/test_models.yaml"},
+              "measure": {"enabled": True, "methods": list(METHODS), "warmup": 0, "repeats": 1, "new_tokens": 2,
+                          "prompt_tokens": 8},
+              "wandb": {"project": "ficoco-test"}}
+    (repo / "config/qwen.yaml").write_text(yaml.safe_dump(config))
+    result = snakemake(repo, "--cores", "2", "--configfile", "config/qwen.yaml")
+    assert result.returncode == 0, result.stderr[-4000:]
+    return repo, sources
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_a_tiny_qwen_runs_end_to_end_through_snakemake(qwen_run, model):
+    repo, sources = qwen_run
+    manifest = json.loads((repo / f"resources/models/{model}/manifest.json").read_text())
+    assert manifest["source_dir"] == sources[model] and manifest["resolved_revision"] == "tiny-v1"
+    config = json.loads((repo / f"resources/models/{model}/config.json").read_text())
+    assert config["model_type"] == MODELS[model]
+    dims = dims_from_config(config)
+    grid, span = dims.patch_grid(96, 96), dims.image_tokens(96, 96)      # toy scenes are 96 x 96 px
+    assert (grid, span) == ((12, 12), 36)
+
+    runs = repo / f"results/runs/{model}/toy-shapes-mini"
+    # FastV at 1,960 of the nominal 3,920: each 36-token image keeps 18 a layer on average over 3 layers,
+    # pruned after layer 1: 36 + 2k = 3 x 18 -> k = 9. FiCoCo-L from layer 1 (window 1): the same counts.
+    planned = {"vanilla": [36, 36, 36], "fastv": [36, 9, 9], "ficoco-l": [36, 9, 9]}
+    for method, label in (("vanilla", "bfull"), ("fastv", f"b{BUDGET}"), ("ficoco-l", f"b{BUDGET}")):
+        records = read_jsonl(next((runs / method / label).glob("shard*/predictions.jsonl")))
+        assert len(records) == 4 and all(record["error"] is None for record in records), records
+        for record in records:
+            counts = record["counts"]
+            text = counts["llm"][0] - counts["visual_delivered"]
+            assert counts["vision_grids"] == [list(grid)] and counts["visual_delivered"] == span
+            assert counts["vision"] == [[144, 144]] * dims.vision_layers and counts["llm_visual"] == planned[method]
+            expected = flops.qwen_vl_sample_cost(dims, (96, 96), text, record["generated_tokens"],
+                                                 llm_visual=planned[method])
+            for key in ("vision_flops", "projector_flops", "prefill_flops", "decode_flops", "total_flops"):
+                assert record["cost"][key] == pytest.approx(expected[key]), key
+        metrics = json.loads((runs / method / label / "metrics.json").read_text())
+        assert metrics["samples"] == 4 and metrics["visual_tokens"]["layer_average"] == sum(planned[method]) / 3
+    vanilla = json.loads((runs / "vanilla/bfull/metrics.json").read_text())
+    fastv = json.loads((runs / f"fastv/b{BUDGET}/metrics.json").read_text())
+    assert fastv["cost_mean"]["prefill_flops"] < vanilla["cost_mean"]["prefill_flops"]
+    assert fastv["cost_mean"]["vision_flops"] == vanilla["cost_mean"]["vision_flops"]     # the tower runs unreduced
+
+    # measured on the nominal image: 112 x 140 patches, 3,920 tokens; FastV keeps half of them on average
+    measured = json.loads((repo / f"results/measure/{model}/vanilla/bfull.json").read_text())
+    assert measured["image_size"] == [896, 1120] and measured["visual_tokens"] == 3920
+    assert measured["counts"]["vision_grids"] == [[112, 140]] and measured["counts"]["visual_delivered"] == 3920
+    measured = json.loads((repo / f"results/measure/{model}/fastv/b{BUDGET}.json").read_text())
+    assert measured["counts"]["llm_visual"] == measured["plan"]["llm_visual"] == [3920, 980, 980]
+    assert model in (repo / "report/report.html").read_text()
+
+
+def test_nothing_is_left_to_do_after_the_run(qwen_run):
+    repo, _ = qwen_run
+    result = snakemake(repo, "-n", "--cores", "2", "--configfile", "config/qwen.yaml")
+    assert result.returncode == 0 and "Nothing to be done" in result.stdout, result.stdout[-2000:]
