@@ -14,6 +14,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Iterable, Sequence
 
+from ficoco.budget_labels import ImageTokens
+
 
 class InfeasibleBudget(ValueError):
     """A budget that the method cannot reach with its configured schedule (methods.md §2.1)."""
@@ -32,6 +34,18 @@ def span_budget(budget: int, span: int, nominal: int) -> int:
         raise ValueError(f"span_budget: budget {budget} of a nominal {nominal} tokens on a span of {span}: need "
                          f"1 <= budget <= nominal and span >= 1")
     return min(max(round_half_up(budget * span / nominal), 1), span)
+
+
+def image_budget(budget, span: int, nominal: int) -> int | None:
+    """The budget of one image of `span` visual tokens: a budget stated on the nominal image of `nominal`
+    tokens (an int) keeps its fraction (`span_budget`); a per-image count
+    (`ficoco.budget_labels.ImageTokens`) is that count, or None (unreduced: the image is kept whole, no
+    reduction runs) when the image has no more tokens than that."""
+    if isinstance(budget, ImageTokens):
+        if span < 1:
+            raise ValueError(f"image_budget: a span of {span} tokens; need >= 1")
+        return budget.tokens if budget.tokens < span else None
+    return span_budget(budget, span, nominal)
 
 
 def spread(total: int, n: int) -> list[int]:

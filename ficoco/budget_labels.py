@@ -2,7 +2,10 @@
 
     "full"            the unreduced model (vanilla)
     "adaptive"        an adaptive method's one run (it chooses a count per image)
-    "128"             a token budget: average visual tokens per LLM decoder layer
+    "128"             a token budget: average visual tokens per LLM decoder layer (on a model whose images
+                      differ in size, of its nominal image: every image keeps that fraction of its own)
+    "n600"            a token count for every image, whatever its size (Qwen2-VL family): each image keeps
+                      600 visual tokens per LLM layer on average, or all of its own when it has fewer
     "t2.4"            a TFLOPs target under the exact convention (solved per model and method)
     "t1.5-nominal"    a TFLOPs target under the paper's nominal convention
 
@@ -21,10 +24,31 @@ ADAPTIVE = "adaptive"
 TFLOPS_CONVENTIONS = ("exact", "nominal")
 NOMINAL_SUFFIX = "-nominal"
 TFLOPS_PATTERN = r"t(\d+(?:\.\d+)?)(-nominal)?"      # "t2.4", "t1.5-nominal": the target and the convention
+IMAGE_TOKENS_PATTERN = r"n([1-9]\d*)"                 # "n600": 600 tokens for every image
 #: the labels a path part may hold (Snakemake's wildcard constraint for {budget})
-LABEL_PATTERN = r"full|adaptive|[1-9]\d*|" + TFLOPS_PATTERN
-VALID_LABELS = ("'full', 'adaptive', a positive integer, or a TFLOPs target written t<TFLOPs> (exact convention) "
-                "or t<TFLOPs>-nominal, e.g. t2.4")
+LABEL_PATTERN = r"full|adaptive|[1-9]\d*|" + IMAGE_TOKENS_PATTERN + "|" + TFLOPS_PATTERN
+VALID_LABELS = ("'full', 'adaptive', a positive integer, a token count for every image written n<tokens> "
+                "(e.g. n600), or a TFLOPs target written t<TFLOPs> (exact convention) or t<TFLOPs>-nominal, e.g. t2.4")
+
+
+@dataclass(frozen=True)
+class ImageTokens:
+    """A budget of `tokens` visual tokens (average per LLM layer) for every image, whatever its size; an image
+    with fewer keeps all of its own. The paper's "600 / 500 / 400 tokens" on Qwen2-VL. The plain integer budget
+    is the other form: a count on the nominal image, a kept fraction of every other."""
+
+    tokens: int
+
+    def __post_init__(self):
+        if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens < 1:
+            raise ValueError(f"image tokens {self.tokens!r}: valid: an integer >= 1")
+
+    @property
+    def label(self) -> str:
+        return f"n{self.tokens}"
+
+    def describe(self) -> str:
+        return f"{self.tokens} tokens an image"
 
 
 @dataclass(frozen=True)
@@ -74,26 +98,35 @@ def tflops_target(label: str) -> TflopsTarget | None:
     return TflopsTarget(float(match.group(1)), "nominal" if match.group(2) else "exact")
 
 
+def image_tokens(label: str) -> ImageTokens | None:
+    """The per-image count a label names ("n600" -> ImageTokens(600)); None for any other label."""
+    match = re.fullmatch(IMAGE_TOKENS_PATTERN, str(label))
+    return None if match is None else ImageTokens(int(match.group(1)))
+
+
 def is_token_budget(label: str) -> bool:
     """True for a label that is itself a token count ("128")."""
     return str(label).isdigit() and int(label) > 0
 
 
 def sort_key(label: str) -> tuple:
-    """Token budgets largest first, then TFLOPs targets largest first (exact before nominal), then
-    "adaptive", "full" last."""
-    target = tflops_target(label)
+    """Token budgets largest first, then per-image counts largest first, then TFLOPs targets largest first
+    (exact before nominal), then "adaptive", "full" last."""
+    target, per_image = tflops_target(label), image_tokens(label)
     if is_token_budget(label):
         return (0, -int(label), "")
+    if per_image is not None:
+        return (1, -per_image.tokens, "")
     if target is not None:
-        return (1, -target.tflops, target.convention)
-    return (2 if label == ADAPTIVE else 3, 0, "")
+        return (2, -target.tflops, target.convention)
+    return (3 if label == ADAPTIVE else 4, 0, "")
 
 
 def describe(label: str) -> str:
-    """How a report names a budget: "2.4 TFLOPs (exact)" for a TFLOPs label, any other label as is."""
-    target = tflops_target(label)
-    return label if target is None else target.describe()
+    """How a report names a budget: "2.4 TFLOPs (exact)" for a TFLOPs label, "600 tokens an image" for a
+    per-image count, any other label as is."""
+    named = tflops_target(label) or image_tokens(label)
+    return label if named is None else named.describe()
 
 
 def run_label_problem(label: str | None, run_budget: str) -> str | None:

@@ -28,7 +28,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import yaml
 
-from ficoco.budget_labels import ADAPTIVE, FULL, TflopsTarget, sort_key, tflops_target
+from ficoco.budget_labels import ADAPTIVE, FULL, ImageTokens, TflopsTarget, image_tokens, sort_key, tflops_target
 from ficoco.flops import NOMINAL_TEXT_TOKENS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -644,9 +644,12 @@ def _check_names(config: dict, key: str, valid: Iterable[str]) -> None:
 
 def budget_label(budget, visual_tokens: int, model: str) -> str:
     """The grid label of a configured budget: {tflops: t, convention: c} -> "t<t>" (exact) or
-    "t<t>-nominal", solved later per method; any other form -> its token budget as text."""
+    "t<t>-nominal", solved later per method; {image_tokens: n} -> "n<n>"; any other form -> its token
+    budget as text."""
     if isinstance(budget, dict) and "tflops" in budget:
         return TflopsTarget(float(budget["tflops"]), budget.get("convention", "exact")).label
+    if isinstance(budget, dict) and "image_tokens" in budget:
+        return ImageTokens(budget["image_tokens"]).label
     return str(resolve_budget(budget, visual_tokens, model))
 
 
@@ -677,7 +680,7 @@ def method_overrides(config: dict, models: dict, model: str, method: str, budget
         merged.update({k: v for k, v in source.items() if k != "per_budget"})
         if str(budget).isdigit():                  # "full" and "adaptive" take no per-budget overrides
             merged.update(source.get("per_budget", {}).get(int(budget), {}))
-        elif tflops_target(budget) is not None:    # a TFLOPs target's overrides are keyed by its label
+        elif tflops_target(budget) or image_tokens(budget):    # a TFLOPs target's or per-image count's: its label
             merged.update(source.get("per_budget", {}).get(str(budget), {}))
     return merged
 
@@ -736,15 +739,17 @@ def _check_param_value(method, param: str, value: Any, key: list) -> None:
 
 def _check_per_budget_keys(config: dict, labels: list[str]) -> None:
     """A per_budget block only for budgets of the grid (as resolved on the configured models): an
-    integer token budget, or a TFLOPs target's label as a string ("t1.5-nominal")."""
+    integer token budget, or the label of a TFLOPs target ("t1.5-nominal") or of a count for every image
+    ("n600") as a string."""
     valid = ", ".join(sorted(set(labels), key=sort_key))
     for name, params in config["method_params"].items():
         for budget in params.get("per_budget", {}):
             token_key = isinstance(budget, int) and not isinstance(budget, bool) and str(budget) in labels
-            target_key = isinstance(budget, str) and tflops_target(budget) is not None and budget in labels
-            if not (token_key or target_key):
+            label_key = isinstance(budget, str) and (tflops_target(budget) or image_tokens(budget)) is not None \
+                and budget in labels
+            if not (token_key or label_key):
                 raise ConfigError(f"{budget!r} is not a budget of the grid; valid: one of the grid's budgets (an "
-                                  f"integer, or a TFLOPs target's label): {valid}",
+                                  f"integer, or a TFLOPs target's or per-image count's label): {valid}",
                                   ["method_params", name, "per_budget", str(budget)])
 
 
@@ -888,6 +893,16 @@ def _check_budgets(config: dict, models: dict, model_registry: str, method_regis
                                       ["budgets", index])
                 labels.append(budget_label(raw, dims.visual_tokens, model))
                 continue
+            if isinstance(raw, dict) and "image_tokens" in raw:
+                if not isinstance(dims, QwenVLDims):
+                    raise ConfigError(f"{_show(raw)}: a token count for every image runs on Qwen2-VL-family models, "
+                                      f"and model {model} is not one; valid: an integer budget (of its nominal "
+                                      f"{dims.visual_tokens}-token image)", ["budgets", index])
+                if raw["image_tokens"] > dims.visual_tokens:
+                    raise ConfigError(f"{_show(raw)} is above the {dims.visual_tokens} visual tokens of the largest "
+                                      f"image of model {model}; valid: 1..{dims.visual_tokens}", ["budgets", index])
+                labels.append(budget_label(raw, dims.visual_tokens, model))
+                continue
             try:
                 budget = resolve_budget(raw, dims.visual_tokens, model)
             except ValueError as error:
@@ -926,7 +941,8 @@ def _check_budgets(config: dict, models: dict, model_registry: str, method_regis
                     except ValueError as error:
                         raise ConfigError(f"model {model}: {str(error).rstrip('.')}", ["budgets", index]) from None
                     continue
-                budget = int(label)
+                # a count for every image is checked on the nominal (largest) image, which it reduces most
+                budget = image_tokens(label).tokens if image_tokens(label) else int(label)
                 overrides = method_overrides(config, models, model, method, label)
                 try:
                     method_registry.get(method).check_budget(dims, budget, **overrides)

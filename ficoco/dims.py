@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-from ficoco.budget import span_budget
+from ficoco.budget import image_budget, span_budget
+from ficoco.budget_labels import ImageTokens
 
 MODEL_TYPES = ("llava", "llava_next")      # config.model_type values `from_config` reads
 # the methods' phases that reduce each tower pass of a LLaVA-NeXT image alike: in the tower, at its output,
@@ -344,13 +345,13 @@ def passes_plan(method, dims: ModelDims, passes: int, budget: int | None, **over
         **method.llm_schedule(dims.for_image_span(delivered), delivered, llm_budget, params)})
 
 
-def span_plan(method, dims, span: int, budget: int | None, **overrides):
+def span_plan(method, dims, span: int, budget: int | ImageTokens | None, **overrides):
     """`method`'s plan (a `ficoco.contract.Plan`; `method` a `ficoco.methods.base.Method`) for one image span
     of `span` LLM tokens on a model whose spans differ per image (`dims`: LLaVA-NeXT's ModelDims, or
-    ficoco.qwen_dims.QwenVLDims), at the kept fraction the budget `budget` is of the nominal image
-    (`ficoco.budget.span_budget`), planned on `for_image_span` dims. On LLaVA-NeXT its tower part is one
-    pass: `anyres_plan` gives the image's passes."""
-    scaled = None if budget is None else span_budget(budget, span, dims.visual_tokens)
+    ficoco.qwen_dims.QwenVLDims), at the kept fraction the budget `budget` is of the nominal image, or at a
+    per-image count (`ficoco.budget.image_budget`), planned on `for_image_span` dims. On LLaVA-NeXT its tower
+    part is one pass: `anyres_plan` gives the image's passes."""
+    scaled = None if budget is None else image_budget(budget, span, dims.visual_tokens)
     return method.plan(dims.for_image_span(span), scaled, **overrides)
 
 

@@ -23,7 +23,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ficoco.budget_labels import ADAPTIVE, FULL, run_label_problem
+from ficoco.budget_labels import ADAPTIVE, FULL, image_tokens, run_label_problem
 from ficoco.journal import Journal, atomic_write_json, read_jsonl, remove_stale_temporaries, write_jsonl_atomic
 
 
@@ -337,10 +337,13 @@ def _open_journal(journal: Journal, fingerprint, job: dict | None) -> dict:
 
 
 def budget_number(label: str, model_dir: str | Path) -> int | None:
-    """A budget label as a number of visual tokens per LLM layer, for plots: the integer; "full" -> the
-    model's visual tokens per image (unreduced); "adaptive" -> None (a count per sample)."""
+    """A budget label as a number of visual tokens per LLM layer, for plots: the integer; "n600" -> 600 (the
+    count of every image); "full" -> the model's visual tokens per image (of its nominal image: unreduced);
+    "adaptive" -> None (a count per sample)."""
     if label == ADAPTIVE:
         return None
+    if image_tokens(label) is not None:
+        return image_tokens(label).tokens
     if label == FULL:
         from ficoco.dims import dims_from_config
 
@@ -454,8 +457,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibration", help="a calibrated method's fitted parameters (`ficoco calibrate`'s JSON)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    if args.budget not in (FULL, ADAPTIVE) and not args.budget.isdigit():
-        parser.error(f"--budget {args.budget!r}: valid values are 'full', 'adaptive' or a positive integer")
+    if args.budget not in (FULL, ADAPTIVE) and not args.budget.isdigit() and image_tokens(args.budget) is None:
+        parser.error(f"--budget {args.budget!r}: valid values are 'full', 'adaptive', a positive integer or "
+                     f"n<tokens> (a count for every image)")
     problem = run_label_problem(args.budget_label, args.budget)
     if problem:
         parser.error(problem)

@@ -20,7 +20,7 @@ from types import MappingProxyType
 from typing import Sequence
 
 from ficoco.budget import InfeasibleBudget
-from ficoco.budget_labels import TFLOPS_CONVENTIONS, TflopsTarget
+from ficoco.budget_labels import TFLOPS_CONVENTIONS, ImageTokens, TflopsTarget, image_tokens
 from ficoco.contract import Plan
 from ficoco.dims import ModelDims, dims_from_config, image_plan, llava_1_5_dims, llava_next_dims, span_plan, unreduced_plan
 from ficoco.qwen_dims import QwenVLDims, qwen_refusal, qwen_vl_dims
@@ -584,10 +584,11 @@ def qwen_vl_sample_cost(dims: QwenVLDims, image_size: tuple[int, int], text_toke
             "visual_tokens_layer_average": sum(llm_visual) / dims.llm_layers}
 
 
-def qwen_vl_planned_cost(dims: QwenVLDims, method: str, budget: int | None, image_size: tuple[int, int],
+def qwen_vl_planned_cost(dims: QwenVLDims, method: str, budget: int | ImageTokens | None, image_size: tuple[int, int],
                          text_tokens: int = NOMINAL_TEXT_TOKENS, generated_tokens: int = 1, **overrides) -> dict:
     """`qwen_vl_sample_cost` of the counts `method` plans for one image of `image_size` at `budget` (of the
-    nominal 1,280-token image: the image keeps the budget's fraction of its span, as the adapter runs it)."""
+    nominal 1,280-token image: the image keeps the budget's fraction of its span; or `ImageTokens(n)`: n, or
+    its whole span when it has fewer; as the adapter runs it)."""
     from ficoco import methods
 
     if method == "vanilla":
@@ -831,7 +832,7 @@ QWEN_HEADER = ("budget", "image", "resized", "patch grid", "tower tokens", "visu
                "merger GMAC", "prefill TFLOPs", "decode GFLOPs", "total TFLOPs")
 
 
-def qwen_flops_table(dims: QwenVLDims, method: str, budgets: Sequence[int], image_size: tuple[int, int] | None,
+def qwen_flops_table(dims: QwenVLDims, method: str, budgets: Sequence[int | ImageTokens], image_size: tuple[int, int] | None,
                      text_tokens: int, generated: int, overrides: dict | None = None) -> tuple[str, list[dict], list[str]]:
     """(table text, per-row costs, infeasible-budget messages) of one Qwen2-VL / Qwen2.5-VL sample with an image
     of `image_size`: vanilla first, then the method at every budget it can reach (`qwen_vl_planned_cost`)."""
@@ -839,18 +840,19 @@ def qwen_flops_table(dims: QwenVLDims, method: str, budgets: Sequence[int], imag
         raise ValueError("--image-size HEIGHT WIDTH: a Qwen2-VL image's cost depends on its size (dynamic resolution)")
     rows, costs, infeasible = [], [], []
     for name, budget in [("vanilla", None)] + ([(method, budget) for budget in budgets] if method != "vanilla" else []):
+        label = "full" if budget is None else budget.label if isinstance(budget, ImageTokens) else budget
         try:
             cost = qwen_vl_planned_cost(dims, name, budget, image_size, text_tokens, generated, **(overrides or {}))
         except InfeasibleBudget as error:
             infeasible.append(str(error))
             continue
-        rows.append(["full" if budget is None else budget, f"{image_size[0]}x{image_size[1]}",
+        rows.append([label, f"{image_size[0]}x{image_size[1]}",
                      "{}x{}".format(*cost["resized"]), "{}x{}".format(*cost["patch_grid"]), cost["vision_tokens"],
                      cost["visual_tokens"], f"{cost['visual_tokens_layer_average']:.2f}",
                      f"{cost['vision_macs'] / 1e9:.1f}", f"{cost['projector_macs'] / 1e9:.2f}",
                      f"{cost['prefill_flops'] / 1e12:.3f}", f"{cost['decode_flops'] / 1e9:.1f}",
                      f"{cost['total_flops'] / 1e12:.3f}"])
-        costs.append({"method": name, "budget": budget, **cost})
+        costs.append({"method": name, "budget": None if budget is None else label, **cost})
     return _table(QWEN_HEADER, rows), costs, infeasible
 
 
@@ -1007,6 +1009,15 @@ def paper_memory_report(dims: ModelDims) -> str:
     return "\n".join(out)
 
 
+def _budget_argument(text: str) -> int | ImageTokens:
+    """--budgets: a positive integer, or n<tokens> (a count for every image)."""
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    if image_tokens(text) is not None:
+        return image_tokens(text)
+    raise argparse.ArgumentTypeError(f"budget {text!r}: valid: a positive integer, or n<tokens> (e.g. n600)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="ficoco flops",
@@ -1016,7 +1027,9 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--model-config", help="a HF LLaVA, LLaVA-NeXT, Qwen2-VL or Qwen2.5-VL config.json")
     source.add_argument("--shape", choices=SHAPES, help="a published shape (default llava-1.5-7b)")
     parser.add_argument("--method", default="vanilla", help="method name (see `ficoco methods`); default vanilla")
-    parser.add_argument("--budgets", type=int, nargs="*", default=[], help="visual-token budgets, e.g. 192 128 64")
+    parser.add_argument("--budgets", type=_budget_argument, nargs="*", default=[],
+                        help="visual-token budgets, e.g. 192 128 64; on Qwen2-VL also n<tokens>, a count for every "
+                             "image, e.g. n600")
     parser.add_argument("--text-tokens", type=int, default=NOMINAL_TEXT_TOKENS, help="text tokens per prompt (60)")
     parser.add_argument("--generated", type=int, default=1, help="generated tokens per sample (1 = prefill only)")
     parser.add_argument("--overrides", default=None, help="method hyperparameter overrides as a JSON object")
@@ -1034,6 +1047,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         dims = dims_for(args.model_config, args.shape)
         image_size = None if args.image_size is None else tuple(args.image_size)
+        counts = [budget.label for budget in args.budgets if isinstance(budget, ImageTokens)]
+        if counts and not isinstance(dims, QwenVLDims):
+            raise ValueError(f"--budgets {' '.join(counts)}: a count for every image is a Qwen2-VL-family budget; "
+                             f"here give visual tokens (of the nominal image)")
         if isinstance(dims, QwenVLDims):
             table, costs, infeasible = qwen_flops_table(dims, args.method, args.budgets, image_size, args.text_tokens,
                                                         args.generated, _overrides(args.overrides))

@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ficoco.budget_labels import ADAPTIVE, FULL, run_label_problem
+from ficoco.budget_labels import ADAPTIVE, FULL, ImageTokens, image_tokens, run_label_problem
 from ficoco.evaluate import offline_environment
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -254,7 +254,7 @@ def _peak_rss_bytes() -> int:
 def measure(
     model_dir_or_config,
     method: str = "vanilla",
-    budget: int | None = None,
+    budget: int | ImageTokens | None = None,
     overrides: dict | None = None,
     device: str = "auto",
     dtype: str = "float32",
@@ -320,7 +320,7 @@ def measure(
                for key in ("prefill_s", "per_token_s", "end_to_end_s")}
     return {
         "job": {"model": model_name or config_path.parent.name, "method": method,
-                "budget": int(budget) if budget is not None else budget_label(method, None)},
+                "budget": int(budget) if isinstance(budget, int) else budget_label(method, budget)},
         **medians,
         "throughput": batch_size / medians["end_to_end_s"],
         "throughput_unit": "samples/s (one image per sample)",
@@ -366,13 +366,14 @@ def write_json_atomic(data: dict, path: str | os.PathLike) -> None:
 
 
 def _budget(text: str) -> str:
-    """The budget label as given: 'full' ('none'), 'adaptive' or a positive integer (checked against the
+    """The budget label as given: 'full' ('none'), 'adaptive', a positive integer or n<tokens> (checked against the
     method in `main`)."""
     if text == "none":
         return FULL
-    if text in (FULL, ADAPTIVE) or (text.isdigit() and int(text) > 0):
+    if text in (FULL, ADAPTIVE) or (text.isdigit() and int(text) > 0) or image_tokens(text) is not None:
         return text
-    raise argparse.ArgumentTypeError(f"budget {text!r}: valid values are 'full', 'adaptive' or a positive integer")
+    raise argparse.ArgumentTypeError(f"budget {text!r}: valid values are 'full', 'adaptive', a positive integer or "
+                                     f"n<tokens> (a count for every image, Qwen2-VL family)")
 
 
 def _overrides(text: str) -> dict:

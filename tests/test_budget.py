@@ -304,3 +304,14 @@ def test_a_span_keeps_the_nominal_budgets_fraction(budget, span, nominal, expect
 def test_a_span_budget_out_of_range_is_refused(budget, span, nominal):
     with pytest.raises(ValueError, match="need 1 <= budget <= nominal and span >= 1"):
         bud.span_budget(budget, span, nominal)
+
+
+def test_an_images_budget_is_a_fraction_of_the_nominal_or_a_count_for_every_image():
+    from ficoco.budget_labels import ImageTokens
+
+    assert bud.image_budget(640, 64, 1280) == bud.span_budget(640, 64, 1280) == 32      # the kept fraction
+    assert bud.image_budget(ImageTokens(48), 64, 1280) == 48                            # the count
+    assert bud.image_budget(ImageTokens(48), 48, 1280) is None                           # within it: kept whole
+    assert bud.image_budget(ImageTokens(600), 294, 1280) is None
+    with pytest.raises(ValueError, match="a span of 0 tokens"):
+        bud.image_budget(ImageTokens(48), 0, 1280)

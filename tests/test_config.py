@@ -181,6 +181,24 @@ def test_a_qwen_source_dir_is_planned_on_its_nominal_image_and_refuses_what_cann
     solved = error_of(paper_like(models=["mirror"], methods=["fastv"], budgets=[{"tflops": 1.0}],
                                  benchmarks=["toy-shapes-mini"], registries={"models": registry}))
     assert "costs differently per image size" in solved
+    # a count for every image: its own label; checked on the nominal image, where it reduces most
+    counted = validate(paper_like(models=["mirror"], methods=["fastv"], budgets=[{"image_tokens": 2000}, 1960],
+                                  benchmarks=["toy-shapes-mini"], registries={"models": registry},
+                                  method_params={"fastv": {"layer": 1}}))
+    assert [job.budget for job in job_grid(counted)] == ["n2000", "1960"]      # in the order configured
+    above = error_of(paper_like(models=["mirror"], methods=["fastv"], budgets=[{"image_tokens": 3921}],
+                                benchmarks=["toy-shapes-mini"], registries={"models": registry}))
+    assert "{image_tokens: 3921} is above the 3920 visual tokens of the largest image of model mirror" in above
+    unreachable = error_of(paper_like(models=["mirror"], methods=["fastv"], budgets=[{"image_tokens": 1000}],
+                                      benchmarks=["toy-shapes-mini"], registries={"models": registry},
+                                      method_params={"fastv": {"layer": 1}}))
+    assert "1000 for method fastv on model mirror" in unreachable and "infeasible" in unreachable
+
+
+def test_a_count_for_every_image_is_refused_where_images_are_one_size():
+    message = error_of(paper_like(budgets=[{"image_tokens": 64}]))
+    assert "budgets[0]" in message and "a token count for every image runs on Qwen2-VL-family models" in message
+    assert "model llava-1.5-7b is not one; valid: an integer budget (of its nominal 576-token image)" in message
 
 
 # ---------------------------------------------------------------------------------------------

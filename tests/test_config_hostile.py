@@ -147,9 +147,9 @@ HOSTILE = [
     Hostile("bad-parameter-value", base("method_params: {fastv: {layer: -1}}"),
             ("method_params.fastv.layer", "layer=-1", "valid: an integer")),
     Hostile("per-budget-not-in-grid", base("method_params: {fastv: {per_budget: {48: {layer: 2}}}}"),
-            ("method_params.fastv.per_budget.48", "48 is not a budget of the grid", "valid:", "(an integer, or a TFLOPs target's label): 64")),
+            ("method_params.fastv.per_budget.48", "48 is not a budget of the grid", "valid:", "(an integer, or a TFLOPs target's or per-image count's label): 64")),
     Hostile("per-budget-text-key", base("method_params: {fastv: {per_budget: {'64': {layer: 2}}}}"),
-            ("method_params.fastv.per_budget.64", "'64' is not a budget of the grid", "valid:", "(an integer, or a TFLOPs target's label): 64")),
+            ("method_params.fastv.per_budget.64", "'64' is not a budget of the grid", "valid:", "(an integer, or a TFLOPs target's or per-image count's label): 64")),
     Hostile("per-budget-unknown-parameter", base("method_params: {fastv: {per_budget: {64: {layers: 2}}}}"),
             ("method_params.fastv.per_budget.64.layers", "'layers' is not a parameter", "valid: layer")),
 

@@ -1,7 +1,8 @@
 """Tiny random Qwen2-VL and Qwen2.5-VL models through the real pipeline (issue 19): fetched by Snakemake from
 local source directories, evaluated unreduced and with FastV and FiCoCo-L (inside the LLM) on toy scenes
 through the model's own image processor and tokenizer, scored, measured on the nominal image, aggregated and
-reported. Every sample's counts come from its image's patch grid, computed here from the image size
+reported, at a budget of the nominal image and at a token count for every image. Every sample's counts come
+from its image's patch grid, computed here from the image size
 (`QwenVLDims`' smart_resize, checked against transformers' in test_qwen_flops.py), and its cost is the exact
 cost of that image (FlopCounterMode-checked in test_qwen_flops.py)."""
 from __future__ import annotations
@@ -20,6 +21,7 @@ TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
 MODELS = {"tiny-qwen2": "qwen2_vl", "tiny-qwen25": "qwen2_5_vl"}
 METHODS = ("vanilla", "fastv", "ficoco-l")
 BUDGET = 1960            # half of the tiny models' nominal 896 x 1120 px image: 3,920 tokens of 8 px patches, 2 x 2
+PER_IMAGE = 2000         # {image_tokens: 2000}: 2,000 tokens for every image, all of its own for a smaller one
 
 
 def tiny_qwen_entry(source_dir) -> dict:
@@ -38,7 +40,8 @@ def qwen_run(tmp_path_factory):
         sources[name] = save_tiny_qwen(root / f"hub-{name}", model_type)
         models[name] = tiny_qwen_entry(sources[name])
     (repo / "config/test_models.yaml").write_text(yaml.safe_dump(models))
-    config = {"models": list(MODELS), "methods": list(METHODS), "budgets": [BUDGET], "benchmarks": ["toy-shapes-mini"],
+    config = {"models": list(MODELS), "methods": list(METHODS), "budgets": [BUDGET, {"image_tokens": PER_IMAGE}],
+              "benchmarks": ["toy-shapes-mini"],
               "limit": 4, "batch_size": 2, "device": "cpu", "registries": {"models": "config/test_models.yaml"},
               "measure": {"enabled": True, "methods": list(METHODS), "warmup": 0, "repeats": 1, "new_tokens": 2,
                           "prompt_tokens": 8},
@@ -63,21 +66,25 @@ def test_a_tiny_qwen_runs_end_to_end_through_snakemake(qwen_run, model):
     runs = repo / f"results/runs/{model}/toy-shapes-mini"
     # FastV at 1,960 of the nominal 3,920: each 36-token image keeps 18 a layer on average over 3 layers,
     # pruned after layer 1: 36 + 2k = 3 x 18 -> k = 9. FiCoCo-L from layer 1 (window 1): the same counts.
-    planned = {"vanilla": [36, 36, 36], "fastv": [36, 9, 9], "ficoco-l": [36, 9, 9]}
-    for method, label in (("vanilla", "bfull"), ("fastv", f"b{BUDGET}"), ("ficoco-l", f"b{BUDGET}")):
+    # At PER_IMAGE tokens for every image, a 36-token scene has fewer and is kept whole: no reduction runs.
+    planned = {("vanilla", "bfull"): [36, 36, 36], ("fastv", f"b{BUDGET}"): [36, 9, 9],
+               ("ficoco-l", f"b{BUDGET}"): [36, 9, 9], ("fastv", f"bn{PER_IMAGE}"): [36, 36, 36],
+               ("ficoco-l", f"bn{PER_IMAGE}"): [36, 36, 36]}
+    for (method, label), llm_visual in planned.items():
         records = read_jsonl(next((runs / method / label).glob("shard*/predictions.jsonl")))
         assert len(records) == 4 and all(record["error"] is None for record in records), records
         for record in records:
             counts = record["counts"]
             text = counts["llm"][0] - counts["visual_delivered"]
             assert counts["vision_grids"] == [list(grid)] and counts["visual_delivered"] == span
-            assert counts["vision"] == [[144, 144]] * dims.vision_layers and counts["llm_visual"] == planned[method]
+            assert counts["vision"] == [[144, 144]] * dims.vision_layers and counts["llm_visual"] == llm_visual
+            assert (counts["overhead_macs"] > 0) == (llm_visual[-1] < 36)      # a whole image costs no selection
             expected = flops.qwen_vl_sample_cost(dims, (96, 96), text, record["generated_tokens"],
-                                                 llm_visual=planned[method])
+                                                 llm_visual=llm_visual)
             for key in ("vision_flops", "projector_flops", "prefill_flops", "decode_flops", "total_flops"):
                 assert record["cost"][key] == pytest.approx(expected[key]), key
         metrics = json.loads((runs / method / label / "metrics.json").read_text())
-        assert metrics["samples"] == 4 and metrics["visual_tokens"]["layer_average"] == sum(planned[method]) / 3
+        assert metrics["samples"] == 4 and metrics["visual_tokens"]["layer_average"] == sum(llm_visual) / 3
     vanilla = json.loads((runs / "vanilla/bfull/metrics.json").read_text())
     fastv = json.loads((runs / f"fastv/b{BUDGET}/metrics.json").read_text())
     assert fastv["cost_mean"]["prefill_flops"] < vanilla["cost_mean"]["prefill_flops"]
@@ -89,6 +96,10 @@ def test_a_tiny_qwen_runs_end_to_end_through_snakemake(qwen_run, model):
     assert measured["counts"]["vision_grids"] == [[112, 140]] and measured["counts"]["visual_delivered"] == 3920
     measured = json.loads((repo / f"results/measure/{model}/fastv/b{BUDGET}.json").read_text())
     assert measured["counts"]["llm_visual"] == measured["plan"]["llm_visual"] == [3920, 980, 980]
+    # the nominal image has more than PER_IMAGE tokens: 2,000 a layer on average, 3,920 + 2k = 6,000 -> k = 1,040
+    measured = json.loads((repo / f"results/measure/{model}/ficoco-l/bn{PER_IMAGE}.json").read_text())
+    assert measured["job"]["budget"] == f"n{PER_IMAGE}"
+    assert measured["counts"]["llm_visual"] == measured["plan"]["llm_visual"] == [3920, 1040, 1040]
     assert model in (repo / "report/report.html").read_text()
 
 

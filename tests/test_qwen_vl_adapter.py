@@ -73,6 +73,36 @@ def test_each_image_keeps_its_plans_tokens_layer_by_layer(model_and_dims, name, 
     assert counts["llm"] == [inputs["input_ids"].shape[1] - span + visual for visual in counts["llm_visual"]]
 
 
+@pytest.mark.parametrize("name, overrides", [("pdrop", {"boundaries": [0, 2]}), ("pdrop", {"boundaries": [0, 1, 2]}),
+                                             ("ficoco-l", {"start": 0, "window": 1})])
+def test_a_count_for_every_image_keeps_that_many_or_the_whole_smaller_image(model_and_dims, name, overrides):
+    """ImageTokens(48) (reachable on the nominal 1,280-token image from layer 0): the 64-token image keeps 48 a
+    layer on average, as the method plans 48 of 64 tokens; the 32-token image has fewer and keeps every token in
+    every layer (the fraction form would halve both)."""
+    model, dims = model_and_dims
+    for image_size, span in zip(SIZES, (32, 64)):
+        inputs = qwen_inputs(dims, [image_size])
+        with ficoco.apply(model, name, ficoco.ImageTokens(48), **overrides) as handle:
+            logits_of(model, inputs)
+            counts, = handle.last_counts()
+            plan, = handle.row_plans()
+        assert counts["llm_visual"] == list(plan.llm_visual)
+        if span == 32:
+            assert counts["llm_visual"] == [32] * 4
+        else:
+            alone = methods.get(name).plan(dims.for_image_span(64), 48, **overrides)
+            assert counts["llm_visual"] == list(alone.llm_visual) and sum(counts["llm_visual"]) / 4 <= 48
+            assert counts["llm_visual"][-1] < 64
+
+
+def test_a_count_for_every_image_is_refused_on_llava():
+    from helpers_tiny import tiny_llava
+
+    model = tiny_llava()
+    with pytest.raises(ValueError, match="budget n48 .48 tokens an image. runs on Qwen2-VL-family models"):
+        ficoco.apply(model, "fastv", ficoco.ImageTokens(48))
+
+
 def hidden_from(trace, ids):
     """Dropped image positions per reducing layer, from the kept positions the handle traced."""
     dropped, alive = {}, {p for p in range(ids.shape[1]) if ids[0, p] == IMAGE}

@@ -129,10 +129,22 @@ def test_labels_round_trip_as_path_parts(tflops, convention, label):
     assert "e" not in label.removesuffix("-nominal")
 
 
-def test_labels_sort_token_budgets_then_targets_then_adaptive_and_full():
-    labels = ["full", "t1.5-nominal", "64", "adaptive", "t2.4", "192", "t2.4-nominal"]
-    assert sorted(labels, key=sort_key) == ["192", "64", "t2.4", "t2.4-nominal", "t1.5-nominal", "adaptive", "full"]
+def test_labels_sort_token_budgets_then_per_image_counts_then_targets_then_adaptive_and_full():
+    labels = ["full", "t1.5-nominal", "64", "n400", "adaptive", "t2.4", "192", "n600", "t2.4-nominal"]
+    assert sorted(labels, key=sort_key) == ["192", "64", "n600", "n400", "t2.4", "t2.4-nominal", "t1.5-nominal",
+                                            "adaptive", "full"]
     assert describe("t1.5-nominal") == "1.5 TFLOPs (nominal)" and describe("64") == "64"
+    assert describe("n600") == "600 tokens an image"
+
+
+def test_a_per_image_count_is_a_label_of_its_own():
+    from ficoco.budget_labels import ImageTokens, image_tokens
+
+    assert image_tokens("n600") == ImageTokens(600) and ImageTokens(600).label == "n600" and is_label("n600")
+    assert image_tokens("600") is None and image_tokens("n0") is None and not is_label("n0")
+    assert not is_label("n06") and tflops_target("n600") is None
+    with pytest.raises(ValueError, match="image tokens 0: valid: an integer >= 1"):
+        ImageTokens(0)
 
 
 def test_a_job_accepts_a_label_other_than_its_budget_only_for_a_solved_target():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
-from ficoco.budget_labels import ADAPTIVE, FULL, is_label, tflops_target
+from ficoco.budget_labels import ADAPTIVE, FULL, ImageTokens, image_tokens, is_label, tflops_target
 from ficoco.methods import downsample, evit, ficoco_l, ficoco_v, ficoco_v_code, ficoco_vl, tome, vanilla
 from ficoco.methods import dart, fastv, pdrop, sparsevlm
 from ficoco.methods import cdpruner, divprune, fitprune, pooling, prumerge, random_keep, topk_cls, visionzip, vispruner, vscan
@@ -27,11 +27,12 @@ _REGISTRY = MappingProxyType({
 })
 
 
-def budget_from_label(method, label) -> int | None:
+def budget_from_label(method, label) -> int | ImageTokens | None:
     """A grid budget label as `ficoco.apply`'s budget, checked against the method.
 
     "full" -> None (unreduced); "adaptive" -> None (the adaptive reduction of a method with
-    `budgeted=False`); a positive integer -> that budget. ValueError when the label does not fit
+    `budgeted=False`); a positive integer -> that budget; "n600" -> ImageTokens(600) (600 tokens for
+    every image, Qwen2-VL family). ValueError when the label does not fit
     the method: an adaptive method runs only as "adaptive", a budgeted one never does; a TFLOPs
     label ("t2.4") names a target, which the grid solves into a token budget before a job runs.
     """
@@ -40,7 +41,8 @@ def budget_from_label(method, label) -> int | None:
         raise ValueError(f"budget {label!r} is a TFLOPs target; a job runs the token budget the grid solved for it "
                          f"(`ficoco grid` prints it): pass that integer")
     if not is_label(label):
-        raise ValueError(f"budget {label!r}: valid values are '{FULL}', '{ADAPTIVE}' or a positive integer")
+        raise ValueError(f"budget {label!r}: valid values are '{FULL}', '{ADAPTIVE}', a positive integer or n<tokens> "
+                         f"(a count for every image)")
     if not method.budgeted and label != ADAPTIVE:
         raise ValueError(f"{method.name}: an adaptive method takes no budget; its budget label is '{ADAPTIVE}', "
                          f"got {label!r}")
@@ -48,12 +50,16 @@ def budget_from_label(method, label) -> int | None:
         raise ValueError(f"{method.name}: budget label '{ADAPTIVE}' is only for adaptive methods "
                          f"({', '.join(name for name in _REGISTRY if not _REGISTRY[name].budgeted)}); use "
                          f"'{FULL}' or a positive integer")
-    return None if label in (FULL, ADAPTIVE) else int(label)
+    if label in (FULL, ADAPTIVE):
+        return None
+    return image_tokens(label) or int(label)
 
 
-def budget_label(method, budget: int | None) -> str:
-    """The grid label of an API budget: the integer as text; None -> "adaptive" for an adaptive
-    method, else "full"."""
+def budget_label(method, budget: int | ImageTokens | None) -> str:
+    """The grid label of an API budget: the integer as text; a per-image count as "n<tokens>"; None ->
+    "adaptive" for an adaptive method, else "full"."""
+    if isinstance(budget, ImageTokens):
+        return budget.label
     if budget is not None:
         return str(int(budget))
     return FULL if get(method).budgeted else ADAPTIVE

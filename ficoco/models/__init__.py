@@ -31,7 +31,9 @@ def model_class(model_type: str):
 
 
 def apply(model, method, budget: int | None = None, text_tower=None, **overrides):
-    """Install `method` (a `ficoco.methods.base.Method`) at `budget` on `model`; returns the handle.
+    """Install `method` (a `ficoco.methods.base.Method`) at `budget` on `model`; returns the handle. `budget`:
+    visual tokens (of the nominal image where images differ in size), or on Qwen2-VL-family models also
+    `ficoco.budget_labels.ImageTokens(n)`, n for every image.
 
     Adapters never import the method registry or a method's module (tests/test_contract.py):
     `ficoco.apply` resolves a method's name before it gets here. `text_tower`: the CLIP text tower a
@@ -39,6 +41,12 @@ def apply(model, method, budget: int | None = None, text_tower=None, **overrides
     from transformers import (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration,
                               Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration)
 
+    from ficoco.budget_labels import ImageTokens
+
+    qwen = isinstance(model, (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration))
+    if isinstance(budget, ImageTokens) and not qwen:
+        raise ValueError(f"budget {budget.label} ({budget.describe()}) runs on Qwen2-VL-family models; on "
+                         f"{type(model).__name__} give visual tokens of the nominal image (an integer)")
     if isinstance(model, LlavaForConditionalGeneration):
         from ficoco.models.llava import apply_llava
 
@@ -47,7 +55,7 @@ def apply(model, method, budget: int | None = None, text_tower=None, **overrides
         from ficoco.models.llava_next import apply_llava_next
 
         return apply_llava_next(model, method, budget, text_tower=text_tower, **overrides)
-    if isinstance(model, (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)):
+    if qwen:
         from ficoco.models.qwen_vl import apply_qwen_vl
 
         return apply_qwen_vl(model, method, budget, text_tower=text_tower, **overrides)

@@ -16,7 +16,8 @@ length is the kept one, so this adapter passes the decode positions: the unreduc
 the steps so far, plus `rope_deltas`, as the unreduced model numbers them.
 
 Budgets are stated on the nominal image (`QwenVLDims.nominal_grid`, 1,280 LLM tokens): an image keeps the
-budget's fraction of its own span (`ficoco.budget.span_budget`), as on LLaVA-NeXT. One image per prompt,
+budget's fraction of its own span (`ficoco.budget.span_budget`), as on LLaVA-NeXT; or as a count for every
+image (`ImageTokens`, the paper's 600 / 500 / 400), all of its span for an image with fewer. One image per prompt,
 and every image row of a batch with the same span, for an LLM reduction (planned for one span).
 """
 from __future__ import annotations
@@ -24,11 +25,12 @@ from __future__ import annotations
 import inspect
 from typing import TYPE_CHECKING
 
+from ficoco.budget_labels import ImageTokens
 from ficoco.contract import LLMLayerStep, Plan
 from ficoco.dims import span_plan
 from ficoco.models.guard import require_tested_transformers
 from ficoco.models.handle import Handle
-from ficoco.models.llama import LlamaPatch
+from ficoco.models.llama import LLMPass, LlamaPatch
 from ficoco.models.placeholders import images_per_row, layouts_per_row
 from ficoco.qwen_dims import QwenVLDims, qwen_refusal
 
@@ -36,9 +38,12 @@ if TYPE_CHECKING:                    # for annotations only: an adapter never im
     from ficoco.methods.base import Method
 
 
-def apply_qwen_vl(model, method: Method, budget: int | None = None, text_tower=None, **overrides) -> "QwenVLHandle":
-    """Install `method` at `budget` on a Qwen2-VL or Qwen2.5-VL model; returns the handle. Refuses an untested
-    transformers version first (ficoco/models/guard.py), then any method this adapter cannot place."""
+def apply_qwen_vl(model, method: Method, budget: int | ImageTokens | None = None, text_tower=None,
+                  **overrides) -> "QwenVLHandle":
+    """Install `method` at `budget` on a Qwen2-VL or Qwen2.5-VL model; returns the handle. `budget`: visual tokens
+    of the nominal image (each image keeps that fraction of its own), or `ImageTokens(n)`: n for every image (all
+    of its own when it has fewer). Refuses an untested transformers version first (ficoco/models/guard.py), then
+    any method this adapter cannot place."""
     require_tested_transformers()
     if text_tower is not None:
         raise ValueError(f"{method.name}: the Qwen2-VL adapter takes no text tower (no method that reads one runs "
@@ -47,14 +52,15 @@ def apply_qwen_vl(model, method: Method, budget: int | None = None, text_tower=N
     refusal = qwen_refusal(method, dims)
     if refusal:
         raise ValueError(refusal)
-    plan = method.plan(dims, budget, **overrides)
+    plan = span_plan(method, dims, dims.visual_tokens, budget, **overrides)     # the nominal image's
     return QwenVLHandle(model, method, dims, plan, budget, overrides)
 
 
 class QwenVLHandle(Handle):
     """The installed method on a Qwen2-VL-family model: the LLM patch and the hooks that plan each prefill."""
 
-    def __init__(self, model, method: Method, dims: QwenVLDims, plan: Plan, budget: int | None, overrides: dict):
+    def __init__(self, model, method: Method, dims: QwenVLDims, plan: Plan, budget: int | ImageTokens | None,
+                 overrides: dict):
         steps = method.steps(plan)
         if not all(isinstance(step, LLMLayerStep) for step in steps):      # `qwen_refusal` admits LLM methods only
             raise ValueError(f"{method.name}: the Qwen2-VL adapter has no site for {[type(s).__name__ for s in steps]}")
@@ -98,7 +104,10 @@ class QwenVLHandle(Handle):
                                  f"span per batch; this batch's rows hold {call.images_per_row} images of "
                                  f"{spans} tokens: batch images of one size, or one at a time")
             step = self._span_step(spans[0])
-        call.llm = self._prefill_pass(is_image, valid, input_ids.shape[1], step, spans[0] if step else None)
+            if step is None:                  # images within a per-image count: kept whole, no reduction runs
+                call.llm = LLMPass(True, input_ids.shape[1], valid, None, None, reduce=False)
+        if call.llm is None:
+            call.llm = self._prefill_pass(is_image, valid, input_ids.shape[1], step, spans[0] if step else None)
         self._remember_prefill(call, cache)
         return (), kwargs
 
