@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from ficoco.models.guard import OVERRIDE_VARIABLE, TransformersStatus, transformers_status
-from ficoco.models.selfcheck import SelfCheckResult, selfcheck_once
+from ficoco.models.selfcheck import FAMILIES, SelfCheckResult, selfcheck_once
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class DoctorReport:
     accelerators: tuple[str, ...]      # CUDA device names; empty: cpu only
     cpu: str                           # logical CPUs, torch threads, the vector kernels torch dispatches to
     transformers: TransformersStatus
-    selfcheck: SelfCheckResult | None  # None: not run
+    selfchecks: tuple[SelfCheckResult, ...]   # one per adapter family (selfcheck.FAMILIES); empty: not run
     wandb_mode: str
     wandb_mode_source: str
     caches: tuple[CacheDir, ...]
@@ -48,9 +48,11 @@ class DoctorReport:
         found = []
         if not self.transformers.allowed:
             found.append(self.transformers.untested_message())
-        if self.selfcheck is not None and not self.selfcheck.passed:
-            failure = self.selfcheck.first_failure
-            found.append(f"the adapter self-check failed: {failure.line() if failure else 'incomplete'}")
+        for result in self.selfchecks:
+            if not result.passed:
+                failure = result.first_failure
+                found.append(f"the {FAMILIES[result.family]} adapter self-check failed: "
+                             f"{failure.line() if failure else 'incomplete'}")
         found += [f"{cache.name} {cache.path} is not writable: {cache.error}" for cache in self.caches
                   if not cache.writable]
         return found
@@ -71,13 +73,14 @@ class DoctorReport:
             f"cpu: {self.cpu}",
             f"transformers: {status.installed} ({tested}; tested: {', '.join(status.tested_versions)}; {override})",
         ]
-        if self.selfcheck is None:
+        if not self.selfchecks:
             lines.append("adapter self-check: not run")
-        else:
-            verdict = "passed" if self.selfcheck.passed else "FAILED"
-            lines.append(f"adapter self-check: {verdict} ({self.selfcheck.method} on a tiny random LLaVA, "
-                         f"{self.selfcheck.seconds:.1f} s)")
-            lines += [f"  {check.line()}" for check in self.selfcheck.checks]
+        for result in self.selfchecks:
+            family = FAMILIES[result.family]
+            verdict = "passed" if result.passed else "FAILED"
+            lines.append(f"adapter self-check ({family}): {verdict} ({result.method} on a tiny random {family}, "
+                         f"{result.seconds:.1f} s)")
+            lines += [f"  {check.line()}" for check in result.checks]
         lines.append(f"wandb mode: {self.wandb_mode} ({self.wandb_mode_source})")
         for cache in self.caches:
             state = "writable" if cache.writable else f"NOT WRITABLE ({cache.error})"
@@ -88,7 +91,7 @@ class DoctorReport:
 
 
 def diagnose(*, selfcheck: bool = True) -> DoctorReport:
-    """Inspect the environment now. `selfcheck=False` skips the adapter self-check (about a second)."""
+    """Inspect the environment now. `selfcheck=False` skips the adapter self-checks (about a second)."""
     import torch
 
     from ficoco.tracking import effective_mode
@@ -107,7 +110,7 @@ def diagnose(*, selfcheck: bool = True) -> DoctorReport:
         cpu=(f"{os.cpu_count()} logical, torch threads {torch.get_num_threads()}, "
              f"kernels {torch.backends.cpu.get_cpu_capability()}"),
         transformers=status,
-        selfcheck=selfcheck_once(status.installed) if selfcheck else None,
+        selfchecks=tuple(selfcheck_once(status.installed, family) for family in FAMILIES) if selfcheck else (),
         wandb_mode=effective_mode(),
         wandb_mode_source=source,
         caches=tuple(_writable(name, path) for name, path in hf_cache_dirs().items()),

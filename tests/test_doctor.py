@@ -43,7 +43,10 @@ def test_doctor_passes_here_and_prints_every_item(capsys, tmp_path):
     assert lines[2] == "cuda: not available (cpu only)" or lines[2].startswith("cuda: available, ")
     assert re.fullmatch(r"cpu: \d+ logical, torch threads \d+, kernels [A-Z0-9_]+", lines[3]), lines[3]
     assert f"transformers: {transformers.__version__} (tested; tested: 5.23.0, 5.24.0; {VARIABLE}=unset)" in lines
-    assert any(line.startswith("adapter self-check: passed (ficoco-vl") for line in lines)
+    assert any(line.startswith("adapter self-check (LLaVA): passed (ficoco-vl on a tiny random LLaVA") for line in lines)
+    for family in ("Qwen2-VL", "Qwen2.5-VL"):
+        assert any(line.startswith(f"adapter self-check ({family}): passed (ficoco-l on a tiny random {family}")
+                   for line in lines)
     for name in selfcheck.CHECK_NAMES:
         assert f"  {name}: passed" in lines
     assert "wandb mode: offline (WANDB_MODE)" in lines
@@ -91,15 +94,16 @@ def test_untested_transformers_with_override_rests_on_the_selfcheck(capsys, monk
     monkeypatch.setenv(VARIABLE, "1")
     code, out = _run(capsys)
     assert code == 0
-    assert f"(NOT TESTED; tested: 5.23.0, 5.24.0; {VARIABLE}=1)" in out and "adapter self-check: passed" in out
+    assert f"(NOT TESTED; tested: 5.23.0, 5.24.0; {VARIABLE}=1)" in out and "adapter self-check (LLaVA): passed" in out
 
     selfcheck.selfcheck_once.cache_clear()
     monkeypatch.setattr(generic_handle, "cache_of", lambda kwargs: None)   # the 5.24 keyword bug
     code, out = _run(capsys)
     assert code == 1
-    assert "adapter self-check: FAILED" in out
+    assert "adapter self-check (LLaVA): FAILED" in out and "adapter self-check (Qwen2-VL): FAILED" in out
     assert "  decode_keeps_counts: FAILED (expected" in out
-    assert "problem: the adapter self-check failed: decode_keeps_counts" in out
+    assert "problem: the LLaVA adapter self-check failed: decode_keeps_counts" in out
+    assert "problem: the Qwen2.5-VL adapter self-check failed: decode_keeps_counts" in out
 
 
 def test_log_environment_emits_the_lines_and_returns_the_report():

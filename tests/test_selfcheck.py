@@ -86,7 +86,7 @@ def test_override_warns_runs_the_selfcheck_once_and_applies(monkeypatch, caplog,
     monkeypatch.setenv(VARIABLE, "1")
     runs = []
     real = selfcheck.run_selfcheck
-    monkeypatch.setattr(selfcheck, "run_selfcheck", lambda: runs.append(1) or real())
+    monkeypatch.setattr(selfcheck, "run_selfcheck", lambda family: runs.append(family) or real(family))
     ids = torch.tensor([prompt(n_placeholders(model), [10, 11], [12, 13, 14])])
     with caplog.at_level(logging.WARNING, logger="ficoco.models.guard"):
         with _apply(model) as handle, torch.no_grad():
@@ -94,7 +94,7 @@ def test_override_warns_runs_the_selfcheck_once_and_applies(monkeypatch, caplog,
             counts = handle.last_counts()
         _apply(model).remove()                                        # a second apply: the cached result
     assert counts[0]["visual_delivered"] == handle.plan.delivered == 12
-    assert runs == [1]
+    assert runs == ["llava"]
     warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
     assert any("9.9.9" in text and "not a tested version" in text and VARIABLE in text for text in warnings)
     assert any("passed the adapter self-check" in text for text in warnings)
@@ -112,7 +112,7 @@ def test_override_with_a_broken_adapter_refuses_naming_the_failed_check(monkeypa
 
 def test_tested_version_needs_no_selfcheck(monkeypatch, model):
     pretend_transformers_version(monkeypatch, "5.23.0")
-    monkeypatch.setattr(selfcheck, "run_selfcheck", lambda: pytest.fail("self-check run on a tested version"))
+    monkeypatch.setattr(selfcheck, "run_selfcheck", lambda *family: pytest.fail("self-check run on a tested version"))
     with _apply(model) as handle:
         assert handle.plan.delivered == 12
 
@@ -122,3 +122,39 @@ def test_a_bad_override_value_is_refused_naming_it_and_the_valid_ones(monkeypatc
     monkeypatch.setenv(VARIABLE, "yes")
     message = _one_line_error(lambda: _apply(model))
     assert f"{VARIABLE}='yes'" in message and "valid values: 1" in message
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_the_qwen_selfcheck_passes_here_and_detects_decode_steps_taken_for_prefills(monkeypatch, family):
+    result = selfcheck.run_selfcheck(family)
+    assert [check.name for check in result.checks] == list(selfcheck.CHECK_NAMES)
+    assert result.passed, [check.line() for check in result.checks]
+    assert result.family == family and result.method == "ficoco-l"
+    monkeypatch.setattr(generic_handle, "cache_of", lambda kwargs: None)
+    broken = selfcheck.run_selfcheck(family)
+    assert not broken.passed and broken.first_failure.name == "decode_keeps_counts"
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl"])
+def test_an_untested_version_runs_the_self_check_of_the_models_own_class(monkeypatch, model_type):
+    from helpers_tiny import qwen_inputs, tiny_qwen
+
+    pretend_transformers_version(monkeypatch, "9.9.9")
+    monkeypatch.setenv(VARIABLE, "1")
+    runs = []
+    real = selfcheck.run_selfcheck
+    monkeypatch.setattr(selfcheck, "run_selfcheck", lambda family: runs.append(family) or real(family))
+    qwen, dims = tiny_qwen(model_type, llm_layers=2)
+    with ficoco.apply(qwen, "fastv", 700, layer=1) as handle, torch.no_grad():
+        qwen(**qwen_inputs(dims, [(112, 224)]))
+        assert handle.last_counts()[0]["visual_delivered"] == 32
+    assert runs == [model_type]
+    monkeypatch.setattr(generic_handle, "cache_of", lambda kwargs: None)
+    selfcheck.selfcheck_once.cache_clear()
+    message = _one_line_error(lambda: ficoco.apply(qwen, "fastv", 700, layer=1))
+    assert "transformers 9.9.9" in message and "decode_keeps_counts: FAILED" in message
+
+
+def test_an_unknown_selfcheck_family_is_refused_naming_the_valid_ones():
+    with pytest.raises(ValueError, match="self-check family 'gemma'; valid: llava, qwen2_vl, qwen2_5_vl"):
+        selfcheck.run_selfcheck("gemma")

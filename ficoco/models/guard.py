@@ -1,13 +1,14 @@
 """The transformers version guard: the adapter refuses a version it was not tested on.
 
-The LLaVA adapter hooks transformers internals (keyword names, cache objects, the generate loop)
+The adapters hook transformers internals (keyword names, cache objects, the generate loop)
 that change between releases without notice, and a change shows up as wrong token counts, not as
 an error (platform-notes §1.1). So `ficoco.apply` first calls `require_tested_transformers()`:
 
 - installed version in `TESTED_TRANSFORMERS`: proceed;
 - otherwise: RuntimeError (one line: installed version, tested versions, the override variable);
-- with `FICOCO_ALLOW_UNTESTED_TRANSFORMERS=1`: log a warning, run the adapter self-check
-  (ficoco/models/selfcheck.py, once per process per version) and proceed only if every check passes.
+- with `FICOCO_ALLOW_UNTESTED_TRANSFORMERS=1`: log a warning, run the self-check of the model's adapter
+  (ficoco/models/selfcheck.py: LLaVA's, or Qwen2-VL's on each of its model classes; once per process per
+  version and family) and proceed only if every check passes.
 
 Widen `TESTED_TRANSFORMERS` only after the test suite passes on the new version.
 """
@@ -40,7 +41,7 @@ class TransformersStatus:
         return self.tested or self.override
 
     def untested_message(self) -> str:
-        return (f"transformers {self.installed} is not a version the ficoco LLaVA adapter was tested on "
+        return (f"transformers {self.installed} is not a version the ficoco adapters were tested on "
                 f"(tested: {', '.join(self.tested_versions)}); install a tested version (requirements/lock.txt) "
                 f"or set {OVERRIDE_VARIABLE}=1 to proceed after the adapter self-check")
 
@@ -61,8 +62,9 @@ def transformers_status() -> TransformersStatus:
     return TransformersStatus(transformers.__version__, TESTED_TRANSFORMERS, override_set())
 
 
-def require_tested_transformers() -> None:
-    """Return when the adapter may run on the installed transformers; raise RuntimeError (one line) if not."""
+def require_tested_transformers(family: str = "llava") -> None:
+    """Return when the adapter of `family` (a key of `selfcheck.FAMILIES`: the self-check run on an untested
+    version) may run on the installed transformers; raise RuntimeError (one line) if not."""
     from ficoco.models.selfcheck import selfcheck_once
 
     status = transformers_status()
@@ -72,7 +74,7 @@ def require_tested_transformers() -> None:
         raise RuntimeError(status.untested_message())
     log.warning("transformers %s is not a tested version (tested: %s); %s=1 is set, so the adapter self-check "
                 "decides", status.installed, ", ".join(status.tested_versions), OVERRIDE_VARIABLE)
-    result = selfcheck_once(status.installed)
+    result = selfcheck_once(status.installed, family)
     failure = result.first_failure
     if failure is not None or not result.passed:
         detail = failure.line() if failure is not None else f"only {len(result.checks)} checks ran"

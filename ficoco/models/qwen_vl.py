@@ -44,7 +44,13 @@ def apply_qwen_vl(model, method: Method, budget: int | ImageTokens | None = None
     of the nominal image (each image keeps that fraction of its own), or `ImageTokens(n)`: n for every image (all
     of its own when it has fewer). Refuses an untested transformers version first (ficoco/models/guard.py), then
     any method this adapter cannot place."""
-    require_tested_transformers()
+    require_tested_transformers(model.config.model_type)
+    return install_qwen_vl(model, method, budget, text_tower=text_tower, **overrides)
+
+
+def install_qwen_vl(model, method: Method, budget: int | ImageTokens | None = None, text_tower=None,
+                    **overrides) -> "QwenVLHandle":
+    """`apply_qwen_vl` without the version guard: for the self-check, which is what the guard runs."""
     if text_tower is not None:
         raise ValueError(f"{method.name}: the Qwen2-VL adapter takes no text tower (no method that reads one runs "
                          f"on Qwen2-VL yet)")

@@ -1,10 +1,13 @@
-"""The adapter self-check: does the LLaVA adapter still count, cache and batch correctly here?
+"""The adapter self-check: does an adapter still count, cache and batch correctly here?
 
-The adapter hooks transformers internals (platform-notes §3, §4) that change between releases
+The adapters hook transformers internals (platform-notes §3, §4) that change between releases
 without notice (5.24 renamed `LlavaModel.forward`'s cache keyword, and decode steps were silently
-taken for prefills). `run_selfcheck()` exercises every path a job relies on, on a tiny seeded random
-LLaVA built in memory (no download, CPU, about a second), with FiCoCo-VL reducing in the vision tower
-*and* in the LLM:
+taken for prefills). `run_selfcheck(family)` exercises every path a job relies on, on a tiny seeded random
+model of that family built in memory (no download, CPU, about a second):
+
+- "llava" (the LLaVA and LLaVA-NeXT adapters): FiCoCo-VL reducing in the vision tower *and* in the LLM;
+- "qwen2_vl", "qwen2_5_vl" (the Qwen2-VL adapter on each model class): FiCoCo-L reducing inside the LLM
+  at half of every image, images given by `image_grid_thw`, M-RoPE positions, rows left-padded;
 
 | check                   | what must hold                                                                 |
 |-------------------------|--------------------------------------------------------------------------------|
@@ -35,6 +38,14 @@ METHOD, BUDGET, OVERRIDES = "ficoco-vl", 6, {"v_start": 1, "l_start": 1, "l_wind
 NEW_TOKENS = 3
 PROMPTS = ((_BOS, 10, 11, *[_IMAGE] * _PLACEHOLDERS, 12, 13, 14),
            (_BOS, 17, *[_IMAGE] * _PLACEHOLDERS, 18, 19, 20, 21, 22))
+# Qwen: 4 px patches merged 2 x 2, a 32 x 48 px image -> an 8 x 12 patch grid, 24 visual tokens between the vision
+# start / end markers; FiCoCo-L from LLM layer 1 at half the nominal image, so every image keeps half of its own
+FAMILIES = {"llava": "LLaVA", "qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL"}    # key -> name in reports
+_QWEN_START, _QWEN_END, _QWEN_VIDEO, _QWEN_GRID = 61, 62, 63, (8, 12)
+_QWEN_SPAN = _QWEN_GRID[0] * _QWEN_GRID[1] // 4
+QWEN_METHOD, QWEN_OVERRIDES = "ficoco-l", {"start": 1, "window": 1}
+QWEN_PROMPTS = ((7, 8, _QWEN_START, *[_IMAGE] * _QWEN_SPAN, _QWEN_END, 9, 10, 11),
+                (7, _QWEN_START, *[_IMAGE] * _QWEN_SPAN, _QWEN_END, 9, 10, 11, 12, 13))
 CHECK_NAMES = ("prefill_counts", "decode_keeps_counts", "kv_cache_lengths", "batch_equals_alone",
                "remove_restores_model")
 
@@ -60,6 +71,7 @@ class SelfCheckResult:
     method: str
     checks: tuple[Check, ...]
     seconds: float
+    family: str = "llava"
 
     @property
     def passed(self) -> bool:
@@ -71,14 +83,18 @@ class SelfCheckResult:
 
 
 @functools.lru_cache(maxsize=None)
-def selfcheck_once(transformers_version: str) -> SelfCheckResult:
-    """`run_selfcheck()`, once per process per transformers version (the argument is the cache key)."""
-    return run_selfcheck()
+def selfcheck_once(transformers_version: str, family: str = "llava") -> SelfCheckResult:
+    """`run_selfcheck(family)`, once per process per transformers version and family (the cache key)."""
+    return run_selfcheck(family)
 
 
-def run_selfcheck() -> SelfCheckResult:
-    """Run every check on a fresh tiny model; stops at the first step that raises (a failed check)."""
+def run_selfcheck(family: str = "llava") -> SelfCheckResult:
+    """Run every check on a fresh tiny model of `family` (one of FAMILIES); stops at the first step that raises
+    (a failed check)."""
+    if family not in FAMILIES:
+        raise ValueError(f"self-check family {family!r}; valid: {', '.join(FAMILIES)}")
     import ficoco.models.llava  # noqa: F401 - imported before the clock starts; `seconds` times the checks
+    import ficoco.models.qwen_vl  # noqa: F401
 
     start = time.perf_counter()
     checks: list[Check] = []
@@ -89,7 +105,10 @@ def run_selfcheck() -> SelfCheckResult:
     torch.set_num_threads(1)
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad(), torch.device("cpu"):
-            _run_checks(checks)
+            if family == "llava":
+                _run_checks(checks)
+            else:
+                _run_qwen_checks(checks, family)
     except Exception as error:  # noqa: BLE001 - any failure of the adapter is a failed check
         step = CHECK_NAMES[len(checks)] if len(checks) < len(CHECK_NAMES) else "cleanup"
         checks.append(Check(step, False, "runs without an exception", _one_line(f"{type(error).__name__}: {error}")))
@@ -97,7 +116,8 @@ def run_selfcheck() -> SelfCheckResult:
         torch.set_num_threads(threads)
     import transformers  # here: importing a model class may replace the module object in sys.modules
 
-    return SelfCheckResult(transformers.__version__, METHOD, tuple(checks), time.perf_counter() - start)
+    return SelfCheckResult(transformers.__version__, METHOD if family == "llava" else QWEN_METHOD, tuple(checks),
+                           time.perf_counter() - start, family)
 
 
 def _run_checks(checks: list[Check]) -> None:
@@ -157,6 +177,103 @@ def _run_checks(checks: list[Check]) -> None:
                                           f"{_max_diff(logits, reference_logits)}, tokens {tokens.tolist()} vs "
                                           f"{reference_tokens.tolist()}")
     checks.append(Check("remove_restores_model", same, "bit-identical logits and tokens", found))
+
+
+def _run_qwen_checks(checks: list[Check], model_type: str) -> None:
+    """The checks of `_run_checks` on a tiny Qwen2-VL-family model of `model_type`, FiCoCo-L inside its LLM; the
+    expected counts are the method's plan for the image's span (`ficoco.dims.span_plan`), made without the model."""
+    from ficoco import methods
+    from ficoco.dims import span_plan
+    from ficoco.models.qwen_vl import install_qwen_vl
+    from ficoco.qwen_dims import QwenVLDims
+
+    model = tiny_qwen(model_type)
+    dims = QwenVLDims.from_config(model.config)
+    budget = dims.visual_tokens // 2
+    generator = torch.Generator().manual_seed(1)
+    patches = _QWEN_GRID[0] * _QWEN_GRID[1]
+    pixels = [torch.randn(patches, dims.patch_features, generator=generator) for _ in QWEN_PROMPTS]
+
+    def inputs(prompts, rows):
+        ids, mask = _left_padded(prompts)
+        return {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": (ids == _IMAGE).int(),
+                "pixel_values": torch.cat([pixels[row] for row in rows]),
+                "image_grid_thw": torch.tensor([[1, *_QWEN_GRID]] * len(rows))}
+
+    def generate(batch):
+        return model.generate(**batch, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                              return_dict_in_generate=True)
+
+    first = inputs(QWEN_PROMPTS[:1], [0])
+    reference_logits, reference_tokens = model(**first).logits, generate(first).sequences
+    handle = install_qwen_vl(model, methods.get(QWEN_METHOD), budget, **QWEN_OVERRIDES)
+    try:
+        # (1) a prefill records exactly the planned schedule of its image's span
+        plan = span_plan(methods.get(QWEN_METHOD), dims, _QWEN_SPAN, budget, **QWEN_OVERRIDES)
+        model(**first)
+        prefill = handle.last_counts()
+        text = len(QWEN_PROMPTS[0]) - _QWEN_SPAN
+        expected = [{"vision": [[patches, patches]] * dims.vision_layers, "vision_grids": [list(_QWEN_GRID)],
+                     "visual_delivered": _QWEN_SPAN, "llm": [text + visual for visual in plan.llm_visual],
+                     "llm_visual": list(plan.llm_visual)}]
+        checks.append(_compare("prefill_counts", expected, [{key: counts.get(key) for key in expected[0]}
+                                                            for counts in prefill]))
+        # (2) decode steps are not taken for prefills; `generate` encodes the image before the prefill
+        out = generate(first)
+        checks.append(_compare("decode_keeps_counts", prefill, handle.last_counts()))
+        # (3) the cache holds each layer's reduced prompt plus one entry per decode step
+        decode_steps = out.sequences.shape[1] - first["input_ids"].shape[1] - 1
+        cache = _cache_in(out)
+        lengths = [cache.get_seq_length(layer) for layer in range(len(prefill[0]["llm"]))]
+        checks.append(_compare("kv_cache_lengths", [n + decode_steps for n in prefill[0]["llm"]], lengths))
+        # (4) left padding changes nothing: each row's tokens and counts equal the prompt alone
+        batch = inputs(QWEN_PROMPTS, [0, 1])
+        batched = generate(batch)
+        batched_counts = handle.last_counts()
+        alone_tokens, alone_counts = [], []
+        for row, tokens in enumerate(QWEN_PROMPTS):
+            alone_tokens.append(generate(inputs([tokens], [row])).sequences[0, len(tokens):].tolist())
+            alone_counts.append(handle.last_counts()[0])
+        checks.append(_compare("batch_equals_alone", {"tokens": alone_tokens, "counts": alone_counts},
+                               {"tokens": batched.sequences[:, batch["input_ids"].shape[1]:].tolist(),
+                                "counts": batched_counts}))
+    finally:
+        handle.remove()
+    # (5) removal restores the model exactly
+    logits, tokens = model(**first).logits, generate(first).sequences
+    same = bool(torch.equal(logits, reference_logits)) and torch.equal(tokens, reference_tokens)
+    found = "bit-identical" if same else (f"logits max |diff| {_max_diff(logits, reference_logits)}, tokens "
+                                          f"{tokens.tolist()} vs {reference_tokens.tolist()}")
+    checks.append(Check("remove_restores_model", same, "bit-identical logits and tokens", found))
+
+
+def tiny_qwen(model_type: str):
+    """A seeded random Qwen2-VL ("qwen2_vl": 2 tower blocks) or Qwen2.5-VL ("qwen2_5_vl": 3 blocks, the middle one
+    full, the others in 16 px windows) with a 4-layer Qwen2 LLM (vocab 64), float32, SDPA, eval; the geometry of
+    the test suite's tiny models (tests/helpers_tiny.py) with 4 px patches."""
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
+                              Qwen2VLForConditionalGeneration)
+
+    text = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=512, bos_token_id=_BOS, eos_token_id=_EOS,
+                pad_token_id=_PAD, initializer_range=0.1,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]})
+    geometry = dict(patch_size=4, spatial_merge_size=2, temporal_patch_size=2, initializer_range=0.1)
+    if model_type == "qwen2_vl":
+        vision = dict(depth=2, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, **geometry)
+        config_class, model_class = Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    else:
+        vision = dict(depth=3, hidden_size=16, intermediate_size=24, num_heads=2, out_hidden_size=32, window_size=16,
+                      fullatt_block_indexes=[1], **geometry)
+        config_class, model_class = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    config = config_class(vision_config=vision, text_config=text, image_token_id=_IMAGE,
+                          vision_start_token_id=_QWEN_START, vision_end_token_id=_QWEN_END,
+                          video_token_id=_QWEN_VIDEO)
+    torch.manual_seed(0)
+    model = model_class(config).to(torch.float32).eval()
+    model.set_attn_implementation("sdpa")
+    model.generation_config.pad_token_id = _PAD
+    return model
 
 
 def tiny_llava():
