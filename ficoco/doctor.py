@@ -17,7 +17,7 @@ import platform
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from ficoco.models.guard import OVERRIDE_VARIABLE, TransformersStatus, transformers_status
 from ficoco.models.selfcheck import FAMILIES, SelfCheckResult, selfcheck_once
@@ -90,8 +90,9 @@ class DoctorReport:
         return lines
 
 
-def diagnose(*, selfcheck: bool = True) -> DoctorReport:
-    """Inspect the environment now. `selfcheck=False` skips the adapter self-checks (about a second)."""
+def diagnose(*, selfcheck: bool = True, families: Sequence[str] = tuple(FAMILIES)) -> DoctorReport:
+    """Inspect the environment now, with the adapter self-checks of `families` (default: every family; keys of
+    `selfcheck.FAMILIES`). `selfcheck=False` skips them (about a second)."""
     import torch
 
     from ficoco.tracking import effective_mode
@@ -110,16 +111,18 @@ def diagnose(*, selfcheck: bool = True) -> DoctorReport:
         cpu=(f"{os.cpu_count()} logical, torch threads {torch.get_num_threads()}, "
              f"kernels {torch.backends.cpu.get_cpu_capability()}"),
         transformers=status,
-        selfchecks=tuple(selfcheck_once(status.installed, family) for family in FAMILIES) if selfcheck else (),
+        selfchecks=tuple(selfcheck_once(status.installed, family) for family in families) if selfcheck else (),
         wandb_mode=effective_mode(),
         wandb_mode_source=source,
         caches=tuple(_writable(name, path) for name, path in hf_cache_dirs().items()),
     )
 
 
-def log_environment(emit: Callable[[str], object] = print, *, selfcheck: bool = True) -> DoctorReport:
-    """Write the doctor's lines through `emit` (e.g. `print` or `logging.getLogger(...).info`); returns the report."""
-    report = diagnose(selfcheck=selfcheck)
+def log_environment(emit: Callable[[str], object] = print, *, selfcheck: bool = True,
+                    families: Sequence[str] = tuple(FAMILIES)) -> DoctorReport:
+    """Write the doctor's lines through `emit` (e.g. `print` or `logging.getLogger(...).info`); returns the report.
+    `families`: whose adapter self-checks run (a job: its model's)."""
+    report = diagnose(selfcheck=selfcheck, families=families)
     for line in report.lines():
         emit(line)
     return report

@@ -491,9 +491,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.pop("WANDB_SERVICE", None)
     offline_environment()                       # before the doctor's self-check imports transformers
     from ficoco.doctor import log_environment
+    from ficoco.models.selfcheck import FAMILY_OF_MODEL_TYPE
 
-    # the environment first in every job's log: versions, devices, the adapter self-check, W&B mode
-    log_environment(lambda line: print(f"ficoco doctor: {line}", file=sys.stderr, flush=True))
+    # the environment first in every job's log: versions, devices, the self-check of the model's adapter, W&B mode
+    model_type = json.loads((Path(args.model_dir) / "config.json").read_text()).get("model_type", "llava")
+    log_environment(lambda line: print(f"ficoco doctor: {line}", file=sys.stderr, flush=True),
+                    families=(FAMILY_OF_MODEL_TYPE.get(model_type, "llava"),))
     try:
         evaluate_shard(model_dir=args.model_dir, benchmark_dir=args.benchmark_dir, benchmark=args.benchmark,
                        method=args.method, budget=args.budget, out=args.out, shard=args.shard, shards=args.shards,

@@ -22,7 +22,8 @@ from typing import Sequence
 from ficoco.budget import InfeasibleBudget
 from ficoco.budget_labels import TFLOPS_CONVENTIONS, ImageTokens, TflopsTarget, image_tokens
 from ficoco.contract import Plan
-from ficoco.dims import ModelDims, dims_from_config, image_plan, llava_1_5_dims, llava_next_dims, span_plan, unreduced_plan
+from ficoco.dims import (ModelDims, dims_from_config, image_plan, llava_1_5_dims, llava_next_dims, span_plan,
+                         unreduced_plan)
 from ficoco.qwen_dims import QwenVLDims, qwen_refusal, qwen_vl_dims
 
 # Bytes per stored value for weights and the KV cache. Read-only so no module state can change.
@@ -551,7 +552,8 @@ def qwen_vision_and_merger_macs(dims: QwenVLDims, counts: dict) -> tuple[int, in
         raise ValueError(f"counts['vision'] = {counts['vision']!r}: valid: [{patches}, {patches}] (every patch) for "
                          f"each of the {dims.vision_layers} tower blocks" + ("" if grids else ", none without an image"))
     patch_embed = patches * dims.patch_features * dims.vision_hidden           # the Conv3d, one output per patch
-    vision_layers = sum(qwen_vision_layer_macs(dims, [span for grid in grids for span in dims.attention_spans(grid, layer)])
+    vision_layers = sum(qwen_vision_layer_macs(dims, [span for grid in grids
+                                                      for span in dims.attention_spans(grid, layer)])
                         for layer in range(dims.vision_layers))
     return patch_embed, vision_layers, qwen_merger_macs(dims, counts["visual_delivered"])
 
@@ -832,8 +834,9 @@ QWEN_HEADER = ("budget", "image", "resized", "patch grid", "tower tokens", "visu
                "merger GMAC", "prefill TFLOPs", "decode GFLOPs", "total TFLOPs")
 
 
-def qwen_flops_table(dims: QwenVLDims, method: str, budgets: Sequence[int | ImageTokens], image_size: tuple[int, int] | None,
-                     text_tokens: int, generated: int, overrides: dict | None = None) -> tuple[str, list[dict], list[str]]:
+def qwen_flops_table(dims: QwenVLDims, method: str, budgets: Sequence[int | ImageTokens],
+                     image_size: tuple[int, int] | None, text_tokens: int, generated: int,
+                     overrides: dict | None = None) -> tuple[str, list[dict], list[str]]:
     """(table text, per-row costs, infeasible-budget messages) of one Qwen2-VL / Qwen2.5-VL sample with an image
     of `image_size`: vanilla first, then the method at every budget it can reach (`qwen_vl_planned_cost`)."""
     if image_size is None:

@@ -245,5 +245,7 @@ def test_every_evaluate_log_starts_with_the_environment(golden):
         head = head[1:]
         assert head[0].startswith("ficoco doctor: python: "), (log, head[:3])
         assert any(line.startswith("ficoco doctor: transformers: ") and "(tested;" in line for line in head), log
-        assert "ficoco doctor: adapter self-check: passed" in " ".join(head), log
+        # the self-check of the job's model's adapter only (the toy model is a LLaVA)
+        assert "ficoco doctor: adapter self-check (LLaVA): passed" in " ".join(head), log
+        assert "Qwen2-VL" not in " ".join(head), log
         assert "ficoco doctor: wandb mode: offline" in " ".join(head), log

@@ -143,7 +143,8 @@ def test_bad_budget_names_the_value_and_the_valid_choices(tmp_path):
     data = metrics_json(MODEL, "gqa", "fastv", 64, 50.0)
     data["job"]["budget"] = "half"
     path = write_run(tmp_path, data)
-    with pytest.raises(ValueError, match=r"'half'.*valid: 'full', 'adaptive', a positive integer, or a TFLOPs target"):
+    with pytest.raises(ValueError, match=r"'half'.*valid: 'full', 'adaptive', a positive integer, a token count for "
+                                         r"every image written n<tokens> \(e.g. n600\), or a TFLOPs target"):
         build_summary([path], [])
 
 

@@ -242,10 +242,7 @@ class Handle:
 
     def _span_llm_step(self, plan: Plan, where: str) -> LLMLayerStep | None:
         """The LLM step of `plan`, planned for one image span (`where`, in words), which must reduce on the
-        layers installed (those of the nominal image's plan); None for a plan that leaves the image whole (an
-        image within a per-image count, `ficoco.budget.image_budget`)."""
-        if plan.budget is None:
-            return None
+        layers installed (those of the nominal image's plan)."""
         steps = [step for step in self.method.steps(plan) if isinstance(step, LLMLayerStep)]
         step, installed = (steps[0] if steps else None), self.llm_step
         if (step is None) != (installed is None) or step is not None and (

@@ -76,7 +76,7 @@ class QwenVLHandle(Handle):
         self._span_steps: dict[int, LLMLayerStep | None] = {}      # image span -> the LLM step planned for it
         inner = model.model
         self._parameter_names = list(inspect.signature(type(inner).forward).parameters)[1:]
-        self._encoded_grids: list[list[int]] | None = None   # the tower's latest image grids, until a prefill reads them
+        self._encoded_grids: list[list[int]] | None = None   # the tower's latest grids, until a prefill reads them
         self._install(lambda: inner.visual.register_forward_pre_hook(self._before_tower, with_kwargs=True))
         self._install(lambda: LlamaPatch(inner.language_model, self.llm_step, self._current_llm_pass))
         self._install(lambda: inner.register_forward_pre_hook(self._before_forward, with_kwargs=True))
@@ -109,9 +109,10 @@ class QwenVLHandle(Handle):
                 raise ValueError(f"{self.method.name}: an LLM reduction is planned for one image per prompt and one "
                                  f"span per batch; this batch's rows hold {call.images_per_row} images of "
                                  f"{spans} tokens: batch images of one size, or one at a time")
-            step = self._span_step(spans[0])
-            if step is None:                  # images within a per-image count: kept whole, no reduction runs
+            if self._kept_whole(spans[0]):    # images within a per-image count: no reduction runs on them
                 call.llm = LLMPass(True, input_ids.shape[1], valid, None, None, reduce=False)
+            else:
+                step = self._span_step(spans[0])
         if call.llm is None:
             call.llm = self._prefill_pass(is_image, valid, input_ids.shape[1], step, spans[0] if step else None)
         self._remember_prefill(call, cache)
@@ -142,6 +143,11 @@ class QwenVLHandle(Handle):
         if any(t != 1 for t, _, _ in grids):
             raise ValueError(f"image_grid_thw {grids}: an image has one temporal patch; more are a video")
         return [[rows, cols] for _, rows, cols in grids]
+
+    def _kept_whole(self, span: int) -> bool:
+        """Whether an image of `span` tokens is within a per-image count (`ImageTokens`), so kept whole: its plan
+        is the unreduced one (`ficoco.budget.image_budget`)."""
+        return isinstance(self.budget, ImageTokens) and self.budget.tokens >= span
 
     def _span_step(self, span: int) -> LLMLayerStep | None:
         """The LLM step of the method's plan for one image of `span` visual tokens (the nominal budget's kept

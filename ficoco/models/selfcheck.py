@@ -41,6 +41,8 @@ PROMPTS = ((_BOS, 10, 11, *[_IMAGE] * _PLACEHOLDERS, 12, 13, 14),
 # Qwen: 4 px patches merged 2 x 2, a 32 x 48 px image -> an 8 x 12 patch grid, 24 visual tokens between the vision
 # start / end markers; FiCoCo-L from LLM layer 1 at half the nominal image, so every image keeps half of its own
 FAMILIES = {"llava": "LLaVA", "qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL"}    # key -> name in reports
+# a config's model_type -> the self-check of its adapter (LLaVA-NeXT's adapter is checked with LLaVA's)
+FAMILY_OF_MODEL_TYPE = {"llava": "llava", "llava_next": "llava", "qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl"}
 _QWEN_START, _QWEN_END, _QWEN_VIDEO, _QWEN_GRID = 61, 62, 63, (8, 12)
 _QWEN_SPAN = _QWEN_GRID[0] * _QWEN_GRID[1] // 4
 QWEN_METHOD, QWEN_OVERRIDES = "ficoco-l", {"start": 1, "window": 1}

@@ -34,8 +34,8 @@ PAPER_MODELS = {"llava-1.5-7b": "LLaVA-1.5-7B", "llava-1.5-13b": "LLaVA-1.5-13B"
                 "qwen2-vl-7b": "Qwen2-VL-7B"}
 
 # Per paper model, our budget (average visual tokens per LLM layer; LLaVA-NeXT: of its nominal 2,880-token
-# image, docs/flops.md) -> the paper's nominal TFLOPs label (issue #3), or its token label (Qwen2-VL). The 13B rows share one unstated
-# budget ("13B budget"), so reduced 13B runs find no paper cell.
+# image, docs/flops.md) -> the paper's nominal TFLOPs label (issue #3), or its token label (Qwen2-VL: our
+# per-image counts). The 13B rows share one unstated budget ("13B budget"), so reduced 13B runs find no paper cell.
 PAPER_BUDGET_LABELS = {
     "LLaVA-1.5-7B": {"full": "vanilla", "192": "3.3T", "128": "2.4T", "64": "1.5T"},
     "LLaVA-1.5-13B": {"full": "vanilla"},
