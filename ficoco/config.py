@@ -860,20 +860,21 @@ def _check_needs(config: dict, models: dict, model_registry: str, method_registr
                                   f"text tower of the vision tower's checkpoint, and {model} has none; valid: a model "
                                   f"with a text_tower in {model_registry} (a toy model: recipe staged)",
                                   ["methods", index])
-            refusal = cannot_run(method_registry.get(method), dims)
+            refusal = cannot_run(method_registry.get(method), dims,
+                                 **method_overrides(config, models, model, method, FULL))
             if refusal:
                 runnable = [name for name in method_registry.names() if not cannot_run(method_registry.get(name), dims)]
                 raise ConfigError(f"{method} cannot run on model {model}: {refusal}; valid: the methods this model "
                                   f"can run ({', '.join(runnable)}), or another model", ["methods", index])
 
 
-def cannot_run(method, dims) -> str | None:
-    """Why `method` cannot run on a model of shape `dims` (what its image layout lacks; on the Qwen2-VL family
-    also what the adapter cannot place yet, `qwen_refusal`), or None."""
+def cannot_run(method, dims, **overrides) -> str | None:
+    """Why `method` (with these parameters) cannot run on a model of shape `dims` (what its image layout lacks; on
+    the Qwen2-VL family also what the adapter cannot place yet, `qwen_cannot_run`), or None."""
     from ficoco.qwen_dims import QwenVLDims, qwen_cannot_run
 
     if isinstance(dims, QwenVLDims):
-        return qwen_cannot_run(method, dims)
+        return qwen_cannot_run(method, dims, **overrides)
     unmet = method.unmet_needs(dims)
     return f"it needs {'; '.join(unmet)}" if unmet else None
 

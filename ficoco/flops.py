@@ -595,7 +595,7 @@ def qwen_vl_planned_cost(dims: QwenVLDims, method: str, budget: int | ImageToken
 
     if method == "vanilla":
         return qwen_vl_sample_cost(dims, image_size, text_tokens, generated_tokens)
-    refusal = qwen_refusal(methods.get(method), dims)
+    refusal = qwen_refusal(methods.get(method), dims, **overrides)
     if refusal:
         raise ValueError(refusal)
     plan = span_plan(methods.get(method), dims, dims.image_tokens(*image_size), budget, **overrides)

@@ -215,23 +215,30 @@ def qwen_vl_dims(shape: str) -> QwenVLDims:
     raise ValueError(f"shape {shape!r}: valid Qwen shapes are ['qwen2-vl-7b', 'qwen2.5-vl-7b']")
 
 
-def qwen_cannot_run(method, dims: QwenVLDims) -> str | None:
-    """Why `method` (a `ficoco.methods.base.Method`) cannot run on this Qwen2-VL-family model yet, or None:
-    what its image layout lacks of the method's `needs` (a CLS token), a schedule fitted in tokens for one
-    span, or a reduction in or after the vision tower (the adapter places only those inside the LLM)."""
+def qwen_cannot_run(method, dims: QwenVLDims, **overrides) -> str | None:
+    """Why `method` (a `ficoco.methods.base.Method`) with these parameters cannot run on this Qwen2-VL-family model
+    yet, or None: what its image layout lacks of the method's `needs` (a CLS token), a schedule fitted in tokens
+    for one span, or a reduction in or after the vision tower (the adapter places only those inside the LLM; a
+    method of another phase runs when its parameters put every step there, e.g. DivPrune's
+    positions="original", at the input of LLM layer 0)."""
+    from ficoco.contract import LLMLayerStep
+
     unmet = method.unmet_needs(dims)
     if unmet:
         return f"it needs {'; '.join(unmet)}"
     if method.calibrated:
         return (f"its schedule is fitted by `ficoco calibrate`, which runs on LLaVA models only so far, not yet on "
                 f"{dims.model_type}")
-    if method.phase not in ("none", "llm"):
-        return (f"only reductions inside the LLM run on {dims.model_type} so far (issue 19), and it acts in or after "
-                f"the vision tower (phase {method.phase!r})")
-    return None
+    if method.phase in ("none", "llm"):
+        return None
+    steps = method.steps(method.plan(dims, dims.visual_tokens // 2, **overrides))    # where its steps act
+    if steps and all(isinstance(step, LLMLayerStep) for step in steps):
+        return None
+    return (f"only reductions inside the LLM run on {dims.model_type} so far (issue 19), and with these parameters "
+            f"it acts in or after the vision tower (phase {method.phase!r})")
 
 
-def qwen_refusal(method, dims: QwenVLDims) -> str | None:
+def qwen_refusal(method, dims: QwenVLDims, **overrides) -> str | None:
     """`qwen_cannot_run` as a sentence about the method, or None."""
-    reason = qwen_cannot_run(method, dims)
+    reason = qwen_cannot_run(method, dims, **overrides)
     return None if reason is None else f"{method.name} cannot run on {dims.model_type}: {reason}"

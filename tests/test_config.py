@@ -178,6 +178,9 @@ def test_a_qwen_source_dir_is_planned_on_its_nominal_image_and_refuses_what_cann
         message = error_of(paper_like(models=["mirror"], methods=["vanilla", method], budgets=[1960],
                                       benchmarks=["toy-shapes-mini"], registries={"models": registry}))
         assert f"{method} cannot run on model mirror: {reason}" in message and "fastv" in message, message
+    # DivPrune with its official positions acts at the input of LLM layer 0, which the Qwen adapter places
+    validate(paper_like(models=["mirror"], methods=["divprune"], budgets=[1960], benchmarks=["toy-shapes-mini"],
+                        registries={"models": registry}, method_params={"divprune": {"positions": "original"}}))
     solved = error_of(paper_like(models=["mirror"], methods=["fastv"], budgets=[{"tflops": 1.0}],
                                  benchmarks=["toy-shapes-mini"], registries={"models": registry}))
     assert "costs differently per image size" in solved

@@ -105,7 +105,8 @@ def test_generate_matches_prefill_plus_decode(model_type):
 
 
 @pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl"])
-@pytest.mark.parametrize("name, overrides", [("fastv", {"layer": 1}), ("pdrop", {"boundaries": [0, 1]})])
+@pytest.mark.parametrize("name, overrides", [("fastv", {"layer": 1}), ("pdrop", {"boundaries": [0, 1]}),
+                                             ("divprune", {"positions": "original"})])
 def test_a_reduced_forward_matches_its_planned_cost(model_type, name, overrides):
     import ficoco
 

@@ -26,7 +26,8 @@ SIZES = [(112, 224), (224, 224)]                      # 8 × 16 and 16 × 16 pat
 BUDGET = 640                                          # of the nominal 1,280 tokens: half of every image
 CASES = [("fastv", {"layer": 1}), ("dart", {"layer": 1}), ("pdrop", {"boundaries": [1, 2, 3]}),
          ("pdrop", {"boundaries": [0, 2]}),                                     # the cache is reduced from layer 0
-         ("ficoco-l", {"start": 0, "window": 2}), ("sparsevlm", {"layers": [0, 2], "keeps": [8, 4]})]
+         ("ficoco-l", {"start": 0, "window": 2}), ("sparsevlm", {"layers": [0, 2], "keeps": [8, 4]}),
+         ("divprune", {"positions": "original"})]                             # at the input of layer 0
 MASKABLE = [case for case in CASES if case[0] not in ("ficoco-l", "sparsevlm")]   # no recycling merge
 
 

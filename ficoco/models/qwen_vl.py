@@ -55,7 +55,7 @@ def install_qwen_vl(model, method: Method, budget: int | ImageTokens | None = No
         raise ValueError(f"{method.name}: the Qwen2-VL adapter takes no text tower (no method that reads one runs "
                          f"on Qwen2-VL yet)")
     dims = QwenVLDims.from_config(model.config)
-    refusal = qwen_refusal(method, dims)
+    refusal = qwen_refusal(method, dims, **overrides)
     if refusal:
         raise ValueError(refusal)
     plan = span_plan(method, dims, dims.visual_tokens, budget, **overrides)     # the nominal image's
