@@ -48,10 +48,10 @@ def fit_fitprune(model, prompts: list[dict], budget: int, epsilon: float, progre
 
     import ficoco
     from ficoco.budget import InfeasibleBudget, layer_average
-    from ficoco.dims import ModelDims
+    from ficoco.dims import dims_from_config
     from ficoco.methods import fitprune
 
-    dims = ModelDims.from_config(model.config)
+    dims = dims_from_config(model.config)
     n_layers, n0 = dims.llm_layers, dims.visual_tokens
     bisections = math.ceil(math.log2(1 / epsilon))                # trials after α = 1
     bar = tqdm(total=len(prompts) * (2 + bisections),
@@ -158,7 +158,7 @@ def calibrate(*, model_dir, benchmark_dir, benchmark_module: str, method: str, b
     from ficoco import methods as method_registry
     from ficoco.benchmarks.fetch import load_local
     from ficoco.benchmarks.rows import check_row
-    from ficoco.dims import ModelDims
+    from ficoco.dims import dims_from_config
     from ficoco.evaluate import Generator, load_model, pick_device
     from ficoco.fingerprint import library_versions, read_manifest
 
@@ -192,7 +192,7 @@ def calibrate(*, model_dir, benchmark_dir, benchmark_module: str, method: str, b
     prompts = [generator.inputs([row]) for row in chosen]
     start = time.perf_counter()
     fit = fit_fitprune(model, prompts, budget, params["epsilon"], progress=progress)
-    registered.plan(ModelDims.from_config(model.config), budget,
+    registered.plan(dims_from_config(model.config), budget,
                     **{**(overrides or {}), "deletions": fit.deletions})             # the fit plans, or fails here
     artifact = {
         "method": method, "budget": budget, "params": {k: v for k, v in params.items() if k not in FITTED},

@@ -217,8 +217,8 @@ def qwen_vl_dims(shape: str) -> QwenVLDims:
 
 def qwen_cannot_run(method, dims: QwenVLDims, **overrides) -> str | None:
     """Why `method` (a `ficoco.methods.base.Method`) with these parameters cannot run on this Qwen2-VL-family model
-    yet, or None: what its image layout lacks of the method's `needs` (a CLS token), a schedule fitted in tokens
-    for one span, or a reduction in or after the vision tower (the adapter places only those inside the LLM; a
+    yet, or None: what its image layout lacks of the method's `needs` (a CLS token), or a reduction in or after the
+    vision tower (the adapter places only those inside the LLM; a
     method of another phase runs when its parameters put every step there, e.g. DivPrune's
     positions="original", at the input of LLM layer 0)."""
     from ficoco.contract import LLMLayerStep
@@ -226,9 +226,6 @@ def qwen_cannot_run(method, dims: QwenVLDims, **overrides) -> str | None:
     unmet = method.unmet_needs(dims)
     if unmet:
         return f"it needs {'; '.join(unmet)}"
-    if method.calibrated:
-        return (f"its schedule is fitted by `ficoco calibrate`, which runs on LLaVA models only so far, not yet on "
-                f"{dims.model_type}")
     if method.phase in ("none", "llm"):
         return None
     steps = method.steps(method.plan(dims, dims.visual_tokens // 2, **overrides))    # where its steps act

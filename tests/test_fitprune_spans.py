@@ -59,3 +59,24 @@ def test_the_fit_on_two_spans_meets_the_budget_on_each(model):
         assert sum(counts["llm_visual"]) / 4 <= span_budget(budget, span, NOMINAL)
         deleting = [layer for layer, deleted in enumerate(fit.deletions) if deleted]
         assert [layer for layer in range(3) if counts["llm_mlp"][layer] < counts["llm"][layer]] == deleting
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl"])
+def test_the_fit_on_qwen_images_of_two_sizes_meets_the_budget_on_each(model_type):
+    """On Qwen2-VL-family models (dynamic resolution) as on LLaVA-NeXT: fitted on prompts of 32- and 64-token images
+    for a budget of the nominal 1,280-token image, each image then keeps at most its share of the budget."""
+    from helpers_tiny import qwen_inputs, tiny_qwen
+
+    model, dims = tiny_qwen(model_type, attention="eager")
+    sizes, budget = [(112, 224), (224, 224)], 640                   # 8 x 16 and 16 x 16 patches: 32 and 64 tokens
+    fit = fit_fitprune(model, [qwen_inputs(dims, [size], seed=seed) for seed, size in enumerate(sizes * 2)], budget,
+                       0.05, progress=False)
+    assert fit.layer_average <= budget and fit.deletions[-1] == 0
+    for size, span in zip(sizes, (32, 64)):
+        with ficoco.apply(model, "fitprune", budget, deletions=fit.deletions) as handle, torch.no_grad():
+            model(**qwen_inputs(dims, [size]))
+            counts, = handle.last_counts()
+            row_plan, = handle.row_plans()
+        assert counts["llm_visual"] == list(row_plan.llm_visual) and counts["llm_visual"][0] == span
+        assert sum(counts["llm_visual"]) / 4 <= span_budget(budget, span, 1280)
+        assert counts["llm_visual"][-1] < span

@@ -107,3 +107,30 @@ def test_nothing_is_left_to_do_after_the_run(qwen_run):
     repo, _ = qwen_run
     result = snakemake(repo, "-n", "--cores", "2", "--configfile", "config/qwen.yaml")
     assert result.returncode == 0 and "Nothing to be done" in result.stdout, result.stdout[-2000:]
+
+
+def test_fitprune_is_fitted_and_run_on_a_tiny_qwen_through_snakemake(qwen_run):
+    """The calibrate rule fits FitPrune's schedule on the copied Qwen2-VL (toy training scenes, 36 tokens each, so
+    each prompt's deletions count 3,920 / 36 times for the nominal image), and the evaluate and measure jobs run
+    each image with that schedule scaled to its span, within its share of the budget."""
+    from ficoco.budget import span_budget
+
+    repo, _ = qwen_run
+    config = yaml.safe_load((repo / "config/qwen.yaml").read_text())
+    config.update(models=["tiny-qwen2"], methods=["vanilla", "fitprune"], budgets=[BUDGET],
+                  calibration={"benchmark": "toy-shapes-train", "rows": 3})
+    config["measure"]["methods"] = ["fitprune"]
+    (repo / "config/qwen-fitprune.yaml").write_text(yaml.safe_dump(config))
+    result = snakemake(repo, "--cores", "2", "--configfile", "config/qwen-fitprune.yaml")
+    assert result.returncode == 0, result.stderr[-4000:]
+    fit = json.loads((repo / f"results/calibration/tiny-qwen2/fitprune/b{BUDGET}.json").read_text())["fit"]
+    assert fit["layer_average"] <= BUDGET and fit["deletions"][-1] == 0
+    records = read_jsonl(next((repo / f"results/runs/tiny-qwen2/toy-shapes-mini/fitprune/b{BUDGET}")
+                              .glob("shard*/predictions.jsonl")))
+    assert len(records) == 4 and all(record["error"] is None for record in records)
+    for record in records:
+        visual = record["counts"]["llm_visual"]
+        assert visual[0] == 36 and sum(visual) / len(visual) <= span_budget(BUDGET, 36, 3920) == 18
+    measured = json.loads((repo / f"results/measure/tiny-qwen2/fitprune/b{BUDGET}.json").read_text())
+    assert measured["counts"]["llm_visual"] == measured["plan"]["llm_visual"]
+    assert sum(measured["plan"]["llm_visual"]) / 3 <= BUDGET

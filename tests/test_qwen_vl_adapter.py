@@ -198,8 +198,7 @@ def test_images_of_two_sizes_in_one_batch_are_refused_for_an_llm_reduction(model
     ("ficoco-v", {}, "ficoco-v cannot run on qwen2_vl: it needs a CLS token first in the vision tower"),
     ("visionzip", {}, "visionzip cannot run on qwen2_vl: it needs a CLS token first in the vision tower"),
     ("divprune", {}, "divprune cannot run on qwen2_vl: only reductions inside the LLM run on qwen2_vl so far"),
-    ("fitprune", {"deletions": [300, 0]}, "fitprune cannot run on qwen2_vl: its schedule "
-                                                               "is fitted by `ficoco calibrate`"),
+    ("cdpruner", {}, "cdpruner cannot run on qwen2_vl: only reductions inside the LLM run on qwen2_vl so far"),
 ])
 def test_what_the_adapter_cannot_place_is_refused_by_name(name, overrides, message):
     model, _ = tiny_qwen("qwen2_vl", llm_layers=2)
