@@ -888,10 +888,11 @@ def _check_budgets(config: dict, models: dict, model_registry: str, method_regis
         for index, raw in enumerate(config["budgets"]):
             if isinstance(raw, dict) and "tflops" in raw:       # solved per method below
                 if dims.image_grid_pinpoints or isinstance(dims, QwenVLDims):
+                    example = ("or {image_tokens: n}, n tokens for every image" if isinstance(dims, QwenVLDims)
+                               else "on LLaVA-NeXT-7B 160 is the paper's 2.9 TFLOPs")
                     raise ConfigError(f"{_show(raw)}: a TFLOPs target is solved for one image shape, and model {model} "
                                       f"costs differently per image size; valid: a token budget of its nominal "
-                                      f"{dims.visual_tokens}-token image (on LLaVA-NeXT-7B 160 is the paper's 2.9 TFLOPs)",
-                                      ["budgets", index])
+                                      f"{dims.visual_tokens}-token image ({example})", ["budgets", index])
                 labels.append(budget_label(raw, dims.visual_tokens, model))
                 continue
             if isinstance(raw, dict) and "image_tokens" in raw:

@@ -491,12 +491,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.pop("WANDB_SERVICE", None)
     offline_environment()                       # before the doctor's self-check imports transformers
     from ficoco.doctor import log_environment
-    from ficoco.models.selfcheck import FAMILY_OF_MODEL_TYPE
+    from ficoco.models.selfcheck import FAMILIES, FAMILY_OF_MODEL_TYPE
 
-    # the environment first in every job's log: versions, devices, the self-check of the model's adapter, W&B mode
-    model_type = json.loads((Path(args.model_dir) / "config.json").read_text()).get("model_type", "llava")
-    log_environment(lambda line: print(f"ficoco doctor: {line}", file=sys.stderr, flush=True),
-                    families=(FAMILY_OF_MODEL_TYPE.get(model_type, "llava"),))
+    # the environment first in every job's log: versions, devices, the self-check of the model's adapter (every
+    # family's when its config cannot be read here; loading the model then says why), W&B mode
+    config_path = Path(args.model_dir) / "config.json"
+    model_type = json.loads(config_path.read_text()).get("model_type", "llava") if config_path.is_file() else None
+    families = (FAMILY_OF_MODEL_TYPE[model_type],) if model_type in FAMILY_OF_MODEL_TYPE else tuple(FAMILIES)
+    log_environment(lambda line: print(f"ficoco doctor: {line}", file=sys.stderr, flush=True), families=families)
     try:
         evaluate_shard(model_dir=args.model_dir, benchmark_dir=args.benchmark_dir, benchmark=args.benchmark,
                        method=args.method, budget=args.budget, out=args.out, shard=args.shard, shards=args.shards,
