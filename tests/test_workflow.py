@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from ficoco import methods
-from ficoco.config import grid_names, job_grid, load_and_validate
+from ficoco.config import grid_names, job_grid, load_and_validate, load_registries, method_overrides
 from pipeline import copy_workflow
 
 
@@ -73,6 +73,22 @@ def test_the_paper_grid_holds_the_v4_llava_next_grid():
         *((method, budget) for method in ("ficoco-v", "ficoco-l", "pdrop", "sparsevlm") for budget in ("320", "160"))}
     assert {job.benchmark for job in next_jobs} == {"mmbench", "scienceqa_img", "scienceqa_full", "textvqa", "mmmu"}
     assert {job.budget for job in jobs if job.model == "llava-1.5-7b" and job.method == "ficoco-v"} == {"192", "128", "64"}
+
+
+def test_the_paper_grid_holds_the_v4_qwen2_vl_grid_and_the_same_on_qwen2_5_vl():
+    """Issue 19: Table 3's Qwen2-VL-7B jobs at 600 / 500 / 400 tokens for every image (labels n600 ...), and the
+    same grid on Qwen2.5-VL-7B; SparseVLM with its keeps for each label."""
+    config = load_and_validate("config/paper.yaml")
+    jobs = job_grid(config)
+    for model in ("qwen2-vl-7b", "qwen2.5-vl-7b"):
+        qwen_jobs = [job for job in jobs if job.model == model]
+        assert {(job.method, job.budget) for job in qwen_jobs} == {
+            ("vanilla", "full"), *((method, f"n{tokens}") for method in ("ficoco-l", "sparsevlm")
+                                   for tokens in (600, 500, 400))}
+        assert {job.benchmark for job in qwen_jobs} == {"mmbench", "pope", "textvqa"}
+        assert all(job.run_budget == job.budget for job in qwen_jobs)
+        keeps = method_overrides(config, load_registries(config)[0], model, "sparsevlm", "n400")["keeps"]
+        assert keeps == [636, 290, 163]
 
 
 def test_slurm_profile_gives_gpus_to_gpu_jobs_only(repo_copy):
