@@ -9,7 +9,8 @@ image's placeholders, patch grid / merge² of them (`Qwen2VLProcessor.replace_im
 
 Image sizes are held to the model's nominal limits: `min_pixels` and `max_pixels` of its `QwenVLDims` (at most
 1,280 LLM tokens an image, the Qwen2-VL model card's recommended setting), whatever the directory's
-preprocessor_config.json says (the hub's allow 16,384).
+preprocessor_config.json says (the hub's allow 16,384): they are passed with every call, and every image's patch
+grid must be the one `QwenVLDims.patch_grid` predicts from its size, or the job fails (InvariantViolation).
 """
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ class QwenVLImageTextProcessor:
     """`processor(images=..., text=..., return_tensors="pt", padding=True)` as a Qwen2-VL processor answers for
     images: input_ids, attention_mask, mm_token_type_ids, pixel_values (patches, C·T·p·p), image_grid_thw."""
 
-    def __init__(self, image_processor, tokenizer):
-        self.image_processor, self.tokenizer = image_processor, tokenizer
+    def __init__(self, image_processor, tokenizer, dims):
+        self.image_processor, self.tokenizer, self.dims = image_processor, tokenizer, dims
         self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
@@ -33,21 +34,29 @@ class QwenVLImageTextProcessor:
         refuses an image processor whose patch geometry is not the model's (`dims`, a `QwenVLDims`)."""
         from transformers import AutoImageProcessor, AutoTokenizer
 
-        image_processor = AutoImageProcessor.from_pretrained(
-            model_dir, local_files_only=True, size={"shortest_edge": dims.min_pixels, "longest_edge": dims.max_pixels})
+        image_processor = AutoImageProcessor.from_pretrained(model_dir, local_files_only=True)
         geometry = (image_processor.patch_size, image_processor.merge_size, image_processor.temporal_patch_size)
         expected = (dims.patch_size, dims.merge_size, dims.temporal_patch_size)
         if geometry != expected:
             raise ValueError(f"{model_dir}: the image processor's (patch_size, merge_size, temporal_patch_size) = "
                              f"{geometry}; the model's are {expected}")
-        return cls(image_processor, AutoTokenizer.from_pretrained(model_dir, local_files_only=True))
+        return cls(image_processor, AutoTokenizer.from_pretrained(model_dir, local_files_only=True), dims)
 
     def __call__(self, images=None, text=(), return_tensors: str = "pt", padding: bool = True):
         from transformers import BatchFeature
 
+        from ficoco.invariants import InvariantViolation
+
         texts, features = list(text), {}
         if images is not None:
-            features = dict(self.image_processor(images=images, return_tensors=return_tensors))
+            size = {"shortest_edge": self.dims.min_pixels, "longest_edge": self.dims.max_pixels}
+            features = dict(self.image_processor(images=images, size=size, return_tensors=return_tensors))
+            grids = [grid[1:] for grid in features["image_grid_thw"].tolist()]
+            expected = [list(self.dims.patch_grid(image.height, image.width)) for image in images]
+            if grids != expected:
+                raise InvariantViolation(f"the image processor gave patch grids {grids} for images of (height, width) "
+                                         f"{[(image.height, image.width) for image in images]}; the model's "
+                                         f"dimensions give {expected} (QwenVLDims.patch_grid)")
             merge = self.image_processor.merge_size
             placeholders = iter((features["image_grid_thw"].prod(-1) // merge ** 2).tolist())
             images_in_texts = sum(prompt.count(self.image_token) for prompt in texts)
