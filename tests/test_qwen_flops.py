@@ -185,3 +185,23 @@ def test_the_cost_of_a_runs_counts_is_the_counted_cost_of_its_generate(model_typ
     wrong = {**rows[0], "vision_grids": [[rows[0]["vision_grids"][0][0], 2]]}
     with pytest.raises(ValueError, match="vision_grids.*visual tokens delivered"):
         flops.sample_cost(dims, wrong, new_tokens)
+
+
+def test_the_hubs_qwen2_vl_7b_config_json_gives_the_published_shape(tmp_path):
+    """config.json as Qwen/Qwen2-VL-7B-Instruct publishes it (transformers 4.41's layout: the LLM's keys at the top,
+    mrope in rope_scaling), which a fetched model directory holds: the dims config validation and FLOPs read."""
+    published = {
+        "architectures": ["Qwen2VLForConditionalGeneration"], "bos_token_id": 151643, "eos_token_id": 151645,
+        "vision_start_token_id": 151652, "vision_end_token_id": 151653, "vision_token_id": 151654,
+        "image_token_id": 151655, "video_token_id": 151656, "hidden_act": "silu", "hidden_size": 3584,
+        "intermediate_size": 18944, "max_position_embeddings": 32768, "max_window_layers": 28,
+        "model_type": "qwen2_vl", "num_attention_heads": 28, "num_hidden_layers": 28, "num_key_value_heads": 4,
+        "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16", "transformers_version": "4.41.2", "use_cache": True, "use_sliding_window": False,
+        "vision_config": {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16, "in_chans": 3,
+                          "hidden_size": 3584, "patch_size": 14, "spatial_merge_size": 2, "spatial_patch_size": 14,
+                          "temporal_patch_size": 2},
+        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "vocab_size": 152064}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(published))
+    assert flops.dims_for(str(path), None) == qwen_vl_dims("qwen2-vl-7b")
