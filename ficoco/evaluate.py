@@ -187,11 +187,26 @@ class Generator:
                 records.append(self.failed(row, f"bad row: {bad}"))
             else:
                 runnable.append(row)
-        # one processor call per kind: with images, and text-only (e.g. ScienceQA-FULL)
-        for group in ([r for r in runnable if r["image"] is not None], [r for r in runnable if r["image"] is None]):
+        # one processor call per kind: with images (per span on Qwen), and text-only (e.g. ScienceQA-FULL)
+        for group in self._image_spans([r for r in runnable if r["image"] is not None]) + \
+                [[r for r in runnable if r["image"] is None]]:
             if group:
                 records.extend(self._generate_isolating_errors(group))
         return sorted(records, key=lambda record: record["row"])
+
+    def _image_spans(self, rows: list[dict]) -> list[list[dict]]:
+        """Image rows in groups of one visual-token span, in order of first appearance: on a Qwen2-VL-family
+        model an image's span follows its size, and an LLM reduction runs a batch of one span at a time (so a
+        batch of several sizes would fail and be retried row by row). One group on other models."""
+        from ficoco.qwen_dims import QwenVLDims
+
+        if not isinstance(self.dims, QwenVLDims):
+            return [rows]
+        groups: dict[int, list[dict]] = {}
+        for row in rows:
+            image = self._image(row)
+            groups.setdefault(self.dims.image_tokens(image.height, image.width), []).append(row)
+        return list(groups.values())
 
     def _generate_isolating_errors(self, rows: list[dict]) -> list[dict]:
         """`generate(rows)`; when it raises, each row alone, so only the failing row becomes a failure."""

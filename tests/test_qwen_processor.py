@@ -1,6 +1,7 @@
 """The Qwen2-VL-family processor an evaluate job builds (ficoco/models/qwen_processor.py): the model directory's
 image processor and tokenizer, images held to the nominal 1,280-token cap whatever the directory says, each prompt's
-image token expanded to its image's placeholders, and the patch grids checked against `QwenVLDims`' own resize."""
+image token expanded to its image's placeholders, and the patch grids checked against `QwenVLDims`' own resize;
+and an evaluate batch of images of several sizes, one call per span."""
 from __future__ import annotations
 
 import json
@@ -73,3 +74,36 @@ def test_one_image_token_per_image(model_dir):
     image = Image.fromarray(np.zeros((96, 96, 3), dtype=np.uint8))
     with pytest.raises(ValueError, match="2 images for 1 image tokens"):
         processor(images=[image, image], text=[PROMPT])
+
+
+def test_an_evaluate_batch_of_two_image_sizes_runs_in_one_call_per_span(model_dir, tmp_path):
+    """On Qwen an LLM reduction runs a batch of one span: `Generator.records_for` hands the model one processor and
+    generate call per span (a mixed batch would fail and be retried row by row), and every record is the one its
+    row gets alone."""
+    from datasets import load_from_disk
+
+    import ficoco
+    from ficoco import benchmarks
+    from ficoco.evaluate import Generator, load_model
+    from ficoco.toy.cli import build_benchmark
+
+    build_benchmark(tmp_path / "bench", seed=3, rows=3)
+    rows = [dict(row, _row=index) for index, row in enumerate(load_from_disk(str(tmp_path / "bench" / "data")))]
+    rows[1]["image"] = rows[1]["image"].resize((128, 64))       # 96 x 96 scenes: 36 tokens; this one 4 x 8 = 32
+    model, processor = load_model(model_dir, "cpu", "float32")
+    dims = dims_from_config(model.config)
+    handle = ficoco.apply(model, "fastv", 1960, layer=1)
+    generator = Generator(model, processor, handle, benchmarks.get("toy-shapes"), {},
+                          "USER: <image>\n{prompt} ASSISTANT:", "none", dims)
+    calls = []
+    generate = generator.generate
+    generator.generate = lambda batch: calls.append([row["_row"] for row in batch]) or generate(batch)
+    try:
+        together = generator.records_for(rows)
+        alone = [generator.records_for([row])[0] for row in rows]
+    finally:
+        handle.remove()
+    assert calls[:2] == [[0, 2], [1]]                           # one call per span, in order of first appearance
+    assert all(record["error"] is None for record in together)
+    assert [record["counts"]["visual_delivered"] for record in together] == [36, 32, 36]
+    assert [(r["prediction"], r["counts"]) for r in together] == [(r["prediction"], r["counts"]) for r in alone]

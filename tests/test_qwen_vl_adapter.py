@@ -173,6 +173,38 @@ def test_a_batch_of_two_images_of_one_size_equals_each_alone(model_and_dims, nam
     assert all(torch.equal(generated[row], generated_alone[row][0]) for row in range(2))
 
 
+def left_padded(rows: list[dict]) -> dict:
+    """Rows of `qwen_inputs` (one image each, of different sizes) as one left-padded batch, as the processor pads."""
+    length = max(row["input_ids"].shape[1] for row in rows)
+
+    def pad(tensor, value):
+        return torch.cat([torch.full((1, length - tensor.shape[1]), value, dtype=tensor.dtype), tensor], dim=1)
+    return {"input_ids": torch.cat([pad(row["input_ids"], 0) for row in rows]),
+            "attention_mask": torch.cat([pad(row["attention_mask"], 0) for row in rows]),
+            "mm_token_type_ids": torch.cat([pad(row["mm_token_type_ids"], 0) for row in rows]),
+            "pixel_values": torch.cat([row["pixel_values"] for row in rows]),
+            "image_grid_thw": torch.cat([row["image_grid_thw"] for row in rows])}
+
+
+def test_a_left_padded_batch_of_two_image_sizes_equals_each_alone_unreduced(model_and_dims):
+    """Images of 32 and 64 tokens in one left-padded batch: each row generates and counts what it does alone (its
+    own M-RoPE positions, padding excluded from its counts)."""
+    model, dims = model_and_dims
+    rows = [qwen_inputs(dims, [SIZES[0]], seed=4), qwen_inputs(dims, [SIZES[1]], seed=5)]
+    batch = left_padded(rows)
+    with ficoco.apply(model, "vanilla") as handle, torch.no_grad():
+        together = model.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+        counts = handle.last_counts()
+        alone, alone_counts = [], []
+        for row in rows:
+            alone.append(model.generate(**row, max_new_tokens=3, min_new_tokens=3, do_sample=False))
+            alone_counts.append(handle.last_counts()[0])
+    length = batch["input_ids"].shape[1]
+    for row in range(2):
+        assert together[row, length:].tolist() == alone[row][0, rows[row]["input_ids"].shape[1]:].tolist()
+    assert counts == alone_counts and [row["visual_delivered"] for row in counts] == [32, 64]
+
+
 def test_images_of_two_sizes_in_one_batch_are_refused_for_an_llm_reduction(model_and_dims):
     model, dims = model_and_dims
     small, large = qwen_inputs(dims, [SIZES[0]]), qwen_inputs(dims, [SIZES[1]])
