@@ -283,6 +283,7 @@ def measure(
     import ficoco
     from ficoco.dims import dims_from_config
     from ficoco.flops import sample_cost
+    from ficoco.invariants import check_cost, check_counts
     from ficoco import methods
     from ficoco.methods import budget_label
 
@@ -316,6 +317,10 @@ def measure(
 
     counts, plan = handle.last_counts()[0], handle.row_plans()[0]
     handle.remove()
+    cost = sample_cost(dims, counts, new_tokens)
+    # numbers that cannot be true fail the job here, as an evaluate job's do (ficoco.invariants)
+    check_counts(method, plan, counts, has_image=True)
+    check_cost(method, cost, has_image=True)
     medians = {key: None if runs[0][key] is None else statistics.median(run[key] for run in runs)
                for key in ("prefill_s", "per_token_s", "end_to_end_s")}
     return {
@@ -345,7 +350,7 @@ def measure(
         "adapter": "ficoco.apply",
         "plan": plan.to_dict(),
         "counts": counts,
-        "cost": sample_cost(dims, counts, new_tokens),
+        "cost": cost,
         "versions": {"ficoco": ficoco.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
     }
 

@@ -65,6 +65,24 @@ def test_measure_reduced_method(model_dir):
     assert 0 < result["prefill_s"] < result["end_to_end_s"]
 
 
+def test_counts_off_the_plan_fail_the_measure_job_as_an_evaluate_jobs_do(model_dir, monkeypatch):
+    """A measure job checks the counts it records against the plan, and its cost, before it writes anything."""
+    from ficoco.invariants import InvariantViolation
+    from ficoco.models.handle import Handle
+
+    recorded = Handle.last_counts
+
+    def one_token_more(self):
+        counts = recorded(self)
+        return [{**row, "llm_visual": [row["llm_visual"][0], *[n + 1 for n in row["llm_visual"][1:]]],
+                 "llm": [row["llm"][0], *[n + 1 for n in row["llm"][1:]]]} for row in counts]
+
+    monkeypatch.setattr(Handle, "last_counts", one_token_more)
+    with pytest.raises(InvariantViolation, match="fastv: LLM layer 1 visual tokens: expected"):
+        measure_module.measure(model_dir, "fastv", 10, {"layer": 1}, device="cpu", dtype="float32", warmup=0,
+                               repeats=1, prompt_tokens=6, new_tokens=2, progress=False)
+
+
 def test_main_writes_json_atomically(model_dir, tmp_path):
     out = tmp_path / "results" / "measure" / "tiny-llava" / "vanilla" / "bfull.json"
     code = measure_module.main(["--model-config", str(model_dir / "config.json"), "--method", "vanilla",
