@@ -273,7 +273,7 @@ class Handle:
         if step is not None and not reduce:
             log.info("%s: no image tokens in this prefill; the LLM reduction is skipped", self.method.name)
         if not reduce:
-            return LLMPass(True, length, valid, None, None, reduce=False)
+            return self._unreduced_pass(length, valid)
         if not bool((counts == n0).all()):
             raise ValueError(f"{self.method.name}: the LLM reduction is planned for {n0} visual tokens "
                              f"per prompt; this batch has {counts.tolist()} image tokens per row (one image per "
@@ -286,10 +286,15 @@ class Handle:
             if batch == 1:
                 log.info("%s: no instruction tokens after the image; the LLM reduction is skipped",
                          self.method.name)
-                return LLMPass(True, length, valid, None, None, reduce=False)
+                return self._unreduced_pass(length, valid)
             raise ValueError(f"{self.method.name}: rows {empty} have no prompt tokens after the image, so FiCoCo-L "
                              f"cannot score them; run them alone (they are then left unreduced)")
         return LLMPass(True, length, valid, visual, instruction, reduce=True, step=step)
+
+    @staticmethod
+    def _unreduced_pass(length: int, valid: torch.Tensor | None) -> LLMPass:
+        """The LLM state of a prefill that reduces nothing."""
+        return LLMPass(True, length, valid, None, None, reduce=False)
 
     @staticmethod
     def _decode_inputs(kwargs: dict, cache, decode: LLMPass) -> dict:

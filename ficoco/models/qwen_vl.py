@@ -25,12 +25,13 @@ from __future__ import annotations
 import inspect
 from typing import TYPE_CHECKING
 
+from ficoco.budget import image_budget
 from ficoco.budget_labels import ImageTokens
 from ficoco.contract import LLMLayerStep, Plan
 from ficoco.dims import span_plan
 from ficoco.models.guard import require_tested_transformers
 from ficoco.models.handle import Handle
-from ficoco.models.llama import LLMPass, LlamaPatch
+from ficoco.models.llama import LlamaPatch
 from ficoco.models.placeholders import images_per_row, layouts_per_row
 from ficoco.qwen_dims import QwenVLDims, qwen_refusal
 
@@ -110,7 +111,7 @@ class QwenVLHandle(Handle):
                                  f"span per batch; this batch's rows hold {call.images_per_row} images of "
                                  f"{spans} tokens: batch images of one size, or one at a time")
             if self._kept_whole(spans[0]):    # images within a per-image count: no reduction runs on them
-                call.llm = LLMPass(True, input_ids.shape[1], valid, None, None, reduce=False)
+                call.llm = self._unreduced_pass(input_ids.shape[1], valid)
             else:
                 step = self._span_step(spans[0])
         if call.llm is None:
@@ -146,8 +147,8 @@ class QwenVLHandle(Handle):
 
     def _kept_whole(self, span: int) -> bool:
         """Whether an image of `span` tokens is within a per-image count (`ImageTokens`), so kept whole: its plan
-        is the unreduced one (`ficoco.budget.image_budget`)."""
-        return isinstance(self.budget, ImageTokens) and self.budget.tokens >= span
+        is the unreduced one."""
+        return self.budget is not None and image_budget(self.budget, span, self.dims.visual_tokens) is None
 
     def _span_step(self, span: int) -> LLMLayerStep | None:
         """The LLM step of the method's plan for one image of `span` visual tokens (the nominal budget's kept
