@@ -875,7 +875,7 @@ def cannot_run(method, dims, **overrides) -> str | None:
 
     if isinstance(dims, QwenVLDims):
         return qwen_cannot_run(method, dims, **overrides)
-    unmet = method.unmet_needs(dims)
+    unmet = method.unmet_needs(dims, **overrides)
     return f"it needs {'; '.join(unmet)}" if unmet else None
 
 

@@ -47,11 +47,18 @@ LLM_PLACEMENTS = ("input", "attention")
 
 @dataclass(frozen=True)
 class VisionTokens:
-    """The token matrix of one vision-encoder layer, CLS first, patches in original order."""
+    """The token matrix of one vision-encoder layer, CLS first, patches in original order.
 
-    hidden: torch.Tensor                    # (B, 1+N, D)
-    positions: torch.Tensor                 # (B, N) int64 raster position (row·W + col) of each patch
-    key_bias: torch.Tensor | None = None    # (B, 1+N) additive logit bias per key (ToMe sizes); None = 0
+    A tower without CLS (Qwen2-VL) has `prefix` 0 and hands whole merge groups as its units: each row of
+    `hidden` is one group's merge² patches side by side (width merge²·D), `positions` the group's raster
+    position on the image's grid of groups, and the scores are the patches' pooled to groups (the adapter
+    says how). Only a method whose needs admit a tower without CLS gets such tokens (`Needs.cls_first`).
+    """
+
+    hidden: torch.Tensor                    # (B, P+N, D): P prefix tokens (CLS), then the N units (patches)
+    positions: torch.Tensor                 # (B, N) int64 raster position (row·W + col) of each unit
+    key_bias: torch.Tensor | None = None    # (B, P+N) additive logit bias per key (ToMe sizes); None = 0
+    prefix: int = 1                         # P: 1 = CLS first, 0 = no CLS
 
 
 class VisionScores(Protocol):
@@ -352,6 +359,7 @@ class Needs:
     """What a method assumes about an image's layout; `unmet_needs` says which a model does not meet."""
 
     cls_first: bool = False                 # the tower's tokens start with a CLS token (CLS attention, CLS kept)
+    remedy: str = ""                        # what would lift the needs, in words (a parameter value), if anything
     square_grid: bool = False               # that crop's grid is square (image resizing)
     positions: tuple[str, ...] = POSITION_SCHEMES   # LLM position schemes its LLM steps keep correctly
 
@@ -366,6 +374,8 @@ def unmet_needs(needs: Needs, layout: ImageLayout) -> list[str]:
         unmet.append(f"a square patch grid (this model's: {[crop.grid for crop in layout.crops]})")
     if layout.positions not in needs.positions:
         unmet.append(f"{' or '.join(needs.positions)} positions in the LLM (this model uses {layout.positions})")
+    if unmet and needs.remedy:
+        unmet[-1] += f"; {needs.remedy}"
     return unmet
 
 
@@ -378,8 +388,9 @@ class VisionSchedule:
 
     layers: list[int]                       # reducing tower layers, 0-based ([] for an input step)
     grid_hw: list[int]                      # [rows, cols] of the patch grid the schedule is planned on
-    discards: list[int] = field(default_factory=list)       # patches removed at each reducing layer
-    patches_out: list[int] = field(default_factory=list)    # patches left after each reducing layer
+    discards: list[int] = field(default_factory=list)       # units removed at each reducing layer (patches;
+                                                            # on Qwen2-VL merge groups of 2×2 patches)
+    patches_out: list[int] = field(default_factory=list)    # units left after each reducing layer
     image_side: int | None = None           # an input step's image side in pixels (image downsampling)
     patches: int | None = None              # the patches such an input step encodes
 

@@ -164,6 +164,31 @@ class ModelDims:
         """Encoder layers that must run to produce the selected features (23 for LLaVA-1.5)."""
         return self.last_vision_layer + 1
 
+    # -- what a reduction inside the tower keeps or drops (the same names on QwenVLDims) ----------------
+    @property
+    def tower_units(self) -> int:
+        """Units a reduction inside the tower keeps or drops, per crop: its patches (576 for LLaVA-1.5)."""
+        return self.num_patches
+
+    @property
+    def tower_prefix(self) -> int:
+        """Tower tokens before the units: CLS (never a candidate, always kept)."""
+        return 1
+
+    @property
+    def patches_per_unit(self) -> int:
+        """Tower tokens per unit: 1 (a unit is one patch)."""
+        return 1
+
+    @property
+    def unit_grid(self) -> tuple[int, int]:
+        """(rows, cols) of the units on the image: the square patch grid (24 x 24)."""
+        return self.grid_side, self.grid_side
+
+    def attends_whole_image(self, layer: int) -> bool:
+        """Whether tower layer `layer` attends over the whole crop: every CLIP layer does."""
+        return True
+
     def to_dict(self) -> dict:
         return asdict(self)
 

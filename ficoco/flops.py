@@ -22,9 +22,8 @@ from typing import Sequence
 from ficoco.budget import InfeasibleBudget
 from ficoco.budget_labels import TFLOPS_CONVENTIONS, ImageTokens, TflopsTarget, image_tokens
 from ficoco.contract import Plan
-from ficoco.dims import (ModelDims, dims_from_config, image_plan, llava_1_5_dims, llava_next_dims, span_plan,
-                         unreduced_plan)
-from ficoco.qwen_dims import QwenVLDims, qwen_refusal, qwen_vl_dims
+from ficoco.dims import ModelDims, dims_from_config, image_plan, llava_1_5_dims, llava_next_dims, unreduced_plan
+from ficoco.qwen_dims import QwenVLDims, qwen_image_plan, qwen_refusal, qwen_vl_dims
 
 # Bytes per stored value for weights and the KV cache. Read-only so no module state can change.
 BYTES_PER_VALUE = MappingProxyType({
@@ -520,13 +519,33 @@ def sample_cost(dims: ModelDims, counts: dict, generated_tokens: int, logits_pos
 # Qwen2-VL and Qwen2.5-VL (flops.md §6): a tower without CLS whose length follows the image
 
 
-def qwen_vision_layer_macs(dims: QwenVLDims, spans: Sequence[int]) -> int:
-    """One Qwen vision block over attention sequences of these lengths (one per image, or per window):
-    4·n·d² + 2·d·Σ s² + k·n·d·m, n = Σ s, k = 2 MLP matrices (Qwen2-VL) or 3 (Qwen2.5-VL)."""
-    n, d, m = sum(spans), dims.vision_hidden, dims.vision_mlp
-    attention_projections = 4 * n * d * d                      # qkv (one fused matrix of 3·d) and proj
-    attention_scores = 2 * d * sum(span * span for span in spans)   # QKᵀ and A·V inside each sequence
-    return attention_projections + attention_scores + dims.vision_mlp_matrices * n * d * m
+def qwen_vision_block_macs(dims: QwenVLDims, attention_tokens: int, mlp_tokens: int, attention_pairs: int) -> int:
+    """One Qwen vision block: qkv and proj on its `attention_tokens` n_a, QKᵀ and A·V over the `attention_pairs`
+    Σ s² of the sequences it attends within (each image, or each window), its MLP on `mlp_tokens` n_m (fewer
+    where a reduction falls between its attention and MLP):
+    4·n_a·d² + 2·d·Σ s² + k·n_m·d·m, k = 2 MLP matrices (Qwen2-VL) or 3 (Qwen2.5-VL)."""
+    d, m = dims.vision_hidden, dims.vision_mlp
+    attention_projections = 4 * attention_tokens * d * d       # qkv (one fused matrix of 3·d) and proj
+    return attention_projections + 2 * d * attention_pairs + dims.vision_mlp_matrices * mlp_tokens * d * m
+
+
+def qwen_attention_pairs(dims: QwenVLDims, grid: tuple[int, int], vision_counts: Sequence[Sequence[int]]) -> list[int]:
+    """Per tower block, the query-key pairs Σ s² one image's attention scores, its blocks running on `vision_counts`
+    ([n_attn, n_mlp] patches per block): its grid's sequences (the image, or its windows) while every patch is
+    there; after a reduction, n_attn² in a block that attends over the whole image. In a windowed block after
+    a reduction they depend on which groups each window kept, which only a run knows (its counts'
+    `vision_attention_pairs`): ValueError."""
+    patches, pairs = grid[0] * grid[1], []
+    for layer, (attention_tokens, _) in enumerate(vision_counts):
+        if attention_tokens == patches:
+            pairs.append(sum(span * span for span in dims.attention_spans(grid, layer)))
+        elif dims.attends_whole_image(layer):
+            pairs.append(attention_tokens * attention_tokens)
+        else:
+            raise ValueError(f"tower block {layer} attends within windows, after a reduction to {attention_tokens} of "
+                             f"{patches} patches: its cost depends on which groups each window kept, known per sample "
+                             f"from a run (counts['vision_attention_pairs']), not from a plan")
+    return pairs
 
 
 def qwen_merger_macs(dims: QwenVLDims, visual_tokens: int) -> int:
@@ -537,49 +556,70 @@ def qwen_merger_macs(dims: QwenVLDims, visual_tokens: int) -> int:
 
 def qwen_vision_and_merger_macs(dims: QwenVLDims, counts: dict) -> tuple[int, int, int]:
     """(patch embedding, tower blocks, merger) MACs of a Qwen sample's images, from `counts["vision_grids"]`
-    (each image's patch grid): every block runs on every patch, in windows of the grid where it is windowed,
-    and the merger makes one LLM token of merge² patches. The grids must account for `visual_delivered` and
-    for the patches `counts["vision"]` says each block ran on."""
+    (each image's patch grid), `counts["vision"]` (the patches each block ran on, [attention, MLP]) and
+    `counts["vision_attention_pairs"]` (per block Σ s² over the sequences it attended within; from the grids, by
+    `qwen_attention_pairs`, when absent and the tower is unreduced). The merger makes one LLM token of merge²
+    patches of what the last block kept: `visual_delivered`."""
     grids = [tuple(grid) for grid in counts.get("vision_grids", ())]
-    patches = sum(rows * cols for rows, cols in grids)
-    if patches // dims.merge_size ** 2 != counts["visual_delivered"] or patches % dims.merge_size ** 2:
-        raise ValueError(f"counts['vision_grids'] = {counts.get('vision_grids')!r}: {patches} patches make "
-                         f"{patches / dims.merge_size ** 2:g} LLM tokens (merged {dims.merge_size}×{dims.merge_size}); "
-                         f"valid: one patch grid per image, together the {counts['visual_delivered']} visual tokens "
-                         f"delivered")
-    if any(pair != [patches, patches] for pair in map(list, counts["vision"])) or \
-            len(counts["vision"]) != (dims.vision_layers if grids else 0):
-        raise ValueError(f"counts['vision'] = {counts['vision']!r}: valid: [{patches}, {patches}] (every patch) for "
-                         f"each of the {dims.vision_layers} tower blocks" + ("" if grids else ", none without an image"))
+    patches, group = sum(rows * cols for rows, cols in grids), dims.merge_size ** 2
+    vision = [list(pair) for pair in counts["vision"]]
+    if len(vision) != (dims.vision_layers if grids else 0) or grids and vision[0][0] != patches:
+        raise ValueError(f"counts['vision'] = {counts['vision']!r}: valid: one [attention, MLP] pair for each of the "
+                         f"{dims.vision_layers} tower blocks, the first on every patch of the grids "
+                         f"{counts.get('vision_grids')!r} ({patches})" + ("" if grids else "; none without an image"))
+    delivered = counts["visual_delivered"]
+    if grids and (vision[-1][1] != delivered * group or patches % group):
+        raise ValueError(f"counts['visual_delivered'] = {delivered}: the last tower block kept {vision[-1][1]} patches "
+                         f"of grids {counts.get('vision_grids')!r}; valid: {vision[-1][1] / group:g} LLM tokens "
+                         f"(merged {dims.merge_size}×{dims.merge_size}), whole groups of whole grids")
+    derived = None                                 # an unreduced tower's pairs follow from the grids
+    if grids and all(pair == [patches, patches] for pair in vision):
+        per_image = [qwen_attention_pairs(dims, (rows, cols), [[rows * cols] * 2] * len(vision))
+                     for rows, cols in grids]
+        derived = [sum(layer) for layer in zip(*per_image)]
+    pairs = counts.get("vision_attention_pairs", derived)
+    if pairs is None:
+        raise ValueError("counts['vision'] shows a reduced tower, and counts has no 'vision_attention_pairs': the "
+                         "attention of its windowed blocks cannot be costed from the grids")
+    if len(pairs) != len(vision) or derived is not None and list(pairs) != derived or any(
+            not attention <= pair <= attention * attention for (attention, _), pair in zip(vision, pairs)):
+        raise ValueError(f"counts['vision_attention_pairs'] = {pairs!r}: valid: one per tower block, between the "
+                         f"block's patches n and n² (exactly {derived} for the unreduced grids)")
     patch_embed = patches * dims.patch_features * dims.vision_hidden           # the Conv3d, one output per patch
-    vision_layers = sum(qwen_vision_layer_macs(dims, [span for grid in grids
-                                                      for span in dims.attention_spans(grid, layer)])
-                        for layer in range(dims.vision_layers))
-    return patch_embed, vision_layers, qwen_merger_macs(dims, counts["visual_delivered"])
+    vision_layers = sum(qwen_vision_block_macs(dims, attention, mlp, pair)
+                        for (attention, mlp), pair in zip(vision, pairs))
+    return patch_embed, vision_layers, qwen_merger_macs(dims, delivered)
 
 
 def qwen_vl_sample_cost(dims: QwenVLDims, image_size: tuple[int, int], text_tokens: int = NOMINAL_TEXT_TOKENS,
                         generated_tokens: int = 1, logits_positions: int = 1, llm_visual: Sequence[int] | None = None,
-                        llm_mlp_visual: Sequence[int] | None = None) -> dict:
+                        llm_mlp_visual: Sequence[int] | None = None,
+                        vision_counts: Sequence[Sequence[int]] | None = None) -> dict:
     """Exact cost of one sample with one image of `image_size` (height, width) pixels: the tower over its
-    patch grid (every block runs; the merger reads the last), the merger, the LLM prefill over text_tokens
+    patch grid (every block runs; the merger reads the last; `vision_counts`, the [attention, MLP] patches of
+    each block where a reduction inside the tower keeps fewer, their attention by `qwen_attention_pairs`;
+    default: every patch), the merger on the groups the last block kept, the LLM prefill over text_tokens
     plus the visual tokens each layer holds (`llm_visual`, one count per layer, from a plan or a run;
-    `llm_mlp_visual` those of its MLP where a reduction falls between; default: the image's, unreduced),
-    the LM head on `logits_positions`, and generated_tokens − 1 decode steps. The vision start/end markers
-    are text tokens. Keys as `sample_cost`'s parts."""
+    `llm_mlp_visual` those of its MLP where a reduction falls between; default: the delivered ones in every
+    layer), the LM head on `logits_positions`, and generated_tokens − 1 decode steps. The vision start/end
+    markers are text tokens. Keys as `sample_cost`'s parts."""
     if generated_tokens < 0 or text_tokens < 0 or logits_positions < 1:
         raise ValueError(f"need generated_tokens >= 0, text_tokens >= 0, logits_positions >= 1; got "
                          f"{generated_tokens}, {text_tokens}, {logits_positions}")
     grid = dims.patch_grid(*image_size)
     patches, visual = grid[0] * grid[1], dims.image_tokens(*image_size)
-    llm_visual = [visual] * dims.llm_layers if llm_visual is None else list(llm_visual)
+    vision_counts = [[patches, patches]] * dims.vision_layers if vision_counts is None else \
+        [list(pair) for pair in vision_counts]
+    delivered = vision_counts[-1][1] // dims.merge_size ** 2
+    llm_visual = [delivered] * dims.llm_layers if llm_visual is None else list(llm_visual)
     llm_mlp_visual = llm_visual if llm_mlp_visual is None else list(llm_mlp_visual)
     for name, counts in (("llm_visual", llm_visual), ("llm_mlp_visual", llm_mlp_visual)):
         if len(counts) != dims.llm_layers or not all(0 <= count <= visual for count in counts):
             raise ValueError(f"{name}={counts}: need one count per LLM layer ({dims.llm_layers}), each in "
                              f"[0, {visual}] (the image's visual tokens)")
-    counts = {"vision": [[patches, patches]] * dims.vision_layers, "vision_grids": [list(grid)],
-              "visual_delivered": visual, "llm": [text_tokens + n for n in llm_visual], "llm_visual": llm_visual,
+    counts = {"vision": vision_counts, "vision_grids": [list(grid)],
+              "vision_attention_pairs": qwen_attention_pairs(dims, grid, vision_counts),
+              "visual_delivered": delivered, "llm": [text_tokens + n for n in llm_visual], "llm_visual": llm_visual,
               "llm_mlp": [text_tokens + n for n in llm_mlp_visual]}
     return {**sample_cost(dims, counts, generated_tokens, logits_positions), "resized": dims.resized(*image_size),
             "patch_grid": grid, "vision_tokens": patches, "visual_tokens": visual, "text_tokens": text_tokens,
@@ -598,11 +638,11 @@ def qwen_vl_planned_cost(dims: QwenVLDims, method: str, budget: int | ImageToken
     refusal = qwen_refusal(methods.get(method), dims, **overrides)
     if refusal:
         raise ValueError(refusal)
-    plan = span_plan(methods.get(method), dims, dims.image_tokens(*image_size), budget, **overrides)
+    plan = qwen_image_plan(methods.get(method), dims, dims.patch_grid(*image_size), budget, **overrides)
     if plan.llm_visual is None:
         raise ValueError(f"{plan.method}: {ADAPTIVE_NOTE}")
     return qwen_vl_sample_cost(dims, image_size, text_tokens, generated_tokens, llm_visual=plan.llm_visual,
-                               llm_mlp_visual=plan.llm_mlp_visual)
+                               llm_mlp_visual=plan.llm_mlp_visual, vision_counts=plan.vision_counts)
 
 
 # ------------------------------------------------------------------------------------------------

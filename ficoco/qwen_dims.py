@@ -20,6 +20,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, replace
 
+from ficoco.budget import image_budget
+
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 # transformers' Qwen2VLImageProcessor defaults: at least 56² pixels, at most 1,280 LLM tokens of 28² pixels
 MIN_PIXELS = 56 * 56
@@ -51,9 +53,10 @@ class QwenVLDims:
     # the processor's pixel range (dynamic resolution)
     min_pixels: int = MIN_PIXELS
     max_pixels: int = MAX_PIXELS
-    # in the dims a method plans one image's LLM reduction with (`for_image_span`): that image's visual tokens
-    # in the LLM; None = the nominal image
+    # in the dims a method plans one image's reduction with (`for_image_span`, `for_image_grid`): that image's
+    # visual tokens in the LLM, and its patch grid (rows, cols) where known; None = the nominal image
     image_span: int | None = None
+    image_grid: tuple[int, int] | None = None
 
     # -- what a method plans with (the names of ficoco.dims.ModelDims) ---------------------------------
     @property
@@ -91,6 +94,46 @@ class QwenVLDims:
         return self.vision_layers
 
     @property
+    def last_vision_layer(self) -> int:
+        """0-based index of the tower block whose output the merger reads: the last."""
+        return self.vision_layers - 1
+
+    # -- what a reduction inside the tower keeps or drops (the names of ficoco.dims.ModelDims) ---------
+    @property
+    def tower_units(self) -> int:
+        """Units a reduction inside the tower keeps or drops: the merge groups (merge_size x merge_size
+        patches, consecutive in the tower's sequence), one per LLM visual token, so the merger still reads
+        whole groups and a budget in LLM tokens is a count of units."""
+        return self.visual_tokens
+
+    @property
+    def tower_prefix(self) -> int:
+        """Tower tokens before the units: none (no CLS)."""
+        return 0
+
+    @property
+    def patches_per_unit(self) -> int:
+        """Tower tokens per unit: merge_size² patches (4)."""
+        return self.merge_size ** 2
+
+    @property
+    def unit_grid(self) -> tuple[int, int]:
+        """(rows, cols) of the units (merge groups) on the image planned for: its patch grid / merge_size."""
+        if self.image_grid is not None:
+            rows, columns = self.image_grid
+        elif self.image_span is None:
+            rows, columns = self.nominal_grid
+        else:
+            raise ValueError(f"these dims plan an image of {self.image_span} tokens without its patch grid; a "
+                             f"reduction inside the tower is planned on the grid (`for_image_grid`)")
+        return rows // self.merge_size, columns // self.merge_size
+
+    def attends_whole_image(self, layer: int) -> bool:
+        """Whether tower block `layer` attends over the whole image: every block of Qwen2-VL's tower;
+        Qwen2.5-VL's `full_attention_layers` only (the others attend within windows)."""
+        return not self.window_size or layer in self.full_attention_layers
+
+    @property
     def image_grid_pinpoints(self) -> tuple:
         """No AnyRes canvases: one image is one crop (the planning code's test for LLaVA-NeXT)."""
         return ()
@@ -99,7 +142,16 @@ class QwenVLDims:
         """These dims for planning the LLM reduction of one image of `span` visual tokens."""
         if span < 1:
             raise ValueError(f"image span {span}: an image has at least one visual token")
-        return replace(self, image_span=int(span))
+        return replace(self, image_span=int(span), image_grid=None)
+
+    def for_image_grid(self, grid: tuple[int, int]) -> "QwenVLDims":
+        """These dims for planning the reduction of one image whose patch grid is `grid` (rows, cols): its span
+        and, for a reduction inside the tower, its units' grid."""
+        rows, columns = (int(side) for side in grid)
+        if rows < self.merge_size or columns < self.merge_size or rows % self.merge_size or columns % self.merge_size:
+            raise ValueError(f"patch grid {rows}x{columns}: both sides must be positive multiples of the merge size "
+                             f"{self.merge_size}")
+        return replace(self, image_span=rows * columns // self.merge_size ** 2, image_grid=(rows, columns))
 
     def image_layout(self):
         """The `ficoco.contract.ImageLayout` a method must handle on this model: the nominal image, one crop of
@@ -215,24 +267,37 @@ def qwen_vl_dims(shape: str) -> QwenVLDims:
     raise ValueError(f"shape {shape!r}: valid Qwen shapes are ['qwen2-vl-7b', 'qwen2.5-vl-7b']")
 
 
+def qwen_image_plan(method, dims: QwenVLDims, grid: tuple[int, int], budget, **overrides):
+    """`method`'s plan (a `ficoco.contract.Plan`; `method` a `ficoco.methods.base.Method`) for one image whose
+    patch grid is `grid`: at the kept fraction the budget `budget` is of the nominal image, or at a per-image
+    count (`ficoco.budget.image_budget`: None, unreduced, for an image with no more tokens), planned on
+    `for_image_grid` dims (a reduction inside the tower needs the image's grid of units)."""
+    image = dims.for_image_grid(grid)
+    scaled = None if budget is None else image_budget(budget, image.visual_tokens, dims.nominal_visual_tokens)
+    return method.plan(image, scaled, **overrides)
+
+
 def qwen_cannot_run(method, dims: QwenVLDims, **overrides) -> str | None:
     """Why `method` (a `ficoco.methods.base.Method`) with these parameters cannot run on this Qwen2-VL-family model
-    yet, or None: what its image layout lacks of the method's `needs` (a CLS token), or a reduction in or after the
-    vision tower (the adapter places only those inside the LLM; a
-    method of another phase runs when its parameters put every step there, e.g. DivPrune's
-    positions="original", at the input of LLM layer 0)."""
-    from ficoco.contract import LLMLayerStep
+    yet, or None: what its image layout lacks of the method's `needs` (a CLS token), or a step the adapter has no
+    site for. The adapter places reductions inside the LLM, and reductions inside the tower's blocks
+    (`VisionLayerStep`) alone, of whole merge groups (a method whose needs admit a tower without CLS: FiCoCo-V
+    with semantic="key-mean"); a method of another phase runs when its parameters put every step there, e.g.
+    DivPrune's positions="original", at the input of LLM layer 0."""
+    from ficoco.contract import LLMLayerStep, VisionLayerStep
 
-    unmet = method.unmet_needs(dims)
+    unmet = method.unmet_needs(dims, **overrides)
     if unmet:
         return f"it needs {'; '.join(unmet)}"
     if method.phase in ("none", "llm"):
         return None
     steps = method.steps(method.plan(dims, dims.visual_tokens // 2, **overrides))    # where its steps act
-    if steps and all(isinstance(step, LLMLayerStep) for step in steps):
+    if steps and (all(isinstance(step, LLMLayerStep) for step in steps)
+                  or [type(step) for step in steps] == [VisionLayerStep]):
         return None
-    return (f"only reductions inside the LLM run on {dims.model_type} so far (issue 19), and with these parameters "
-            f"it acts in or after the vision tower (phase {method.phase!r})")
+    return (f"only reductions inside the LLM, or inside the tower's blocks alone, run on {dims.model_type} so far "
+            f"(issue 19), and with these parameters it acts elsewhere or in both (phase {method.phase!r}: "
+            f"{[type(step).__name__ for step in steps]})")
 
 
 def qwen_refusal(method, dims: QwenVLDims, **overrides) -> str | None:

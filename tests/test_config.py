@@ -174,7 +174,8 @@ def test_a_qwen_source_dir_is_planned_on_its_nominal_image_and_refuses_what_cann
                                registries={"models": registry}))
     assert "3921 is above the 3920 visual tokens of model mirror" in over    # 896 x 1120 px in 8 px patches, 2 x 2
     for method, reason in (("ficoco-v", "it needs a CLS token first in the vision tower"),
-                           ("divprune", f"only reductions inside the LLM run on {model_type} so far")):
+                           ("divprune", f"only reductions inside the LLM, or inside the tower's blocks alone, run on "
+                                        f"{model_type} so far")):
         message = error_of(paper_like(models=["mirror"], methods=["vanilla", method], budgets=[1960],
                                       benchmarks=["toy-shapes-mini"], registries={"models": registry}))
         assert f"{method} cannot run on model mirror: {reason}" in message and "fastv" in message, message

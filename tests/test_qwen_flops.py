@@ -164,26 +164,32 @@ def test_ficoco_flops_prints_a_qwen_images_cost_and_refuses_what_it_cannot_cost(
 
 
 @pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl"])
-def test_the_cost_of_a_runs_counts_is_the_counted_cost_of_its_generate(model_type):
+@pytest.mark.parametrize("name, overrides", [("fastv", {"layer": 1}),
+                                             ("ficoco-v", {"semantic": "key-mean", "start": 0, "k": 0})])
+def test_the_cost_of_a_runs_counts_is_the_counted_cost_of_its_generate(model_type, name, overrides):
     """What the pipeline records: `flops.sample_cost` of each row's counts (its image's patch grid from the
-    tower's call inside `generate`) sums to FlopCounterMode's count of the batch's `generate`."""
+    tower's call inside `generate`; for a reduction inside the tower, the patches and attention pairs each
+    block ran on, windows included) sums to FlopCounterMode's count of the batch's `generate`."""
     import ficoco
 
     model, dims = tiny_qwen(model_type, patch_size=4, window_size=16, llm_layers=2)
     image_size, budget, new_tokens = (40, 56), 8000, 3
     inputs = qwen_inputs(dims, [image_size, image_size])
-    with ficoco.apply(model, "fastv", budget, layer=1) as handle, torch.no_grad(), \
+    with ficoco.apply(model, name, budget, **overrides) as handle, torch.no_grad(), \
             FlopCounterMode(display=False) as counter:
         model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     rows = handle.last_counts()
     assert [row["vision_grids"] for row in rows] == [[list(dims.patch_grid(*image_size))]] * 2
     costs = [flops.sample_cost(dims, row, new_tokens) for row in rows]
-    assert all(row["llm_visual"][1] < row["llm_visual"][0] for row in rows)
+    if name == "fastv":
+        assert all(row["llm_visual"][1] < row["llm_visual"][0] for row in rows)
+    else:                                                  # fewer patches from the reducing block's MLP on
+        assert all(row["vision"][-1][1] < row["vision"][0][0] and row["visual_delivered"] < 35 for row in rows)
     assert parts(counter)["total"] == sum(cost["total_flops"] + 2 * row["overhead_macs"]
                                           for cost, row in zip(costs, rows))
     # the grids must account for the visual tokens delivered
     wrong = {**rows[0], "vision_grids": [[rows[0]["vision_grids"][0][0], 2]]}
-    with pytest.raises(ValueError, match="vision_grids.*visual tokens delivered"):
+    with pytest.raises(ValueError, match="the first on every patch of the grids"):
         flops.sample_cost(dims, wrong, new_tokens)
 
 

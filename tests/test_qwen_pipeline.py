@@ -1,5 +1,6 @@
 """Tiny random Qwen2-VL and Qwen2.5-VL models through the real pipeline (issue 19): fetched by Snakemake from
-local source directories, evaluated unreduced and with FastV and FiCoCo-L (inside the LLM) on toy scenes
+local source directories, evaluated unreduced, with FastV and FiCoCo-L (inside the LLM) and with FiCoCo-V (inside
+the tower, its key-mean semantic term) on toy scenes
 through the model's own image processor and tokenizer, scored, measured on the nominal image, aggregated and
 reported, at a budget of the nominal image and at a token count for every image. Every sample's counts come
 from its image's patch grid, computed here from the image size
@@ -19,7 +20,7 @@ from pipeline import copy_workflow, read_jsonl, snakemake
 
 TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
 MODELS = {"tiny-qwen2": "qwen2_vl", "tiny-qwen25": "qwen2_5_vl"}
-METHODS = ("vanilla", "fastv", "ficoco-l")
+METHODS = ("vanilla", "fastv", "ficoco-l", "ficoco-v")
 BUDGET = 1960            # half of the tiny models' nominal 896 x 1120 px image: 3,920 tokens of 8 px patches, 2 x 2
 PER_IMAGE = 2000         # {image_tokens: 2000}: 2,000 tokens for every image, all of its own for a smaller one
 
@@ -27,7 +28,8 @@ PER_IMAGE = 2000         # {image_tokens: 2000}: 2,000 tokens for every image, a
 def tiny_qwen_entry(source_dir) -> dict:
     return {"source": "hub", "id": "tests/tiny-qwen", "revision": "tiny-v1", "source_dir": str(source_dir),
             "shape": "source-dir", "dtype": "float32", "image_preprocessing": "none", "prompt_template": TEMPLATE,
-            "text_tokens": 11, "method_params": {"fastv": {"layer": 1}, "ficoco-l": {"start": 1, "window": 1}}}
+            "text_tokens": 11, "method_params": {"fastv": {"layer": 1}, "ficoco-l": {"start": 1, "window": 1},
+                                                 "ficoco-v": {"semantic": "key-mean", "start": 0}}}
 
 
 @pytest.fixture(scope="module")
@@ -67,20 +69,30 @@ def test_a_tiny_qwen_runs_end_to_end_through_snakemake(qwen_run, model):
     # FastV at 1,960 of the nominal 3,920: each 36-token image keeps 18 a layer on average over 3 layers,
     # pruned after layer 1: 36 + 2k = 3 x 18 -> k = 9. FiCoCo-L from layer 1 (window 1): the same counts.
     # At PER_IMAGE tokens for every image, a 36-token scene has fewer and is kept whole: no reduction runs.
-    planned = {("vanilla", "bfull"): [36, 36, 36], ("fastv", f"b{BUDGET}"): [36, 9, 9],
-               ("ficoco-l", f"b{BUDGET}"): [36, 9, 9], ("fastv", f"bn{PER_IMAGE}"): [36, 36, 36],
-               ("ficoco-l", f"bn{PER_IMAGE}"): [36, 36, 36]}
-    for (method, label), llm_visual in planned.items():
+    # FiCoCo-V keeps 18 of the 36 merge groups (72 of 144 patches) in the blocks that attend over the whole image:
+    # Qwen2-VL's two (9 groups each), Qwen2.5-VL's middle one; the LLM gets the 18 in every layer.
+    tower = {"qwen2_vl": [[144, 108], [108, 72]], "qwen2_5_vl": [[144, 144], [144, 72], [72, 72]]}[MODELS[model]]
+    unreduced = [[144, 144]] * dims.vision_layers
+    planned = {("vanilla", "bfull"): ([36, 36, 36], unreduced), ("fastv", f"b{BUDGET}"): ([36, 9, 9], unreduced),
+               ("ficoco-l", f"b{BUDGET}"): ([36, 9, 9], unreduced), ("ficoco-v", f"b{BUDGET}"): ([18, 18, 18], tower),
+               ("fastv", f"bn{PER_IMAGE}"): ([36, 36, 36], unreduced),
+               ("ficoco-l", f"bn{PER_IMAGE}"): ([36, 36, 36], unreduced),
+               ("ficoco-v", f"bn{PER_IMAGE}"): ([36, 36, 36], unreduced)}
+    for (method, label), (llm_visual, vision) in planned.items():
         records = read_jsonl(next((runs / method / label).glob("shard*/predictions.jsonl")))
         assert len(records) == 4 and all(record["error"] is None for record in records), records
         for record in records:
             counts = record["counts"]
             text = counts["llm"][0] - counts["visual_delivered"]
-            assert counts["vision_grids"] == [list(grid)] and counts["visual_delivered"] == span
-            assert counts["vision"] == [[144, 144]] * dims.vision_layers and counts["llm_visual"] == llm_visual
+            assert counts["vision_grids"] == [list(grid)] and counts["visual_delivered"] == llm_visual[0]
+            assert counts["vision"] == vision and counts["llm_visual"] == llm_visual
             assert (counts["overhead_macs"] > 0) == (llm_visual[-1] < 36)      # a whole image costs no selection
-            expected = flops.qwen_vl_sample_cost(dims, (96, 96), text, record["generated_tokens"],
-                                                 llm_visual=llm_visual)
+            if vision[-1] != [72, 72]:            # Qwen2.5-VL's windows after a reduction: from the run's pairs
+                expected = flops.qwen_vl_sample_cost(dims, (96, 96), text, record["generated_tokens"],
+                                                     llm_visual=llm_visual, vision_counts=vision)
+            else:                                 # (FlopCounterMode-checked in test_qwen_flops.py), within bounds
+                assert 4 * 16 ** 2 <= counts["vision_attention_pairs"][-1] <= 4 * 36 ** 2
+                expected = flops.sample_cost(dims, counts, record["generated_tokens"])
             for key in ("vision_flops", "projector_flops", "prefill_flops", "decode_flops", "total_flops"):
                 assert record["cost"][key] == pytest.approx(expected[key]), key
         metrics = json.loads((runs / method / label / "metrics.json").read_text())
@@ -89,6 +101,8 @@ def test_a_tiny_qwen_runs_end_to_end_through_snakemake(qwen_run, model):
     fastv = json.loads((runs / f"fastv/b{BUDGET}/metrics.json").read_text())
     assert fastv["cost_mean"]["prefill_flops"] < vanilla["cost_mean"]["prefill_flops"]
     assert fastv["cost_mean"]["vision_flops"] == vanilla["cost_mean"]["vision_flops"]     # the tower runs unreduced
+    ficoco_v = json.loads((runs / f"ficoco-v/b{BUDGET}/metrics.json").read_text())
+    assert ficoco_v["cost_mean"]["vision_flops"] < vanilla["cost_mean"]["vision_flops"]
 
     # measured on the nominal image: 112 x 140 patches, 3,920 tokens; FastV keeps half of them on average
     measured = json.loads((repo / f"results/measure/{model}/vanilla/bfull.json").read_text())
@@ -100,6 +114,9 @@ def test_a_tiny_qwen_runs_end_to_end_through_snakemake(qwen_run, model):
     measured = json.loads((repo / f"results/measure/{model}/ficoco-l/bn{PER_IMAGE}.json").read_text())
     assert measured["job"]["budget"] == f"n{PER_IMAGE}"
     assert measured["counts"]["llm_visual"] == measured["plan"]["llm_visual"] == [3920, 1040, 1040]
+    measured = json.loads((repo / f"results/measure/{model}/ficoco-v/bn{PER_IMAGE}.json").read_text())
+    assert measured["counts"]["llm_visual"] == measured["plan"]["llm_visual"] == [2000] * 3
+    assert measured["counts"]["vision"] == measured["plan"]["vision_counts"]
     assert model in (repo / "report/report.html").read_text()
 
 

@@ -218,7 +218,7 @@ def test_images_of_two_sizes_in_one_batch_are_refused_for_an_llm_reduction(model
              "pixel_values": torch.cat([small["pixel_values"], large["pixel_values"]]),
              "image_grid_thw": torch.cat([small["image_grid_thw"], large["image_grid_thw"]])}
     with ficoco.apply(model, "fastv", BUDGET, layer=1):
-        with pytest.raises(ValueError, match=r"fastv: an LLM reduction is planned for one image per prompt and one "
+        with pytest.raises(ValueError, match=r"fastv: a reduction is planned for one image per prompt and one "
                                              r"span per batch; this batch's rows hold \[1, 1\] images of \[32, 64\]"):
             logits_of(model, batch)
     with ficoco.apply(model, "vanilla") as handle:                 # unreduced, any sizes batch together
@@ -226,11 +226,16 @@ def test_images_of_two_sizes_in_one_batch_are_refused_for_an_llm_reduction(model
         assert [counts["visual_delivered"] for counts in handle.last_counts()] == [32, 64]
 
 
+ELSEWHERE = "only reductions inside the LLM, or inside the tower's blocks alone, run on qwen2_vl so far"
+
+
 @pytest.mark.parametrize("name, overrides, message", [
-    ("ficoco-v", {}, "ficoco-v cannot run on qwen2_vl: it needs a CLS token first in the vision tower"),
+    ("ficoco-v", {}, "ficoco-v cannot run on qwen2_vl: it needs a CLS token first in the vision tower .* on a tower "
+                     "without CLS run it with semantic='key-mean'"),
     ("visionzip", {}, "visionzip cannot run on qwen2_vl: it needs a CLS token first in the vision tower"),
-    ("divprune", {}, "divprune cannot run on qwen2_vl: only reductions inside the LLM run on qwen2_vl so far"),
-    ("cdpruner", {}, "cdpruner cannot run on qwen2_vl: only reductions inside the LLM run on qwen2_vl so far"),
+    ("divprune", {}, f"divprune cannot run on qwen2_vl: {ELSEWHERE}"),
+    ("cdpruner", {}, f"cdpruner cannot run on qwen2_vl: {ELSEWHERE}"),
+    ("ficoco-vl", {}, "ficoco-vl cannot run on qwen2_vl: it needs a CLS token first"),
 ])
 def test_what_the_adapter_cannot_place_is_refused_by_name(name, overrides, message):
     model, _ = tiny_qwen("qwen2_vl", llm_layers=2)

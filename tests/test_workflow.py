@@ -83,12 +83,14 @@ def test_the_paper_grid_holds_the_v4_qwen2_vl_grid_and_the_same_on_qwen2_5_vl():
     for model in ("qwen2-vl-7b", "qwen2.5-vl-7b"):
         qwen_jobs = [job for job in jobs if job.model == model]
         assert {(job.method, job.budget) for job in qwen_jobs} == {
-            ("vanilla", "full"), *((method, f"n{tokens}") for method in ("ficoco-l", "sparsevlm")
+            ("vanilla", "full"), *((method, f"n{tokens}") for method in ("ficoco-v", "ficoco-l", "sparsevlm")
                                    for tokens in (600, 500, 400))}
         assert {job.benchmark for job in qwen_jobs} == {"mmbench", "pope", "textvqa"}
         assert all(job.run_budget == job.budget for job in qwen_jobs)
         keeps = method_overrides(config, load_registries(config)[0], model, "sparsevlm", "n400")["keeps"]
         assert keeps == [636, 290, 163]
+        assert method_overrides(config, load_registries(config)[0], model, "ficoco-v", "n600") == {
+            "semantic": "key-mean"}                             # the paper's CLS-free term: Qwen's tower has no CLS
 
 
 def test_slurm_profile_gives_gpus_to_gpu_jobs_only(repo_copy):

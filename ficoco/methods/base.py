@@ -108,7 +108,9 @@ class Method:
                                                 # data first (`ficoco calibrate`, FitPrune's deletions)
     fitted_where: str = ""                      # a calibrated method: where its fitted steps act, in words
                                                 # (`ficoco methods`; it builds none before its fit)
-    needs: Needs = Needs()                      # what it assumes of an image's layout (ficoco.contract)
+    needs: Needs | Callable[[Mapping[str, Any]], Needs] = Needs()   # what it assumes of an image's layout
+                                                # (ficoco.contract), or a function of its resolved parameters
+                                                # that says it (FiCoCo-V: a CLS token for semantic="cls" only)
     needs_text_tower: bool = False              # reads the instruction through the CLIP text tower of the vision
                                                 # tower's checkpoint, a companion of the model (CDPruner)
     tower_schedule: Callable[[Any, int | None, dict], dict] | None = None      # phase "both": the tower part alone
@@ -164,14 +166,18 @@ class Method:
             if not 1 <= budget <= dims.visual_tokens:
                 raise ValueError(f"{self.name}: budget {budget} must be in [1, {dims.visual_tokens}] "
                                  f"(the model's visual tokens), or None for unreduced")
-        unmet = self.unmet_needs(dims)
+        unmet = self.unmet_needs(dims, **overrides)
         if unmet:
             raise ValueError(f"{self.name} cannot run on this model: it needs {'; '.join(unmet)}")
         params = self.resolve(overrides)
         plan = self.schedule(dims, budget, params)
         return Plan.from_schedule(self.name, self.phase, budget, params, plan)
 
-    def unmet_needs(self, dims) -> list[str]:
+    def needs_for(self, overrides: Mapping[str, Any]) -> Needs:
+        """What the method assumes of an image's layout with these parameter overrides."""
+        return self.needs(self.resolve(overrides)) if callable(self.needs) else self.needs
+
+    def unmet_needs(self, dims, **overrides) -> list[str]:
         """What the model of shape `dims` lacks of this method's needs, in words ([] when it can run).
 
         On images of several crops (LLaVA-NeXT) the adapter reduces each crop in or right after the tower,
@@ -179,7 +185,7 @@ class Method:
         two parts): one that acts in the tower and the LLM without its parts needs one crop there, for now
         (docs/contracts.md §3)."""
         layout = dims.image_layout()
-        unmet = unmet_needs(self.needs, layout)
+        unmet = unmet_needs(self.needs_for(overrides), layout)
         both_without_parts = self.phase == "both" and self.llm_schedule is None
         if both_without_parts and len(layout.crops) > 1:
             unmet.append(f"one crop per image (this model encodes {len(layout.crops)}; on multi-crop images only "
@@ -192,7 +198,7 @@ class Method:
         (`ficoco.dims.image_plan`: a budget of the nominal image, kept per pass or per span)."""
         if not dims.image_grid_pinpoints:
             return self.plan(dims, budget, **overrides)
-        unmet = self.unmet_needs(dims)
+        unmet = self.unmet_needs(dims, **overrides)
         if unmet:
             raise ValueError(f"{self.name} cannot run on this model: it needs {'; '.join(unmet)}")
         layout = dims.anyres_layout(*dims.largest_canvas)

@@ -43,7 +43,7 @@ def describe(method) -> str:
         f"  {method.summary}",
         f"  acts on:   {where}",
         f"  attention: {method.needs_attention}",
-        f"  needs:     {needs_text(method.needs)}"
+        f"  needs:     {needs_text(method.needs_for({}))}"
         + ("; the CLIP text tower of the vision tower's checkpoint (the model's clip/; "
            "ficoco.apply(..., text_tower=...))" if method.needs_text_tower else ""),
     ]

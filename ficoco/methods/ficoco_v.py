@@ -6,6 +6,10 @@ filter   s_i = λ·(attention patch i receives from the other patches) − (1−
 correlate C = A[S, T]; targets J_i by the ε-quantile of each row (token-adaptive K)
 compress self-preserving merge of S into T, then delete S; CLS is kept and never a target.
 
+On a tower without CLS (Qwen2-VL, Qwen2.5-VL) with semantic="key-mean" (the paper's proxy, v4 App. Table 9):
+the candidates are whole 2×2 merge groups, one per LLM visual token, in the blocks of start..end that attend
+over the whole image (Qwen2.5-VL: its full-attention blocks); docs/methods.md, "On Qwen2-VL and Qwen2.5-VL".
+
 Also `ficoco-v-official`: the author's setting of 42 discards per layer from layer 12 (issue #4),
 which on LLaVA-1.5 (features of layer 22) delivers 576 − 11·42 = 114 tokens.
 """
@@ -14,7 +18,7 @@ from __future__ import annotations
 from ficoco.budget import encoder_discards
 from ficoco.methods.base import Method, Param, non_negative_int, optional_non_negative_int, positive_int
 from ficoco.methods.shared import (TOWER_NEEDS, VISION_PARAMS, encoder_plan, patches_for, planned_vision_layers,
-                                   vision_layers, vision_step)
+                                   semantic_needs, vision_layers, vision_step)
 
 
 RANGE_PARAMS = {
@@ -26,7 +30,7 @@ RANGE_PARAMS = {
 
 def schedule(dims, budget, params) -> dict:
     layers = vision_layers("ficoco-v", dims, params["start"], params["end"])
-    discards = {} if budget is None else encoder_discards(dims.num_patches, patches_for(dims, budget), layers)
+    discards = {} if budget is None else encoder_discards(dims.tower_units, patches_for(dims, budget), layers)
     return encoder_plan(dims, discards)
 
 
@@ -59,7 +63,7 @@ METHOD = Method(
     summary="FiCoCo-V: filter-correlate-compress inside CLIP layers 12..22 (between attention and MLP)",
     phase="vision",
     acts_on=("vision",),
-    needs=TOWER_NEEDS,
+    needs=semantic_needs,
     needs_attention="full head-mean attention matrix of each reducing vision layer",
     stages=STAGES,
     params={**VISION_PARAMS, **RANGE_PARAMS},

@@ -5,7 +5,7 @@ module, never another method's module (tests/test_contract.py checks it).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Mapping
 
 import torch
@@ -86,11 +86,12 @@ def fold_sources(x: torch.Tensor, sources: torch.Tensor, targets: torch.Tensor, 
 
 
 def vision_layer_counts(dims, discards: Mapping[int, int]) -> list[list[int]]:
-    """Planned [n_attn, n_mlp] per executed vision layer, CLS included, for one image."""
+    """Planned [n_attn, n_mlp] per executed vision layer, CLS included, for one image; `discards` in units
+    (`dims.tower_units`: patches, or Qwen's merge groups of `patches_per_unit` patches)."""
     tokens = dims.vision_tokens
     counts = []
     for layer in range(dims.vision_layers_run):
-        after = tokens - discards.get(layer, 0)
+        after = tokens - discards.get(layer, 0) * dims.patches_per_unit
         counts.append([tokens, after])
         tokens = after
     return counts
@@ -113,24 +114,32 @@ def planned_vision_layers(plan: Plan) -> tuple[int, ...]:
 
 
 def vision_layers(method: str, dims, start: int, end: int | None, start_name="start", end_name="end") -> list[int]:
-    """The reducing vision layers start..end, inside the layers that run (0..last feature layer)."""
+    """The reducing vision layers: those of start..end, inside the layers that run (0..last feature layer),
+    that attend over the whole image (`dims.attends_whole_image`: all of CLIP's; Qwen2.5-VL's full-attention
+    blocks, not its windowed ones)."""
     last = dims.last_vision_layer
     end = last if end is None else end
     check_layer_range(method, start_name, start, end_name, end, last + 1,
-                      f"the vision layers that produce LLaVA's features are 0..{last}")
-    return list(range(start, end + 1))
+                      f"the vision layers whose output the LLM reads are 0..{last}")
+    layers = [layer for layer in range(start, end + 1) if dims.attends_whole_image(layer)]
+    if not layers:
+        whole = [layer for layer in range(last + 1) if dims.attends_whole_image(layer)]
+        raise ValueError(f"{method}: {start_name}={start}, {end_name}={end}: no layer of that range attends over the "
+                         f"whole image (this tower's others attend within windows); valid ranges hold one of {whole}")
+    return layers
 
 
 def vision_plan(dims, discards: dict[int, int]) -> dict:
-    """Plan entries of an in-encoder schedule: per-layer discards and the tokens delivered to the LLM."""
-    patches, patches_out = dims.num_patches, []
+    """Plan entries of an in-encoder schedule: per-layer discards of units (`dims.tower_units`: patches, or
+    Qwen's merge groups) and the tokens delivered to the LLM."""
+    units, units_out = dims.tower_units, []
     for layer in sorted(discards):
-        patches -= discards[layer]
-        patches_out.append(patches)
+        units -= discards[layer]
+        units_out.append(units)
     delivered = dims.visual_tokens - sum(discards.values())
     return {
         "vision": {"layers": sorted(discards), "discards": [discards[layer] for layer in sorted(discards)],
-                   "patches_out": patches_out, "grid_hw": [dims.grid_side, dims.grid_side]},
+                   "patches_out": units_out, "grid_hw": list(dims.unit_grid)},
         "vision_counts": vision_layer_counts(dims, discards),
         "delivered": delivered,
     }
@@ -143,8 +152,9 @@ def encoder_plan(dims, discards: dict[int, int]) -> dict:
 
 
 def patches_for(dims, delivered: int) -> int:
-    """Patches that must remain for `delivered` tokens to reach the LLM (CLS is delivered under "full")."""
-    return delivered - (dims.visual_tokens - dims.num_patches)
+    """Units (patches; Qwen's merge groups) that must remain for `delivered` tokens to reach the LLM (CLS is
+    delivered under "full")."""
+    return delivered - (dims.visual_tokens - dims.tower_units)
 
 
 def vision_layer_build(make_reduce: Callable[[tuple, VisionSchedule], Callable], attention: str = "probs"
@@ -210,29 +220,36 @@ class FicocoVisionReduce:
     semantic: str = "cls"
 
     def __call__(self, layer: int, tokens: VisionTokens, scores: VisionScores) -> VisionTokens:
-        attn = scores.probs()                                                   # (B, 1+N, 1+N)
-        semantic = key_mean_semantic(scores.keys()) if self.semantic == "key-mean" else None   # (B, N) or A[CLS]
-        redundancy = ficoco_v_scores(attn, self.lam, semantic)                  # (B, N)
+        prefix = tokens.prefix                                                  # P: 1 with CLS, 0 without
+        if self.semantic == "cls" and prefix != 1:
+            raise ValueError("FiCoCo-V's semantic term 'cls' reads CLS attention, and this tower has no CLS: use "
+                             "semantic='key-mean'")
+        attn = scores.probs()                                                   # (B, P+N, P+N)
+        semantic = key_mean_semantic(scores.keys(), prefix) if self.semantic == "key-mean" else None  # or A[CLS]
+        redundancy = ficoco_v_scores(attn, self.lam, semantic, prefix)          # (B, N)
         redundancy = local_penalty(redundancy, tokens.positions, self.grid_hw, self.penalty_window, self.coef)
-        sources, targets = split_by_score(redundancy, self.discards[layer])     # (B, S), (B, T) into patches
-        weights = None if self.k == 0 else merge_weights(take(attn, sources + 1, targets + 1), self.eps, self.k)
-        patches = fold_sources(tokens.hidden[:, 1:], sources, targets, weights, self.k)   # (B, T, D)
+        sources, targets = split_by_score(redundancy, self.discards[layer])     # (B, S), (B, T) into units
+        weights = None if self.k == 0 else merge_weights(take(attn, sources + prefix, targets + prefix), self.eps,
+                                                         self.k)
+        units = fold_sources(tokens.hidden[:, prefix:], sources, targets, weights, self.k)   # (B, T, D)
         key_bias = tokens.key_bias
         if key_bias is not None:
-            key_bias = torch.cat([key_bias[:, :1], key_bias[:, 1:].gather(1, targets)], dim=1)
+            key_bias = torch.cat([key_bias[:, :prefix], key_bias[:, prefix:].gather(1, targets)], dim=1)
         return VisionTokens(
-            hidden=torch.cat([tokens.hidden[:, :1], patches], dim=1),           # (B, 1+T, D), CLS first
-            positions=tokens.positions.gather(1, targets),                      # (B, T), still ascending
+            hidden=torch.cat([tokens.hidden[:, :prefix], units], dim=1),        # (B, P+T, D), CLS first
+            positions=tokens.positions.gather(1, targets),                      # (B, T), still in order
             key_bias=key_bias,
+            prefix=prefix,
         )
 
     def overhead(self, dims, shape: StepShape) -> int:
         # the probabilities and keys come with the layer's output; what remains is the merge of S sources
-        # into T targets, and for the key-mean term each patch's cosine with the mean key
-        sources, targets = shape.tokens - shape.kept, shape.kept - 1
-        merge = 0 if self.k == 0 else merge_macs(sources, targets, dims.vision_hidden)
-        semantic = cosine_macs(shape.tokens - 1, 1, dims.vision_hidden // dims.vision_heads) \
-            if self.semantic == "key-mean" else 0
+        # into T targets (units of patches_per_unit patches side by side), and for the key-mean term each
+        # unit's cosine with the mean key
+        units = shape.tokens - dims.tower_prefix
+        sources, targets = shape.tokens - shape.kept, shape.kept - dims.tower_prefix
+        merge = 0 if self.k == 0 else merge_macs(sources, targets, dims.vision_hidden * dims.patches_per_unit)
+        semantic = cosine_macs(units, 1, dims.vision_hidden // dims.vision_heads) if self.semantic == "key-mean" else 0
         return merge + semantic
 
 
@@ -244,8 +261,17 @@ VISION_PARAMS = {
     "k": Param(None, "targets per source: None = token-adaptive ε-quantile, 0 = prune, k >= 1 = fixed k",
                optional_non_negative_int),
     "semantic": Param("cls", "the semantic term: cls = CLS attention to the patch; key-mean = −cos(mean patch key, "
-                      "patch key), the paper's CLS-free proxy (v4 App. Table 9)", one_of(("cls", "key-mean"))),
+                      "patch key), the paper's CLS-free proxy (v4 App. Table 9), the one a tower without CLS "
+                      "(Qwen2-VL, Qwen2.5-VL) takes", one_of(("cls", "key-mean"))),
 }
+
+
+def semantic_needs(params: Mapping) -> Needs:
+    """What FiCoCo-V's tower step needs with these parameters: a CLS token first for the CLS semantic term;
+    nothing of the tower with the key-mean proxy (a tower without CLS, whose units may be merge groups)."""
+    if params["semantic"] == "cls":
+        return replace(TOWER_NEEDS, remedy="on a tower without CLS run it with semantic='key-mean'")
+    return Needs()
 
 
 def vision_step(vision: VisionSchedule, params: Mapping) -> VisionLayerStep:

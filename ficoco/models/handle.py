@@ -43,6 +43,7 @@ class Call:
         self.image_layouts: list = []                     # per image: LLaVA-NeXT's AnyresLayout (ficoco.dims),
                                                           # Qwen2-VL's span (its visual tokens in the LLM)
         self.image_grids: list[list[int]] = []            # per image: Qwen2-VL's patch grid [rows, cols]
+        self.tower = None                                 # Qwen2-VL: the `QwenTowerPass` of a reducing tower
 
 
 class Handle:
@@ -151,7 +152,7 @@ class Handle:
             for site, shapes in vision_pass.step_shapes:
                 step = self.steps_by_site[site]
                 for image, shape in enumerate(shapes):
-                    per_image[image] += _checked_overhead(self.method, step, self.dims, shape)
+                    per_image[image] += checked_overhead(self.method, step, self.dims, shape)
             overhead += per_image
         return overhead
 
@@ -172,7 +173,7 @@ class Handle:
         """Selection overhead of batch row `row`'s LLM steps, on its own length (padding excluded)."""
         if llm_pass is None:
             return 0
-        return sum(_checked_overhead(self.method, llm_pass.step, self.dims,
+        return sum(checked_overhead(self.method, llm_pass.step, self.dims,
                                      StepShape(layer, visual, kept, length=length - pads, instruction=instruction[row],
                                                keys_cached=keys_cached))
                    for layer, length, visual, kept, instruction, keys_cached in llm_pass.step_shapes)
@@ -194,6 +195,10 @@ class Handle:
                 "llm": dict(call.llm.trace) if call.llm else {}}
 
     # -- what the patches ask for ---------------------------------------------------------------
+    def _reduces_llm_cache(self) -> bool:
+        """Whether a prefill may leave a reduced KV cache, whose decode steps need its record."""
+        return self.llm_step is not None
+
     def _encoding_instructions(self) -> list[list[int]] | None:
         """Per image (tower pass) being encoded, its row's token ids after the row's last image: those of the
         current prefill, or of the `generate` call that encodes its images first; None outside both."""
@@ -221,7 +226,7 @@ class Handle:
         self._call = call = Call(prefill=prefill)
         if not prefill:
             prefill_call = self._prefill_by_cache.get(cache)
-            if prefill_call is None and self.llm_step is not None:
+            if prefill_call is None and self._reduces_llm_cache():
                 raise ValueError(f"{self.method.name}: a decode step on a KV cache whose prefill this handle did not "
                                  f"see (the prefill made its own cache); the cache may be reduced, and this step's "
                                  f"mask and positions could not be matched to it. Pass the prefill a cache "
@@ -327,7 +332,7 @@ class Replacement:
         delattr(self.owner, self.name)
 
 
-def _checked_overhead(method, step: Step, dims: ModelDims, shape: StepShape) -> int:
+def checked_overhead(method, step: Step, dims: ModelDims, shape: StepShape) -> int:
     """step.overhead(dims, shape), which must be a whole number of MACs >= 0."""
     macs = step.overhead(dims, shape)
     if isinstance(macs, bool) or not isinstance(macs, int) or macs < 0:

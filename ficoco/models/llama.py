@@ -65,6 +65,9 @@ class LLMPass:
                                                       # (layer, length L with padding, visual N, kept, M per
                                                       # row, keys read from a KV cache)
         self.previous_input: tuple | None = None      # (layer, hidden, cos, sin, valid) for scores_from="previous"
+        self.awaits_tower_kept = False                # a reduction inside the tower keeps visual tokens, dropped at
+        self.tower_kept: torch.Tensor | None = None   # the input of layer 0: these (B, T) indices into the visual
+                                                      # axis (its placeholders of dropped ones hold no feature)
         self._sliced: dict[str, object] = {}          # kwargs sliced for the current keep
         self._decode_index: dict[tuple[int, int], torch.Tensor] = {}
 
@@ -245,6 +248,11 @@ class LlamaPatch:
         hidden = args[0] if args else kwargs["hidden_states"]
         if index == 0 and llm_pass.reduce and llm_pass.step.needs_inputs:
             llm_pass.inputs = hidden                       # the embeddings, before any reduction
+        if index == 0 and llm_pass.awaits_tower_kept:     # a reduction inside the tower chose the kept tokens
+            if llm_pass.tower_kept is None:
+                raise RuntimeError("the vision tower reduced this prefill's images, and which tokens it kept never "
+                                   "reached the LLM: the tower's hooks did not run (an untested transformers?)")
+            hidden = self._keep(0, hidden, llm_pass, llm_pass.visual.gather(1, llm_pass.tower_kept), keep_from=0)
         if llm_pass.reduce and index in self.reducing:
             cos, sin = _sliced_kwargs(kwargs, llm_pass)["position_embeddings"]
             scores_for, keys_cached = self._input_scores(index, layer, hidden, cos, sin, llm_pass, cache_of(kwargs))
@@ -312,7 +320,7 @@ class LlamaPatch:
         then drop the removed positions; the caches of layers >= `keep_from` hold only the kept ones.
         `keys_cached`: the scores read their keys from a KV cache (recorded for the overhead).
         Returns (B, L', D)."""
-        batch, length, width = hidden.shape
+        batch, length = hidden.shape[:2]
         kept_hidden = torch.empty_like(hidden)
         kept_visual = None
         for rows in _rows_by_instruction_length(llm_pass.instruction):
@@ -331,10 +339,17 @@ class LlamaPatch:
             kept_hidden[rows], kept_visual[rows] = kept.hidden, kept.visual
         llm_pass.step_shapes.append((index, length, llm_pass.visual.shape[1], kept_visual.shape[1],
                                      [positions.shape[0] for positions in llm_pass.instruction], keys_cached))
+        return self._keep(index, kept_hidden, llm_pass, kept_visual, keep_from)
+
+    @staticmethod
+    def _keep(index, hidden, llm_pass: LLMPass, kept_visual: torch.Tensor, keep_from: int) -> torch.Tensor:
+        """Drop the visual positions of `hidden` (B, L, D) not in `kept_visual` (B, T), positions into the current
+        sequence; the caches of layers >= `keep_from` hold only the kept ones. Returns (B, L', D)."""
+        batch, length, width = hidden.shape
         dropped = torch.zeros(batch, length, dtype=torch.bool, device=hidden.device)
         dropped.scatter_(1, llm_pass.visual, True).scatter_(1, kept_visual, False)
         keep_local = (~dropped).nonzero()[:, 1].view(batch, -1)                  # (B, L'), ascending per row
-        hidden = kept_hidden.gather(1, keep_local[..., None].expand(-1, -1, width))
+        hidden = hidden.gather(1, keep_local[..., None].expand(-1, -1, width))
         # re-index the pass state to the shorter sequence
         llm_pass.visual = torch.searchsorted(keep_local, kept_visual)
         llm_pass.instruction = [torch.searchsorted(keep_local[r], positions)

@@ -66,7 +66,7 @@ def apply_llava_next(model, method: Method, budget: int | None = None, text_towe
         raise ValueError(f"{method.name}: pass text_tower (ficoco.models.companion) to a method that reads the "
                          f"instruction through CLIP's text tower, and only to one (`ficoco methods`: needs_text_tower)")
     dims = ModelDims.from_config(model.config)
-    unmet = method.unmet_needs(dims)             # on multi-crop images: what the adapter has no site for
+    unmet = method.unmet_needs(dims, **overrides)   # on multi-crop images: what the adapter has no site for
     if unmet:
         raise ValueError(f"{method.name} (phase {method.phase}): on LLaVA-NeXT the unreduced model and the methods "
                          f"planned from a budget that reduce each crop (in or right after the tower), the span "

@@ -7,7 +7,8 @@ model of that family built in memory (no download, CPU, about a second):
 
 - "llava" (the LLaVA and LLaVA-NeXT adapters): FiCoCo-VL reducing in the vision tower *and* in the LLM;
 - "qwen2_vl", "qwen2_5_vl" (the Qwen2-VL adapter on each model class): FiCoCo-L reducing inside the LLM
-  at half of every image, images given by `image_grid_thw`, M-RoPE positions, rows left-padded;
+  at half of every image, images given by `image_grid_thw`, M-RoPE positions, rows left-padded; and, in
+  `prefill_counts`, FiCoCo-V (its CLS-free term) reducing merge groups inside the tower;
 
 | check                   | what must hold                                                                 |
 |-------------------------|--------------------------------------------------------------------------------|
@@ -46,6 +47,8 @@ FAMILY_OF_MODEL_TYPE = {"llava": "llava", "llava_next": "llava", "qwen2_vl": "qw
 _QWEN_START, _QWEN_END, _QWEN_VIDEO, _QWEN_GRID = 61, 62, 63, (8, 12)
 _QWEN_SPAN = _QWEN_GRID[0] * _QWEN_GRID[1] // 4
 QWEN_METHOD, QWEN_OVERRIDES = "ficoco-l", {"start": 1, "window": 1}
+# and FiCoCo-V inside the tower: Qwen2-VL's blocks 0..1, Qwen2.5-VL's full-attention block 1
+QWEN_TOWER_METHOD, QWEN_TOWER_OVERRIDES = "ficoco-v", {"semantic": "key-mean", "start": 0}
 QWEN_PROMPTS = ((7, 8, _QWEN_START, *[_IMAGE] * _QWEN_SPAN, _QWEN_END, 9, 10, 11),
                 (7, _QWEN_START, *[_IMAGE] * _QWEN_SPAN, _QWEN_END, 9, 10, 11, 12, 13))
 CHECK_NAMES = ("prefill_counts", "decode_keeps_counts", "kv_cache_lengths", "batch_equals_alone",
@@ -182,12 +185,12 @@ def _run_checks(checks: list[Check]) -> None:
 
 
 def _run_qwen_checks(checks: list[Check], model_type: str) -> None:
-    """The checks of `_run_checks` on a tiny Qwen2-VL-family model of `model_type`, FiCoCo-L inside its LLM; the
-    expected counts are the method's plan for the image's span (`ficoco.dims.span_plan`), made without the model."""
+    """The checks of `_run_checks` on a tiny Qwen2-VL-family model of `model_type`, FiCoCo-L inside its LLM (and,
+    in `prefill_counts`, FiCoCo-V inside its tower); the expected counts are the method's plan for the image
+    (`ficoco.qwen_dims.qwen_image_plan`), made without the model."""
     from ficoco import methods
-    from ficoco.dims import span_plan
     from ficoco.models.qwen_vl import install_qwen_vl
-    from ficoco.qwen_dims import QwenVLDims
+    from ficoco.qwen_dims import QwenVLDims, qwen_image_plan
 
     model = tiny_qwen(model_type)
     dims = QwenVLDims.from_config(model.config)
@@ -208,21 +211,45 @@ def _run_qwen_checks(checks: list[Check], model_type: str) -> None:
 
     first = inputs(QWEN_PROMPTS[:1], [0])
     reference_logits, reference_tokens = model(**first).logits, generate(first).sequences
+    text = len(QWEN_PROMPTS[0]) - _QWEN_SPAN
+
+    def planned(name: str, overrides: dict) -> dict:
+        plan = qwen_image_plan(methods.get(name), dims, _QWEN_GRID, budget, **overrides)
+        return {"vision": [list(pair) for pair in plan.vision_counts], "vision_grids": [list(_QWEN_GRID)],
+                "visual_delivered": plan.delivered, "llm": [text + visual for visual in plan.llm_visual],
+                "llm_visual": list(plan.llm_visual)}
+
+    def recorded(counts: list[dict]) -> list[dict]:
+        return [{key: row.get(key) for key in ("vision", "vision_grids", "visual_delivered", "llm", "llm_visual")}
+                for row in counts]
+    # FiCoCo-V inside the tower first (one handle at a time): a prefill, then `generate`, whose failure belongs
+    # to check (2)
+    tower = install_qwen_vl(model, methods.get(QWEN_TOWER_METHOD), budget, **QWEN_TOWER_OVERRIDES)
+    tower_error = None
+    try:
+        model(**first)
+        tower_prefill = recorded(tower.last_counts())
+        try:
+            generate(first)
+            tower_generate = recorded(tower.last_counts())
+        except Exception as error:          # noqa: BLE001 - reported as check (2)
+            tower_error = error
+    finally:
+        tower.remove()
     handle = install_qwen_vl(model, methods.get(QWEN_METHOD), budget, **QWEN_OVERRIDES)
     try:
-        # (1) a prefill records exactly the planned schedule of its image's span
-        plan = span_plan(methods.get(QWEN_METHOD), dims, _QWEN_SPAN, budget, **QWEN_OVERRIDES)
+        # (1) a prefill records exactly the planned schedule of its image (in the LLM, and in the tower)
         model(**first)
         prefill = handle.last_counts()
-        text = len(QWEN_PROMPTS[0]) - _QWEN_SPAN
-        expected = [{"vision": [[patches, patches]] * dims.vision_layers, "vision_grids": [list(_QWEN_GRID)],
-                     "visual_delivered": _QWEN_SPAN, "llm": [text + visual for visual in plan.llm_visual],
-                     "llm_visual": list(plan.llm_visual)}]
-        checks.append(_compare("prefill_counts", expected, [{key: counts.get(key) for key in expected[0]}
-                                                            for counts in prefill]))
+        checks.append(_compare("prefill_counts", [planned(QWEN_METHOD, QWEN_OVERRIDES),
+                                                  planned(QWEN_TOWER_METHOD, QWEN_TOWER_OVERRIDES)],
+                               recorded(prefill) + tower_prefill))
         # (2) decode steps are not taken for prefills; `generate` encodes the image before the prefill
         out = generate(first)
-        checks.append(_compare("decode_keeps_counts", prefill, handle.last_counts()))
+        if tower_error is not None:
+            raise tower_error
+        checks.append(_compare("decode_keeps_counts", prefill + tower_prefill,
+                               handle.last_counts() + tower_generate))
         # (3) the cache holds each layer's reduced prompt plus one entry per decode step
         decode_steps = out.sequences.shape[1] - first["input_ids"].shape[1] - 1
         cache = _cache_in(out)

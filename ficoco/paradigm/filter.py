@@ -99,24 +99,29 @@ def received_attention(attn: torch.Tensor) -> torch.Tensor:
     return (column_sums - self_attention) / (n - 1)
 
 
-def ficoco_v_scores(attn: torch.Tensor, lam: float, semantic: torch.Tensor | None = None) -> torch.Tensor:
+def ficoco_v_scores(attn: torch.Tensor, lam: float, semantic: torch.Tensor | None = None,
+                    prefix: int = 1) -> torch.Tensor:
     """FiCoCo-V redundancy s_i = λ·vr_i − (1−λ)·a_i over the patches (CLS is not a candidate).
 
-    attn: (B, 1+N, 1+N) head-mean probabilities with CLS at position 0 -> (B, N) float32.
-    semantic: (B, N) the semantic term a_i; None = A[0, i], how much CLS attends to patch i.
+    attn: (B, P+N, P+N) head-mean probabilities with `prefix` P tokens first (1: CLS at position 0; 0: a
+    tower without CLS) -> (B, N) float32.
+    semantic: (B, N) the semantic term a_i; None = A[0, i], how much CLS attends to patch i (needs P = 1).
     """
-    patch_attn = attn[:, 1:, 1:]  # (B, N, N)
+    if semantic is None and prefix != 1:
+        raise ValueError(f"ficoco_v_scores: the CLS semantic term reads A[0, i], and prefix={prefix} (no CLS); "
+                         f"pass the semantic term (key_mean_semantic)")
+    patch_attn = attn[:, prefix:, prefix:]  # (B, N, N)
     semantic = _float32(attn[:, 0, 1:] if semantic is None else semantic)  # (B, N)
     return lam * received_attention(patch_attn) - (1.0 - lam) * semantic
 
 
-def key_mean_semantic(keys: torch.Tensor) -> torch.Tensor:
+def key_mean_semantic(keys: torch.Tensor, prefix: int = 1) -> torch.Tensor:
     """FiCoCo-V's semantic term without CLS (v4 App. Table 9): a_i = −cos(μ, P_i), with P_i patch i's key
     averaged over heads and μ the mean of the P_i: a patch like the average one is deemed redundant.
 
-    keys: (B, H, 1+N, d) the layer's keys, CLS at position 0 -> (B, N) float32.
+    keys: (B, H, P+N, d) the layer's keys, `prefix` P tokens (CLS) first -> (B, N) float32.
     """
-    patch_keys = keys[:, :, 1:].float().mean(dim=1)                     # (B, N, d): P_i
+    patch_keys = keys[:, :, prefix:].float().mean(dim=1)                # (B, N, d): P_i
     mean_key = patch_keys.mean(dim=1, keepdim=True)                     # (B, 1, d): μ
     return -pairwise_cosine(patch_keys, mean_key)[..., 0]                # (B, N)
 
