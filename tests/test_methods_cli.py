@@ -34,6 +34,10 @@ def test_the_listing_says_what_each_method_needs_of_the_image_layout(capsys):
     # LLM reductions keep 1-D RoPE and 3-D M-RoPE positions alike (Qwen2-VL), so they need nothing
     assert "  needs:     nothing of the image layout" in listing[2] and "nothing of the image layout" in listing[3]
     assert needs_text(Needs(positions=("rope-1d",))) == "rope-1d LLM positions"
+    # FiCoCo-V needs CLS for its default semantic term only, and says how to run without
+    assert main(["ficoco-v"]) == 0
+    assert ("  needs:     a CLS token first in the tower, on a tower without CLS run it with semantic='key-mean'\n"
+            in capsys.readouterr().out)
 
 
 def test_the_listing_says_which_method_reads_the_clip_text_tower(capsys):

@@ -32,6 +32,8 @@ def needs_text(needs: Needs) -> str:
                                        (needs.square_grid, "a square patch grid")) if wanted]
     if set(needs.positions) != set(Needs().positions):
         words.append(f"{' or '.join(needs.positions)} LLM positions")
+    if words and needs.remedy:
+        words.append(needs.remedy)
     return ", ".join(words) or "nothing of the image layout"
 
 
@@ -43,7 +45,7 @@ def describe(method) -> str:
         f"  {method.summary}",
         f"  acts on:   {where}",
         f"  attention: {method.needs_attention}",
-        f"  needs:     {needs_text(method.needs_for({}))}"
+        f"  needs:     {needs_text(method.needs_for({}))}"      # with its default parameters
         + ("; the CLIP text tower of the vision tower's checkpoint (the model's clip/; "
            "ficoco.apply(..., text_tower=...))" if method.needs_text_tower else ""),
     ]
