@@ -4,7 +4,8 @@
   interpolation, ties, tiny rows, ±inf and NaN included;
 - `adaptive_quantile_weights` must give bit-identical α to the sort-based formulation;
 - the CPU merge sums only the nonzero α, each target adding its sources in ascending order;
-- `gather_tokens` / `take` (row copies) must equal the element-wise gathers.
+- `gather_tokens` / `take` (row copies) must equal the element-wise gathers;
+- on an accelerator, FiCoCo-V's, FiCoCo-L's and FastV's steps read no device value on the host (meta tensors).
 """
 from __future__ import annotations
 
@@ -135,3 +136,43 @@ def test_gather_tokens_and_take_equal_elementwise_gathers(batch):
         cols = torch.stack([torch.randperm(12, generator=generator)[:7] for _ in range(batch)])
         want = attn.gather(1, index.unsqueeze(-1).expand(-1, -1, 12)).gather(2, cols.unsqueeze(1).expand(-1, count, -1))
         assert torch.equal(correlate.take(attn, index, cols), want)
+
+
+# ------------------------------------------------------------------------------------------------
+# On an accelerator a step must not read device values on the host (each read waits for the device):
+# on meta tensors, which hold no values, any such read raises, and every branch takes its non-CPU path.
+
+class _MetaVisionScores:
+    def __init__(self, tokens: int):
+        self.tokens = tokens
+
+    def probs(self):
+        return torch.empty(2, self.tokens, self.tokens, device="meta")
+
+    def keys(self):
+        return torch.empty(2, 4, self.tokens, 8, device="meta")
+
+
+class _MetaLLMScores:
+    def rows(self, queries, keys=None, heads="mean"):
+        return torch.empty(2, queries.shape[1], keys.shape[1], device="meta")
+
+
+@pytest.mark.parametrize("k", [None, 0, 2])
+def test_the_ficoco_steps_read_no_device_value_on_the_host(k):
+    from ficoco.contract import LLMTokens, VisionTokens
+    from ficoco.methods.shared import FicocoLanguageReduce, FicocoVisionReduce, LastQueryTopK
+
+    for semantic, prefix in (("cls", 1), ("key-mean", 1), ("key-mean", 0)):    # prefix 0: Qwen's merge groups
+        step = FicocoVisionReduce(discards={0: 4}, grid_hw=(4, 4), lam=0.35, coef=2.0, penalty_window=2, eps=0.998,
+                                  k=k, semantic=semantic)
+        tokens = VisionTokens(hidden=torch.empty(2, prefix + 16, 8, device="meta"),
+                              positions=torch.empty(2, 16, dtype=torch.long, device="meta"),
+                              key_bias=torch.empty(2, prefix + 16, device="meta"), prefix=prefix)
+        assert step(0, tokens, _MetaVisionScores(prefix + 16)).hidden.shape == (2, prefix + 12, 8)
+    prompt = LLMTokens(hidden=torch.empty(2, 30, 8, device="meta"),
+                       visual=torch.empty(2, 10, dtype=torch.long, device="meta"),
+                       instruction=torch.empty(2, 5, dtype=torch.long, device="meta"))
+    kept = FicocoLanguageReduce(discards={3: 4}, beta=0.6, gamma=0.6, eps=0.998, k=k)(3, prompt, _MetaLLMScores())
+    assert kept.visual.shape == (2, 6)
+    assert LastQueryTopK(keep={2: 5})(2, prompt, _MetaLLMScores()).visual.shape == (2, 5)

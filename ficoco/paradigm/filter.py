@@ -156,8 +156,9 @@ def local_penalty(
     if window < 1:
         raise ValueError(f"window must be >= 1; got {window}")
     n_cells = height * width
-    if grid_positions.device.type != "cpu":  # an out-of-range index would be a device-side assert
-        _check_on_grid(grid_positions, height, width)
+    if grid_positions.device.type != "cpu":  # an out-of-range index would be a device-side assert: say why, on the
+        torch._assert_async(((grid_positions >= 0) & (grid_positions < n_cells)).all(),   # device (no host read)
+                            f"local_penalty: grid_positions must lie in [0, {n_cells}) for grid {height}x{width}")
     batch = scores.shape[0]
     window_of_cell, n_windows = _grid_windows(height, width, window, grid_positions.device)
     try:
