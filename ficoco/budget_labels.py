@@ -90,6 +90,15 @@ def is_label(text) -> bool:
     return isinstance(text, str) and re.fullmatch(LABEL_PATTERN, text) is not None
 
 
+RUN_LABELS = "'full', 'adaptive', a positive integer or n<tokens> (a count for every image)"
+
+
+def is_run_label(text) -> bool:
+    """True for a label a job runs (RUN_LABELS): any label but a TFLOPs target, which the grid solves into a
+    token budget first."""
+    return is_label(text) and tflops_target(text) is None
+
+
 def tflops_target(label: str) -> TflopsTarget | None:
     """The target a TFLOPs label names ("t2.4" -> 2.4 exact); None for any other label."""
     match = re.fullmatch(TFLOPS_PATTERN, str(label))

@@ -23,7 +23,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ficoco.budget_labels import ADAPTIVE, FULL, image_tokens, run_label_problem
+from ficoco.budget_labels import ADAPTIVE, FULL, RUN_LABELS, image_tokens, is_run_label, run_label_problem
 from ficoco.journal import Journal, atomic_write_json, read_jsonl, remove_stale_temporaries, write_jsonl_atomic
 
 
@@ -472,9 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibration", help="a calibrated method's fitted parameters (`ficoco calibrate`'s JSON)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    if args.budget not in (FULL, ADAPTIVE) and not args.budget.isdigit() and image_tokens(args.budget) is None:
-        parser.error(f"--budget {args.budget!r}: valid values are 'full', 'adaptive', a positive integer or "
-                     f"n<tokens> (a count for every image)")
+    if not is_run_label(args.budget):
+        parser.error(f"--budget {args.budget!r}: valid values are {RUN_LABELS}")
     problem = run_label_problem(args.budget_label, args.budget)
     if problem:
         parser.error(problem)

@@ -529,13 +529,16 @@ def qwen_vision_block_macs(dims: QwenVLDims, attention_tokens: int, mlp_tokens: 
     return attention_projections + 2 * d * attention_pairs + dims.vision_mlp_matrices * mlp_tokens * d * m
 
 
-def qwen_attention_pairs(dims: QwenVLDims, grid: tuple[int, int], vision_counts: Sequence[Sequence[int]]) -> list[int]:
+def qwen_attention_pairs(dims: QwenVLDims, grid: tuple[int, int],
+                         vision_counts: Sequence[Sequence[int]] | None = None) -> list[int]:
     """Per tower block, the query-key pairs Σ s² one image's attention scores, its blocks running on `vision_counts`
-    ([n_attn, n_mlp] patches per block): its grid's sequences (the image, or its windows) while every patch is
-    there; after a reduction, n_attn² in a block that attends over the whole image. In a windowed block after
-    a reduction they depend on which groups each window kept, which only a run knows (its counts'
-    `vision_attention_pairs`): ValueError."""
+    ([n_attn, n_mlp] patches per block; default every patch): its grid's sequences (the image, or its windows)
+    while every patch is there; after a reduction, n_attn² in a block that attends over the whole image. In a
+    windowed block after a reduction they depend on which groups each window kept, which only a run knows (its
+    counts' `vision_attention_pairs`): ValueError."""
     patches, pairs = grid[0] * grid[1], []
+    if vision_counts is None:
+        vision_counts = [[patches, patches]] * dims.vision_layers
     for layer, (attention_tokens, _) in enumerate(vision_counts):
         if attention_tokens == patches:
             pairs.append(sum(span * span for span in dims.attention_spans(grid, layer)))
@@ -574,9 +577,7 @@ def qwen_vision_and_merger_macs(dims: QwenVLDims, counts: dict) -> tuple[int, in
                          f"(merged {dims.merge_size}×{dims.merge_size}), whole groups of whole grids")
     derived = None                                 # an unreduced tower's pairs follow from the grids
     if grids and all(pair == [patches, patches] for pair in vision):
-        per_image = [qwen_attention_pairs(dims, (rows, cols), [[rows * cols] * 2] * len(vision))
-                     for rows, cols in grids]
-        derived = [sum(layer) for layer in zip(*per_image)]
+        derived = [sum(layer) for layer in zip(*(qwen_attention_pairs(dims, grid) for grid in grids))]
     pairs = counts.get("vision_attention_pairs", derived)
     if pairs is None:
         raise ValueError("counts['vision'] shows a reduced tower, and counts has no 'vision_attention_pairs': the "

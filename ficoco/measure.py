@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ficoco.budget_labels import ADAPTIVE, FULL, ImageTokens, image_tokens, run_label_problem
+from ficoco.budget_labels import FULL, RUN_LABELS, ImageTokens, is_run_label, run_label_problem
 from ficoco.evaluate import offline_environment
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -375,10 +375,9 @@ def _budget(text: str) -> str:
     method in `main`)."""
     if text == "none":
         return FULL
-    if text in (FULL, ADAPTIVE) or (text.isdigit() and int(text) > 0) or image_tokens(text) is not None:
+    if is_run_label(text):
         return text
-    raise argparse.ArgumentTypeError(f"budget {text!r}: valid values are 'full', 'adaptive', a positive integer or "
-                                     f"n<tokens> (a count for every image, Qwen2-VL family)")
+    raise argparse.ArgumentTypeError(f"budget {text!r}: valid values are {RUN_LABELS}")
 
 
 def _overrides(text: str) -> dict:

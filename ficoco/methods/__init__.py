@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
-from ficoco.budget_labels import ADAPTIVE, FULL, ImageTokens, image_tokens, is_label, tflops_target
+from ficoco.budget_labels import ADAPTIVE, FULL, RUN_LABELS, ImageTokens, image_tokens, is_run_label, tflops_target
 from ficoco.methods import downsample, evit, ficoco_l, ficoco_v, ficoco_v_code, ficoco_vl, tome, vanilla
 from ficoco.methods import dart, fastv, pdrop, sparsevlm
 from ficoco.methods import cdpruner, divprune, fitprune, pooling, prumerge, random_keep, topk_cls, visionzip, vispruner, vscan
@@ -40,9 +40,8 @@ def budget_from_label(method, label) -> int | ImageTokens | None:
     if tflops_target(label) is not None:
         raise ValueError(f"budget {label!r} is a TFLOPs target; a job runs the token budget the grid solved for it "
                          f"(`ficoco grid` prints it): pass that integer")
-    if not is_label(label):
-        raise ValueError(f"budget {label!r}: valid values are '{FULL}', '{ADAPTIVE}', a positive integer or n<tokens> "
-                         f"(a count for every image)")
+    if not is_run_label(label):
+        raise ValueError(f"budget {label!r}: valid values are {RUN_LABELS}")
     if not method.budgeted and label != ADAPTIVE:
         raise ValueError(f"{method.name}: an adaptive method takes no budget; its budget label is '{ADAPTIVE}', "
                          f"got {label!r}")

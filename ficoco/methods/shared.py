@@ -221,9 +221,6 @@ class FicocoVisionReduce:
 
     def __call__(self, layer: int, tokens: VisionTokens, scores: VisionScores) -> VisionTokens:
         prefix = tokens.prefix                                                  # P: 1 with CLS, 0 without
-        if self.semantic == "cls" and prefix != 1:
-            raise ValueError("FiCoCo-V's semantic term 'cls' reads CLS attention, and this tower has no CLS: use "
-                             "semantic='key-mean'")
         attn = scores.probs()                                                   # (B, P+N, P+N)
         semantic = key_mean_semantic(scores.keys(), prefix) if self.semantic == "key-mean" else None  # or A[CLS]
         redundancy = ficoco_v_scores(attn, self.lam, semantic, prefix)          # (B, N)

@@ -34,7 +34,6 @@ from ficoco.budget_labels import ImageTokens
 import torch
 
 from ficoco.contract import LLMLayerStep, Plan, VisionLayerStep
-from ficoco.dims import span_plan
 from ficoco.models.guard import require_tested_transformers
 from ficoco.models.handle import Handle, after_last_image, checked_overhead
 from ficoco.models.llama import LlamaPatch, LLMPass
@@ -135,7 +134,7 @@ class QwenVLHandle(Handle):
                                          f"is unknown: pass pixel_values, or use generate")
                     self._attach_tower(call, tower_pass)
             else:
-                step = self._span_step(spans[0])
+                step = self._span_step(call.image_grids[0])
         if call.llm is None:
             call.llm = self._prefill_pass(is_image, valid, input_ids.shape[1], step, spans[0] if step else None)
         self._remember_prefill(call, cache)
@@ -221,16 +220,13 @@ class QwenVLHandle(Handle):
         is the unreduced one."""
         return self.budget is not None and image_budget(self.budget, span, self.dims.visual_tokens) is None
 
-    def _span_step(self, span: int) -> LLMLayerStep | None:
-        """The LLM step of the method's plan for one image of `span` visual tokens (the nominal budget's kept
-        fraction of its span), which must reduce on the layers installed."""
+    def _span_step(self, grid: list[int]) -> LLMLayerStep | None:
+        """The LLM step of the method's plan for an image of patch grid `grid` (the nominal budget's kept fraction
+        of its span: every image of that span alike), which must reduce on the layers installed."""
+        span = grid[0] * grid[1] // self.dims.merge_size ** 2
         if span not in self._span_steps:
-            self._span_steps[span] = self._span_llm_step(self._image_plan(span), f"an image of {span} tokens")
+            self._span_steps[span] = self._span_llm_step(self._grid_plan(grid), f"an image of {span} tokens")
         return self._span_steps[span]
-
-    def _image_plan(self, span: int) -> Plan:
-        """The method's plan for one image of `span` visual tokens, at the budget's kept fraction of its span."""
-        return span_plan(self.method, self.dims, span, self.budget, **self.overrides)
 
     def row_plans(self) -> list[Plan]:
         """Per batch row of the most recent prefill: the plan of its image (unreduced for a row without one)."""
