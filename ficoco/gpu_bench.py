@@ -6,7 +6,7 @@ from the token counts the run executed. docs/bench.md, "GPU run (H200)", has the
 The model is built once (`ficoco.measure.build_random_model`; speed does not depend on the weights) and
 every configuration is installed on it with `ficoco.apply` and removed afterwards. The prompt is
 synthetic (`ficoco.measure.synthetic_inputs`): BOS + 29 text tokens + 576 image placeholders + 30
-instruction tokens = 636 tokens, one random image per sample, no padding.
+instruction tokens = 636 tokens, one random image, no padding.
 
 Settings. `--shape llava-7b` runs every method with its defaults and the paper grid's per-budget
 parameters (config/paper.yaml `method_params`, e.g. FiCoCo-L at 64 starts at layer 2 with window 2: its
@@ -21,8 +21,13 @@ cost is inside the measured times.
 
 Timing, per configuration: `--warmup` untimed runs of each measurement, then the prefill (one forward with
 a fresh KV cache and logits for the last position only, what `generate` runs before its first token) at
-batch 1, median of `--prefill-repeats`; then `generate` with exactly 32 new tokens (greedy) at batch 1 and
-batch 16, median of `--generate-repeats` each, as images per second. A GPU is synchronised around each
+batch 1, median of `--prefill-repeats`; then a greedy generation of exactly 32 new tokens at batch 1 and
+batch 16, median of `--generate-repeats` each, as images per second. `--decode` chooses how it decodes:
+`graph` (the default on a GPU) on a static KV cache with each step after the second replayed as one CUDA graph
+(`ficoco.models.static_decode`; the capture is inside the timed call), `static` the same without graphs (the
+default on a CPU), `generate` HF `generate` with its dynamic cache, eagerly (the first H200 run). The batch-16
+rows repeat the batch-1 sample, so an adaptive method keeps the same count in every row (rows without
+padding, which a static decode needs) and each row does the counted work. A GPU is synchronised around each
 timed call. Peak memory: `torch.cuda.max_memory_allocated` over the batch-16 runs (weights included; reset
 before them); on a CPU the process's lifetime peak RSS, an upper bound shared by every row. Vanilla runs
 first and last (pooled; the drift between them is printed). `--time-limit` stops starting new
@@ -105,6 +110,32 @@ def generate_macs(dims, counts: dict) -> float:
     return sample_cost(dims, counts, generated_tokens=NEW_TOKENS)["total_macs"]
 
 
+DECODES = ("graph", "static", "generate")
+DECODE_WORDS = {"graph": "static KV cache, each step a replayed CUDA graph",
+                "static": "static KV cache, eager steps", "generate": "HF generate, dynamic KV cache, eager steps"}
+
+
+def _timed_decode(model, inputs: dict, decode: str, cuda: bool) -> dict:
+    """One greedy generation of NEW_TOKENS tokens, timed as `measure._timed_generate` times `generate`: time to
+    the first token, mean seconds per later token, end to end; `step_s` every later token's own seconds."""
+    from ficoco.measure import _StepClock, _timed_generate
+    from ficoco.models.static_decode import greedy_decode
+
+    if decode == "generate":
+        return _timed_generate(model, inputs, NEW_TOKENS, cuda)
+    clock = _StepClock(cuda)
+    clock.mark()                                                   # start
+    greedy_decode(model, inputs["input_ids"], inputs["pixel_values"], NEW_TOKENS,
+                  attention_mask=inputs.get("attention_mask"), graph=decode == "graph", on_token=clock.mark)
+    clock.mark()                                                   # end
+    marks = clock.seconds()                                        # [token 1, ..., token G, end]
+    if len(marks) != NEW_TOKENS + 1:
+        raise RuntimeError(f"greedy_decode marked {len(marks) - 1} tokens; expected {NEW_TOKENS}")
+    steps = [later - earlier for earlier, later in zip(marks[:NEW_TOKENS - 1], marks[1:NEW_TOKENS])]
+    return {"prefill_s": marks[0], "per_token_s": (marks[NEW_TOKENS - 1] - marks[0]) / (NEW_TOKENS - 1),
+            "end_to_end_s": marks[-1], "step_s": steps}
+
+
 def _prefill_seconds(model, inputs: dict, synchronize) -> float:
     import torch
 
@@ -139,21 +170,21 @@ def run_config(model, inputs: dict, method: str, budget, overrides: dict, args, 
     import torch
 
     import ficoco
-    from ficoco.measure import _peak_rss_bytes, _timed_generate
+    from ficoco.measure import _peak_rss_bytes
 
     synchronize = torch.cuda.synchronize if cuda else (lambda: None)
     with ficoco.apply(model, method, budget, text_tower=text_tower, **overrides) as handle:
         for _ in range(args.warmup):
             _prefill_seconds(model, inputs[1], synchronize)
             for batch in BATCH_SIZES:
-                _timed_generate(model, inputs[batch], NEW_TOKENS, cuda)
+                _timed_decode(model, inputs[batch], args.decode, cuda)
         prefill = [_prefill_seconds(model, inputs[1], synchronize) for _ in range(args.prefill_repeats)]
         counts = handle.last_counts()[0]                  # the batch-1 prefill's sample: what runs per image
         generate = {}
         for batch in BATCH_SIZES:
             if cuda:
                 torch.cuda.reset_peak_memory_stats()      # the peak below is the largest batch's
-            generate[batch] = [_timed_generate(model, inputs[batch], NEW_TOKENS, cuda)
+            generate[batch] = [_timed_decode(model, inputs[batch], args.decode, cuda)
                                for _ in range(args.generate_repeats)]
         peak = torch.cuda.max_memory_allocated() if cuda else _peak_rss_bytes()
         if args.profile:                                  # after the timed runs: the profiler slows what it sees
@@ -225,6 +256,7 @@ def drift(runs: list[dict]) -> dict:
 
 def format_table(result: dict) -> str:
     dims, largest = result["dims"], BATCH_SIZES[-1]
+    decode = result.get("decode", "generate")         # the first H200 run's JSON predates the field: generate
     gib = "peak GiB (b16)" if result["device"] == "cuda" else "peak RSS GiB (process lifetime)"
     lines = [
         f"model: {result['shape']} shape, random weights: CLIP {dims['vision_layers']} layers (runs "
@@ -232,7 +264,8 @@ def format_table(result: dict) -> str:
         f"577 tokens; LLM {dims['llm_layers']} layers d={dims['llm_hidden']} mlp={dims['llm_mlp']}, vocab "
         f"{dims['vocab_size']}; prompt {result['prompt_tokens']} tokens (576 image), {NEW_TOKENS} new tokens; "
         f"{result['device_name']}, {result['dtype']}, {result['attn_implementation']}; torch {result['torch']}, "
-        f"transformers {result['transformers']}; per configuration {result['warmup']} warm-up, prefill median of "
+        f"transformers {result['transformers']}; decode: {DECODE_WORDS[decode]}; per configuration "
+        f"{result['warmup']} warm-up, prefill median of "
         f"{result['prefill_repeats']}, generate median of {result['generate_repeats']} per batch size; vanilla "
         f"first and last, pooled; {result['elapsed_s']:.0f} s in all",
         "",
@@ -301,7 +334,9 @@ def run(args, started: float) -> dict:
         model = build_random_model(config_path, dtype, args.device, "sdpa", SEED)
     dims = ModelDims.from_config(model.config)
     weights_bytes = torch.cuda.memory_allocated() if cuda else None
-    inputs = {batch: synthetic_inputs(model, batch, PROMPT_TOKENS, SEED) for batch in BATCH_SIZES}
+    sample = synthetic_inputs(model, 1, PROMPT_TOKENS, SEED)
+    inputs = {batch: {name: value.expand(batch, *value.shape[1:]).contiguous() for name, value in sample.items()}
+              for batch in BATCH_SIZES}                         # every row the batch-1 sample
     built_s = time.perf_counter() - started
     print(f"model built in {built_s:.0f} s", file=sys.stderr, flush=True)
 
@@ -330,7 +365,7 @@ def run(args, started: float) -> dict:
     return {
         "shape": args.shape, "dims": dims.to_dict(), "device": args.device,
         "device_name": torch.cuda.get_device_name() if cuda else "cpu", "dtype": dtype, "attn_implementation": "sdpa",
-        "torch": torch.__version__, "transformers": transformers.__version__,
+        "torch": torch.__version__, "transformers": transformers.__version__, "decode": args.decode,
         "prompt_tokens": int(inputs[1]["input_ids"].shape[1]), "new_tokens": NEW_TOKENS,
         "batch_sizes": list(BATCH_SIZES), "warmup": args.warmup, "prefill_repeats": args.prefill_repeats,
         "generate_repeats": args.generate_repeats, "time_limit_s": args.time_limit,
@@ -356,6 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--dtype", default=None, choices=list(DTYPES),
                         help="weights and activations (default: bfloat16 on a GPU, float32 on a CPU)")
+    parser.add_argument("--decode", default="auto", choices=["auto", *DECODES],
+                        help="graph: static KV cache, each decode step a replayed CUDA graph (default on a GPU); "
+                             "static: the same without graphs (default on a CPU); generate: HF generate, eager")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs of each measurement per configuration")
     parser.add_argument("--prefill-repeats", type=int, default=5, help="timed batch-1 prefills per configuration")
     parser.add_argument("--generate-repeats", type=int, default=2,
@@ -382,6 +420,10 @@ def main(argv: list[str] | None = None) -> int:
         args.device = resolve_device(args.device)
     except ValueError as error:
         parser.error(str(error))
+    if args.decode == "auto":
+        args.decode = "graph" if args.device == "cuda" else "static"
+    if args.decode == "graph" and args.device != "cuda":
+        parser.error(f"--decode graph replays CUDA graphs; on {args.device} use --decode static or generate")
     if args.shape == "llava-7b" and args.device != "cuda":
         parser.error("--shape llava-7b needs a CUDA GPU (7B parameters take 28 GB in float32 and minutes per "
                      "configuration on a CPU); on a CPU use --shape tiny")

@@ -50,6 +50,11 @@ def test_every_requested_configuration_is_a_row_with_positive_times(bench):
         assert row["peak_memory_bytes"] > 0
     assert result["rows"][1]["visual_average"] == 64
     assert result["prompt_tokens"] == 636 and result["new_tokens"] == 32 and result["dtype"] == "float32"
+    # a CPU decodes on a static KV cache (the GPU default replays those steps as CUDA graphs); batch 16 repeats
+    # the batch-1 sample, so the adaptive method keeps one count in every row and needs no padding
+    assert result["decode"] == "static" and "; decode: static KV cache, eager steps;" in table
+    assert all(len(run["step_s"]) == 31 and all(step > 0 for step in run["step_s"])
+               for row in result["rows"] for runs in row["generate_runs"].values() for run in runs)
     assert "| vanilla | full | – | 576.00 |" in table
     assert "| ficoco-v | 64 | start=2, end=None | 64.00 |" in table
     assert "| prumerge-adaptive | own | – |" in table
@@ -90,6 +95,15 @@ def test_predicted_speedups_are_the_flops_ratios_of_the_planned_counts(bench):
             row["prefill_speedup"] / row["predicted_prefill_speedup"])
         assert row["generate_measured_over_predicted"]["16"] == pytest.approx(
             row["throughput_speedup"]["16"] / row["predicted_generate_speedup"])
+
+
+def test_generate_decodes_as_the_first_h200_run_did(tmp_path):
+    path = tmp_path / "gpu-bench.json"
+    table = run_main([*FAST, "--decode", "generate", "--methods", "ficoco-v", "--budgets", "64", "--json", str(path)])
+    result = json.loads(path.read_text())
+    assert result["decode"] == "generate" and "; decode: HF generate, dynamic KV cache, eager steps;" in table
+    assert [row["method"] for row in result["rows"]] == ["vanilla", "ficoco-v"]
+    assert all("step_s" not in run for row in result["rows"] for runs in row["generate_runs"].values() for run in runs)
 
 
 def test_the_time_limit_skips_configurations_but_not_the_vanilla_runs(tmp_path):
@@ -134,6 +148,7 @@ def test_a_failing_configuration_is_listed_and_fails_the_run_without_losing_the_
     (["--shape", "llava-13b"], "invalid choice: 'llava-13b' (choose from"),
     (["--shape", "llava-7b", "--device", "cpu"], "--shape llava-7b needs a CUDA GPU"),
     (["--generate-repeats", "0"], "need --warmup >= 0, --prefill-repeats >= 1, --generate-repeats >= 1"),
+    (["--device", "cpu", "--decode", "graph"], "--decode graph replays CUDA graphs; on cpu use --decode static"),
 ])
 def test_a_bad_argument_is_refused_before_anything_runs(capsys, argv, message):
     with pytest.raises(SystemExit) as refused:

@@ -19,7 +19,7 @@ from ficoco.contract import (LLMLayerStep, Plan, ProjectorStep, Step, StepShape,
                              VisionOutputStep)
 from ficoco.dims import ModelDims
 from ficoco.models.clip import VisionPass
-from ficoco.models.llama import LLMPass, cache_of
+from ficoco.models.llama import LLMPass, cache_of, holds_tokens
 
 if TYPE_CHECKING:                    # for annotations only: an adapter never imports the methods package
     from ficoco.methods.base import Method
@@ -138,6 +138,11 @@ class Handle:
         here; a family that encodes an image in several passes (LLaVA-NeXT) counts the passes."""
         return call.images_per_row
 
+    def last_padding(self) -> list[int]:
+        """Per batch row of the most recent prefill, the padding tokens its LLM input held."""
+        call = self._last_prefill
+        return [] if call is None else list(call.pads_per_row)
+
     def row_plans(self) -> list[Plan]:
         """The plan each batch row of the most recent prefill is held to (ficoco.invariants checks its
         counts against it): the method's plan, the same for every row."""
@@ -222,7 +227,7 @@ class Handle:
         prefill's LLM view and gets its mask and positions to match a cache reduced from layer 0; a
         prefill gets a fresh `Call` that the family fills in. Returns the call and its cache."""
         cache = cache_of(kwargs)
-        prefill = cache is None or cache.get_seq_length() == 0
+        prefill = cache is None or not holds_tokens(cache)
         self._call = call = Call(prefill=prefill)
         if not prefill:
             prefill_call = self._prefill_by_cache.get(cache)

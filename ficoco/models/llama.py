@@ -15,6 +15,9 @@ Forward pre-hooks on every decoder layer (platform-notes §4.2):
   the removed positions and runs the MLP on the kept ones. The step's scores are the probabilities
   that attention computed; the layer's KV cache holds every token it attended to, later layers'
   only the kept ones.
+- a static KV cache (ficoco/models/static_decode.py) fills each layer's slots in order, as a dynamic one
+  grows, so the same keeps apply; a layer with more slots than the model's mask reaches gets the rest
+  masked (`static_slots`), and a decode step reads nothing from the device on the host.
 
 `LLMPass` holds the state of one forward call; the prefill pass is remembered per KV cache object
 by the adapter, so decode steps find the positions their cache holds.
@@ -24,10 +27,11 @@ from __future__ import annotations
 import copy
 
 import torch
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, StaticLayer
 from transformers.models.llama.modeling_llama import rotate_half
 
 from ficoco.contract import LLMKept, LLMLayerStep, LLMTokens
+from ficoco.models.static_decode import PromptStaticCache
 from ficoco.paradigm.attention import head_mean_probs, reduce_heads
 
 
@@ -240,7 +244,11 @@ class LlamaPatch:
             key_index = llm_pass.decode_key_index(index, mask.shape[-1])
             if key_index is None:
                 return None
-            return args, {**kwargs, "attention_mask": _gather_seq(mask, key_index, 3)}
+            mask = _gather_seq(mask, key_index, 3)
+            slots = static_slots(cache_of(kwargs), index, 1)
+            if slots is not None:        # a static layer attends over all its slots: those it never filled are masked
+                mask = _masked_to(mask, slots)
+            return args, {**kwargs, "attention_mask": mask}
         return pre_hook
 
     # -- prefill --------------------------------------------------------------------------------
@@ -297,7 +305,9 @@ class LlamaPatch:
                 raise TypeError(f"decoder layer {index}: expected the hidden states as the only positional argument")
             # the model built its mask for SDPA (None = causal, or booleans); this layer runs eager attention
             kwargs = {**kwargs, "attention_mask": _eager_mask(kwargs.get("attention_mask"), hidden_states,
-                                                              _cache_length(kwargs, index))}
+                                                              _cache_length(kwargs, index),
+                                                              static_slots(cache_of(kwargs), index,
+                                                                           hidden_states.shape[1]))}
             llm_pass = self.current_pass()
             if llm_pass is None or not llm_pass.prefill or not llm_pass.reduce:
                 return original(layer, hidden_states, **kwargs)
@@ -377,6 +387,37 @@ def cache_of(kwargs: dict) -> Cache | None:
     return caches[0] if caches else None
 
 
+def static_slots(cache: Cache | None, layer: int, queries: int) -> int | None:
+    """The keys layer `layer`'s attention reads in a call of `queries` tokens when its KV cache is a static one
+    (`StaticLayer`: a buffer for the prompt and every new token, read whole), else None.
+
+    A static layer writes each call's keys after those it holds, so a layer whose prefill kept L_l tokens holds them
+    in its first L_l slots and the t-th new token in slot L_l + t, as a dynamic cache does; the model's masks are
+    laid out like layer 0's slots, and where a layer has more slots than that layout reaches, the rest are masked."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or layer >= len(layers) or not isinstance(layers[layer], StaticLayer):
+        return None
+    return layers[layer].get_mask_sizes(queries)[0]
+
+
+def _masked_to(mask: torch.Tensor, length: int) -> torch.Tensor:
+    """A 4-D mask (B, 1, Q, K) extended to `length` key columns that no query may attend."""
+    missing = length - mask.shape[-1]
+    if missing < 0:
+        raise RuntimeError(f"a mask over {mask.shape[-1]} keys for a static cache layer of {length} slots")
+    fill = False if mask.dtype == torch.bool else torch.finfo(mask.dtype).min
+    return torch.cat([mask, mask.new_full((*mask.shape[:-1], missing), fill)], dim=-1)
+
+
+def holds_tokens(cache: Cache) -> bool:
+    """Whether a KV cache already holds tokens (a forward call on it is a decode step). A cache that knows it on
+    the host (`static_decode.PromptStaticCache`) says so without a device read, which a captured decode step
+    may not make; any other is asked its length (a static cache's is a device value: one read)."""
+    if isinstance(cache, PromptStaticCache):
+        return cache.holds_prompt
+    return bool(cache.get_seq_length() != 0)
+
+
 def _cache_length(kwargs: dict, layer: int) -> int:
     """Entries layer `layer`'s KV cache holds before this call (0 without a cache)."""
     cache = cache_of(kwargs)
@@ -385,30 +426,36 @@ def _cache_length(kwargs: dict, layer: int) -> int:
 
 def _prefill_keys(cache: Cache | None, layer: int, batch_and_length: tuple[int, int]) -> torch.Tensor | None:
     """(B, H_kv, L, d) the keys layer `layer` stored in this prefill's cache, when the cache holds exactly
-    this prefill's B × L positions (a dynamic cache filled by this call alone); else None (recompute)."""
+    this prefill's B × L positions (a dynamic cache filled by this call alone, or the first L slots of a static
+    one, which a prefill finds empty); else None (recompute)."""
     layers = getattr(cache, "layers", None)
     if layers is None or layer >= len(layers):
         return None
     keys = getattr(layers[layer], "keys", None)
     batch, length = batch_and_length
+    if isinstance(layers[layer], StaticLayer) and isinstance(keys, torch.Tensor) and keys.dim() == 4:
+        keys = keys[:, :, :length]           # a prefill on an empty static cache wrote its first slots
     if not isinstance(keys, torch.Tensor) or keys.dim() != 4 or keys.shape[0] != batch or keys.shape[2] != length:
         return None
     return keys
 
 
-def _eager_mask(mask, hidden: torch.Tensor, past: int) -> torch.Tensor | None:
-    """The additive float mask (B|1, 1, Q, past+Q) eager attention adds to its logits, from the mask the
-    model built for SDPA: None (causal), a boolean 4-D mask (True = may attend) or an additive one."""
+def _eager_mask(mask, hidden: torch.Tensor, past: int, slots: int | None = None) -> torch.Tensor | None:
+    """The additive float mask (B|1, 1, Q, K) eager attention adds to its logits, from the mask the model built
+    for SDPA: None (causal), a boolean 4-D mask (True = may attend) or an additive one. K = past + Q, or a
+    static cache layer's `slots` (`static_slots`), the ones beyond past + Q masked."""
     if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool:
         return mask
     lowest = torch.finfo(hidden.dtype).min
     if mask is None:
         queries = hidden.shape[1]
-        if queries == 1:                                       # one new token sees the whole cache
+        if queries == 1 and slots is None:                     # one new token sees the whole cache
             return None
         keys = torch.arange(past + queries, device=hidden.device)
         mask = keys[None, :] <= (past + torch.arange(queries, device=hidden.device))[:, None]   # (Q, K) causal
         mask = mask[None, None]
+        if slots is not None:
+            mask = _masked_to(mask, slots)
     zero = torch.zeros((), dtype=hidden.dtype, device=hidden.device)
     return torch.where(mask, zero, torch.full((), lowest, dtype=hidden.dtype, device=hidden.device))
 
