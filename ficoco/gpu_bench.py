@@ -27,7 +27,9 @@ batch 16, median of `--generate-repeats` each, as images per second. `--decode` 
 (`ficoco.models.static_decode`; the capture is inside the timed call), `static` the same without graphs (the
 default on a CPU), `generate` HF `generate` with its dynamic cache, eagerly (the first H200 run). The batch-16
 rows repeat the batch-1 sample, so an adaptive method keeps the same count in every row (rows without
-padding, which a static decode needs) and each row does the counted work. A GPU is synchronised around each
+padding, which a static decode needs) and each row does the counted work. With `graph`, each configuration
+first decodes one batch-1 generation both ways, untimed, and the table says whether the replays gave the eager
+steps' tokens (`graph_check`). A GPU is synchronised around each
 timed call. Peak memory: `torch.cuda.max_memory_allocated` over the batch-16 runs (weights included; reset
 before them); on a CPU the process's lifetime peak RSS, an upper bound shared by every row. Vanilla runs
 first and last (pooled; the drift between them is printed). `--time-limit` stops starting new
@@ -136,6 +138,20 @@ def _timed_decode(model, inputs: dict, decode: str, cuda: bool) -> dict:
             "end_to_end_s": marks[-1], "step_s": steps}
 
 
+def graph_check(model, inputs: dict) -> dict:
+    """One generation decoded with CUDA graph replays and one with eager steps, on a static cache both: the
+    replays run the kernels the capture recorded, so the tokens and logits are expected to be the same.
+    Returns whether the tokens are, and the largest logit difference."""
+    import torch
+
+    from ficoco.models.static_decode import greedy_decode
+
+    graphed, eager = (greedy_decode(model, inputs["input_ids"], inputs["pixel_values"], NEW_TOKENS,
+                                    attention_mask=inputs.get("attention_mask"), graph=graph) for graph in (True, False))
+    return {"tokens_equal": bool(torch.equal(graphed.tokens, eager.tokens)),
+            "max_logit_difference": float((graphed.logits.float() - eager.logits.float()).abs().max())}
+
+
 def _prefill_seconds(model, inputs: dict, synchronize) -> float:
     import torch
 
@@ -174,6 +190,7 @@ def run_config(model, inputs: dict, method: str, budget, overrides: dict, args, 
 
     synchronize = torch.cuda.synchronize if cuda else (lambda: None)
     with ficoco.apply(model, method, budget, text_tower=text_tower, **overrides) as handle:
+        check = graph_check(model, inputs[1]) if args.decode == "graph" else None   # untimed
         for _ in range(args.warmup):
             _prefill_seconds(model, inputs[1], synchronize)
             for batch in BATCH_SIZES:
@@ -190,7 +207,7 @@ def run_config(model, inputs: dict, method: str, budget, overrides: dict, args, 
         if args.profile:                                  # after the timed runs: the profiler slows what it sees
             _append_profile(args.profile, f"{method} B={budget}", model, inputs[1], synchronize, cuda)
     return {"method": method, "budget": budget, "overrides": overrides, "prefill_s": prefill,
-            "generate": generate, "counts": counts, "peak_memory_bytes": int(peak)}
+            "generate": generate, "counts": counts, "peak_memory_bytes": int(peak), "graph_check": check}
 
 
 def _prefill(run: dict) -> float:
@@ -242,6 +259,7 @@ def summarise(runs: list[dict], dims) -> list[dict]:
             "generate_runs": {str(batch): run["generate"][batch] for batch in BATCH_SIZES},
             "peak_memory_bytes": run["peak_memory_bytes"],
             "counts": run["counts"],
+            "graph_check": run["graph_check"],
         })
     return rows
 
@@ -300,6 +318,16 @@ def format_table(result: dict) -> str:
     lines += ["", f"vanilla drift, first → last run: prefill {first['prefill_ms']:.1f} → {last['prefill_ms']:.1f} ms, "
                   f"batch-{largest} throughput {first[f'throughput_b{largest}']:.2f} → "
                   f"{last[f'throughput_b{largest}']:.2f} img/s"]
+    checked = [row for row in result["rows"] if row.get("graph_check")]
+    if checked:
+        mismatched = [row for row in checked if not row["graph_check"]["tokens_equal"]]
+        largest_difference = max(row["graph_check"]["max_logit_difference"] for row in checked)
+        lines.append(f"graph replays against eager steps (batch 1, {NEW_TOKENS} tokens, before the timed runs): the "
+                     f"same tokens in {len(checked) - len(mismatched)} of {len(checked)} configurations, largest "
+                     f"logit difference {largest_difference:.3g}")
+        lines += [f"- MISMATCH: {row['method']} at B={row['budget'] or ('own' if row['own_schedule'] else 'full')}: "
+                  f"the replayed tokens differ from the eager ones (largest logit difference "
+                  f"{row['graph_check']['max_logit_difference']:.3g})" for row in mismatched]
     goals = [row for row in result["rows"] if row["method"] in GOALS and row["budget"] == GOAL_BUDGET]
     for row in goals:
         measured, goal = row["throughput_speedup"][str(largest)], GOALS[row["method"]]

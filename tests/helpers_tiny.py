@@ -485,3 +485,27 @@ def tiny_text_tower(model, directory, template: str = "<image>{prompt}", context
     tokenizer.save_pretrained(str(directory))
     return load_text_tower(directory, tokenizer, template, model.model.vision_tower,
                            ModelDims.from_config(model.config).last_vision_layer)
+
+
+
+def emulate_cuda_graphs(monkeypatch, replayed=lambda logits: logits) -> list:
+    """`static_decode.greedy_decode(graph=True)` on the CPU: the side-stream warm-up runs the step, a capture
+    records it without running it, and a replay runs it into the one logits tensor the capture returned
+    (`replayed(logits)` of the step's own: a test may perturb them). Returns the list of captured steps."""
+    from ficoco.models import static_decode
+
+    captures = []
+
+    def captured(step):
+        captures.append(step)
+        logits = torch.empty(0)          # written in place by every replay: one tensor, as a capture's output
+
+        def replay():
+            new = replayed(step())
+            logits.resize_(new.shape).copy_(new)
+        return replay, logits
+
+    monkeypatch.setattr(static_decode, "_check_graph_device", lambda device: None)
+    monkeypatch.setattr(static_decode, "_on_side_stream", lambda step: step())
+    monkeypatch.setattr(static_decode, "_captured", captured)
+    return captures

@@ -16,7 +16,8 @@ from ficoco.config import read_yaml_file
 from ficoco.dims import ModelDims, llava_1_5_dims
 from ficoco.flops import planned_counts, sample_cost
 from ficoco.bench import bench_configs
-from ficoco.gpu_bench import NEW_TOKENS, main, overrides_for, shape_config
+from ficoco.gpu_bench import NEW_TOKENS, format_table, main, overrides_for, shape_config
+from helpers_tiny import emulate_cuda_graphs
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--shape", "tiny", "--device", "cpu", "--warmup", "0", "--prefill-repeats", "2", "--generate-repeats", "1"]
@@ -104,6 +105,37 @@ def test_generate_decodes_as_the_first_h200_run_did(tmp_path):
     assert result["decode"] == "generate" and "; decode: HF generate, dynamic KV cache, eager steps;" in table
     assert [row["method"] for row in result["rows"]] == ["vanilla", "ficoco-v"]
     assert all("step_s" not in run for row in result["rows"] for runs in row["generate_runs"].values() for run in runs)
+
+
+def graph_bench(monkeypatch, replayed=lambda logits: logits) -> str:
+    """`--decode graph` on the CPU, the CUDA graph parts emulated (helpers_tiny.emulate_cuda_graphs): the table."""
+    import argparse
+    import time
+
+    import ficoco.gpu_bench as gpu_bench
+
+    emulate_cuda_graphs(monkeypatch, replayed)
+    args = argparse.Namespace(shape="tiny", device="cpu", dtype=None, decode="graph", methods=["ficoco-l"],
+                              budgets=[64], warmup=0, prefill_repeats=1, generate_repeats=1, time_limit=60.0,
+                              profile=None)
+    result = gpu_bench.run(args, time.perf_counter())
+    assert [row["graph_check"] is not None for row in result["rows"]] == [True, True]
+    return format_table(result)
+
+
+def test_graph_replays_are_checked_against_eager_steps(monkeypatch):
+    table = graph_bench(monkeypatch)
+    assert "; decode: static KV cache, each step a replayed CUDA graph;" in table
+    assert ("graph replays against eager steps (batch 1, 32 tokens, before the timed runs): the same tokens in 2 of 2 "
+            "configurations, largest logit difference 0") in table
+    assert "MISMATCH" not in table
+
+
+def test_a_replay_that_differs_is_listed(monkeypatch):
+    table = graph_bench(monkeypatch, replayed=lambda logits: logits.roll(1, dims=-1))   # another argmax
+    assert "the same tokens in 0 of 2 configurations" in table
+    assert "- MISMATCH: vanilla at B=full: the replayed tokens differ from the eager ones" in table
+    assert "- MISMATCH: ficoco-l at B=64: the replayed tokens differ" in table
 
 
 def test_the_time_limit_skips_configurations_but_not_the_vanilla_runs(tmp_path):

@@ -26,6 +26,7 @@ from ficoco.gpu_bench import overrides_for, shape_config
 from ficoco.measure import build_random_model, synthetic_inputs
 from ficoco.models import static_decode
 from ficoco.models.static_decode import PromptStaticCache, greedy_decode
+from helpers_tiny import emulate_cuda_graphs, tiny_llava_next
 
 NEW_TOKENS = 5
 # FiCoCo-L beyond the tiny model's defaults (start 0, window 1: one reduction at layer 0's input)
@@ -218,8 +219,6 @@ def test_what_it_cannot_decode_is_refused(model, inputs, monkeypatch):
 
 
 def test_other_models_are_refused():
-    from helpers_tiny import tiny_llava_next
-
     next_model, _ = tiny_llava_next()
     with pytest.raises(ValueError, match="greedy_decode runs LLaVA-1.5-shaped models; LlavaNextForConditionalGeneration"):
         greedy_decode(next_model, torch.ones(1, 4, dtype=torch.long), None, NEW_TOKENS)
@@ -231,19 +230,9 @@ def test_other_models_are_refused():
 
 
 def test_the_graph_loop_feeds_each_replay_the_token_before(model, inputs, monkeypatch):
-    """graph=True with the CUDA parts emulated on the CPU: the side-stream warm-up runs the step, a capture records
-    it without running it, a replay runs it into the one logits tensor the capture returned. The loop must refill
+    """graph=True with the CUDA parts emulated on the CPU (helpers_tiny.emulate_cuda_graphs). The loop must refill
     the captured step's token in place and copy each replay's logits out: the tokens and logits are generate's."""
-    captures = []
-
-    def captured(step):
-        captures.append(step)
-        logits = torch.empty(2, model.config.text_config.vocab_size)
-        return (lambda: logits.copy_(step())), logits
-
-    monkeypatch.setattr(static_decode, "_check_graph_device", lambda device: None)
-    monkeypatch.setattr(static_decode, "_on_side_stream", lambda step: step())
-    monkeypatch.setattr(static_decode, "_captured", captured)
+    captures = emulate_cuda_graphs(monkeypatch)
     for config in configs(model, [64], ["ficoco-l"]):
         with installed(model, config):
             tokens, logits = generate(model, inputs)
