@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import math
 import re
+import traceback
 from contextlib import contextmanager
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 PAD, BOS, EOS, IMAGE = 0, 1, 2, 5
 
@@ -509,3 +511,32 @@ def emulate_cuda_graphs(monkeypatch, replayed=lambda logits: logits) -> list:
     monkeypatch.setattr(static_decode, "_on_side_stream", lambda step: step())
     monkeypatch.setattr(static_decode, "_captured", captured)
     return captures
+
+
+class HostReads(TorchFunctionMode):
+    """Records every torch call that hands a device value to the host, or copies host data to the device, while
+    `active()` holds: on a GPU each waits for all the work queued before it, and a CUDA graph capture cannot
+    record one. `reads`: each as "function at file:line" (the innermost frame of ficoco or transformers)."""
+    READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "argwhere",
+             "masked_select", "unique", "unique_consecutive", "equal", "allclose", "tensor", "as_tensor", "cpu",
+             "numpy"}
+
+    def __init__(self, active=lambda: True):
+        super().__init__()
+        self.active, self.reads = active, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if self.active() and self._reads(getattr(func, "__name__", ""), args):
+            frames = [frame for frame in traceback.extract_stack()[:-1]
+                      if "/ficoco/" in frame.filename or "/transformers/" in frame.filename]
+            site = f"{frames[-1].filename.rsplit('/', 2)[-1]}:{frames[-1].lineno}" if frames else "?"
+            self.reads.append(f"{getattr(func, '__name__', func)} at {site}")
+        return func(*args, **(kwargs or {}))
+
+    def _reads(self, name: str, args) -> bool:
+        if name in ("tensor", "as_tensor"):             # an empty tensor copies nothing
+            return not (args and hasattr(args[0], "__len__") and len(args[0]) == 0)
+        if name in ("__getitem__", "__setitem__"):      # a boolean mask index has a data-dependent size
+            index = args[1] if isinstance(args[1], tuple) else (args[1],)
+            return any(isinstance(part, torch.Tensor) and part.dtype == torch.bool for part in index)
+        return name in self.READS

@@ -141,6 +141,7 @@ def test_gather_tokens_and_take_equal_elementwise_gathers(batch):
 # ------------------------------------------------------------------------------------------------
 # On an accelerator a step must not read device values on the host (each read waits for the device):
 # on meta tensors, which hold no values, any such read raises, and every branch takes its non-CPU path.
+# tests/test_host_reads.py checks every method's whole prefill the same way.
 
 class _MetaVisionScores:
     def __init__(self, tokens: int):

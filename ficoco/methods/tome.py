@@ -29,7 +29,7 @@ from ficoco.contract import StepShape, VisionScores, VisionTokens
 from ficoco.methods.base import Method, Param, non_negative_int, one_of, optional_non_negative_int
 from ficoco.methods.shared import (TOWER_NEEDS, cosine_macs, encoder_plan, patches_for, vision_layer_build,
                                   vision_layers)
-from ficoco.paradigm.attention import head_mean_keys, proportional_attention_bias
+from ficoco.paradigm.attention import head_mean_keys, proportional_attention_bias, require
 from ficoco.paradigm.compress import size_weighted_merge
 from ficoco.paradigm.filter import bipartite_max_similarity, complement_positions, top_k_positions
 
@@ -73,9 +73,9 @@ class TomeReduce:
         metric = head_mean_keys(scores.keys())                                 # (B, 1+N, d)
         similarity, partners = bipartite_max_similarity(metric, protect_first=True)   # (B, 1+N) each
         sources = top_k_positions(similarity, r)                               # (B, r) A-tokens, full axis
-        if not bool(similarity.gather(1, sources).isfinite().all()):
-            raise ValueError(f"tome: layer {layer} merges r={r} of {tokens.hidden.shape[1]} tokens, more than the "
-                             f"{(tokens.hidden.shape[1] - 1) // 2} A-tokens that may merge (CLS is protected)")
+        require(similarity.gather(1, sources).isfinite().all(),
+                f"tome: layer {layer} merges r={r} of {tokens.hidden.shape[1]} tokens, more than the "
+                f"{(tokens.hidden.shape[1] - 1) // 2} A-tokens that may merge (CLS is protected)")
         destinations = partners.gather(1, sources)                             # (B, r) B-tokens, K = 1
         kept = hand_on_order(complement_positions(sources, tokens.hidden.shape[1]), tokens.positions,
                              self.authors and layer != max(self.merges))       # (B, 1+N-r), CLS first

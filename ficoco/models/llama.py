@@ -32,7 +32,7 @@ from transformers.models.llama.modeling_llama import rotate_half
 
 from ficoco.contract import LLMKept, LLMLayerStep, LLMTokens
 from ficoco.models.static_decode import PromptStaticCache
-from ficoco.paradigm.attention import head_mean_probs, reduce_heads
+from ficoco.paradigm.attention import head_mean_probs, reduce_heads, require
 
 
 class LLMPass:
@@ -54,6 +54,8 @@ class LLMPass:
         self.visual = visual
         self.instruction = instruction
         self.input_positions = (visual, instruction)  # image / instruction positions in the LLM input
+        # batch rows grouped by instruction length (host lists, device tensors), made while the device is idle
+        self.row_groups = _rows_by_instruction_length(instruction) if instruction else []
         self.inputs: torch.Tensor | None = None       # (B, L, D) LLM input embeddings, for steps with needs_inputs
         self.reduce = reduce
         self.keep: torch.Tensor | None = None
@@ -333,17 +335,17 @@ class LlamaPatch:
         batch, length = hidden.shape[:2]
         kept_hidden = torch.empty_like(hidden)
         kept_visual = None
-        for rows in _rows_by_instruction_length(llm_pass.instruction):
+        for row_list, rows in llm_pass.row_groups:
             tokens = LLMTokens(hidden=hidden[rows], visual=llm_pass.visual[rows],
-                               instruction=torch.stack([llm_pass.instruction[r] for r in rows.tolist()]),
-                               **(_input_embeddings(llm_pass, rows) if llm_pass.step.needs_inputs else {}))
+                               instruction=torch.stack([llm_pass.instruction[r] for r in row_list]),
+                               **(_input_embeddings(llm_pass, row_list, rows) if llm_pass.step.needs_inputs else {}))
             kept: LLMKept = llm_pass.step.reduce(index, tokens, scores_for(rows))
             planned = llm_pass.step.tokens_out[index]           # None: the reduce chose the count
             if kept_visual is None:
                 kept_visual = llm_pass.visual.new_empty(batch, kept.visual.shape[1] if planned is None else planned)
             if kept.visual.shape[1] != kept_visual.shape[1]:
                 raise ValueError(f"LLM layer {index}: the reduction kept {kept.visual.shape[1]} visual tokens in rows "
-                                 f"{rows.tolist()} and {kept_visual.shape[1]} in others; "
+                                 f"{row_list} and {kept_visual.shape[1]} in others; "
                                  + ("it must keep the planned count" if planned is not None else
                                     "a reduction that chooses its count runs one prompt at a time"))
             kept_hidden[rows], kept_visual[rows] = kept.hidden, kept.visual
@@ -356,9 +358,13 @@ class LlamaPatch:
         """Drop the visual positions of `hidden` (B, L, D) not in `kept_visual` (B, T), positions into the current
         sequence; the caches of layers >= `keep_from` hold only the kept ones. Returns (B, L', D)."""
         batch, length, width = hidden.shape
-        dropped = torch.zeros(batch, length, dtype=torch.bool, device=hidden.device)
-        dropped.scatter_(1, llm_pass.visual, True).scatter_(1, kept_visual, False)
-        keep_local = (~dropped).nonzero()[:, 1].view(batch, -1)                  # (B, L'), ascending per row
+        n_dropped = llm_pass.visual.shape[1] - kept_visual.shape[1]              # the same in every row
+        dropped = torch.zeros(batch, length, dtype=torch.uint8, device=hidden.device)
+        dropped.scatter_(1, llm_pass.visual, 1).scatter_(1, kept_visual, 0)
+        require((dropped.sum(dim=1) == n_dropped).all(),
+                f"LLM layer {index}: the reduction kept positions that are not distinct visual positions", RuntimeError)
+        # a stable sort puts every row's kept positions (0) first, ascending: no count read on the host
+        keep_local = torch.argsort(dropped, dim=1, stable=True)[:, :length - n_dropped].contiguous()   # (B, L')
         hidden = hidden.gather(1, keep_local[..., None].expand(-1, -1, width))
         # re-index the pass state to the shorter sequence
         llm_pass.visual = torch.searchsorted(keep_local, kept_visual)
@@ -368,7 +374,7 @@ class LlamaPatch:
             llm_pass.valid = llm_pass.valid.gather(1, keep_local)
         llm_pass.keep = keep_local if llm_pass.keep is None else llm_pass.keep.gather(1, keep_local)
         llm_pass.keep_at[keep_from] = llm_pass.keep
-        llm_pass.dropped += int(dropped[0].sum())                              # the same in every row
+        llm_pass.dropped += n_dropped
         llm_pass.trace[index] = llm_pass.keep.gather(1, llm_pass.visual)
         llm_pass._sliced = {}
         return hidden
@@ -460,10 +466,11 @@ def _eager_mask(mask, hidden: torch.Tensor, past: int, slots: int | None = None)
     return torch.where(mask, zero, torch.full((), lowest, dtype=hidden.dtype, device=hidden.device))
 
 
-def _input_embeddings(llm_pass: LLMPass, rows: torch.Tensor) -> dict:
-    """LLMTokens.input_visual / input_instruction of batch rows `rows`, from the LLM input embeddings."""
+def _input_embeddings(llm_pass: LLMPass, row_list: list[int], rows: torch.Tensor) -> dict:
+    """LLMTokens.input_visual / input_instruction of batch rows `rows` (`row_list` on the host), from the LLM
+    input embeddings."""
     inputs, (visual, instruction) = llm_pass.inputs[rows], llm_pass.input_positions
-    instruction = torch.stack([instruction[r] for r in rows.tolist()])
+    instruction = torch.stack([instruction[r] for r in row_list])
     width = inputs.shape[-1]
     return {"input_visual": inputs.gather(1, visual[rows, :, None].expand(-1, -1, width)),
             "input_instruction": inputs.gather(1, instruction[..., None].expand(-1, -1, width))}
@@ -474,13 +481,14 @@ def _rows_of(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return table if table.shape[0] == 1 else table[rows]
 
 
-def _rows_by_instruction_length(instruction: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Batch rows grouped by instruction length M, so each group is a rectangular sub-batch."""
+def _rows_by_instruction_length(instruction: list[torch.Tensor]) -> list[tuple[list[int], torch.Tensor]]:
+    """Batch rows grouped by instruction length M, so each group is a rectangular sub-batch: each group's rows
+    on the host and on the device."""
     groups: dict[int, list[int]] = {}
     for row, positions in enumerate(instruction):
         groups.setdefault(positions.shape[0], []).append(row)
     device = instruction[0].device
-    return [torch.tensor(rows, device=device) for rows in groups.values()]
+    return [(rows, torch.tensor(rows, device=device)) for rows in groups.values()]
 
 
 def _gather_seq(tensor: torch.Tensor, keep: torch.Tensor, dim: int) -> torch.Tensor:

@@ -10,6 +10,23 @@ from __future__ import annotations
 import torch
 
 
+def on_host(x: torch.Tensor) -> bool:
+    """Whether `x` lives on the CPU, where a step may read its values (a data-dependent branch, `nonzero`, a
+    check with the offending values in its message) at no cost. On an accelerator a step keeps to device-only
+    code: a read waits for all the work queued before it."""
+    return x.device.type == "cpu"
+
+
+def require(condition: torch.Tensor, message: str, error: type[Exception] = ValueError) -> None:
+    """Raise `error(message)` unless the 0-d boolean `condition` holds: on the CPU at once; on an accelerator as
+    a device-side assertion, which reads nothing on the host (the failure surfaces at the next synchronisation)."""
+    if on_host(condition):
+        if not bool(condition):
+            raise error(message)
+    else:
+        torch._assert_async(condition, message)
+
+
 def _float32(x: torch.Tensor) -> torch.Tensor:
     """x as float32; x itself when it already is (skips a dispatch that would return it anyway)."""
     return x if x.dtype == torch.float32 else x.float()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ficoco.paradigm.attention import _float32
+from ficoco.paradigm.attention import _float32, on_host, require
 from ficoco.paradigm.filter import complement_positions
 
 
@@ -45,7 +45,7 @@ def self_preserving_merge(x_targets: torch.Tensor, x_sources: torch.Tensor, weig
     and without atomics.
     """
     weights = _float32(weights)
-    if weights.device.type == "cpu":
+    if on_host(weights):
         incoming = _sparse_incoming(weights, _float32(x_sources))  # (B, T, D): Σ_i α_ij x_i
     else:
         incoming = weights.transpose(1, 2) @ x_sources.float()  # (B, T, D): Σ_i α_ij x_i
@@ -88,8 +88,8 @@ def size_weighted_merge(
     """
     n, width = x.shape[1], x.shape[2]
     is_source = torch.zeros(sizes.shape, dtype=torch.bool, device=x.device).scatter_(1, sources, True)
-    if bool(is_source.gather(1, destinations).any()):
-        raise ValueError("destinations must not be sources: a source cannot receive another source")
+    require(~is_source.gather(1, destinations).any(),
+            "destinations must not be sources: a source cannot receive another source")
     if kept is None:
         kept = complement_positions(sources, n)  # (B, N−S)
     sizes = sizes.float()

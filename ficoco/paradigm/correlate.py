@@ -13,7 +13,7 @@ import functools
 
 import torch
 
-from ficoco.paradigm.attention import _float32, pairwise_cosine
+from ficoco.paradigm.attention import _float32, on_host, pairwise_cosine
 from ficoco.paradigm.filter import argmax_lowest, rank_descending
 
 
@@ -73,7 +73,7 @@ def _normalise_over(corr: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
     chosen_corr = torch.where(chosen, corr, 0.0)
     row_sum = chosen_corr.sum(dim=-1, keepdim=True)  # (B, S, 1)
     underflow = row_sum == 0
-    if corr.device.type == "cpu" and not bool(underflow.any()):
+    if on_host(corr) and not bool(underflow.any()):
         return chosen_corr / row_sum  # the usual case; the same values as below without the uniform rows
     uniform = chosen.float() / chosen.sum(dim=-1, keepdim=True).clamp(min=1)
     return torch.where(underflow, uniform, chosen_corr / row_sum.masked_fill(underflow, 1.0))

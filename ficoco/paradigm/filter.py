@@ -16,7 +16,7 @@ import hashlib
 import torch
 
 from ficoco.budget import spread
-from ficoco.paradigm.attention import _float32, pairwise_cosine
+from ficoco.paradigm.attention import _float32, on_host, pairwise_cosine, require
 
 
 # ------------------------------------------------------------------------------------------------
@@ -59,12 +59,12 @@ def complement_positions(positions: torch.Tensor, n: int) -> torch.Tensor:
     positions: (B, k) distinct positions per row -> (B, n - k) int64.
     """
     batch, k = positions.shape
-    taken = torch.zeros(batch, n, dtype=torch.bool, device=positions.device)
-    taken.scatter_(1, positions, True)
-    if int(taken.sum()) != batch * k:
-        raise ValueError(f"positions must be distinct and in [0, {n}) in every row; got {positions.tolist()}")
-    # nonzero walks rows in order, so every row's free positions come out ascending
-    return (~taken).nonzero()[:, 1].reshape(batch, n - k)
+    taken = torch.zeros(batch, n, dtype=torch.uint8, device=positions.device)
+    taken.scatter_(1, positions, 1)
+    require((taken.sum(dim=1) == k).all(), f"complement_positions: positions must be distinct and in [0, {n}) "
+                                           f"in every row")
+    # a stable sort puts every row's free positions (0) first, in ascending order: no count read on the host
+    return torch.argsort(taken, dim=1, stable=True)[:, :n - k]
 
 
 def split_by_score(scores: torch.Tensor, n_discard: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,7 +156,7 @@ def local_penalty(
     if window < 1:
         raise ValueError(f"window must be >= 1; got {window}")
     n_cells = height * width
-    if grid_positions.device.type != "cpu":  # an out-of-range index would be a device-side assert: say why, on the
+    if not on_host(grid_positions):  # an out-of-range index would be a device-side assert: say why, on the
         torch._assert_async(((grid_positions >= 0) & (grid_positions < n_cells)).all(),   # device (no host read)
                             f"local_penalty: grid_positions must lie in [0, {n_cells}) for grid {height}x{width}")
     batch = scores.shape[0]
@@ -294,7 +294,8 @@ def dart_select(
         # least similar first: rank the negated similarity, already-taken tokens last
         dissimilarity = (-similarity[:, pivot]).masked_fill(taken, float("-inf"))  # (B, Nv)
         taken.scatter_(1, rank_descending(dissimilarity)[:, :quota], True)
-    return taken.nonzero()[:, 1].reshape(batch, k)
+    # a stable sort puts every row's taken positions first, in ascending order: no count read on the host
+    return torch.argsort((~taken).to(torch.uint8), dim=1, stable=True)[:, :k]
 
 
 def vispruner_rounds(n: int, keep: int, per_round: int = 8) -> list[tuple[int, int]]:
@@ -457,9 +458,10 @@ def instruction_relevance(cosines: torch.Tensor) -> torch.Tensor:
     """
     relevance = (-_float32(cosines)).mean(dim=-1)  # (N,)
     low, high = relevance.min(), relevance.max()
-    if not bool(high > low):
-        return torch.ones_like(relevance)
-    return (relevance - low + 1e-6) / (high - low)
+    spread = high - low
+    # chosen on the device, no read of `spread` on the host; the clamp only keeps the unchosen branch finite
+    normalised = (relevance - low + 1e-6) / spread.clamp(min=torch.finfo(torch.float32).tiny)
+    return torch.where(spread > 0, normalised, torch.ones_like(relevance))
 
 
 def conditional_kernel(x: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
