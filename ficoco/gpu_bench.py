@@ -230,6 +230,12 @@ def _decode_ms(row: dict, batch: int) -> float:
     return statistics.median(g["per_token_s"] for g in row["generate_runs"][str(batch)]) * 1e3
 
 
+def _median_step_ms(row: dict, batch: int) -> float:
+    """Median milliseconds of one decode step of a summarised row at this batch size, over every step of its
+    runs: on a static cache the replayed steps, without the first (eager) one's and the capture's time."""
+    return statistics.median(step for g in row["generate_runs"][str(batch)] for step in g["step_s"]) * 1e3
+
+
 def summarise(runs: list[dict], dims) -> list[dict]:
     """Rows with medians, speedups against vanilla (its first and last runs pooled) and predictions."""
     vanilla = [run for run in runs if run["method"] == "vanilla"]
@@ -303,17 +309,21 @@ def format_table(result: dict) -> str:
             f"{row['generate_measured_over_predicted'][str(largest)]:.2f} | {row['peak_memory_bytes'] / 2**30:.2f} |")
     # the same runs split: time to first token at the largest batch (compute-bound on a GPU) against the
     # prefill FLOPs ratio, and decode milliseconds per token (bound by kernel launches in eager decoding)
+    # (a static cache's runs time every step: their median, the replays' own time, is shown too)
     base_first_token = _first_token_ms(result["rows"][0], largest)
+    stepped = decode != "generate"
     lines += ["", f"| method | B | b{largest} first token ms | b{largest} first token × | predicted prefill × | "
-                  f"measured / predicted | decode ms/token b1 | decode ms/token b{largest} |",
-              "|---|---|---|---|---|---|---|---|"]
+                  f"measured / predicted | decode ms/token b1 | decode ms/token b{largest} |"
+                  + (f" median step ms b1 | median step ms b{largest} |" if stepped else ""),
+              "|---|---|---|---|---|---|---|---|" + ("---|---|" if stepped else "")]
     for row in result["rows"]:
         budget = row["budget"] or ("own" if row["own_schedule"] else "full")
         first_token = _first_token_ms(row, largest)
         speedup = base_first_token / first_token
         lines.append(
             f"| {row['method']} | {budget} | {first_token:.0f} | {speedup:.2f} | {row['predicted_prefill_speedup']:.2f} | "
-            f"{speedup / row['predicted_prefill_speedup']:.2f} | {_decode_ms(row, 1):.1f} | {_decode_ms(row, largest):.1f} |")
+            f"{speedup / row['predicted_prefill_speedup']:.2f} | {_decode_ms(row, 1):.1f} | {_decode_ms(row, largest):.1f} |"
+            + (f" {_median_step_ms(row, 1):.1f} | {_median_step_ms(row, largest):.1f} |" if stepped else ""))
     first, last = result["vanilla_drift"]["first"], result["vanilla_drift"]["last"]
     lines += ["", f"vanilla drift, first → last run: prefill {first['prefill_ms']:.1f} → {last['prefill_ms']:.1f} ms, "
                   f"batch-{largest} throughput {first[f'throughput_b{largest}']:.2f} → "

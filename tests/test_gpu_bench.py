@@ -66,10 +66,11 @@ def test_every_requested_configuration_is_a_row_with_positive_times(bench):
     vanilla_ms = (first_token["vanilla"][0] + first_token["vanilla"][1]) / 2 * 1e3        # the median of two runs
     reduced_ms = first_token["ficoco-v"][0] * 1e3
     decode_ms = [reduced["generate_runs"][batch][0]["per_token_s"] * 1e3 for batch in ("1", "16")]
+    step_ms = [sorted(reduced["generate_runs"][batch][0]["step_s"])[15] * 1e3 for batch in ("1", "16")]  # of 31
     line, = [line for line in table.splitlines() if line.startswith(f"| ficoco-v | 64 | {reduced_ms:.0f} |")]
     assert line.startswith(f"| ficoco-v | 64 | {reduced_ms:.0f} | {vanilla_ms / reduced_ms:.2f} | "
                            f"{reduced['predicted_prefill_speedup']:.2f} |")
-    assert line.endswith(f"| {decode_ms[0]:.1f} | {decode_ms[1]:.1f} |")
+    assert line.endswith(f"| {decode_ms[0]:.1f} | {decode_ms[1]:.1f} | {step_ms[0]:.1f} | {step_ms[1]:.1f} |")
     assert "- fastv at B=64: fastv: budget B=64 is infeasible" in table
     assert not result["skipped"]
 
@@ -105,6 +106,7 @@ def test_generate_decodes_as_the_first_h200_run_did(tmp_path):
     assert result["decode"] == "generate" and "; decode: HF generate, dynamic KV cache, eager steps;" in table
     assert [row["method"] for row in result["rows"]] == ["vanilla", "ficoco-v"]
     assert all("step_s" not in run for row in result["rows"] for runs in row["generate_runs"].values() for run in runs)
+    assert "median step ms" not in table                  # generate times no single step
 
 
 def graph_bench(monkeypatch, replayed=lambda logits: logits) -> str:
