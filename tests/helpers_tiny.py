@@ -540,3 +540,18 @@ class HostReads(TorchFunctionMode):
             index = args[1] if isinstance(args[1], tuple) else (args[1],)
             return any(isinstance(part, torch.Tensor) and part.dtype == torch.bool for part in index)
         return name in self.READS
+
+
+def bench_shaped_model():
+    """`ficoco gpu-bench --shape tiny`'s model: LLaVA-1.5-7B's token geometry (577 tower tokens, 576 image tokens)
+    with 4 + 4 narrow layers, random weights, float32, SDPA."""
+    import tempfile
+    from pathlib import Path
+
+    from ficoco.gpu_bench import shape_config
+    from ficoco.measure import build_random_model
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "config.json"
+        shape_config("tiny").to_json_file(str(path))
+        return build_random_model(path, "float32", "cpu", "sdpa", 0)

@@ -8,9 +8,6 @@ False, so no CPU-only shortcut that reads is taken) and every torch call that wo
 LLaVA-1.5-shaped model (the first fills the caches of host-side arithmetic). Every registered method: none,
 but the released FiCoCo-V code's port, whose merge count is the data's.
 """
-import tempfile
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -18,11 +15,11 @@ import ficoco
 from ficoco import methods
 from ficoco.bench import bench_configs, text_towers
 from ficoco.dims import ModelDims
-from ficoco.gpu_bench import overrides_for, shape_config
-from ficoco.measure import build_random_model, synthetic_inputs
+from ficoco.gpu_bench import overrides_for
+from ficoco.measure import synthetic_inputs
 from ficoco.methods.ficoco_v_code import code_targets
 from ficoco.paradigm import attention, compress, correlate, filter
-from helpers_tiny import HostReads
+from helpers_tiny import HostReads, bench_shaped_model
 
 VARIANTS = [("ficoco-l", {"placement": "attention", "start": 1, "window": 1}),
             ("ficoco-l", {"start": 1, "window": 2})]
@@ -31,10 +28,7 @@ FITTED = [("fitprune", {"deletions": [300, 150, 50, 0]})]      # attention sees 
 
 @pytest.fixture(scope="module")
 def model():
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "config.json"
-        shape_config("tiny").to_json_file(str(path))
-        return build_random_model(path, "float32", "cpu", "sdpa", 0)
+    return bench_shaped_model()
 
 
 def layer_reads(model, inputs, config) -> list[str]:

@@ -10,9 +10,6 @@ replays as CUDA graphs, on the tiny LLaVA-1.5-shaped model (576 image tokens, 4 
   reduced layer never fills);
 - what it cannot decode is refused by name.
 """
-import tempfile
-from pathlib import Path
-
 import pytest
 import torch
 from transformers import StaticCache
@@ -21,11 +18,11 @@ import ficoco
 from ficoco import methods
 from ficoco.bench import bench_configs, text_towers
 from ficoco.dims import ModelDims
-from ficoco.gpu_bench import overrides_for, shape_config
-from ficoco.measure import build_random_model, synthetic_inputs
+from ficoco.gpu_bench import overrides_for
+from ficoco.measure import synthetic_inputs
 from ficoco.models import static_decode
 from ficoco.models.static_decode import PromptStaticCache, greedy_decode
-from helpers_tiny import HostReads, emulate_cuda_graphs, tiny_llava_next
+from helpers_tiny import HostReads, bench_shaped_model, emulate_cuda_graphs, tiny_llava_next
 
 NEW_TOKENS = 5
 # FiCoCo-L beyond the tiny model's defaults (start 0, window 1: one reduction at layer 0's input)
@@ -36,10 +33,7 @@ FITTED = [("fitprune", {"deletions": [300, 150, 50, 0]})]       # a fitted sched
 
 @pytest.fixture(scope="module")
 def model():
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "config.json"
-        shape_config("tiny").to_json_file(str(path))
-        return build_random_model(path, "float32", "cpu", "sdpa", 0)
+    return bench_shaped_model()
 
 
 @pytest.fixture(scope="module")
