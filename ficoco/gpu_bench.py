@@ -119,7 +119,8 @@ DECODE_WORDS = {"graph": "static KV cache, each step a replayed CUDA graph",
 
 def _timed_decode(model, inputs: dict, decode: str, cuda: bool) -> dict:
     """One greedy generation of NEW_TOKENS tokens, timed as `measure._timed_generate` times `generate`: time to
-    the first token, mean seconds per later token, end to end; `step_s` every later token's own seconds."""
+    the first token, mean seconds per later token, end to end (to the last token); `step_s` every later token's
+    own seconds."""
     from ficoco.measure import _StepClock, _timed_generate
     from ficoco.models.static_decode import greedy_decode
 
@@ -129,12 +130,11 @@ def _timed_decode(model, inputs: dict, decode: str, cuda: bool) -> dict:
     clock.mark()                                                   # start
     greedy_decode(model, inputs["input_ids"], inputs["pixel_values"], NEW_TOKENS,
                   attention_mask=inputs.get("attention_mask"), graph=decode == "graph", on_token=clock.mark)
-    clock.mark()                                                   # end
-    marks = clock.seconds()                                        # [token 1, ..., token G, end]
-    if len(marks) != NEW_TOKENS + 1:
-        raise RuntimeError(f"greedy_decode marked {len(marks) - 1} tokens; expected {NEW_TOKENS}")
-    steps = [later - earlier for earlier, later in zip(marks[:NEW_TOKENS - 1], marks[1:NEW_TOKENS])]
-    return {"prefill_s": marks[0], "per_token_s": (marks[NEW_TOKENS - 1] - marks[0]) / (NEW_TOKENS - 1),
+    marks = clock.seconds()                                        # [token 1, ..., token G]: G the end
+    if len(marks) != NEW_TOKENS:
+        raise RuntimeError(f"greedy_decode marked {len(marks)} tokens; expected {NEW_TOKENS}")
+    steps = [later - earlier for earlier, later in zip(marks, marks[1:])]
+    return {"prefill_s": marks[0], "per_token_s": (marks[-1] - marks[0]) / (NEW_TOKENS - 1),
             "end_to_end_s": marks[-1], "step_s": steps}
 
 

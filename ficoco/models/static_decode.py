@@ -98,7 +98,7 @@ def greedy_decode(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | N
 
     graph: capture the second decode step as a CUDA graph and replay it for every later one (CUDA only).
     on_token: called as each token is chosen, the first after the prefill (a timer's mark: nothing here waits
-    for the device).
+    for the device until the last token is out; the checks of the counts come after it).
     """
     from ficoco.dims import ModelDims, dims_from_config
 
@@ -127,8 +127,6 @@ def greedy_decode(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | N
         if not cache.holds_prompt:
             raise RuntimeError(f"the prefill did not write the static cache passed as `{keyword}`: the model made "
                                f"its own (an untested transformers?)")
-        _check_prefill(model, cache, length)
-        filled = int(cache.get_seq_length())              # layer 0's slots after the prefill
         tokens[:, 0] = logits[0].argmax(-1)
         if on_token is not None:
             on_token()
@@ -149,7 +147,10 @@ def greedy_decode(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | N
             token.copy_(tokens[:, index:index + 1])
             if on_token is not None:
                 on_token()
-        written = int(cache.get_seq_length() - filled)
+    # checked once the last token is out, so a timer's last mark does not wait for them
+    _check_prefill(model, cache, length)
+    layer = cache.layers[0]
+    written = int(layer.get_seq_length()) - (layer.max_cache_len - new_tokens)   # after the prompt's kept tokens
     if written != new_tokens - 1:
         raise RuntimeError(f"{new_tokens - 1} decode steps wrote {written} tokens into layer 0's cache")
     return GreedyDecode(tokens=tokens, logits=torch.stack(logits, dim=1))
