@@ -110,6 +110,23 @@ def scaled_overrides(method: str, dims, budget: int | None, fixed: dict | None =
                            f"layer 0 with window {l_window}")
 
 
+def append_profile(path: str, title: str, prefill, cuda: bool) -> None:
+    """`prefill()` once under torch.profiler, its busiest operators by host time appended to `path` under
+    `title`: where a configuration's time goes beyond its FLOPs (small matrix products, element-wise work,
+    kernel launches, host reads of device values)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as profiler:
+        prefill()
+    events = profiler.key_averages()
+    syncs = sum(event.count for event in events if event.key in ("aten::_local_scalar_dense", "cudaStreamSynchronize"))
+    launches = sum(event.count for event in events if event.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    with open(path, "a") as file:
+        file.write(f"## {title}: {launches} kernel launches, {syncs} host reads of device values\n\n")
+        file.write(events.table(sort_by="self_cpu_time_total", row_limit=25) + "\n\n")
+
+
 def prefill_macs(dims, counts: dict) -> float:
     """What one prefill computes (vision tower, projector, LLM prefill, LM head on one position): the
     exact cost of a sample that generated its first token only."""
@@ -276,6 +293,11 @@ def run(args) -> dict:
                     counts[index] = handle.last_counts()[0]
                 if round_index >= args.warmup:
                     times[index].append(seconds)
+
+        if args.profile:                  # after the timed rounds: the profiler slows what it sees
+            for method, budget, overrides in configs:
+                with ficoco.apply(model, method, budget, text_tower=text_tower(method), **overrides):
+                    append_profile(args.profile, f"{method} B={budget} {overrides}", prefill, device.type == "cuda")
 
         # instrumented rounds: each reduction step vs the layer it runs in (as run, and unreduced)
         all_layers = {("vision", index): layer for index, layer in enumerate(model.model.vision_tower.encoder.layers)}
@@ -500,6 +522,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", action="append", default=[], metavar="METHOD:PARAM=VALUE[,PARAM=VALUE]",
                         help="also time METHOD with these parameters in the same rounds, e.g. "
                              "ficoco-l:placement=attention (repeatable; values are read as YAML scalars)")
+    parser.add_argument("--profile", metavar="FILE",
+                        help="also profile one prefill per configuration (torch.profiler, after the timed rounds) "
+                             "and append its busiest operators to FILE")
     parser.add_argument("--json", help="also write the full result (raw times included) to this file")
     args = parser.parse_args(argv)
     if args.repeats < 5:

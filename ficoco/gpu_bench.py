@@ -45,7 +45,7 @@ import time
 import traceback
 from pathlib import Path
 
-from ficoco.bench import prefill_macs
+from ficoco.bench import append_profile, prefill_macs
 from ficoco.measure import DTYPES
 
 # LLaVA-shaped models, 336 px / patch 14: 577 tokens in the tower, 576 image tokens for the LLM
@@ -163,22 +163,6 @@ def _prefill_seconds(model, inputs: dict, synchronize) -> float:
     return time.perf_counter() - start
 
 
-def _append_profile(path: str, title: str, model, inputs: dict, synchronize, cuda: bool) -> None:
-    """One batch-1 prefill under torch.profiler, its busiest operators by host time appended to `path`:
-    where a configuration's time goes beyond its FLOPs (kernel launches, host-device synchronisations)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as profiler:
-        _prefill_seconds(model, inputs, synchronize)
-    events = profiler.key_averages()
-    syncs = sum(event.count for event in events if event.key in ("aten::_local_scalar_dense", "cudaStreamSynchronize"))
-    launches = sum(event.count for event in events if event.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
-    with open(path, "a") as file:
-        file.write(f"## {title}: {launches} kernel launches, {syncs} host reads of device values\n\n")
-        file.write(events.table(sort_by="self_cpu_time_total", row_limit=25) + "\n\n")
-
-
 def run_config(model, inputs: dict, method: str, budget, overrides: dict, args, cuda: bool, text_tower=None) -> dict:
     """One configuration: warm-up, prefill repeats at batch 1, generate repeats at each batch size.
     inputs: batch size -> model inputs (input_ids (B, 636), pixel_values (B, 3, 336, 336)); text_tower:
@@ -205,7 +189,8 @@ def run_config(model, inputs: dict, method: str, budget, overrides: dict, args, 
                                for _ in range(args.generate_repeats)]
         peak = torch.cuda.max_memory_allocated() if cuda else _peak_rss_bytes()
         if args.profile:                                  # after the timed runs: the profiler slows what it sees
-            _append_profile(args.profile, f"{method} B={budget}", model, inputs[1], synchronize, cuda)
+            append_profile(args.profile, f"{method} B={budget}",
+                           lambda: _prefill_seconds(model, inputs[1], synchronize), cuda)
     return {"method": method, "budget": budget, "overrides": overrides, "prefill_s": prefill,
             "generate": generate, "counts": counts, "peak_memory_bytes": int(peak), "graph_check": check}
 

@@ -2,6 +2,7 @@
 interleaved rounds, each at the budgets its scaled layer settings reach (the rest listed, not run),
 and its predicted speedup is the FLOPs ratio of the counts the method plans."""
 import json
+import re
 
 import pytest
 
@@ -101,6 +102,19 @@ def test_the_table_lists_every_run_and_what_was_not_run(capsys):
     assert "| ficoco-v | 64 | start=2, end=None |" in table
     assert "Not run (unreachable on the bench model with its scaled layer settings):" in table
     assert "- fastv at B=64: fastv: budget B=64 is infeasible" in table
+
+
+def test_profile_appends_one_section_per_configuration(tmp_path):
+    """`--profile`: after the timed rounds, one profiled prefill per configuration, its operators by host time
+    (where a configuration's time goes beyond its FLOPs)."""
+    profile = tmp_path / "profile.txt"
+    assert main([*TINY, "--budgets", "64", "--methods", "ficoco-v", "--profile", str(profile)]) == 0
+    text = profile.read_text()
+    titles = [line for line in text.splitlines() if line.startswith("## ")]
+    assert [title.rsplit(": ", 1)[0] for title in titles] == ["## vanilla B=None {}",
+                                                               "## ficoco-v B=64 {'start': 2, 'end': None}"]
+    assert all(re.fullmatch(r".*: 0 kernel launches, \d+ host reads of device values", title) for title in titles)
+    assert text.count("aten::mm ") == 2 and text.count("Self CPU time total") == 2
 
 
 def test_an_unknown_method_is_refused_with_the_valid_ones(capsys):
