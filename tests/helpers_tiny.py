@@ -489,7 +489,6 @@ def tiny_text_tower(model, directory, template: str = "<image>{prompt}", context
                            ModelDims.from_config(model.config).last_vision_layer)
 
 
-
 def emulate_cuda_graphs(monkeypatch, replayed=lambda logits: logits) -> list:
     """`static_decode.greedy_decode(graph=True)` on the CPU: the side-stream warm-up runs the step, a capture
     records it without running it, and a replay runs it into the one logits tensor the capture returned
