@@ -204,9 +204,16 @@ class Generator:
             return [rows]
         groups: dict[int, list[dict]] = {}
         for row in rows:
-            image = self._image(row)
-            groups.setdefault(self.dims.image_tokens(image.height, image.width), []).append(row)
+            groups.setdefault(self.dims.image_tokens(*self._image_size(row)), []).append(row)
         return list(groups.values())
+
+    def _image_size(self, row: dict) -> tuple[int, int]:
+        """(height, width) of the image `_image` hands the processor, read from the image's size alone (no
+        decoding, no conversion, no padding)."""
+        width, height = row["image"].size
+        if self.image_preprocessing == "pad":
+            width = height = max(width, height)         # pad_to_square's square
+        return height, width
 
     def _generate_isolating_errors(self, rows: list[dict]) -> list[dict]:
         """`generate(rows)`; when it raises, each row alone, so only the failing row becomes a failure."""

@@ -277,6 +277,15 @@ def qwen_image_plan(method, dims: QwenVLDims, grid: tuple[int, int], budget, **o
     return method.plan(image, scaled, **overrides)
 
 
+def qwen_has_sites(steps) -> bool:
+    """Whether the Qwen2-VL adapter places these steps (`ficoco.contract` steps): steps inside the LLM only, or
+    one step inside the tower's blocks alone."""
+    from ficoco.contract import LLMLayerStep, VisionLayerStep
+
+    return (all(isinstance(step, LLMLayerStep) for step in steps)
+            or [type(step) for step in steps] == [VisionLayerStep])
+
+
 def qwen_cannot_run(method, dims: QwenVLDims, **overrides) -> str | None:
     """Why `method` (a `ficoco.methods.base.Method`) with these parameters cannot run on this Qwen2-VL-family model
     yet, or None: what its image layout lacks of the method's `needs` (a CLS token), or a step the adapter has no
@@ -284,16 +293,13 @@ def qwen_cannot_run(method, dims: QwenVLDims, **overrides) -> str | None:
     (`VisionLayerStep`) alone, of whole merge groups (a method whose needs admit a tower without CLS: FiCoCo-V
     with semantic="key-mean"); a method of another phase runs when its parameters put every step there, e.g.
     DivPrune's positions="original", at the input of LLM layer 0."""
-    from ficoco.contract import LLMLayerStep, VisionLayerStep
-
     unmet = method.unmet_needs(dims, **overrides)
     if unmet:
         return f"it needs {'; '.join(unmet)}"
     if method.phase in ("none", "llm"):
         return None
     steps = method.steps(method.plan(dims, dims.visual_tokens // 2, **overrides))    # where its steps act
-    if steps and (all(isinstance(step, LLMLayerStep) for step in steps)
-                  or [type(step) for step in steps] == [VisionLayerStep]):
+    if steps and qwen_has_sites(steps):
         return None
     return (f"only reductions inside the LLM, or inside the tower's blocks alone, run on {dims.model_type} so far "
             f"(issue 19), and with these parameters it acts elsewhere or in both (phase {method.phase!r}: "

@@ -306,10 +306,10 @@ class LlamaPatch:
             if args:
                 raise TypeError(f"decoder layer {index}: expected the hidden states as the only positional argument")
             # the model built its mask for SDPA (None = causal, or booleans); this layer runs eager attention
-            kwargs = {**kwargs, "attention_mask": _eager_mask(kwargs.get("attention_mask"), hidden_states,
-                                                              _cache_length(kwargs, index),
-                                                              static_slots(cache_of(kwargs), index,
-                                                                           hidden_states.shape[1]))}
+            cache = cache_of(kwargs)
+            past = cache.get_seq_length(index) if cache is not None else 0       # entries before this call
+            kwargs = {**kwargs, "attention_mask": _eager_mask(kwargs.get("attention_mask"), hidden_states, past,
+                                                              static_slots(cache, index, hidden_states.shape[1]))}
             llm_pass = self.current_pass()
             if llm_pass is None or not llm_pass.prefill or not llm_pass.reduce:
                 return original(layer, hidden_states, **kwargs)
@@ -411,6 +411,8 @@ def _masked_to(mask: torch.Tensor, length: int) -> torch.Tensor:
     missing = length - mask.shape[-1]
     if missing < 0:
         raise RuntimeError(f"a mask over {mask.shape[-1]} keys for a static cache layer of {length} slots")
+    if missing == 0:                  # a layer sized to its own tokens (`PromptSizedLayer`): nothing to add
+        return mask
     fill = False if mask.dtype == torch.bool else torch.finfo(mask.dtype).min
     return torch.cat([mask, mask.new_full((*mask.shape[:-1], missing), fill)], dim=-1)
 
@@ -422,12 +424,6 @@ def holds_tokens(cache: Cache) -> bool:
     if isinstance(cache, PromptStaticCache):
         return cache.holds_prompt
     return bool(cache.get_seq_length() != 0)
-
-
-def _cache_length(kwargs: dict, layer: int) -> int:
-    """Entries layer `layer`'s KV cache holds before this call (0 without a cache)."""
-    cache = cache_of(kwargs)
-    return cache.get_seq_length(layer) if cache is not None else 0
 
 
 def _prefill_keys(cache: Cache | None, layer: int, batch_and_length: tuple[int, int]) -> torch.Tensor | None:

@@ -12,7 +12,8 @@ What it does, all undone by `remove()`:
 - Qwen2.5-VL: the tower's `permute_input_for_window_attn` is wrapped to read `window_index` (the original
   group at each position of the tower's sequence);
 - a pre-hook on every block records its counts and, once a block reduced, hands it the kept patches' rows of the
-  rotary tables and its sequence lengths (`cu_seqlens`, per image or window) recounted over the kept patches;
+  rotary tables and its sequence lengths (`cu_seqlens`, per image or window) recounted over the kept patches,
+  once per cutting between two reductions;
 - each reducing block gets a replacement forward: its attention with its own weights, explicit (float32
   softmax) per image, the step on each image between the attention residual and the MLP, the MLP on the kept
   patches;
@@ -58,6 +59,9 @@ class QwenTowerPass:
                                                                          # image's or windows' sequence lengths)
         self.step_shapes: list[list[StepShape]] = [[] for _ in grids]    # per image: its step's shapes
         self.trace: dict[int, list[torch.Tensor]] = {}       # reducing block -> per image kept raster positions
+        # per sequence cutting the tower hands its blocks (its `cu_seqlens`: the images', or the windows'), while
+        # `kept` stays: (that tensor, the block kwargs replacing its own, each image's Σ s²); a reduction clears it
+        self.sequences: list[tuple[torch.Tensor, dict, list[int]]] = []
 
     @property
     def n_images(self) -> int:
@@ -192,30 +196,42 @@ class QwenTowerPatch:
             hidden = args[0] if args else kwargs["hidden_states"]
             if tower_pass.full_embeddings is None:
                 tower_pass.full_embeddings = kwargs["position_embeddings"]
-            if tower_pass.kept is not None:
-                lengths = _kept_lengths(kwargs["cu_seqlens"], tower_pass.kept)
-                cu_seqlens = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(kwargs["cu_seqlens"].dtype)
-                kwargs = {**kwargs, "cu_seqlens": cu_seqlens,
-                          "position_embeddings": tuple(table[tower_pass.kept] for table in tower_pass.full_embeddings)}
-                if kwargs.get("max_seqlen") is not None:
-                    kwargs["max_seqlen"] = int(lengths.max())
-            self._record(index, tower_pass, hidden.shape[0], kwargs["cu_seqlens"])
-            return args, kwargs
+            patches = [len(units) * tower_pass.group for units in tower_pass.units]
+            if sum(patches) != hidden.shape[0]:
+                raise InvariantViolation(f"vision block {index} runs on {hidden.shape[0]} patches, and the images' "
+                                         f"kept groups hold {patches}: the tower's sequence lost track of the kept "
+                                         f"patches")
+            # the blocks share a few cuttings (the images', the windows'): each is recounted once per reduction
+            known = [entry for entry in tower_pass.sequences if entry[0] is kwargs["cu_seqlens"]]
+            if not known:
+                known = [self._sequences(tower_pass, kwargs, patches)]
+                tower_pass.sequences.append(known[0])
+            _, replaced, pairs = known[0]
+            for image, (count, image_pairs) in enumerate(zip(patches, pairs)):
+                tower_pass.layer_counts[image].append([count, count])
+                tower_pass.attention_pairs[image].append(image_pairs)
+            return args, {**kwargs, **replaced}
         return pre_hook
 
-    def _record(self, index: int, tower_pass: QwenTowerPass, length: int, cu_seqlens: torch.Tensor) -> None:
-        patches = [len(units) * tower_pass.group for units in tower_pass.units]
-        if sum(patches) != length:
-            raise InvariantViolation(f"vision block {index} runs on {length} patches, and the images' kept groups "
-                                     f"hold {patches}: the tower's sequence lost track of the kept patches")
-        ends = torch.tensor(patches, device=cu_seqlens.device).cumsum(0)
-        starts, lengths = cu_seqlens[:-1], cu_seqlens[1:] - cu_seqlens[:-1]
+    @staticmethod
+    def _sequences(tower_pass: QwenTowerPass, kwargs: dict, patches: list[int]) -> tuple[torch.Tensor, dict, list[int]]:
+        """For the sequences a block's own `cu_seqlens` cuts: the kwargs that replace its own once a block reduced
+        (the kept patches' rotary rows, the sequence lengths recounted over them) and each image's Σ s² over its
+        sequences."""
+        cu_seqlens, replaced = kwargs["cu_seqlens"], {}
+        if tower_pass.kept is not None:
+            lengths = _kept_lengths(cu_seqlens, tower_pass.kept)
+            replaced = {"cu_seqlens": torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(cu_seqlens.dtype),
+                        "position_embeddings": tuple(table[tower_pass.kept] for table in tower_pass.full_embeddings)}
+            if kwargs.get("max_seqlen") is not None:
+                replaced["max_seqlen"] = int(lengths.max())
+        cut = replaced.get("cu_seqlens", cu_seqlens)
+        ends = torch.tensor(patches, device=cut.device).cumsum(0)
+        starts, lengths = cut[:-1], cut[1:] - cut[:-1]
         image_of = torch.searchsorted(ends, starts.to(ends.dtype), right=True)
         pairs = torch.zeros(len(patches), dtype=torch.int64, device=ends.device)
         pairs.index_add_(0, image_of, lengths.to(torch.int64) ** 2)
-        for image, (count, image_pairs) in enumerate(zip(patches, pairs.tolist())):
-            tower_pass.layer_counts[image].append([count, count])
-            tower_pass.attention_pairs[image].append(image_pairs)
+        return cu_seqlens, replaced, pairs.tolist()
 
     def _scatter_groups(self, merger, args, output):
         """The kept groups' LLM tokens (G', d) back at their groups' rows of the full sequence (G, d)."""
@@ -291,6 +307,7 @@ class QwenTowerPatch:
             tower_pass.step_shapes[image].append(StepShape(index, units.shape[0], kept.shape[0]))
             tower_pass.trace.setdefault(index, [None] * tower_pass.n_images)[image] = units[kept]
         tower_pass.kept = torch.cat(kept_rows)
+        tower_pass.sequences = []                  # the later blocks' sequences are recounted over the kept rows
         return torch.cat(pieces)
 
 

@@ -29,17 +29,17 @@ from __future__ import annotations
 import inspect
 from typing import TYPE_CHECKING
 
-from ficoco.budget import image_budget
-from ficoco.budget_labels import ImageTokens
 import torch
 
+from ficoco.budget import image_budget
+from ficoco.budget_labels import ImageTokens
 from ficoco.contract import LLMLayerStep, Plan, VisionLayerStep
 from ficoco.models.guard import require_tested_transformers
 from ficoco.models.handle import Handle, after_last_image, checked_overhead
 from ficoco.models.llama import LlamaPatch, LLMPass
 from ficoco.models.placeholders import images_per_row, layouts_per_row
 from ficoco.models.qwen_tower import QwenTowerPass, QwenTowerPatch
-from ficoco.qwen_dims import QwenVLDims, qwen_image_plan, qwen_refusal
+from ficoco.qwen_dims import QwenVLDims, qwen_has_sites, qwen_image_plan, qwen_refusal
 
 if TYPE_CHECKING:                    # for annotations only: an adapter never imports the methods package
     from ficoco.methods.base import Method
@@ -75,7 +75,7 @@ class QwenVLHandle(Handle):
     def __init__(self, model, method: Method, dims: QwenVLDims, plan: Plan, budget: int | ImageTokens | None,
                  overrides: dict):
         steps = method.steps(plan)
-        if not (all(isinstance(step, LLMLayerStep) for step in steps) or [type(s) for s in steps] == [VisionLayerStep]):
+        if not qwen_has_sites(steps):
             raise ValueError(f"{method.name}: the Qwen2-VL adapter has no site for {[type(s).__name__ for s in steps]} "
                              f"(steps inside the LLM, or one inside the tower's blocks alone)")
         super().__init__(model, method, dims, plan, steps)
