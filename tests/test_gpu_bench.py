@@ -229,3 +229,64 @@ def test_the_gpu_wheels_are_the_locked_transformers_and_its_closure_without_nump
     assert {"transformers", "huggingface-hub", "tokenizers", "safetensors", "regex", "pyyaml", "tqdm"} <= set(names)
     assert "numpy" not in names and "torch" not in names
     assert all(entries[name][1] for name in names)          # every wheel is checked against the lock's hashes
+
+
+FAKE_BENCH = '''
+import json, sys
+
+argv = sys.argv[1:]
+last = lambda flag: argv[len(argv) - 1 - argv[::-1].index(flag) + 1]
+with open(sys.argv[0] + ".calls", "a") as calls:
+    print(json.dumps(argv), file=calls)
+smoke = "ficoco-vl" in argv
+if smoke and "{mode}" == "fail":
+    sys.exit(1)
+check = {{"tokens_equal": "{mode}" != "mismatch", "max_logit_difference": 0.0}}
+rows = [{{"method": "vanilla", "graph_check": check if last("--decode") == "graph" else None}}]
+json.dump({{"decode": last("--decode"), "rows": rows}}, open(last("--json"), "w"))
+print("table of", last("--decode"))
+'''
+
+
+def run_session(tmp_path, bench: str, *args: str):
+    """tools/gpu-session.sh with GPU_BENCH=bench: its exit status and what it wrote to OUT."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(["bash", str(ROOT / "tools" / "gpu-session.sh"), "out", *args], capture_output=True,
+                          text=True, env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "GPU_BENCH": bench},
+                          cwd=tmp_path, timeout=600)          # OUT_DIR relative to the caller's folder
+    return done.returncode, {path.name: path.read_text() for path in (tmp_path / "out").iterdir()}
+
+
+@pytest.mark.parametrize("mode, decode", [("pass", "graph"), ("mismatch", "static"), ("fail", "static")])
+def test_the_gpu_session_decodes_the_full_table_with_graphs_only_where_the_capture_check_passed(tmp_path, mode,
+                                                                                                 decode):
+    import sys
+
+    fake = tmp_path / "fake_bench.py"
+    fake.write_text(FAKE_BENCH.format(mode=mode))
+    status, written = run_session(tmp_path, f"{sys.executable} {fake}", "--shape", "tiny")
+    smoke, full = [json.loads(line) for line in Path(f"{fake}.calls").read_text().splitlines()]
+    assert smoke[:8] == ["--decode", "graph", "--methods", "ficoco-v", "ficoco-l", "ficoco-vl", "--budgets", "64"]
+    assert smoke[8:10] == ["--shape", "tiny"] and full[:4] == ["--time-limit", "330", "--shape", "tiny"]
+    assert full[4:6] == ["--decode", decode]                # after the caller's arguments: the session decides
+    assert status == 0 and written["gpu-bench.md"] == f"table of {decode}\n"
+    assert written["session.txt"].startswith(f"full table: --decode {decode} (the capture check "
+                                             f"{'passed' if decode == 'graph' else 'failed'}")
+
+
+def test_the_gpu_session_on_a_cpu_falls_back_to_eager_steps_and_still_runs_the_table(tmp_path):
+    """The real gpu-bench, tiny shape: a CPU refuses the graph check (exit status 2), so the table is decoded
+    eagerly on the static cache, with both vanilla runs and the method's row."""
+    import sys
+
+    status, written = run_session(tmp_path, f"{sys.executable} -m ficoco.gpu_bench",
+                                  *FAST, "--device", "cpu", "--methods", "ficoco-v", "--budgets", "64")
+    assert status == 0, written["gpu-bench.err"]
+    assert written["session.txt"] == "full table: --decode static (the capture check failed, exit status 2: " \
+                                     "smoke.md, smoke.err)\n"
+    assert "--decode graph replays CUDA graphs; on cpu use --decode static" in written["smoke.err"]
+    result = json.loads(written["gpu-bench.json"])
+    assert result["decode"] == "static" and [row["method"] for row in result["rows"]] == ["vanilla", "ficoco-v"]
+    assert "; decode: static KV cache, eager steps;" in written["gpu-bench.md"]
