@@ -269,7 +269,8 @@ def test_the_gpu_session_decodes_the_full_table_with_graphs_only_where_the_captu
     status, written = run_session(tmp_path, f"{sys.executable} {fake}", "--shape", "tiny")
     smoke, full = [json.loads(line) for line in Path(f"{fake}.calls").read_text().splitlines()]
     assert smoke[:8] == ["--decode", "graph", "--methods", "ficoco-v", "ficoco-l", "ficoco-vl", "--budgets", "64"]
-    assert smoke[8:10] == ["--shape", "tiny"] and full[:4] == ["--time-limit", "330", "--shape", "tiny"]
+    assert smoke[8:12] == ["--profile", str(tmp_path / "out" / "smoke-profile.txt"), "--shape", "tiny"]
+    assert full[:4] == ["--time-limit", "330", "--shape", "tiny"]
     assert full[4:6] == ["--decode", decode]                # after the caller's arguments: the session decides
     assert status == 0 and written["gpu-bench.md"] == f"table of {decode}\n"
     assert written["session.txt"].startswith(f"full table: --decode {decode} (the capture check "
@@ -284,8 +285,8 @@ def test_the_gpu_session_on_a_cpu_falls_back_to_eager_steps_and_still_runs_the_t
     status, written = run_session(tmp_path, f"{sys.executable} -m ficoco.gpu_bench",
                                   *FAST, "--device", "cpu", "--methods", "ficoco-v", "--budgets", "64")
     assert status == 0, written["gpu-bench.err"]
-    assert written["session.txt"] == "full table: --decode static (the capture check failed, exit status 2: " \
-                                     "smoke.md, smoke.err)\n"
+    assert written["session.txt"] == "full table: --decode static (the capture check failed: exit status 2, or " \
+                                     "replayed tokens that differ from the eager ones; smoke.md, smoke.err)\n"
     assert "--decode graph replays CUDA graphs; on cpu use --decode static" in written["smoke.err"]
     result = json.loads(written["gpu-bench.json"])
     assert result["decode"] == "static" and [row["method"] for row in result["rows"]] == ["vanilla", "ficoco-v"]

@@ -7,8 +7,9 @@
 #
 #   tools/gpu-session.sh OUT_DIR [gpu-bench arguments, given to both runs after the script's own]
 #
-# OUT_DIR gets smoke.{md,json,err}, gpu-bench.{md,json,err} and session.txt (which decoding the full table
-# used, and why). Exit status: the full table's. GPU_BENCH (default tools/gpu-bench.sh) is the command run.
+# OUT_DIR gets smoke.{md,json,err}, smoke-profile.txt, gpu-bench.{md,json,err} and session.txt (which
+# decoding the full table used, and why). Exit status: the full table's. GPU_BENCH (default
+# tools/gpu-bench.sh) is the command run.
 set -uo pipefail
 OUT=${1:?usage: tools/gpu-session.sh OUT_DIR [gpu-bench arguments...]}
 shift
@@ -17,8 +18,9 @@ cd "$(dirname "$0")/.."
 read -r -a BENCH <<< "${GPU_BENCH:-tools/gpu-bench.sh}"
 PYTHON=${PYTHON:-python3}
 
-"${BENCH[@]}" --decode graph --methods ficoco-v ficoco-l ficoco-vl --budgets 64 "$@" \
-    --json "$OUT/smoke.json" 2>"$OUT/smoke.err" | tee "$OUT/smoke.md"
+# --profile: where the FiCoCo prefills' time goes on the GPU (operators, kernel launches, host reads)
+"${BENCH[@]}" --decode graph --methods ficoco-v ficoco-l ficoco-vl --budgets 64 --profile "$OUT/smoke-profile.txt" \
+    "$@" --json "$OUT/smoke.json" 2>"$OUT/smoke.err" | tee "$OUT/smoke.md"
 smoke_status=$?
 # the capture works when the check ran with graphs, nothing failed, and every replay gave the eager tokens
 if [ "$smoke_status" -eq 0 ] && "$PYTHON" - "$OUT/smoke.json" <<'EOF'
@@ -26,15 +28,16 @@ import json, sys
 
 result = json.load(open(sys.argv[1]))
 checks = [row["graph_check"] for row in result["rows"]]
-sys.exit(0 if result["decode"] == "graph" and checks and all(check and check["tokens_equal"] for check in checks) else 1)
+passed = result["decode"] == "graph" and checks and all(check and check["tokens_equal"] for check in checks)
+sys.exit(0 if passed else 1)
 EOF
 then
     decode=(--decode graph)
     echo "full table: --decode graph (the capture check passed: smoke.md)" | tee "$OUT/session.txt"
 else
     decode=(--decode static)
-    echo "full table: --decode static (the capture check failed, exit status $smoke_status: smoke.md, smoke.err)" \
-        | tee "$OUT/session.txt"
+    echo "full table: --decode static (the capture check failed: exit status $smoke_status, or replayed tokens" \
+         "that differ from the eager ones; smoke.md, smoke.err)" | tee "$OUT/session.txt"
 fi
 
 "${BENCH[@]}" --time-limit 330 "$@" "${decode[@]}" --json "$OUT/gpu-bench.json" 2>"$OUT/gpu-bench.err" \
