@@ -379,3 +379,12 @@ def test_llava_wild_relative_score_per_category():
     assert metrics["score"] == pytest.approx(1300 / 15)
     assert metrics["per_category"] == {"conv": 75.0, "detail": 100.0}
     assert metrics["failures"] == 1 and metrics["scored"] == 2
+
+
+def test_the_scoring_code_digest_covers_the_benchmarks_own_module_and_the_shared_ones():
+    digests = {name: benchmarks.scoring_code_digest(name) for name in benchmarks.names()}
+    assert digests["scienceqa_img"] == digests["scienceqa_full"]          # one module, two variants
+    assert digests["mmbench"] == digests["mmbench_cn"]
+    assert len(set(digests.values())) == len(digests) - 2 and all(len(d) == 16 for d in digests.values())
+    with pytest.raises(ValueError, match="unknown benchmark 'sqa'; valid benchmarks: gqa, "):
+        benchmarks.scoring_code_digest("sqa")

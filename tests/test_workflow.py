@@ -183,3 +183,33 @@ def test_forcing_one_benchmark_reruns_only_its_jobs(finished_tiny_run):
     assert len(targets) == 2
     counts, _ = dry_run_counts(repo, env, "-R", *targets)
     assert counts == {"evaluate": 2, "score": 2, "aggregate": 1, "report": 1, "all": 1}
+
+
+def test_a_change_to_the_scoring_code_rescores_the_existing_predictions_only(finished_tiny_run):
+    """The score rule's params carry the benchmark's scoring-code digest, which metrics.json records too: a
+    change to that code (here: the digest Snakemake recorded made an older one) reruns the score jobs on the
+    predictions already there, never the evaluations, and never keeps the stale metrics."""
+    import base64
+    import json
+
+    from ficoco.benchmarks import scoring_code_digest
+
+    repo, env = finished_tiny_run
+    digest = scoring_code_digest("toy-shapes")
+    metrics = sorted((repo / "results/runs").glob("*/toy-shapes-mini/*/*/metrics.json"))
+    assert len(metrics) == 2 and all(json.loads(path.read_text())["scoring_code"] == digest for path in metrics)
+    records = {}
+    for path in metrics:
+        name = base64.b64encode(str(path.relative_to(repo)).encode()).decode().replace("/", "@")
+        record = repo / ".snakemake/metadata" / name
+        records[record] = record.read_text()
+        assert f"'{digest}'" in json.loads(records[record])["params"]
+    try:
+        for record, text in records.items():
+            record.write_text(text.replace(f"'{digest}'", "'0000000000000000'"))
+        counts, output = dry_run_counts(repo, env)
+        assert counts == {"score": 2, "aggregate": 1, "report": 1, "all": 1}
+        assert "reason: Params have changed since last execution" in output
+    finally:
+        for record, text in records.items():
+            record.write_text(text)

@@ -10,7 +10,9 @@ benchmark, or that exposes one as `BENCHMARK`).
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
+from pathlib import Path
 from types import MappingProxyType
 
 from ficoco.benchmarks.base import merge_records, shard_rows  # noqa: F401  (public API)
@@ -33,6 +35,26 @@ _REGISTRY = MappingProxyType({
     "mmmu": "ficoco.benchmarks.mmmu:MMMU",
     "toy-shapes": "ficoco.benchmarks.toy",
 })
+
+
+#: The modules every benchmark's score goes through besides its own: the aggregate and its bad-row rules (base.py,
+#: rows.py) and the shared parsers (scoring.py). No benchmark module imports another's scoring.
+SHARED_SCORING_MODULES = ("base.py", "rows.py", "scoring.py")
+
+
+def scoring_code_digest(name: str) -> str:
+    """16 hex digits of sha256 over the source that turns the benchmark's predictions into its metrics (its own
+    module and SHARED_SCORING_MODULES): recorded in metrics.json and a param of the Snakemake `score` rule, so a
+    change to the scoring reruns the score jobs on the existing predictions instead of keeping stale metrics."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown benchmark {name!r}; valid benchmarks: {', '.join(names())}")
+    module = _REGISTRY[name].partition(":")[0]
+    folder = Path(__file__).parent
+    files = sorted({*SHARED_SCORING_MODULES, f"{module.rpartition('.')[2]}.py"})
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.encode() + b"\0" + (folder / file).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def names() -> list[str]:

@@ -3,6 +3,7 @@
 # only when unfinished and written under the same fingerprint (parameters, model and benchmark
 # revisions, template, dtype, batch size, versions). A rerun of a finished job ("Params have changed",
 # -R, --forcerun) sets the old journal aside in shard{i}of{n}/set-aside/ and recomputes; the log says why.
+from ficoco.benchmarks import scoring_code_digest
 
 
 rule calibrate:
@@ -83,6 +84,8 @@ rule score:
         module=lambda wc: BENCHMARKS[wc.benchmark].get("module", wc.benchmark),
         job=job_json,
         overrides=overrides_json,
+        # the code that scores: a change rescores the existing predictions (Snakemake's params trigger)
+        code=lambda wc: scoring_code_digest(BENCHMARKS[wc.benchmark].get("module", wc.benchmark)),
     log:
         "logs/score/{model}/{benchmark}/{method}/b{budget}.log",
     shell:
