@@ -91,6 +91,8 @@ def write_measure(root: Path, model: str, method: str, budget, prefill_s: float,
 
 
 # model -> method -> budget -> benchmark -> score
+# "mme" here has percent-like stand-in values (its predictions' scores average them); the report leaves MME out of
+# Avg by its registered scale (points), whatever the values.
 SCORES = {
     "llava-1.5-7b": {
         "vanilla": {"full": {"scienceqa": 69.9, "textvqa": 58.0, "pope": 86.0, "mme": 75.0}},

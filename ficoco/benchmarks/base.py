@@ -130,6 +130,9 @@ class Benchmark:
     requires_image: bool = True
     #: Rows with an empty answer list are bad rows.
     requires_answers: bool = True
+    #: The headline `score` is a percentage (0-100). False for a score on another scale (MME's points), which the
+    #: report shows but leaves out of every average over benchmarks (Avg, Avg%).
+    headline_percent: bool = True
     #: Meta fields every row needs (the aggregate groups by them): a row without one is a bad row.
     required_meta: tuple[str, ...] = ()
     #: Option name -> default. Options not listed here are rejected.

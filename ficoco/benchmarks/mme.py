@@ -45,6 +45,7 @@ class MMEBenchmark(YesNoBenchmark):
     name = "mme"
     max_new_tokens = 128
     metric = "Perception + Cognition (sum of per-subtask acc + acc+)"
+    headline_percent = False              # points, up to 2,800: not averaged with percentages
     required_meta = ("subtask",)          # the aggregate groups by it
 
     def to_row(self, raw, index, context):

@@ -12,6 +12,7 @@ import json
 
 name = "toy"
 max_new_tokens = 4            # one answer word + </s>; a little slack for a wrong model
+headline_percent = True       # the headline is a percentage: it joins the report's Avg
 
 
 def prompt(row: dict, options: dict | None = None) -> str:

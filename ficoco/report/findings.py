@@ -67,7 +67,8 @@ def pareto_mask(cost: np.ndarray, accuracy: np.ndarray) -> np.ndarray:
 
 
 def row_benchmarks(table: pd.DataFrame, method: str, budget: str) -> list[str]:
-    cells = table[(table["method"] == method) & (table["budget"] == budget) & (table["kind"] == "score")]
+    cells = table[(table["method"] == method) & (table["budget"] == budget) & (table["kind"] == "score")
+                  & table["in_avg"].astype(bool)]
     return cells.loc[cells["ours"].notna(), "column"].tolist()
 
 

@@ -110,11 +110,16 @@ def paper_table_html(table: pd.DataFrame) -> str:
     flops_cells = table[table["column"].isin(FLOPS_COLUMNS)]
     factor, unit = flops_unit_of(pd.concat([flops_cells["ours"], flops_cells["paper"]]))
     columns = list(COST_COLUMNS) + [c for c in dict.fromkeys(table["column"]) if c not in COST_COLUMNS]
+    scores = table[table["kind"] == "score"]
+    not_averaged = set(scores.loc[~scores["in_avg"].astype(bool), "column"])
 
     def header(column: str) -> str:
         if column in FLOPS_COLUMNS:
             return html.escape(column.replace("TFLOPs", unit))
-        return benchmark_header(column) if column not in (AVG, AVG_PCT, *COST_COLUMNS) else html.escape(column)
+        if column in (AVG, AVG_PCT, *COST_COLUMNS):
+            return html.escape(column)
+        return benchmark_header(column) + ('<br><span class="paper-col">points, not in Avg</span>'
+                                           if column in not_averaged else "")
 
     headers = "".join(f"<th>{header(c)}</th>" for c in columns)
     rows = []
@@ -138,7 +143,8 @@ def paper_tables_section(tables: pd.DataFrame) -> str:
         'Under a cell: the paper\'s published number and our difference (ours − paper), where the '
         'model, method, budget and benchmark map onto the paper (budgets 192 / 128 / 64 ↔ its 3.3 / 2.4 / '
         '1.5 TFLOPs labels; vanilla ↔ its vanilla row; v4 numbers unless only v1 has the cell; hover for the '
-        'version). Avg is over the row\'s benchmarks; Avg% divides it by vanilla\'s average over the same '
+        'version). Avg is over the row\'s benchmarks scored in percent (a score on another scale, such as '
+        'MME\'s points, is marked "not in Avg"); Avg% divides it by vanilla\'s average over the same '
         'benchmarks; the paper\'s Avg and Avg% are recomputed over the same benchmarks. '
         '"TFLOPs exact" is what the model computes per sample (docs/flops.md); "TFLOPs overhead" the matrix '
         'products the method adds to select and merge tokens (scores, similarities, merges), not included in exact. '

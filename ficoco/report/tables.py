@@ -9,9 +9,10 @@ which is also written as paper_tables.csv:
   row of every table has budget "full").
 - `column`: a benchmark id, "Avg", "Avg%", or a cost column ("visual tokens", "TFLOPs exact",
   "TFLOPs overhead", "TFLOPs legacy"); `kind` is "score", "average" or "cost".
-- Avg = mean of the row's scores over the benchmarks it has. Avg% = 100 x Avg / (vanilla's mean
-  over those same benchmarks), NaN without a vanilla run of that model. The paper's Avg and Avg%
-  are computed over the same benchmarks from its per-benchmark numbers (NaN if it lacks one).
+- Avg = mean of the row's scores over the benchmarks it has whose headline is a percentage (`in_avg`;
+  MME's points are shown, not averaged). Avg% = 100 x Avg / (vanilla's mean over those same
+  benchmarks), NaN without a vanilla run of that model. The paper's Avg and Avg% are computed over
+  the same benchmarks from its per-benchmark numbers (NaN if it lacks one).
 - `best`: the highest displayed value of a score / average column among the reduced rows.
 - `low`, `high`: the bootstrap interval of a score / Avg / Avg% cell (intervals.py: paired over
   methods, Avg% paired with vanilla); NaN where the job has none.
@@ -22,6 +23,7 @@ import math
 
 import pandas as pd
 
+from ficoco import benchmarks as benchmark_registry
 from ficoco.budget_labels import FULL, is_token_budget, sort_key
 from ficoco.report.intervals import JOB, Bootstrap, ratio_percent
 from ficoco.report.paper import (PAPER_BENCHMARKS, name_key, paper_averages, paper_method, printed_tflops,
@@ -36,8 +38,22 @@ COST_COLUMNS = {  # table column -> tidy column (mean over the row's benchmarks)
     "TFLOPs legacy": "tflops_legacy",
 }
 DISPLAY_DECIMALS = 1
-TABLE_COLUMNS = ["model", "table_budget", "method", "budget", "reference", "column", "kind",
+TABLE_COLUMNS = ["model", "table_budget", "method", "budget", "reference", "column", "kind", "in_avg",
                  "ours", "low", "high", "paper", "paper_version", "delta", "best"]
+
+
+def averaged(benchmark: str, module=None) -> bool:
+    """Whether a benchmark's headline joins the averages over benchmarks (Avg, Avg%): only a percentage does
+    (`Benchmark.headline_percent`); MME's points, up to 2,800, would outweigh every other benchmark. Looked up by
+    the job's `benchmark_module`, else its benchmark id; a name no benchmark is registered under is a percentage."""
+    name = module if isinstance(module, str) else benchmark
+    return name not in benchmark_registry.names() or benchmark_registry.get(name).headline_percent
+
+
+def averaged_jobs(rows: pd.DataFrame) -> pd.Series:
+    """`averaged` of each row of a tidy results frame (benchmark, benchmark_module)."""
+    modules = rows["benchmark_module"] if "benchmark_module" in rows else pd.Series(None, index=rows.index)
+    return pd.Series([averaged(b, m) for b, m in zip(rows["benchmark"], modules)], index=rows.index, dtype=bool)
 
 
 def is_vanilla(method: str) -> bool:
@@ -125,6 +141,8 @@ def one_table(model_rows: pd.DataFrame, reference: pd.DataFrame, table_budget: s
     scores = model_rows[["method", "budget", "benchmark", "value"]].rename(columns={"value": "ours"})
     cells = cells.merge(scores, on=["method", "budget", "benchmark"], how="left", validate="many_to_one")
     cells = with_paper_values(cells, reference).rename(columns={"paper_value": "paper"})
+    in_avg = model_rows.assign(in_avg=averaged_jobs(model_rows)).groupby("benchmark")["in_avg"].all()
+    cells = cells.assign(in_avg=cells["benchmark"].map(in_avg).fillna(True).astype(bool))
     score_cells = cells.assign(column=cells["benchmark"], kind="score")
     bounds = [boot.interval(boot.job(model, method, budget, benchmark))
               for method, budget, benchmark in zip(cells["method"], cells["budget"], cells["benchmark"])]
@@ -143,13 +161,13 @@ def average_cells(cells: pd.DataFrame, boot: Bootstrap) -> pd.DataFrame:
     rows = []
     for (method, budget), row in cells.groupby(["method", "budget"], sort=False):
         first = row.iloc[0]
-        scored = row[row["ours"].notna()].set_index("benchmark")
+        scored = row[row["ours"].notna() & row["in_avg"]].set_index("benchmark")
         ours_avg = scored["ours"].mean() if len(scored) else math.nan
         paper_avg = complete_mean(scored["paper"])
         ours_base = complete_mean(vanilla["ours"].reindex(scored.index)) if len(vanilla) else math.nan
         paper_base = complete_mean(vanilla["paper"].reindex(scored.index)) if len(vanilla) else math.nan
         shared = {"model": first["model"], "table_budget": first["table_budget"], "method": method,
-                  "budget": budget, "reference": first["reference"], "kind": "average"}
+                  "budget": budget, "reference": first["reference"], "kind": "average", "in_avg": False}
         versions = ",".join(sorted(set(scored["paper_version"].dropna()))) or pd.NA
         average = boot.average(first["model"], method, budget, scored.index)
         base = boot.average(first["model"], *vanilla_job, scored.index) if vanilla_job else None
@@ -180,7 +198,7 @@ def cost_cells(model_rows: pd.DataFrame, reference: pd.DataFrame, table_budget: 
         for column, tidy_column in COST_COLUMNS.items():
             paper = printed_tflops(reference, model, method, budget) if column == "TFLOPs legacy" else math.nan
             rows.append({"model": model, "table_budget": table_budget, "method": method, "budget": budget,
-                         "reference": reference_row, "column": column, "kind": "cost",
+                         "reference": reference_row, "column": column, "kind": "cost", "in_avg": False,
                          "ours": float(job_rows[tidy_column].mean()) if len(job_rows) else math.nan,
                          "low": math.nan, "high": math.nan, "paper": paper, "paper_version": pd.NA})
     return pd.DataFrame(rows)
@@ -218,7 +236,7 @@ def paper_findings(headline: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFr
 
     A finding: a FiCoCo method scored above (or below) a baseline at every one of the paper's three
     LLaVA-1.5-7B budgets (its printed Avg). Our side: each method's mean headline score over the
-    benchmarks at the run's numeric budgets, largest first, paired with the paper's by rank (the
+    benchmarks scored in percent (`averaged`) at the run's numeric budgets, largest first, paired with the paper's by rank (the
     toy world's budgets are other fractions of its visual tokens). Reproduced when the run orders
     the two methods the same way at every budget both ran.
     Columns: model, ficoco, baseline, paper, ours, budgets, reproduced.
@@ -226,7 +244,7 @@ def paper_findings(headline: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFr
     averages = paper_averages(reference)
     rows = []
     for model, frame in headline.groupby("model"):
-        numeric = frame[frame["budget"].map(is_token_budget)]
+        numeric = frame[frame["budget"].map(is_token_budget) & averaged_jobs(frame)]
         scores = numeric.groupby(["method", "budget"])["value"].mean()
         budgets = sorted({int(b) for b in numeric["budget"]}, reverse=True)[:3]
         methods = [m for m in numeric["method"].unique() if paper_method(m) in averages]
