@@ -135,6 +135,8 @@ class StepShape:
     kept: int                               # tokens it kept (counted as `tokens` is)
     length: int = 0                         # LLM: the prompt's sequence length L entering the layer (no padding)
     instruction: int = 0                    # LLM: prompt tokens M after the image
+    delivered: int = 0                      # LLM: image tokens N0 of the prompt's LLM input (before any LLM step;
+                                            # LLaVA-NeXT / Qwen: this image's own, not the nominal count)
     keys_cached: bool = False               # LLM: the scoring layer's keys were read from its KV cache (a step
                                             # scoring from the previous layer, which ran already), not projected
     companion_macs: int = 0                 # projector: MACs of the CLIP companion's work for this image that the

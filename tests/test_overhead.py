@@ -122,6 +122,23 @@ def test_scores_from_the_previous_layer_read_its_keys_from_the_cache(shaped, nam
     assert projected[0]["overhead_macs"] - cached[0]["overhead_macs"] == k_projections > 0
 
 
+@pytest.mark.parametrize("image_size", [(40, 56), (64, 120)])
+def test_sparsevlm_rates_the_prompts_own_image_tokens_where_images_differ_in_size(image_size):
+    """On Qwen2-VL an image's token count is its own (35 and 120 here, against the tiny model's nominal
+    1,280): SparseVLM's rater logits are counted over the prompt's N0, as FlopCounterMode counts them."""
+    from helpers_tiny import qwen_inputs, tiny_qwen
+
+    model, dims = tiny_qwen("qwen2_vl", patch_size=4, window_size=16, llm_layers=3)
+    inputs = qwen_inputs(dims, [image_size])
+    flops: list[int] = []
+    with ficoco.apply(model, counted("sparsevlm", flops), ficoco.ImageTokens(20), layers=[0, 1],
+                      keeps=[16, 8]) as handle, torch.no_grad():
+        model(**inputs, logits_to_keep=1)
+    counts, = handle.last_counts()
+    assert counts["llm_visual"][0] == dims.image_tokens(*image_size) < dims.visual_tokens
+    assert flops and counts["overhead_macs"] == sum(flops) // 2
+
+
 def test_every_method_is_checked():
     assert set(method_names()) == set(SETTINGS)
 

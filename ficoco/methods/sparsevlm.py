@@ -73,8 +73,12 @@ class SparseVLMReduce:
         return LLMKept(hidden=hidden, visual=visual.gather(1, kept_all))
 
     def overhead(self, dims, shape: StepShape) -> int:
-        # the raters are chosen again at every call from the input embeddings of all N0 image tokens
-        raters = dims.visual_tokens * dims.llm_hidden * shape.instruction       # (N0×D)·(D×M) relevance logits
+        # the raters are chosen again at every call from the input embeddings of all N0 image tokens: the prompt's
+        # own (LLaVA-NeXT, Qwen: per image size), never the model's nominal count
+        if shape.delivered < shape.tokens:
+            raise ValueError(f"sparsevlm: the prompt's LLM input held {shape.delivered} image tokens, fewer than the "
+                             f"{shape.tokens} visual tokens layer {shape.layer} received")
+        raters = shape.delivered * dims.llm_hidden * shape.instruction          # (N0×D)·(D×M) relevance logits
         importance = llm_rows_macs(dims, shape.instruction, shape)              # the M prompt tokens' attention rows
         if not self.recycle:
             return raters + importance

@@ -178,9 +178,10 @@ class Handle:
         """Selection overhead of batch row `row`'s LLM steps, on its own length (padding excluded)."""
         if llm_pass is None:
             return 0
+        delivered = llm_pass.input_positions[0].shape[1]          # the (B, N0) image positions in the LLM input
         return sum(checked_overhead(self.method, llm_pass.step, self.dims,
                                      StepShape(layer, visual, kept, length=length - pads, instruction=instruction[row],
-                                               keys_cached=keys_cached))
+                                               delivered=delivered, keys_cached=keys_cached))
                    for layer, length, visual, kept, instruction, keys_cached in llm_pass.step_shapes)
 
     def last_trace(self) -> dict:
