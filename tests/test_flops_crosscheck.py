@@ -185,6 +185,27 @@ def test_applied_method_forward_matches_exact_count(method, budget, overrides):
         assert overhead == 0
 
 
+@pytest.mark.parametrize("method, budget, overrides", [("vanilla", None, {}), ("ficoco-v", 6, {"start": 0})])
+def test_a_prompt_with_two_images_costs_two_tower_passes(method, budget, overrides):
+    """Each image attends within itself: a prompt with two images records two tower passes (`vision_crops`),
+    not one sequence of twice the tokens, and its cost is what the forward counted."""
+    import ficoco
+
+    model, dims = tiny_llava()
+    ids = torch.tensor([[1, 10] + [IMAGE] * 16 + [11] + [IMAGE] * 16 + [12, 13, 14]])
+    with ficoco.apply(model, method, budget, **overrides) as handle, torch.no_grad(), \
+            FlopCounterMode(display=False) as counter:
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(2, 3, 28, 28),
+              logits_to_keep=1)
+    counts, = handle.last_counts()
+    assert counts["vision_crops"] == 2 and counts["vision"] == [list(pair) for pair in handle.plan.vision_counts] * 2
+    cost = flops.sample_cost(dims, counts, generated_tokens=1, logits_positions=1)
+    measured = counted(counter)
+    assert_close(measured["vision"], cost["vision_flops"], "vision")
+    if method == "vanilla":                     # nothing reduced: the tower count is exact
+        assert measured["vision"] == cost["vision_flops"]
+
+
 @pytest.mark.parametrize("new_tokens", [1, 4])
 def test_generate_matches_prefill_plus_decode(new_tokens):
     """generate(G tokens) = one prefill + G - 1 decode steps with kv_l(t) = n_l + t."""

@@ -193,9 +193,9 @@ def test_a_tower_method_acts_on_each_crop_as_on_an_image_of_its_own(model_and_di
     torch.testing.assert_close(logits, twin_logits, rtol=1e-4, atol=1e-5)
     assert generated[0, inputs["input_ids"].shape[1]:].tolist() == twin_generated[0, separate["input_ids"].shape[1]:].tolist()
     assert generated[0, :inputs["input_ids"].shape[1]].tolist() == inputs["input_ids"][0].tolist()   # the caller's prompt
-    # LLaVA-1.5 sums its images' tokens per layer; LLaVA-NeXT lists the passes one after the other
-    one_pass = [[tokens // passes for tokens in pair] for pair in twin_counts["vision"]]
-    assert counts["vision"] == one_pass * passes and counts["vision_crops"] == passes
+    # both list the tower passes one after the other: LLaVA-NeXT its base image and crops, LLaVA-1.5 its images
+    assert counts["vision"] == twin_counts["vision"] and counts["vision_crops"] == twin_counts["vision_crops"] == passes
+    assert len(counts["vision"]) == passes * len(plan.vision_counts) // plan.vision_crops
     assert counts["visual_delivered"] == twin_counts["visual_delivered"] == passes * per_pass
     assert counts["llm"] == twin_counts["llm"] and counts["overhead_macs"] == twin_counts["overhead_macs"]
     assert counts["overhead_macs"] > 0 or name in ("random", "pooling", "downsample")   # no matrix product there

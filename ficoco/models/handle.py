@@ -116,13 +116,17 @@ class Handle:
             lengths = llm_pass.layer_lengths if llm_pass else []
             dropped = llm_pass.layer_dropped if llm_pass else []
             row_counts = {
-                "vision": [[n_attn * images, n_mlp * images] for n_attn, n_mlp in per_image_vision] if images else [],
+                # each image its own tower pass, their layers one pass after the other (`vision_crops` passes):
+                # attention within an image, so two images are not one sequence of twice the tokens
+                "vision": [list(pair) for pair in per_image_vision] * images,
                 "visual_delivered": placeholders,
                 "llm": [length - pads for length in lengths],
                 "llm_visual": [placeholders - n for n in dropped] if placeholders else [0] * len(lengths),
                 "overhead_macs": sum(image_overhead[first_image:first_image + passes])
                                  + self._llm_overhead(llm_pass, row, pads),
             }
+            if images > 1:
+                row_counts["vision_crops"] = images
             projected = image_projected[first_image:first_image + passes]
             if any(tokens is not None for tokens in projected):   # a projector step: the projector ran on more
                 row_counts["projector_tokens"] = sum(tokens for tokens in projected if tokens is not None)
@@ -176,7 +180,7 @@ class Handle:
 
     def _llm_overhead(self, llm_pass: LLMPass | None, row: int, pads: int) -> int:
         """Selection overhead of batch row `row`'s LLM steps, on its own length (padding excluded)."""
-        if llm_pass is None:
+        if llm_pass is None or not llm_pass.step_shapes:
             return 0
         delivered = llm_pass.input_positions[0].shape[1]          # the (B, N0) image positions in the LLM input
         return sum(checked_overhead(self.method, llm_pass.step, self.dims,
