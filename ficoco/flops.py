@@ -407,6 +407,32 @@ def _check_counts(dims: ModelDims, counts: dict) -> None:
     if not isinstance(crops, int) or crops < 1 or len(counts["vision"]) % crops:
         raise ValueError(f"counts['vision_crops'] = {crops!r}: expected a whole number >= 1 that divides the "
                          f"{len(counts['vision'])} tower layer passes in counts['vision']")
+    # counts no forward can have executed: each would cost a negative or an impossible amount without an error
+    whole = {"visual_delivered": [counts["visual_delivered"]], "llm": counts["llm"], "llm_visual": counts["llm_visual"],
+             **{key: [counts[key]] for key in ("projector_tokens", "overhead_macs") if key in counts},
+             **({"llm_mlp": counts["llm_mlp"]} if "llm_mlp" in counts else {}),
+             "vision": [count for pair in counts["vision"] for count in pair]}
+    for key, values in whole.items():
+        bad = [value for value in values if isinstance(value, bool) or not isinstance(value, int) or value < 0]
+        if bad:
+            raise ValueError(f"counts[{key!r}] holds {bad[0]!r}: token counts and MACs are whole numbers >= 0")
+    for index, (n_attn, n_mlp) in enumerate(counts["vision"]):
+        if n_mlp > n_attn:
+            raise ValueError(f"counts['vision'][{index}] = {[n_attn, n_mlp]}: its MLP ran on more tokens than its "
+                             f"attention; valid: n_mlp <= n_attn (a reduction between them only removes)")
+    if not isinstance(dims, QwenVLDims):       # CLIP: every pass's first layer holds CLS and its patches
+        firsts = counts["vision"][::len(counts["vision"]) // crops] if counts["vision"] else []
+        if any(n_attn < 1 for n_attn, _ in firsts):
+            raise ValueError(f"counts['vision']: a tower pass whose first layer ran on {min(firsts)[0]} tokens; "
+                             f"valid: >= 1 (CLS, then the image's patches)")
+    llm_mlp = counts.get("llm_mlp", counts["llm"])
+    for layer, (length, visual, mlp) in enumerate(zip(counts["llm"], counts["llm_visual"], llm_mlp)):
+        if length < 1 or visual > length or mlp > length:
+            raise ValueError(f"LLM layer {layer}: {length} tokens, {visual} of them visual, {mlp} in its MLP; valid: "
+                             f">= 1 tokens, visual and MLP tokens at most that many")
+    if counts["llm_visual"][0] > counts["visual_delivered"]:
+        raise ValueError(f"counts['llm_visual'][0] = {counts['llm_visual'][0]}: more visual tokens in LLM layer 0 "
+                         f"than the {counts['visual_delivered']} delivered (visual_delivered)")
 
 
 def llm_macs(dims, llm: Sequence[int], llm_mlp: Sequence[int], generated_tokens: int,
@@ -442,6 +468,9 @@ def sample_cost(dims: ModelDims, counts: dict, generated_tokens: int, logits_pos
     _check_counts(dims, counts)
     if generated_tokens < 0:
         raise ValueError(f"generated_tokens must be >= 0; got {generated_tokens}")
+    if not 1 <= logits_positions <= counts["llm"][-1]:
+        raise ValueError(f"logits_positions = {logits_positions}: valid: 1 (generate) to the {counts['llm'][-1]} "
+                         f"positions the last LLM layer ran on")
     vision_pairs = counts["vision"]
     crops = counts.get("vision_crops", 1)
     layers_per_crop = len(vision_pairs) // crops

@@ -74,8 +74,9 @@ def test_decode_step_uses_each_layers_cache_length():
 
 def small_counts() -> dict:
     # vision: layer 0 full (5 tokens), layer 1 reduces between attention and MLP (5 -> 3)
-    # LLM: text 2 tokens; visual 3, 3, 1 per layer
-    return {"vision": [[5, 5], [5, 3]], "visual_delivered": 2, "llm": [5, 5, 3], "llm_visual": [3, 3, 1]}
+    # delivered 3 (a projector-side method may deliver other than the tower's last count); LLM: text 2 tokens;
+    # visual 3, 3, 1 per layer
+    return {"vision": [[5, 5], [5, 3]], "visual_delivered": 3, "llm": [5, 5, 3], "llm_visual": [3, 3, 1]}
 
 
 def test_sample_cost_parts_by_hand():
@@ -86,8 +87,8 @@ def test_sample_cost_parts_by_hand():
     assert cost["vision_patch_embed_macs"] == 768
     assert cost["vision_layers_macs"] == 840 + 712
     assert cost["vision_macs"] == 768 + 1552
-    # projector on 2 delivered tokens: 2·(32 + 64)
-    assert cost["projector_macs"] == 192
+    # projector on 3 delivered tokens: 3·(32 + 64)
+    assert cost["projector_macs"] == 288
     # prefill layers: n=5: Q,O 2·5·64=640, K,V 2·5·8·4=320, scores 2·25·8=400, MLP 3·5·8·16=1920 -> 3280
     #                 n=3: 384 + 192 + 144 + 1152 = 1872
     assert cost["prefill_layers_macs"] == 3280 + 3280 + 1872
@@ -100,7 +101,7 @@ def test_sample_cost_parts_by_hand():
     assert cost["decode_step_first_macs"] == step1
     assert cost["decode_step_last_macs"] == step2
     assert cost["decode_macs"] == step1 + step2
-    assert cost["total_macs"] == 2320 + 192 + 8512 + step1 + step2
+    assert cost["total_macs"] == 2320 + 288 + 8512 + step1 + step2
     for key in ("vision", "projector", "prefill", "decode", "total", "legacy_fastv"):
         assert cost[f"{key}_flops"] == 2 * cost[f"{key}_macs"]
 
@@ -166,6 +167,26 @@ def test_sample_cost_rejects_bad_records():
         flops.sample_cost(SMALL, {**small_counts(), "llm": [5, 5]}, 1)
     with pytest.raises(ValueError, match="generated_tokens"):
         flops.sample_cost(SMALL, small_counts(), -1)
+
+
+@pytest.mark.parametrize("change, logits_positions, message", [
+    ({"vision": [[0, 0], [0, 0]]}, 1, "a tower pass whose first layer ran on 0 tokens; valid: >= 1"),
+    ({"vision": [[5, 5], [3, 4]]}, 1, r"counts\['vision'\]\[1\] = \[3, 4\]: its MLP ran on more tokens"),
+    ({"vision": [[5, 5], [5, -1]]}, 1, r"counts\['vision'\] holds -1: token counts and MACs are whole numbers"),
+    ({"llm": [5, 5, -3]}, 1, r"counts\['llm'\] holds -3"),
+    ({"llm_visual": [3, 6, 1]}, 1, "LLM layer 1: 5 tokens, 6 of them visual"),
+    ({"llm_mlp": [5, 50, 3]}, 1, "LLM layer 1: 5 tokens, 3 of them visual, 50 in its MLP"),
+    ({"visual_delivered": 2}, 1, r"counts\['llm_visual'\]\[0\] = 3: more visual tokens in LLM layer 0 than the 2"),
+    ({"overhead_macs": 1.5}, 1, r"counts\['overhead_macs'\] holds 1.5"),
+    ({"visual_delivered": True}, 1, r"counts\['visual_delivered'\] holds True"),
+    ({}, 0, "logits_positions = 0: valid: 1 .generate. to the 3 positions"),
+    ({}, 4, "logits_positions = 4: valid: 1 .generate. to the 3 positions"),
+])
+def test_sample_cost_refuses_counts_no_forward_can_have_run(change, logits_positions, message):
+    """Each of these would cost a negative or an impossible amount (a patch embedding of -1 patches, an MLP
+    on tokens the layer never held, an LM head on no position) without an error."""
+    with pytest.raises(ValueError, match=message):
+        flops.sample_cost(SMALL, {**small_counts(), **change}, 1, logits_positions=logits_positions)
 
 
 # ------------------------------------------------------------------------------------------ records
