@@ -388,3 +388,28 @@ def test_the_scoring_code_digest_covers_the_benchmarks_own_module_and_the_shared
     assert len(set(digests.values())) == len(digests) - 2 and all(len(d) == 16 for d in digests.values())
     with pytest.raises(ValueError, match="unknown benchmark 'sqa'; valid benchmarks: gqa, "):
         benchmarks.scoring_code_digest("sqa")
+
+
+def test_a_group_with_an_unanswered_sample_is_left_out_whole():
+    """MMBench's circular accuracy counts a question right only if every variant is; MME's acc+ an image only if both
+    its questions are. A variant or question that errored (or was a bad row) was never answered: its group is left
+    out of the metric, never judged on the rest, and counted."""
+    bench = benchmarks.get("mmbench")
+    cases = [(12, "B", "x", "B"), (1_000_012, "A", "x", "A"), (40, "A", "x", "A")]
+    records = [{"id": str(i), "scoring": bench.score_sample(p, mmbench_row(i, a, c))} for i, a, c, p in cases]
+    errored = {"id": "1000040", "error": "RuntimeError: CUDA out of memory", "scoring": {"score": None}}
+    metrics = bench.aggregate([*records, errored])
+    assert metrics["score"] == 100.0 and metrics["groups"] == 1 and metrics["incomplete_groups"] == 1
+    assert metrics["single_pass_accuracy"] == 100.0 and metrics["scored"] == 2 and metrics["failures"] == 1
+    assert "incomplete_groups" not in bench.aggregate(records)            # every group whole: judged as before
+
+    mme = benchmarks.get("mme")
+    rows = [{"id": f"existence/{image}.png#{n}", "answers": ["yes"], "question": "Is there a cat?",
+             "meta": json.dumps({"subtask": "existence", "image_key": f"existence/{image}.png"})}
+            for n, image in enumerate(("1", "1", "2", "2"))]
+    answered = [{"id": row["id"], "scoring": mme.score_sample("Yes", row)} for row in rows[:3]]
+    metrics = mme.aggregate([*answered, {"id": rows[3]["id"], "error": "bad row: missing_image",
+                                         "scoring": {"score": None}}])
+    existence = metrics["subtasks"]["existence"]
+    assert existence["images"] == 1 and existence["acc_plus"] == 100.0 and existence["questions"] == 2
+    assert metrics["incomplete_groups"] == 1 and metrics["bad_rows"] == 1

@@ -255,11 +255,13 @@ class Benchmark:
         generation error, which are excluded from the metric).
 
         A record is a bad row when its scoring carries `bad_row` or its `error` starts with
-        "bad row" (how the evaluate job records rows it did not run).
+        "bad row" (how the evaluate job records rows it did not run). Where samples are judged together
+        (`group_of`), a group with a bad row or an unscored record is left out whole, counted in
+        `incomplete_groups`.
         """
         records = list(records)
         bad = errored = 0
-        scored = []
+        scored, incomplete = [], set()
         for record in records:
             scoring = scoring_of(record)
             if scoring.get("bad_row") or str(record.get("error") or "").startswith("bad row"):
@@ -267,13 +269,26 @@ class Benchmark:
             elif scoring.get("score") is None:
                 errored += 1
             else:
-                scored.append(scoring)
-        metrics = self._aggregate(scored)
+                scored.append((record, scoring))
+                continue
+            incomplete.add(self.group_of(str(record.get("id"))))
+        incomplete.discard(None)
+        judged = [scoring for record, scoring in scored
+                  if not incomplete or self.group_of(str(record.get("id"))) not in incomplete]
+        metrics = self._aggregate(judged)
         metrics["samples"] = len(records)
-        metrics["scored"] = len(scored)
+        metrics["scored"] = len(judged)
         metrics["bad_rows"] = bad
-        metrics["failures"] = errored + sum(1 for s in scored if s.get("failed"))
+        metrics["failures"] = errored + sum(1 for _, s in scored if s.get("failed"))
+        if incomplete:
+            metrics["incomplete_groups"] = len(incomplete)
         return metrics
+
+    def group_of(self, sample_id: str):
+        """The group a sample is judged with (MMBench: a question's circular variants; MME: an image's
+        questions), from its id; None: judged alone. Judged on the rest of its group, a sample that was never
+        answered would count as right."""
+        return None
 
     def _aggregate(self, scorings: list[Mapping]) -> dict:
         """Metrics from the scorings that have a score. Default: mean per-sample score x 100."""
