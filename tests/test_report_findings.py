@@ -137,6 +137,38 @@ def test_a_headline_that_is_not_a_mean_is_recomputed_by_the_benchmarks_own_aggre
     assert low < headline["value"].iloc[1] - headline["value"].iloc[0] < high
 
 
+def test_a_benchmark_that_judges_samples_together_is_resampled_by_whole_groups():
+    """MMBench counts a question right only if every circular variant is. A method right on every base question
+    and wrong on every rotation scores 0; a resample of single variants would often draw a base row without its
+    rotation and count it right. Drawn by whole groups, every replicate is 0, and a group's variants always
+    share their multiplicity. (An error makes one variant unscored: its group is left out, in every replicate.)"""
+    import json
+
+    from ficoco import benchmarks
+    from test_benchmarks_scoring import mmbench_row
+
+    mmbench, groups = benchmarks.get("mmbench"), 40
+    rows = []
+    for method, rotation_answer in (("vanilla", "A"), ("fastv", "B")):     # fastv: every rotation wrong
+        for group in range(groups):
+            for index, answer, prediction in ((group, "B", "B"), (1_000_000 + group, "A", rotation_answer)):
+                scoring = mmbench.score_sample(prediction, mmbench_row(index, answer, "x"))
+                rows.append({"model": "m", "method": method, "budget": "64", "benchmark": "mmbench", "id": str(index),
+                             "score": scoring["score"], "error": None, "scoring": json.dumps(scoring)})
+    samples = pd.DataFrame(rows)
+    headline = pd.DataFrame([{"model": "m", "method": m, "budget": "64", "benchmark": "mmbench", "value": value,
+                              "benchmark_module": "mmbench"} for m, value in (("vanilla", 100.0), ("fastv", 0.0))])
+    boot = intervals.bootstrap(samples, headline, replicates=50, benchmark_replicates=50, seed=1)
+    assert boot.paths[("m", "fastv", "64", "mmbench")] == "benchmark"
+    assert np.all(boot.job("m", "fastv", "64", "mmbench") == 0.0)
+    assert np.all(boot.job("m", "vanilla", "64", "mmbench") == 100.0)
+    ids = np.sort(samples["id"].unique())
+    units = intervals.resampling_units("mmbench", ids)
+    assert len(set(units)) == groups and all(units[list(ids).index(str(g))] == units[list(ids).index(str(1_000_000 + g))]
+                                             for g in range(groups))
+    assert list(intervals.resampling_units("pope", ids)) == list(range(len(ids)))   # POPE: every sample alone
+
+
 def test_without_a_benchmark_module_a_non_mean_headline_gets_no_interval_and_says_why():
     samples = pope_samples("fastv", ["yes", "no", "no", "yes"], ["yes", "yes", "no", "no"], ["random"] * 4)
     headline = pd.DataFrame([{"model": "m", "method": "fastv", "budget": "64", "benchmark": "pope", "value": 50.0,

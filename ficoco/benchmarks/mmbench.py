@@ -66,8 +66,9 @@ class MMBenchBenchmark(Benchmark):
                 "failed": letter is None, "group": meta["group"], "round": meta["round"],
                 "category": meta.get("category")}
 
-    def group_of(self, sample_id: str) -> int:
-        return int(sample_id) % CIRCULAR_STRIDE              # the id is the row's `index` (to_row)
+    def group_of(self, sample_id: str) -> int | None:
+        # the id is the row's `index` (to_row); another id names no group
+        return int(sample_id) % CIRCULAR_STRIDE if sample_id.isdigit() else None
 
     def _aggregate(self, scorings):
         groups: dict[int, list] = {}

@@ -67,8 +67,9 @@ class MMEBenchmark(YesNoBenchmark):
         return {"score": float(parsed == row["answers"][0]), "parsed": parsed, "failed": parsed == "other",
                 "subtask": meta["subtask"], "image_key": meta["image_key"]}
 
-    def group_of(self, sample_id: str) -> str:
-        return sample_id.rpartition("#")[0]                  # the id is "<question_id>#<row>": the image (to_row)
+    def group_of(self, sample_id: str) -> str | None:
+        question_id, separator, _ = sample_id.rpartition("#")   # "<question_id>#<row>" (to_row): the image
+        return question_id if separator else None
 
     def _aggregate(self, scorings):
         subtasks = {}

@@ -12,10 +12,14 @@ interval, with the reason, never the interval of another statistic):
 - **mean**: when the headline is the mean per-sample score x 100 over the samples that have a score
   (most benchmarks), vectorised over all `replicates` resamples;
 - **benchmark**: otherwise (POPE's F1 over categories, MME's acc + acc+, MMBench's circular score,
-  LLaVA-W's ratio, ScienceQA's image-question accuracy), the benchmark's own `aggregate` on the
+  LLaVA-W's ratio), the benchmark's own `aggregate` on the
   resampled records, for the first `benchmark_replicates` resamples (it runs in Python, once per
   resample). The resamples are the first rows of the same stream, so these jobs stay paired with
   every other job: a comparison uses the resamples both sides have.
+
+Where a benchmark judges samples together (`Benchmark.group_of`: an MMBench question's circular
+variants, an MME image's questions), the resampled unit is the group, drawn whole: a resample of single
+variants would judge a question on some of its variants and bias its circular score upward.
 
 Intervals are percentile intervals at `LEVEL`.
 """
@@ -108,7 +112,10 @@ def bootstrap(samples: pd.DataFrame, headline: pd.DataFrame, replicates: int = R
     groups = samples.groupby(["model", "benchmark"], sort=True, observed=True)
     for (model, benchmark), group in tqdm(groups, desc="bootstrap", unit="benchmark", disable=None):
         ids = np.sort(group["id"].astype(str).unique())
-        counts = resample_counts(str(model), str(benchmark), len(ids), replicates, seed)
+        module = next((m for m in modules[modules.index.get_level_values("benchmark") == str(benchmark)]
+                       if isinstance(m, str)), None)
+        units = resampling_units(module, ids)
+        counts = resample_counts(str(model), str(benchmark), int(units.max()) + 1, replicates, seed)[:, units]
         for (method, budget), job in group.groupby(["method", "budget"], sort=True, observed=True):
             key = (str(model), str(method), str(budget), str(benchmark))
             value = jobs["value"].get(key)
@@ -171,11 +178,24 @@ def benchmark_replicates_of(value, module, aligned: pd.DataFrame, counts: np.nda
     return replicated, None
 
 
+def resampling_units(module, ids: np.ndarray) -> np.ndarray:
+    """For each sample id (sorted), the index of the unit the bootstrap draws: its group where the benchmark
+    `module` judges samples together (`Benchmark.group_of`), else the sample alone."""
+    from ficoco import benchmarks
+
+    bench = benchmarks.get(module) if isinstance(module, str) and module in benchmarks.names() else None
+    group_of = getattr(bench, "group_of", lambda sample_id: None)
+    units: dict = {}
+    return np.array([units.setdefault(("group", key) if (key := group_of(sample_id)) is not None
+                                      else ("sample", sample_id), len(units)) for sample_id in ids], dtype=np.int64)
+
+
 def sample_record(row) -> dict:
     """A journal-like record of one sample, as the benchmark's aggregate reads it."""
     score = None if pd.isna(row.score) else float(row.score)
     scoring = json.loads(row.scoring) if isinstance(row.scoring, str) else {"score": score}
-    return {"score": score, "scoring": scoring, "error": None if pd.isna(row.error) else str(row.error)}
+    return {"id": str(row.id), "score": score, "scoring": scoring,
+            "error": None if pd.isna(row.error) else str(row.error)}
 
 
 def number_or_nan(value) -> float:
