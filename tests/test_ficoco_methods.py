@@ -457,3 +457,25 @@ def test_bench_reports_every_configuration_with_predictions(tmp_path, capsys):
     assert rows[("ficoco-v", 64)]["overrides"] == {"start": 2, "end": None}   # 12/23 of the 3 executed layers
     assert rows[("ficoco-l", 192)]["overrides"] == {"start": 1, "window": 1}
     assert rows[("ficoco-l", 64)]["overrides"] == {"start": 0, "window": 1}  # start 1 cannot reach 64
+
+
+def test_the_clip_attention_matrix_is_float32_in_a_half_precision_tower():
+    """methods.md §0: A is computed in float32. In a bfloat16 tower the scores' q·k products are taken in
+    float32 too: the head-mean probabilities match a float64 computation from the same q and k to float32
+    precision, where bfloat16 products would be off by about 1e-3."""
+    from transformers import CLIPVisionConfig
+    from transformers.models.clip.modeling_clip import CLIPAttention
+
+    from ficoco.models.clip import clip_attention
+
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(hidden_size=256, num_attention_heads=4, intermediate_size=512)
+    attn = CLIPAttention(config).to(torch.bfloat16).eval()
+    x = (3 * torch.randn(1, 50, 256)).to(torch.bfloat16)
+    with torch.no_grad():
+        _, q, k, head_mean = clip_attention(attn, x, None, with_probs=True)
+    reference = (q.double() @ k.double().transpose(-1, -2) * attn.scale).softmax(-1).mean(1)
+    assert head_mean.dtype == torch.float32
+    error = (head_mean.double() - reference).abs().max().item()
+    rounded = (q @ k.transpose(-1, -2) * attn.scale).float().softmax(-1).mean(1)      # the products in bfloat16
+    assert error < 1e-6 < (rounded.double() - reference).abs().max().item()

@@ -72,7 +72,7 @@ def clip_attention(attn, x: torch.Tensor, mask: torch.Tensor | None, with_probs:
     """CLIPAttention on x (B, N, D): the output (B, N, D), q/k (B, H, N, d), and, if `with_probs`,
     the head-mean probabilities (B, N, N) in float32.
 
-    With probabilities the attention is computed once in explicit form (float32 softmax) and the
+    With probabilities the attention is computed once in explicit form (float32 products and softmax) and the
     same probabilities give both the output and the scores, which is cheaper than a fused kernel
     plus a second score pass. Without, the output uses PyTorch's fused SDPA.
     """
@@ -81,10 +81,11 @@ def clip_attention(attn, x: torch.Tensor, mask: torch.Tensor | None, with_probs:
     q, k, v = (projection(x).view(heads).transpose(1, 2) for projection in (attn.q_proj, attn.k_proj, attn.v_proj))
     head_mean = None
     if with_probs:
-        logits = torch.matmul(q, k.transpose(-1, -2)).mul_(attn.scale)            # (B, H, N, N)
+        # A in float32 (methods.md §0) from the products on: in half precision q·k would round before the softmax
+        logits = torch.matmul(q.float(), k.float().transpose(-1, -2)).mul_(attn.scale)    # (B, H, N, N) float32
         if mask is not None:
             logits = logits.add_(mask)
-        probs = logits.softmax(dim=-1, dtype=torch.float32)
+        probs = logits.softmax(dim=-1)
         out = torch.matmul(probs.to(v.dtype), v)                                    # (B, H, N, d)
         head_mean = probs.mean(dim=1)                                               # (B, N, N)
     else:
