@@ -80,7 +80,7 @@ class QwenTowerPass:
 
 def group_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, group: int,
                     max_elements: int = 1 << 26) -> tuple[torch.Tensor, torch.Tensor]:
-    """One image's attention, explicit (float32 softmax), over query rows in chunks of at most `max_elements`
+    """One image's attention, explicit (float32 products and softmax), over query rows in chunks of at most `max_elements`
     probabilities (a 1,280-token image has 5,120 patches: all its probabilities at once would take gigabytes).
 
     q, k, v: (H, n, d) -> the output (n, H·d), and the head-mean probabilities pooled to merge groups of
@@ -91,8 +91,9 @@ def group_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: 
     rows = max(group, max_elements // (heads * patches) // group * group)
     outputs, pooled = [], []
     for start in range(0, patches, rows):
-        logits = torch.matmul(q[:, start:start + rows], k.transpose(-1, -2)).mul_(scaling)
-        probs = logits.softmax(dim=-1, dtype=torch.float32)                        # (H, c, n)
+        # float32 from the products on (methods.md §0), whatever the tower's dtype
+        logits = torch.matmul(q[:, start:start + rows].float(), k.float().transpose(-1, -2)).mul_(scaling)
+        probs = logits.softmax(dim=-1)                                             # (H, c, n) float32
         outputs.append(torch.matmul(probs.to(v.dtype), v))                         # (H, c, d)
         pooled.append(probs.mean(dim=0).view(-1, group, groups, group).sum(dim=3).mean(dim=1))   # (c / group, G)
     return torch.cat(outputs, dim=1).transpose(0, 1).reshape(patches, -1), torch.cat(pooled)
