@@ -430,9 +430,10 @@ def _check_counts(dims: ModelDims, counts: dict) -> None:
         if length < 1 or visual > length or mlp > length:
             raise ValueError(f"LLM layer {layer}: {length} tokens, {visual} of them visual, {mlp} in its MLP; valid: "
                              f">= 1 tokens, visual and MLP tokens at most that many")
-    if counts["llm_visual"][0] > counts["visual_delivered"]:
-        raise ValueError(f"counts['llm_visual'][0] = {counts['llm_visual'][0]}: more visual tokens in LLM layer 0 "
-                         f"than the {counts['visual_delivered']} delivered (visual_delivered)")
+    most = max(range(len(counts["llm_visual"])), key=counts["llm_visual"].__getitem__)
+    if counts["llm_visual"][most] > counts["visual_delivered"]:
+        raise ValueError(f"counts['llm_visual'][{most}] = {counts['llm_visual'][most]}: more visual tokens in LLM "
+                         f"layer {most} than the {counts['visual_delivered']} delivered (visual_delivered)")
 
 
 def llm_macs(dims, llm: Sequence[int], llm_mlp: Sequence[int], generated_tokens: int,

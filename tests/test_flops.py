@@ -177,6 +177,8 @@ def test_sample_cost_rejects_bad_records():
     ({"llm_visual": [3, 6, 1]}, 1, "LLM layer 1: 5 tokens, 6 of them visual"),
     ({"llm_mlp": [5, 50, 3]}, 1, "LLM layer 1: 5 tokens, 3 of them visual, 50 in its MLP"),
     ({"visual_delivered": 2}, 1, r"counts\['llm_visual'\]\[0\] = 3: more visual tokens in LLM layer 0 than the 2"),
+    ({"llm": [5, 6, 3], "llm_visual": [3, 4, 1]}, 1, r"counts\['llm_visual'\]\[1\] = 4: more visual tokens in LLM "
+                                                      "layer 1 than the 3 delivered"),
     ({"overhead_macs": 1.5}, 1, r"counts\['overhead_macs'\] holds 1.5"),
     ({"visual_delivered": True}, 1, r"counts\['visual_delivered'\] holds True"),
     ({}, 0, "logits_positions = 0: valid: 1 .generate. to the 3 positions"),
