@@ -441,6 +441,8 @@ def score(prediction_files: list[str | Path], benchmark: str, out: str | Path, j
         summary["benchmark_data"] = {key: manifest.get(key) for key in
                                      ("id", "config", "split", "resolved_revision", "rows", "checksum", "subset")}
     summary["benchmark_module"] = benchmark        # the report recomputes the headline on resamples with it
+    # the shard files scored, beside metrics.json: the report reads these, never a shard left by an older setting
+    summary["predictions"] = [os.path.relpath(path, Path(out).parent) for path in prediction_files]
     summary["scoring_code"] = benchmark_registry.scoring_code_digest(benchmark)
     summary.update(job=job, overrides=overrides or {}, versions={
         "python": platform.python_version(), "torch": version("torch"), "transformers": version("transformers"),

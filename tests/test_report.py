@@ -610,3 +610,40 @@ def test_paper_findings_compare_the_papers_consistent_orderings_with_the_run():
     assert not findings.loc[("ficoco-v", "tome"), "reproduced"]
     assert findings.loc[("ficoco-l", "fastv"), "reproduced"] and findings.loc[("ficoco-l", "tome"), "reproduced"]
     assert not findings.loc[("ficoco-v", "fastv"), "reproduced"]                  # 40.0 vs 41.0 at 36
+
+
+def test_the_report_reads_the_shards_a_job_was_scored_from_never_a_leftover(tmp_path):
+    """A job rerun with `shards: 2` leaves the old `shard0of1` beside the new shards. metrics.json lists the files
+    the score job merged, and the summary's samples and failures come from those alone; a metrics.json from before
+    that list, with shards of two counts beside it, gets no samples rather than a mix."""
+    from ficoco.evaluate import score
+
+    run = tmp_path / "runs" / MODEL / "toy-shapes" / "fastv" / "b64"
+
+    def shard(name: str, rows: list[tuple[int, float | None]]) -> Path:
+        path = run / name / "predictions.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps({"id": f"q{row}", "row": row, "prediction": "red", "answers": ["red"],
+                                            "score": value, "scoring": {"score": value}, "counts": None,
+                                            "cost": None, "error": None if value is not None else "bad row: missing_image"})
+                                + "\n" for row, value in rows))
+        return path
+
+    shard("shard0of1", [(0, None), (1, None), (2, 0.0), (3, 0.0)])                 # the old run: two failures
+    current = [shard("shard0of2", [(0, 1.0), (1, 1.0)]), shard("shard1of2", [(2, 1.0), (3, None)])]
+    job = {"model": MODEL, "method": "fastv", "phase": "llm", "budget": "64", "benchmark": "toy-shapes"}
+    metrics = run / "metrics.json"
+    summary = score([str(path) for path in current], "toy-shapes", metrics, job)
+    assert summary["predictions"] == ["shard0of2/predictions.jsonl", "shard1of2/predictions.jsonl"]
+    samples = aggregate.sample_rows(json.loads(metrics.read_text()), metrics)
+    assert sorted((row["id"], row["score"]) for row in samples if row["score"] == row["score"]) == [
+        ("q0", 1.0), ("q1", 1.0), ("q2", 1.0)]
+    assert len(samples) == 4 and [r["id"] for r in page.failed_records(metrics)] == ["q3"]
+    # before the list: the shards of two counts cannot be told apart
+    old = json.loads(metrics.read_text())
+    del old["predictions"]
+    metrics.write_text(json.dumps(old))
+    assert aggregate.read_predictions(metrics) is None and aggregate.sample_rows(old, metrics) == []
+    (run / "shard0of1" / "predictions.jsonl").unlink()
+    (run / "shard0of1").rmdir()
+    assert len(aggregate.read_predictions(metrics)) == 4                      # one count left: those are the shards

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -278,11 +279,31 @@ def schedule_rows(data: dict, path: Path) -> list[dict]:
             for layer, tokens in enumerate(per_layer)]
 
 
+def scored_shard_files(metrics_path: str | Path) -> list[Path] | None:
+    """The shard predictions a job's metrics.json was scored from: the files it lists (`predictions`, beside it);
+    for a metrics.json from before that list, the `shard{i}of{n}/predictions.jsonl` beside it when they are of
+    one shard count n. None when there is none to read, a listed file is missing, or shards of several counts
+    lie there (a leftover of an older `shards` setting cannot be told from the scored ones)."""
+    folder = Path(str(metrics_path)).parent
+    try:
+        listed = json.loads(Path(str(metrics_path)).read_text()).get("predictions")
+    except (OSError, ValueError, AttributeError):
+        listed = None
+    if isinstance(listed, list):
+        files = [folder / str(name) for name in listed]
+        return files if files and all(path.is_file() for path in files) else None
+    files = sorted(folder.glob("shard*of*/predictions.jsonl"))
+    counts = {re.fullmatch(r"shard\d+of(\d+)", path.parent.name) for path in files}
+    if not files or len({match.group(1) if match else None for match in counts}) != 1 or None in counts:
+        return None
+    return files
+
+
 def read_predictions(metrics_path: str | Path) -> list[dict] | None:
-    """The records of a job's shard predictions (`shard*/predictions.jsonl` beside its metrics.json), each
-    with `_predictions` (its file); None when there is no shard file to read. A line that is not a JSON
-    object is skipped: the score job already refused a journal it could not read."""
-    shard_files = sorted(Path(str(metrics_path)).parent.glob("shard*/predictions.jsonl"))
+    """The records of the shard predictions a job was scored from (`scored_shard_files`), each with
+    `_predictions` (its file); None when there is none to read. A line that is not a JSON object is skipped:
+    the score job already refused a journal it could not read."""
+    shard_files = scored_shard_files(metrics_path)
     if not shard_files:
         return None
     records = []
