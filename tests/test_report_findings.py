@@ -345,3 +345,26 @@ def test_a_difference_from_the_paper_carries_our_interval_shifted_by_the_paper_n
     text = page.paper_table_html(table)
     assert f"[{low:.1f}, {high:.1f}]" in text
     assert f"[{low - 67.3:.1f}, {high - 67.3:.1f}]" in text
+
+
+def test_a_row_missing_a_benchmark_gets_no_avg_and_is_not_ranked(tmp_path):
+    """FastV's TextVQA job failed on every sample (no headline): its mean over the two benchmarks left would
+    rank it above FiCoCo-V, which is ahead on every benchmark both scored. Its Avg is empty instead, so the bold
+    mark and the best method per budget go to FiCoCo-V; the pairwise comparison still uses the shared two."""
+    from report_fixtures import metrics_json, write_run
+
+    scores = {("vanilla", "full"): (60.0, 58.0, 86.0), ("fastv", 64): (55.0, None, 80.0),
+              ("ficoco-v", 64): (56.0, 52.0, 81.0)}
+    runs = [write_run(tmp_path, metrics_json("llava-1.5-7b", benchmark, method, budget, score))
+            for (method, budget), values in scores.items()
+            for benchmark, score in zip(("gqa", "textvqa", "pope"), values)]
+    results = build_summary(runs, []).results
+    frame = tables.paper_tables(results, paper.paper_reference(paper.load_paper_results()))
+    cells = frame.set_index(["method", "column"])
+    assert math.isnan(cells.loc[("fastv", "Avg"), "ours"]) and math.isnan(cells.loc[("fastv", "Avg%"), "ours"])
+    assert cells.loc[("ficoco-v", "Avg"), "ours"] == pytest.approx((56 + 52 + 81) / 3)
+    assert cells.loc[("ficoco-v", "Avg"), "best"] and not cells.loc[("fastv", "Avg"), "best"]
+    boot = tables.no_bootstrap()
+    assert findings.best_per_budget(frame, boot)["best"].tolist() == ["ficoco-v"]
+    compared = findings.comparison(frame, boot, ("ficoco-v", "64"), ("fastv", "64"))
+    assert compared["benchmarks"] == 2 and compared["difference"] == pytest.approx(1.0)

@@ -9,9 +9,10 @@ which is also written as paper_tables.csv:
   row of every table has budget "full").
 - `column`: a benchmark id, "Avg", "Avg%", or a cost column ("visual tokens", "TFLOPs exact",
   "TFLOPs overhead", "TFLOPs legacy"); `kind` is "score", "average" or "cost".
-- Avg = mean of the row's scores over the benchmarks it has whose headline is a percentage (`in_avg`;
-  MME's points are shown, not averaged). Avg% = 100 x Avg / (vanilla's mean over those same
-  benchmarks), NaN without a vanilla run of that model. The paper's Avg and Avg% are computed over
+- Avg = mean of the row's scores over the table's benchmarks whose headline is a percentage (`in_avg`;
+  MME's points are shown, not averaged), NaN when the row lacks one of them (a failed job, or one not
+  run): rows are ranked by Avg, and an average over fewer benchmarks is not comparable. Avg% = 100 x Avg /
+  (vanilla's mean over the same benchmarks), NaN without a vanilla run of that model. The paper's Avg and Avg% are computed over
   the same benchmarks from its per-benchmark numbers (NaN if it lacks one).
 - `best`: the highest displayed value of a score / average column among the reduced rows.
 - `low`, `high`: the bootstrap interval of a score / Avg / Avg% cell (intervals.py: paired over
@@ -158,18 +159,20 @@ def one_table(model_rows: pd.DataFrame, reference: pd.DataFrame, table_budget: s
 def average_cells(cells: pd.DataFrame, boot: Bootstrap) -> pd.DataFrame:
     vanilla = cells[cells["reference"]].set_index("benchmark")
     vanilla_job = (vanilla["method"].iloc[0], vanilla["budget"].iloc[0]) if len(vanilla) else None
+    averaged = set(cells.loc[cells["in_avg"], "benchmark"])                 # the table's averaged benchmarks
     rows = []
     for (method, budget), row in cells.groupby(["method", "budget"], sort=False):
         first = row.iloc[0]
         scored = row[row["ours"].notna() & row["in_avg"]].set_index("benchmark")
-        ours_avg = scored["ours"].mean() if len(scored) else math.nan
+        complete = set(scored.index) == averaged
+        ours_avg = scored["ours"].mean() if complete and len(scored) else math.nan
         paper_avg = complete_mean(scored["paper"])
         ours_base = complete_mean(vanilla["ours"].reindex(scored.index)) if len(vanilla) else math.nan
         paper_base = complete_mean(vanilla["paper"].reindex(scored.index)) if len(vanilla) else math.nan
         shared = {"model": first["model"], "table_budget": first["table_budget"], "method": method,
                   "budget": budget, "reference": first["reference"], "kind": "average", "in_avg": False}
         versions = ",".join(sorted(set(scored["paper_version"].dropna()))) or pd.NA
-        average = boot.average(first["model"], method, budget, scored.index)
+        average = boot.average(first["model"], method, budget, scored.index) if complete else None
         base = boot.average(first["model"], *vanilla_job, scored.index) if vanilla_job else None
         average_low, average_high = boot.interval(average)
         percent_low, percent_high = boot.interval(ratio_percent(average, base))
@@ -245,7 +248,9 @@ def paper_findings(headline: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFr
     rows = []
     for model, frame in headline.groupby("model"):
         numeric = frame[frame["budget"].map(is_token_budget) & averaged_jobs(frame)]
-        scores = numeric.groupby(["method", "budget"])["value"].mean()
+        benchmarks = numeric["benchmark"].nunique()             # a run's mean over all of them, or none
+        scored = numeric[numeric["value"].notna()].groupby(["method", "budget"])["value"]
+        scores = scored.mean()[scored.count() == benchmarks]
         budgets = sorted({int(b) for b in numeric["budget"]}, reverse=True)[:3]
         methods = [m for m in numeric["method"].unique() if paper_method(m) in averages]
         for ficoco in sorted(m for m in methods if name_key(m).startswith("ficoco")):
