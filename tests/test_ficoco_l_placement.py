@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from helpers_tiny import (IMAGE, float64_layer_probabilities, generate_batch_and_alone, images, left_padded,
                           n_placeholders, prompt, tiny_llava)
 
@@ -19,6 +20,7 @@ from ficoco.contract import LLMKept, LLMLayerStep
 from ficoco.dims import ModelDims, llava_1_5_dims
 from ficoco.methods.base import Method
 from ficoco.methods.shared import vision_layer_counts
+from ficoco.models.llama import float32_eager_attention
 
 DIMS_7B = llava_1_5_dims("7b")
 
@@ -99,7 +101,8 @@ def test_an_in_layer_step_that_keeps_everything_changes_nothing():
         got = model(input_ids=ids, pixel_values=pixels).logits
         counts = handle.last_counts()[0]
         got_tokens = model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=4, do_sample=False)
-        assert model.model.language_model.layers[1].self_attn.config._attn_implementation == "eager"
+        name = model.model.language_model.layers[1].self_attn.config._attn_implementation
+        assert name.startswith("ficoco-float32-eager-") and ALL_ATTENTION_FUNCTIONS[name] is float32_eager_attention
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert torch.equal(got_tokens, expected_tokens)
     assert counts["llm_mlp"] == counts["llm"]
@@ -110,6 +113,7 @@ def test_an_in_layer_step_that_keeps_everything_changes_nothing():
     # removed: the layer's own forward and SDPA again, outputs bit-identical to before
     layer = model.model.language_model.layers[1]
     assert "forward" not in layer.__dict__ and layer.self_attn.config._attn_implementation == "sdpa"
+    assert name not in ALL_ATTENTION_FUNCTIONS                      # the patch's registration went with it
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids, pixel_values=pixels).logits, expected)
 
@@ -174,3 +178,24 @@ def test_placements_differ_and_the_default_is_the_input():
             assert ("llm_mlp" in handle.last_counts()[0]) == (placement == "attention")
     assert not torch.allclose(outputs["input"], outputs["attention"])
     assert ModelDims.from_config(model.config).llm_layers == 4
+
+
+def test_the_in_layer_attention_is_float32_from_the_products_on():
+    """spec methods.md §0: A in float32. transformers' eager attention takes q·k in the model's dtype and returns
+    probabilities in it; the in-layer placement's attention takes the products in float32 and returns float32
+    probabilities, equal to a float64 computation from the same bfloat16 q, k, v; the output in bfloat16."""
+    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaConfig, eager_attention_forward
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    module = LlamaAttention(config, layer_idx=0)
+    q, k, v = ((3 * torch.randn(1, heads, 40, 16)).to(torch.bfloat16) for heads in (4, 2, 2))
+    mask = torch.triu(torch.full((40, 40), torch.finfo(torch.bfloat16).min), diagonal=1)[None, None].to(torch.bfloat16)
+    output, probs = float32_eager_attention(module, q, k, v, mask, scaling=0.25)
+    k64, v64 = (x.double().repeat_interleave(2, dim=1) for x in (k, v))
+    reference = (q.double() @ k64.transpose(2, 3) * 0.25 + mask.double()).softmax(-1)
+    assert probs.dtype == torch.float32 and output.dtype == torch.bfloat16
+    assert (probs.double() - reference).abs().max() < 1e-6
+    _, rounded = eager_attention_forward(module, q, k, v, mask, scaling=0.25)          # transformers' own
+    assert (rounded.double() - reference).abs().max() > 1e-3
+    torch.testing.assert_close(output.double(), (reference @ v64).transpose(1, 2), rtol=1e-2, atol=1e-2)

@@ -10,8 +10,10 @@ Forward pre-hooks on every decoder layer (platform-notes §4.2):
 - a step with `scores_from="previous"` scores from the layer before the reducing one: that
   layer's input (as it ran, after any reduction of its own) is kept for the reducing layer.
 - a step with `placement="attention"` reduces inside its layers instead: they get a replacement
-  `forward` that runs the layer's own attention in explicit form (an eager copy of the config on
-  that attention module only), applies the step to the residual stream after the attention, drops
+  `forward` that runs the layer's own attention in explicit form (a copy of the config on that attention
+  module only, naming `float32_eager_attention`, registered under a name of this patch's own in
+  transformers' attention registry while it is installed: the probabilities in float32 from the products on,
+  spec methods.md §0), applies the step to the residual stream after the attention, drops
   the removed positions and runs the MLP on the kept ones. The step's scores are the probabilities
   that attention computed; the layer's KV cache holds every token it attended to, later layers'
   only the kept ones.
@@ -28,7 +30,8 @@ import copy
 
 import torch
 from transformers.cache_utils import Cache, StaticLayer
-from transformers.models.llama.modeling_llama import rotate_half
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
 from ficoco.contract import LLMKept, LLMLayerStep, LLMTokens
 from ficoco.models.static_decode import PromptStaticCache
@@ -214,15 +217,18 @@ class LlamaPatch:
         self._handles = [layer.register_forward_pre_hook(self._hook(index), with_kwargs=True)
                          for index, layer in enumerate(self.layers)]
         self._replaced = []
+        self._attention_name = f"ficoco-float32-eager-{id(self)}" if self.reducing_in_layer else None
+        if self._attention_name:
+            ALL_ATTENTION_FUNCTIONS[self._attention_name] = float32_eager_attention   # removed with the patch
         for index in sorted(self.reducing_in_layer):
             layer = self.layers[index]
             if "forward" in layer.__dict__:
                 raise RuntimeError(f"decoder layer {index} already has an instance forward; is another patch installed?")
             attention = layer.self_attn
-            eager = copy.copy(attention.config)                            # probabilities for this layer only
-            eager._attn_implementation = "eager"
+            explicit = copy.copy(attention.config)                         # probabilities for this layer only
+            explicit._attn_implementation = self._attention_name
             self._replaced.append((layer, attention.config))
-            attention.config = eager
+            attention.config = explicit
             layer.forward = self._in_layer_forward(index, layer)
 
     def remove(self) -> None:
@@ -231,6 +237,8 @@ class LlamaPatch:
         for layer, config in self._replaced:
             del layer.forward
             layer.self_attn.config = config
+        if self._attention_name in ALL_ATTENTION_FUNCTIONS:
+            del ALL_ATTENTION_FUNCTIONS[self._attention_name]
         self._handles, self._replaced = [], []
 
     def _hook(self, index: int):
@@ -440,6 +448,20 @@ def _prefill_keys(cache: Cache | None, layer: int, batch_and_length: tuple[int, 
     if not isinstance(keys, torch.Tensor) or keys.dim() != 4 or keys.shape[0] != batch or keys.shape[2] != length:
         return None
     return keys
+
+
+def float32_eager_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0, **kwargs):
+    """transformers' eager attention (the attention interface's signature) with the probabilities in float32 from
+    the q·k products on, as spec methods.md §0 wants A, and returned in float32; the output in the model's dtype.
+    query (B, H, Q, d), key / value (B, H_kv, K, d) -> output (B, Q, H, d), probabilities (B, H, Q, K)."""
+    key, value = repeat_kv(key, module.num_key_value_groups), repeat_kv(value, module.num_key_value_groups)
+    logits = torch.matmul(query.float(), key.float().transpose(2, 3)).mul_(scaling)          # (B, H, Q, K)
+    if attention_mask is not None:
+        logits = logits + attention_mask
+    probs = logits.softmax(dim=-1)
+    output = torch.matmul(probs.to(value.dtype), value).transpose(1, 2).contiguous()         # (B, Q, H, d)
+    return output, probs
 
 
 def _eager_mask(mask, hidden: torch.Tensor, past: int, slots: int | None = None) -> torch.Tensor | None:
