@@ -175,8 +175,11 @@ def test_an_adaptive_method_stays_within_its_bounds():
     counts = counts_of(planned, delivered=40)
     counts["llm_visual"][3], counts["llm"][3] = 39, TEXT + 39
     assert "LLM layer 3 visual tokens: expected 40, found 39" in violation("prumerge-adaptive", planned, counts)
-    plus = plan("prumerge-plus-adaptive").post_vision
-    assert plus.tokens_min == plus.details["raster"] + 1
+    # PruMerge+: its stride follows each image's k outliers (at most those above Q3), so at least the larger of
+    # k and its raster sample below n - 1, plus the extra token
+    plus, n = plan("prumerge-plus-adaptive").post_vision, DIMS.num_patches
+    sizes = [(k, len(range(0, n - 1, int(int(1 / (k / n)) / 3)))) for k in range(1, n - n * 3 // 4 + 1)]
+    assert plus.tokens_min == min(max(k, raster) for k, raster in sizes) + 1 and plus.tokens_max <= DIMS.visual_tokens
 
 
 def test_costs_must_be_positive_and_finite():

@@ -1,8 +1,9 @@
 """The adaptive PruMerge originals (methods.md §8.6): `prumerge-adaptive` and `prumerge-plus-adaptive`.
 
 A count per image: the patches whose layer-23 CLS attention is above Q3 + 1.5·IQR of the image's
-patch attentions (at least the top-1), PruMerge+ adding every s-th raster patch, s = ⌊⌊1/ratio⌋/3⌋;
-then PruMerge's kNN merge and extra token. References are independent: numpy's linear percentiles
+patch attentions (at least the top-1), PruMerge+ adding every s-th raster patch below N − 1,
+s = ⌊⌊1/ratio⌋/3⌋ with ratio the image's share of outliers (as the published code); then PruMerge's kNN
+merge and extra token. References are independent: numpy's linear percentiles
 in float64, the next layer's weights applied by hand to the eager tower's features, and Python
 loops over positions. The model is the LLaVA-shaped one of test_baselines_postvision.py.
 """
@@ -23,6 +24,7 @@ from ficoco import methods
 from ficoco.config import ADAPTIVE, ConfigError, FULL, job_grid, validate
 from ficoco.dims import llava_1_5_dims
 from ficoco.flops import planned_counts
+from ficoco.methods.prumerge import adaptive_raster_stride
 from ficoco.paradigm.filter import iqr_outlier_mask
 
 DIMS_7B = llava_1_5_dims("7b")
@@ -75,22 +77,24 @@ def test_plans_are_adaptive_and_take_no_budget():
         with pytest.raises(ValueError, match=f"{name}: an adaptive method chooses its token count per image, so it "
                                              f"has no planned counts"):
             planned_counts(DIMS_7B, name, None)
-    post = methods.get("prumerge-plus-adaptive").plan(DIMS_7B, None).post_vision.details
-    assert (post["ratio"], post["raster_stride"], post["raster"]) == (1 / 16, 5, 116)      # 0, 5, …, 575
+    post = methods.get("prumerge-plus-adaptive").plan(DIMS_7B, None).post_vision
+    assert post.details["raster_stride"].startswith("per image") and "ratio" not in post.details
     assert "raster_stride" not in methods.get("prumerge-adaptive").plan(DIMS_7B, None).post_vision.details
+    # the realised count's bounds: PruMerge 1..144 outliers; PruMerge+ 3 (k = 1: 0, 192, 384) to every patch
+    assert (post.tokens_min, post.tokens_max) == (4, 576)
+    bounds = methods.get("prumerge-adaptive").plan(DIMS_7B, None).post_vision
+    assert (bounds.tokens_min, bounds.tokens_max) == (2, 145)
     assert all(method.budgeted for method in map(methods.get, methods.names()) if method.name not in ADAPTIVE_METHODS)
 
 
-def test_ratio_is_validated_with_the_value_and_the_range():
-    plus = methods.get("prumerge-plus-adaptive")
-    with pytest.raises(ValueError, match=r"ratio=0.5 must be a number in \(0, 1/3\]"):
-        plus.plan(DIMS_7B, None, ratio=0.5)
-    with pytest.raises(ValueError, match=r"ratio=0 must be a number in \(0, 1/3\]"):
-        plus.plan(DIMS_7B, None, ratio=0)
-    # stride 1 would keep every patch plus the extra token: more than the 576 tokens of an image
-    with pytest.raises(ValueError, match=r"ratio=0.25 gives raster stride 1: .* use ratio <= 1/6"):
-        plus.plan(DIMS_7B, None, ratio=0.25)
-    assert plus.plan(DIMS_7B, None, ratio=1 / 6).post_vision.details["raster_stride"] == 2
+def test_the_raster_stride_is_the_published_one_of_each_images_outlier_share():
+    """42Shawn/LLaVA-PruMerge, `token_prune_merge_advanced_plus` (if_adaptive): ratio = k / N, then
+    `int(int(1 / ratio) / 3)` in floats; its ratio is no parameter."""
+    for k in range(1, 145):
+        assert adaptive_raster_stride(k, 576) == int(int(1 / (k / 576)) / 3) == (576 // k) // 3 >= 1
+    assert [adaptive_raster_stride(k, 576) for k in (1, 20, 32, 50, 96, 97)] == [192, 9, 6, 3, 2, 1]
+    with pytest.raises(ValueError, match="'ratio'"):
+        methods.get("prumerge-plus-adaptive").plan(DIMS_7B, None, ratio=1 / 16)
 
 
 def test_a_budget_label_must_fit_the_method():
@@ -106,7 +110,7 @@ def test_a_budget_label_must_fit_the_method():
 def test_the_grid_runs_each_adaptive_method_once_per_model_and_benchmark():
     config = validate({"models": ["llava-1.5-7b", "llava-1.5-13b"], "benchmarks": ["gqa", "pope"],
                        "methods": ["vanilla", "prumerge", *ADAPTIVE_METHODS], "budgets": [192, 64],
-                       "method_params": {"prumerge-plus-adaptive": {"ratio": 0.05, "per_budget": {64: {"knn": 3}}}}})
+                       "method_params": {"prumerge-plus-adaptive": {"knn": 16, "per_budget": {64: {"knn": 3}}}}})
     jobs = job_grid(config)
     for name in ADAPTIVE_METHODS:
         runs = sorted((j.model, j.benchmark, j.budget) for j in jobs if j.method == name)
@@ -115,7 +119,7 @@ def test_the_grid_runs_each_adaptive_method_once_per_model_and_benchmark():
     assert {j.budget for j in jobs if j.method == "prumerge"} == {"192", "64"}
     assert {j.budget for j in jobs if j.method == "vanilla"} == {FULL}
     assert all(j.run_dir.endswith(f"/{j.method}/badaptive") for j in jobs if j.budget == ADAPTIVE)
-    with pytest.raises(ConfigError, match="prumerge-plus-adaptive .*adaptive.*ratio=0.5 must be a number"):
+    with pytest.raises(ConfigError, match="prumerge-plus-adaptive.*'ratio'"):
         validate({"models": ["llava-1.5-7b"], "benchmarks": ["gqa"], "methods": ["prumerge-plus-adaptive"],
                   "budgets": [64], "method_params": {"prumerge-plus-adaptive": {"ratio": 0.5}}})
 
@@ -151,12 +155,18 @@ def reference(model, pixels):
     return out
 
 
-def _expected(image: dict, stride: int, knn: int = 32) -> tuple[list[int], torch.Tensor]:
-    """Kept positions (outliers ∪ raster) and the merged tokens + extra token, by Python loops."""
+def _stride(outliers: int, n: int) -> int:
+    """The published stride, in exact arithmetic: ⌊⌊n/k⌋/3⌋."""
+    return math.floor(math.floor(Fraction(n, outliers)) / 3)
+
+
+def _expected(image: dict, raster: bool, knn: int = 32) -> tuple[list[int], torch.Tensor]:
+    """Kept positions (outliers ∪ raster below N − 1) and the merged tokens + extra token, by Python loops."""
     a, unit, x = image["a"], image["unit"], image["x"]
     kept = {p for p, keep in enumerate(_iqr_reference(a)) if keep}
-    if stride:
-        kept |= {p for p in range(len(a)) if p % stride == 0}
+    if raster:
+        stride = _stride(len(kept), len(a))
+        kept |= {p for p in range(len(a) - 1) if p % stride == 0}
     kept = sorted(kept)
     merged = []
     for i in kept:
@@ -167,16 +177,9 @@ def _expected(image: dict, stride: int, knn: int = 32) -> tuple[list[int], torch
     return kept, torch.stack(merged)
 
 
-def _stride(ratio: Fraction) -> int:
-    return math.floor(math.floor(1 / ratio) / 3)
-
-
-@pytest.mark.parametrize("name, overrides, stride", [
-    ("prumerge-adaptive", {}, 0),
-    ("prumerge-plus-adaptive", {}, _stride(Fraction(1, 16))),
-    ("prumerge-plus-adaptive", {"ratio": 1 / 30}, _stride(Fraction(1, 30))),
-])
-def test_each_image_gets_its_own_count_kept_plus_one(model, pixels, reference, name, overrides, stride):
+@pytest.mark.parametrize("name, overrides", [("prumerge-adaptive", {}), ("prumerge-plus-adaptive", {}),
+                                             ("prumerge-plus-adaptive", {"knn": 8})])
+def test_each_image_gets_its_own_count_kept_plus_one(model, pixels, reference, name, overrides):
     n = n_placeholders(model)
     ids = torch.tensor([prompt(n, *PROMPTS[0]), prompt(n, *PROMPTS[0])])        # same text, two images
     seen = {}
@@ -191,7 +194,8 @@ def test_each_image_gets_its_own_count_kept_plus_one(model, pixels, reference, n
             probe.remove()
             embeds.remove()
         counts, trace = handle.last_counts(), handle.last_trace()["vision"][FEATURE_LAYER]
-    expected = [_expected(image, stride) for image in reference]
+    raster = name == "prumerge-plus-adaptive"
+    expected = [_expected(image, raster, overrides.get("knn", 32)) for image in reference]
     realised = [len(kept) + 1 for kept, _ in expected]
     assert realised[0] != realised[1]                                            # the two images differ
     assert [c["visual_delivered"] for c in counts] == realised
@@ -204,23 +208,29 @@ def test_each_image_gets_its_own_count_kept_plus_one(model, pixels, reference, n
     for row, (kept, tokens) in enumerate(expected):
         assert trace[row, :len(kept)].tolist() == kept and (trace[row, len(kept):] == -1).all()
         torch.testing.assert_close(seen["features"][row, :realised[row]].double(), tokens, rtol=1e-4, atol=1e-4)
-        if stride:                                                              # the raster positions are all in
-            assert set(range(0, 576, stride)) <= set(kept)
+        if raster:                                                              # the raster positions are all in
+            outliers = sum(_iqr_reference(reference[row]["a"]))
+            assert set(range(0, 575, _stride(outliers, 576))) <= set(kept)
 
 
 def test_raster_positions_against_a_brute_force_loop(model, pixels, reference):
-    """PruMerge+'s raster sample: every patch p with p mod s == 0 (raster order), added to the outliers."""
-    with ficoco.apply(model, "prumerge-plus-adaptive") as handle, torch.no_grad():
-        model(input_ids=torch.tensor([prompt(576, [10], [11])]), pixel_values=pixels[:1])
-        kept = handle.last_trace()["vision"][FEATURE_LAYER][0].tolist()
-    outliers = [p for p, keep in enumerate(_iqr_reference(reference[0]["a"])) if keep]
-    raster = []
-    for row in range(24):
-        for column in range(24):
-            if (row * 24 + column) % 5 == 0:
-                raster.append(row * 24 + column)
-    assert len(raster) == 116
-    assert kept == sorted(set(outliers) | set(raster))
+    """PruMerge+'s raster sample: every patch p < 575 with p mod s == 0 (raster order), s from the image's own
+    outlier count k as the published code takes it, added to the outliers; the two images' strides differ."""
+    strides = []
+    for image in (0, 1):
+        with ficoco.apply(model, "prumerge-plus-adaptive") as handle, torch.no_grad():
+            model(input_ids=torch.tensor([prompt(576, [10], [11])]), pixel_values=pixels[image:image + 1])
+            kept = handle.last_trace()["vision"][FEATURE_LAYER][0].tolist()
+        outliers = [p for p, keep in enumerate(_iqr_reference(reference[image]["a"])) if keep]
+        stride = int(int(1 / (len(outliers) / 576)) / 3)                        # the published expression
+        raster = []
+        for row in range(24):
+            for column in range(24):
+                if (row * 24 + column) % stride == 0 and row * 24 + column < 575:
+                    raster.append(row * 24 + column)
+        assert kept == sorted(set(outliers) | set(raster))
+        strides.append(stride)
+    assert strides[0] != strides[1]
 
 
 @pytest.mark.parametrize("name", ADAPTIVE_METHODS)

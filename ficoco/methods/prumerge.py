@@ -15,11 +15,11 @@ The adaptive originals, `prumerge-adaptive` and `prumerge-plus-adaptive` (no bud
 filter    PruMerge: the patches whose attention a is above Q3 + 1.5·IQR of that image's patch
           attentions (`paradigm.filter.iqr_outlier_mask`, linear-interpolation quartiles; an image
           with no patch above its fence keeps its top-1). PruMerge+ also keeps the raster positions
-          0, s, 2s, … (raster order over the N patches) not already kept, s = ⌊⌊1/ratio⌋/3⌋.
+          0, s, 2s, … < N − 1 (raster order over the N patches) not already kept, s = ⌊⌊1/ratio⌋/3⌋ with
+          ratio = k/N, the image's own share of outliers, as the published code computes it
+          (`adaptive_raster_stride`).
 correlate, compress as above. Every image gets its own count, kept + 1, which the adapter realises
 (placeholder runs of that length) and logs per sample (`handle.last_counts()`).
-The spec gives no `ratio` for PruMerge+: the default 1/16 (stride ⌊16/3⌋ = 5, 116 raster positions
-on 24×24) is chosen to match its "≈ 144 tokens in total on average".
 """
 from __future__ import annotations
 
@@ -77,13 +77,14 @@ class PruMergeReduce:
 
 @dataclass(frozen=True)
 class PruMergeAdaptiveReduce:
-    """Keep the IQR outliers of the CLS attention (plus every `stride`-th raster position); merge by kNN.
+    """Keep the IQR outliers of the CLS attention (PruMerge+: plus a raster sample whose stride follows from the
+    image's outlier ratio, `adaptive_raster_stride`); merge by kNN.
 
     A count per image: `ImageTokens.hidden` is padded to the batch's largest count and `counts` gives
     each image's own (kept + 1). Every image is reduced on its own, so a batch equals its images alone.
     """
 
-    stride: int          # raster stride of PruMerge+; 0 = PruMerge (outliers only)
+    raster: bool         # PruMerge+ (outliers and the raster sample); False = PruMerge (outliers only)
     knn: int
 
     def __call__(self, layer: int, tokens: VisionTokens, scores: VisionOutputScores) -> ImageTokens:
@@ -92,10 +93,15 @@ class PruMergeAdaptiveReduce:
         attention = scores.next_cls_row()[:, 1:]                                 # (B, N), not renormalised
         keys = scores.next_keys()[:, 1:]                                         # (B, N, D)
         keep = iqr_outlier_mask(attention)                                       # (B, N) bool, >= 1 per row
-        if self.stride:
-            keep[:, raster_positions(n, self.stride, keep.device)] = True
         merged, positions = [], []
         for row in range(batch):
+            if self.raster:                                                      # the image's own stride
+                stride = adaptive_raster_stride(int(keep[row].sum()), n)
+                keep[row, raster_positions(n - 1, stride, keep.device)] = True   # the published end: n - 1 excluded
+                if int(keep[row].sum()) + 1 > n:
+                    raise ValueError(f"prumerge-plus-adaptive: this image's outliers give raster stride {stride}, "
+                                     f"which keeps {int(keep[row].sum())} of its {n} patches: with the extra token "
+                                     f"more than the {n} tokens it has")
             kept = keep[row].nonzero()[:, 0][None]                               # (1, K_b) ascending
             neighbours = knn_positions(keys[row:row + 1], kept, self.knn)        # (1, K_b, knn)
             merged.append(prumerge_merge(patches[row:row + 1], attention[row:row + 1], kept, neighbours)[0])
@@ -109,16 +115,25 @@ class PruMergeAdaptiveReduce:
         return prumerge_macs(dims, shape)                               # shape.kept is this image's own count
 
 
-def raster_stride(ratio: float) -> int:
-    """PruMerge+'s raster stride ⌊⌊1/ratio⌋/3⌋ (§8.6)."""
-    return math.floor(math.floor(1 / ratio) / 3)
+def adaptive_raster_stride(outliers: int, n: int) -> int:
+    """PruMerge+'s raster stride ⌊⌊1/ratio⌋/3⌋ (§8.6), with the image's own outlier ratio k/n, in the float
+    arithmetic of the published code (42Shawn/LLaVA-PruMerge, `token_prune_merge_advanced_plus`, if_adaptive:
+    `int(int(1 / reduction_ratio) / 3)`). At least 1: k <= n/4 outliers above Q3 (`most_outliers`)."""
+    return max(1, int(int(1 / (outliers / n)) / 3))
 
 
-def most_kept(n: int, stride: int) -> int:
-    """The most patches an adaptive PruMerge(+) can keep of n: the outliers strictly above Q3 (at most
-    n − 1 − ⌊0.75·(n − 1)⌋, at least the top-1) together with the ⌈n/s⌉ raster positions."""
-    outliers = max(1, n - 1 - math.floor(0.75 * (n - 1)))
-    return min(n, outliers + (math.ceil(n / stride) if stride else 0))
+def most_outliers(n: int) -> int:
+    """The most patches strictly above Q3 of n (at least the top-1 is kept)."""
+    return max(1, n - 1 - math.floor(0.75 * (n - 1)))
+
+
+def kept_bounds(n: int, raster: bool) -> tuple[int, int]:
+    """The fewest and the most patches an adaptive PruMerge(+) can keep of n, over every outlier count k: the k
+    outliers, and for PruMerge+ the raster positions of k's stride (which the outliers may overlap)."""
+    if not raster:
+        return 1, most_outliers(n)
+    sizes = [(k, len(range(0, n - 1, adaptive_raster_stride(k, n)))) for k in range(1, most_outliers(n) + 1)]
+    return min(max(k, r) for k, r in sizes), min(n, max(k + r for k, r in sizes))
 
 
 def check_model(name: str, dims, knn: int) -> None:
@@ -153,35 +168,19 @@ def schedule_plus(dims, budget, params) -> dict:
                         knn=params["knn"])
 
 
-def schedule_adaptive(name: str, dims, params) -> dict:
-    """The adaptive plan (no budget: `Method.plan` refuses one): the rule and its raster stride."""
+def schedule_adaptive(name: str, dims, raster: bool, params) -> dict:
+    """The adaptive plan (no budget: `Method.plan` refuses one): the rule, and the bounds of the realised count
+    (kept + the extra token, at most an image's tokens), which ficoco.invariants checks per sample."""
     check_model(name, dims, params["knn"])
-    ratio = params.get("ratio")
-    stride = raster_stride(ratio) if ratio is not None else 0
-    most = most_kept(dims.num_patches, stride) + 1
-    if most > dims.visual_tokens:
-        smallest = next(s for s in range(1, dims.num_patches + 1)
-                        if most_kept(dims.num_patches, s) + 1 <= dims.visual_tokens)
-        raise ValueError(f"{name}: ratio={ratio!r} gives raster stride {stride}: up to {most - 1} of the "
-                         f"{dims.num_patches} patches plus the extra token could be kept, more than the "
-                         f"{dims.visual_tokens} tokens of an image; use ratio <= 1/{3 * smallest} "
-                         f"(stride >= {smallest})")
-    raster = {"ratio": ratio, "raster_stride": stride, "raster": math.ceil(dims.num_patches / stride)} if stride else {}
-    # the bounds of the realised count (kept + the extra token), checked per sample by ficoco.invariants:
-    # at least the top-1 or the raster positions, at most what `most_kept` allows
-    fewest = max(1, raster.get("raster", 0)) + 1
-    return adaptive_feature_plan(dims, "vision_output", rule="iqr", **raster, extra=1, knn=params["knn"],
-                                 tokens_min=fewest, tokens_max=most)
+    fewest, most = kept_bounds(dims.num_patches, raster)
+    stride = {"raster_stride": "per image: ⌊⌊n/k⌋/3⌋, k its outliers"} if raster else {}
+    return adaptive_feature_plan(dims, "vision_output", rule="iqr", **stride, extra=1, knn=params["knn"],
+                                 tokens_min=fewest + 1, tokens_max=min(most + 1, dims.visual_tokens))
 
 
 def make_adaptive_reduce(plan: dict) -> PruMergeAdaptiveReduce:
     post = plan.post_vision.details
-    return PruMergeAdaptiveReduce(stride=post.get("raster_stride", 0), knn=post["knn"])
-
-
-def raster_ratio(value) -> str | None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < float(value) <= 1 / 3
-    return None if ok else "must be a number in (0, 1/3] (so the raster stride ⌊⌊1/ratio⌋/3⌋ is >= 1)"
+    return PruMergeAdaptiveReduce(raster="raster_stride" in post, knn=post["knn"])
 
 
 def make_reduce(plan: dict) -> PruMergeReduce:
@@ -239,7 +238,7 @@ ADAPTIVE = Method(
     needs_attention=NEEDS,
     stages={"filter": ADAPTIVE_FILTER, "correlate": CORRELATE, "compress": COMPRESS},
     params=PARAMS,
-    schedule=lambda dims, budget, params: schedule_adaptive("prumerge-adaptive", dims, params),
+    schedule=lambda dims, budget, params: schedule_adaptive("prumerge-adaptive", dims, False, params),
     build=output_build(make_adaptive_reduce),
     budgeted=False,
 )
@@ -247,19 +246,17 @@ ADAPTIVE = Method(
 PLUS_ADAPTIVE = Method(
     name="prumerge-plus-adaptive",
     summary="PruMerge+ as published: the IQR outliers of (layer-23) CLS attention plus every s-th raster "
-            "patch (s = ⌊⌊1/ratio⌋/3⌋), kNN merge, plus one extra token; a count per image (≈ 144 on "
-            "LLaVA-1.5), no budget, realised counts logged (after CLIP)",
+            "patch (s = ⌊⌊1/ratio⌋/3⌋, ratio the image's outlier share), kNN merge, plus one extra token; a count "
+            "per image (≈ 144 on LLaVA-1.5), no budget, realised counts logged (after CLIP)",
     phase="vision",
     acts_on=("vision",),
     needs=TOWER_NEEDS,
     needs_attention=NEEDS,
-    stages={"filter": ADAPTIVE_FILTER + "; plus the raster positions 0, s, 2s, … not already kept, "
-                                        "s = ⌊⌊1/ratio⌋/3⌋",
+    stages={"filter": ADAPTIVE_FILTER + "; plus the raster positions 0, s, 2s, … < n − 1 not already kept, "
+                                        "s = ⌊⌊n/k⌋/3⌋ for the image's k outliers of n patches",
             "correlate": CORRELATE, "compress": COMPRESS},
-    params={**PARAMS,
-            "ratio": Param(1 / 16, "raster ratio: stride ⌊⌊1/ratio⌋/3⌋ (1/16 -> 5; the spec gives no ratio, "
-                                   "1/16 matches its ≈ 144 tokens in total on average)", raster_ratio)},
-    schedule=lambda dims, budget, params: schedule_adaptive("prumerge-plus-adaptive", dims, params),
+    params=PARAMS,
+    schedule=lambda dims, budget, params: schedule_adaptive("prumerge-plus-adaptive", dims, True, params),
     build=output_build(make_adaptive_reduce),
     budgeted=False,
 )
