@@ -519,6 +519,10 @@ def test_an_adaptive_run_is_tabulated_and_plotted_at_its_realised_visual_tokens(
     row = headline_of(summary.results, "prumerge-adaptive", "adaptive", "pope")
     assert pd.isna(row["budget_tokens"]) and row["visual_tokens_layer_avg"] == 31.0
     assert summary.measure.set_index("method").loc["prumerge-adaptive", "budget"] == "adaptive"
+    # its measure run chose another count on random weights: kept in the measure table, not beside its rows,
+    # while a budgeted job's rows carry their measured speed
+    assert pd.isna(row["prefill_s"]) and pd.isna(row["end_to_end_s"])
+    assert headline_of(summary.results, "ficoco-v", "192", "pope")["prefill_s"] > 0
     assert tables.ordered_budgets(["full", "64", "adaptive", "192"]) == ["192", "64", "adaptive", "full"]
     frame = tables.paper_tables(summary.results, paper.paper_reference(paper.load_paper_results()))
     assert tables.ordered_budgets(frame["table_budget"].unique()) == ["192", "128", "64", "adaptive"]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ficoco.budget_labels import VALID_LABELS, is_label, is_token_budget, tflops_target
+from ficoco.budget_labels import ADAPTIVE, VALID_LABELS, is_label, is_token_budget, tflops_target
 from ficoco.report import files
 
 JOB_KEYS = ("model", "method", "phase", "budget", "benchmark")
@@ -414,8 +414,11 @@ def check_unique_jobs(runs: list[tuple[Path, dict]]) -> None:
 
 
 def attach_measure(results: pd.DataFrame, measure: pd.DataFrame) -> pd.DataFrame:
+    """The measured speed of each job's (model, method, budget) beside its rows; none beside an adaptive job:
+    its measure run chose its own count on random weights and a synthetic image, not the evaluated one (the
+    measure table and the speedup figure keep it, with that run's own FLOPs)."""
     keys = ["model", "method", "budget"]
-    measured = measure[keys + list(MEASURE_VALUES)]
+    measured = measure.loc[measure["budget"] != ADAPTIVE, keys + list(MEASURE_VALUES)]
     merged = results.drop(columns=list(MEASURE_VALUES)).merge(measured, on=keys, how="left", validate="many_to_one")
     return merged[list(RESULTS_COLUMNS)].astype(RESULTS_COLUMNS)
 

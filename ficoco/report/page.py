@@ -229,7 +229,9 @@ def costs_section(results: pd.DataFrame, measure: pd.DataFrame) -> str:
             f"LLM prefill + decode; contracts §2, flops.md §7), beside it the selection overhead ({unit}_overhead: "
             "the matrix products the method adds to score, select and merge tokens, not part of exact), the "
             "paper-style nominal label, and the realised layer-averaged visual tokens; measured medians from the "
-            "measure jobs.</p>" + target_note + note
+            "measure jobs, except beside an adaptive method's row: its measure job runs random weights on a "
+            "synthetic image, which choose another token count than the evaluated one (the speedup figure shows "
+            "that run at its own FLOPs).</p>" + target_note + note
             + frame_html(costs))
 
 
