@@ -629,7 +629,8 @@ def test_the_report_reads_the_shards_a_job_was_scored_from_never_a_leftover(tmp_
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps({"id": f"q{row}", "row": row, "prediction": "red", "answers": ["red"],
                                             "score": value, "scoring": {"score": value}, "counts": None,
-                                            "cost": None, "error": None if value is not None else "bad row: missing_image"})
+                                            "cost": None,
+                                            "error": None if value is not None else "bad row: missing_image"})
                                 + "\n" for row, value in rows))
         return path
 

@@ -164,8 +164,9 @@ def test_a_benchmark_that_judges_samples_together_is_resampled_by_whole_groups()
     assert np.all(boot.job("m", "vanilla", "64", "mmbench") == 100.0)
     ids = np.sort(samples["id"].unique())
     units = intervals.resampling_units("mmbench", ids)
-    assert len(set(units)) == groups and all(units[list(ids).index(str(g))] == units[list(ids).index(str(1_000_000 + g))]
-                                             for g in range(groups))
+    position = {sample_id: index for index, sample_id in enumerate(ids)}
+    assert len(set(units)) == groups
+    assert all(units[position[str(g)]] == units[position[str(1_000_000 + g)]] for g in range(groups))
     assert list(intervals.resampling_units("pope", ids)) == list(range(len(ids)))   # POPE: every sample alone
 
 

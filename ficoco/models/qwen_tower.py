@@ -80,7 +80,8 @@ class QwenTowerPass:
 
 def group_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, group: int,
                     max_elements: int = 1 << 26) -> tuple[torch.Tensor, torch.Tensor]:
-    """One image's attention, explicit (float32 products and softmax), over query rows in chunks of at most `max_elements`
+    """One image's attention, explicit (float32 products and softmax), over query rows in chunks of at most
+    `max_elements`
     probabilities (a 1,280-token image has 5,120 patches: all its probabilities at once would take gigabytes).
 
     q, k, v: (H, n, d) -> the output (n, H·d), and the head-mean probabilities pooled to merge groups of

@@ -12,8 +12,8 @@ which is also written as paper_tables.csv:
 - Avg = mean of the row's scores over the table's benchmarks whose headline is a percentage (`in_avg`;
   MME's points are shown, not averaged), NaN when the row lacks one of them (a failed job, or one not
   run): rows are ranked by Avg, and an average over fewer benchmarks is not comparable. Avg% = 100 x Avg /
-  (vanilla's mean over the same benchmarks), NaN without a vanilla run of that model. The paper's Avg and Avg% are computed over
-  the same benchmarks from its per-benchmark numbers (NaN if it lacks one).
+  (vanilla's mean over the same benchmarks), NaN without a vanilla run of that model. The paper's Avg and
+  Avg% are computed over the same benchmarks from its per-benchmark numbers (NaN if it lacks one).
 - `best`: the highest displayed value of a score / average column among the reduced rows.
 - `low`, `high`: the bootstrap interval of a score / Avg / Avg% cell (intervals.py: paired over
   methods, Avg% paired with vanilla); NaN where the job has none.
@@ -239,9 +239,9 @@ def paper_findings(headline: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFr
 
     A finding: a FiCoCo method scored above (or below) a baseline at every one of the paper's three
     LLaVA-1.5-7B budgets (its printed Avg). Our side: each method's mean headline score over the
-    benchmarks scored in percent (`averaged`) at the run's numeric budgets, largest first, paired with the paper's by rank (the
-    toy world's budgets are other fractions of its visual tokens). Reproduced when the run orders
-    the two methods the same way at every budget both ran.
+    benchmarks scored in percent (`averaged`; a run lacking one has none) at the run's numeric budgets,
+    largest first, paired with the paper's by rank (the toy world's budgets are other fractions of its visual
+    tokens). Reproduced when the run orders the two methods the same way at every budget both ran.
     Columns: model, ficoco, baseline, paper, ours, budgets, reproduced.
     """
     averages = paper_averages(reference)
