@@ -293,10 +293,9 @@ def scored_shard_files(metrics_path: str | Path) -> list[Path] | None:
         files = [folder / str(name) for name in listed]
         return files if files and all(path.is_file() for path in files) else None
     files = sorted(folder.glob("shard*of*/predictions.jsonl"))
-    counts = {re.fullmatch(r"shard\d+of(\d+)", path.parent.name) for path in files}
-    if not files or len({match.group(1) if match else None for match in counts}) != 1 or None in counts:
-        return None
-    return files
+    shard_counts = {match.group(1) if (match := re.fullmatch(r"shard\d+of(\d+)", path.parent.name)) else None
+                    for path in files}
+    return files if len(shard_counts) == 1 and None not in shard_counts else None
 
 
 def read_predictions(metrics_path: str | Path) -> list[dict] | None:
