@@ -82,6 +82,18 @@ def load_model(model_dir: str | Path, device: str, dtype: str):
     return model.to(device).eval(), processor
 
 
+def generated_length(tokens, eos_token_id) -> int:
+    """How many tokens a row of `generate`'s output (its new tokens) generated: up to and including its first EOS
+    (`eos_token_id`: an id, a list of ids, or None), else all of them. What follows the EOS is padding, whatever its
+    id: counting the tokens that are not the pad id misses the EOS where the pad id is an EOS id (Qwen2-VL), and
+    counts the padding where there is no pad id."""
+    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+    for index, token in enumerate(tokens.tolist()):
+        if token in eos:
+            return index + 1
+    return len(tokens)
+
+
 def _batches(items: list, size: int):
     for start in range(0, len(items), size):
         yield items[start:start + size]
@@ -145,7 +157,7 @@ class Generator:
         new_tokens = output[:, inputs["input_ids"].shape[1]:]
         records = []
         for row, tokens, sample_counts, plan in zip(rows, new_tokens, counts, plans):
-            generated = int((tokens != tokenizer.pad_token_id).sum()) if tokenizer.pad_token_id is not None else len(tokens)
+            generated = generated_length(tokens, self.model.generation_config.eos_token_id)
             prediction = tokenizer.decode(tokens, skip_special_tokens=True).strip()
             record = self._record(row, prediction, sample_counts, generated, seconds / len(rows),
                                   sample_cost(self.dims, sample_counts, generated))

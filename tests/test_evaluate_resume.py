@@ -233,3 +233,22 @@ def test_json_options_that_are_not_json_are_refused_before_anything_runs(monkeyp
     with pytest.raises(SystemExit) as refused:
         evaluate.main(cli_args(option, value))
     assert refused.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tokens, eos, expected", [
+    ([5, 7, 2, 0, 0], 2, 3),                        # EOS then padding (pad 0): the EOS counts, the padding not
+    ([5, 7, 2, 2, 2], 2, 3),                        # the pad id is the EOS id (LLaVA-1.5 without a pad token)
+    ([5, 151643, 151643, 151643], [151645, 151643], 2),   # Qwen2-VL: its pad 151643 is one of its EOS ids
+    ([5, 7, 9, 11], 2, 4),                          # no EOS: every step generated
+    ([5, 0, 7, 2], 2, 4),                           # a generated token that happens to be the pad id (0) counts
+    ([5, 7], None, 2),
+])
+def test_generated_tokens_end_at_the_first_eos_whatever_the_pad_id(tokens, eos, expected):
+    """G (new tokens, EOS included) decides the decode cost (G - 1 steps). Counting the tokens that are not the
+    pad id (the rule before 2026-12-05) misses the EOS where the pad id is an EOS id, and a generated token that
+    happens to be the pad id."""
+    import torch
+
+    from ficoco.evaluate import generated_length
+
+    assert generated_length(torch.tensor(tokens), eos) == expected
