@@ -23,7 +23,9 @@ FULL = "full"
 ADAPTIVE = "adaptive"
 TFLOPS_CONVENTIONS = ("exact", "nominal")
 NOMINAL_SUFFIX = "-nominal"
-TFLOPS_PATTERN = r"t(\d+(?:\.\d+)?)(-nominal)?"      # "t2.4", "t1.5-nominal": the target and the convention
+# "t2.4", "t1.5-nominal": the target and the convention; written as `TflopsTarget.label` prints it (no leading or
+# trailing zero: "t2.40" or "t02.4" would be a second key for one budget)
+TFLOPS_PATTERN = r"t((?:0|[1-9]\d*)(?:\.\d*[1-9])?)(-nominal)?"
 IMAGE_TOKENS_PATTERN = r"n([1-9]\d*)"                 # "n600": 600 tokens for every image
 #: the labels a path part may hold (Snakemake's wildcard constraint for {budget})
 LABEL_PATTERN = r"full|adaptive|[1-9]\d*|" + IMAGE_TOKENS_PATTERN + "|" + TFLOPS_PATTERN

@@ -129,6 +129,13 @@ def test_labels_round_trip_as_path_parts(tflops, convention, label):
     assert "e" not in label.removesuffix("-nominal")
 
 
+@pytest.mark.parametrize("written", ["t2.40", "t02.4", "t2.", "t3.0", "t00.5", "t2.4-Nominal"])
+def test_a_label_is_written_one_way_only(written):
+    """A target written otherwise than its label prints it would be a second key (path, table row) for one
+    budget: refused."""
+    assert not is_label(written) and tflops_target(written) is None
+
+
 def test_labels_sort_token_budgets_then_per_image_counts_then_targets_then_adaptive_and_full():
     labels = ["full", "t1.5-nominal", "64", "n400", "adaptive", "t2.4", "192", "n600", "t2.4-nominal"]
     assert sorted(labels, key=sort_key) == ["192", "64", "n600", "n400", "t2.4", "t2.4-nominal", "t1.5-nominal",
