@@ -98,11 +98,11 @@ class PruMergeAdaptiveReduce:
             if self.raster:                                                      # the image's own stride
                 stride = adaptive_raster_stride(int(keep[row].sum()), n)
                 keep[row, raster_positions(n - 1, stride, keep.device)] = True   # the published end: n - 1 excluded
-                if int(keep[row].sum()) + 1 > n:
-                    raise ValueError(f"prumerge-plus-adaptive: this image's outliers give raster stride {stride}, "
-                                     f"which keeps {int(keep[row].sum())} of its {n} patches: with the extra token "
-                                     f"more than the {n} tokens it has")
             kept = keep[row].nonzero()[:, 0][None]                               # (1, K_b) ascending
+            if self.raster and kept.shape[1] + 1 > n:
+                raise ValueError(f"prumerge-plus-adaptive: this image's outliers give raster stride {stride}, which "
+                                 f"keeps {kept.shape[1]} of its {n} patches: with the extra token more than the {n} "
+                                 f"tokens it has")
             neighbours = knn_positions(keys[row:row + 1], kept, self.knn)        # (1, K_b, knn)
             merged.append(prumerge_merge(patches[row:row + 1], attention[row:row + 1], kept, neighbours)[0])
             positions.append(tokens.positions[row].gather(0, kept[0]))

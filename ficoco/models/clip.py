@@ -23,7 +23,7 @@ import types
 import torch
 
 from ficoco.contract import StepShape, VisionInputStep, VisionLayerStep, VisionTokens
-from ficoco.paradigm.attention import head_mean_probs
+from ficoco.paradigm.attention import attention_probs, head_mean_probs
 
 
 class VisionPass:
@@ -81,11 +81,7 @@ def clip_attention(attn, x: torch.Tensor, mask: torch.Tensor | None, with_probs:
     q, k, v = (projection(x).view(heads).transpose(1, 2) for projection in (attn.q_proj, attn.k_proj, attn.v_proj))
     head_mean = None
     if with_probs:
-        # A in float32 (methods.md §0) from the products on: in half precision q·k would round before the softmax
-        logits = torch.matmul(q.float(), k.float().transpose(-1, -2)).mul_(attn.scale)    # (B, H, N, N) float32
-        if mask is not None:
-            logits = logits.add_(mask)
-        probs = logits.softmax(dim=-1)
+        probs = attention_probs(q, k, attn.scale, mask)                             # (B, H, N, N) float32
         out = torch.matmul(probs.to(v.dtype), v)                                    # (B, H, N, d)
         head_mean = probs.mean(dim=1)                                               # (B, N, N)
     else:

@@ -35,7 +35,7 @@ from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
 from ficoco.contract import LLMKept, LLMLayerStep, LLMTokens
 from ficoco.models.static_decode import PromptStaticCache
-from ficoco.paradigm.attention import head_mean_probs, reduce_heads, require
+from ficoco.paradigm.attention import attention_probs, head_mean_probs, reduce_heads, require
 
 
 class LLMPass:
@@ -455,11 +455,8 @@ def float32_eager_attention(module, query: torch.Tensor, key: torch.Tensor, valu
     """transformers' eager attention (the attention interface's signature) with the probabilities in float32 from
     the q·k products on, as spec methods.md §0 wants A, and returned in float32; the output in the model's dtype.
     query (B, H, Q, d), key / value (B, H_kv, K, d) -> output (B, Q, H, d), probabilities (B, H, Q, K)."""
-    key, value = repeat_kv(key, module.num_key_value_groups), repeat_kv(value, module.num_key_value_groups)
-    logits = torch.matmul(query.float(), key.float().transpose(2, 3)).mul_(scaling)          # (B, H, Q, K)
-    if attention_mask is not None:
-        logits = logits + attention_mask
-    probs = logits.softmax(dim=-1)
+    probs = attention_probs(query, key, scaling, attention_mask)                             # (B, H, Q, K)
+    value = repeat_kv(value, module.num_key_value_groups)
     output = torch.matmul(probs.to(value.dtype), value).transpose(1, 2).contiguous()         # (B, Q, H, d)
     return output, probs
 

@@ -36,6 +36,7 @@ import torch
 
 from ficoco.contract import StepShape, VisionLayerStep, VisionTokens
 from ficoco.invariants import InvariantViolation
+from ficoco.paradigm.attention import attention_probs
 
 
 class QwenTowerPass:
@@ -91,10 +92,9 @@ def group_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: 
     groups = patches // group
     rows = max(group, max_elements // (heads * patches) // group * group)
     outputs, pooled = [], []
+    keys = k.float()[None]                                                         # (1, H, n, d) once, not per chunk
     for start in range(0, patches, rows):
-        # float32 from the products on (methods.md §0), whatever the tower's dtype
-        logits = torch.matmul(q[:, start:start + rows].float(), k.float().transpose(-1, -2)).mul_(scaling)
-        probs = logits.softmax(dim=-1)                                             # (H, c, n) float32
+        probs = attention_probs(q[None, :, start:start + rows], keys, scaling)[0]  # (H, c, n) float32
         outputs.append(torch.matmul(probs.to(v.dtype), v))                         # (H, c, d)
         pooled.append(probs.mean(dim=0).view(-1, group, groups, group).sum(dim=3).mean(dim=1))   # (c / group, G)
     return torch.cat(outputs, dim=1).transpose(0, 1).reshape(patches, -1), torch.cat(pooled)

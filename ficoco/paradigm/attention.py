@@ -57,6 +57,37 @@ def reduce_heads(probs: torch.Tensor, heads: str) -> torch.Tensor:
     raise ValueError(f"heads={heads!r}; valid choices are {list(HEAD_REDUCTIONS)}")
 
 
+def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float,
+                    additive_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax attention probabilities per head, in float32 from the q·k products on (spec methods.md §0: A in
+    float32, whatever the model's dtype): the one home of every explicit attention that yields scores.
+
+    q: (B, H, Nq, d); k: (B, H_kv, Nk, d) with H_kv dividing H (repeated for GQA);
+    scale: logit scale, usually 1/sqrt(d); additive_mask: broadcastable to (B, H, Nq, Nk),
+    0 where allowed and a large negative number (or -inf) where masked.
+    Returns (B, H, Nq, Nk); row = query, column = key, every row sums to 1 except rows whose keys
+    are all masked with -inf, which are all zero (a padding query attends to nothing).
+    """
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"q and k must be (B, H, N, d); got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    k = _repeat_kv_heads(k, q.shape[1])
+    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)).mul_(scale)  # (B, H, Nq, Nk), a fresh tensor
+    if additive_mask is None:
+        return logits.softmax(dim=-1)   # no mask: no row is all -inf
+    mask = additive_mask.float()
+    if torch.broadcast_shapes(logits.shape, mask.shape) == logits.shape:
+        logits = logits.add_(mask)
+    else:
+        logits = logits + mask
+    probs = logits.softmax(dim=-1)  # (B, H, Nq, Nk)
+    if logits.shape[-1]:
+        # softmax over an all -inf row is NaN; such a query sees no key, so it gives no attention.
+        # A row is all -inf exactly when its maximum is -inf (a NaN maximum compares False).
+        fully_masked = logits.amax(dim=-1, keepdim=True) == float("-inf")  # (B, H, Nq, 1)
+        probs = probs.masked_fill(fully_masked, 0.0)  # not in place: softmax's backward reads its output
+    return probs
+
+
 def head_mean_probs(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -64,31 +95,8 @@ def head_mean_probs(
     additive_mask: torch.Tensor | None = None,
     heads: str = "mean",
 ) -> torch.Tensor:
-    """Softmax attention probabilities averaged over heads (`heads="max"`: their maximum), in float32.
-
-    q: (B, H, Nq, d); k: (B, H_kv, Nk, d) with H_kv dividing H (repeated for GQA);
-    scale: logit scale, usually 1/sqrt(d); additive_mask: broadcastable to (B, H, Nq, Nk),
-    0 where allowed and a large negative number (or -inf) where masked.
-    Returns (B, Nq, Nk); row = query, column = key, every row sums to 1 except rows whose keys
-    are all masked with -inf, which are all zero (a padding query attends to nothing).
-    """
-    if q.dim() != 4 or k.dim() != 4:
-        raise ValueError(f"q and k must be (B, H, N, d); got q {tuple(q.shape)}, k {tuple(k.shape)}")
-    k = _repeat_kv_heads(k, q.shape[1])
-    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)).mul_(scale)  # (B, H, Nq, Nk), a fresh tensor
-    if additive_mask is not None:
-        mask = additive_mask.float()
-        if torch.broadcast_shapes(logits.shape, mask.shape) == logits.shape:
-            logits = logits.add_(mask)
-        else:
-            logits = logits + mask
-    probs = logits.softmax(dim=-1)  # (B, H, Nq, Nk)
-    if logits.shape[-1]:
-        # softmax over an all -inf row is NaN; such a query sees no key, so it gives no attention.
-        # A row is all -inf exactly when its maximum is -inf (a NaN maximum compares False).
-        fully_masked = logits.amax(dim=-1, keepdim=True) == float("-inf")  # (B, H, Nq, 1)
-        probs = probs.masked_fill(fully_masked, 0.0)  # not in place: softmax's backward reads its output
-    return reduce_heads(probs, heads)  # (B, Nq, Nk)
+    """`attention_probs` averaged over heads (`heads="max"`: their maximum): (B, Nq, Nk) float32."""
+    return reduce_heads(attention_probs(q, k, scale, additive_mask), heads)  # (B, Nq, Nk)
 
 
 def head_mean_keys(k: torch.Tensor) -> torch.Tensor:

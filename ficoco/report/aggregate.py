@@ -279,16 +279,19 @@ def schedule_rows(data: dict, path: Path) -> list[dict]:
             for layer, tokens in enumerate(per_layer)]
 
 
-def scored_shard_files(metrics_path: str | Path) -> list[Path] | None:
-    """The shard predictions a job's metrics.json was scored from: the files it lists (`predictions`, beside it);
-    for a metrics.json from before that list, the `shard{i}of{n}/predictions.jsonl` beside it when they are of
-    one shard count n. None when there is none to read, a listed file is missing, or shards of several counts
-    lie there (a leftover of an older `shards` setting cannot be told from the scored ones)."""
+def scored_shard_files(metrics_path: str | Path, data: dict | None = None) -> list[Path] | None:
+    """The shard predictions a job's metrics.json (`data`, read from `metrics_path` when not given) was scored
+    from: the files it lists (`predictions`, beside it); for a metrics.json from before that list, the
+    `shard{i}of{n}/predictions.jsonl` beside it when they are of one shard count n. None when there is none to
+    read, a listed file is missing, or shards of several counts lie there (a leftover of an older `shards`
+    setting cannot be told from the scored ones)."""
     folder = Path(str(metrics_path)).parent
-    try:
-        listed = json.loads(Path(str(metrics_path)).read_text()).get("predictions")
-    except (OSError, ValueError, AttributeError):
-        listed = None
+    if data is None:
+        try:
+            data = json.loads(Path(str(metrics_path)).read_text())
+        except (OSError, ValueError):
+            data = None
+    listed = data.get("predictions") if isinstance(data, dict) else None
     if isinstance(listed, list):
         files = [folder / str(name) for name in listed]
         return files if files and all(path.is_file() for path in files) else None
@@ -298,11 +301,11 @@ def scored_shard_files(metrics_path: str | Path) -> list[Path] | None:
     return files if len(shard_counts) == 1 and None not in shard_counts else None
 
 
-def read_predictions(metrics_path: str | Path) -> list[dict] | None:
-    """The records of the shard predictions a job was scored from (`scored_shard_files`), each with
-    `_predictions` (its file); None when there is none to read. A line that is not a JSON object is skipped:
-    the score job already refused a journal it could not read."""
-    shard_files = scored_shard_files(metrics_path)
+def read_predictions(metrics_path: str | Path, data: dict | None = None) -> list[dict] | None:
+    """The records of the shard predictions a job was scored from (`scored_shard_files`; `data` its metrics.json
+    when already read), each with `_predictions` (its file); None when there is none to read. A line that is not
+    a JSON object is skipped: the score job already refused a journal it could not read."""
+    shard_files = scored_shard_files(metrics_path, data)
     if not shard_files:
         return None
     records = []
@@ -328,7 +331,7 @@ def sample_score(record: dict) -> float:
 
 def sample_rows(data: dict, path: Path) -> list[dict]:
     job = read_job(data, path)
-    records = read_predictions(path) or []
+    records = read_predictions(path, data) or []
     rows = []
     for record in records:
         answers = record.get("answers")
