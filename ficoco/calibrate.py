@@ -173,7 +173,7 @@ def calibrate(*, model_dir, benchmark_dir, benchmark_module: str, method: str, b
     if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
         raise ValueError(f"rows={rows!r}: the calibration set needs at least one row")
     bench = benchmark_registry.get(benchmark_module)
-    dataset, _ = load_local(benchmark_dir, expected_options=options or None, safe=True)
+    dataset, _ = load_local(benchmark_dir, expected_options=options or {}, module=benchmark_module, safe=True)
     chosen, skipped = [], 0            # the first `rows` good rows with an image; bad ones are counted
     for index in range(len(dataset)):
         if len(chosen) == rows:

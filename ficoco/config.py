@@ -20,6 +20,7 @@ import argparse
 import copy
 import difflib
 import json
+import math
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -483,6 +484,35 @@ def load_registries(config: dict, root: Path = REPO_ROOT) -> tuple[dict, dict]:
     return (_read_registry(*paths["models"], "models"), _read_registry(*paths["benchmarks"], "benchmarks"))
 
 
+def check_fetched_copies(models: dict, benchmarks: dict, model_manifests: Mapping[str, str],
+                         benchmark_manifests: Mapping[str, str]) -> None:
+    """ConfigError when a fetched copy (`name -> manifest.json path`, where one exists) holds another pin than its
+    registry entry: its jobs would report the old copy's numbers under the new pin. Before any job starts."""
+    from ficoco.benchmarks.fetch import benchmark_pin, fetched_benchmark_pin
+    from ficoco.fetch import fetched_model_pin, model_pin
+
+    checks = [(name, path, "models", model_pin(models[name]), fetched_model_pin)
+              for name, path in model_manifests.items()]
+    checks += [(name, path, "benchmarks", benchmark_pin(benchmarks[name]), fetched_benchmark_pin)
+               for name, path in benchmark_manifests.items()]
+    for name, path, kind, pinned, fetched_pin in checks:
+        manifest = Path(path)
+        if not manifest.is_file():
+            continue
+        try:
+            fetched = fetched_pin(json.loads(manifest.read_text()))
+        except (OSError, ValueError, AttributeError):
+            continue                                 # an unreadable manifest: its fetch reruns, nothing is reused
+        differ = {key: (fetched[key], pinned[key]) for key in pinned
+                  if fetched[key] is not None and fetched[key] != pinned[key]}
+        if differ:
+            shown = "; ".join(f"{key} {old!r} there, {new!r} in the registry" for key, (old, new) in differ.items())
+            raise ConfigError(f"{display_path(manifest.parent)} was fetched at another pin than {kind} registry entry "
+                              f"{name!r} names ({shown}): its results would be reported under the new pin. Valid: "
+                              f"remove the old copy to fetch the new pin (rm -r {display_path(manifest.parent)}; its "
+                              f"jobs rerun), or restore the registry's pin", [name])
+
+
 def model_dims(name: str, entry: dict, registry: str = "config/models.yaml"):
     """Model dimensions from the registry entry, without downloading anything."""
     from ficoco.dims import ModelDims, dims_from_config, llava_1_5_dims, llava_next_dims
@@ -545,6 +575,7 @@ def _check_model_entry(name: str, entry: dict, registry: str) -> None:
         raise ConfigError(f"{text_tower!r} is not a text tower; valid: on a hub model, {{id: <the CLIP checkpoint its "
                           f"vision tower came from>, revision: <commit>}} (a toy model's is built with it)",
                           [name, "text_tower"], registry)
+    _check_registry_method_params(name, entry.get("method_params") or {}, registry)
     if entry["source"] == "toy":
         from ficoco.toy.model import RECIPES, SIZES
 
@@ -552,6 +583,42 @@ def _check_model_entry(name: str, entry: dict, registry: str) -> None:
             if entry.get(key, default) not in valid:
                 raise ConfigError(f"{entry.get(key)!r} is not a toy model {key}; valid: {', '.join(valid)}",
                                   [name, key], registry)
+
+
+def _check_registry_method_params(name: str, method_params: dict, registry: str) -> None:
+    """A model entry's method_params: registered methods, their parameters and values, and per_budget keys of a
+    budget's form (an integer, or a TFLOPs target's or per-image count's label): any other key would never match
+    a job's budget and be ignored without a word."""
+    from ficoco import methods as method_registry
+
+    if not isinstance(method_params, dict):
+        raise ConfigError(f"{_show(method_params)} is not a mapping; valid: method -> parameters",
+                          [name, "method_params"], registry)
+    for method_name, params in method_params.items():
+        key = [name, "method_params", method_name]
+        if method_name not in method_registry.names():
+            raise ConfigError(f"{method_name!r} is not a method{_did_you_mean(method_name, method_registry.names())}; "
+                              f"valid: {', '.join(method_registry.names())}", key, registry)
+        method = method_registry.get(method_name)
+        for param, value in (params or {}).items():
+            blocks = value.items() if param == "per_budget" and isinstance(value, dict) else [(None, {param: value})]
+            for budget, overrides in blocks:
+                where = key if budget is None else key + ["per_budget", str(budget)]
+                integer = isinstance(budget, int) and not isinstance(budget, bool) and budget >= 1
+                if budget is not None and not integer and not (
+                        isinstance(budget, str) and (tflops_target(budget) or image_tokens(budget)) is not None):
+                    raise ConfigError(f"{budget!r} is not a budget; valid: an integer token budget, or the label of a "
+                                      f"TFLOPs target (t1.5-nominal) or of a count for every image (n600)", where,
+                                      registry)
+                for inner, inner_value in (overrides or {}).items():
+                    if inner not in method.params:
+                        raise ConfigError(f"{inner!r} is not a parameter of {method_name}"
+                                          f"{_did_you_mean(inner, method.params)}; valid: {', '.join(method.params)}"
+                                          + ("" if budget is not None else ", per_budget"), where + [inner], registry)
+                    problem = method.params[inner].check(inner_value)
+                    if problem:
+                        raise ConfigError(f"{method_name}: {inner}={_show(inner_value)} {problem}; valid: "
+                                          f"{problem.removeprefix('must be ')}", where + [inner], registry)
 
 
 def _benchmark_object(name: str, entry: dict, registry: str):
@@ -696,12 +763,16 @@ def _require_in_grid(config: dict, key: list, what: str, value: Any, kind: str, 
 
 
 def _check_method_params(config: dict, method_registry) -> None:
-    """method_params only for methods in the grid, only with parameters the method has."""
+    """method_params only for methods in the grid, only with parameters the method has (a calibrated method's
+    fitted ones excluded)."""
+    from ficoco.calibrate import FITTED
+
     valid_methods = method_registry.names()
     for name, params in config["method_params"].items():
         key = ["method_params", name]
         _require_in_grid(config, key, "parameters", params, "method", valid_methods)
         method = method_registry.get(name)
+        fitted = FITTED if method.calibrated else ()
         if not method.params:
             raise ConfigError(f"{_show(params)}: method {name} has no parameters; valid: no method_params entry "
                               f"for {name}", key)
@@ -715,14 +786,19 @@ def _check_method_params(config: dict, method_registry) -> None:
                         raise ConfigError(f"{_show(overrides)} is not a mapping; valid: parameters of {name} "
                                           f"({', '.join(method.params)})", key + ["per_budget", str(budget)])
                     for inner, inner_value in overrides.items():
-                        if inner not in method.params:
-                            raise ConfigError(f"{inner!r} is not a parameter of {name}"
+                        if inner not in method.params or inner in fitted:
+                            raise ConfigError(f"{inner!r} is not a parameter of {name} to set"
                                               f"{_did_you_mean(inner, method.params)}; valid: "
-                                              f"{', '.join(method.params)}", key + ["per_budget", str(budget), inner])
+                                              f"{', '.join(p for p in method.params if p not in fitted)}",
+                                              key + ["per_budget", str(budget), inner])
                         _check_param_value(method, inner, inner_value, key + ["per_budget", str(budget), inner])
             elif param not in method.params:
                 raise ConfigError(f"{param!r} is not a parameter of {name}{_did_you_mean(param, method.params)}; "
                                   f"valid: {', '.join(method.params)}, per_budget", key + [param])
+            elif param in fitted:
+                raise ConfigError(f"{param} of {name} is what its calibration fits for each budget (a value here "
+                                  f"would be replaced by the fit); valid: the calibration settings (calibration: "
+                                  f"benchmark, rows) and {name}'s other parameters", key + [param])
             else:
                 _check_param_value(method, param, value, key + [param])
 
@@ -962,12 +1038,23 @@ def _check_calibrated_budget(config: dict, models: dict, model: str, dims, metho
         raise ConfigError(f"{label!r} for method {method} on model {model}: a TFLOPs target is solved from a "
                           f"method's plan, and {method}'s plan is fitted per budget first; valid for {method}: "
                           f"token budgets (integers)", ["budgets", index])
+    if image_tokens(label) is not None:
+        raise ConfigError(f"{label!r} for method {method} on model {model}: {method}'s schedule is fitted for one "
+                          f"token budget of the nominal image, not for a count of every image; valid for {method}: "
+                          f"token budgets (integers)", ["budgets", index])
     overrides = method_overrides(config, models, model, method, label)
     try:
         method_registry.get(method).check_budget(dims, None, **overrides)
     except ValueError as error:
         raise ConfigError(f"{label} for method {method} on model {model}: {str(error).rstrip('.')}",
                           ["budgets", index]) from None
+    # its LLM layer 0 attends over every visual token before the first deletion: no fit averages below this
+    floor = (dims.visual_tokens + dims.llm_layers - 1) / dims.llm_layers
+    if label.isdigit() and int(label) < floor:
+        raise ConfigError(f"{label} for method {method} on model {model}: its LLM layer 0 sees all "
+                          f"{dims.visual_tokens} visual tokens before any deletion and every later layer at least "
+                          f"one, so no fitted schedule averages below {floor:.2f}; valid: a budget of at least "
+                          f"{math.ceil(floor)}", ["budgets", index])
 
 
 def solve_budget(config: dict, models: dict, model: str, method: str, label: str):
@@ -1056,6 +1143,14 @@ def calibrated_methods(config: dict) -> list[str]:
     return [method for method in grid_names(config, "methods") if method_registry.get(method).calibrated]
 
 
+def data_identity(entry: dict, config: dict) -> tuple:
+    """Which rows a benchmark registry entry reads: a toy world's (split, seed), a hub dataset's (id, split); two
+    entries that agree draw from the same rows (a subset, another config or language of them)."""
+    if entry.get("source") == "toy":
+        return ("toy", entry.get("split", "test"), entry.get("seed", config["seed"]))
+    return (entry.get("id"), entry.get("split"))
+
+
 def _check_calibration(config: dict, benchmarks: dict, registry: str, method_registry) -> None:
     """A calibrated method needs a calibration set: a registered benchmark the grid does not evaluate."""
     name = config["calibration"]["benchmark"]
@@ -1068,10 +1163,18 @@ def _check_calibration(config: dict, benchmarks: dict, registry: str, method_reg
         return
     if name not in benchmarks:
         raise _unknown(["calibration", "benchmark"], name, benchmarks)
-    if name in config["benchmarks"]:
+    evaluated = grid_names(config, "benchmarks")
+    if name in evaluated:
         raise ConfigError(f"{name!r} is also evaluated (benchmarks); valid: a benchmark the grid does not evaluate, "
                           f"so no method is fitted on its own test rows", ["calibration", "benchmark"])
     _check_benchmark_entry(name, benchmarks[name], registry)
+    same_rows = [other for other in evaluated if other in benchmarks
+                 and data_identity(benchmarks[other], config) == data_identity(benchmarks[name], config)]
+    if same_rows:
+        raise ConfigError(f"{name!r} draws its rows from the same data as the evaluated {', '.join(same_rows)} "
+                          f"({_show(data_identity(benchmarks[name], config))}); a method would be fitted on the rows "
+                          f"(or versions of the rows) it is tested on; valid: a benchmark of other data, e.g. another "
+                          f"split (toy-shapes-train for the toy world)", ["calibration", "benchmark"])
     _benchmark_object(name, benchmarks[name], registry)
     available, wanted = benchmarks[name].get("rows"), config["calibration"]["rows"]
     if available is not None and wanted > available:      # a built set's size is known before it exists
@@ -1178,6 +1281,8 @@ def planned_schedule(config: dict, models: dict, job: Job) -> dict:
         return {"visual_tokens": dims.visual_tokens, "delivered": None, "llm_visual": None, "layer_average": None,
                 "fitted": True}
     budget = methods.budget_from_label(job.method, job.run_budget)
+    if isinstance(budget, ImageTokens):          # a count for every image: its plan on the nominal (largest) image
+        budget = budget.tokens
     plan = method.check_budget(dims, budget, **method_overrides(config, models, job.model, job.method, job.budget))
     return {"visual_tokens": dims.visual_tokens, "delivered": plan.delivered,
             "llm_visual": None if plan.llm_visual is None else list(plan.llm_visual), "layer_average": plan.layer_average,

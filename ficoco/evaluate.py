@@ -103,8 +103,9 @@ class Generator:
     """Turns benchmark rows into records with one model, one method and one benchmark."""
 
     def __init__(self, model, processor, handle, benchmark, options: dict, template: str,
-                 image_preprocessing: str, dims, judge=None):
+                 image_preprocessing: str, dims, judge=None, judge_code: str | None = None):
         self.model, self.processor, self.handle, self.judge = model, processor, handle, judge
+        self.judge_code = judge_code          # the scoring code a judged sample is scored by (`rescore` checks it)
         self.benchmark, self.options, self.template = benchmark, options, template
         self.image_preprocessing, self.dims = image_preprocessing, dims
         from ficoco.models import IMAGE_MARKERS
@@ -139,7 +140,7 @@ class Generator:
         import torch
 
         from ficoco.flops import sample_cost
-        from ficoco.invariants import InvariantViolation, check_record
+        from ficoco.invariants import InvariantViolation, check_record, prompt_text_tokens
 
         inputs = self.inputs(rows)
         tokenizer = self.processor.tokenizer
@@ -155,14 +156,19 @@ class Generator:
             raise InvariantViolation(f"{self.handle.method.name}: a batch of {len(rows)} rows recorded {len(counts)} "
                                      f"counts and {len(plans)} plans")
         new_tokens = output[:, inputs["input_ids"].shape[1]:]
+        text_tokens = prompt_text_tokens(inputs, self.model.config.image_token_id)
+        method = self.handle.method.name
         records = []
-        for row, tokens, sample_counts, plan in zip(rows, new_tokens, counts, plans):
+        for row, tokens, sample_counts, plan, text in zip(rows, new_tokens, counts, plans, text_tokens):
             generated = generated_length(tokens, self.model.generation_config.eos_token_id)
             prediction = tokenizer.decode(tokens, skip_special_tokens=True).strip()
-            record = self._record(row, prediction, sample_counts, generated, seconds / len(rows),
-                                  sample_cost(self.dims, sample_counts, generated))
+            try:
+                cost = sample_cost(self.dims, sample_counts, generated)
+            except ValueError as error:      # counts the cost formulas refuse: impossible, never a counted failure
+                raise InvariantViolation(f"{method}: sample {row['id']}: {error}") from error
+            record = self._record(row, prediction, sample_counts, generated, seconds / len(rows), cost)
             # a count or cost that cannot be true fails the job here, before the record is journaled
-            check_record(self.handle.method.name, plan, record, row["image"] is not None)
+            check_record(method, plan, record, row["image"] is not None, text_tokens=text)
             records.append(record)
         return records
 
@@ -170,7 +176,7 @@ class Generator:
         if error is not None:
             scoring = {"score": None}
         elif self.judge is not None:          # GPT-judged benchmarks (MM-Vet, LLaVA-W)
-            scoring = self.benchmark.score_sample(prediction, row, judge=self.judge)
+            scoring = {**self.benchmark.score_sample(prediction, row, judge=self.judge), "scoring_code": self.judge_code}
         else:
             scoring = self.benchmark.score_sample(prediction, row)
         return {
@@ -229,12 +235,15 @@ class Generator:
 
     def _generate_isolating_errors(self, rows: list[dict]) -> list[dict]:
         """`generate(rows)`; when it raises, each row alone, so only the failing row becomes a failure."""
+        from ficoco.budget import InfeasibleBudget
         from ficoco.invariants import InvariantViolation
 
         try:
             return self.generate(rows)
         except InvariantViolation:
             raise                     # numbers that cannot be true fail the job, never become a counted failure
+        except InfeasibleBudget:
+            raise                     # a budget an image cannot reach: left out, the score would be of the others
         except Exception as error:  # noqa: BLE001 - isolate the failing sample, keep the job going
             if len(rows) == 1:
                 return [self.failed(rows[0], f"{type(error).__name__}: {error}")]
@@ -281,7 +290,8 @@ def evaluate_shard(*, model_dir, benchmark_dir, benchmark: str, method: str, bud
     bench = benchmark_registry.get(benchmark_module or benchmark)
     # a judged benchmark without an API key fails here, before the model is loaded
     judge = bench.make_judge(options) if getattr(bench, "needs_judge", False) else None
-    dataset, _ = load_local(benchmark_dir, expected_options=options or None, safe=True)
+    dataset, _ = load_local(benchmark_dir, expected_options=options or {}, module=benchmark_module or benchmark,
+                            safe=True)
     total = len(dataset) if limit is None else min(limit, len(dataset))
     rows = list(shard_rows(total, shard, shards))
     device = pick_device(device)
@@ -303,8 +313,9 @@ def evaluate_shard(*, model_dir, benchmark_dir, benchmark: str, method: str, bud
         text_tower = model_text_tower(model_dir, processor.tokenizer, template, model, dims.last_vision_layer) \
             if reads_text_tower else None
         handle = ficoco.apply(model, method, budget_value, text_tower=text_tower, **overrides)
+        judge_code = benchmark_registry.scoring_code_digest(benchmark_module or benchmark) if judge else None
         generator = Generator(model, processor, handle, bench, options or {}, template, image_preprocessing, dims,
-                              judge=judge)
+                              judge=judge, judge_code=judge_code)
         recorded = len(rows) - len(todo)
         bar = tqdm(total=len(rows), initial=recorded, desc=f"{benchmark}/{method}/b{budget}",
                    unit="sample", disable=not progress)
@@ -431,34 +442,81 @@ def summarise(bench, records: list[dict]) -> dict:
     }
 
 
-def score(prediction_files: list[str | Path], benchmark: str, out: str | Path, job: dict,
-          overrides: dict | None = None, benchmark_manifest: str | Path | None = None) -> dict:
-    """Merge every shard's predictions (in row order) and write metrics.json atomically.
+def rescore(bench, records: list[dict], rows, current_code: str) -> tuple[list[dict], int]:
+    """`(records, changed)`: every record that ran scored again by the current code from its prediction and its
+    benchmark row (`rows`: the fetched benchmark, `load_local(..., safe=True)`), so a change to the scoring reaches
+    predictions already made; `changed` counts the records whose score moved. Failure records keep theirs. A
+    GPT-judged benchmark's records keep their judge's scoring (the judge runs only in the evaluate job), which
+    must come from the `current_code` (the benchmark's `scoring_code_digest`), else ValueError. A record whose
+    row holds another sample id (data refetched since) is refused."""
+    if getattr(bench, "needs_judge", False):
+        stale = [r["id"] for r in records if r.get("error") is None
+                 and (r.get("scoring") or {}).get("scoring_code") != current_code]
+        if stale:
+            raise ValueError(f"{len(stale)} of {len(records)} samples (e.g. {stale[0]!r}) were judged by other scoring "
+                             f"code than today's ({current_code}); the judge runs only in evaluate jobs: rerun them "
+                             f"(snakemake -R <their predictions.jsonl>)")
+        return records, 0
+    out, changed = [], 0
+    for record in records:
+        if record.get("error") is not None:
+            out.append(record)
+            continue
+        index = record["row"]
+        row = rows[index] if 0 <= index < len(rows) else None
+        if row is None or str(row["id"]) != str(record["id"]):
+            found = "no such row" if row is None else f"sample {row['id']!r}"
+            raise ValueError(f"record {record['id']!r} was made on row {index}, which holds {found} in the fetched "
+                             f"benchmark ({len(rows)} rows): the predictions are of other data; rerun the evaluate jobs")
+        scoring = bench.score_sample(record["prediction"], row)
+        changed += scoring.get("score") != record.get("score")
+        out.append({**record, "score": scoring.get("score"), "scoring": scoring})
+    return out, changed
 
-    With the benchmark's manifest, its revision and any subset (VQAv2 `subset_size`) are recorded,
-    so a score on a subset is labelled as such.
+
+def score(prediction_files: list[str | Path], benchmark: str, out: str | Path, job: dict,
+          overrides: dict | None = None, *, benchmark_manifest: str | Path, scored_out: str | Path | None = None) -> dict:
+    """Merge every shard's predictions (in row order), score each sample again with the current scoring code
+    (`rescore`, against the rows beside `benchmark_manifest`), write the scored records to `scored_out` (default
+    `scored.jsonl` beside `out`) and then metrics.json, each atomically; metrics.json lists the scored records
+    (`predictions`: what the report reads) and the shard files they came from (`shards`).
+
+    The benchmark manifest's revision and any subset (VQAv2 `subset_size`) are recorded, so a score on a subset
+    is labelled as such.
     """
     from ficoco import benchmarks as benchmark_registry
+    from ficoco.benchmarks.fetch import load_local
 
-    remove_stale_temporaries(out)                 # what a killed earlier attempt's atomic write left
+    out = Path(out)
+    scored_out = out.parent / "scored.jsonl" if scored_out is None else Path(scored_out)
+    for path in (out, scored_out):                # what a killed earlier attempt's atomic writes left
+        remove_stale_temporaries(path)
     records = sorted((r for path in prediction_files for r in read_jsonl(path)), key=lambda r: r["row"])
     ids = [r["id"] for r in records]
     if len(ids) != len(set(ids)):
         raise ValueError(f"{benchmark}: shards overlap: {len(ids) - len(set(ids))} duplicated sample ids")
-    summary = summarise(benchmark_registry.get(benchmark), records)
+    bench = benchmark_registry.get(benchmark)
+    rows, manifest = load_local(Path(benchmark_manifest).parent, module=benchmark, safe=True)
+    code = benchmark_registry.scoring_code_digest(benchmark)
+    records, changed = rescore(bench, records, rows, code)
+    if changed:
+        print(f"ficoco score: {changed} of {len(records)} samples score differently from when they were predicted "
+              f"(the scoring code changed since); the scores recomputed now are recorded", file=sys.stderr)
+    summary = summarise(bench, records)
     from importlib.metadata import version      # not `import torch`: a score job stays light
 
-    if benchmark_manifest is not None:
-        manifest = json.loads(Path(benchmark_manifest).read_text())
-        summary["benchmark_data"] = {key: manifest.get(key) for key in
-                                     ("id", "config", "split", "resolved_revision", "rows", "checksum", "subset")}
+    summary["benchmark_data"] = {key: manifest.get(key) for key in
+                                 ("id", "config", "split", "resolved_revision", "rows", "checksum", "subset",
+                                  "source", "revision", "fallback_used")}
     summary["benchmark_module"] = benchmark        # the report recomputes the headline on resamples with it
-    # the shard files scored, beside metrics.json: the report reads these, never a shard left by an older setting
-    summary["predictions"] = [os.path.relpath(path, Path(out).parent) for path in prediction_files]
-    summary["scoring_code"] = benchmark_registry.scoring_code_digest(benchmark)
+    # what the report reads (never a shard left by an older setting), and where those records came from
+    summary["predictions"] = [os.path.relpath(scored_out, out.parent)]
+    summary["shards"] = [os.path.relpath(path, out.parent) for path in prediction_files]
+    summary["scoring_code"] = code
     summary.update(job=job, overrides=overrides or {}, versions={
         "python": platform.python_version(), "torch": version("torch"), "transformers": version("transformers"),
     })
+    write_jsonl_atomic(scored_out, records)
     atomic_write_json(out, summary)
     return summary
 
@@ -511,6 +569,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{option} {text!r} must be a JSON {'object' if kind is dict else 'string'}")
     label = args.budget_label or args.budget
     from ficoco import methods
+    from ficoco.budget import InfeasibleBudget
     from ficoco.invariants import InvariantViolation
 
     try:
@@ -546,6 +605,10 @@ def main(argv: list[str] | None = None) -> int:
     except InvariantViolation as error:          # one line: method, sample, place, expected, found
         print(f"ficoco run: invariant violated: {error}", file=sys.stderr)
         return 1
+    except InfeasibleBudget as error:
+        print(f"ficoco run: {error}. An image this budget cannot reach is not left out (the score would be of the "
+              f"images it can reach, larger ones): choose a budget every image of the benchmark reaches", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -556,9 +619,12 @@ def main_score(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--job", required=True, help="job keys as JSON")
     parser.add_argument("--overrides", default="{}")
-    parser.add_argument("--manifest", help="the benchmark's manifest.json (revision, subset) to record")
+    parser.add_argument("--manifest", required=True,
+                        help="the fetched benchmark's manifest.json: its rows rescore the predictions; its revision "
+                             "and subset are recorded")
+    parser.add_argument("--scored", help="where the scored records go (default: scored.jsonl beside --out)")
     args = parser.parse_args(argv)
     summary = score(args.predictions, args.benchmark, args.out, json.loads(args.job), json.loads(args.overrides),
-                    benchmark_manifest=args.manifest)
+                    benchmark_manifest=args.manifest, scored_out=args.scored)
     print(f"{args.out}: score {summary['metrics'].get('score')} over {summary['samples']} samples", file=sys.stderr)
     return 0

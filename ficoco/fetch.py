@@ -26,6 +26,20 @@ def is_pinned(revision: str | None) -> bool:
     return bool(revision) and bool(COMMIT_SHA.match(revision))
 
 
+def model_pin(entry: dict) -> dict:
+    """What a registry entry pins: hub id, revision, and its CLIP companion's id and revision."""
+    tower = entry.get("text_tower")
+    return {"id": entry.get("id"), "revision": entry.get("revision", "main"),
+            "text_tower": {"id": tower.get("id"), "revision": tower.get("revision")} if tower else None}
+
+
+def fetched_model_pin(manifest: dict) -> dict:
+    """What a fetched copy holds (its manifest), in `model_pin`'s form."""
+    clip = manifest.get("clip")
+    return {"id": manifest.get("id"), "revision": manifest.get("revision"),
+            "text_tower": {"id": clip.get("id"), "revision": clip.get("revision")} if clip else None}
+
+
 def fetch_model(name: str, entry: dict, out_dir: str | Path, endpoint_dir: str | Path | None = None) -> dict:
     """Snapshot a hub model at its pinned revision into `out_dir` and write `out_dir/manifest.json`.
 

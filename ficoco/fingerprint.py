@@ -10,7 +10,9 @@ checksum, row count, subset; the prompt/scoring module and its options), the met
 label, the method's resolved parameters (defaults merged with overrides), the prompt template, dtype,
 image preprocessing, batch size (it sets the padding of every batch), the device kind, which rows
 (shard, shards, limit), the model's CLIP companion for a method that reads it (CDPruner's text
-tower), and the ficoco, torch and transformers versions.
+tower), the ficoco, torch and transformers versions, and a digest of the package's code (`code`: every
+module but the report's), so a job killed and rerun after a code change recomputes its rows instead of
+mixing the old code's records into the new ones.
 
 The digest is the sha256 of the canonical JSON (sorted keys, no whitespace) of those fields.
 """
@@ -22,6 +24,27 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
+
+
+#: Package folders whose code never touches a prediction (a report change keeps unfinished journals).
+NOT_PREDICTION_CODE = ("report",)
+
+
+def source_digest(folder: Path, names) -> str:
+    """16 hex digits of sha256 over the files `names` (relative to `folder`, in the order given): each name,
+    a NUL, its bytes. The one recipe of every code digest (a toy build's, a benchmark's scoring, a job's)."""
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(name.encode() + b"\0" + (folder / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def package_code_digest(package: Path = Path(__file__).parent) -> str:
+    """`source_digest` of every module of the ficoco package (or a copy of it at `package`) but
+    NOT_PREDICTION_CODE's, in path order."""
+    names = sorted(path.relative_to(package).as_posix() for path in package.rglob("*.py")
+                   if path.relative_to(package).parts[0] not in NOT_PREDICTION_CODE)
+    return source_digest(package, names)
 
 
 def canonical_json(value) -> str:
@@ -62,6 +85,7 @@ class Fingerprint:
     ficoco: str
     torch: str
     transformers: str
+    code: str                              # package_code_digest(): the code that made the predictions
 
     def as_dict(self) -> dict:
         # through JSON, so a fingerprint read back from a journal compares equal field by field
@@ -109,6 +133,7 @@ def job_fingerprint(*, model_dir: str | Path, benchmark_dir: str | Path, benchma
         method=method, budget=str(budget), params=dict(params), template=template, dtype=dtype,
         image_preprocessing=image_preprocessing, batch_size=int(batch_size), device=device, shard=int(shard),
         shards=int(shards), limit=limit, text_tower=model.get("clip") if text_tower else None, **library_versions(),
+        code=package_code_digest(),
     )
 
 

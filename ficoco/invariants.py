@@ -10,7 +10,10 @@ A record's token counts (contracts §2) are checked against the plan its batch r
   count in every LLM layer;
 - an image row delivers visual tokens (> 0); a text-only row runs no vision layer and delivers none;
 - every LLM layer processed tokens (> 0), never more visual tokens than its sequence holds, and the
-  same text tokens as layer 0 (methods drop visual tokens only);
+  same text tokens as layer 0 (methods drop visual tokens only), which are the prompt's own: its
+  tokens that are neither padding nor image placeholders (`prompt_text_tokens`, counted from the
+  model's input, not from the adapter);
+- a text-only row runs no vision layer, delivers no visual tokens and projects none;
 - the selection overhead (`overhead_macs`) is recorded, a whole number >= 0, and 0 when the plan
   reduces nothing;
 - costs are finite and never negative, and the ones every sample pays (prefill, total; for an image
@@ -40,8 +43,17 @@ def _fail(method: str, sample: str | None, what: str, expected, found) -> None:
     raise InvariantViolation(f"{where}{what}: expected {expected}, found {found}")
 
 
-def check_counts(method: str, plan: Plan, counts: Mapping, has_image: bool, sample: str | None = None) -> None:
-    """`counts` (one sample, contracts §2) against `plan` (`Method.plan`); InvariantViolation if not."""
+def prompt_text_tokens(inputs: Mapping, image_token_id: int) -> list[int]:
+    """Per row of a processed batch, its text tokens: those its attention mask keeps that are not image
+    placeholders (`input_ids` (B, L), `attention_mask` (B, L) tensors)."""
+    input_ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    return ((mask != 0) & (input_ids != image_token_id)).sum(dim=1).tolist()
+
+
+def check_counts(method: str, plan: Plan, counts: Mapping, has_image: bool, sample: str | None = None,
+                 text_tokens: int | None = None) -> None:
+    """`counts` (one sample, contracts §2) against `plan` (`Method.plan`) and, when given, the prompt's
+    `text_tokens` (`prompt_text_tokens`); InvariantViolation if not."""
     def fail(what, expected, found):
         _fail(method, sample, what, expected, found)
 
@@ -69,6 +81,9 @@ def check_counts(method: str, plan: Plan, counts: Mapping, has_image: bool, samp
         if not 0 <= visual <= length:
             fail(f"LLM layer {layer} visual tokens", f"0..{length} (the layer's sequence length)", visual)
     text = llm[0] - llm_visual[0]
+    if text_tokens is not None and text != text_tokens:
+        fail("text tokens of LLM layer 0", f"{text_tokens} (the prompt's, padding and image placeholders "
+                                            "excluded)", text)
     for layer, (length, visual) in enumerate(zip(llm, llm_visual)):
         if length - visual != text:
             fail(f"LLM layer {layer} text tokens", f"{text} (as in layer 0)", length - visual)
@@ -78,6 +93,8 @@ def check_counts(method: str, plan: Plan, counts: Mapping, has_image: bool, samp
             fail("vision layers of a text-only row", "none", len(vision))
         if delivered != 0:
             fail("visual tokens delivered for a text-only row", 0, delivered)
+        if projected != 0:
+            fail("tokens the projector ran on for a text-only row", 0, projected)
         return
 
     if delivered <= 0:
@@ -129,7 +146,7 @@ def check_cost(method: str, cost: Mapping, has_image: bool, sample: str | None =
             _fail(method, sample, f"cost {key}", "> 0", "missing" if value is None else value)
 
 
-def check_record(method: str, plan: Plan, record: Mapping, has_image: bool) -> None:
+def check_record(method: str, plan: Plan, record: Mapping, has_image: bool, text_tokens: int | None = None) -> None:
     """The counts and costs of one journal record (contracts §6); failure records are skipped."""
     if record.get("error") is not None and record.get("counts") is None:
         return
@@ -137,5 +154,5 @@ def check_record(method: str, plan: Plan, record: Mapping, has_image: bool) -> N
     if record.get("counts") is None or record.get("cost") is None:
         _fail(method, sample, "counts and cost of a sample that ran", "both recorded",
               f"counts {record.get('counts')!r}, cost {record.get('cost')!r}")
-    check_counts(method, plan, record["counts"], has_image, sample)
+    check_counts(method, plan, record["counts"], has_image, sample, text_tokens)
     check_cost(method, record["cost"], has_image, sample)

@@ -68,9 +68,14 @@ def remove_stale_temporaries(path: str | Path) -> list[Path]:
 @contextmanager
 def staged_directory(out_dir: str | Path) -> Iterator[Path]:
     """A fresh sibling directory to fill; on success it replaces `out_dir` by renames, so `out_dir`
-    is never half-written (an older copy is moved aside first, then removed); on error it is removed."""
+    is never half-written (an older copy is moved aside first, then removed); on error it is removed.
+    Staging directories a killed earlier attempt left (`.<name>.tmp-*`, `.<name>.old-*`: a model's can
+    hold gigabytes) are removed first; one writer per `out_dir` is assumed (Snakemake runs one job per output)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in [*out_dir.parent.glob(f".{out_dir.name}.tmp-*"), *out_dir.parent.glob(f".{out_dir.name}.old-*")]:
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     old = None
     try:
@@ -134,7 +139,9 @@ class Journal:
                     entry = json.loads(line)
                 except json.JSONDecodeError:
                     break
-                kind = entry.get("journal") if isinstance(entry, dict) else None
+                if not isinstance(entry, dict) or ("journal" not in entry and "id" not in entry):
+                    break                       # JSON, but neither a control line nor a record: corrupt as well
+                kind = entry.get("journal")
                 if kind == "header" and lines == 0:
                     header = entry
                 elif kind == "finished":

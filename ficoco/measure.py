@@ -24,12 +24,12 @@ import os
 import resource
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from ficoco.budget_labels import FULL, RUN_LABELS, ImageTokens, is_run_label, run_label_problem
 from ficoco.evaluate import offline_environment
+from ficoco.journal import atomic_write_json, remove_stale_temporaries
 
 DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -283,7 +283,7 @@ def measure(
     import ficoco
     from ficoco.dims import dims_from_config
     from ficoco.flops import sample_cost
-    from ficoco.invariants import check_cost, check_counts
+    from ficoco.invariants import InvariantViolation, check_cost, check_counts, prompt_text_tokens
     from ficoco import methods
     from ficoco.methods import budget_label
 
@@ -315,11 +315,16 @@ def measure(
     else:
         peak_memory, peak_source = _peak_rss_bytes(), "resource.getrusage(RUSAGE_SELF).ru_maxrss (process lifetime)"
 
-    counts, plan = handle.last_counts()[0], handle.row_plans()[0]
+    all_counts, plans = handle.last_counts(), handle.row_plans()
     handle.remove()
+    # numbers that cannot be true fail the job here, as an evaluate job's do (ficoco.invariants): every row's
+    if not len(all_counts) == len(plans) == batch_size:
+        raise InvariantViolation(f"{method}: a batch of {batch_size} rows recorded {len(all_counts)} counts and "
+                                 f"{len(plans)} plans")
+    for row_counts, plan, text in zip(all_counts, plans, prompt_text_tokens(inputs, model.config.image_token_id)):
+        check_counts(method, plan, row_counts, has_image=True, text_tokens=text)
+    counts = all_counts[0]
     cost = sample_cost(dims, counts, new_tokens)
-    # numbers that cannot be true fail the job here, as an evaluate job's do (ficoco.invariants)
-    check_counts(method, plan, counts, has_image=True)
     check_cost(method, cost, has_image=True)
     medians = {key: None if runs[0][key] is None else statistics.median(run[key] for run in runs)
                for key in ("prefill_s", "per_token_s", "end_to_end_s")}
@@ -353,21 +358,6 @@ def measure(
         "cost": cost,
         "versions": {"ficoco": ficoco.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
     }
-
-
-def write_json_atomic(data: dict, path: str | os.PathLike) -> None:
-    """Write JSON to a temporary file beside `path`, then rename it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "w") as handle:
-            json.dump(data, handle, indent=2)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _budget(text: str) -> str:
@@ -438,7 +428,8 @@ def main(argv: list[str] | None = None) -> int:
                      args.attn_implementation, args.seed, args.model_name,
                      image_size=None if args.image_size is None else tuple(args.image_size))
     result["job"].update(budget=args.budget_label or result["job"]["budget"], run_budget=args.budget)
-    write_json_atomic(result, args.out)
+    remove_stale_temporaries(args.out)             # what a killed earlier attempt's atomic write left
+    atomic_write_json(args.out, result)
     per_token = "n/a" if result["per_token_s"] is None else f"{result['per_token_s'] * 1e3:.2f} ms"
     print(f"{args.out}: prefill {result['prefill_s'] * 1e3:.2f} ms, per decode token {per_token}, "
           f"end-to-end {result['end_to_end_s'] * 1e3:.2f} ms, peak {result['peak_memory_bytes'] / 2**20:.0f} MiB")

@@ -216,7 +216,8 @@ def test_a_bad_row_becomes_one_counted_failure(world, generator, kind, tmp_path)
     assert summary["metrics"]["failures"] == 1
     # the merge step accepts it: no "shards overlap", the bad row counted once
     write_jsonl_atomic(tmp_path / "predictions.jsonl", records)
-    metrics = score([tmp_path / "predictions.jsonl"], "toy-shapes", tmp_path / "metrics.json", JOB)
+    metrics = score([tmp_path / "predictions.jsonl"], "toy-shapes", tmp_path / "metrics.json", JOB,
+                    benchmark_manifest=bench_dir / "manifest.json")
     assert metrics["failures"] == 1 and metrics["samples"] == 3
 
 
@@ -245,7 +246,8 @@ def test_every_kind_at_once_in_batches_and_shards_then_resumed(world):
         outs.append(out)
         journaled = [json.loads(line) for line in (out.parent / "journal.jsonl").read_text().splitlines()]
         assert len([r for r in journaled if "id" in r]) == len(read_jsonl(out))     # each sample once
-    metrics = score(outs, "toy-shapes", world["root"] / "all" / "metrics.json", JOB)
+    metrics = score(outs, "toy-shapes", world["root"] / "all" / "metrics.json", JOB,
+                    benchmark_manifest=bench_dir / "manifest.json")
     assert metrics["samples"] == len(rows) == len(EVALUATE_KINDS) + 2
     assert metrics["failures"] == len(EVALUATE_KINDS)
     records = [r for out in outs for r in read_jsonl(out)]
@@ -304,6 +306,38 @@ def test_numbers_that_cannot_be_true_fail_the_job_and_never_become_a_counted_fai
     wrong = replace(generator.handle.plan, delivered=generator.handle.plan.delivered - 1)
     monkeypatch.setattr(generator.handle, "row_plans", lambda: [wrong, wrong])
     with pytest.raises(InvariantViolation, match="visual tokens delivered to the LLM: expected 143, found 144"):
+        generator.records_for([dict(first, _row=0), dict(first, id="second", _row=1)])
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda counts: {**counts, "llm": counts["llm"][:-1], "llm_visual": counts["llm_visual"][:-1]},
+     "counts\\['llm'\\] lists 3 layers; the model has 4"),                 # refused by the cost formulas
+    (lambda counts: {**counts, "llm": [length + 5 for length in counts["llm"]]},
+     "text tokens of LLM layer 0: expected"),                               # consistent, but not the prompt's
+])
+def test_counts_the_costs_or_the_prompt_refuse_fail_the_job(world, generator, monkeypatch, corrupt, message):
+    """Counts a hook got wrong fail the job with a one-line InvariantViolation, never as one more failure record
+    per row: refused by `sample_cost` (a layer missing) or by the prompt's own text tokens."""
+    first, _ = world["good"]
+    recorded = generator.handle.last_counts
+
+    monkeypatch.setattr(generator.handle, "last_counts", lambda: [corrupt(counts) for counts in recorded()])
+    with pytest.raises(InvariantViolation, match=message):
+        generator.records_for([dict(first, _row=0), dict(first, id="second", _row=1)])
+
+
+def test_a_budget_an_image_cannot_reach_fails_the_job_not_the_row(world, generator, monkeypatch):
+    """On LLaVA-NeXT and Qwen2-VL a sample keeps its image's share of the budget; a small image whose share the
+    method cannot reach must not be left out as a counted failure (the score would be of the larger images)."""
+    from ficoco.budget import InfeasibleBudget
+
+    first, _ = world["good"]
+
+    def small_image(rows):
+        raise InfeasibleBudget("fastv: budget B=5 is infeasible for a span of 64 tokens")
+
+    monkeypatch.setattr(generator, "generate", small_image)
+    with pytest.raises(InfeasibleBudget, match="B=5 is infeasible"):
         generator.records_for([dict(first, _row=0), dict(first, id="second", _row=1)])
 
 

@@ -413,6 +413,44 @@ def test_seed_keeps_image_questions_only(tmp_path):
         "How many cars?\nA. one\nB. two\nC. three\nD. four" + MC)
 
 
+def test_seed_rows_with_an_answer_or_a_choice_that_cannot_be_are_bad_rows(tmp_path):
+    """An answer that is no option letter, or a null choice (which would be prompted as "D. None"), makes a bad row
+    (counted, left out of the accuracy), never a sample scored wrong in the denominator."""
+    features = Features({"answer": S, "choice_a": S, "choice_b": S, "choice_c": S, "choice_d": S, "data_id": S,
+                         "data_type": S, "question": S, "question_id": S, "question_type_id": Value("int16"),
+                         "image": List(Image())})
+    data = {"answer": ["A", "E", "ANSWER: B", "b"], "choice_a": ["one"] * 4, "choice_b": ["two"] * 4,
+            "choice_c": ["three"] * 4, "choice_d": ["four", "four", "four", None], "data_id": ["1.jpg"] * 4,
+            "data_type": ["image"] * 4, "question": ["How many?"] * 4, "question_id": ["1", "2", "3", "4"],
+            "question_type_id": [5] * 4, "image": [[img(RED)]] * 4}
+    repo = write_repo(tmp_path / "repo", [(None, "test", Dataset.from_dict(data, features=features))])
+    manifest, ds, _ = fetch("seed_image", repo, tmp_path, rows=4)
+    assert "bad_row" not in row_meta(ds[0]) and ds[0]["answers"] == ["A"]
+    assert [row_meta(ds[i]).get("bad_row", "") for i in (1, 2)] == ["empty_answers", "empty_answers"]
+    assert row_meta(ds[3])["bad_row"].startswith("bad_choices: null in choices") and ds[3]["answers"] == ["B"]
+    assert manifest["bad_rows"]["count"] == 3 and manifest["bad_rows"]["by_reason"] == {
+        "bad_choices": 1, "empty_answers": 2}
+
+
+def test_mmbench_reads_options_a_to_d_as_llavas_script_does():
+    raw = {"index": 7, "question": "Which?", "hint": "nan", "answer": "E", "A": "a", "B": "b", "C": "c", "D": "d",
+           "E": "e", "category": "x", "L2-category": "y", "image": None, "source": "s"}
+    row = benchmarks.get("mmbench").to_row(raw, 0, None)
+    assert row["choices"] == ["a", "b", "c", "d"] and row["answers"] == []         # E is no option: a bad row
+
+
+def test_scienceqa_null_choices_and_blank_hints(tmp_path):
+    features = Features({"image": Image(), "question": S, "choices": List(S), "answer": Value("int8"), "hint": S})
+    data = {"image": [img(RED), img(BLUE)], "question": ["Which?", "Which?"], "choices": [["a", None], ["a", "b"]],
+            "answer": [0, 1], "hint": ["", "  \n "]}
+    table = Dataset.from_dict(data, features=features)
+    repo = write_repo(tmp_path / "repo", [("ScienceQA-IMG", "test", table), ("ScienceQA-FULL", "test", table)])
+    _, ds, _ = fetch("scienceqa_img", repo, tmp_path, rows=2)
+    assert row_meta(ds[0])["bad_row"].startswith("bad_choices: null in choices")        # never the text "None"
+    # a hint of white space alone is no context (the spec: "only if the hint is non-empty")
+    assert benchmarks.get("scienceqa_img").prompt(ds[1], None) == "Which?\nA. a\nB. b" + MC
+
+
 def test_vizwiz_rows_and_prompt(tmp_path):
     _, ds, _ = fetch("vizwiz", vizwiz_repo(tmp_path / "repo"), tmp_path, rows=2)
     assert ds[0]["id"] == "VizWiz_val_00000000.jpg" and len(ds[1]["answers"]) == 10
@@ -574,10 +612,35 @@ def test_primary_failure_falls_back_to_the_second_namespace(tmp_path):
     with pytest.warns(UserWarning, match="using fallback"):
         manifest = fetch_benchmark("mme", tmp_path / "o" / "mme", registry=registry, cache_dir=tmp_path / "c")
     assert manifest["fallback_used"] is True and manifest["rows"] == 4
+    assert manifest["requested_revision"] == REGISTRY["mme"]["revision"] and manifest["revision"] == "main"
+    # the fallback stands for the pinned data: held to its row count (rows_exact), never waved through unpinned
+    registry = entry_for("mme", 5, id="lmms-lab/MME", fallback_id=str(repo), rows_exact=True)
+    with pytest.warns(UserWarning, match="using fallback"), pytest.raises(ValueError, match="4 rows, the registry "
+                                                                                         "expects 5 at the pinned"):
+        fetch_benchmark("mme", tmp_path / "q" / "mme", registry=registry, cache_dir=tmp_path / "c")
     registry = entry_for("mme", 4, id="lmms-lab/MME", fallback_id="lmms-lab-encoder/MME")
     with pytest.raises(RuntimeError, match="could not load the data from any source") as error:
         fetch_benchmark("mme", tmp_path / "p" / "mme", registry=registry, cache_dir=tmp_path / "c")
     assert "lmms-lab/MME@" in str(error.value) and "lmms-lab-encoder/MME@main" in str(error.value)
+
+
+def test_a_copy_fetched_at_another_pin_is_refused_before_any_job(tmp_path):
+    from ficoco.config import ConfigError, check_fetched_copies
+
+    repo = mme_repo(tmp_path / "repo")
+    registry = entry_for("mme", 4, id=str(repo), revision="a" * 40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fetch_benchmark("mme", tmp_path / "mme", registry=registry, cache_dir=tmp_path / "c")
+    manifest = {"mme": str(tmp_path / "mme" / "manifest.json")}
+    check_fetched_copies({}, registry, {}, manifest)                                  # the pin it was fetched at
+    for change, shown in (({"revision": "b" * 40}, f"revision {'a' * 40!r} there, {'b' * 40!r}"),
+                          ({"split": "validation"}, "split 'test' there, 'validation' in the registry"),
+                          ({"id": "lmms-lab/MME"}, f"id {str(repo)!r} there, 'lmms-lab/MME'")):
+        with pytest.raises(ConfigError, match="was fetched at another pin than benchmarks registry entry 'mme'") as error:
+            check_fetched_copies({}, {"mme": {**registry["mme"], **change}}, {}, manifest)
+        assert shown in str(error.value) and "rm -r" in str(error.value)
+    check_fetched_copies({}, registry, {}, {"mme": str(tmp_path / "not-fetched" / "manifest.json")})   # no copy yet
 
 
 def test_load_local_names_the_fetch_commands_when_missing(tmp_path):

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ficoco.config import ConfigError, FULL, grid_names, job_grid, method_overrides, model_dims, validate
+from ficoco.config import (ConfigError, FULL, grid_names, job_grid, load_and_validate, load_registries, method_overrides,
+                           model_dims, validate)
 from ficoco.dims import ModelDims
 from helpers_tiny import tiny_llava_next
 
@@ -252,3 +253,18 @@ def test_shared_keys_name_benchmarks_and_methods_of_any_grid():
     assert [j.shards for j in job_grid(config) if j.benchmark == "mmmu"] == [2] * 4
     message = error_of({**with_next_grid(), "measure": {"methods": ["pdrop"]}})
     assert "measure.methods[0]" in message and "ficoco-l" in message.split("valid:")[1]
+
+
+def test_the_paper_grids_counts_for_every_image_have_a_planned_schedule():
+    """`ficoco grid --json` plans each job; a Qwen2-VL job's {image_tokens: n} label plans the nominal image at n
+    tokens (as the config check does), its LLM layers averaging at most n."""
+    from ficoco.config import planned_schedule
+
+    config = load_and_validate("config/paper.yaml")
+    models = load_registries(config)[0]
+    jobs = [job for job in job_grid(config) if job.budget.startswith("n")]
+    assert {job.model for job in jobs} == {"qwen2-vl-7b", "qwen2.5-vl-7b"}
+    for job in jobs:
+        planned = planned_schedule(config, models, job)
+        tokens = int(job.budget[1:])
+        assert planned["layer_average"] <= tokens and planned["visual_tokens"] == 1280, (job, planned)

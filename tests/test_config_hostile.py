@@ -226,6 +226,18 @@ HOSTILE = [
             ("toy-llava.text_tokens", "0 is not a number of text tokens", "valid: an integer >= 1"), where="models.yaml",
             files={"models.yaml": "toy-llava:\n  source: toy\n  shape: toy\n  text_tokens: 0\n"
                                   "  prompt_template: 'USER: <image>\\n{prompt}'\n"}),
+    Hostile("registry-per-budget-key-as-text", base("models: [toy-llava]", "registries: {models: REGISTRY}",
+                                                    drop="models"),
+            ("toy-llava.method_params.ficoco-l.per_budget.48", "'48' is not a budget", "valid: an integer token "
+             "budget"), where="models.yaml",
+            files={"models.yaml": "toy-llava:\n  source: toy\n  shape: toy\n  prompt_template: 'USER: <image>\\n{prompt}'\n"
+                                  "  method_params: {ficoco-l: {per_budget: {'48': {window: 1}}}}\n"}),
+    Hostile("registry-method-parameter-typo", base("models: [toy-llava]", "registries: {models: REGISTRY}",
+                                                   drop="models"),
+            ("toy-llava.method_params.fastv.layr", "'layr' is not a parameter of fastv (did you mean 'layer'?)",
+             "valid:"), where="models.yaml",
+            files={"models.yaml": "toy-llava:\n  source: toy\n  shape: toy\n  prompt_template: 'USER: <image>\\n{prompt}'\n"
+                                  "  method_params: {fastv: {layr: 1}}\n"}),
     Hostile("registry-missing-source-dir", base("models: [mirror]", "registries: {models: REGISTRY}", drop="models"),
             ("mirror.source_dir", "'/no/such/mirror' is not a source directory", "valid: on a hub model, a local "
              "directory holding the model"), where="models.yaml",
@@ -238,9 +250,35 @@ HOSTILE = [
             files={"models.yaml": "mirror:\n  source: hub\n  id: a/b\n  shape: source-dir\n"
                                   "  prompt_template: 'USER: <image>\\n{prompt}'\n"}),
     Hostile("fitted-method-on-llava-next-without-calibration-set",
-            base("models: [llava-next-7b]", "methods: [vanilla, fitprune]", drop="m"),
+            "models: [llava-next-7b]\nmethods: [vanilla, fitprune]\nbudgets: [160]\nbenchmarks: [toy-shapes-mini]\n",
             ("calibration.benchmark", "methods ['fitprune'] fit their parameters on a calibration set first",
              "valid: a registered benchmark the grid does not evaluate")),
+    Hostile("fitted-parameter-given-in-the-config",
+            "models: [toy-llava]\nmethods: [vanilla, fitprune]\nbudgets: [36]\nbenchmarks: [toy-shapes-mini]\n"
+            "calibration: {benchmark: toy-shapes-train, rows: 8}\nmethod_params: {fitprune: {deletions: [1, 2]}}\n",
+            ("method_params.fitprune.deletions", "deletions of fitprune is what its calibration fits for each budget",
+             "valid: the calibration settings")),
+    Hostile("calibration-set-of-the-evaluated-rows",
+            "models: [toy-llava]\nmethods: [vanilla, fitprune]\nbudgets: [36]\nbenchmarks: [toy-shapes]\n"
+            "calibration: {benchmark: toy-shapes-mini, rows: 8}\n",
+            ("calibration.benchmark", "'toy-shapes-mini' draws its rows from the same data as the evaluated "
+             "toy-shapes", "valid: a benchmark of other data")),
+    Hostile("calibration-set-evaluated-in-a-sub-grid",
+            "models: [toy-llava]\nmethods: [vanilla, fitprune]\nbudgets: [36]\nbenchmarks: [toy-shapes-mini]\n"
+            "grids: [{models: [llava-1.5-7b], methods: [vanilla], budgets: [64], benchmarks: [toy-shapes-train]}]\n"
+            "calibration: {benchmark: toy-shapes-train, rows: 8}\n",
+            ("calibration.benchmark", "'toy-shapes-train' is also evaluated", "valid: a benchmark the grid does not "
+             "evaluate")),
+    Hostile("fitted-budget-below-layer-0",
+            "models: [toy-llava]\nmethods: [vanilla, fitprune]\nbudgets: [1]\nbenchmarks: [toy-shapes-mini]\n"
+            "calibration: {benchmark: toy-shapes-train, rows: 8}\n",
+            ("budgets[0]", "1 for method fitprune on model toy-llava", "no fitted schedule averages below 24.83",
+             "valid: a budget of at least 25")),
+    Hostile("fitted-method-with-a-count-for-every-image",
+            "models: [qwen2-vl-7b]\nmethods: [vanilla, fitprune]\nbudgets: [{image_tokens: 600}]\n"
+            "benchmarks: [toy-shapes-mini]\ncalibration: {benchmark: toy-shapes-train, rows: 8}\n",
+            ("budgets[0]", "'n600' for method fitprune on model qwen2-vl-7b", "not for a count of every image",
+             "valid for fitprune: token budgets")),
     Hostile("tower-budget-on-llava-next", base("models: [llava-next-7b]", "methods: [vanilla, tome]", drop="m"),
             ("budgets[0]", "64 for method tome on model llava-next-7b", "budget B=13 is infeasible",
              "budget 64 of the nominal 2880-token image is 13 a tower pass", "valid: a budget of at least 118")),

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -85,8 +86,9 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(toy_world, tmp_path):
     assert [comparable(r) for r in resumed] == [comparable(r) for r in clean]
 
     job = {"model": "toy-llava", "method": "vanilla", "phase": "none", "budget": "full", "benchmark": "toy-shapes"}
-    resumed_metrics = score([killed_out], "toy-shapes", tmp_path / "m1.json", job)
-    clean_metrics = score([clean_out], "toy-shapes", tmp_path / "m2.json", job)
+    manifest = toy_world / "bench" / "manifest.json"
+    resumed_metrics = score([killed_out], "toy-shapes", tmp_path / "m1.json", job, benchmark_manifest=manifest)
+    clean_metrics = score([clean_out], "toy-shapes", tmp_path / "m2.json", job, benchmark_manifest=manifest)
     assert resumed_metrics["metrics"] == clean_metrics["metrics"]
     assert resumed_metrics["samples"] == clean_metrics["samples"] == ROWS
     assert resumed_metrics["cost_mean"] == clean_metrics["cost_mean"]
@@ -104,11 +106,79 @@ def test_metrics_merge_shards_like_one_run(toy_world, tmp_path):
     subprocess.run(run_command(toy_world, whole, "--limit", "24"), env=env, check=True, capture_output=True,
                    timeout=600)
     job = {"model": "toy-llava", "method": "vanilla", "phase": "none", "budget": "full", "benchmark": "toy-shapes"}
-    merged = score(outs, "toy-shapes", tmp_path / "merged.json", job)
-    single = score([whole], "toy-shapes", tmp_path / "single.json", job)
+    manifest = toy_world / "bench" / "manifest.json"
+    merged = score(outs, "toy-shapes", tmp_path / "merged.json", job, benchmark_manifest=manifest)
+    single = score([whole], "toy-shapes", tmp_path / "single.json", job, benchmark_manifest=manifest)
     assert merged["samples"] == single["samples"] == 24
     assert merged["metrics"] == single["metrics"]
     assert json.loads((tmp_path / "merged.json").read_text())["job"] == job
+
+
+def toy_bench(tmp_path):
+    """A 4-row toy benchmark: (its manifest, its rows)."""
+    from ficoco.benchmarks.fetch import load_local
+    from ficoco.toy.cli import build_benchmark
+
+    build_benchmark(tmp_path / "bench", seed=3, rows=4)
+    return tmp_path / "bench" / "manifest.json", load_local(tmp_path / "bench")[0]
+
+
+def write_shard(path, dataset, predictions: dict[int, str]):
+    """One shard of records predicting `predictions[row]`, each scored 0 (by older scoring code, say)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"id": str(dataset[row]["id"]), "row": row, "prediction": text,
+                                        "answers": dataset[row]["answers"], "score": 0.0, "scoring": {"score": 0.0},
+                                        "counts": None, "cost": None, "error": None}) + "\n"
+                            for row, text in predictions.items()))
+    return path
+
+
+def test_the_score_job_scores_every_prediction_again_with_todays_code(tmp_path, capsys):
+    """The records were scored 0 by older scoring code; the score job recomputes each score from the prediction
+    and the benchmark row, and writes the records as scored now (what the report reads) before metrics.json."""
+    from ficoco.benchmarks import toy
+
+    manifest, dataset = toy_bench(tmp_path)
+    predictions = {row: f"{dataset[row]['answers'][0]}." if row < 3 else "no such word" for row in range(4)}
+    shard = write_shard(tmp_path / "run" / "shard0of1" / "predictions.jsonl", dataset, predictions)
+    job = {"model": "toy-llava", "method": "vanilla", "phase": "none", "budget": "full", "benchmark": "toy-shapes"}
+    summary = score([shard], "toy-shapes", tmp_path / "run" / "metrics.json", job, benchmark_manifest=manifest)
+    expected = [toy.score_sample(predictions[row], dataset[row])["score"] for row in range(4)]
+    assert expected == [1.0, 1.0, 1.0, 0.0] and summary["metrics"]["score"] == 75.0
+    scored = read_jsonl(tmp_path / "run" / "scored.jsonl")
+    assert [record["score"] for record in scored] == expected and summary["predictions"] == ["scored.jsonl"]
+    assert summary["shards"] == ["shard0of1/predictions.jsonl"]
+    assert "3 of 4 samples score differently from when they were predicted" in capsys.readouterr().err
+
+
+def test_the_score_job_refuses_predictions_of_other_data(tmp_path):
+    manifest, dataset = toy_bench(tmp_path)
+    shard = write_shard(tmp_path / "run" / "shard0of1" / "predictions.jsonl", dataset, {0: "red"})
+    shard.write_text(json.dumps({**json.loads(shard.read_text()), "id": "refetched-away"}) + "\n")
+    with pytest.raises(ValueError, match="record 'refetched-away' was made on row 0, which holds sample"):
+        score([shard], "toy-shapes", tmp_path / "run" / "metrics.json", {}, benchmark_manifest=manifest)
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_judged_samples_must_come_from_todays_judge_code(tmp_path, monkeypatch):
+    """A GPT judge runs only in evaluate jobs: the score job cannot judge again, so samples judged by other code
+    are refused, naming the rerun; samples judged by today's code are aggregated as they are."""
+    from ficoco import benchmarks
+    from ficoco.evaluate import rescore
+
+    bench = benchmarks.get("mmvet")
+    today = benchmarks.scoring_code_digest("mmvet")
+    records = [{"id": "a", "row": 0, "prediction": "x", "score": 0.5, "error": None,
+                "scoring": {"score": 0.5, "scoring_code": today}},
+               {"id": "b", "row": 1, "prediction": "", "score": None, "error": "bad row: missing_image",
+                "scoring": {"score": None}}]
+    assert rescore(bench, records, rows=[], current_code=today) == (records, 0)
+    stale = [{**records[0], "scoring": {"score": 0.5, "scoring_code": "0" * 16}}, records[1]]
+    with pytest.raises(ValueError, match=r"1 of 2 samples \(e.g. 'a'\) were judged by other scoring code .* rerun"):
+        rescore(bench, stale, rows=[], current_code=today)
+    unlabelled = [{**records[0], "scoring": {"score": 0.5}}]
+    with pytest.raises(ValueError, match="judged by other scoring code"):
+        rescore(bench, unlabelled, rows=[], current_code=today)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,7 +189,7 @@ FINGERPRINT = Fingerprint(
     benchmark_checksum="c" * 64, benchmark_rows=64, benchmark_subset=None, benchmark_module="toy-shapes",
     benchmark_options={}, method="ficoco-v", budget="36", params={"start": 2, "lam": 0.35}, template="USER: {prompt}",
     dtype="float32", image_preprocessing="none", batch_size=4, device="cpu", shard=0, shards=1, limit=None,
-    text_tower=None, ficoco="0.1.0", torch="2.13.0", transformers="5.24.0")
+    text_tower=None, ficoco="0.1.0", torch="2.13.0", transformers="5.24.0", code="0123456789abcdef")
 JOB = {"model": "toy-llava", "method": "ficoco-v", "phase": "vision", "budget": "36", "benchmark": "toy-shapes",
        "shard": 0, "shards": 1}
 
@@ -161,6 +231,37 @@ def test_another_fingerprint_sets_the_journal_aside_with_its_wandb_run(tmp_path,
     assert sorted(Journal(aside / "journal.jsonl").read()) == ["0", "1", "2"]          # kept, not deleted
     assert (aside / "wandb" / folder.name).is_dir() and not folder.exists()
     assert "its fingerprint differs in batch_size, params" in capsys.readouterr().err
+
+
+def test_a_journal_written_by_other_code_is_set_aside(tmp_path, capsys):
+    """A job killed, then rerun after a code change (a method fixed), recomputes every row: the old code's records
+    never mix into the new predictions."""
+    journal, _ = started_journal(tmp_path)
+    evaluate._open_journal(journal, dataclasses.replace(FINGERPRINT, code="fedcba9876543210"), JOB)
+    assert journal.read() == {}
+    [aside] = (journal.path.parent / "set-aside").iterdir()
+    assert sorted(Journal(aside / "journal.jsonl").read()) == ["0", "1", "2"]
+    assert "its fingerprint differs in code" in capsys.readouterr().err
+
+
+def test_the_code_digest_covers_every_module_but_the_reports(tmp_path):
+    import shutil
+
+    from ficoco.fingerprint import package_code_digest
+
+    package = tmp_path / "ficoco"
+    shutil.copytree(Path(evaluate.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+    assert package_code_digest(package) == package_code_digest()
+    before = package_code_digest(package)
+    (package / "report" / "page.py").write_text((package / "report" / "page.py").read_text() + "\n# a report edit\n")
+    assert package_code_digest(package) == before                      # the report makes no prediction
+    for module in ("methods/fastv.py", "paradigm/filter.py", "models/llava.py", "benchmarks/toy.py", "evaluate.py"):
+        edited = package / module
+        original = edited.read_text()
+        edited.write_text(original + "\n# a fix\n")
+        assert package_code_digest(package) != before, module
+        edited.write_text(original)
+    assert package_code_digest(package) == before
 
 
 def test_a_finished_journal_is_never_resumed(tmp_path, capsys):
@@ -220,6 +321,20 @@ def test_an_invariant_violation_fails_the_job_with_one_line(monkeypatch, capsys)
     job_lines = [line for line in lines if not line.startswith("ficoco doctor: ")]   # the environment comes first
     assert job_lines == ["ficoco run: invariant violated: ficoco-v: sample 7: LLM layer 2 visual tokens: "
                          "expected 36, found 144"]
+
+
+def test_a_budget_an_image_cannot_reach_fails_the_job_with_one_line(monkeypatch, capsys):
+    from ficoco.budget import InfeasibleBudget
+
+    def small_image(**kwargs):
+        raise InfeasibleBudget("fastv: budget B=5 is infeasible for a span of 64 tokens")
+
+    monkeypatch.setattr(evaluate, "evaluate_shard", small_image)
+    monkeypatch.delenv("WANDB_SERVICE", raising=False)
+    assert evaluate.main(cli_args()) == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("ficoco doctor: ")]
+    assert len(lines) == 1 and lines[0].startswith("ficoco run: fastv: budget B=5 is infeasible for a span of 64 "
+                                                   "tokens. An image this budget cannot reach is not left out")
 
 
 @pytest.mark.parametrize("option, value, message", [

@@ -6,7 +6,7 @@ import pytest
 from ficoco import methods
 from ficoco.dims import llava_1_5_dims
 from ficoco.flops import sample_cost
-from ficoco.invariants import InvariantViolation, check_cost, check_counts, check_record
+from ficoco.invariants import InvariantViolation, check_cost, check_counts, check_record, prompt_text_tokens
 from ficoco.report.aggregate import build_summary
 
 DIMS = llava_1_5_dims("7b")
@@ -162,6 +162,38 @@ def test_a_text_row_has_no_visual_tokens():
     planned = plan("vanilla")
     assert "visual tokens delivered for a text-only row: expected 0, found 576" in violation(
         "vanilla", planned, {**counts_of(planned), "vision": []}, has_image=False)
+    assert "tokens the projector ran on for a text-only row: expected 0, found 576" in violation(
+        "vanilla", planned, {**text_counts(), "projector_tokens": 576}, has_image=False)
+
+
+@pytest.mark.parametrize("name, budget", [("vanilla", None), ("ficoco-v", 36), ("fastv", 128)])
+def test_the_text_tokens_are_the_prompts_own(name, budget):
+    """Layer 0's text tokens are checked against the prompt's (counted from the model input): a hook that
+    records 1 text token, or 10 times the prompt, passes every other check but costs the sample wrongly."""
+    planned = plan(name, budget)
+    check_counts(name, planned, counts_of(planned), True, sample="q7", text_tokens=TEXT)
+    for wrong_text in (1, 10 * TEXT):
+        counts = counts_of(planned)
+        shift = wrong_text - TEXT
+        counts = {**counts, "llm": [length + shift for length in counts["llm"]]}
+        if "llm_mlp" in counts:
+            counts["llm_mlp"] = [length + shift for length in counts["llm_mlp"]]
+        check_counts(name, planned, counts, True, sample="q7")             # consistent with itself
+        with pytest.raises(InvariantViolation, match=rf"text tokens of LLM layer 0: expected {TEXT} .*found "
+                                                     rf"{wrong_text}$"):
+            check_counts(name, planned, counts, True, sample="q7", text_tokens=TEXT)
+
+
+def test_prompt_text_tokens_leave_out_padding_and_image_placeholders():
+    import torch
+
+    image = 9
+    input_ids = torch.tensor([[0, 0, 5, 9, 9, 9, 6, 7],                 # left padding, 3 placeholders, 3 text
+                              [5, 6, 9, 9, 9, 7, 8, 4]])                # no padding: 5 text
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8])
+    expected = [sum(1 for token, keep in zip(ids, keeps) if keep and token != image)      # a plain loop
+                for ids, keeps in zip(input_ids.tolist(), mask.tolist())]
+    assert prompt_text_tokens({"input_ids": input_ids, "attention_mask": mask}, image) == expected == [3, 5]
 
 
 def test_an_adaptive_method_stays_within_its_bounds():

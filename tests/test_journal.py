@@ -22,6 +22,18 @@ def test_torn_last_line_is_dropped_and_cut(tmp_path):
     assert all(json.loads(line) for line in journal.path.read_text().splitlines())
 
 
+@pytest.mark.parametrize("line", ["[1, 2]", "7", '"text"', '{"score": 1.0}'])
+def test_a_json_line_that_is_no_record_is_cut_like_a_torn_one(tmp_path, line):
+    """Valid JSON that is neither a record (no id) nor a control line: corrupt, cut with what follows (those rows
+    are recomputed), never a crash of the job that resumes it."""
+    journal = Journal(tmp_path / "journal.jsonl")
+    journal.append([{"id": "a", "score": 1.0}])
+    with open(journal.path, "a") as stream:
+        stream.write(line + "\n" + '{"id": "b", "score": 0.0}\n')
+    assert sorted(journal.read()) == ["a"]
+    assert journal.path.read_text() == '{"id": "a", "score": 1.0}\n'
+
+
 def test_a_sample_is_never_counted_twice(tmp_path):
     journal = Journal(tmp_path / "journal.jsonl")
     journal.append([{"id": "a", "score": 1.0}])
@@ -62,6 +74,27 @@ def test_staged_directory_replaces_the_old_copy_only_when_complete(tmp_path):
         assert not (out / "new.txt").exists()                                    # nothing visible before the end
     assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
     assert sorted(p.name for p in out.parent.iterdir()) == ["toy"]              # no staging or old copy left
+
+
+def test_staged_directory_removes_what_a_killed_attempt_left(tmp_path):
+    """A SIGKILL runs no cleanup: its staging copy (a model's can hold gigabytes) stays beside the output.
+    The next attempt removes those of its own output, and nothing of another output's."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "models" / "m"
+    script = ("import os, signal, sys; from ficoco.journal import staged_directory\n"
+              "with staged_directory(sys.argv[1]) as staging:\n"
+              "    (staging / 'weights.bin').write_bytes(b'x' * 1000)\n"
+              "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    for _ in range(2):
+        subprocess.run([sys.executable, "-c", script, str(out)], check=False)
+    other = tmp_path / "models" / ".mm.tmp-keep"
+    other.mkdir()
+    assert len(list(out.parent.glob(".m.tmp-*"))) == 1          # the second attempt removed the first's
+    with staged_directory(out) as staging:
+        (staging / "weights.bin").write_bytes(b"y")
+    assert sorted(p.name for p in out.parent.iterdir()) == [".mm.tmp-keep", "m"]
 
 
 # ---------------------------------------------------------------------------------------------

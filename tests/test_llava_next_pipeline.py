@@ -107,6 +107,26 @@ def test_nothing_is_left_to_do_after_the_run(next_run):
     assert result.returncode == 0 and "Nothing to be done" in result.stdout, result.stdout[-2000:]
 
 
+def test_a_new_pin_in_the_registry_stops_the_run_before_any_job(next_run):
+    """The fetched copy holds tiny-v1; a registry that pins tiny-v2 would report that copy's numbers under the new
+    pin: the run stops before any job, naming the copy, both pins and what to do."""
+    repo, source = next_run
+    config = write_next_config(repo, source, "next-repinned")
+    models = yaml.safe_load((repo / "config/test_models.yaml").read_text())
+    models["tiny-next"]["revision"] = "tiny-v2"
+    (repo / "config/repinned_models.yaml").write_text(yaml.safe_dump(models))
+    settings = yaml.safe_load((repo / config).read_text())
+    settings["registries"] = {"models": "config/repinned_models.yaml"}
+    (repo / config).write_text(yaml.safe_dump(settings))
+    result = snakemake(repo, "-n", "--cores", "1", "--configfile", config)
+    assert result.returncode == 1
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("config error: tiny-next: resources/models/tiny-next was fetched at another pin")
+    assert "revision 'tiny-v1' there, 'tiny-v2' in the registry" in message and "rm -r resources/models/tiny-next" in message
+    result = snakemake(repo, "-n", "--cores", "1", "--configfile", "config/next.yaml")      # the pin it was fetched at
+    assert result.returncode == 0 and "Nothing to be done" in result.stdout
+
+
 def test_fitprune_is_fitted_and_run_on_llava_next_through_snakemake(next_run):
     """The calibrate rule fits FitPrune's schedule on the copied model (calibration prompts of several spans),
     and the evaluate and measure jobs run each image with it scaled to its span, within its budget share."""

@@ -96,15 +96,6 @@ def test_main_writes_json_atomically(model_dir, tmp_path):
     assert [p.name for p in out.parent.iterdir()] == ["bfull.json"]   # no temporary file left behind
 
 
-def test_write_json_atomic_leaves_old_file_on_failure(tmp_path):
-    target = tmp_path / "b64.json"
-    measure_module.write_json_atomic({"a": 1}, target)
-    with pytest.raises(TypeError):
-        measure_module.write_json_atomic({"a": object()}, target)     # not JSON-able
-    assert json.loads(target.read_text()) == {"a": 1}
-    assert [p.name for p in tmp_path.iterdir()] == ["b64.json"]
-
-
 def test_measure_llava_next_at_an_image_size_costs_that_images_layout(tmp_path):
     """LLaVA-NeXT: the prompt holds the placeholders of the image's AnyRes span, the tower runs its passes;
     the counts equal `vanilla_counts` of that size (the layout computed independently of the model)."""

@@ -72,7 +72,8 @@ def vision_counts(records) -> list:
 def metrics(repo: Path, job, tmp_path: Path) -> dict:
     job_keys = {"model": "toy-llava", "method": job[0], "phase": methods.get(job[0]).phase, "budget": job[1],
                 "benchmark": "toy-shapes-mini"}
-    return score([predictions(repo, job)], "toy-shapes", tmp_path / f"{job[0]}-{job[1]}.json", job_keys)
+    return score([predictions(repo, job)], "toy-shapes", tmp_path / f"{job[0]}-{job[1]}.json", job_keys,
+                 benchmark_manifest=repo / "resources/benchmarks/toy-shapes-mini/manifest.json")
 
 
 @pytest.fixture(scope="module")

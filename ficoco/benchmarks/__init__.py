@@ -10,12 +10,12 @@ benchmark, or that exposes one as `BENCHMARK`).
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
 from pathlib import Path
 from types import MappingProxyType
 
 from ficoco.benchmarks.base import merge_records, shard_rows  # noqa: F401  (public API)
+from ficoco.fingerprint import source_digest
 
 #: name -> where the benchmark object lives. Built once, never mutated.
 _REGISTRY = MappingProxyType({
@@ -50,11 +50,7 @@ def scoring_code_digest(name: str) -> str:
         raise ValueError(f"unknown benchmark {name!r}; valid benchmarks: {', '.join(names())}")
     module = _REGISTRY[name].partition(":")[0]
     folder = Path(__file__).parent
-    files = sorted({*SHARED_SCORING_MODULES, f"{module.rpartition('.')[2]}.py"})
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(file.encode() + b"\0" + (folder / file).read_bytes())
-    return digest.hexdigest()[:16]
+    return source_digest(folder, sorted({*SHARED_SCORING_MODULES, f"{module.rpartition('.')[2]}.py"}))
 
 
 def names() -> list[str]:

@@ -226,7 +226,8 @@ def _refuse_all_unreadable(name: str, bad_rows: dict, n_rows: int) -> None:
 
 def _check_size(name: str, entry: dict, n_rows: int, pinned: bool) -> None:
     """Row count against the registry: an error at a pinned revision with rows_exact, else a warning
-    (a local mirror given as `source` stands for the pinned revision and is held to it too)."""
+    (a local mirror given as `source`, and the fallback namespace, stand for the pinned revision's data
+    and are held to its count too)."""
     expected = entry.get("rows")
     if expected is None or int(expected) == n_rows:
         return
@@ -235,6 +236,20 @@ def _check_size(name: str, entry: dict, n_rows: int, pinned: bool) -> None:
         raise ValueError(message + " at the pinned revision (rows_exact: true); the data changed or the "
                                    "registry is wrong")
     warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def benchmark_pin(entry: Mapping) -> dict:
+    """What a registry entry pins: hub id, config, split and revision."""
+    return {"id": entry.get("id"), "config": entry.get("config"), "split": entry.get("split"),
+            "revision": entry.get("revision") or "main"}
+
+
+def fetched_benchmark_pin(manifest: Mapping) -> dict:
+    """What a fetched copy holds (its manifest), in `benchmark_pin`'s form; the revision is None when it cannot be
+    told (a copy from the fallback namespace fetched before manifests recorded the requested revision)."""
+    revision = manifest.get("requested_revision") or (None if manifest.get("fallback_used") else manifest.get("revision"))
+    return {"id": manifest.get("id"), "config": manifest.get("config"), "split": manifest.get("split"),
+            "revision": revision}
 
 
 def fetch_benchmark(name: str, out_dir: str | Path, revision: str | None = None, options: Mapping | None = None,
@@ -265,7 +280,7 @@ def fetch_benchmark(name: str, out_dir: str | Path, revision: str | None = None,
             bench, entry, revision, None if source is None else str(source),
             None if cache_dir is None else str(cache_dir))
         local = _is_local(used)
-        _check_size(name, entry, len(raw), is_pinned(revision) and not fallback)
+        _check_size(name, entry, len(raw), is_pinned(revision))
         raw, selection = bench.select_rows(raw, options)
         fingerprint = hashlib.sha256(f"{name}|{used}|{used_revision}|{json.dumps(options, sort_keys=True, default=str)}"
                                      .encode()).hexdigest()[:16]
@@ -285,6 +300,7 @@ def fetch_benchmark(name: str, out_dir: str | Path, revision: str | None = None,
             "config": entry.get("config"),
             "split": entry.get("split"),
             "revision": used_revision,
+            "requested_revision": revision,             # the primary's pin (`revision` is the fallback's when used)
             "revision_pinned": is_pinned(used_revision),
             "resolved_revision": None if local else resolve_revision(used, used_revision),
             "rows": len(reloaded),
@@ -344,8 +360,8 @@ def fetch_hint(name: str) -> str:
             f"`ficoco fetch-benchmark {name}`")
 
 
-def load_local(bench_dir: str | Path, *, expected_options: Mapping | None = None, verify: bool = False,
-               safe: bool = False):
+def load_local(bench_dir: str | Path, *, expected_options: Mapping | None = None, module: str | None = None,
+               verify: bool = False, safe: bool = False):
     """`(datasets.Dataset, manifest)` from a fetched benchmark directory (offline).
 
     With `safe=True` the rows come as a `rows.SafeRows` view instead of the Dataset: reading a row
@@ -355,7 +371,8 @@ def load_local(bench_dir: str | Path, *, expected_options: Mapping | None = None
     Raises FileNotFoundError naming the command that fetches it when the directory is incomplete;
     ValueError when the row count (or, with `verify=True`, the checksum) does not match the
     manifest, when ids repeat (refetch: fetch refuses them), or when `expected_options` (fetch-time
-    options) differ from the fetched ones.
+    options; `{}` means the defaults, which are checked too; resolved by the registered `module`, default
+    the manifest's) differ from the fetched ones.
     """
     bench_dir = Path(bench_dir)
     name = bench_dir.name
@@ -377,7 +394,7 @@ def load_local(bench_dir: str | Path, *, expected_options: Mapping | None = None
     if expected_options is not None:
         from ficoco import benchmarks
 
-        module = manifest.get("module", manifest.get("benchmark", name))
+        module = module or manifest.get("module", manifest.get("benchmark", name))
         wanted = benchmarks.get(module).fetch_option_values(expected_options)
         if wanted != manifest.get("options", {}):
             raise ValueError(f"{bench_dir} was fetched with options {manifest.get('options')} but the config "

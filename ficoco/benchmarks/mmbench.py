@@ -12,7 +12,7 @@ overall and per category, plus single-pass accuracy on the base rows.
 from __future__ import annotations
 
 from ficoco.benchmarks.base import Benchmark, percent, row_meta
-from ficoco.benchmarks.scoring import (MC_SUFFIX, MC_SUFFIX_CN, OPTION_LETTERS, extract_mmbench_letter,
+from ficoco.benchmarks.scoring import (FOUR_OPTION_LETTERS, MC_SUFFIX, MC_SUFFIX_CN, extract_mmbench_letter,
                                        is_missing_text, option_lines)
 
 CIRCULAR_STRIDE = 1_000_000
@@ -31,7 +31,7 @@ class MMBenchBenchmark(Benchmark):
     def to_row(self, raw, index, context):
         question_index = int(raw["index"])
         options = {}
-        for letter in OPTION_LETTERS:
+        for letter in FOUR_OPTION_LETTERS:             # A-D, as LLaVA's script reads them
             value = raw.get(letter)
             if is_missing_text(value):
                 break

@@ -31,7 +31,7 @@ class ScienceQABenchmark(Benchmark):
         super().__init__(name)
 
     def to_row(self, raw, index, context):
-        choices = [str(c) for c in raw["choices"]]
+        choices = list(raw["choices"])             # a null choice is a bad row (bad_choices), not the text "None"
         answer = raw.get("answer")
         valid = isinstance(answer, int) and 0 <= answer < len(choices)
         image = image_or_none(raw.get("image"))
@@ -49,7 +49,7 @@ class ScienceQABenchmark(Benchmark):
     def prompt(self, row, options=None):
         self.resolve_options(options)
         hint = row_meta(row).get("hint") or ""
-        context = f"Context: {hint}\n" if hint else ""
+        context = f"Context: {hint}\n" if hint.strip() else ""
         return context + row["question"] + option_lines(row["choices"]) + MC_SUFFIX
 
     def _score(self, prediction, row, meta):

@@ -27,6 +27,7 @@ SHORT_ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."
 MC_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
 MC_SUFFIX_CN = "\n请直接回答选项字母。"
 OPTION_LETTERS = "ABCDE"
+FOUR_OPTION_LETTERS = "ABCD"          # MMBench and SEED-Bench: options A-D (benchmarks.md §2)
 
 
 def capitalize_question(question: str) -> str:

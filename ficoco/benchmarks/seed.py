@@ -10,7 +10,7 @@ accuracy overall and per question type.
 from __future__ import annotations
 
 from ficoco.benchmarks.base import Benchmark, image_or_none, percent
-from ficoco.benchmarks.scoring import MC_SUFFIX, option_lines, parse_seed_answer
+from ficoco.benchmarks.scoring import FOUR_OPTION_LETTERS, MC_SUFFIX, option_lines, parse_seed_answer
 
 CHOICE_COLUMNS = ("choice_a", "choice_b", "choice_c", "choice_d")
 
@@ -37,10 +37,11 @@ class SEEDBenchmark(Benchmark):
             "id": str(raw["question_id"]),
             "image": image,
             "question": raw["question"],
-            "answers": [answer] if answer else [],
-            "choices": [str(raw[c]) for c in CHOICE_COLUMNS],
+            # a letter that is no option leaves no answer: a bad row (empty_answers), as in MMBench
+            "answers": [answer] if answer and answer in FOUR_OPTION_LETTERS else [],
+            "choices": [raw.get(c) for c in CHOICE_COLUMNS],        # a null choice is a bad row (bad_choices)
             "meta": {"question_type_id": raw.get("question_type_id"), "data_id": raw.get("data_id"),
-                     "data_type": raw.get("data_type")},
+                     "data_type": raw.get("data_type"), "raw_answer": answer},
         }
 
     def prompt(self, row, options=None):

@@ -22,7 +22,7 @@ class TextVQABenchmark(VQAAccuracyBenchmark):
 
     def to_row(self, raw, index, context):
         return self.vqa_row(raw, {"question_id": raw["question_id"], "image_id": raw.get("image_id"),
-                                  "ocr_tokens": [str(t) for t in (raw.get("ocr_tokens") or [])],
+                                  "ocr_tokens": [str(t) for t in (raw.get("ocr_tokens") or []) if t is not None],
                                   "set_name": raw.get("set_name")})
 
     def prompt(self, row, options=None):

@@ -20,6 +20,14 @@ def prompt(row: dict, options: dict | None = None) -> str:
     return row["question"].strip()
 
 
+def fetch_option_values(options: dict | None) -> dict:
+    """The options that change an evaluate job's rows: none (they come from the registry's rows and seed)."""
+    if options:
+        raise ValueError(f"toy benchmark: options {sorted(options)}; it takes none (its rows and seed are set in "
+                         "its benchmark registry entry)")
+    return {}
+
+
 def normalise(text: str) -> str:
     """Lower-case, strip whitespace and trailing periods."""
     return text.strip().lower().rstrip(".").strip()

@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 
 from ficoco.budget_labels import LABEL_PATTERN
-from ficoco.config import calibrated_methods, grid_names, job_grid, load_registries, method_overrides
+from ficoco.config import (ConfigError, calibrated_methods, check_fetched_copies, grid_names, job_grid,
+                           load_registries, method_overrides)
 
 # The Snakefile read the config files strictly and validated them with the --config overrides
 # (ficoco.config.load_config); the validated config, defaults filled in, replaces Snakemake's reading.
@@ -52,6 +53,14 @@ BENCHMARK_MANIFEST = "resources/benchmarks/{benchmark}/manifest.json"    # fetch
 REPORT_HTML = config["report"]["html"]
 CALIBRATION = "results/calibration/{model}/{method}/b{budget}.json"     # rule calibrate (FitPrune's fit)
 
+# a copy fetched at another pin than its registry entry names is never reused under the new pin
+try:
+    check_fetched_copies(MODELS, BENCHMARKS, {m: MODEL_MANIFEST.format(model=m) for m in HUB_MODELS},
+                         {b: BENCHMARK_MANIFEST.format(benchmark=b) for b in HUB_BENCHMARKS})
+except ConfigError as error:
+    sys.stderr.write(f"{error}\n")
+    sys.exit(1)
+
 
 def phase_of(method):
     from ficoco import methods
@@ -76,7 +85,7 @@ def job_json(wildcards):
     job = RUN_BUDGETS[wildcards.model, wildcards.method, wildcards.budget]
     return json.dumps({"model": job.model, "method": job.method, "phase": job.phase, "budget": job.budget,
                        "benchmark": wildcards.benchmark, "run_budget": job.run_budget,
-                       "predicted_tflops": job.predicted_tflops})
+                       "predicted_tflops": job.predicted_tflops, "limit": config["limit"]})
 
 
 def calibration_input(wildcards):

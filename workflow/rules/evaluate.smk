@@ -19,6 +19,7 @@ rule calibrate:
         module=lambda wc: BENCHMARKS[CALIBRATION_BENCHMARK].get("module", CALIBRATION_BENCHMARK),
         rows=config["calibration"]["rows"],
         overrides=overrides_json,
+        options=json.dumps(benchmark_options(CALIBRATION_BENCHMARK), sort_keys=True) if CALIBRATION_BENCHMARK else "{}",
         template=lambda wc: json.dumps(MODELS[wc.model]["prompt_template"]),
         dtype=lambda wc: MODELS[wc.model].get("dtype", "float32"),
         preprocessing=lambda wc: MODELS[wc.model].get("image_preprocessing", "none"),
@@ -28,8 +29,9 @@ rule calibrate:
         "OMP_NUM_THREADS={threads} {PY} -m ficoco.cli calibrate --model-dir resources/models/{wildcards.model}"
         " --benchmark-dir resources/benchmarks/{CALIBRATION_BENCHMARK} --benchmark-module {params.module}"
         " --method {wildcards.method} --budget {params.run_budget} --rows {params.rows} --out {output}"
-        " --overrides {params.overrides:q} --template {params.template:q} --dtype {params.dtype}"
-        " --image-preprocessing {params.preprocessing} --device {params.device} --no-progress > {log} 2>&1"
+        " --overrides {params.overrides:q} --options {params.options:q} --template {params.template:q}"
+        " --dtype {params.dtype} --image-preprocessing {params.preprocessing} --device {params.device} --no-progress"
+        " > {log} 2>&1"
 
 
 rule evaluate:
@@ -79,7 +81,8 @@ rule score:
         predictions=_shard_predictions,
         benchmark=BENCHMARK_MANIFEST,
     output:
-        RUN_DIR + "/metrics.json",
+        metrics=RUN_DIR + "/metrics.json",
+        scored=RUN_DIR + "/scored.jsonl",       # the records as scored now: what the report reads
     params:
         module=lambda wc: BENCHMARKS[wc.benchmark].get("module", wc.benchmark),
         job=job_json,
@@ -90,5 +93,5 @@ rule score:
         "logs/score/{model}/{benchmark}/{method}/b{budget}.log",
     shell:
         "{PY} -m ficoco.cli score {input.predictions} --benchmark {params.module} --manifest {input.benchmark}"
-        " --out {output}"
+        " --out {output.metrics} --scored {output.scored}"
         " --job {params.job:q} --overrides {params.overrides:q} > {log} 2>&1"
