@@ -150,6 +150,29 @@ def test_cache_equals_recompute_and_the_reducing_layer_caches_every_token():
     assert kv_lengths[0] == full + generated and kv_lengths[-1] < kv_lengths[1] < kv_lengths[0]
 
 
+def test_only_the_reducing_prefill_runs_the_explicit_attention(monkeypatch):
+    """The reducing layers' decode steps run the model's own attention kernel, as every method's do (flops.md:
+    latency with the same kernel for every method); the explicit float32 form is for the prefill's probabilities."""
+    import ficoco.models.llama as llama
+
+    queries = []
+
+    def recording(module, query, *args, **kwargs):
+        queries.append(query.shape[2])
+        return float32_eager_attention(module, query, *args, **kwargs)
+
+    monkeypatch.setattr(llama, "float32_eager_attention", recording)
+    model = tiny_llava(llm_layers=4, llm_kv_heads=2)
+    n = n_placeholders(model)
+    ids, mask = left_padded([prompt(n, [10, 11, 12], [13, 14, 15]), prompt(n, [16], [17, 18])])
+    with ficoco.apply(model, "ficoco-l", 10, start=0, window=2, placement="attention") as handle:
+        out = _generate(model, ids, mask, images(2, 28))
+        reducing = len(handle.llm_step.layers)
+    assert out.sequences.shape[1] - ids.shape[1] >= 3                     # several decode steps ran
+    # one prefill call per reducing layer (the later ones on the tokens the earlier kept), no 1-query decode call
+    assert len(queries) == reducing and queries[0] == ids.shape[1] and min(queries) > 1
+
+
 def test_batch_equals_alone_and_counts_equal_the_plan():
     model = tiny_llava(llm_layers=4, llm_kv_heads=2)
     n = n_placeholders(model)

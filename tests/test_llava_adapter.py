@@ -150,6 +150,35 @@ def test_generate_returns_the_callers_prompt_and_the_kv_cache_is_reduced(model):
         [text + visual + generated for visual in plan.llm_visual]
 
 
+@pytest.mark.parametrize("name", ["vanilla", "ficoco-v"])
+def test_a_chunked_prefill_is_refused_not_counted_by_its_first_chunk(model, name):
+    """generate(prefill_chunk_size=k) runs the prompt in chunks on one cache; the counts would be the first chunk's
+    (the vision-side ones passing every other check), so the second chunk is refused."""
+    ids, mask, pixels = _single(model)
+    budget, overrides = SETTINGS[name]
+    with ficoco.apply(model, name, budget, **overrides), torch.no_grad():
+        with pytest.raises(ValueError, match=rf"{name}: a forward of \d+ tokens per row on a KV cache that already "
+                                             "holds the prompt's first part"):
+            model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=2,
+                           do_sample=False, prefill_chunk_size=10)
+
+
+def test_a_renamed_forward_keyword_is_refused_at_apply(model, monkeypatch):
+    """The adapter reads and passes LlavaModel.forward's keywords by name; a transformers release renaming one (as
+    5.24 renamed the cache's) would leave it reading None: padding counted as tokens, images never inserted."""
+    def renamed(self, input_ids=None, pixel_values=None, mask=None, position_ids=None, cache=None,
+                inputs_embeds=None, mm_encoder_outputs=None, **kwargs):
+        raise AssertionError("never called")
+
+    before = _patched_state(model)
+    monkeypatch.setattr(type(model.model), "forward", renamed)
+    for name in ("vanilla", "ficoco-v"):
+        with pytest.raises(RuntimeError, match=r"LlavaModel.forward has no parameter 'attention_mask' \(it has "
+                                               r"input_ids, pixel_values, mask, .*\); the ficoco adapter reads"):
+            ficoco.apply(model, name, *SETTINGS[name][:1], **SETTINGS[name][1])
+    assert _patched_state(model) == before                              # nothing left installed
+
+
 def test_collapse_placeholders_per_image_and_positions():
     ids = torch.tensor([[PAD, BOS, IMAGE, IMAGE, IMAGE, 9, IMAGE, IMAGE, IMAGE, 8],
                         [BOS, 7, IMAGE, IMAGE, IMAGE, 9, IMAGE, IMAGE, IMAGE, 8]])

@@ -56,6 +56,21 @@ def test_vanilla_is_the_model_and_remove_restores_it(model_and_dims):
     assert torch.equal(logits_of(model, inputs), before)
 
 
+def test_ficoco_v_at_every_token_is_the_unpatched_tower(model_and_dims):
+    """A budget of every nominal token discards nothing: no reducing block, the model's own logits, the unreduced
+    counts and no selection work counted (a step of zero discards would run the explicit attention and count it)."""
+    model, dims = model_and_dims
+    inputs = qwen_inputs(dims, [SIZES[1]])
+    before = logits_of(model, inputs)
+    with ficoco.apply(model, "vanilla") as handle:
+        model(**inputs)
+        [unreduced] = handle.last_counts()
+    with ficoco.apply(model, "ficoco-v", dims.visual_tokens, semantic="key-mean", start=0) as handle:
+        assert handle.vision_step is None and torch.equal(logits_of(model, inputs), before)
+        [counts] = handle.last_counts()
+    assert counts == unreduced and counts["overhead_macs"] == 0
+
+
 @pytest.mark.parametrize("name, overrides", CASES)
 @pytest.mark.parametrize("image_size", SIZES)
 def test_each_image_keeps_its_plans_tokens_layer_by_layer(model_and_dims, name, overrides, image_size):
@@ -184,6 +199,59 @@ def left_padded(rows: list[dict]) -> dict:
             "mm_token_type_ids": torch.cat([pad(row["mm_token_type_ids"], 0) for row in rows]),
             "pixel_values": torch.cat([row["pixel_values"] for row in rows]),
             "image_grid_thw": torch.cat([row["image_grid_thw"] for row in rows])}
+
+
+@pytest.mark.parametrize("name, overrides", [("pdrop", {"boundaries": [0, 2]}), ("divprune", {"positions": "original"})])
+def test_a_plain_decode_step_of_a_left_padded_batch_is_positioned_as_generate_does(model_and_dims, name, overrides):
+    """A cache reduced from layer 0, a left-padded batch, a plain decode step without position ids: each row's new
+    token sits where the unreduced model puts it (its padding left out, as `generate` numbers it)."""
+    model, dims = model_and_dims
+    rows = [qwen_inputs(dims, [SIZES[0]], seed=4, after=(9, 10, 11, 12, 13, 14, 15)),
+            qwen_inputs(dims, [SIZES[0]], seed=5, after=(9, 10))]
+    inputs = left_padded(rows)
+    with ficoco.apply(model, name, BUDGET, **overrides), torch.no_grad():
+        generated = model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False,
+                                   output_logits=True, return_dict_in_generate=True)
+        first = model(**inputs, cache=DynamicCache(config=model.config))
+        token = first.logits[:, -1:].argmax(-1)
+        step = model(input_ids=token, attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(token)], 1),
+                     cache=first.cache)
+    assert torch.equal(token[:, 0], generated.sequences[:, inputs["input_ids"].shape[1]])
+    torch.testing.assert_close(step.logits[:, -1], generated.logits[1], rtol=1e-5, atol=1e-5)
+
+
+def test_several_images_in_one_prompt_are_costed_as_one_tower_pass_of_them_all(model_and_dims):
+    """Qwen's tower runs a prompt's images in one call (attention within each image): the counts carry no
+    `vision_crops`, and the vision cost is the sum of each image's alone (3 images on 3 blocks included, which the
+    per-image passes of the LLaVA family would not divide)."""
+    from helpers_tiny import QWEN_VISION_END, QWEN_VISION_START
+
+    from ficoco.flops import sample_cost
+
+    model, dims = model_and_dims
+
+    def prompt_with(sizes, seed=1):
+        generator = torch.Generator().manual_seed(seed)
+        ids, pixels, grids = [7, 8], [], []
+        for height, width in sizes:
+            grid = dims.patch_grid(height, width)
+            ids += [QWEN_VISION_START] + [IMAGE] * dims.image_tokens(height, width) + [QWEN_VISION_END, 9]
+            pixels.append(torch.randn(grid[0] * grid[1], dims.patch_features, generator=generator))
+            grids.append([1, *grid])
+        ids = torch.tensor([ids + [10, 11]])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": (ids == IMAGE).int(),
+                "pixel_values": torch.cat(pixels), "image_grid_thw": torch.tensor(grids)}
+
+    def vision_flops(sizes):
+        with ficoco.apply(model, "vanilla") as handle, torch.no_grad():
+            model(**prompt_with(sizes))
+            [counts] = handle.last_counts()
+        return counts, sample_cost(dims, counts, 1)["vision_flops"]
+
+    sizes = [(112, 112), (112, 224), (224, 224)]
+    counts, together = vision_flops(sizes)
+    assert "vision_crops" not in counts and len(counts["vision"]) == dims.vision_layers
+    assert together == pytest.approx(sum(vision_flops([size])[1] for size in sizes), rel=1e-12)
 
 
 def test_a_left_padded_batch_of_two_image_sizes_equals_each_alone_unreduced(model_and_dims):

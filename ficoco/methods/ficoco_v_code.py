@@ -335,7 +335,7 @@ def schedule(dims, budget, params) -> dict:
 
 def build(plan: dict) -> tuple:
     layers = planned_vision_layers(plan)
-    if not layers or not any(plan.vision.discards):
+    if not layers:
         return ()
     vision = plan.vision
     reduce = CodeReduce(discards=dict(zip(layers, vision.discards)), grid_side=vision.grid_hw[0],

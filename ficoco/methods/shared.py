@@ -131,7 +131,10 @@ def vision_layers(method: str, dims, start: int, end: int | None, start_name="st
 
 def vision_plan(dims, discards: dict[int, int]) -> dict:
     """Plan entries of an in-encoder schedule: per-layer discards of units (`dims.tower_units`: patches, or
-    Qwen's merge groups) and the tokens delivered to the LLM."""
+    Qwen's merge groups) and the tokens delivered to the LLM. A schedule that discards nothing (a budget of every
+    token) reduces no layer: the tower runs as unpatched, with no selection work counted."""
+    if not any(discards.values()):
+        discards = {}
     units, units_out = dims.tower_units, []
     for layer in sorted(discards):
         units -= discards[layer]

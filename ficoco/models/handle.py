@@ -8,6 +8,7 @@ module-level and two handles on two models never meet.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import weakref
 from typing import TYPE_CHECKING, Any, Callable
@@ -233,6 +234,13 @@ class Handle:
         prefill gets a fresh `Call` that the family fills in. Returns the call and its cache."""
         cache = cache_of(kwargs)
         prefill = cache is None or not holds_tokens(cache)
+        if not prefill:
+            reference = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+            if reference is not None and reference.shape[1] > 1:
+                raise ValueError(f"{self.method.name}: a forward of {reference.shape[1]} tokens per row on a KV cache "
+                                 f"that already holds the prompt's first part (a chunked prefill, e.g. generate's "
+                                 f"prefill_chunk_size): the counts and the reduction see one prefill of the whole "
+                                 f"prompt; run the prompt in one forward")
         self._call = call = Call(prefill=prefill)
         if not prefill:
             prefill_call = self._prefill_by_cache.get(cache)
@@ -340,6 +348,21 @@ class Replacement:
 
     def remove(self) -> None:
         delattr(self.owner, self.name)
+
+
+def forward_parameters(module, read: tuple[str, ...]) -> list[str]:
+    """The parameter names of `type(module).forward` after `self` (a hook names positional arguments by them).
+    RuntimeError when one of `read`, the keywords an adapter reads or passes by name, is not among them: a rename in
+    transformers would leave the adapter reading None (padding counted, images never inserted) without an error."""
+    import transformers
+
+    names = list(inspect.signature(type(module).forward).parameters)[1:]
+    missing = [name for name in read if name not in names]
+    if missing:
+        raise RuntimeError(f"transformers {transformers.__version__}: {type(module).__name__}.forward has no parameter "
+                           f"{', '.join(map(repr, missing))} (it has {', '.join(names)}); the ficoco adapter reads and "
+                           f"passes these by name. Install a tested version (requirements/lock.txt)")
+    return names
 
 
 def checked_overhead(method, step: Step, dims: ModelDims, shape: StepShape) -> int:

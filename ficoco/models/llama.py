@@ -14,7 +14,9 @@ Forward pre-hooks on every decoder layer (platform-notes §4.2):
   module only, naming `float32_eager_attention`, registered under a name of this patch's own in
   transformers' attention registry while it is installed: the probabilities in float32 from the products on,
   spec methods.md §0), applies the step to the residual stream after the attention, drops
-  the removed positions and runs the MLP on the kept ones. The step's scores are the probabilities
+  the removed positions and runs the MLP on the kept ones. Calls that do not reduce (decode steps, a prefill
+  without an image) run with the attention's own config, so with the model's attention kernel, as every
+  method's decode steps do. The step's scores are the probabilities
   that attention computed; the layer's KV cache holds every token it attended to, later layers'
   only the kept ones.
 - a static KV cache (ficoco/models/static_decode.py) fills each layer's slots in order, as a dynamic one
@@ -228,8 +230,8 @@ class LlamaPatch:
             explicit = copy.copy(attention.config)                         # probabilities for this layer only
             explicit._attn_implementation = self._attention_name
             self._replaced.append((layer, attention.config))
+            layer.forward = self._in_layer_forward(index, layer, attention.config)
             attention.config = explicit
-            layer.forward = self._in_layer_forward(index, layer)
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -306,21 +308,29 @@ class LlamaPatch:
                                norm=self.norm, cached_keys=None if cached is None else cached[rows])
         return scores_for, cached is not None
 
-    def _in_layer_forward(self, index: int, layer):
-        """LlamaDecoderLayer.forward with the step between the attention residual and the MLP."""
+    def _in_layer_forward(self, index: int, layer, own_config):
+        """LlamaDecoderLayer.forward with the step between the attention residual and the MLP (`own_config`: the
+        attention's config as the model built it, for the calls that do not reduce)."""
         original = type(layer).forward
 
         def forward(hidden_states, *args, **kwargs):
             if args:
                 raise TypeError(f"decoder layer {index}: expected the hidden states as the only positional argument")
-            # the model built its mask for SDPA (None = causal, or booleans); this layer runs eager attention
+            llm_pass = self.current_pass()
+            if llm_pass is None or not llm_pass.prefill or not llm_pass.reduce:
+                # decode steps (and prefills that reduce nothing) run the model's own attention, as every method's
+                # do: the explicit float32 form is for the reducing prefill's probabilities only
+                explicit = layer.self_attn.config
+                layer.self_attn.config = own_config
+                try:
+                    return original(layer, hidden_states, **kwargs)
+                finally:
+                    layer.self_attn.config = explicit
+            # the model built its mask for SDPA (None = causal, or booleans); this call runs eager attention
             cache = cache_of(kwargs)
             past = cache.get_seq_length(index) if cache is not None else 0       # entries before this call
             kwargs = {**kwargs, "attention_mask": _eager_mask(kwargs.get("attention_mask"), hidden_states, past,
                                                               static_slots(cache, index, hidden_states.shape[1]))}
-            llm_pass = self.current_pass()
-            if llm_pass is None or not llm_pass.prefill or not llm_pass.reduce:
-                return original(layer, hidden_states, **kwargs)
             attention_out, probs = layer.self_attn(hidden_states=layer.input_layernorm(hidden_states), **kwargs)
             if probs is None:
                 raise RuntimeError(f"decoder layer {index}'s attention returned no probabilities; the in-layer "

@@ -31,7 +31,6 @@ keeps the original positions (platform-notes §4).
 from __future__ import annotations
 
 import functools
-import inspect
 import types
 from typing import TYPE_CHECKING
 
@@ -42,7 +41,7 @@ from ficoco.dims import ModelDims
 from ficoco.models.clip import ClipPatch
 from ficoco.models.features import FEATURE_STEPS, FeaturePatch
 from ficoco.models.guard import require_tested_transformers
-from ficoco.models.handle import Handle, Replacement, row_instructions
+from ficoco.models.handle import Handle, Replacement, forward_parameters, row_instructions
 from ficoco.models.llama import LlamaPatch
 from ficoco.models.placeholders import (collapse_placeholders, collapsing_generate, images_per_row,
                                         instructing_generate, pad_token_id)
@@ -99,7 +98,8 @@ class LlavaHandle(Handle):
             raise ValueError(f"{method.name}: an adaptive vision-output step (a count per image) cannot be combined "
                              f"with an LLM reduction, which is planned for one count per prompt")
         self.pad_token_id = pad_token_id(model, self.image_token_id)
-        self._parameter_names = list(inspect.signature(type(model.model).forward).parameters)[1:]
+        self._parameter_names = forward_parameters(model.model, ("input_ids", "pixel_values", "attention_mask",
+                                                                 "position_ids", "inputs_embeds", "mm_encoder_outputs"))
 
         inner = model.model
         clip = self._install(lambda: ClipPatch(inner.vision_tower, dims.last_vision_layer, self.vision_step,

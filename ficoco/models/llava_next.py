@@ -31,7 +31,6 @@ A fitted method (FitPrune) is refused with a message. There is no single plan (`
 from __future__ import annotations
 
 import functools
-import inspect
 import types
 from typing import TYPE_CHECKING
 
@@ -42,7 +41,7 @@ from ficoco.dims import PER_PASS_PHASES, ModelDims, image_plan, pass_plan, passe
 from ficoco.models.clip import ClipPatch
 from ficoco.models.features import FEATURE_STEPS, FeaturePatch
 from ficoco.models.guard import require_tested_transformers
-from ficoco.models.handle import Handle, Replacement, row_instructions
+from ficoco.models.handle import Handle, Replacement, forward_parameters, row_instructions
 from ficoco.models.llama import LlamaPatch
 from ficoco.models.placeholders import (collapse_placeholders, collapsing_generate, images_per_row,
                                         instructing_generate, layouts_per_row, pad_token_id)
@@ -113,7 +112,9 @@ class LlavaNextHandle(Handle):
         self._span_steps: dict[int, LLMLayerStep | None] = {}     # image span -> the LLM step planned for it
         self.image_token_id = model.config.image_token_id
         self.pad_token_id = pad_token_id(model, self.image_token_id)
-        self._parameter_names = list(inspect.signature(type(model.model).forward).parameters)[1:]
+        self._parameter_names = forward_parameters(model.model, ("input_ids", "pixel_values", "image_sizes",
+                                                                 "attention_mask", "position_ids", "inputs_embeds",
+                                                                 "mm_encoder_outputs"))
         inner = model.model
         clip = self._install(lambda: ClipPatch(inner.vision_tower, dims.last_vision_layer, self.vision_step,
                                                self._on_vision_pass, input_step=self.input_step))

@@ -26,7 +26,6 @@ tower, each image on its own grid, and the LLM drops the same count of every row
 """
 from __future__ import annotations
 
-import inspect
 from typing import TYPE_CHECKING
 
 import torch
@@ -35,7 +34,7 @@ from ficoco.budget import image_budget
 from ficoco.budget_labels import ImageTokens
 from ficoco.contract import LLMLayerStep, Plan, VisionLayerStep
 from ficoco.models.guard import require_tested_transformers
-from ficoco.models.handle import Handle, after_last_image, checked_overhead
+from ficoco.models.handle import Handle, after_last_image, checked_overhead, forward_parameters
 from ficoco.models.llama import LlamaPatch, LLMPass
 from ficoco.models.placeholders import images_per_row, layouts_per_row
 from ficoco.models.qwen_tower import QwenTowerPass, QwenTowerPatch
@@ -84,7 +83,8 @@ class QwenVLHandle(Handle):
         self._span_steps: dict[int, LLMLayerStep | None] = {}      # image span -> the LLM step planned for it
         self._grid_steps: dict[tuple[int, int], VisionLayerStep | None] = {}   # patch grid -> its tower step
         inner = model.model
-        self._parameter_names = list(inspect.signature(type(inner).forward).parameters)[1:]
+        self._parameter_names = forward_parameters(inner, ("input_ids", "attention_mask", "position_ids", "pixel_values",
+                                                           "pixel_values_videos", "image_grid_thw", "mm_encoder_outputs"))
         self._encoded_grids: list[list[int]] | None = None   # the tower's latest grids, until a prefill reads them
         self._tower_outside_call: QwenTowerPass | None = None   # generate encodes the images before the prefill
         self._install(lambda: inner.visual.register_forward_pre_hook(self._before_tower, with_kwargs=True))
@@ -251,6 +251,7 @@ class QwenVLHandle(Handle):
             images = range(first_image, first_image + len(grids))
             first_image += len(grids)
             row_counts["vision_grids"] = grids
+            row_counts.pop("vision_crops", None)   # a row's images share one tower pass: each block runs them all
             if call.tower is None:
                 patches = sum(rows * cols for rows, cols in grids)
                 row_counts["vision"] = [[patches, patches]] * self.dims.vision_layers if grids else []
@@ -278,10 +279,15 @@ class QwenVLHandle(Handle):
     def _decode_inputs(self, kwargs: dict, cache, decode) -> dict:
         """A decode step whose cache was reduced from layer 0: `Handle._decode_inputs`'s mask and 1-D positions,
         shifted by the prefill's `rope_deltas` (M-RoPE numbers text after an image from the image's largest
-        position id on, not from its index)."""
-        given = kwargs.get("position_ids")
+        position id on, not from its index) and, with a 2-D mask, back by each row's left padding, which the
+        unreduced model's positions leave out as `rope_deltas` do."""
+        given, mask = kwargs.get("position_ids"), kwargs.get("attention_mask")
         kwargs = super()._decode_inputs(kwargs, cache, decode)
         deltas = self.model.model.rope_deltas
         if given is None and kwargs.get("position_ids") is not None and deltas is not None:
-            kwargs = {**kwargs, "position_ids": kwargs["position_ids"] + deltas.to(kwargs["position_ids"].device)}
+            positions = kwargs["position_ids"] + deltas.to(kwargs["position_ids"].device)        # (B, Q)
+            if mask is not None and mask.dim() == 2:
+                pads = (mask[:, :decode.full_len] == 0).sum(dim=1, keepdim=True)                # (B, 1)
+                positions = positions - pads.to(positions.device)
+            kwargs = {**kwargs, "position_ids": positions}
         return kwargs
