@@ -85,6 +85,8 @@ def write_measure(root: Path, model: str, method: str, budget, prefill_s: float,
         "peak_memory_bytes": int(15.2 * 2**30),
         "throughput": 1.0 / end_to_end_s,
         "throughput_unit": "samples/s (one image per sample)",
+        "device_name": "NVIDIA H100 80GB HBM3", "dtype": "float16", "attn_implementation": "sdpa",
+        "versions": {"ficoco": "0.1.0", "torch": "2.13.0", "transformers": "5.24.0"},
         **extra,
     }))
     return path

@@ -117,6 +117,51 @@ def test_missing_optional_keys_become_nan(tmp_path):
     assert summary.schedules.empty and summary.measure.empty
 
 
+def test_scores_of_a_row_limit_or_of_fallback_data_are_flagged_on_the_page(tmp_path):
+    """A job run on the first rows only (the config's `limit`) and a benchmark read from its fallback namespace are
+    not the benchmark as pinned: the overview says so, naming how many jobs and which data."""
+    limited = metrics_json(MODEL, "gqa", "fastv", 64, 50.0)
+    limited["job"]["limit"] = 8
+    fallback = metrics_json(MODEL, "pope", "fastv", 64, 80.0, benchmark_data={
+        "id": "lmms-lab/POPE", "source": "lmms-lab-encoder/POPE", "revision": "main", "fallback_used": True})
+    pinned = metrics_json(MODEL, "mme", "fastv", 64, 70.0, benchmark_data={
+        "id": "lmms-lab/MME", "source": "lmms-lab/MME", "revision": "d" * 40, "fallback_used": False})
+    summary = build_summary([write_run(tmp_path, data) for data in (limited, fallback, pinned)], [])
+    headline = summary.results[summary.results["headline"]].set_index("benchmark")
+    assert headline.loc["gqa", "rows_limit"] == 8 and pd.isna(headline.loc["pope", "rows_limit"])
+    assert headline.loc["pope", "fallback_data"] == "lmms-lab-encoder/POPE@main"
+    assert pd.isna(headline.loc["mme", "fallback_data"]) and pd.isna(headline.loc["gqa", "fallback_data"])
+    text = re.sub("<[^>]+>", "", page.overview_section(summary.results, summary.measure))
+    assert "1 of 3 jobs ran on the first 8 rows of their benchmark only" in text
+    assert "pope (1 job) was read from its fallback lmms-lab-encoder/POPE@main" in text
+    clean = metrics_json(MODEL, "mme", "fastv", 64, 70.0)
+    clean_summary = build_summary([write_run(tmp_path / "clean", clean)], [])
+    assert "Data:" not in page.overview_section(clean_summary.results, clean_summary.measure)
+
+
+def test_measure_files_of_one_model_timed_on_other_hardware_are_refused(tmp_path):
+    """Each measure job is its own process, perhaps on another node: a speedup from an H100 vanilla and an A100
+    FastV would be a ratio of two machines. The summary refuses it, naming the field, the values and the files."""
+    runs = [write_run(tmp_path, metrics_json(MODEL, "gqa", method, budget, 50.0))
+            for method, budget in (("vanilla", "full"), ("fastv", 64))]
+    vanilla = write_measure(tmp_path, MODEL, "vanilla", "full", prefill_s=0.1, end_to_end_s=0.5)
+    fastv = write_measure(tmp_path, MODEL, "fastv", 64, prefill_s=0.05, end_to_end_s=0.3)
+    build_summary(runs, [vanilla, fastv])
+    for changed, field in (({"device_name": "NVIDIA A100-SXM4-80GB"}, "device_name"), ({"dtype": "bfloat16"}, "dtype"),
+                           ({"versions": {"torch": "2.11.0", "transformers": "5.24.0"}}, "torch"),
+                           ({"batch_size": 8}, "batch_size"), ({"new_tokens": 64}, "new_tokens"),
+                           ({"image_size": [672, 672]}, "image_size")):
+        vanilla = write_measure(tmp_path, MODEL, "vanilla", "full", prefill_s=0.1, end_to_end_s=0.5,
+                                batch_size=1, new_tokens=16, image_size=[336, 336])
+        fastv = write_measure(tmp_path, MODEL, "fastv", 64, prefill_s=0.05, end_to_end_s=0.3, **changed)
+        with pytest.raises(ValueError, match=rf"model {MODEL}: its measure files were timed with different {field}: "):
+            build_summary(runs, [vanilla, fastv])
+    other_model = write_measure(tmp_path, "llava-1.5-13b", "vanilla", "full", prefill_s=0.2, end_to_end_s=0.9,
+                                device_name="NVIDIA A100-SXM4-80GB")
+    fastv = write_measure(tmp_path, MODEL, "fastv", 64, prefill_s=0.05, end_to_end_s=0.3)
+    build_summary(runs, [vanilla, fastv, other_model])          # another model on other hardware: its own ratios
+
+
 def test_missing_headline_metric_gives_a_nan_headline_row(tmp_path):
     data = metrics_json(MODEL, "gqa", "fastv", 64, 50.0)
     data["metrics"] = {"accuracy": 50.0}
@@ -209,9 +254,13 @@ def test_paper_reference_prefers_the_chosen_version_and_falls_back():
     # VizWiz of FiCoCo-V at 1.5T is only in v1 (52.4)
     cell = v4.loc[("LLaVA-1.5-7B", "FiCoCo-V", "1.5T", "VizWiz")]
     assert (cell["value"], cell["paper_version"]) == (52.4, "v1")
-    # v1 spells PruMerge "LLaVA-PruMerge": SQA at 1.5T is 67.9 in v1 and 68.1 in v4
-    assert v1.loc[("LLaVA-1.5-7B", "PruMerge", "1.5T", "SQA"), "value"] == 67.9
+    # v1's "LLaVA-PruMerge" differs from v4's "PruMerge" in every cell at 1.5T (SQA 67.9 / 68.1, POPE 76.3 / 65.3):
+    # two experiments, kept apart, so a row never mixes them; v1 falls back to v4's PruMerge
+    assert v1.loc[("LLaVA-1.5-7B", "LLaVA-PruMerge", "1.5T", "SQA"), "value"] == 67.9
+    cell = v1.loc[("LLaVA-1.5-7B", "PruMerge", "1.5T", "SQA")]
+    assert (cell["value"], cell["paper_version"]) == (68.1, "v4")
     assert v4.loc[("LLaVA-1.5-7B", "PruMerge", "1.5T", "SQA"), "value"] == 68.1
+    assert paper.paper_method("prumerge") == "PruMerge"
     with pytest.raises(ValueError, match="v3.*v4, v1"):
         paper.paper_reference(published, "v3")
 
@@ -445,6 +494,20 @@ def test_speedup_uses_the_measure_files_own_flops_when_present(tmp_path):
     assert row["flops_reduction"] == pytest.approx(2.5) and row["speedup"] == pytest.approx(0.50 / 0.40)
 
 
+def test_the_prefill_speedup_is_set_against_the_first_tokens_flops(tmp_path):
+    """prefill_s is the time to the first token: the tower, the projector and the LLM prefill. Its FLOPs reduction is
+    of everything but decode (total − decode), never of the LLM prefill alone, which leaves the tower out."""
+    run = write_run(tmp_path, metrics_json(MODEL, "gqa", "ficoco-v", 64, 50.0))
+    vanilla_cost = {"total_flops": 10e12, "decode_flops": 2e12, "prefill_flops": 7e12}     # tower + projector: 1e12
+    reduced_cost = {"total_flops": 4e12, "decode_flops": 1e12, "prefill_flops": 2e12}
+    measures = [write_measure(tmp_path, MODEL, "vanilla", "full", 0.10, 0.50, cost=vanilla_cost),
+                write_measure(tmp_path, MODEL, "ficoco-v", 64, 0.04, 0.40, cost=reduced_cost)]
+    summary = build_summary([run], measures)
+    frame = plots.speedup_frame(summary.measure, tables.headline_scores(summary.results)).set_index("part")
+    assert frame.loc["prefill", "flops_reduction"] == pytest.approx((10 - 2) / (4 - 1))
+    assert frame.loc["end to end", "flops_reduction"] == pytest.approx(10 / 4)
+
+
 def test_report_without_a_summary_is_an_error(tmp_path, capsys):
     assert cli.main(["report", "--summary", str(tmp_path), "--out", str(tmp_path / "r.html")]) == 1
     assert "ficoco aggregate" in capsys.readouterr().err
@@ -617,33 +680,42 @@ def test_paper_findings_compare_the_papers_consistent_orderings_with_the_run():
 
 
 def test_the_report_reads_the_shards_a_job_was_scored_from_never_a_leftover(tmp_path):
-    """A job rerun with `shards: 2` leaves the old `shard0of1` beside the new shards. metrics.json lists the files
-    the score job merged, and the summary's samples and failures come from those alone; a metrics.json from before
-    that list, with shards of two counts beside it, gets no samples rather than a mix."""
+    """A job rerun with `shards: 2` leaves the old `shard0of1` beside the new shards. The score job merges and
+    scores the files it is given into scored.jsonl, which metrics.json lists (with the shards it came from): the
+    summary's samples and failures come from those alone; a metrics.json from before that list, with shards of two
+    counts beside it, gets no samples rather than a mix."""
+    from ficoco.benchmarks.fetch import load_local
     from ficoco.evaluate import score
+    from ficoco.toy.cli import build_benchmark
 
+    build_benchmark(tmp_path / "bench", seed=3, rows=4)
+    dataset, _ = load_local(tmp_path / "bench")
+    ids, answers = [str(row["id"]) for row in dataset], [row["answers"][0] for row in dataset]
     run = tmp_path / "runs" / MODEL / "toy-shapes" / "fastv" / "b64"
 
-    def shard(name: str, rows: list[tuple[int, float | None]]) -> Path:
+    def shard(name: str, rows: list[tuple[int, bool | None]]) -> Path:
+        """Records of `rows`: (row, right answer?) or (row, None): a failure."""
         path = run / name / "predictions.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps({"id": f"q{row}", "row": row, "prediction": "red", "answers": ["red"],
-                                            "score": value, "scoring": {"score": value}, "counts": None,
-                                            "cost": None,
-                                            "error": None if value is not None else "bad row: missing_image"})
-                                + "\n" for row, value in rows))
+        path.write_text("".join(json.dumps({"id": ids[row], "row": row, "answers": [answers[row]],
+                                            "prediction": answers[row] if right else "no such word",
+                                            "score": None, "scoring": {"score": None}, "counts": None, "cost": None,
+                                            "error": None if right is not None else "bad row: missing_image"})
+                                + "\n" for row, right in rows))
         return path
 
-    shard("shard0of1", [(0, None), (1, None), (2, 0.0), (3, 0.0)])                 # the old run: two failures
-    current = [shard("shard0of2", [(0, 1.0), (1, 1.0)]), shard("shard1of2", [(2, 1.0), (3, None)])]
+    shard("shard0of1", [(0, None), (1, None), (2, False), (3, False)])             # the old run: two failures
+    current = [shard("shard0of2", [(0, True), (1, True)]), shard("shard1of2", [(2, True), (3, None)])]
     job = {"model": MODEL, "method": "fastv", "phase": "llm", "budget": "64", "benchmark": "toy-shapes"}
     metrics = run / "metrics.json"
-    summary = score([str(path) for path in current], "toy-shapes", metrics, job)
-    assert summary["predictions"] == ["shard0of2/predictions.jsonl", "shard1of2/predictions.jsonl"]
+    summary = score([str(path) for path in current], "toy-shapes", metrics, job,
+                    benchmark_manifest=tmp_path / "bench" / "manifest.json")
+    assert summary["predictions"] == ["scored.jsonl"]
+    assert summary["shards"] == ["shard0of2/predictions.jsonl", "shard1of2/predictions.jsonl"]
     samples = aggregate.sample_rows(json.loads(metrics.read_text()), metrics)
-    assert sorted((row["id"], row["score"]) for row in samples if row["score"] == row["score"]) == [
-        ("q0", 1.0), ("q1", 1.0), ("q2", 1.0)]
-    assert len(samples) == 4 and [r["id"] for r in page.failed_records(metrics)] == ["q3"]
+    assert sorted((row["id"], row["score"]) for row in samples if row["score"] == row["score"]) == sorted(
+        (ids[row], 1.0) for row in range(3))
+    assert len(samples) == 4 and [r["id"] for r in page.failed_records(metrics)] == [ids[3]]
     # before the list: the shards of two counts cannot be told apart
     old = json.loads(metrics.read_text())
     del old["predictions"]

@@ -255,12 +255,16 @@ def test_frontier_points_are_the_undominated_runs(fixture_tables):
 
 
 def test_paper_differences_are_the_paper_numbers_outside_our_interval():
+    """Judged: the paper's rows at our setting (vanilla, FiCoCo-V) on locally scored benchmarks. Its copied baseline
+    rows, its in-LLM methods (labels that are not layer averages) and the server-scored VQAv2 are not counted."""
+    methods = ["vanilla", "ficoco-v", "ficoco-v", "fastv", "ficoco-l", "ficoco-v"]
+    columns = ["gqa", "gqa", "pope", "gqa", "gqa", "vqav2"]
     tables_frame = pd.DataFrame({
-        "model": ["m"] * 3, "method": ["a", "b", "c"], "budget": ["64"] * 3, "column": ["gqa"] * 3,
-        "kind": ["score"] * 3, "ours": [60.0, 60.0, 60.0], "low": [58.0, 58.0, np.nan], "high": [62.0, 62.0, np.nan],
-        "paper": [61.0, 57.0, 50.0], "delta": [-1.0, 3.0, 10.0]})
+        "model": ["m"] * 6, "method": methods, "budget": ["64"] * 6, "column": columns, "kind": ["score"] * 6,
+        "ours": [60.0] * 6, "low": [58.0, 58.0, np.nan, 58.0, 58.0, 58.0], "high": [62.0, 62.0, np.nan, 62.0, 62.0, 62.0],
+        "paper": [61.0, 57.0, 50.0, 50.0, 50.0, 50.0], "delta": [-1.0, 3.0, 10.0, 10.0, 10.0, 10.0]})
     outside, compared = findings.paper_differences(tables_frame)
-    assert compared == 2 and outside["method"].tolist() == ["b"]
+    assert compared == 2 and outside[["method", "benchmark"]].values.tolist() == [["ficoco-v", "gqa"]]
 
 
 def test_the_page_states_findings_with_intervals(tmp_path, capsys):
@@ -369,3 +373,29 @@ def test_a_row_missing_a_benchmark_gets_no_avg_and_is_not_ranked(tmp_path):
     assert findings.best_per_budget(frame, boot)["best"].tolist() == ["ficoco-v"]
     compared = findings.comparison(frame, boot, ("ficoco-v", "64"), ("fastv", "64"))
     assert compared["benchmarks"] == 2 and compared["difference"] == pytest.approx(1.0)
+
+
+def test_scores_of_other_samples_get_no_avg_and_no_paper_number(tmp_path):
+    """FastV failed 5 samples of GQA that vanilla scored: its GQA score is over other samples, so it has no Avg and
+    is named as not ranked, never the best because its hard samples failed. A job on a benchmark's first rows only
+    (`limit`) gets no paper number: it is not the paper's benchmark."""
+    from report_fixtures import metrics_json, write_run
+
+    runs = []
+    for method, budget, score_gqa, failures, limit in (("vanilla", "full", 62.0, 0, None), ("fastv", 192, 70.0, 5, None),
+                                                        ("ficoco-v", 192, 60.0, 0, None), ("ficoco-l", 192, 59.0, 0, 8)):
+        for benchmark, score in (("gqa", score_gqa), ("pope", 85.0)):
+            data = metrics_json(MODEL, benchmark, method, budget, score)
+            data["failures"] = failures if benchmark == "gqa" else 0
+            data["job"]["limit"] = limit
+            runs.append(write_run(tmp_path, data))
+    summary = build_summary(runs, [])
+    frame = tables.paper_tables(summary.results, paper.paper_reference(paper.load_paper_results()))
+    cells = frame.set_index(["table_budget", "method", "column"])
+    assert math.isnan(cells.loc[("192", "fastv", "Avg"), "ours"]) and cells.loc[("192", "fastv", "gqa"), "ours"] == 70
+    assert cells.loc[("192", "ficoco-v", "Avg"), "ours"] == pytest.approx((60 + 85) / 2)
+    assert cells.loc[("192", "ficoco-v", "gqa"), "paper"] == 58.5 and cells.loc[("192", "fastv", "gqa"), "paper"] == 52.7
+    assert math.isnan(cells.loc[("192", "ficoco-l", "gqa"), "paper"])                  # its first 8 rows only
+    best = findings.best_per_budget(frame, intervals.Bootstrap(replicates={}, skipped=pd.DataFrame()))
+    row = best.set_index("budget").loc["192"]
+    assert row["best"] == "ficoco-v" and row["not ranked (no Avg)"] == "fastv"

@@ -59,6 +59,8 @@ RESULTS_COLUMNS = {
     "end_to_end_s": "float64",
     "peak_memory_bytes": "float64",
     "throughput": "float64",             # images per second
+    "rows_limit": "Int64",               # the config's `limit` (rows per benchmark) the job ran under; NA: all rows
+    "fallback_data": "string",           # "<id>@<revision>" when the benchmark came from its fallback namespace
     "source": "string",                  # the metrics.json the row came from
 }
 
@@ -71,8 +73,15 @@ MEASURE_COLUMNS = {
     "model": "string", "method": "string", "budget": "string", "budget_tokens": "Int64",
     "prefill_s": "float64", "per_token_s": "float64", "end_to_end_s": "float64", "decode_s": "float64",
     "peak_memory_bytes": "float64", "throughput": "float64",
-    "tflops_exact": "float64", "tflops_prefill": "float64", "source": "string",
+    "tflops_exact": "float64", "tflops_prefill": "float64",
+    "tflops_first_token": "float64",     # tflops_exact - decode: what the time to the first token (prefill_s) runs
+    # where and how it was timed: one model's measure files must agree on these (`check_one_setting`)
+    "device_name": "string", "dtype": "string", "attn_implementation": "string", "torch": "string",
+    "transformers": "string", "batch_size": "string", "new_tokens": "string", "prompt_tokens": "string",
+    "image_size": "string", "source": "string",
 }
+MEASURE_SETTING = ("device_name", "dtype", "attn_implementation", "torch", "transformers", "batch_size", "new_tokens",
+                   "prompt_tokens", "image_size")
 SAMPLE_COLUMNS = {
     "model": "string", "method": "string", "phase": "string", "budget": "string", "benchmark": "string",
     "id": "string",                      # the sample id (the same id across every job of a benchmark)
@@ -260,10 +269,20 @@ def run_rows(data: dict, path: Path) -> list[dict]:
         "visual_tokens_delivered": number(nested(data, "visual_tokens", "delivered")),
         "benchmark_module": data.get("benchmark_module") if isinstance(data.get("benchmark_module"), str) else None,
         "eval_s_per_sample": number(nested(data, "latency", "mean_s_per_sample")),
+        "rows_limit": _count(data["job"].get("limit")),
+        "fallback_data": fallback_data(data.get("benchmark_data")),
         "source": str(path),
     }
     return [{**shared, "metric": name, "headline": name == headline, "value": value}
             for name, value in values.items()]
+
+
+def fallback_data(benchmark_data) -> str | None:
+    """`<source>@<revision>` of a benchmark fetched from its fallback namespace (metrics.json `benchmark_data`);
+    None for data from its pinned primary, or a metrics.json from before the field."""
+    if not isinstance(benchmark_data, dict) or benchmark_data.get("fallback_used") is not True:
+        return None
+    return f"{benchmark_data.get('source')}@{benchmark_data.get('revision')}"
 
 
 def _count(value):
@@ -394,7 +413,26 @@ def measure_row(data: dict, path: Path) -> dict:
     cost = data.get("cost") if isinstance(data.get("cost"), dict) else data
     row["tflops_exact"] = scaled(cost.get("total_flops"), 1e12)
     row["tflops_prefill"] = scaled(cost.get("prefill_flops"), 1e12)
+    row["tflops_first_token"] = scaled(number(cost.get("total_flops")) - number(cost.get("decode_flops")), 1e12)
+    versions = data.get("versions") if isinstance(data.get("versions"), dict) else {}
+    setting = {**{key: data.get(key) for key in MEASURE_SETTING}, **versions}
+    row.update({key: str(setting[key]) if setting.get(key) is not None else None for key in MEASURE_SETTING})
     return row
+
+
+def check_one_setting(measure: pd.DataFrame) -> None:
+    """Refuse a model whose measure files were timed on different hardware, dtype, attention kernel, library
+    versions, batch, prompt, image size or generated tokens: every speedup is a ratio of two of them (a field a
+    file does not record is not compared)."""
+    for model, group in measure.groupby("model", sort=True):
+        for key in MEASURE_SETTING:
+            values = group[key].dropna()
+            if values.nunique() > 1:
+                shown = "; ".join(f"{value} ({', '.join(sorted(group.loc[group[key] == value, 'source']))})"
+                                  for value in sorted(values.unique()))
+                raise ValueError(f"model {model}: its measure files were timed with different {key}: {shown}. A "
+                                 f"speedup is a ratio of two of them: rerun the odd ones where the others ran "
+                                 f"(snakemake -R <file>; on Slurm, pin one GPU type for the measure rule)")
 
 
 # ---------------------------------------------------------------------------------------------- tables
@@ -441,6 +479,7 @@ def build_summary(metrics_files: list[str | Path], measure_files: list[str | Pat
     if duplicated.any():
         raise ValueError(f"several measure files for one (model, method, budget): "
                          f"{', '.join(measure.loc[duplicated, 'source'])}")
+    check_one_setting(measure)
     samples = typed_frame([row for path, data in runs for row in sample_rows(data, path)], SAMPLE_COLUMNS)
     return Summary(results=attach_measure(results, measure), schedules=schedules, measure=measure, samples=samples)
 

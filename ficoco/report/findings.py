@@ -18,7 +18,8 @@ import numpy as np
 import pandas as pd
 
 from ficoco.report.intervals import Bootstrap, paired_difference
-from ficoco.report.paper import name_key
+from ficoco.report.paper import (PAPER_ROWS_AT_OUR_SETTING, SERVER_ONLY_COLUMNS, name_key, paper_benchmark,
+                                  paper_method)
 from ficoco.report.tables import AVG, AVG_PCT, is_vanilla
 
 POINT_COLUMNS = ["model", "method", "budget", "tflops", "accuracy", "low", "high", "measure", "on_frontier"]
@@ -105,9 +106,16 @@ def reduced_rows(table: pd.DataFrame) -> pd.DataFrame:
     return averages.sort_values(["ours", "method"], ascending=[False, True])
 
 
+def unranked_rows(table: pd.DataFrame) -> list[str]:
+    """The reduced rows of one table without an Avg (a benchmark unscored, or scored on other samples than vanilla
+    because other samples failed): never ranked, so named beside the ranking."""
+    averages = table[(table["column"] == AVG) & ~table["reference"].astype(bool) & table["ours"].isna()]
+    return sorted(set(averages["method"]))
+
+
 def best_per_budget(tables: pd.DataFrame, boot: Bootstrap) -> pd.DataFrame:
-    """Per model and budget: the best reduced row by Avg, its interval, and the rows whose paired
-    difference from it has an interval that includes 0 (the data cannot tell them apart)."""
+    """Per model and budget: the best reduced row by Avg, its interval, the rows whose paired difference from it
+    has an interval that includes 0 (the data cannot tell them apart), and the rows with no Avg to rank."""
     rows = []
     for (model, table_budget), table in tables.groupby(["model", "table_budget"], sort=False):
         ranked = reduced_rows(table)
@@ -118,9 +126,10 @@ def best_per_budget(tables: pd.DataFrame, boot: Bootstrap) -> pd.DataFrame:
                 if comparison(table, boot, (best["method"], best["budget"]), (row.method, row.budget))["verdict"]
                 in ("within noise", "no interval")]
         rows.append({"model": model, "budget": table_budget, "best": best["method"], "Avg": best["ours"],
-                     "low": best["low"], "high": best["high"], "not told apart from the best": ", ".join(tied)})
+                     "low": best["low"], "high": best["high"], "not told apart from the best": ", ".join(tied),
+                     "not ranked (no Avg)": ", ".join(unranked_rows(table))})
     return pd.DataFrame(rows, columns=["model", "budget", "best", "Avg", "low", "high",
-                                       "not told apart from the best"])
+                                       "not told apart from the best", "not ranked (no Avg)"])
 
 
 def ficoco_against_best_baseline(tables: pd.DataFrame, boot: Bootstrap) -> pd.DataFrame:
@@ -144,9 +153,12 @@ def ficoco_against_best_baseline(tables: pd.DataFrame, boot: Bootstrap) -> pd.Da
 
 
 def paper_differences(tables: pd.DataFrame) -> tuple[pd.DataFrame, int]:
-    """The score cells whose paper number lies outside our interval, and how many cells could be
-    compared (a paper number and an interval)."""
-    cells = tables[(tables["kind"] == "score") & tables["paper"].notna()].drop_duplicates(
+    """The score cells whose paper number lies outside our interval, and how many cells could be compared (a
+    paper number and an interval): those of the paper's rows at our setting (`PAPER_ROWS_AT_OUR_SETTING`), on
+    benchmarks it scored as we do (not the servers' test-dev splits)."""
+    at_our_setting = tables["method"].map(paper_method).isin(PAPER_ROWS_AT_OUR_SETTING)
+    local = ~tables["column"].map(paper_benchmark).isin(SERVER_ONLY_COLUMNS)
+    cells = tables[(tables["kind"] == "score") & tables["paper"].notna() & at_our_setting & local].drop_duplicates(
         subset=["model", "method", "budget", "column"])
     comparable = cells[cells["low"].notna() & cells["high"].notna()]
     outside = comparable[(comparable["paper"] < comparable["low"]) | (comparable["paper"] > comparable["high"])]

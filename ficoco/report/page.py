@@ -402,7 +402,26 @@ def overview_section(results: pd.DataFrame, measure: pd.DataFrame) -> str:
             "\"adaptive\" is an adaptive method's one run (a count per image; see its realised visual tokens); "
             "a TFLOPs target (\"2.4 TFLOPs (exact)\") runs, for each method, the token budget whose predicted "
             "cost is closest to it (the costs section shows that budget, the prediction and the realised cost). "
-            "Costs are computed from the token counts each run executed, never from a label.</p>")
+            "Costs are computed from the token counts each run executed, never from a label.</p>"
+            + data_caveats_html(headline))
+
+
+def data_caveats_html(headline: pd.DataFrame) -> str:
+    """Scores that are not of the benchmark as pinned: jobs that ran on its first rows only (the config's `limit`),
+    and benchmarks read from their fallback namespace (unpinned). Empty when there are none."""
+    notes = []
+    limited = headline[headline["rows_limit"].notna()]
+    for limit, group in limited.groupby("rows_limit", sort=True):
+        notes.append(f"{len(group)} of {len(headline)} jobs ran on the first {int(limit)} rows of their benchmark "
+                     f"only (the config's <code>limit</code>): their scores are of those rows, not of the benchmark, "
+                     f"and not comparable with published numbers.")
+    fallback = headline[headline["fallback_data"].notna()]
+    for (benchmark, data), group in fallback.groupby(["benchmark", "fallback_data"], sort=True):
+        jobs = f"{len(group)} job" + ("s" if len(group) != 1 else "")
+        notes.append(f"{html.escape(str(benchmark))} ({jobs}) was read from its fallback "
+                     f"<code>{html.escape(str(data))}</code>, not from the pinned revision of its registry entry: "
+                     f"the rows may differ from the pinned ones.")
+    return "".join(f'<p class="note"><b>Data:</b> {note}</p>' for note in notes)
 
 
 # ---------------------------------------------------------------------------------------------- findings
@@ -425,8 +444,9 @@ def findings_section(tables: pd.DataFrame, points: pd.DataFrame, boot: Bootstrap
     parts += frontier_html(points)
     best = findings.best_per_budget(tables, boot)
     parts.append(f'<h3 id="{anchor("findings", "best")}">Best method per budget</h3>')
-    parts.append("<p>The reduced method with the highest Avg at each budget, and the methods whose paired "
-                 "difference from it is within noise.</p>")
+    parts.append("<p>The reduced method with the highest Avg at each budget, the methods whose paired "
+                 "difference from it is within noise, and those with no Avg, which are not ranked: a benchmark "
+                 "without a score, or one scored on other samples than vanilla's (other samples failed).</p>")
     parts.append(frame_html(interval_columns(best, "Avg").astype(object), float_decimals=1))
     parts += versus_html(findings.ficoco_against_best_baseline(tables, boot))
     parts += paper_comparison_html(*findings.paper_differences(tables))
@@ -479,11 +499,15 @@ def versus_html(versus: pd.DataFrame) -> list[str]:
 
 def paper_comparison_html(outside: pd.DataFrame, compared: int) -> list[str]:
     parts = [f'<h3 id="{anchor("findings", "paper")}">Against the paper</h3>']
+    scope = ("Judged here: the paper's rows at our setting, its vanilla and its own FiCoCo-V (whose labels the "
+             "authors equate with the tokens it delivers), on the benchmarks it scored locally, from runs of every "
+             "row of the pinned data. Its baseline rows were copied from other papers' settings, and its in-LLM "
+             "methods' TFLOPs labels are not our layer averages: the tables show them beside ours, unjudged.")
     if compared == 0:
-        return parts + ["<p>No score of this run both maps onto a cell of the paper's tables and has an interval "
-                        "(models, methods, budgets and benchmarks are mapped as the tables section says).</p>"]
+        return parts + ["<p>No score of this run both maps onto such a cell of the paper's tables and has an "
+                        f"interval. {scope}</p>"]
     parts.append(f"<p>{len(outside)} of the {compared} scores that map onto the paper differ from its number by "
-                 "more than our interval (the paper's number lies outside it).</p>")
+                 f"more than our interval (the paper's number lies outside it). {scope}</p>")
     if len(outside):
         parts.append(frame_html(interval_columns(outside, "ours").astype(object), float_decimals=1))
     return parts

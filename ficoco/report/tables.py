@@ -139,9 +139,18 @@ def one_table(model_rows: pd.DataFrame, reference: pd.DataFrame, table_budget: s
          "reference": reference_row, "benchmark": benchmark}
         for method, budget, reference_row in entries for benchmark in benchmarks
     ])
-    scores = model_rows[["method", "budget", "benchmark", "value"]].rename(columns={"value": "ours"})
-    cells = cells.merge(scores, on=["method", "budget", "benchmark"], how="left", validate="many_to_one")
+    scores = model_rows[["method", "budget", "benchmark", "value", "failures", "rows_limit", "fallback_data"]]
+    cells = cells.merge(scores.rename(columns={"value": "ours"}), on=["method", "budget", "benchmark"], how="left",
+                        validate="many_to_one")
     cells = with_paper_values(cells, reference).rename(columns={"paper_value": "paper"})
+    # a score of a benchmark's first rows only, or of its fallback's data, is not of the paper's benchmark
+    not_pinned = cells["rows_limit"].notna() | cells["fallback_data"].notna()
+    cells.loc[not_pinned, "paper"] = math.nan
+    cells.loc[not_pinned, "paper_version"] = pd.NA
+    # a job that failed other samples than vanilla on a benchmark was scored on other samples: out of its Avg
+    vanilla_failures = cells[cells["reference"]].set_index("benchmark")["failures"]
+    cells["same_samples"] = (cells["failures"].fillna(0) == cells["benchmark"].map(vanilla_failures).fillna(0)) \
+        if len(vanilla_failures) else True
     in_avg = model_rows.assign(in_avg=averaged_jobs(model_rows)).groupby("benchmark")["in_avg"].all()
     cells = cells.assign(in_avg=cells["benchmark"].map(in_avg).fillna(True).astype(bool))
     score_cells = cells.assign(column=cells["benchmark"], kind="score")
@@ -163,7 +172,7 @@ def average_cells(cells: pd.DataFrame, boot: Bootstrap) -> pd.DataFrame:
     rows = []
     for (method, budget), row in cells.groupby(["method", "budget"], sort=False):
         first = row.iloc[0]
-        scored = row[row["ours"].notna() & row["in_avg"]].set_index("benchmark")
+        scored = row[row["ours"].notna() & row["in_avg"] & row["same_samples"]].set_index("benchmark")
         complete = set(scored.index) == averaged
         ours_avg = scored["ours"].mean() if complete and len(scored) else math.nan
         paper_avg = complete_mean(scored["paper"])
