@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import re
 import statistics
@@ -263,6 +262,7 @@ def run(args) -> dict:
     import ficoco
     from ficoco import methods
     from ficoco.dims import ModelDims
+    from ficoco.invariants import check_counts, prompt_text_tokens
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -291,6 +291,10 @@ def run(args) -> dict:
                 with ficoco.apply(model, method, budget, text_tower=text_tower(method), **overrides) as handle:
                     seconds = prefill()
                     counts[index] = handle.last_counts()[0]
+                    # the predicted speedups come from these counts: they must be the plan's, for this prompt
+                    check_counts(method, handle.row_plans()[0], counts[index], has_image=True,
+                                 text_tokens=prompt_text_tokens({"input_ids": ids, "attention_mask": mask},
+                                                                model.config.image_token_id)[0])
                 if round_index >= args.warmup:
                     times[index].append(seconds)
 
@@ -529,6 +533,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.repeats < 5:
         parser.error(f"--repeats must be >= 5 for a stable median; got {args.repeats}")
+    if args.warmup < 0 or args.step_repeats < 1:
+        parser.error(f"need --warmup >= 0 and --step-repeats >= 1; got {args.warmup}, {args.step_repeats}")
     from ficoco import methods
 
     try:
@@ -539,8 +545,9 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args)
     print(format_table(result))
     if args.json:
-        with open(args.json, "w") as stream:
-            json.dump(result, stream, indent=2)
+        from ficoco.journal import atomic_write_json
+
+        atomic_write_json(args.json, result)
     return 0
 
 

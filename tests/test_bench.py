@@ -123,6 +123,15 @@ def test_an_unknown_method_is_refused_with_the_valid_ones(capsys):
     assert "unknown method 'fastv2'; valid methods: vanilla, ficoco-v" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, message", [(["--warmup", "-3"], "need --warmup >= 0"),
+                                           (["--repeats", "3"], "--repeats must be >= 5")])
+def test_counts_of_rounds_that_cannot_be_are_refused(capsys, argv, message):
+    """`--warmup -3 --repeats 5` would time 2 rounds under a header saying 5."""
+    with pytest.raises(SystemExit):
+        main([*TINY, *argv])
+    assert message in capsys.readouterr().err
+
+
 def test_configs_of_a_bench_model_cover_every_registered_method():
     dims = ModelDims(vision_layers=8, vision_hidden=64, vision_mlp=128, vision_heads=1, image_size=336, patch_size=14,
                      feature_layer=-2, select_strategy="default", llm_layers=8, llm_hidden=64, llm_mlp=128,

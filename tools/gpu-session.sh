@@ -28,7 +28,7 @@ import json, sys
 
 result = json.load(open(sys.argv[1]))
 checks = [row["graph_check"] for row in result["rows"]]
-passed = result["decode"] == "graph" and checks and all(check and check["tokens_equal"] for check in checks)
+passed = result["decode"] == "graph" and checks and all(check and check["passed"] for check in checks)
 sys.exit(0 if passed else 1)
 EOF
 then
