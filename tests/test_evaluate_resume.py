@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from ficoco import evaluate
+from ficoco.budget import InfeasibleBudget
 from ficoco.evaluate import score
 from ficoco.fingerprint import Fingerprint
 from ficoco.invariants import InvariantViolation
@@ -310,31 +311,25 @@ def test_run_takes_the_phase_from_the_method(monkeypatch):
         evaluate.main(cli_args("--phase", "llm"))
 
 
-def test_an_invariant_violation_fails_the_job_with_one_line(monkeypatch, capsys):
+@pytest.mark.parametrize("error, line", [
+    (InvariantViolation("ficoco-v: sample 7: LLM layer 2 visual tokens: expected 36, found 144"),
+     "ficoco run: invariant violated: ficoco-v: sample 7: LLM layer 2 visual tokens: expected 36, found 144"),
+    (InfeasibleBudget("fastv: budget B=5 is infeasible for a span of 64 tokens"),
+     "ficoco run: fastv: budget B=5 is infeasible for a span of 64 tokens. An image this budget cannot reach is not "
+     "left out (the score would be of the images it can reach, larger ones): choose a budget every image of the "
+     "benchmark reaches"),
+])
+def test_numbers_that_cannot_be_fail_the_job_with_one_line(monkeypatch, capsys, error, line):
+    """An invariant violation, and a budget an image of the benchmark cannot reach (its score would otherwise be of
+    the other images): exit 1 and one line after the environment's."""
     def broken(**kwargs):
-        raise InvariantViolation("ficoco-v: sample 7: LLM layer 2 visual tokens: expected 36, found 144")
+        raise error
 
     monkeypatch.setattr(evaluate, "evaluate_shard", broken)
     monkeypatch.delenv("WANDB_SERVICE", raising=False)
     assert evaluate.main(cli_args()) == 1
     lines = capsys.readouterr().err.splitlines()
-    job_lines = [line for line in lines if not line.startswith("ficoco doctor: ")]   # the environment comes first
-    assert job_lines == ["ficoco run: invariant violated: ficoco-v: sample 7: LLM layer 2 visual tokens: "
-                         "expected 36, found 144"]
-
-
-def test_a_budget_an_image_cannot_reach_fails_the_job_with_one_line(monkeypatch, capsys):
-    from ficoco.budget import InfeasibleBudget
-
-    def small_image(**kwargs):
-        raise InfeasibleBudget("fastv: budget B=5 is infeasible for a span of 64 tokens")
-
-    monkeypatch.setattr(evaluate, "evaluate_shard", small_image)
-    monkeypatch.delenv("WANDB_SERVICE", raising=False)
-    assert evaluate.main(cli_args()) == 1
-    lines = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("ficoco doctor: ")]
-    assert len(lines) == 1 and lines[0].startswith("ficoco run: fastv: budget B=5 is infeasible for a span of 64 "
-                                                   "tokens. An image this budget cannot reach is not left out")
+    assert [text for text in lines if not text.startswith("ficoco doctor: ")] == [line]
 
 
 @pytest.mark.parametrize("option, value, message", [
