@@ -370,14 +370,17 @@ def toy_models_section(manifests: dict[str, dict], findings: pd.DataFrame) -> st
         return None
     toy_findings = findings[findings["model"].isin(frame["model"])]
     if toy_findings.empty:
-        reproduced = ("<p>No method pair of this run has a consistent ordering in the paper "
-                      "(it needs a FiCoCo method and a baseline the paper prints at all three budgets).</p>")
+        reproduced = ("<p>No method pair of this run has a consistent ordering in the paper and scores at three "
+                      "budgets (it needs a FiCoCo method and a baseline the paper prints at all three budgets, each "
+                      "with a mean over every benchmark, on vanilla's samples, at three of this run's budgets).</p>")
     else:
         count = int(toy_findings["reproduced"].sum())
         reproduced = (f"<h3>What this run reproduces of the paper's findings</h3><p>Of the paper's "
                       f"{len(toy_findings)} FiCoCo-against-baseline orderings that hold at all three of its "
-                      f"LLaVA-1.5-7B budgets (printed Avg), this run reproduces {count} at every budget it ran "
-                      "(scores at this run's budgets, largest first, paired with the paper's by rank).</p>"
+                      f"LLaVA-1.5-7B budgets (printed Avg) and that this run can judge, it reproduces {count} "
+                      "at all three (each pair's scores at the three largest budgets both methods scored, paired with "
+                      "the paper's by rank; a pair missing a budget, or scored there on other samples than vanilla's, "
+                      "is not judged).</p>"
                       + frame_html(toy_findings.assign(reproduced=toy_findings["reproduced"].map(
                           {True: "yes", False: "no"})).astype(object)))
     return ("<p>The toy model is trained on the synthetic world (docs/toy.md). The CLS-reading methods "

@@ -248,19 +248,22 @@ def paper_findings(headline: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFr
 
     A finding: a FiCoCo method scored above (or below) a baseline at every one of the paper's three
     LLaVA-1.5-7B budgets (its printed Avg). Our side: each method's mean headline score over the
-    benchmarks scored in percent (`averaged`; a run lacking one has none) at the run's numeric budgets,
-    largest first, paired with the paper's by rank (the toy world's budgets are other fractions of its visual
-    tokens). Reproduced when the run orders the two methods the same way at every budget both ran.
-    Columns: model, ficoco, baseline, paper, ours, budgets, reproduced.
+    benchmarks scored in percent (`averaged`; a run lacking one, or scored on other samples than vanilla's
+    because other samples failed, has none), at the three largest numeric budgets both methods have a mean at,
+    paired with the paper's by rank (the toy world's budgets are other fractions of its visual tokens); a pair
+    without three such budgets is not judged. Reproduced when the run orders the two methods the same way at all
+    three. Columns: model, ficoco, baseline, paper, ours, budgets, reproduced.
     """
     averages = paper_averages(reference)
     rows = []
     for model, frame in headline.groupby("model"):
         numeric = frame[frame["budget"].map(is_token_budget) & averaged_jobs(frame)]
         benchmarks = numeric["benchmark"].nunique()             # a run's mean over all of them, or none
-        scored = numeric[numeric["value"].notna()].groupby(["method", "budget"])["value"]
+        vanilla = frame[frame["method"].map(is_vanilla) & (frame["budget"] == FULL)].set_index("benchmark")
+        vanilla_failures = numeric["benchmark"].map(vanilla["failures"]) if len(vanilla) else numeric["failures"]
+        same_samples = numeric["failures"].fillna(0) == vanilla_failures.fillna(0)
+        scored = numeric[numeric["value"].notna() & same_samples].groupby(["method", "budget"])["value"]
         scores = scored.mean()[scored.count() == benchmarks]
-        budgets = sorted({int(b) for b in numeric["budget"]}, reverse=True)[:3]
         methods = [m for m in numeric["method"].unique() if paper_method(m) in averages]
         for ficoco in sorted(m for m in methods if name_key(m).startswith("ficoco")):
             for baseline in sorted(m for m in methods if not name_key(m).startswith("ficoco")):
@@ -269,10 +272,11 @@ def paper_findings(headline: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFr
                 if orderings not in ({1}, {-1}):
                     continue                                    # no single ordering across the paper's budgets
                 above = orderings == {1}
-                pairs = [(scores.get((ficoco, str(b))), scores.get((baseline, str(b))), b) for b in budgets]
-                pairs = [(a, b, budget) for a, b, budget in pairs if a is not None and b is not None]
-                if not pairs:
-                    continue
+                both = sorted({int(budget) for method, budget in scores.index if method == ficoco}
+                              & {int(budget) for method, budget in scores.index if method == baseline}, reverse=True)
+                if len(both) < len(paper_a):
+                    continue                                    # not at as many budgets as the paper: not judged
+                pairs = [(scores[(ficoco, str(b))], scores[(baseline, str(b))], b) for b in both[:len(paper_a)]]
                 rows.append({
                     "model": model, "ficoco": ficoco, "baseline": baseline,
                     "paper": f"{'above' if above else 'below'} at every budget: "
