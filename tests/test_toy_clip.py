@@ -87,6 +87,9 @@ def test_cls_attention_equals_the_eager_attention_weights():
     rows = [shapes.sample(0, "val", i) for i in range(3)]
     pixels = toy_model.pixel_values([r.image() for r in rows], processor)
     measured = toy_clip.cls_attention(tower, pixels, feature_layer=-2)                 # (B, N)
+    # a positive feature layer k reads hidden_states[k], layer k - 1's output: -2 of 6 layers is 5
+    torch.testing.assert_close(toy_clip.cls_attention(tower, pixels, feature_layer=len(tower.encoder.layers) - 1),
+                               measured, rtol=0, atol=0)
     tower.set_attn_implementation("eager")
     with torch.no_grad():
         weights = tower(pixel_values=pixels, output_attentions=True).attentions[len(tower.encoder.layers) - 2]

@@ -116,7 +116,8 @@ def cls_attention(tower, pixel_values: torch.Tensor, feature_layer: int) -> torc
     whose output LLaVA reads. Its attention is recomputed from its input, as the methods read it.
     """
     layers = tower.encoder.layers
-    index = feature_layer % len(layers)
+    # hidden_states[0] is the embeddings, hidden_states[i + 1] layer i's output (`ModelDims.last_vision_layer`)
+    index = (feature_layer if feature_layer >= 0 else len(layers) + 1 + feature_layer) - 1
     hidden = tower(pixel_values=pixel_values, output_hidden_states=True).hidden_states[index]   # (B, 1+N, D) its input
     layer = layers[index]
     normed = layer.layer_norm1(hidden)
