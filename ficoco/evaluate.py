@@ -567,6 +567,12 @@ def main(argv: list[str] | None = None) -> int:
                          f"{'object' if kind is dict else 'string'}")
         if not isinstance(parsed[option], kind):
             parser.error(f"--{option} {text!r} must be a JSON {'object' if kind is dict else 'string'}")
+    template = parsed["template"]
+    if template.count("<image>") != 1 or "{prompt}" not in template:
+        parser.error(f"--template {template!r}: a prompt template holds <image> once and {{prompt}} (the benchmark "
+                     f"prompt), e.g. \"USER: <image>\\n{{prompt}} ASSISTANT:\"")
+    if args.method == "vanilla" and args.budget != FULL:
+        parser.error(f"--method vanilla takes --budget {FULL} (it reduces nothing); got {args.budget}")
     label = args.budget_label or args.budget
     from ficoco import methods
     from ficoco.budget import InfeasibleBudget

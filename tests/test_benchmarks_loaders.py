@@ -742,3 +742,15 @@ def test_duplicate_ids_are_refused_with_their_count(tmp_path):
     with pytest.raises(ValueError, match=r"1 duplicate id\(s\) on 3 rows \(e.g. 'random/7' x3\)"):
         fetch("pope", repo, tmp_path, rows=3, options={"question_set": "full"})
     assert not (tmp_path / "resources" / "benchmarks" / "pope").exists()
+
+
+def test_a_toy_benchmark_is_built_not_fetched(capsys):
+    """`ficoco fetch-benchmark toy-shapes-mini` would otherwise build 500 rows of the test split whatever the
+    registry says (16 rows; toy-shapes-train: the train split): refused, naming the command that builds it."""
+    from ficoco.benchmarks.fetch import main
+
+    assert main(["toy-shapes-train", "--out", "/nonexistent/t"]) == 2
+    message = capsys.readouterr().err
+    assert "benchmark toy-shapes-train is built locally, not fetched" in message
+    assert "snakemake resources/benchmarks/toy-shapes-train/manifest.json" in message
+    assert "--rows 64 --split train" in message

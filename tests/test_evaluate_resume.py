@@ -334,6 +334,9 @@ def test_numbers_that_cannot_be_fail_the_job_with_one_line(monkeypatch, capsys, 
 
 @pytest.mark.parametrize("option, value, message", [
     ("--template", "USER: <image>\n{prompt}", "--template 'USER: <image>\\n{prompt}' is not JSON"),
+    ("--template", '"USER: <image>\\n ASSISTANT:"', "a prompt template holds <image> once and {prompt}"),
+    ("--template", '"USER: {prompt} ASSISTANT:"', "a prompt template holds <image> once and {prompt}"),
+    ("--method", "vanilla", "--method vanilla takes --budget full (it reduces nothing); got 36"),
     ("--template", '{"a": 1}', "must be a JSON string"),
     ("--overrides", "start=2", "--overrides 'start=2' is not JSON"),
     ("--options", "[1]", "--options '[1]' must be a JSON object"),

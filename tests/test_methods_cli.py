@@ -49,3 +49,15 @@ def test_the_listing_says_which_method_reads_the_clip_text_tower(capsys):
     assert "text tower" not in listing[1]
     assert main(["--json", "cdpruner", "divprune"]) == 0
     assert [entry["needs_text_tower"] for entry in json.loads(capsys.readouterr().out)] == [True, False]
+
+
+def test_the_json_listing_covers_every_method_with_its_default_needs(capsys):
+    """FiCoCo-V's needs depend on its parameters (a function of them): the listing shows its defaults' needs."""
+    import json
+
+    from ficoco import methods
+
+    assert main(["--json"]) == 0
+    listed = {entry["name"]: entry for entry in json.loads(capsys.readouterr().out)}
+    assert sorted(listed) == sorted(methods.names())
+    assert listed["ficoco-v"]["needs"]["cls_first"] is True                # semantic="cls", the default

@@ -208,7 +208,7 @@ def test_recipes_and_their_defaults():
     staged = toy_train.TrainSettings.for_recipe("staged", seed=4, steps=7)
     assert (staged.recipe, staged.steps, staged.batch_size, staged.attention_heads) == ("staged", 7, 32, None)
     assert staged.clip == toy_clip.ClipSettings(seed=4) and staged.align_steps > 0
-    assert staged.projector_lr_scale == 10.0 and toy_train.TrainSettings.for_recipe("staged").steps == 500
+    assert staged.projector_lr_scale == 10.0 and toy_train.TrainSettings.for_recipe("staged").steps == 800
     assert toy_train.TrainSettings.for_recipe("end-to-end") == toy_train.TrainSettings()
     with pytest.raises(ValueError, match=r"recipe='clip': valid recipes are \['end-to-end', 'staged'\]"):
         toy_train.TrainSettings.for_recipe("clip")

@@ -260,15 +260,18 @@ def fetch_benchmark(name: str, out_dir: str | Path, revision: str | None = None,
     `revision` overrides the registry's pinned revision; `options` are the benchmark's options
     (only fetch-time ones change the rows, e.g. vqav2 subset_size); `source` replaces the hub id
     with a local directory; `cache_dir` is passed to `load_dataset`. Returns the manifest.
-    Toy benchmarks (`source: toy` in the registry) are built by their own module.
+    Toy benchmarks (`source: toy` in the registry) are built, not fetched: ValueError naming the command.
     """
     from ficoco import benchmarks
 
     entry = registry_entry(name, registry)
     bench = benchmarks.get(entry.get("module", name))
     out_dir = Path(out_dir)
-    if entry.get("source", "hub") == "toy":
-        return bench.fetch(out_dir, revision, options)
+    if entry.get("source", "hub") == "toy":       # its rows, split and seed come from the registry and the config
+        raise ValueError(f"benchmark {name} is built locally, not fetched: `snakemake resources/benchmarks/{name}/"
+                         f"manifest.json` builds it as the pipeline does, or `ficoco toy build-benchmark --out "
+                         f"{out_dir} --rows {entry.get('rows')} --split {entry.get('split', 'test')} --seed SEED` "
+                         f"(SEED: the registry's seed, else the config's)")
     options = bench.resolve_options(options)
     revision = revision or entry.get("revision") or "main"
     _warn_unpinned(name, revision)
@@ -422,8 +425,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out = args.out or f"resources/benchmarks/{args.name}"
-    manifest = fetch_benchmark(args.name, out, revision=args.revision, options=json.loads(args.options),
-                               registry=args.registry, source=args.source, cache_dir=args.cache_dir)
+    try:
+        manifest = fetch_benchmark(args.name, out, revision=args.revision, options=json.loads(args.options),
+                                   registry=args.registry, source=args.source, cache_dir=args.cache_dir)
+    except (ValueError, json.JSONDecodeError) as error:
+        print(f"fetch-benchmark: {error}", file=sys.stderr)
+        return 2
     print(f"{args.name}: {manifest.get('rows')} rows ({manifest.get('bad_rows', {}).get('count', 0)} bad) -> {out} "
           f"[{manifest.get('source')}@{manifest.get('resolved_revision') or manifest.get('revision')}]")
     return 0

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [methods.get(name) for name in (args.names or methods.names())]
     if args.json:
         print(json.dumps([{"name": m.name, "phase": m.phase, "acts_on": list(m.acts_on), "where": sites(m),
-                           "needs_attention": m.needs_attention, "needs": asdict(m.needs),
+                           "needs_attention": m.needs_attention, "needs": asdict(m.needs_for({})),
                            "needs_text_tower": m.needs_text_tower, "budgeted": m.budgeted,
                            "stages": dict(m.stages),
                            "defaults": m.defaults, "summary": m.summary} for m in chosen], indent=2))
