@@ -508,7 +508,7 @@ def check_fetched_copies(models: dict, benchmarks: dict, model_manifests: Mappin
         if differ:
             shown = "; ".join(f"{key} {old!r} there, {new!r} in the registry" for key, (old, new) in differ.items())
             raise ConfigError(f"{display_path(manifest.parent)} was fetched at another pin than {kind} registry entry "
-                              f"{name!r} names ({shown}): its results would be reported under the new pin. Valid: "
+                              f"{name!r} names ({shown}): its results would be reported under the new pin; valid: "
                               f"remove the old copy to fetch the new pin (rm -r {display_path(manifest.parent)}; its "
                               f"jobs rerun), or restore the registry's pin", [name])
 
