@@ -262,7 +262,7 @@ def run(args) -> dict:
     import ficoco
     from ficoco import methods
     from ficoco.dims import ModelDims
-    from ficoco.invariants import check_counts, prompt_text_tokens
+    from ficoco.invariants import checked_counts
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -290,11 +290,8 @@ def run(args) -> dict:
             for index, (method, budget, overrides) in enumerate(configs):
                 with ficoco.apply(model, method, budget, text_tower=text_tower(method), **overrides) as handle:
                     seconds = prefill()
-                    counts[index] = handle.last_counts()[0]
                     # the predicted speedups come from these counts: they must be the plan's, for this prompt
-                    check_counts(method, handle.row_plans()[0], counts[index], has_image=True,
-                                 text_tokens=prompt_text_tokens({"input_ids": ids, "attention_mask": mask},
-                                                                model.config.image_token_id)[0])
+                    counts[index] = checked_counts(handle, {"input_ids": ids, "attention_mask": mask})[0]
                 if round_index >= args.warmup:
                     times[index].append(seconds)
 

@@ -184,7 +184,7 @@ def run_config(model, inputs: dict, method: str, budget, overrides: dict, args, 
     import torch
 
     import ficoco
-    from ficoco.invariants import check_counts, prompt_text_tokens
+    from ficoco.invariants import checked_counts
     from ficoco.measure import _peak_rss_bytes
 
     synchronize = torch.cuda.synchronize if cuda else (lambda: None)
@@ -195,10 +195,8 @@ def run_config(model, inputs: dict, method: str, budget, overrides: dict, args, 
             for batch in BATCH_SIZES:
                 _timed_decode(model, inputs[batch], args.decode, cuda)
         prefill = [_prefill_seconds(model, inputs[1], synchronize) for _ in range(args.prefill_repeats)]
-        counts = handle.last_counts()[0]                  # the batch-1 prefill's sample: what runs per image
-        # the predictions come from these counts: they must be the plan's, for the prompt's own text tokens
-        check_counts(method, handle.row_plans()[0], counts, has_image=True,
-                     text_tokens=prompt_text_tokens(inputs[1], model.config.image_token_id)[0])
+        # the batch-1 prefill's sample, what runs per image; the predictions come from it: checked against the plan
+        counts = checked_counts(handle, inputs[1])[0]
         generate = {}
         for batch in BATCH_SIZES:
             if cuda:

@@ -133,6 +133,19 @@ def check_counts(method: str, plan: Plan, counts: Mapping, has_image: bool, samp
             fail(f"LLM layer {layer} MLP visual tokens", expected, found - text)
 
 
+def checked_counts(handle, inputs: Mapping) -> list[dict]:
+    """The counts of every row of `handle`'s last prefill, of `inputs` (rows with an image each: a measure job's or
+    a bench's synthetic prompt), each checked against its row's plan and its prompt's text tokens."""
+    counts, plans = handle.last_counts(), handle.row_plans()
+    text_tokens = prompt_text_tokens(inputs, handle.model.config.image_token_id)
+    if not len(counts) == len(plans) == len(text_tokens):
+        _fail(handle.method.name, None, "counts and plans of the prefill's rows", len(text_tokens),
+              f"{len(counts)} counts and {len(plans)} plans")
+    for row_counts, plan, text in zip(counts, plans, text_tokens):
+        check_counts(handle.method.name, plan, row_counts, has_image=True, text_tokens=text)
+    return counts
+
+
 def check_cost(method: str, cost: Mapping, has_image: bool, sample: str | None = None) -> None:
     """Every cost finite and >= 0; the ones every sample pays > 0 (missing counts as a violation)."""
     for key, value in cost.items():

@@ -283,7 +283,7 @@ def measure(
     import ficoco
     from ficoco.dims import dims_from_config
     from ficoco.flops import sample_cost
-    from ficoco.invariants import InvariantViolation, check_cost, check_counts, prompt_text_tokens
+    from ficoco.invariants import check_cost, checked_counts
     from ficoco import methods
     from ficoco.methods import budget_label
 
@@ -315,15 +315,9 @@ def measure(
     else:
         peak_memory, peak_source = _peak_rss_bytes(), "resource.getrusage(RUSAGE_SELF).ru_maxrss (process lifetime)"
 
-    all_counts, plans = handle.last_counts(), handle.row_plans()
-    handle.remove()
     # numbers that cannot be true fail the job here, as an evaluate job's do (ficoco.invariants): every row's
-    if not len(all_counts) == len(plans) == batch_size:
-        raise InvariantViolation(f"{method}: a batch of {batch_size} rows recorded {len(all_counts)} counts and "
-                                 f"{len(plans)} plans")
-    for row_counts, plan, text in zip(all_counts, plans, prompt_text_tokens(inputs, model.config.image_token_id)):
-        check_counts(method, plan, row_counts, has_image=True, text_tokens=text)
-    counts = all_counts[0]
+    counts, plan = checked_counts(handle, inputs)[0], handle.row_plans()[0]
+    handle.remove()
     cost = sample_cost(dims, counts, new_tokens)
     check_cost(method, cost, has_image=True)
     medians = {key: None if runs[0][key] is None else statistics.median(run[key] for run in runs)

@@ -147,10 +147,7 @@ def one_table(model_rows: pd.DataFrame, reference: pd.DataFrame, table_budget: s
     not_pinned = cells["rows_limit"].notna() | cells["fallback_data"].notna()
     cells.loc[not_pinned, "paper"] = math.nan
     cells.loc[not_pinned, "paper_version"] = pd.NA
-    # a job that failed other samples than vanilla on a benchmark was scored on other samples: out of its Avg
-    vanilla_failures = cells[cells["reference"]].set_index("benchmark")["failures"]
-    cells["same_samples"] = (cells["failures"].fillna(0) == cells["benchmark"].map(vanilla_failures).fillna(0)) \
-        if len(vanilla_failures) else True
+    cells["same_samples"] = same_samples(cells, cells[cells["reference"]])         # else out of its Avg
     in_avg = model_rows.assign(in_avg=averaged_jobs(model_rows)).groupby("benchmark")["in_avg"].all()
     cells = cells.assign(in_avg=cells["benchmark"].map(in_avg).fillna(True).astype(bool))
     score_cells = cells.assign(column=cells["benchmark"], kind="score")
@@ -163,6 +160,16 @@ def one_table(model_rows: pd.DataFrame, reference: pd.DataFrame, table_budget: s
     table["delta"] = table["ours"] - table["paper"]
     table["best"] = best_marks(table)
     return table[TABLE_COLUMNS]
+
+
+def same_samples(rows: pd.DataFrame, vanilla: pd.DataFrame) -> pd.Series:
+    """Per row (benchmark, failures): whether its job failed as many samples as `vanilla`'s run of that benchmark
+    (bad rows fail alike for every method); other failures mean its score is over other samples. True where
+    there is no vanilla run."""
+    if vanilla.empty:
+        return pd.Series(True, index=rows.index)
+    base = rows["benchmark"].map(vanilla.set_index("benchmark")["failures"])
+    return rows["failures"].fillna(0) == base.fillna(0)
 
 
 def average_cells(cells: pd.DataFrame, boot: Bootstrap) -> pd.DataFrame:
@@ -259,10 +266,8 @@ def paper_findings(headline: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFr
     for model, frame in headline.groupby("model"):
         numeric = frame[frame["budget"].map(is_token_budget) & averaged_jobs(frame)]
         benchmarks = numeric["benchmark"].nunique()             # a run's mean over all of them, or none
-        vanilla = frame[frame["method"].map(is_vanilla) & (frame["budget"] == FULL)].set_index("benchmark")
-        vanilla_failures = numeric["benchmark"].map(vanilla["failures"]) if len(vanilla) else numeric["failures"]
-        same_samples = numeric["failures"].fillna(0) == vanilla_failures.fillna(0)
-        scored = numeric[numeric["value"].notna() & same_samples].groupby(["method", "budget"])["value"]
+        vanilla = frame[frame["method"].map(is_vanilla) & (frame["budget"] == FULL)]
+        scored = numeric[numeric["value"].notna() & same_samples(numeric, vanilla)].groupby(["method", "budget"])["value"]
         scores = scored.mean()[scored.count() == benchmarks]
         methods = [m for m in numeric["method"].unique() if paper_method(m) in averages]
         for ficoco in sorted(m for m in methods if name_key(m).startswith("ficoco")):
